@@ -1,0 +1,180 @@
+"""The weights manifest: everything known about each model, read from ``weights_manifest.json``.
+
+The JSON file is the single source of truth (URL, checksum, size, preprocessing, metrics, source); this module
+only parses and validates it into typed records, and resolves the names users type (``S``, ``mixnet_l``...).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import ManifestError, UnknownModelError
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """PaddleClas's evaluation transform for a model: resize short side, centre crop, scale, normalise."""
+
+    resize_short: int
+    crop_size: int
+    interpolation: str
+    scale: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class Metrics:
+    top1: float
+    top5: float
+    paper_top1: float
+    flops_m: float
+    params_m: float
+    v100_trt_fp32_latency_ms: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    url: str
+    sha256: str | None
+    size: int | None
+    architecture: str
+    preprocessing: Preprocessing
+    metrics: Metrics
+    source: str
+
+    @property
+    def filename(self) -> str:
+        """File name of the weights, taken from the URL (also the name looked up on mirrors)."""
+        return urlsplit(self.url).path.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class LabelSource:
+    package: str
+    path: str
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    models: dict[str, ModelSpec]
+    labels: LabelSource
+
+
+def _require(mapping: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if key not in mapping:
+        raise ManifestError(f"weights manifest: {where} has no '{key}'; reinstall mixnet-cli")
+    value = mapping[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ManifestError(f"weights manifest: {where}.{key} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _parse_model(name: str, raw: dict[str, Any]) -> ModelSpec:
+    where = f"models.{name}"
+    url = _require(raw, "url", str, where)
+    if urlsplit(url).scheme not in ("http", "https") or not url.rsplit("/", 1)[-1]:
+        raise ManifestError(f"weights manifest: {where}.url is not an http(s) file URL: {url}")
+    sha256 = raw.get("sha256")
+    if sha256 is not None and (not isinstance(sha256, str) or len(sha256) != 64
+                               or any(c not in "0123456789abcdef" for c in sha256)):
+        raise ManifestError(f"weights manifest: {where}.sha256 must be null or 64 lowercase hex digits")
+    size = raw.get("size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
+        raise ManifestError(f"weights manifest: {where}.size must be null or a positive integer")
+    pre = _require(raw, "preprocessing", dict, where)
+    pre_where = f"{where}.preprocessing"
+    mean = _require(pre, "mean", list, pre_where)
+    std = _require(pre, "std", list, pre_where)
+    if len(mean) != 3 or len(std) != 3 or any(float(s) <= 0 for s in std):
+        raise ManifestError(f"weights manifest: {pre_where} needs three means and three positive stds")
+    preprocessing = Preprocessing(
+        resize_short=_require(pre, "resize_short", int, pre_where),
+        crop_size=_require(pre, "crop_size", int, pre_where),
+        interpolation=_require(pre, "interpolation", str, pre_where),
+        scale=float(_require(pre, "scale", (int, float), pre_where)),
+        mean=(float(mean[0]), float(mean[1]), float(mean[2])),
+        std=(float(std[0]), float(std[1]), float(std[2])),
+    )
+    if preprocessing.crop_size > preprocessing.resize_short:
+        raise ManifestError(f"weights manifest: {pre_where}.crop_size is larger than resize_short")
+    met = _require(raw, "metrics", dict, where)
+    met_where = f"{where}.metrics"
+    metrics = Metrics(
+        top1=float(_require(met, "top1", (int, float), met_where)),
+        top5=float(_require(met, "top5", (int, float), met_where)),
+        paper_top1=float(_require(met, "paper_top1", (int, float), met_where)),
+        flops_m=float(_require(met, "flops_m", (int, float), met_where)),
+        params_m=float(_require(met, "params_m", (int, float), met_where)),
+        v100_trt_fp32_latency_ms={
+            str(k): float(v)
+            for k, v in _require(met, "v100_trt_fp32_latency_ms", dict, met_where).items()
+        },
+    )
+    architecture = _require(raw, "architecture", str, where)
+    if ":" not in architecture:
+        raise ManifestError(f"weights manifest: {where}.architecture must look like 'module:function'")
+    return ModelSpec(
+        name=name,
+        url=url,
+        sha256=sha256,
+        size=size,
+        architecture=architecture,
+        preprocessing=preprocessing,
+        metrics=metrics,
+        source=_require(raw, "source", str, where),
+    )
+
+
+def parse_manifest(raw: dict[str, Any]) -> Manifest:
+    """Validate a decoded manifest; raises :class:`ManifestError` naming the first bad field."""
+    if not isinstance(raw, dict) or raw.get("schema_version") != 1:
+        raise ManifestError("weights manifest: unknown schema_version (expected 1); reinstall mixnet-cli")
+    models_raw = _require(raw, "models", dict, "manifest")
+    if not models_raw:
+        raise ManifestError("weights manifest: no models")
+    models = {name: _parse_model(name, entry) for name, entry in models_raw.items()}
+    labels_raw = _require(raw, "labels", dict, "manifest")
+    labels = LabelSource(
+        package=_require(labels_raw, "package", str, "labels"),
+        path=_require(labels_raw, "path", str, "labels"),
+        num_classes=_require(labels_raw, "num_classes", int, "labels"),
+    )
+    return Manifest(models=models, labels=labels)
+
+
+@lru_cache(maxsize=1)
+def load_manifest() -> Manifest:
+    """The manifest shipped inside the package (parsed once per process)."""
+    text = resources.files("mixnet_cli").joinpath("weights_manifest.json").read_text(encoding="utf-8")
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"weights manifest is not valid JSON ({exc}); reinstall mixnet-cli") from exc
+    return parse_manifest(raw)
+
+
+def model_names() -> list[str]:
+    return list(load_manifest().models)
+
+
+def resolve_model(name: str) -> ModelSpec:
+    """Accept ``S``, ``s``, ``MixNet_S``, ``mixnet_s``, ``MIXNET-S``...; unknown names list the valid ones."""
+    manifest = load_manifest()
+    wanted = name.strip().lower().replace("-", "_")
+    for spec in manifest.models.values():
+        full = spec.name.lower()
+        short = full.rsplit("_", 1)[-1]
+        if wanted in (full, short):
+            return spec
+    valid = ", ".join(
+        f"{spec.name.rsplit('_', 1)[-1]} ({spec.name})" for spec in manifest.models.values()
+    )
+    raise UnknownModelError(f"unknown model '{name}': choose one of {valid}")

@@ -1,0 +1,164 @@
+"""Images in, network input out: PaddleClas's MixNet evaluation pipeline, reproduced.
+
+PaddleClas decodes with ``cv2.imdecode(..., IMREAD_COLOR)``, resizes the short side with cv2's bilinear filter,
+centre-crops, scales and normalises. We decode with Pillow (more formats, and it reports truncated files where
+cv2 silently fills them with grey) and convert every image mode the way cv2's decoder does, so the pixels are the
+ones PaddleClas sees. The resize is cv2's own ``INTER_LINEAR``: Pillow's bilinear filter antialiases when it
+shrinks and cv2's does not, so only cv2 itself gives PaddleClas's pixels exactly (cv2 comes with paddleclas).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import (
+    ImageError,
+    ImageNotFoundError,
+    ImageTooLargeError,
+    ImageUnreadableError,
+    NotAnImageError,
+    TruncatedImageError,
+)
+from .manifest import Preprocessing
+
+ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
+
+# Pillow's own decompression-bomb threshold (about 179 million pixels), enforced as an error rather than a warning.
+MAX_PIXELS = 2 * 89_478_485
+
+
+def _open(source: str | Path | bytes, name: str) -> Image.Image:
+    if isinstance(source, bytes):
+        if not source:
+            raise NotAnImageError(f"{name}: empty data; pass an image file")
+        stream: io.BytesIO | Path = io.BytesIO(source)
+    else:
+        stream = Path(source)
+        try:
+            if stream.is_dir():
+                raise NotAnImageError(f"{name}: is a directory; pass image files")
+            if stream.stat().st_size == 0:
+                raise NotAnImageError(f"{name}: empty file (0 bytes); pass an image file")
+        except FileNotFoundError:
+            raise ImageNotFoundError(f"{name}: no such file; check the path") from None
+        except PermissionError:
+            raise ImageUnreadableError(f"{name}: permission denied; check the file's permissions") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(stream)
+    except FileNotFoundError:
+        raise ImageNotFoundError(f"{name}: no such file; check the path") from None
+    except PermissionError:
+        raise ImageUnreadableError(f"{name}: permission denied; check the file's permissions") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageTooLargeError(
+            f"{name}: image is larger than {MAX_PIXELS} pixels (a possible decompression bomb); resize it first"
+        ) from None
+    except UnidentifiedImageError:
+        raise NotAnImageError(f"{name}: not an image file Pillow can read (JPEG, PNG, WebP, BMP, GIF, TIFF...)") from None
+    except OSError as exc:
+        raise ImageUnreadableError(f"{name}: cannot read ({exc}); check the file") from None
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ImageTooLargeError(
+            f"{name}: {width}x{height} pixels is more than {MAX_PIXELS} (a possible decompression bomb); resize it first"
+        )
+    if width < 1 or height < 1:
+        raise NotAnImageError(f"{name}: image has no pixels ({width}x{height})")
+    return image
+
+
+def _cmyk_to_rgb_like_cv2(image: Image.Image) -> np.ndarray:
+    # cv2 reads the inverted (Adobe) CMYK samples libjpeg returns and mixes in K with integer arithmetic
+    # (icvCvt_CMYK2BGR_8u_C4C3R); Pillow has already inverted them back, so undo that first.
+    cmyk = 255 - np.asarray(image, dtype=np.int32)
+    c, m, y, k = (cmyk[..., i] for i in range(4))
+    rgb = np.stack([k - ((255 - c) * k >> 8), k - ((255 - m) * k >> 8), k - ((255 - y) * k >> 8)], axis=-1)
+    return rgb.astype(np.uint8)
+
+
+def _to_rgb_like_cv2(image: Image.Image) -> np.ndarray:
+    """An HxWx3 uint8 RGB array with the pixels ``cv2.imdecode(IMREAD_COLOR)`` would give (then BGR->RGB)."""
+    mode = image.mode
+    if mode == "RGB":
+        return np.asarray(image)
+    if mode == "CMYK":
+        return _cmyk_to_rgb_like_cv2(image)
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit grey: cv2 keeps the high byte (libpng's strip_16); Pillow's convert() would clip instead.
+        high = (np.asarray(image).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+        return np.repeat(high[..., None], 3, axis=-1)
+    if mode == "F":
+        grey = np.asarray(image).clip(0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if mode in ("L", "1", "LA", "La"):
+        grey = np.asarray(image.convert("L"))
+        return np.repeat(grey[..., None], 3, axis=-1)
+    # RGBA, RGBa, P, PA, YCbCr, LAB, HSV...: cv2 drops alpha without compositing, as convert("RGB") does.
+    return np.asarray(image.convert("RGB"))
+
+
+def decode(source: ImageInput, name: str | None = None) -> np.ndarray:
+    """Decode an image (path, encoded bytes, PIL image or HxWx3 RGB uint8 array) to an HxWx3 uint8 RGB array.
+
+    EXIF orientation is applied; alpha is dropped; grey, palette, CMYK and 16-bit images become 8-bit RGB, all
+    as PaddleClas's cv2 decoder does. GIFs and other multi-frame files give their first frame.
+    """
+    label = name if name is not None else (str(source) if isinstance(source, (str, Path)) else "<image>")
+    if isinstance(source, np.ndarray):
+        return _from_array(source, label)
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        image = _open(source, label)
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image) or image
+        return np.ascontiguousarray(_to_rgb_like_cv2(image))
+    except ImageError:
+        raise
+    except OSError as exc:
+        text = str(exc)
+        if "truncated" in text or "broken data stream" in text or "premature" in text.lower():
+            raise TruncatedImageError(f"{label}: image file is truncated or corrupt; re-download or re-export it") from None
+        raise NotAnImageError(f"{label}: cannot decode ({text}); check the file") from None
+    except (ValueError, SyntaxError, MemoryError) as exc:
+        raise NotAnImageError(f"{label}: cannot decode ({exc}); check the file") from None
+
+
+def _from_array(array: np.ndarray, label: str) -> np.ndarray:
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[2] not in (3, 4) or array.dtype != np.uint8:
+        raise NotAnImageError(f"{label}: arrays must be HxW or HxWx3 (RGB) uint8, got {array.shape} {array.dtype}")
+    return np.ascontiguousarray(array[..., :3])
+
+
+def transform(rgb: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """PaddleClas's ResizeImage(resize_short) + CropImage + NormalizeImage + ToCHW on an RGB uint8 array."""
+    import cv2
+
+    height, width = rgb.shape[:2]
+    percent = float(pre.resize_short) / min(width, height)
+    new_w, new_h = int(round(width * percent)), int(round(height * percent))
+    resized = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    top = (new_h - pre.crop_size) // 2
+    left = (new_w - pre.crop_size) // 2
+    crop = resized[top:top + pre.crop_size, left:left + pre.crop_size, :]
+    scale = np.float32(pre.scale)
+    mean = np.array(pre.mean, dtype=np.float32).reshape(1, 1, 3)
+    std = np.array(pre.std, dtype=np.float32).reshape(1, 1, 3)
+    normalised = (crop.astype(np.float32) * scale - mean) / std
+    return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+
+
+def load_and_transform(source: ImageInput, pre: Preprocessing, name: str | None = None) -> np.ndarray:
+    """decode() then transform(): one image to a 3xSxS float32 array."""
+    return transform(decode(source, name), pre)
