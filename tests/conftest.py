@@ -1,0 +1,94 @@
+"""Shared fixtures: an isolated cache, real weights files, and a real HTTP server on 127.0.0.1 that serves them."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from functools import partial
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+MIXNET_VARIABLES = ("MIXNET_HOME", "MIXNET_MIRROR", "MIXNET_OFFLINE", "MIXNET_DEVICE", "MIXNET_DEBUG", "MIXNET_TIMEOUT")
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own empty cache and none of the user's MIXNET_* settings."""
+    for name in MIXNET_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "mixnet-home"
+    monkeypatch.setenv("MIXNET_HOME", str(home))
+    return home
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # keep test output clean
+        pass
+
+
+class FileServer:
+    """A real threaded HTTP server on 127.0.0.1 serving one directory; counts the requests it answers."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(_QuietHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                server.requests.append(self.path)
+                super().do_GET()
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(directory)))
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def random_weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MixNet_S weights in the real file format: the real architecture, freshly initialised, ``paddle.save``d.
+
+    Enough for download and cache tests; predictions from them are near-uniform, so tests of answers use
+    the calibrated weights instead.
+    """
+    import paddle
+    from paddleclas.ppcls.arch.backbone.model_zoo.mixnet import MixNet_S
+
+    directory = tmp_path_factory.mktemp("random-weights")
+    paddle.seed(0)
+    paddle.save(MixNet_S(pretrained=False, class_num=1000).state_dict(), str(directory / "MixNet_S_pretrained.pdparams"))
+    return directory
+
+
+@pytest.fixture
+def file_server() -> Iterator[type[FileServer]]:
+    """A factory: ``file_server(directory)`` starts a server for ``directory``; all are stopped after the test."""
+    started: list[FileServer] = []
+
+    def start(directory: Path) -> FileServer:
+        server = FileServer(directory)
+        started.append(server)
+        return server
+
+    yield start  # type: ignore[misc]
+    for server in started:
+        server.close()
+
+
+@pytest.fixture
+def random_mirror(random_weights_dir: Path, file_server, monkeypatch: pytest.MonkeyPatch) -> FileServer:
+    """A local mirror serving the random MixNet_S weights, set as MIXNET_MIRROR."""
+    server = file_server(random_weights_dir)
+    monkeypatch.setenv("MIXNET_MIRROR", server.url)
+    return server
