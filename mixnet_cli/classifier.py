@@ -19,6 +19,7 @@ import numpy as np
 
 from .engine import DeviceChoice, Engine, create_engine, resolve_device
 from .errors import MixnetError, UsageError
+from .inputs import InputItem
 from .labels import imagenet_labels
 from .manifest import ModelSpec, resolve_model
 from .preprocess import ImageInput, load_and_transform
@@ -129,7 +130,7 @@ class Classifier:
 
     def classify_many(
         self,
-        images: Iterable[ImageInput | tuple[str, ImageInput]],
+        images: Iterable[ImageInput | tuple[str, ImageInput] | InputItem],
         *,
         topk: int = 5,
         batch_size: int = 8,
@@ -137,16 +138,21 @@ class Classifier:
     ) -> Iterator[ClassificationResult]:
         """Classify images in input order, in batches, decoding ahead in threads while the engine runs.
 
-        Items are images or ``(name, image)`` pairs. A bad image yields a result with ``error`` set and the rest
+        Items are images, ``(name, image)`` pairs or :class:`~mixnet_cli.inputs.InputItem`. A bad image yields a result with ``error`` set and the rest
         go on; results are yielded as soon as their batch is done.
         """
         _check_topk(topk, len(self.labels))
         if batch_size < 1:
             raise UsageError(f"batch size must be at least 1, got {batch_size}")
 
-        def prepare(item: ImageInput | tuple[str, ImageInput]) -> tuple[str, np.ndarray | MixnetError]:
-            name, image = item if isinstance(item, tuple) else (_input_name(item), item)
+        def prepare(item: ImageInput | tuple[str, ImageInput] | InputItem) -> tuple[str, np.ndarray | MixnetError]:
+            if isinstance(item, InputItem):
+                name = item.name
+            else:
+                name, image = item if isinstance(item, tuple) else (_input_name(item), item)
             try:
+                if isinstance(item, InputItem):
+                    image = item.load()  # may fetch a URL: done here, in a decode thread
                 return name, self.preprocess(image, name)
             except MixnetError as exc:
                 return name, exc

@@ -7,6 +7,7 @@ Only this module imports click. Library errors (:class:`~mixnet_cli.errors.Mixne
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -47,6 +48,11 @@ def user_errors(func: F) -> F:
             error = click.ClickException(str(exc))
             error.exit_code = exc.exit_code
             raise error from None
+        except BrokenPipeError:
+            # The reader of our stdout went away (`| head`): stop quietly, as a shell tool killed by SIGPIPE would.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(141)
         except KeyboardInterrupt:
             if settings.debug():
                 raise
@@ -70,14 +76,15 @@ def _model_names_help() -> str:
 
 def output_options(func: F) -> F:
     """The same output flags on every command that prints rows."""
+    func = click.option("--csv", "fmt", flag_value="csv", help="CSV with a header line (same as --format csv).")(func)
     func = click.option(
         "--jsonl", "fmt", flag_value="jsonl", help="One JSON object per line, printed as each finishes."
     )(func)
-    func = click.option("--json", "fmt", flag_value="json", help="One JSON array.")(func)
+    func = click.option("--json", "fmt", flag_value="json", help="One JSON array (same as --format json).")(func)
     func = click.option(
         "--format",
         "fmt",
-        type=click.Choice(["table", "json", "jsonl"]),
+        type=click.Choice(["table", "json", "jsonl", "csv"]),
         default="table",
         show_default=True,
         help="Output format.",
@@ -117,17 +124,23 @@ def main() -> None:
     """
 
 
-def _expand_inputs(paths: tuple[str, ...]) -> Iterator[tuple[str, Path]]:
-    from .inputs import expand_paths
-
-    yield from expand_paths(paths)
-
-
 @main.command(context_settings=CONTEXT_SETTINGS)
-@click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
+@click.argument("images", nargs=-1, metavar="[IMAGE|DIR|GLOB|URL|-]...")
 @click.option("-m", "--model", default="MixNet_S", show_default=True, help=f"Model: {_model_names_help()}.")
 @click.option("-k", "--topk", default=5, show_default=True, type=click.IntRange(1, 1000), help="How many labels per image.")
 @output_options
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True, allow_dash=True), help="Write results to this file instead of stdout.")
+@click.option(
+    "--files-from",
+    metavar="FILE",
+    help="Also classify the paths or URLs listed in FILE, one per line ('-' reads the list from stdin).",
+)
+@click.option(
+    "--recursive/--no-recursive",
+    default=True,
+    show_default=True,
+    help="Look for images in sub-directories of a directory argument.",
+)
 @click.option(
     "--device",
     default=None,
@@ -136,6 +149,7 @@ def _expand_inputs(paths: tuple[str, ...]) -> Iterator[tuple[str, Path]]:
 )
 @click.option("-b", "--batch-size", default=8, show_default=True, type=click.IntRange(1, 1024), help="Images per forward pass.")
 @network_options
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but the results (no progress, no per-image errors on stderr).")
 @click.option("-v", "--verbose", is_flag=True, help="Say on stderr which model, weights, device and engine ran.")
 @user_errors
 def classify(
@@ -143,52 +157,80 @@ def classify(
     model: str,
     topk: int,
     fmt: str,
+    output: str | None,
+    files_from: str | None,
+    recursive: bool,
     device: str | None,
     batch_size: int,
     mirrors: tuple[str, ...],
     offline: bool | None,
+    quiet: bool,
     verbose: bool,
 ) -> None:
-    """Print the top-k ImageNet labels of each IMAGE (files or directories).
+    """Print the top-k ImageNet labels of each image.
+
+    Images can be files (JPEG, PNG, WebP, BMP, GIF, TIFF...), directories (their image files, sorted),
+    glob patterns, http(s) URLs, or - for one image on stdin.
 
     \b
       mixnet classify cat.jpg
       mixnet classify cat.jpg dog.png --model L --json
       mixnet classify photos/ --jsonl | jq -r '.predictions[0].label'
+      find . -name '*.jpg' | mixnet classify --files-from - --csv
 
-    A failed image prints an error in its place (JSON: an "error" object), the others are still classified,
+    A failed image gets an error in its place (in JSON, an "error" object), the others are still classified,
     and the exit code is 1.
     """
     from .classifier import Classifier
     from .engine import check_device_name
+    from .inputs import expand_inputs, read_list_file
     from .manifest import resolve_model
-    from .output import classification_tables, write_rows
+    from .output import write_classifications
 
+    if files_from == "-" and "-" in images:
+        raise UsageError("stdin can carry either the list of files (--files-from -) or one image (-), not both")
+    arguments = list(images) + (read_list_file(files_from) if files_from else [])
+    if not arguments:
+        raise UsageError("no images given: name image files, directories, globs or URLs (or use --files-from)")
     resolve_model(model)  # a bad name is a usage error before anything slow happens
     device_name = check_device_name(device or settings.device() or "auto")
-    classifier = Classifier(model, device=device_name, mirrors=mirrors or None, offline=offline)
-    if verbose:
+    items = expand_inputs(arguments, recursive=recursive)
+    classifier = Classifier(model, device=device_name, mirrors=mirrors or None, offline=offline, progress=None if not quiet else False)
+    if verbose and not quiet:
         weights = classifier.weights
         click.echo(
             f"model {classifier.model_name}, weights {weights.path} (sha256 {weights.record.sha256[:12]}), "
             f"device {classifier.device_choice.device} ({classifier.device_choice.reason}), "
-            f"engine {classifier.engine.name}",
+            f"engine {classifier.engine.name}, {len(items)} image(s)",
             err=True,
         )
     failures = 0
 
     def rows() -> Iterator[dict[str, Any]]:
         nonlocal failures
-        for result in classifier.classify_many(_expand_inputs(images), topk=topk, batch_size=batch_size):
-            if not result.ok:
-                failures += 1
-                if fmt != "table":
-                    click.echo(f"Error: {result.error}", err=True)
-            yield result.to_dict()
+        with _progress(len(items), enabled=not quiet) as bar:
+            for result in classifier.classify_many(items, topk=topk, batch_size=batch_size):
+                bar.update(1)
+                if not result.ok:
+                    failures += 1
+                    if not quiet and fmt != "table":
+                        bar.write(f"Error: {result.error}", file=sys.stderr)
+                yield result.to_dict()
 
-    write_rows(rows(), fmt, click.get_text_stream("stdout"), table=classification_tables)
+    with click.open_file(output or "-", "w", encoding="utf-8", atomic=False) as stream:
+        write_classifications(rows(), fmt, stream)
     if failures:
+        if not quiet and len(items) > 1:
+            click.echo(f"Error: {failures} of {len(items)} image(s) failed", err=True)
         sys.exit(1)
+
+
+def _progress(total: int, *, enabled: bool) -> Any:
+    """A tqdm bar on stderr for runs of more than a handful of images, when stderr is a terminal."""
+    from tqdm import tqdm
+
+    show = enabled and total > 8 and sys.stderr.isatty()
+    return tqdm(total=total, unit="img", file=sys.stderr, disable=not show, leave=False, dynamic_ncols=True)
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)

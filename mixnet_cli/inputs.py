@@ -1,35 +1,173 @@
-"""Turning command-line arguments into a stream of images to classify."""
+"""Turning what the user names (files, directories, globs, URLs, stdin, list files) into images to classify.
+
+Each input becomes an :class:`InputItem`: a display name and a loader that returns the image (a path or the
+encoded bytes) when called. Loaders run in the classifier's decode threads, so URL downloads overlap inference.
+An input that cannot become an image (a directory with no images, a glob that matches nothing, a URL that
+fails) is still an item: its loader raises the one-line error, and the run goes on with the others.
+"""
 
 from __future__ import annotations
 
+import glob
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator, Union
+
+from .preprocess import MAX_IMAGE_BYTES
+from .errors import ImageError, ImageNotFoundError, ImageTooLargeError, ImageUnreadableError, UsageError
 
 IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff",
+     ".ppm", ".pgm", ".pbm", ".pnm", ".ico", ".tga"}
 )
+URL_TIMEOUT_S = 30.0
+_GLOB_CHARS = frozenset("*?[")
+
+ImageSource = Union[Path, bytes]
 
 
-def _directory_images(directory: Path) -> list[Path]:
-    found = []
-    for root, dirs, files in os.walk(directory):
-        dirs.sort()
+@dataclass(frozen=True)
+class InputItem:
+    name: str
+    load: Callable[[], ImageSource]
+
+
+class NoImagesError(ImageNotFoundError):
+    """A directory or glob that names no image files."""
+
+
+class ImageDownloadError(ImageError):
+    """An image URL that could not be fetched."""
+
+
+def _fail(error: ImageError) -> Callable[[], ImageSource]:
+    def raise_error() -> ImageSource:
+        raise error
+
+    return raise_error
+
+
+def _path_loader(path: Path) -> Callable[[], ImageSource]:
+    return lambda: path
+
+
+def is_url(argument: str) -> bool:
+    return argument.lower().startswith(("http://", "https://"))
+
+
+def fetch_image_url(url: str, *, timeout: float = URL_TIMEOUT_S, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """Download one image URL into memory, with a timeout and a size limit."""
+    import requests
+
+    try:
+        with requests.get(url, stream=True, timeout=(timeout, timeout)) as response:
+            if response.status_code != 200:
+                raise ImageDownloadError(
+                    f"{url}: server answered HTTP {response.status_code}; check the URL"
+                )
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > max_bytes:
+                raise ImageTooLargeError(f"{url}: {int(declared)} bytes is over the {max_bytes}-byte limit for images")
+            chunks: list[bytes] = []
+            size = 0
+            for chunk in response.iter_content(1 << 16):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ImageTooLargeError(f"{url}: more than {max_bytes} bytes, over the limit for images")
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except requests.Timeout:
+        raise ImageDownloadError(f"{url}: timed out after {timeout:g} s; check the URL or try again") from None
+    except requests.RequestException as exc:
+        raise ImageDownloadError(f"{url}: cannot download ({type(exc).__name__}); check the URL and network") from None
+
+
+def _read_stream(stream: BinaryIO, name: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    data = stream.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ImageTooLargeError(f"{name}: more than {max_bytes} bytes, over the limit for images")
+    return data
+
+
+def directory_images(directory: Path, recursive: bool = True) -> list[Path]:
+    """Image files under ``directory`` (by suffix), in a stable sorted order; hidden entries are skipped."""
+    found: list[Path] = []
+    for root, dirs, files in os.walk(directory, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
         for name in sorted(files):
-            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
                 found.append(Path(root) / name)
     return found
 
 
-def expand_paths(arguments: Iterable[str]) -> Iterator[tuple[str, Path]]:
-    """Each argument as ``(name, path)``; directories expand to their image files, recursively, sorted.
+def _expand_one(argument: str, recursive: bool, stdin: BinaryIO | None) -> Iterator[InputItem]:
+    if argument == "-":
+        source = stdin if stdin is not None else sys.stdin.buffer
+        data = _read_stream(source, "<stdin>")
+        yield InputItem("-", lambda: data)
+        return
+    if is_url(argument):
+        yield InputItem(argument, lambda: fetch_image_url(argument))
+        return
+    path = Path(argument).expanduser()
+    if path.is_dir():
+        images = directory_images(path, recursive)
+        if not images:
+            where = "or its sub-directories " if recursive else ""
+            yield InputItem(argument, _fail(NoImagesError(
+                f"{argument}: directory {where}has no image files ({', '.join(sorted(IMAGE_SUFFIXES)[:6])}...)"
+            )))
+        for image in images:
+            yield InputItem(str(image), _path_loader(image))
+        return
+    if not os.path.lexists(path) and _GLOB_CHARS & set(argument):
+        matches = sorted(glob.glob(argument, recursive=True))
+        files = [Path(m) for m in matches if Path(m).suffix.lower() in IMAGE_SUFFIXES and Path(m).is_file()]
+        if not files:
+            yield InputItem(argument, _fail(NoImagesError(f"{argument}: pattern matches no image files")))
+        for image in files:
+            yield InputItem(str(image), _path_loader(image))
+        return
+    if path.is_symlink() and not path.exists():
+        yield InputItem(argument, _fail(ImageNotFoundError(
+            f"{argument}: broken symbolic link (to {os.readlink(path)}); fix or remove the link"
+        )))
+        return
+    yield InputItem(argument, _path_loader(path))
 
-    Paths that do not exist are passed through unchanged: the decoder reports them as one failed input each.
-    """
-    for argument in arguments:
-        path = Path(argument)
-        if path.is_dir():
-            for image in _directory_images(path):
-                yield str(image), image
+
+def read_list_file(list_file: str, stdin: BinaryIO | None = None) -> list[str]:
+    """The paths/URLs in a ``--files-from`` file (``-`` for stdin): one per line, blank lines ignored."""
+    try:
+        if list_file == "-":
+            raw = (stdin if stdin is not None else sys.stdin.buffer).read()
         else:
-            yield argument, path
+            raw = Path(list_file).read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"--files-from {list_file}: no such file") from None
+    except OSError as exc:
+        raise UsageError(f"--files-from {list_file}: cannot read ({exc.strerror or exc})") from None
+    text = raw.decode("utf-8", errors="surrogateescape")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def expand_inputs(
+    arguments: Iterable[str], *, recursive: bool = True, stdin: BinaryIO | None = None
+) -> list[InputItem]:
+    """Every argument expanded, in order: directories to their images (sorted), globs to their matches."""
+    items: list[InputItem] = []
+    stdin_used = False
+    for argument in arguments:
+        if argument == "-":
+            if stdin_used:
+                raise UsageError("'-' (an image on stdin) can be given only once")
+            stdin_used = True
+        try:
+            items.extend(_expand_one(argument, recursive, stdin))
+        except PermissionError:
+            items.append(InputItem(argument, _fail(ImageUnreadableError(
+                f"{argument}: permission denied; check the permissions"
+            ))))
+    return items

@@ -6,10 +6,12 @@ shows results as they come and an interrupted one still printed what finished. O
 
 from __future__ import annotations
 
+import csv
 import json
 from typing import Any, Iterable, Iterator, Sequence, TextIO
 
-FORMATS = ("table", "json", "jsonl")
+FORMATS = ("table", "json", "jsonl", "csv")
+CLASSIFICATION_CSV_COLUMNS = ("input", "model", "rank", "class_id", "label", "score", "error")
 
 
 def write_json_array(rows: Iterable[dict[str, Any]], stream: TextIO) -> int:
@@ -71,31 +73,54 @@ def classification_tables(rows: Iterable[dict[str, Any]], stream: TextIO) -> int
     return count
 
 
-def write_rows(
-    rows: Iterable[dict[str, Any]],
-    fmt: str,
-    stream: TextIO,
-    *,
-    headers: Sequence[str] | None = None,
-    table: Any = None,
-) -> int:
-    """Write ``rows`` in ``fmt``. For ``table``, ``table`` is a callable(rows, stream) or ``headers`` picks columns."""
+def write_csv(rows: Iterable[dict[str, Any]], columns: Sequence[str], stream: TextIO) -> int:
+    """CSV with a header line; one line per row, flushed as each arrives."""
+    writer = csv.writer(stream, lineterminator="\n")
+    writer.writerow(columns)
+    count = 0
+    for row in rows:
+        writer.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
+        stream.flush()
+        count += 1
+    return count
+
+
+def _classification_csv_rows(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for row in rows:
+        if "error" in row:
+            yield {"input": row["input"], "model": row["model"], "error": row["error"]["message"]}
+            continue
+        for rank, prediction in enumerate(row["predictions"], start=1):
+            yield {"input": row["input"], "model": row["model"], "rank": rank, **prediction}
+
+
+def write_classifications(rows: Iterable[dict[str, Any]], fmt: str, stream: TextIO) -> int:
+    """Classification results (``ClassificationResult.to_dict()``) in any output format."""
+    if fmt == "csv":
+        return write_csv(_classification_csv_rows(rows), CLASSIFICATION_CSV_COLUMNS, stream)
+    if fmt == "table":
+        return classification_tables(rows, stream)
+    return write_rows(rows, fmt, stream)
+
+
+def write_rows(rows: Iterable[dict[str, Any]], fmt: str, stream: TextIO, *, headers: Sequence[str] | None = None) -> int:
+    """Flat rows in any output format; ``headers`` picks and orders the table/CSV columns (default: all keys)."""
     if fmt == "json":
         return write_json_array(rows, stream)
     if fmt == "jsonl":
         return write_json_lines(rows, stream)
-    if table is not None:
-        return table(rows, stream)
     materialised = list(rows)
     columns = list(headers or (materialised[0].keys() if materialised else []))
+    if fmt == "csv":
+        return write_csv(materialised, columns, stream)
     if materialised:
-        stream.write(format_table(columns, [[r.get(c) for c in columns] for r in materialised]) + "\n")
+        stream.write(format_table(columns, [[_cell(r.get(c)) for c in columns] for r in materialised]) + "\n")
     return len(materialised)
 
 
-def tee_count(rows: Iterable[dict[str, Any]], counter: list[int], key: str) -> Iterator[dict[str, Any]]:
-    """Pass rows through, counting those that have ``key`` (e.g. how many results were errors)."""
-    for row in rows:
-        if key in row:
-            counter[0] += 1
-        yield row
+def _cell(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return value

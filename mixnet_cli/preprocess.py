@@ -31,6 +31,8 @@ ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
 
 # Pillow's own decompression-bomb threshold (about 179 million pixels), enforced as an error rather than a warning.
 MAX_PIXELS = 2 * 89_478_485
+# Bigger than any photo a classifier needs; a guard against filling memory from a URL or a mistaken path.
+MAX_IMAGE_BYTES = 256 * 1024 * 1024
 
 
 def _open(source: str | Path | bytes, name: str) -> Image.Image:
@@ -43,9 +45,14 @@ def _open(source: str | Path | bytes, name: str) -> Image.Image:
         try:
             if stream.is_dir():
                 raise NotAnImageError(f"{name}: is a directory; pass image files")
-            if stream.stat().st_size == 0:
+            size = stream.stat().st_size
+            if size == 0:
                 raise NotAnImageError(f"{name}: empty file (0 bytes); pass an image file")
+            if size > MAX_IMAGE_BYTES:
+                raise ImageTooLargeError(f"{name}: {size} bytes is over the {MAX_IMAGE_BYTES}-byte limit for images")
         except FileNotFoundError:
+            if stream.is_symlink():
+                raise ImageNotFoundError(f"{name}: broken symbolic link; fix or remove the link") from None
             raise ImageNotFoundError(f"{name}: no such file; check the path") from None
         except PermissionError:
             raise ImageUnreadableError(f"{name}: permission denied; check the file's permissions") from None
