@@ -260,3 +260,76 @@ def download(models: tuple[str, ...], force: bool, mirrors: tuple[str, ...], off
         weights = ensure_weights(spec, mirrors=mirrors or None, offline=offline, force=force)
         state = "cached" if already else "downloaded"
         click.echo(f"{spec.name}: {state} {weights.path} ({weights.record.size} bytes, sha256 {weights.record.sha256})", err=True)
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
+@output_options
+@user_errors
+def models(fmt: str) -> None:
+    """List the models: PaddleClas's accuracy and speed figures, and whether each is cached.
+
+    \b
+      mixnet models
+      mixnet models --json | jq '.[] | {model, top1}'
+
+    Accuracy is ImageNet-1k validation top-1/top-5 (%), as published by PaddleClas; latency is PaddleClas's
+    V100 TensorRT FP32 figure in ms at batch 1/4/8.
+    """
+    from .cache import weights_path
+    from .manifest import load_manifest
+    from .output import write_rows
+
+    rows = []
+    for spec in load_manifest().models.values():
+        path = weights_path(spec)
+        metrics = spec.metrics
+        rows.append({
+            "model": spec.name,
+            "top1": metrics.top1,
+            "top5": metrics.top5,
+            "paper_top1": metrics.paper_top1,
+            "flops_m": metrics.flops_m,
+            "params_m": metrics.params_m,
+            "v100_ms_bs1_4_8": " / ".join(f"{v:.2f}" for v in metrics.v100_trt_fp32_latency_ms.values()),
+            "cached": path.is_file(),
+            "size_bytes": path.stat().st_size if path.is_file() else None,
+        })
+    for row, spec in zip(rows, load_manifest().models.values()):
+        if fmt in ("json", "jsonl"):
+            row["v100_ms_bs1_4_8"] = spec.metrics.v100_trt_fp32_latency_ms
+            row["url"] = spec.url
+        else:  # the published precision, as in PaddleClas's table
+            row.update({key: f"{row[key]:.2f}" for key in ("top1", "top5")})
+            row.update({key: f"{row[key]:.1f}" for key in ("paper_top1",)})
+            row.update({key: f"{row[key]:.3f}" for key in ("flops_m", "params_m")})
+    write_rows(rows, fmt, click.get_text_stream("stdout"))
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
+@output_options
+@user_errors
+def doctor(fmt: str) -> None:
+    """Check this setup and print what a bug report needs.
+
+    Versions, whether paddle has CUDA and which GPUs it sees, the device `auto` picks and why, the cache
+    directory and whether it is writable, offline and mirror settings, and whether the weights URLs answer
+    (skipped when offline). Exits 1 when a check fails.
+
+    \b
+      mixnet doctor
+      mixnet doctor --json
+    """
+    from .doctor import run_checks
+    from .output import write_rows
+
+    failed = 0
+
+    def rows() -> Iterator[dict[str, Any]]:
+        nonlocal failed
+        for check in run_checks():
+            failed += check.status == "fail"
+            yield check.to_dict()
+
+    write_rows(rows(), fmt, click.get_text_stream("stdout"), headers=["check", "value", "status", "hint"])
+    if failed:
+        sys.exit(1)
