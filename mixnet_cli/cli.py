@@ -110,7 +110,7 @@ def network_options(func: F) -> F:
     return func
 
 
-@click.group(context_settings=CONTEXT_SETTINGS)
+@click.group(name="mixnet", context_settings=CONTEXT_SETTINGS)
 @click.version_option(version=None, package_name="mixnet-cli", prog_name="mixnet", message="%(prog)s %(version)s")
 def main() -> None:
     """Classify images with PaddleClas's MixNet models (MixNet_S, MixNet_M, MixNet_L, ImageNet-1k).

@@ -1,0 +1,246 @@
+"""The `mixnet` command as a user meets it: usage errors, per-image errors, output formats, input kinds."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from mixnet_cli.cli import main
+
+
+def _photo(path: Path, size: tuple[int, int] = (320, 240), colour: tuple[int, int, int] = (200, 120, 40)) -> Path:
+    """A small image with some structure (a gradient and a block) so it decodes like a photo would."""
+    image = Image.linear_gradient("L").resize(size).convert("RGB")
+    image.paste(colour, (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2))
+    image.save(path)
+    return path
+
+
+def _invoke(*args: str, input: bytes | None = None):
+    return CliRunner().invoke(main, list(args), input=input, catch_exceptions=False)
+
+
+def _one_line_error(result, exit_code: int = 1) -> str:
+    assert result.exit_code == exit_code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr
+    assert lines[-1].startswith("Error:"), result.stderr
+    return lines[-1]
+
+
+@pytest.mark.parametrize("name", ["S", "s", "MixNet_S", "mixnet_s", "MIXNET-S"])
+def test_model_names_in_any_spelling(name, tmp_path, random_mirror):
+    result = _invoke("classify", str(_photo(tmp_path / "a.png")), "--model", name, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["model"] == "MixNet_S"
+
+
+def test_unknown_model_is_a_usage_error_listing_valid_names(tmp_path, random_mirror):
+    result = _invoke("classify", str(_photo(tmp_path / "a.png")), "--model", "XL")
+    line = _one_line_error(result, exit_code=2)
+    assert "XL" in line and "MixNet_S" in line and "MixNet_M" in line and "MixNet_L" in line
+    assert random_mirror.requests == [], "a usage error must not touch the network"
+    assert result.stdout == ""
+
+
+def test_version_and_help():
+    from importlib.metadata import version
+
+    result = _invoke("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"mixnet {version('mixnet-cli')}"
+    for command in ([], ["classify"], ["download"], ["models"], ["doctor"]):
+        result = _invoke(*command, "--help")
+        assert result.exit_code == 0 and "Usage: mixnet" in result.stdout
+
+
+def test_every_command_is_documented_in_readme():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for name, command in main.commands.items():
+        assert command.help, f"`mixnet {name}` has no help text"
+        assert f"mixnet {name}" in readme, f"README does not mention `mixnet {name}`"
+
+
+def test_bad_inputs_each_get_an_error_and_the_rest_are_classified(tmp_path, random_mirror):
+    good = _photo(tmp_path / "good.jpg")
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image at all\n")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    no_images = tmp_path / "no-images"
+    no_images.mkdir()
+    (no_images / "readme.txt").write_text("hi")
+    broken_link = tmp_path / "broken.jpg"
+    broken_link.symlink_to(tmp_path / "gone.jpg")
+    missing = tmp_path / "missing.jpg"
+    args = [good, text, empty, truncated, no_images, broken_link, missing, str(tmp_path / "*.webp")]
+
+    result = _invoke("classify", *map(str, args), "--json")
+
+    assert result.exit_code == 1
+    rows = json.loads(result.stdout)
+    assert [row["input"] for row in rows] == list(map(str, args))
+    assert "predictions" in rows[0] and "error" not in rows[0]
+    errors = {Path(row["input"]).name: row["error"] for row in rows[1:]}
+    assert errors["notes.jpg"]["type"] == "NotAnImageError"
+    assert "0 bytes" in errors["empty.png"]["message"]
+    assert errors["truncated.jpg"]["type"] == "TruncatedImageError"
+    assert errors["no-images"]["type"] == "NoImagesError"
+    assert "broken symbolic link" in errors["broken.jpg"]["message"]
+    assert errors["missing.jpg"]["type"] == "ImageNotFoundError"
+    assert "matches no image files" in errors["*.webp"]["message"]
+    for row in rows[1:]:
+        assert row["input"] in row["error"]["message"], "each message names its input"
+        assert "\n" not in row["error"]["message"]
+    assert "Traceback" not in result.stderr
+
+
+def test_table_is_the_default_and_shows_errors_in_place(tmp_path, random_mirror):
+    good = _photo(tmp_path / "good.png")
+    result = _invoke("classify", str(good), str(tmp_path / "nope.png"), "-k", "3")
+    assert result.exit_code == 1
+    blocks = result.stdout.strip().split("\n\n")
+    assert blocks[0].startswith(f"{good}  (MixNet_S)")
+    assert len(blocks[0].splitlines()) == 2 + 3  # header line, column line, 3 ranks
+    assert "error: " in blocks[1] and "no such file" in blocks[1]
+
+
+def test_jsonl_csv_and_output_file_agree(tmp_path, random_mirror):
+    images = [_photo(tmp_path / f"{i}.png", colour=(i * 60, 255 - i * 60, 90)) for i in range(3)]
+    as_json = json.loads(_invoke("classify", *map(str, images), "--json").stdout)
+    jsonl = _invoke("classify", *map(str, images), "--jsonl")
+    assert [json.loads(line) for line in jsonl.stdout.splitlines()] == as_json
+    out_file = tmp_path / "results.csv"
+    result = _invoke("classify", *map(str, images), "--csv", "-o", str(out_file))
+    assert result.exit_code == 0 and result.stdout == ""
+    rows = list(csv.DictReader(io.StringIO(out_file.read_text())))
+    assert len(rows) == 3 * 5
+    first = as_json[0]["predictions"][0]
+    assert rows[0]["input"] == str(images[0]) and rows[0]["rank"] == "1"
+    assert int(rows[0]["class_id"]) == first["class_id"] and rows[0]["label"] == first["label"]
+    assert float(rows[0]["score"]) == pytest.approx(first["score"], rel=1e-12)
+
+
+def test_scores_are_a_softmax_in_descending_order(tmp_path, random_mirror):
+    rows = json.loads(_invoke("classify", str(_photo(tmp_path / "a.png")), "-k", "1000", "--json").stdout)
+    scores = [p["score"] for p in rows[0]["predictions"]]
+    assert scores == sorted(scores, reverse=True)
+    assert sum(scores) == pytest.approx(1.0, abs=1e-9)
+    assert sorted(p["class_id"] for p in rows[0]["predictions"]) == list(range(1000))
+
+
+def test_labels_are_paddleclas_label_list_verbatim(tmp_path, random_mirror):
+    import paddleclas
+
+    label_file = Path(paddleclas.__file__).parent / "ppcls/utils/imagenet1k_label_list.txt"
+    expected = dict(line.split(" ", 1) for line in label_file.read_text().splitlines() if line.strip())
+    rows = json.loads(_invoke("classify", str(_photo(tmp_path / "a.png")), "-k", "1000", "--json").stdout)
+    for prediction in rows[0]["predictions"]:
+        assert prediction["label"] == expected[str(prediction["class_id"])]
+
+
+def test_directory_stdin_and_files_from(tmp_path, random_mirror):
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    b = _photo(photos / "b.jpg")
+    a = _photo(photos / "sub" / "a.png")
+    (photos / "notes.txt").write_text("skip me")
+    names = [row["input"] for row in json.loads(_invoke("classify", str(photos), "--json").stdout)]
+    assert names == [str(b), str(a)]  # sorted walk: files of a folder, then its sub-folders
+    flat = [row["input"] for row in json.loads(_invoke("classify", str(photos), "--no-recursive", "--json").stdout)]
+    assert flat == [str(b)]
+
+    from_stdin = json.loads(_invoke("classify", "-", "--json", input=b.read_bytes()).stdout)
+    from_path = json.loads(_invoke("classify", str(b), "--json").stdout)
+    assert from_stdin[0]["input"] == "-"
+    assert from_stdin[0]["predictions"] == from_path[0]["predictions"]
+
+    listing = f"{a}\n\n{b}\n".encode()
+    listed = json.loads(_invoke("classify", "--files-from", "-", "--json", input=listing).stdout)
+    assert [row["input"] for row in listed] == [str(a), str(b)]
+
+
+def test_image_url_is_downloaded(tmp_path, random_mirror, file_server):
+    served = tmp_path / "served"
+    served.mkdir()
+    photo = _photo(served / "cat.png")
+    server = file_server(served)
+    url = f"{server.url}/cat.png"
+    rows = json.loads(_invoke("classify", url, f"{server.url}/missing.png", "--json").stdout)
+    assert rows[0]["input"] == url
+    assert rows[0]["predictions"] == json.loads(_invoke("classify", str(photo), "--json").stdout)[0]["predictions"]
+    assert rows[1]["error"]["type"] == "ImageDownloadError" and "404" in rows[1]["error"]["message"]
+
+
+def test_no_images_at_all_is_a_usage_error():
+    line = _one_line_error(_invoke("classify"), exit_code=2)
+    assert "no images given" in line
+
+
+def test_asking_for_a_missing_gpu_is_an_error_not_a_fallback(tmp_path, random_mirror):
+    import paddle
+
+    if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        pytest.skip("this machine has a GPU")
+    result = _invoke("classify", str(_photo(tmp_path / "a.png")), "--device", "gpu")
+    line = _one_line_error(result)
+    assert "gpu" in line and "--device cpu" in line
+    assert result.stdout == ""
+
+
+def test_bad_device_name_is_a_usage_error(tmp_path):
+    line = _one_line_error(_invoke("classify", str(_photo(tmp_path / "a.png")), "--device", "tpu"), exit_code=2)
+    assert "tpu" in line
+
+
+def test_debug_variable_shows_the_traceback(tmp_path, random_mirror, monkeypatch):
+    monkeypatch.setenv("MIXNET_DEBUG", "1")
+    result = CliRunner().invoke(main, ["classify", str(_photo(tmp_path / "a.png")), "--device", "tpu"])
+    assert result.exception is not None and type(result.exception).__name__ == "UsageError"
+
+
+def test_models_lists_the_seed_table(isolated_home):
+    rows = json.loads(_invoke("models", "--json").stdout)
+    assert [row["model"] for row in rows] == ["MixNet_S", "MixNet_M", "MixNet_L"]
+    assert (rows[0]["top1"], rows[0]["top5"], rows[0]["flops_m"], rows[0]["params_m"]) == (76.28, 92.99, 252.977, 4.167)
+    assert rows[2]["v100_ms_bs1_4_8"] == {"bs1": 3.16, "bs4": 5.55, "bs8": 8.03}
+    assert not any(row["cached"] for row in rows)
+    table = _invoke("models").stdout
+    assert "78.60" in table and "579.017" in table
+
+
+def test_installed_executable_classifies(tmp_path, random_mirror):
+    """The console script a user runs, in a real process, with only the environment to configure it."""
+    executable = Path(sys.executable).with_name("mixnet")
+    if not executable.exists():
+        pytest.skip("the mixnet console script is not installed next to this Python")
+    image = _photo(tmp_path / "a.png")
+    env = {**os.environ, "MIXNET_MIRROR": random_mirror.url}
+    done = subprocess.run([str(executable), "classify", str(image), "--jsonl"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    row = json.loads(done.stdout)
+    assert row["input"] == str(image) and len(row["predictions"]) == 5
+    assert "Traceback" not in done.stderr
+
+
+def test_help_does_not_import_paddle():
+    code = (
+        "import sys\nfrom click.testing import CliRunner\nfrom mixnet_cli.cli import main\n"
+        "CliRunner().invoke(main, ['--help'])\nCliRunner().invoke(main, ['models'])\n"
+        "heavy = [m for m in ('paddle', 'paddleclas', 'onnxruntime', 'cv2') if m in sys.modules]\n"
+        "print(','.join(heavy))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""
