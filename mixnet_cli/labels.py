@@ -34,3 +34,16 @@ def imagenet_labels() -> tuple[str, ...]:
     if sorted(names) != list(range(source.num_classes)):
         raise ManifestError(f"{path} does not list classes 0..{source.num_classes - 1}; reinstall {source.package}")
     return tuple(names[i] for i in range(source.num_classes))
+
+
+@lru_cache(maxsize=1)
+def imagenet_synsets() -> tuple[str, ...]:
+    """WordNet synset ids indexed by class id (``n01440764`` is class 0): PaddleClas's classes are the sorted synsets."""
+    from importlib import resources
+
+    source = load_manifest().labels
+    text = resources.files("mixnet_cli").joinpath(source.synsets).read_text(encoding="utf-8")
+    synsets = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if len(synsets) != source.num_classes or list(synsets) != sorted(synsets):
+        raise ManifestError(f"{source.synsets} must list {source.num_classes} sorted synset ids; reinstall mixnet-cli")
+    return synsets

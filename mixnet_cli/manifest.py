@@ -57,9 +57,12 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class LabelSource:
+    """Class names from a file in another package; synset ids (``n01440764``...) from a file in this one."""
+
     package: str
     path: str
     num_classes: int
+    synsets: str
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,7 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
         package=_require(labels_raw, "package", str, "labels"),
         path=_require(labels_raw, "path", str, "labels"),
         num_classes=_require(labels_raw, "num_classes", int, "labels"),
+        synsets=_require(labels_raw, "synsets", str, "labels"),
     )
     return Manifest(models=models, labels=labels)
 
