@@ -244,3 +244,31 @@ def test_help_does_not_import_paddle():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ""
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header declares ``width`` x ``height``: enough for Pillow to judge its size before decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bomb_and_huge_files_are_errors(tmp_path, random_mirror, monkeypatch):
+    bomb = _png_header_only(tmp_path / "bomb.png", 20_000, 10_000)
+    good = _photo(tmp_path / "good.png")
+    rows = json.loads(_invoke("classify", str(bomb), str(good), "--json").stdout)
+    assert rows[0]["error"]["type"] == "ImageTooLargeError" and "decompression bomb" in rows[0]["error"]["message"]
+    assert "predictions" in rows[1]
+
+    import mixnet_cli.preprocess
+
+    monkeypatch.setattr(mixnet_cli.preprocess, "MAX_IMAGE_BYTES", good.stat().st_size - 1)
+    rows = json.loads(_invoke("classify", str(good), "--json").stdout)
+    assert rows[0]["error"]["type"] == "ImageTooLargeError" and "limit" in rows[0]["error"]["message"]
