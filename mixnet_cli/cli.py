@@ -237,29 +237,58 @@ def _progress(total: int, *, enabled: bool) -> Any:
 @main.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("models", nargs=-1, required=True, metavar="MODEL...")
 @click.option("--force", is_flag=True, help="Download again even if the cache holds a verified copy.")
+@click.option(
+    "--sha256", "sha256", metavar="HEX", default=None,
+    help="Accept only a file with this sha256 (one MODEL); a mismatch is deleted, not installed.",
+)
+@click.option(
+    "--from", "from_path", metavar="FILE", default=None,
+    type=click.Path(exists=True, path_type=Path),
+    help="Install a copy of the weights file you fetched yourself (or a directory holding it), with the same "
+    "checks as a download; no network. FILE is copied, never moved.",
+)
 @network_options
 @user_errors
-def download(models: tuple[str, ...], force: bool, mirrors: tuple[str, ...], offline: bool | None) -> None:
+def download(
+    models: tuple[str, ...],
+    force: bool,
+    sha256: str | None,
+    from_path: Path | None,
+    mirrors: tuple[str, ...],
+    offline: bool | None,
+) -> None:
     """Download and verify the weights of MODEL (S, M, L or all) into the cache.
 
     \b
       mixnet download S
       mixnet download all --mirror https://my-mirror.example/paddleclas
+      mixnet download S --from ~/Downloads/MixNet_S_pretrained.pdparams
+      mixnet download S --sha256 <64 hex digits>
 
     A second run uses the cache and does not touch the network. Weights land in the cache only after they
-    are complete and verified: checksum where one is published, and every parameter name and shape of the
-    architecture.
+    are complete and verified: checksum where one is published (or pinned with --sha256), a safe parse of the
+    whole file, and every parameter name and shape of the architecture. An interrupted download resumes on
+    the next run; several processes needing the same file share one download.
     """
     from .cache import weights_path
     from .manifest import model_names, resolve_model
-    from .weights import ensure_weights
+    from .weights import ensure_weights, install_from_file, normalise_sha256
 
     wanted = model_names() if any(m.lower() == "all" for m in models) else [resolve_model(m).name for m in models]
     specs = [resolve_model(name) for name in dict.fromkeys(wanted)]
+    pinned = normalise_sha256(sha256)
+    if pinned and len(specs) > 1:
+        raise UsageError("--sha256 pins one file: give exactly one MODEL")
+    if from_path is not None and len(specs) > 1 and not from_path.is_dir():
+        raise UsageError("--from FILE installs one model: give exactly one MODEL, or a directory holding the files")
     for spec in specs:
-        already = weights_path(spec).is_file() and not force
-        weights = ensure_weights(spec, mirrors=mirrors or None, offline=offline, force=force)
-        state = "cached" if already else "downloaded"
+        if from_path is not None:
+            weights = install_from_file(spec, from_path, sha256=pinned)
+            state = "installed"
+        else:
+            already = weights_path(spec).is_file() and not force
+            weights = ensure_weights(spec, mirrors=mirrors or None, offline=offline, force=force, sha256=pinned)
+            state = "cached" if already else "downloaded"
         click.echo(f"{spec.name}: {state} {weights.path} ({weights.record.size} bytes, sha256 {weights.record.sha256})", err=True)
 
 

@@ -1,20 +1,38 @@
-"""HTTP transport: stream one URL into one local file, with a timeout and a progress bar on stderr.
+"""HTTP transport: fetch one URL into one partial file, resuming, retrying, with a progress bar on stderr.
 
 This module knows nothing about models or the cache; :mod:`mixnet_cli.weights` decides what to fetch, where
-to put it and whether to keep it.
+to put it, whether to keep it, and holds the lock that makes one process at a time write a given partial file.
+
+A partial file keeps what arrived so far; beside it, ``<partial>.json`` keeps the URL and the validator
+(strong ``ETag``, else ``Last-Modified``) of the response it came from. The next attempt, in this run or a
+later one, asks for the rest with ``Range`` + ``If-Range``, so a file that changed on the server comes back
+whole (200) instead of being spliced onto the old bytes. A server that ignores ``Range`` (200), answers at the
+wrong offset, or a partial without a validator, restarts the file from zero.
 """
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
+import json
+import os
+import re
 import sys
+import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from . import settings
 from .errors import DownloadError
 
 _CHUNK = 1 << 16
+INFO_SUFFIX = ".json"
+# A server answering at the wrong offset is sent a plain request; one that keeps doing it is broken.
+_MAX_RESTARTS = 2
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+_UNSATISFIED_RANGE = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -22,14 +40,115 @@ class Downloaded:
     url: str
     size: int
     sha256: str
+    resumed_from: int = 0
+    """Bytes kept from an earlier attempt or run (0 when the whole file came in this attempt)."""
 
 
-def _progress_bar(total: int | None, label: str, enabled: bool | None):
+def notice(message: str) -> None:
+    """A one-line message for the person waiting (stderr, never stdout)."""
+    print(f"mixnet: {message}", file=sys.stderr, flush=True)
+
+
+def info_path(partial: Path) -> Path:
+    """Where the URL and validator of ``partial``'s bytes are kept."""
+    return partial.with_name(partial.name + INFO_SUFFIX)
+
+
+def discard_partial(partial: Path) -> None:
+    """Remove a partial file and its info (missing ones are fine)."""
+    partial.unlink(missing_ok=True)
+    info_path(partial).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class PartialInfo:
+    """The URL, validators and full size of the response a partial file's bytes came from."""
+
+    url: str
+    etag: str | None
+    last_modified: str | None
+    total: int | None
+
+    @property
+    def validator(self) -> str | None:
+        return self.etag or self.last_modified
+
+
+def read_partial_info(partial: Path) -> PartialInfo | None:
+    """Where ``partial``'s bytes came from, or None when that is not known (then they are not resumed)."""
+    try:
+        raw = json.loads(info_path(partial).read_text(encoding="utf-8"))
+        total = raw.get("total")
+        return PartialInfo(
+            url=str(raw["url"]),
+            etag=raw.get("etag") or None,
+            last_modified=raw.get("last_modified") or None,
+            total=int(total) if total is not None else None,
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _write_info(partial: Path, info: PartialInfo) -> None:
+    path = info_path(partial)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(
+        json.dumps({"url": info.url, "etag": info.etag, "last_modified": info.last_modified, "total": info.total})
+        + "\n",
+        encoding="utf-8",
+    )
+    os.replace(tmp, path)
+
+
+def _strong_etag(value: str | None) -> str | None:
+    # If-Range only works with a strong validator (RFC 9110 13.1.5); a weak ETag must not be sent.
+    if not value or value.strip().startswith("W/"):
+        return None
+    return value.strip()
+
+
+def retry_delay(attempt: int, retry_after: float | None, base: float, cap: float) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (1-based): the server's ``Retry-After`` if it
+    sent one, else ``base * 2 ** (attempt - 1)``; never more than ``cap``."""
+    wanted = retry_after if retry_after is not None else base * 2 ** (attempt - 1)
+    return max(0.0, min(wanted, cap))
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """``Retry-After`` as seconds: either a number of seconds or an HTTP date. None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
+
+
+class _Retryable(Exception):
+    """A failure worth another attempt: network trouble, a timeout, HTTP 429 or 5xx."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class _Restart(Exception):
+    """What arrived cannot be appended to the partial file: start the file again from zero."""
+
+
+def _progress_bar(total: int | None, initial: int, label: str, enabled: bool | None) -> Any:
     from tqdm import tqdm
 
     show = sys.stderr.isatty() if enabled is None else enabled
     return tqdm(
         total=total,
+        initial=initial,
         desc=label,
         unit="B",
         unit_scale=True,
@@ -40,47 +159,193 @@ def _progress_bar(total: int | None, label: str, enabled: bool | None):
     )
 
 
-def fetch_url(url: str, destination: Path, *, label: str, progress: bool | None = None) -> Downloaded:
-    """Stream ``url`` into ``destination`` (created or truncated) and return its size and sha256.
+def _sha256_of(path: Path, digest: Any = None) -> Any:
+    digest = digest or hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest
 
-    Raises :class:`DownloadError` for connection failures, timeouts and non-200 answers.
+
+def fetch_url(
+    url: str,
+    destination: Path,
+    *,
+    label: str,
+    progress: bool | None = None,
+    resume: bool = True,
+    max_bytes: int | None = None,
+) -> Downloaded:
+    """Download ``url`` into the partial file ``destination`` and return its size and sha256.
+
+    Continues an earlier partial download of the same URL when the server allows it (``resume=False`` starts
+    from zero). Connection failures, timeouts, HTTP 429 and 5xx are retried ``MIXNET_RETRIES`` times with
+    exponential backoff; after the last, :class:`DownloadError` says what happened, and what arrived stays in
+    ``destination`` for the next run to resume. Other HTTP errors, an HTML page, or a body larger than
+    ``max_bytes`` raise :class:`DownloadError` at once. Errors writing ``destination`` (a full disk) propagate
+    as :class:`OSError`.
     """
-    import requests
+    if not resume:
+        discard_partial(destination)
+    attempts = settings.download_retries() + 1
+    failures = 0
+    restarts = 0
+    while True:
+        try:
+            return _attempt(url, destination, label=label, progress=progress, max_bytes=max_bytes)
+        except _Restart as exc:
+            discard_partial(destination)
+            restarts += 1
+            if restarts > _MAX_RESTARTS:
+                raise DownloadError(f"{url}: {exc}, again and again; use another mirror") from None
+            notice(f"{url}: {exc}; starting the file again from the beginning")
+        except _Retryable as exc:
+            failures += 1
+            if failures >= attempts:
+                kept = destination.stat().st_size if destination.exists() else 0
+                tail = (
+                    f"; run the same command again to resume ({kept} bytes kept)" if kept
+                    else "; check the network or the mirror, or try again later"
+                )
+                tries = "1 attempt" if attempts == 1 else f"{attempts} attempts"
+                raise DownloadError(f"{exc} (gave up after {tries}){tail}") from None
+            delay = retry_delay(failures, exc.retry_after, settings.download_backoff(), settings.download_backoff_max())
+            notice(f"{exc}; retrying in {delay:g}s (attempt {failures + 1} of {attempts})")
+            time.sleep(delay)
 
+
+def _attempt(url: str, destination: Path, *, label: str, progress: bool | None, max_bytes: int | None) -> Downloaded:
+    import requests
+    import urllib3
+
+    info = read_partial_info(destination)
+    offset = destination.stat().st_size if destination.exists() else 0
+    if offset and (info is None or info.url != url or info.validator is None):
+        # Bytes of unknown origin, another URL's, or from a server that gave no validator: they cannot be
+        # continued safely.
+        discard_partial(destination)
+        offset, info = 0, None
+    headers = {"Accept-Encoding": "identity"}
+    if offset and info is not None and info.validator:
+        headers["Range"] = f"bytes={offset}-"
+        headers["If-Range"] = info.validator
     timeout = settings.download_timeout()
     try:
-        response = requests.get(url, stream=True, timeout=(timeout, timeout))
+        response = requests.get(url, stream=True, timeout=(timeout, timeout), headers=headers)
     except requests.RequestException as exc:
-        raise DownloadError(f"cannot reach {url} ({_reason(exc)}); check the network or use a mirror") from None
+        raise _Retryable(f"cannot reach {url} ({_reason(exc, timeout)})") from None
     with response:
-        if response.status_code != 200:
+        status = response.status_code
+        if status == 429 or 500 <= status < 600:
+            raise _Retryable(
+                f"{url} answered HTTP {status} {response.reason or ''}".rstrip(),
+                retry_after=parse_retry_after(response.headers.get("Retry-After")),
+            )
+        if status == 416 and offset and info is not None:
+            match = _UNSATISFIED_RANGE.match(response.headers.get("Content-Range", ""))
+            if match and int(match.group(1)) == offset and info.total == offset:
+                # Everything had arrived before (the earlier run stopped while checking the file).
+                return Downloaded(url=url, size=offset, sha256=_sha256_of(destination).hexdigest(), resumed_from=offset)
+            raise _Restart("the server cannot continue the partial download")
+        if status not in (200, 206):
             raise DownloadError(
-                f"{url} answered HTTP {response.status_code} {response.reason or ''}".rstrip()
+                f"{url} answered HTTP {status} {response.reason or ''}".rstrip()
                 + "; check the URL or mirror, or try again later"
             )
-        total = response.headers.get("Content-Length")
-        expected = int(total) if total and total.isdigit() else None
-        digest = hashlib.sha256()
-        size = 0
+        content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type in ("text/html", "application/xhtml+xml"):
+            raise DownloadError(
+                f"{url} served a web page ({content_type}), not a weights file; check the mirror URL "
+                "(a login or error page?)"
+            )
+        etag = _strong_etag(response.headers.get("ETag"))
+        last_modified = response.headers.get("Last-Modified")
+        length = response.headers.get("Content-Length", "")
+        total = int(length) if length.isdigit() else None
+        if status == 206:
+            match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+            start = int(match.group(1)) if match else -1
+            total = int(match.group(3)) if match and match.group(3) != "*" else None
+            if start != offset:
+                raise _Restart(f"the server answered a range request at the wrong offset ({start}, not {offset})")
+            if offset and info is not None and (
+                (etag and info.etag and etag != info.etag) or (total and info.total and total != info.total)
+            ):
+                raise _Restart("the file changed on the server")
+        if status == 206 and offset:
+            digest = _sha256_of(destination)
+            mode = "ab"
+        else:
+            # The whole file, either because nothing was asked for, or because the server ignored Range or the
+            # file changed (If-Range): never append it to the old bytes.
+            offset = 0
+            digest = hashlib.sha256()
+            mode = "wb"
+        if max_bytes is not None and total is not None and total > max_bytes:
+            raise DownloadError(
+                f"{url} is {total} bytes, far more than these weights can be; check the mirror URL"
+            )
+        if mode == "wb":
+            # Written before the first byte, so an interrupted download can always be continued.
+            _write_info(destination, PartialInfo(url=url, etag=etag, last_modified=last_modified, total=total))
+        size = offset
+        if hasattr(response.raw, "enforce_content_length"):
+            # urllib3 discards the bytes it had buffered when it notices a short body; read to the end instead
+            # and compare with the promised length below, so every byte that arrived is kept for resuming.
+            response.raw.enforce_content_length = False
         try:
-            with open(destination, "wb") as out, _progress_bar(expected, label, progress) as bar:
-                for chunk in response.iter_content(_CHUNK):
-                    out.write(chunk)
+            # Unbuffered: what arrived is on disk at once, so even a killed process leaves a partial file that
+            # holds every byte it received, and the next run asks for exactly the rest.
+            with open(destination, mode, buffering=0) as out, _progress_bar(total, offset, label, progress) as bar:
+                for chunk in _chunks(response):
+                    _write_all(out, chunk)
                     digest.update(chunk)
                     size += len(chunk)
                     bar.update(len(chunk))
-        except requests.RequestException as exc:
-            raise DownloadError(f"download of {url} broke off after {size} bytes ({_reason(exc)}); run again") from None
-        if expected is not None and size != expected:
-            raise DownloadError(f"download of {url} ended after {size} of {expected} bytes; run again")
-    return Downloaded(url=url, size=size, sha256=digest.hexdigest())
+                    if max_bytes is not None and size > max_bytes:
+                        discard_partial(destination)
+                        raise DownloadError(
+                            f"{url} sent more than {max_bytes} bytes, far more than these weights can be; "
+                            "check the mirror URL"
+                        )
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+            raise _Retryable(f"download of {url} broke off after {size} bytes ({_reason(exc, timeout)})") from None
+    if total is not None and size != total:
+        raise _Retryable(f"download of {url} broke off after {size} of {total} bytes (connection closed early)")
+    return Downloaded(url=url, size=size, sha256=digest.hexdigest(), resumed_from=offset)
 
 
-def _reason(exc: Exception) -> str:
+def _chunks(response: Any) -> Any:
+    """The body as it arrives. ``read1`` returns what one read got: ``iter_content`` waits to fill a whole chunk,
+    and a timeout or dropped connection while it waits loses the bytes it had, which resuming then fetches
+    again."""
+    read1 = getattr(response.raw, "read1", None)
+    if read1 is None:  # urllib3 1.x
+        yield from response.iter_content(_CHUNK)
+        return
+    while chunk := read1(_CHUNK):
+        yield chunk
+
+
+def _write_all(out: Any, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = out.write(view)
+        if not written:
+            raise OSError("write returned no progress")
+        view = view[written:]
+
+
+def _reason(exc: Exception, timeout: float) -> str:
     import requests
 
-    if isinstance(exc, requests.Timeout):
-        return "timed out"
+    import urllib3
+
+    text = str(exc)
+    if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError)) or "timed out" in text.lower():
+        return f"no answer for {timeout:g}s; MIXNET_TIMEOUT sets the limit"
+    if isinstance(exc, (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError)):
+        return "connection closed early"
     if isinstance(exc, requests.ConnectionError):
         return "connection failed"
     return type(exc).__name__

@@ -54,3 +54,30 @@ def download_timeout() -> float:
         return float(raw) if raw else 30.0
     except ValueError:
         return 30.0
+
+
+def _number(name: str, default: float, minimum: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        return default
+    return value if value >= minimum else default  # also rejects nan
+
+
+def download_retries() -> int:
+    """How many times a failed download is retried (``MIXNET_RETRIES``, default 4; 0 disables retries).
+
+    Retried: connection failures, timeouts, HTTP 429 and 5xx. Each retry resumes where the last one stopped.
+    """
+    return int(_number("MIXNET_RETRIES", 4, 0))
+
+
+def download_backoff() -> float:
+    """Seconds before the first retry, doubling after each (``MIXNET_BACKOFF``, default 1; 0 retries at once)."""
+    return _number("MIXNET_BACKOFF", 1.0, 0.0)
+
+
+def download_backoff_max() -> float:
+    """The longest single wait between retries, also for a server's ``Retry-After`` (``MIXNET_BACKOFF_MAX``, default 30)."""
+    return _number("MIXNET_BACKOFF_MAX", 30.0, 0.0)

@@ -1,26 +1,29 @@
 """Getting a model's weights into the cache and out of it, verified.
 
-The policy lives here: which URLs to try, what a file must pass before it enters the cache (manifest checksum
-and size where published, a safe parse, every key and shape of the architecture), and the check of a cached
-file against the record written when it was verified.
+The policy lives here: which URLs to try, what a file must pass before it enters the cache (manifest or pinned
+checksum and size, a safe parse of the whole file, every key and shape of the architecture), the lock that
+lets one process at a time download a given file, and the check of a cached file against the record written
+when it was verified.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
-import secrets
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from . import cache, settings
-from .download import fetch_url
-from .errors import CacheError, DownloadError, MixnetError, OfflineError, WeightsError
+from .download import discard_partial, fetch_url, notice
+from .errors import CacheError, DownloadError, MixnetError, OfflineError, UsageError, WeightsError
 from .manifest import ModelSpec
 from .pdparams import read_state_dict
+
+_HEX = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True)
@@ -38,20 +41,58 @@ def candidate_urls(spec: ModelSpec, mirrors: Sequence[str] | None = None) -> lis
     return [spec.url]
 
 
+def _short(spec: ModelSpec) -> str:
+    return spec.name.rsplit("_", 1)[-1]
+
+
 def _download_hint(spec: ModelSpec) -> str:
-    short = spec.name.rsplit("_", 1)[-1]
-    return f"run `mixnet download {short} --force`"
+    return f"run `mixnet download {_short(spec)} --force`"
 
 
-def check_file(spec: ModelSpec, path: Path, size: int, sha256: str) -> dict[str, np.ndarray]:
+def normalise_sha256(value: str | None) -> str | None:
+    """A pinned sha256 as 64 lowercase hex digits; :class:`UsageError` for anything else."""
+    if value is None:
+        return None
+    digest = value.strip().lower()
+    if len(digest) != 64 or not set(digest) <= _HEX:
+        raise UsageError(f"--sha256 {value!r} is not a sha256 (64 hex digits, as `sha256sum` prints)")
+    return digest
+
+
+def _size_limit(spec: ModelSpec) -> int:
+    # With no published size, a bound from the parameter count (8 bytes each is float64; real files are
+    # float32) stops a wrong URL from filling the disk.
+    if spec.size is not None:
+        return spec.size
+    return int(spec.metrics.params_m * 1e6 * 8) + (16 << 20)
+
+
+def _sniff(path: Path) -> None:
+    """Name the usual impostors before the parser says something less clear."""
+    with open(path, "rb") as handle:
+        head = handle.read(512).lstrip().lower()
+    if head.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body")):
+        raise WeightsError("is a web page, not a weights file (a login or error page?)")
+    if head.startswith((b"{", b"[")):
+        raise WeightsError("is a JSON document (an error message?), not a weights file")
+
+
+def check_file(
+    spec: ModelSpec, path: Path, size: int, sha256: str, *, pinned: str | None = None
+) -> dict[str, np.ndarray]:
     """Everything a file must pass before it enters the cache; returns its parsed state dict.
 
+    The size and sha256 published in the manifest, and ``pinned`` (``--sha256``), must match; the file must be
+    exactly one safe pickle of a state dict with every parameter name and shape of ``spec``'s architecture.
     Raises :class:`WeightsError` whose message starts with what failed (the caller names the file).
     """
     if spec.size is not None and size != spec.size:
         raise WeightsError(f"has {size} bytes, but {spec.name} weights have {spec.size}")
     if spec.sha256 is not None and sha256 != spec.sha256:
         raise WeightsError(f"has sha256 {sha256}, but {spec.name} weights have {spec.sha256}")
+    if pinned is not None and sha256 != pinned:
+        raise WeightsError(f"has sha256 {sha256}, not the pinned {pinned}")
+    _sniff(path)
     state = read_state_dict(path)
     from .model import build_network, check_state_dict, expected_shapes
 
@@ -61,13 +102,7 @@ def check_file(spec: ModelSpec, path: Path, size: int, sha256: str) -> dict[str,
 
 def _install(spec: ModelSpec, tmp: Path, source: str, size: int, sha256: str) -> VerifiedWeights:
     target = cache.weights_path(spec)
-    record = cache.WeightsRecord(
-        model=spec.name,
-        sha256=sha256,
-        size=size,
-        source=source,
-        fetched_at=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
-    )
+    record = cache.WeightsRecord(model=spec.name, sha256=sha256, size=size, source=source, fetched_at=cache.now_iso())
     # The weights go in first, then the record: a file without a record is re-verified before use,
     # a record without its file is ignored, so a crash between the two never yields an unverified file.
     os.replace(tmp, target)
@@ -75,44 +110,169 @@ def _install(spec: ModelSpec, tmp: Path, source: str, size: int, sha256: str) ->
     return VerifiedWeights(spec=spec, path=target, record=record)
 
 
-def _temporary_path(spec: ModelSpec) -> Path:
-    target = cache.weights_path(spec)
-    return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.incomplete")
+def _is_disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _write_error(path: Path, exc: OSError) -> CacheError:
+    reason = exc.strerror or str(exc)
+    if _is_disk_full(exc):
+        return CacheError(
+            f"cannot write {path} ({reason}); nothing was installed: free some disk space or set MIXNET_HOME "
+            "to a disk with room"
+        )
+    return CacheError(f"cannot write {path} ({reason}); nothing was installed: set MIXNET_HOME to a writable directory")
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def _clean_leftovers(spec: ModelSpec) -> None:
+    # Called with the lock held: any temporary file of this name belongs to a process that died.
+    for path in cache.leftover_paths(spec):
+        path.unlink(missing_ok=True)
+
+
+def _announce_wait(spec: ModelSpec):  # type: ignore[no-untyped-def]
+    def announce(lock: Path) -> None:
+        notice(f"waiting for another mixnet process downloading {spec.filename} (lock {lock})")
+
+    return announce
+
+
+def _fetch_verified(
+    spec: ModelSpec, url: str, *, progress: bool | None, pinned: str | None
+) -> VerifiedWeights:
+    partial = cache.partial_path(spec)
+    for fresh in (False, True):
+        try:
+            fetched = fetch_url(
+                url, partial, label=spec.filename, progress=progress, resume=not fresh, max_bytes=_size_limit(spec)
+            )
+        except DownloadError:
+            raise
+        except OSError as exc:  # writing the partial file: a full disk, a read-only cache
+            discard_partial(partial)
+            raise _write_error(partial, exc) from None
+        try:
+            check_file(spec, partial, fetched.size, fetched.sha256, pinned=pinned)
+        except WeightsError as exc:
+            discard_partial(partial)
+            if fetched.resumed_from and not fresh:
+                # The kept bytes may be the problem (a file that changed without its validator changing).
+                notice(f"the resumed download of {url} {exc}; downloading it again from the start")
+                continue
+            raise WeightsError(f"{url} {exc}; deleted the download: check the mirror or URL") from None
+        except OSError as exc:
+            discard_partial(partial)
+            raise _write_error(partial, exc) from None
+        try:
+            return _install(spec, partial, url, fetched.size, fetched.sha256)
+        except OSError as exc:
+            discard_partial(partial)
+            raise _write_error(cache.weights_path(spec), exc) from None
+        finally:
+            from .download import info_path
+
+            info_path(partial).unlink(missing_ok=True)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def download_weights(
-    spec: ModelSpec, *, mirrors: Sequence[str] | None = None, progress: bool | None = None
+    spec: ModelSpec,
+    *,
+    mirrors: Sequence[str] | None = None,
+    progress: bool | None = None,
+    sha256: str | None = None,
+    force: bool = False,
 ) -> VerifiedWeights:
-    """Download, verify and install ``spec``'s weights, trying each candidate URL until one passes."""
+    """Download, verify and install ``spec``'s weights, trying each candidate URL until one passes.
+
+    One process at a time per file: others wait for it (saying so on stderr) and then use what it installed.
+    An interrupted download is resumed by the next call.
+    """
+    pinned = normalise_sha256(sha256)
     cache.ensure_dir(cache.weights_dir())
-    failures: list[MixnetError] = []
-    for url in candidate_urls(spec, mirrors):
-        tmp = _temporary_path(spec)
-        try:
-            fetched = fetch_url(url, tmp, label=spec.filename, progress=progress)
-            check_file(spec, tmp, fetched.size, fetched.sha256)
-            return _install(spec, tmp, url, fetched.size, fetched.sha256)
-        except WeightsError as exc:
-            failures.append(WeightsError(f"{url} {exc}; check the mirror or URL"))
-        except DownloadError as exc:
-            failures.append(exc)
-        except OSError as exc:
-            failures.append(CacheError(
-                f"cannot write {tmp} ({exc.strerror or exc}); free disk space or set MIXNET_HOME"
-            ))
-        finally:
-            tmp.unlink(missing_ok=True)
+    target = cache.weights_path(spec)
+    before = _identity(target)
+    with cache.model_lock(spec, on_wait=_announce_wait(spec)):
+        if not force or _identity(target) != before:
+            # Installed by another process while this one waited (or a plain run that raced us to the lock).
+            found = cached_weights(spec)
+            if found is not None:
+                _check_pinned(found, pinned)
+                return found
+        _clean_leftovers(spec)
+        failures: list[MixnetError] = []
+        urls = candidate_urls(spec, mirrors)
+        for index, url in enumerate(urls):
+            try:
+                return _fetch_verified(spec, url, progress=progress, pinned=pinned)
+            except (DownloadError, WeightsError) as exc:
+                failures.append(exc)
+                if index + 1 < len(urls):
+                    notice(f"{exc}; trying the next mirror")
     if len(failures) == 1:
         raise failures[0]
     raise DownloadError(f"no source gave valid {spec.name} weights: " + " | ".join(map(str, failures)))
 
 
+def _copy_hashing(source: Path, destination: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(source, "rb") as src, open(destination, "xb") as out:
+        while chunk := src.read(1 << 20):
+            out.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def install_from_file(spec: ModelSpec, source: Path | str, *, sha256: str | None = None) -> VerifiedWeights:
+    """Install a weights file the user fetched themselves, with the same checks as a download.
+
+    ``source`` may be the file or a directory holding ``spec.filename``. The user's file is copied, never moved
+    or deleted; the copy replaces whatever the cache held only once it has passed every check.
+    """
+    pinned = normalise_sha256(sha256)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / spec.filename
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file; give a copy of {spec.url} (or the directory holding it)")
+    cache.ensure_dir(cache.weights_dir())
+    with cache.model_lock(spec, on_wait=_announce_wait(spec)):
+        _clean_leftovers(spec)
+        tmp = cache.temporary_path(spec)
+        try:
+            try:
+                size, digest = _copy_hashing(path, tmp)
+            except OSError as exc:
+                if exc.filename is not None and Path(exc.filename) == path:
+                    raise UsageError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+                raise _write_error(tmp, exc) from None
+            try:
+                check_file(spec, tmp, size, digest, pinned=pinned)
+            except WeightsError as exc:
+                raise WeightsError(f"{path} {exc}; nothing was installed") from None
+            installed = _install(spec, tmp, f"file:{path.resolve()}", size, digest)
+            discard_partial(cache.partial_path(spec))  # whatever was half-downloaded is now obsolete
+            return installed
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
 def cached_weights(spec: ModelSpec) -> VerifiedWeights | None:
     """The cached file if present and still matching its record; None if not cached.
 
-    A file whose content no longer matches its record is corrupt: it is removed and :class:`WeightsError` says
-    how to fetch it again. A file with no record (placed by hand, or a crash before the record was written) is
-    verified in full and then adopted.
+    A file whose content no longer matches its record is corrupt: :class:`WeightsError` says how to fetch it
+    again. A file with no record (placed by hand, or a crash before the record was written) is verified in
+    full and then adopted. Partial downloads (``.part``) are never looked at.
     """
     path = cache.weights_path(spec)
     if not path.is_file():
@@ -128,8 +288,7 @@ def cached_weights(spec: ModelSpec) -> VerifiedWeights | None:
                 f"{path} {exc}; delete it or {_download_hint(spec)}"
             ) from None
         record = cache.WeightsRecord(
-            model=spec.name, sha256=sha256, size=size, source=f"file:{path}",
-            fetched_at=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+            model=spec.name, sha256=sha256, size=size, source=f"file:{path}", fetched_at=cache.now_iso()
         )
         try:
             cache.write_record(spec, record)
@@ -144,6 +303,14 @@ def cached_weights(spec: ModelSpec) -> VerifiedWeights | None:
     return VerifiedWeights(spec=spec, path=path, record=record)
 
 
+def _check_pinned(found: VerifiedWeights, pinned: str | None) -> None:
+    if pinned is not None and found.record.sha256 != pinned:
+        raise WeightsError(
+            f"cached weights {found.path} have sha256 {found.record.sha256}, not the pinned {pinned}; "
+            f"run `mixnet download {_short(found.spec)} --force --sha256 {pinned}` to fetch them again"
+        )
+
+
 def ensure_weights(
     spec: ModelSpec,
     *,
@@ -151,23 +318,47 @@ def ensure_weights(
     offline: bool | None = None,
     force: bool = False,
     progress: bool | None = None,
+    sha256: str | None = None,
 ) -> VerifiedWeights:
-    """The verified cached weights of ``spec``, downloading them first when needed (and allowed)."""
+    """The verified cached weights of ``spec``, downloading them first when needed (and allowed).
+
+    ``sha256`` pins the file: a cached or downloaded file with another checksum is refused.
+    """
+    pinned = normalise_sha256(sha256)
     if not force:
         found = cached_weights(spec)
         if found is not None:
+            _check_pinned(found, pinned)
             return found
     if settings.offline() if offline is None else offline:
+        short = _short(spec)
         raise OfflineError(
             f"{spec.name} weights are not in the cache ({cache.weights_path(spec)}) and offline mode is on; "
-            f"run `mixnet download {spec.name.rsplit('_', 1)[-1]}` with network access first"
+            f"run `mixnet download {short}` with network access, or fetch {spec.url} yourself and run "
+            f"`mixnet download {short} --from FILE`"
         )
-    return download_weights(spec, mirrors=mirrors, progress=progress)
+    return download_weights(spec, mirrors=mirrors, progress=progress, sha256=pinned, force=force)
 
 
 def load_state(weights: VerifiedWeights) -> dict[str, np.ndarray]:
-    """Parse verified weights into a state dict (the safe unpickler; never ``pickle.load``)."""
+    """Parse verified weights into a state dict (the safe unpickler; never ``pickle.load``).
+
+    The bytes parsed are the bytes checked: the file is read once, and its sha256 must still be the one
+    recorded when it was verified.
+    """
     try:
-        return read_state_dict(weights.path)
+        data = weights.path.read_bytes()
+    except OSError as exc:
+        raise WeightsError(
+            f"cannot read {weights.path} ({exc.strerror or exc}); {_download_hint(weights.spec)}"
+        ) from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != weights.record.sha256:
+        raise WeightsError(
+            f"{weights.path} changed since it was verified (sha256 {digest[:12]}..., expected "
+            f"{weights.record.sha256[:12]}...); {_download_hint(weights.spec)}"
+        )
+    try:
+        return read_state_dict(data)
     except MixnetError as exc:
         raise WeightsError(f"{weights.path} {exc}; {_download_hint(weights.spec)}") from None
