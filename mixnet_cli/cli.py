@@ -455,3 +455,103 @@ def evaluate_command(
     if summary.failed:
         click.echo(f"Error: {summary.failed} image(s) could not be read and were not scored", err=True)
         sys.exit(1)
+
+
+@main.group("cache", context_settings=CONTEXT_SETTINGS)
+def cache_group() -> None:
+    """Show and manage the downloaded weights (the cache: MIXNET_HOME or the user cache directory).
+
+    \b
+      mixnet cache list
+      mixnet cache path
+      mixnet cache rm S
+      mixnet cache clear --yes
+    """
+
+
+_CACHE_COLUMNS = ["model", "status", "size", "sha256", "source", "fetched_at"]
+
+
+@cache_group.command("list", context_settings=CONTEXT_SETTINGS)
+@output_options
+@user_errors
+def cache_list(fmt: str) -> None:
+    """List the cached weights: model, status, size, sha256, where each came from and when.
+
+    \b
+      mixnet cache list
+      mixnet cache list --json | jq -r '.[] | select(.status == "verified") | .path'
+
+    Status: verified (matches the record written when it was checked), unverified (no record: checked in full
+    on first use), corrupt (changed since: `mixnet download MODEL --force`), partial (an interrupted download;
+    the next `mixnet download` resumes it).
+    """
+    from .cache import cache_root, list_entries
+    from .output import write_rows
+
+    entries = list_entries()
+    count = write_rows((e.to_dict() for e in entries), fmt, click.get_text_stream("stdout"), headers=_CACHE_COLUMNS)
+    if not count and fmt == "table":
+        click.echo(f"No weights cached in {cache_root()}.", err=True)
+
+
+@cache_group.command("path", context_settings=CONTEXT_SETTINGS)
+@click.argument("model", required=False)
+@user_errors
+def cache_path(model: str | None) -> None:
+    """Print the cache directory, or with MODEL the path its weights file has (or will have).
+
+    \b
+      mixnet cache path
+      mixnet cache path S
+    """
+    from .cache import cache_root, weights_path
+    from .manifest import resolve_model
+
+    click.echo(str(weights_path(resolve_model(model)) if model else cache_root()))
+
+
+@cache_group.command("rm", context_settings=CONTEXT_SETTINGS)
+@click.argument("models", nargs=-1, required=True, metavar="MODEL...")
+@user_errors
+def cache_rm(models: tuple[str, ...]) -> None:
+    """Delete the cached weights of MODEL (S, M, L or all), with their record and any partial download.
+
+    \b
+      mixnet cache rm S
+    """
+    from .cache import remove_model
+    from .manifest import model_names, resolve_model
+
+    wanted = model_names() if any(m.lower() == "all" for m in models) else [resolve_model(m).name for m in models]
+    for name in dict.fromkeys(wanted):
+        removed = remove_model(resolve_model(name))
+        click.echo(f"{name}: " + (f"removed {len(removed)} file(s)" if removed else "nothing cached"), err=True)
+
+
+@cache_group.command("clear", context_settings=CONTEXT_SETTINGS)
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@user_errors
+def cache_clear(yes: bool) -> None:
+    """Delete every cached weights file, record, partial download and lock.
+
+    \b
+      mixnet cache clear
+      mixnet cache clear --yes
+
+    Only the cache's own files are deleted: anything else under MIXNET_HOME stays.
+    """
+    from .cache import cache_root, clear_cache, files_to_clear
+
+    planned = files_to_clear()
+    if not planned:
+        click.echo(f"Nothing to delete in {cache_root()}.", err=True)
+        return
+    size = sum(p.stat().st_size for p in planned if p.is_file())
+    if not yes and not click.confirm(
+        f"Delete {len(planned)} file(s), {size / 1e6:.1f} MB, from {cache_root()}?", default=False, err=True
+    ):
+        click.echo("Nothing deleted.", err=True)
+        sys.exit(1)
+    removed = clear_cache()
+    click.echo(f"Deleted {len(removed)} file(s) from {cache_root()}.", err=True)
