@@ -43,7 +43,7 @@ _MAX_DIMS = 32
 try:  # numpy 2 spelling first: touching numpy.core warns there
     from numpy._core.multiarray import _reconstruct as _numpy_reconstruct
 except ImportError:  # numpy 1.x
-    from numpy.core.multiarray import _reconstruct as _numpy_reconstruct
+    from numpy.core.multiarray import _reconstruct as _numpy_reconstruct  # type: ignore[attr-defined]
 
 
 class _NdarrayToken:
@@ -162,17 +162,17 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         raise UnsafeWeightsError("refuses persistent references: real weights files never contain them")
 
     def load_reduce(self) -> None:
-        stack = self.stack
+        stack = self.stack  # type: ignore[attr-defined]
         args = stack.pop()
         func = stack[-1]
         if id(func) not in _CALLABLE or not isinstance(args, tuple):
             raise UnsafeWeightsError(f"refuses to call {func!r:.80}: only numpy's array rebuilders may be called")
         stack[-1] = func(*args)
 
-    dispatch[pickle.REDUCE[0]] = load_reduce
+    dispatch[pickle.REDUCE[0]] = load_reduce  # type: ignore[assignment]
 
     def load_build(self) -> None:
-        stack = self.stack
+        stack = self.stack  # type: ignore[attr-defined]
         state = stack.pop()
         inst = stack[-1]
         # Each array and dtype is filled in once, when fresh: a second BUILD could change what arrays already
@@ -188,7 +188,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         inst.__setstate__(state)
         self._built.add(id(inst))
 
-    dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.BUILD[0]] = load_build  # type: ignore[assignment]
 
     for _name in ("INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID"):
         _code = getattr(pickle, _name, None)
@@ -196,12 +196,10 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
             dispatch[_code[0]] = _refuse(_name)
     del _name, _code
 
-    def leftover(self) -> bool:
-        """Whether anything follows the STOP opcode, inside the last frame or after it."""
+    def frame_leftover(self) -> bool:
+        """Whether the last frame holds bytes after the STOP opcode."""
         frame = getattr(getattr(self, "_unframer", None), "current_frame", None)
-        if frame is not None and frame.read(1):
-            return True
-        return bool(self._file_read(1))
+        return frame is not None and bool(frame.read(1))
 
 
 def _merge_split_arrays(raw: dict[str, Any]) -> dict[str, Any]:
@@ -232,7 +230,8 @@ def read_state_dict(data: bytes | Path | str) -> dict[str, np.ndarray]:
     :class:`WeightsError` for anything that is not a weights pickle at all.
     """
     payload = data if isinstance(data, bytes) else Path(data).read_bytes()
-    unpickler = _RestrictedUnpickler(io.BytesIO(payload))
+    stream = io.BytesIO(payload)
+    unpickler = _RestrictedUnpickler(stream)
     try:
         raw = unpickler.load()
     except WeightsError:
@@ -242,7 +241,7 @@ def read_state_dict(data: bytes | Path | str) -> dict[str, np.ndarray]:
     except Exception as exc:  # any parse failure means "not a weights file", whatever pickle raised
         reason = str(exc).splitlines()[0][:120] if str(exc) else ""
         raise WeightsError(f"is not a PaddlePaddle weights file ({type(exc).__name__}: {reason})") from None
-    if unpickler.leftover():
+    if stream.tell() != len(payload) or unpickler.frame_leftover():
         raise WeightsError("is not a PaddlePaddle weights file (extra bytes follow the end of its data)")
     if not isinstance(raw, dict):
         raise WeightsError(f"is not a PaddlePaddle weights file (holds a {type(raw).__name__}, not a dict)")

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from . import cache, settings
-from .download import discard_partial, fetch_url, notice
+from .download import discard_partial, fetch_url, info_path, notice
 from .errors import CacheError, DownloadError, MixnetError, OfflineError, UsageError, WeightsError
 from .manifest import ModelSpec
 from .pdparams import read_state_dict
@@ -177,8 +177,6 @@ def _fetch_verified(
             discard_partial(partial)
             raise _write_error(cache.weights_path(spec), exc) from None
         finally:
-            from .download import info_path
-
             info_path(partial).unlink(missing_ok=True)
     raise AssertionError("unreachable")  # pragma: no cover
 

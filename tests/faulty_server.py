@@ -16,7 +16,7 @@ import hashlib
 import http.server
 import socket
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Callable
 
