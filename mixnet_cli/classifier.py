@@ -17,13 +17,13 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .engine import DeviceChoice, Engine, create_engine, resolve_device
+from .engine import DeviceChoice, Engine, EngineChoice, choose_engine, create_engine
 from .errors import MixnetError, UsageError
 from .inputs import InputItem
 from .labels import imagenet_labels
 from .manifest import ModelSpec, resolve_model
 from .preprocess import ImageInput, load_and_transform
-from .weights import VerifiedWeights, ensure_weights, load_state
+from .weights import VerifiedWeights, ensure_weights
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,9 @@ class Classifier:
 
     ``model`` accepts ``S``, ``MixNet_S``, ``mixnet_s``...; ``device`` is ``auto``, ``cpu``, ``gpu`` or
     ``gpu:N``. The weights are downloaded on first use (``mirrors``, ``offline`` as for ``mixnet download``).
+    ``engine`` is ``auto`` (the fastest installed for the device), ``onnxruntime``, ``paddle`` (Paddle
+    Inference) or ``dygraph`` (paddle eager mode, the reference); ``threads`` caps the CPU threads of a forward
+    pass (default: the physical cores).
     """
 
     def __init__(
@@ -91,13 +94,19 @@ class Classifier:
         mirrors: Sequence[str] | None = None,
         offline: bool | None = None,
         progress: bool | None = None,
+        engine: str = "auto",
+        threads: int | None = None,
     ) -> None:
         self.spec: ModelSpec = resolve_model(model)
-        self.device_choice: DeviceChoice = resolve_device(device)
+        # Engine and device first: a missing GPU or engine is reported before any download.
+        choice = choose_engine(engine, device)
         self.weights: VerifiedWeights = ensure_weights(
             self.spec, mirrors=mirrors, offline=offline, progress=progress
         )
-        self.engine: Engine = create_engine(self.spec, load_state(self.weights), self.device_choice.device)
+        self.engine: Engine
+        self.engine_choice: EngineChoice
+        self.engine, self.engine_choice = create_engine(self.spec, self.weights, choice, threads=threads)
+        self.device_choice: DeviceChoice = self.engine_choice.device_choice
         self.labels = imagenet_labels()
 
     @property

@@ -93,6 +93,16 @@ def output_options(func: F) -> F:
     return func
 
 
+def engine_option(func: F) -> F:
+    return click.option(
+        "--engine",
+        default=None,
+        metavar="auto|onnxruntime|paddle|dygraph",
+        help="What runs the network: auto picks the fastest installed for the device (ONNX Runtime on the CPU); "
+        "paddle is Paddle Inference, dygraph paddle's eager mode (default auto; MIXNET_ENGINE).",
+    )(func)
+
+
 def network_options(func: F) -> F:
     func = click.option(
         "--offline",
@@ -148,6 +158,7 @@ def main() -> None:
     metavar="auto|cpu|gpu|gpu:N",
     help="Where to run: the GPU when paddle has CUDA and sees one, else the CPU (default auto; MIXNET_DEVICE).",
 )
+@engine_option
 @click.option("-b", "--batch-size", default=8, show_default=True, type=click.IntRange(1, 1024), help="Images per forward pass.")
 @network_options
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but the results (no progress, no per-image errors on stderr).")
@@ -162,6 +173,7 @@ def classify(
     files_from: str | None,
     recursive: bool,
     device: str | None,
+    engine: str | None,
     batch_size: int,
     mirrors: tuple[str, ...],
     offline: bool | None,
@@ -183,7 +195,7 @@ def classify(
     and the exit code is 1.
     """
     from .classifier import Classifier
-    from .engine import check_device_name
+    from .engine import check_device_name, check_engine_name
     from .inputs import expand_inputs, read_list_file
     from .manifest import resolve_model
     from .output import write_classifications
@@ -195,14 +207,17 @@ def classify(
         raise UsageError("no images given: name image files, directories, globs or URLs (or use --files-from)")
     resolve_model(model)  # a bad name is a usage error before anything slow happens
     device_name = check_device_name(device or settings.device() or "auto")
+    engine_name = check_engine_name(engine or settings.engine() or "auto")
     items = expand_inputs(arguments, recursive=recursive)
-    classifier = Classifier(model, device=device_name, mirrors=mirrors or None, offline=offline, progress=None if not quiet else False)
+    classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None, offline=offline,
+                            progress=None if not quiet else False)
     if verbose and not quiet:
         weights = classifier.weights
         click.echo(
             f"model {classifier.model_name}, weights {weights.path} (sha256 {weights.record.sha256[:12]}), "
             f"device {classifier.device_choice.device} ({classifier.device_choice.reason}), "
-            f"engine {classifier.engine.name}, {len(items)} image(s)",
+            f"engine {classifier.engine.name} ({classifier.engine.detail}; {classifier.engine_choice.engine_reason}), "
+            f"{len(items)} image(s)",
             err=True,
         )
     failures = 0
@@ -555,3 +570,79 @@ def cache_clear(yes: bool) -> None:
         sys.exit(1)
     removed = clear_cache()
     click.echo(f"Deleted {len(removed)} file(s) from {cache_root()}.", err=True)
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
+@click.option("-m", "--model", "models", multiple=True, metavar="MODEL",
+              help="Model to time: S, M, L or all; repeat for several (default S).")
+@click.option("-b", "--batch-size", "batch_sizes", multiple=True, type=click.IntRange(1, 1024),
+              help="Batch size; repeat for several (default 1, 4 and 8).")
+@click.option("--device", default=None, metavar="auto|cpu|gpu|gpu:N", help="Where to run (default auto; MIXNET_DEVICE).")
+@engine_option
+@click.option("--threads", type=click.IntRange(1, 1024), help="CPU threads per forward pass (default: the physical cores).")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(0, 10_000), help="Untimed runs first.")
+@click.option("--repeats", default=20, show_default=True, type=click.IntRange(1, 100_000), help="Timed runs per batch size.")
+@output_options
+@network_options
+@user_errors
+def benchmark(
+    models: tuple[str, ...],
+    batch_sizes: tuple[int, ...],
+    device: str | None,
+    engine: str | None,
+    threads: int | None,
+    warmup: int,
+    repeats: int,
+    fmt: str,
+    mirrors: tuple[str, ...],
+    offline: bool | None,
+) -> None:
+    """Time one forward pass of each model: median and spread over repeated runs, per batch size.
+
+    \b
+      mixnet benchmark
+      mixnet benchmark --model all --json
+      mixnet benchmark -m L --engine paddle -b 1 --repeats 50
+
+    The input is a random batch (no image decoding), so this is the engine alone; weights are downloaded
+    first when they are not cached. Milliseconds are wall time per batch; p10/p90 show the spread.
+    """
+    from .classifier import Classifier
+    from .engine import check_device_name, check_engine_name, measure_latency
+    from .manifest import model_names, resolve_model
+    from .output import write_rows
+
+    wanted = list(models) or ["S"]
+    names = model_names() if any(m.lower() == "all" for m in wanted) else [resolve_model(m).name for m in wanted]
+    device_name = check_device_name(device or settings.device() or "auto")
+    engine_name = check_engine_name(engine or settings.engine() or "auto")
+    sizes = list(dict.fromkeys(batch_sizes or (1, 4, 8)))
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for name in dict.fromkeys(names):
+            classifier = Classifier(name, device=device_name, engine=engine_name, threads=threads,
+                                    mirrors=mirrors or None, offline=offline)
+            runner = classifier.engine
+            click.echo(f"timing {name} on {runner.name} ({runner.detail})...", err=True)
+            for size in sizes:
+                latency = measure_latency(runner, size, classifier.spec.preprocessing.crop_size,
+                                          warmup=warmup, repeats=repeats)
+                yield {
+                    "model": name,
+                    "engine": runner.name,
+                    "device": runner.device,
+                    "threads": runner.threads,
+                    "batch_size": size,
+                    "median_ms": round(latency.median_ms, 3),
+                    "p10_ms": round(latency.p10_ms, 3),
+                    "p90_ms": round(latency.p90_ms, 3),
+                    "min_ms": round(latency.min_ms, 3),
+                    "max_ms": round(latency.max_ms, 3),
+                    "images_per_s": round(latency.images_per_s, 2),
+                    "warmup": warmup,
+                    "repeats": repeats,
+                }
+
+    write_rows(rows(), fmt, click.get_text_stream("stdout"),
+               headers=["model", "engine", "device", "threads", "batch_size", "median_ms", "p10_ms", "p90_ms",
+                        "images_per_s"])

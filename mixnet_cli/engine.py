@@ -2,25 +2,49 @@
 
 Every engine takes an ``N x 3 x S x S`` float32 array and returns ``N x 1000`` float32 logits for the same
 weights; :mod:`mixnet_cli.classifier` does the softmax and top-k, so engines can be compared value for value.
+
+* ``onnxruntime``: ONNX Runtime on a model converted once from the weights (:mod:`mixnet_cli.export`); the
+  fastest on the CPU by far (MixNet's split-and-concat convolutions are slow under oneDNN), and it needs no
+  paddle import once the model is cached. CUDA when onnxruntime-gpu is installed.
+* ``paddle``: Paddle Inference on a model saved once with ``paddle.jit.save``; oneDNN on the CPU, CUDA (and
+  TensorRT when paddle has it) on a GPU.
+* ``dygraph``: the paddleclas network run eagerly by paddle: the reference the others are checked against.
+
+``auto`` is the fastest engine installed for the device, and choosing it for the CPU imports no paddle.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
-from dataclasses import dataclass
-from typing import Protocol
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .errors import DeviceError, UsageError
+from .errors import DeviceError, EngineError, MixnetError, UsageError
 from .manifest import ModelSpec
 
+if TYPE_CHECKING:
+    from .weights import VerifiedWeights
+
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|gpu|gpu:\d+)$")
+ENGINE_NAMES = ("auto", "onnxruntime", "paddle", "dygraph")
+_ENGINE_ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "paddle-inference": "paddle",
+                   "paddle-dygraph": "dygraph"}
 
 
 class Engine(Protocol):
-    name: str
-    device: str
+    name: str  # onnxruntime, paddle or dygraph (what --engine takes)
+    device: str  # cpu or gpu:N
+    threads: int | None  # CPU threads of one forward pass (None: the library's default, or a GPU)
+    detail: str  # for people: provider, threads, accelerations
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Logits for a float32 ``N x 3 x S x S`` batch."""
@@ -33,6 +57,21 @@ class DeviceChoice:
     reason: str
 
 
+@dataclass(frozen=True)
+class EngineChoice:
+    """Which engine runs on which device, and why (``engine_auto``: chosen for the user, so a fallback is fine)."""
+
+    engine: str
+    device: str
+    engine_reason: str
+    device_reason: str
+    engine_auto: bool = False
+
+    @property
+    def device_choice(self) -> DeviceChoice:
+        return DeviceChoice(self.device, self.device_reason)
+
+
 def check_device_name(requested: str) -> str:
     name = requested.strip().lower()
     if not _DEVICE_PATTERN.match(name):
@@ -40,22 +79,76 @@ def check_device_name(requested: str) -> str:
     return name
 
 
-def resolve_device(requested: str = "auto") -> DeviceChoice:
-    """Map ``auto|cpu|gpu|gpu:N`` to a concrete device; a GPU that is not there is an error, never a fallback."""
-    name = check_device_name(requested)
-    if name == "cpu":
-        return DeviceChoice("cpu", "asked for the CPU")
+def check_engine_name(requested: str) -> str:
+    name = requested.strip().lower()
+    name = _ENGINE_ALIASES.get(name, name)
+    if name not in ENGINE_NAMES:
+        raise UsageError(f"unknown engine '{requested}': use {', '.join(ENGINE_NAMES)}")
+    return name
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyperthreads share a core's arithmetic units, so don't count)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return max(1, (os.cpu_count() or 2) // 2)
+    cores = set()
+    for cpu in cpus:
+        try:
+            siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text()
+        except OSError:
+            return max(1, len(cpus))
+        cores.add(siblings.strip())
+    return max(1, len(cores))
+
+
+def _gpu_index(device: str) -> int:
+    return int(device.split(":", 1)[1]) if ":" in device else 0
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _distribution_installed(name: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _onnxruntime_providers() -> list[str]:
+    if not _installed("onnxruntime"):
+        return []
+    import onnxruntime
+
+    return list(onnxruntime.get_available_providers())
+
+
+def _paddle_cuda() -> tuple[bool, int]:
+    """Whether paddle is built with CUDA, and how many GPUs it sees (imports paddle: about a second)."""
     from .model import import_quietly
 
     paddle = import_quietly("paddle")
-    compiled = paddle.device.is_compiled_with_cuda()
-    count = paddle.device.cuda.device_count() if compiled else 0
+    compiled = bool(paddle.device.is_compiled_with_cuda())
+    return compiled, (paddle.device.cuda.device_count() if compiled else 0)
+
+
+def _paddle_device(name: str, requested: str) -> DeviceChoice:
+    """Device resolution for the paddle engines: a GPU that is not there is an error, never a fallback."""
+    if name == "cpu":
+        return DeviceChoice("cpu", "asked for the CPU")
+    compiled, count = _paddle_cuda()
     if name == "auto":
         if count > 0:
             return DeviceChoice("gpu:0", f"paddle has CUDA and sees {count} GPU(s)")
         why = "paddle is built without CUDA" if not compiled else "no GPU is visible to paddle"
         return DeviceChoice("cpu", why)
-    index = int(name.split(":", 1)[1]) if ":" in name else 0
+    index = _gpu_index(name)
     if not compiled:
         raise DeviceError(
             f"device '{requested}' needs a CUDA build of paddle, but the installed paddlepaddle is CPU-only; "
@@ -69,17 +162,188 @@ def resolve_device(requested: str = "auto") -> DeviceChoice:
     return DeviceChoice(f"gpu:{index}", "asked for this GPU")
 
 
+def _onnxruntime_device(name: str, requested: str) -> DeviceChoice:
+    providers = _onnxruntime_providers()
+    if not providers:
+        raise EngineError("the onnxruntime engine needs onnxruntime: pip install onnxruntime (or use --engine paddle)")
+    if name == "cpu":
+        return DeviceChoice("cpu", "asked for the CPU")
+    has_cuda = "CUDAExecutionProvider" in providers
+    if name == "auto":
+        if has_cuda:
+            return DeviceChoice("gpu:0", "onnxruntime has the CUDA provider")
+        return DeviceChoice("cpu", "onnxruntime has no CUDA provider (onnxruntime-gpu is not installed)")
+    if not has_cuda:
+        raise DeviceError(
+            f"device '{requested}' needs onnxruntime-gpu, but the installed onnxruntime has only "
+            f"{', '.join(providers)}; pip install onnxruntime-gpu (instead of onnxruntime), or use --engine paddle "
+            "with paddlepaddle-gpu, or --device cpu"
+        )
+    return DeviceChoice(f"gpu:{_gpu_index(name)}", "asked for this GPU")
+
+
+def choose_engine(engine: str = "auto", device: str = "auto") -> EngineChoice:
+    """Settle engine and device together: ``auto`` is the fastest engine installed for the device.
+
+    For the CPU that is ONNX Runtime (then Paddle Inference); for a GPU, ONNX Runtime when onnxruntime-gpu is
+    installed, else Paddle Inference when paddle has CUDA. Nothing here imports paddle unless a paddle engine,
+    or a GPU only paddle could drive, is in question.
+    """
+    engine_name = check_engine_name(engine)
+    device_name = check_device_name(device)
+    if engine_name == "onnxruntime":
+        chosen = _onnxruntime_device(device_name, device)
+        return EngineChoice("onnxruntime", chosen.device, "asked for onnxruntime", chosen.reason)
+    if engine_name in ("paddle", "dygraph"):
+        chosen = _paddle_device(device_name, device)
+        return EngineChoice(engine_name, chosen.device, f"asked for {engine_name}", chosen.reason)
+
+    providers = _onnxruntime_providers()
+    ort_cuda = "CUDAExecutionProvider" in providers
+    if device_name != "cpu" and ort_cuda:
+        chosen = _onnxruntime_device(device_name, device)
+        return EngineChoice("onnxruntime", chosen.device, "fastest installed engine for the GPU", chosen.reason,
+                            engine_auto=True)
+    if device_name == "auto" and not _distribution_installed("paddlepaddle-gpu"):
+        # A CPU-only paddle can't drive a GPU: say so without the second it takes to import paddle.
+        why = "no CUDA build of onnxruntime or paddle is installed"
+        return _cpu_auto(providers, why)
+    chosen = _paddle_device(device_name, device)
+    if chosen.device != "cpu":
+        return EngineChoice("paddle", chosen.device, "fastest installed engine for the GPU (Paddle Inference)",
+                            chosen.reason, engine_auto=True)
+    return _cpu_auto(providers, chosen.reason)
+
+
+def _cpu_auto(providers: list[str], device_reason: str) -> EngineChoice:
+    if providers:
+        return EngineChoice("onnxruntime", "cpu", "fastest installed engine for the CPU", device_reason,
+                            engine_auto=True)
+    return EngineChoice("paddle", "cpu", "onnxruntime is not installed; Paddle Inference is the next fastest",
+                        device_reason, engine_auto=True)
+
+
+def resolve_device(requested: str = "auto", engine: str = "auto") -> DeviceChoice:
+    """Map ``auto|cpu|gpu|gpu:N`` to a concrete device for ``engine``; a missing GPU is an error, never a fallback."""
+    return choose_engine(engine, requested).device_choice
+
+
+class OnnxRuntimeEngine:
+    """ONNX Runtime on a model converted by paddle2onnx; ``InferenceSession.run`` is safe from several threads."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model: Path | bytes, device: str = "cpu", threads: int | None = None) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        # paddle2onnx graphs carry unused initialisers that ONNX Runtime warns about on every load.
+        options.log_severity_level = 3
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # One convolution after another: parallel execution of the graph only adds scheduling here.
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        options.inter_op_num_threads = 1
+        self.threads = (threads or physical_cores()) if device == "cpu" else None
+        if self.threads is not None:
+            options.intra_op_num_threads = self.threads
+        # Spinning threads burn the cores the image decoders need, and collapse under any other load.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if device == "cpu":
+            providers: list[Any] = ["CPUExecutionProvider"]
+        else:
+            providers = [("CUDAExecutionProvider", {"device_id": _gpu_index(device)}), "CPUExecutionProvider"]
+        source = model if isinstance(model, bytes) else str(model)
+        try:
+            self._session = onnxruntime.InferenceSession(source, options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for bad files and devices
+            where = "the model" if isinstance(model, bytes) else str(model)
+            raise EngineError(f"onnxruntime cannot load {where} on {device} ({str(exc).splitlines()[0][:200]})") from None
+        active = self._session.get_providers()
+        if device != "cpu" and (not active or active[0] != "CUDAExecutionProvider"):
+            raise DeviceError(
+                f"onnxruntime could not use CUDA on {device} (it offered {', '.join(active)}); check the CUDA and "
+                "cuDNN libraries onnxruntime-gpu needs, nvidia-smi, or use --device cpu"
+            )
+        self.device = device
+        self.detail = f"{active[0]}, " + (f"{self.threads} thread(s)" if device == "cpu" else f"device {_gpu_index(device)}")
+        self._input = self._session.get_inputs()[0].name
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        (logits,) = self._session.run(None, {self._input: np.ascontiguousarray(batch, dtype=np.float32)})
+        return np.asarray(logits, dtype=np.float32)
+
+
+class PaddleInferenceEngine:
+    """Paddle Inference on a ``paddle.jit.save`` model (``inference.json`` + ``inference.pdiparams``)."""
+
+    name = "paddle"
+
+    def __init__(self, program: Path, params: Path, device: str = "cpu", threads: int | None = None) -> None:
+        from .model import import_quietly
+
+        inference = import_quietly("paddle.inference")
+        self.device = device
+        self.threads = (threads or physical_cores()) if device == "cpu" else None
+        notes: list[str] = []
+
+        def configure(tensorrt: bool) -> Any:
+            config = inference.Config(str(program), str(params))
+            if device == "cpu":
+                config.disable_gpu()
+                config.enable_onednn()
+                config.set_cpu_math_library_num_threads(self.threads)
+            else:
+                config.enable_use_gpu(256, _gpu_index(device))
+                if tensorrt:
+                    config.enable_tensorrt_engine(
+                        workspace_size=1 << 30, max_batch_size=64, min_subgraph_size=3,
+                        precision_mode=inference.PrecisionType.Float32, use_static=False, use_calib_mode=False,
+                    )
+            config.switch_ir_optim(True)
+            config.disable_glog_info()
+            # Not enable_memory_optim(): on paddle 3.3 it fails with "Not find predictor_id ...".
+            return config
+
+        use_trt = device != "cpu" and tuple(inference.get_trt_runtime_version()) != (0, 0, 0)
+        try:
+            try:
+                self._predictor = inference.create_predictor(configure(use_trt))
+                if use_trt:
+                    notes.append("TensorRT")
+            except Exception:
+                if not use_trt:
+                    raise
+                self._predictor = inference.create_predictor(configure(False))
+        except Exception as exc:
+            raise EngineError(f"Paddle Inference cannot load {program} on {device} ({str(exc).splitlines()[0][:200]})") from None
+        self._input = self._predictor.get_input_handle(self._predictor.get_input_names()[0])
+        self._output = self._predictor.get_output_handle(self._predictor.get_output_names()[0])
+        # A predictor is not thread-safe.
+        self._lock = threading.Lock()
+        self.detail = ("oneDNN, " + f"{self.threads} thread(s)") if device == "cpu" else ", ".join(["CUDA"] + notes)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        data = np.ascontiguousarray(batch, dtype=np.float32)
+        with self._lock:
+            self._input.reshape(list(data.shape))
+            self._input.copy_from_cpu(data)
+            self._predictor.run()
+            return np.asarray(self._output.copy_to_cpu(), dtype=np.float32)
+
+
 class PaddleDygraphEngine:
     """The paddleclas network itself, run eagerly by paddle (the reference every other engine must match)."""
 
-    name = "paddle-dygraph"
+    name = "dygraph"
 
-    def __init__(self, spec: ModelSpec, state: dict[str, np.ndarray], device: str) -> None:
+    def __init__(self, spec: ModelSpec, state: dict[str, np.ndarray], device: str, threads: int | None = None) -> None:
         from .model import import_quietly, load_network
 
         self._paddle = import_quietly("paddle")
         self._paddle.set_device(device)
         self.device = device
+        self.threads = None  # paddle's own default
+        self.detail = "paddle eager mode, " + ("CPU" if device == "cpu" else "CUDA")
         self._network = load_network(spec, state)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -89,5 +353,75 @@ class PaddleDygraphEngine:
         return np.asarray(logits.numpy(), dtype=np.float32)
 
 
-def create_engine(spec: ModelSpec, state: dict[str, np.ndarray], device: str) -> Engine:
-    return PaddleDygraphEngine(spec, state, device)
+def _build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, threads: int | None) -> Engine:
+    if choice.engine == "dygraph":
+        from .weights import load_state
+
+        return PaddleDygraphEngine(spec, load_state(weights), choice.device, threads)
+    from .export import ensure_export
+
+    if choice.engine == "onnxruntime":
+        exported = ensure_export(spec, weights.path, weights.record.sha256, "onnx")
+        return OnnxRuntimeEngine(exported.file(".onnx"), choice.device, threads)
+    exported = ensure_export(spec, weights.path, weights.record.sha256, "paddle")
+    program = exported.files.get("inference.json") or exported.file(".pdmodel")
+    return PaddleInferenceEngine(program, exported.file(".pdiparams"), choice.device, threads)
+
+
+def create_engine(
+    spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, *, threads: int | None = None
+) -> tuple[Engine, EngineChoice]:
+    """The engine ``choice`` names, on its device, for these verified weights; returns it with the final choice.
+
+    An engine picked by ``auto`` that cannot start (a failed conversion, a GPU onnxruntime cannot drive) gives
+    way, with a warning on stderr, to the next that can; one the user asked for raises instead.
+    """
+    try:
+        return _build(spec, weights, choice, threads), choice
+    except MixnetError as exc:
+        if not choice.engine_auto:
+            raise
+        if choice.engine == "onnxruntime" and choice.device != "cpu" and isinstance(exc, DeviceError):
+            fallback = replace(choice, device="cpu", device_reason=f"onnxruntime could not use the GPU: {exc}")
+        elif choice.engine != "dygraph":
+            fallback = replace(choice, engine="dygraph", engine_reason=f"{choice.engine} failed: {exc}")
+        else:
+            raise
+        print(f"Warning: {exc}; using {fallback.engine} on {fallback.device} instead", file=sys.stderr, flush=True)
+        return create_engine(spec, weights, fallback, threads=threads)
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Wall time of one forward pass at one batch size, over ``repeats`` timed runs after ``warmup`` untimed ones."""
+
+    batch_size: int
+    repeats: int
+    warmup: int
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    p10_ms: float
+    p90_ms: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.batch_size * 1000.0 / self.median_ms if self.median_ms > 0 else float("inf")
+
+
+def measure_latency(engine: Engine, batch_size: int, size: int, *, warmup: int = 3, repeats: int = 10,
+                    seed: int = 0) -> Latency:
+    """Time ``engine.run`` on a random ``batch_size x 3 x size x size`` batch (input transfer included)."""
+    if batch_size < 1 or repeats < 1 or warmup < 0:
+        raise UsageError("batch size and repeats must be at least 1, warm-up at least 0")
+    batch = np.random.default_rng(seed).uniform(-2.1, 2.6, (batch_size, 3, size, size)).astype(np.float32)
+    for _ in range(warmup):
+        engine.run(batch)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        engine.run(batch)
+        times.append((time.perf_counter() - start) * 1000.0)
+    times.sort()
+    deciles = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
+    return Latency(batch_size, repeats, warmup, statistics.median(times), times[0], times[-1], deciles[0], deciles[-1])

@@ -76,5 +76,9 @@ class DeviceError(MixnetError, RuntimeError):
     """The requested device (a GPU) is not available."""
 
 
+class EngineError(MixnetError, RuntimeError):
+    """An inference engine is not installed, or a model could not be converted for it (or failed its check)."""
+
+
 class CacheError(MixnetError, OSError):
     """The cache directory cannot be created or written."""

@@ -47,6 +47,11 @@ def device() -> str | None:
     return os.environ.get("MIXNET_DEVICE", "").strip() or None
 
 
+def engine() -> str | None:
+    """Default for ``--engine`` from ``MIXNET_ENGINE`` (auto, onnxruntime, paddle, dygraph)."""
+    return os.environ.get("MIXNET_ENGINE", "").strip() or None
+
+
 def download_timeout() -> float:
     """Seconds to wait for the server to connect or send the next bytes (``MIXNET_TIMEOUT``, default 30)."""
     raw = os.environ.get("MIXNET_TIMEOUT", "").strip()

@@ -1,0 +1,408 @@
+"""Models exported for faster engines: converted once per weights file, checked against paddle, then cached.
+
+Layout under the cache root (the directory is named by the sha256 of the weights it was made from)::
+
+    onnx/<weights sha256>/MixNet_S.onnx                  for ONNX Runtime (converted by paddle2onnx)
+    onnx/<weights sha256>/record.json                    what it was made from, each file's sha256, the check
+    paddle-inference/<weights sha256>/inference.json     for Paddle Inference (``paddle.jit.save``)
+    paddle-inference/<weights sha256>/inference.pdiparams
+    paddle-inference/<weights sha256>/record.json
+
+Using a cached export reads no paddle at all: the record is checked against the files (sizes and sha256), and
+a mismatch converts again. Converting runs in a child process (``python -m mixnet_cli.export``): paddle,
+paddleclas and paddle2onnx take seconds to import, print to stdout and set environment variables, and none of
+that may reach the caller. The child builds the paddleclas network with the weights, saves it with
+``paddle.jit.save``, converts it, and runs the result beside the network on a test batch; only a model whose
+logits match goes into the cache, moved into place in one rename. A failed conversion leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import cache, settings
+from .errors import EngineError, MixnetError
+from .manifest import ModelSpec, resolve_model
+
+RECORD_NAME = "record.json"
+RECORD_VERSION = 1
+# Opset 13 is what paddle2onnx 2.x writes for these networks without upgrades, and every ONNX Runtime since 1.6
+# runs it.
+ONNX_OPSET = 13
+# The converted model must give the network's logits to this fraction of their largest magnitude (relative, so
+# that it means the same for trained weights, whose logits reach 20, and fresh ones, whose logits are 1e-7), and
+# the same probabilities to this absolute error (tests hold every engine to 1e-4 on probabilities).
+LOGIT_TOLERANCE = 1e-4
+PROBABILITY_TOLERANCE = 1e-5
+_FAILURE_MARK = "mixnet-export-failed: "
+_REPORT_NAME = "check.json"
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str  # "onnx" or "paddle"
+    directory: str  # below the cache root
+    label: str  # for messages: the engine that runs it
+
+
+FORMATS: dict[str, ExportFormat] = {
+    "onnx": ExportFormat("onnx", "onnx", "ONNX Runtime"),
+    "paddle": ExportFormat("paddle", "paddle-inference", "Paddle Inference"),
+}
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """A verified export in the cache: ``files`` maps each file's name to its path; ``record`` is its record."""
+
+    format: str
+    directory: Path
+    files: dict[str, Path]
+    record: dict[str, Any]
+
+    def file(self, suffix: str) -> Path:
+        """The file whose name ends with ``suffix`` (``.onnx``, ``.json``, ``.pdiparams``)."""
+        for name, path in self.files.items():
+            if name.endswith(suffix):
+                return path
+        raise EngineError(f"{self.directory} has no *{suffix} file; delete the directory and run again")
+
+
+def _format(fmt: str) -> ExportFormat:
+    try:
+        return FORMATS[fmt]
+    except KeyError:
+        raise ValueError(f"unknown export format {fmt!r}") from None
+
+
+def export_dir(fmt: str, weights_sha256: str) -> Path:
+    return cache.cache_root() / _format(fmt).directory / weights_sha256
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _read_record(directory: Path) -> dict[str, Any] | None:
+    try:
+        raw = json.loads((directory / RECORD_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def _problem(record: dict[str, Any] | None, fmt: str, spec: ModelSpec, weights_sha256: str, directory: Path) -> str | None:
+    """Why the export in ``directory`` cannot be used (None when it can)."""
+    if record is None:
+        return "has no readable record"
+    if (record.get("record_version"), record.get("format"), record.get("model"), record.get("weights_sha256")) != (
+        RECORD_VERSION, fmt, spec.name, weights_sha256
+    ):
+        return "has a record for other weights or another format"
+    files = record.get("files")
+    if not isinstance(files, dict) or not files:
+        return "has a record that lists no files"
+    for name, expected in files.items():
+        path = directory / name
+        if Path(name).name != name or not isinstance(expected, dict):
+            return "has a malformed record"
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"is missing {name}"
+        if size != expected.get("size") or cache.sha256_of(path) != expected.get("sha256"):
+            return f"has a corrupt {name} (its sha256 does not match the record)"
+    return None
+
+
+def cached_export(spec: ModelSpec, weights_sha256: str, fmt: str) -> ExportedModel | None:
+    """The verified export of these weights for ``fmt``, or None if there is none (or it fails its record)."""
+    directory = export_dir(fmt, weights_sha256)
+    if not directory.is_dir():
+        return None
+    record = _read_record(directory)
+    if _problem(record, fmt, spec, weights_sha256, directory) is not None:
+        return None
+    assert record is not None
+    return ExportedModel(fmt, directory, {name: directory / name for name in record["files"]}, record)
+
+
+def ensure_export(spec: ModelSpec, weights_path: Path, weights_sha256: str, fmt: str) -> ExportedModel:
+    """The cached export of these weights for ``fmt``, converting them first (once) when there is none.
+
+    Says on stderr when it converts, and when a cached export failed its check and is made again. Raises
+    :class:`EngineError` when the conversion or its check fails, :class:`CacheError` when the cache is not
+    writable.
+    """
+    found = cached_export(spec, weights_sha256, fmt)
+    if found is not None:
+        return found
+    from filelock import FileLock
+
+    kind = _format(fmt)
+    root = cache.ensure_dir(cache.cache_root() / kind.directory)
+    final = root / weights_sha256
+    try:
+        lock = FileLock(str(root / f".{weights_sha256}.lock"))
+        lock.acquire()
+    except OSError as exc:
+        from .errors import CacheError
+
+        raise CacheError(f"cannot lock {root} ({exc}); set MIXNET_HOME to a writable directory") from None
+    try:
+        # Another process may have converted while this one waited for the lock.
+        found = cached_export(spec, weights_sha256, fmt)
+        if found is not None:
+            return found
+        if final.exists():
+            problem = _problem(_read_record(final), fmt, spec, weights_sha256, final)
+            _say(f"cached {kind.label} model {final} {problem}; converting again")
+            shutil.rmtree(final, ignore_errors=True)
+        # Holding the lock, any unfinished directory of these weights belongs to a process that died.
+        for leftover in root.glob(f".{weights_sha256}.*.incomplete"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        _say(f"converting {spec.name} for {kind.label} (once)...")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{weights_sha256}.", suffix=".incomplete", dir=root))
+        try:
+            report = _convert_in_child(spec, weights_path, fmt, tmp)
+            (tmp / _REPORT_NAME).unlink(missing_ok=True)
+            check = check_export(spec, fmt, tmp, report)
+            files = {
+                path.name: {"size": path.stat().st_size, "sha256": cache.sha256_of(path)}
+                for path in sorted(tmp.iterdir())
+                if path.is_file()
+            }
+            record = {
+                "record_version": RECORD_VERSION,
+                "format": fmt,
+                "model": spec.name,
+                "weights_sha256": weights_sha256,
+                "files": files,
+                "check": check,
+                "versions": report.get("versions", {}),
+                "created_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+            }
+            (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    except OSError as exc:
+        from .errors import CacheError
+
+        raise CacheError(
+            f"cannot write the {kind.label} model under {root} ({exc.strerror or exc}); "
+            "free disk space or set MIXNET_HOME to a writable directory"
+        ) from None
+    finally:
+        lock.release()
+    found = cached_export(spec, weights_sha256, fmt)
+    if found is None:
+        raise EngineError(f"the {kind.label} model written to {final} does not match its record; delete it and run again")
+    return found
+
+
+def _child_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    # paddle2onnx's default optimiser (polygraphy) installs packages into the running environment when this is
+    # "1" (and paddle2onnx sets it itself); the conversion asks for no optimiser, and these make sure that no pip
+    # run inside the child could install anything even if that changed.
+    env["POLYGRAPHY_AUTOINSTALL_DEPS"] = "0"
+    env["PIP_NO_INDEX"] = "1"
+    for name in ("PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):
+        env.pop(name, None)
+    env.setdefault("GLOG_minloglevel", "2")
+    return env
+
+
+def _convert_in_child(spec: ModelSpec, weights_path: Path, fmt: str, out: Path) -> dict[str, Any]:
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    # The current directory could hold another copy of the package; the one running now is the one to use.
+    bootstrap = (
+        "import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+        f"sys.path.append({package_parent!r}); "
+        "from mixnet_cli.export import _child_main; sys.exit(_child_main(sys.argv[1:]))"
+    )
+    command = [sys.executable, "-c", bootstrap, "--model", spec.name, "--weights", str(weights_path),
+               "--format", fmt, "--out", str(out)]
+    completed = subprocess.run(command, env=_child_environment(), stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, errors="replace")
+    log = (completed.stdout or "") + (completed.stderr or "")
+    if settings.debug():
+        sys.stderr.write(log)
+    if completed.returncode != 0:
+        lines = [line.strip() for line in log.splitlines() if line.strip()]
+        marked = [line[len(_FAILURE_MARK):] for line in lines if line.startswith(_FAILURE_MARK)]
+        reason = marked[-1] if marked else (lines[-1] if lines else f"exit code {completed.returncode}")
+        raise EngineError(
+            f"converting {spec.name} for {_format(fmt).label} failed ({reason[:300]}); "
+            "rerun with MIXNET_DEBUG=1 to see the converter's log, or use --engine dygraph"
+        )
+    try:
+        report = json.loads((out / _REPORT_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise EngineError(f"converting {spec.name} for {_format(fmt).label} gave no check report; run again") from None
+    return report if isinstance(report, dict) else {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The child process: everything below imports paddle.
+
+
+def validation_batch(size: int, count: int = 2, seed: int = 0) -> np.ndarray:
+    """A fixed test batch in the range of normalised pixels (about -2.1 to 2.6)."""
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-2.1, 2.6, size=(count, 3, size, size)).astype(np.float32)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def compare_logits(got: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """How far ``got`` is from ``reference``; raises :class:`EngineError` beyond the tolerances."""
+    if got.shape != reference.shape:
+        raise EngineError(f"the converted model gives logits of shape {got.shape}, expected {reference.shape}")
+    if not np.all(np.isfinite(got)):
+        raise EngineError("the converted model gives non-finite logits")
+    logit_diff = float(np.abs(got.astype(np.float64) - reference).max())
+    prob_diff = float(np.abs(_softmax(got) - _softmax(reference)).max())
+    scale = float(np.abs(reference).max())
+    if logit_diff > LOGIT_TOLERANCE * scale + 1e-30 or prob_diff > PROBABILITY_TOLERANCE:
+        raise EngineError(
+            f"the converted model does not match paddle: logits differ by up to {logit_diff:.3g} "
+            f"(allowed {LOGIT_TOLERANCE * scale:.3g}), probabilities by {prob_diff:.3g}"
+        )
+    return {"max_abs_logit_diff": logit_diff, "max_abs_probability_diff": prob_diff, "logit_scale": scale}
+
+
+def _versions(*packages: str) -> dict[str, str]:
+    from importlib import metadata
+
+    found = {}
+    for name in packages:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def check_export(spec: ModelSpec, fmt: str, directory: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """Run the exported model in ``directory`` on the test batch and compare with the network's logits.
+
+    ``report`` is what :func:`convert` returned: the reference logits paddle's own network gave. Raises
+    :class:`EngineError` when the export does not load or does not match; returns the measured differences.
+    """
+    from .engine import OnnxRuntimeEngine, PaddleInferenceEngine
+
+    try:
+        reference = np.asarray(report["reference_logits"], dtype=np.float64)
+    except (KeyError, TypeError, ValueError):
+        raise EngineError(f"converting {spec.name} gave no reference logits to check against; run again") from None
+    batch = validation_batch(spec.preprocessing.crop_size, count=len(reference))
+    engine: Any
+    if fmt == "onnx":
+        engine = OnnxRuntimeEngine(directory / f"{spec.name}.onnx", "cpu")
+    else:
+        program = directory / "inference.json"
+        if not program.is_file():
+            program = directory / "inference.pdmodel"
+        engine = PaddleInferenceEngine(program, directory / "inference.pdiparams", "cpu")
+    # Two batch sizes: the batch dimension must have stayed dynamic through the conversion.
+    whole = compare_logits(engine.run(batch), reference)
+    single = compare_logits(engine.run(batch[:1]), reference[:1])
+    check: dict[str, Any] = {key: max(whole[key], single[key]) for key in whole}
+    check["inputs"] = f"{len(batch)} uniform random images at batch sizes {len(batch)} and 1"
+    check["tolerances"] = {"logits_relative": LOGIT_TOLERANCE, "probabilities": PROBABILITY_TOLERANCE}
+    return check
+
+
+def convert(spec: ModelSpec, weights_path: Path, fmt: str, out: Path) -> dict[str, Any]:
+    """Write ``fmt``'s files for these weights into ``out``, in this process; returns the conversion's report.
+
+    The report holds the logits paddle's own network gives on :func:`validation_batch`, for
+    :func:`check_export`. Imports paddle and paddleclas (and paddle2onnx for ONNX): :func:`ensure_export` runs
+    this in a child process.
+    """
+    from .model import import_quietly, load_network
+    from .pdparams import read_state_dict
+
+    _format(fmt)
+    state = read_state_dict(weights_path)
+    paddle = import_quietly("paddle")
+    paddle.set_device("cpu")
+    network = load_network(spec, state)
+    size = spec.preprocessing.crop_size
+    batch = validation_batch(size)
+    with paddle.no_grad():
+        # Before to_static, which replaces the network's forward in place.
+        reference = network(paddle.to_tensor(batch)).numpy().astype(np.float64)
+    input_spec = paddle.static.InputSpec([None, 3, size, size], "float32", "x")
+    static = paddle.jit.to_static(network, input_spec=[input_spec], full_graph=True)
+    paddle_dir = out if fmt == "paddle" else out / "paddle"
+    paddle.jit.save(static, str(paddle_dir / "inference"))
+    program = paddle_dir / "inference.json"
+    if not program.is_file():  # paddle with the old IR writes .pdmodel
+        program = paddle_dir / "inference.pdmodel"
+    params = paddle_dir / "inference.pdiparams"
+    if not program.is_file() or not params.is_file():
+        raise EngineError("paddle.jit.save wrote no inference model")
+    if fmt == "onnx":
+        onnx_path = out / f"{spec.name}.onnx"
+        paddle2onnx = import_quietly("paddle2onnx")
+        try:
+            # optimize_tool="None": the default ("polygraphy") pip-installs packages at run time. ONNX Runtime
+            # optimises the graph itself when it loads it.
+            paddle2onnx.export(str(program), str(params), str(onnx_path), opset_version=ONNX_OPSET,
+                               auto_upgrade_opset=True, enable_onnx_checker=True, optimize_tool="None")
+        except SystemExit:  # paddle2onnx's logger exits the process on errors
+            raise EngineError("paddle2onnx could not convert the network") from None
+        shutil.rmtree(paddle_dir)
+        if not onnx_path.is_file() or onnx_path.stat().st_size == 0:
+            raise EngineError("paddle2onnx wrote no model")
+    return {
+        "reference_logits": reference.tolist(),
+        "versions": _versions("paddlepaddle", "paddlepaddle-gpu", "paddleclas", "paddle2onnx", "onnx",
+                              "onnxruntime", "onnxruntime-gpu", "mixnet-cli"),
+    }
+
+
+def _child_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mixnet_cli.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--weights", required=True, type=Path)
+    parser.add_argument("--format", required=True, choices=sorted(FORMATS))
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    try:
+        report = convert(resolve_model(args.model), args.weights, args.format, args.out)
+        (args.out / _REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    except MixnetError as exc:
+        print(f"{_FAILURE_MARK}{exc}", file=sys.stderr, flush=True)
+        return 1
+    except Exception as exc:  # noqa: BLE001 (anything the converters raise is reported as one line)
+        import traceback
+
+        traceback.print_exc()
+        print(f"{_FAILURE_MARK}{type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

@@ -1,0 +1,309 @@
+"""Engines: every engine gives paddle's answers; the fast path imports no paddle; conversion is once, checked,
+installs nothing and leaves nothing behind when it fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from mixnet_cli import Classifier
+from mixnet_cli.classifier import softmax
+from mixnet_cli.cli import main
+from mixnet_cli.engine import choose_engine, measure_latency
+from mixnet_cli.errors import CacheError, DeviceError, EngineError, UsageError
+from mixnet_cli.manifest import resolve_model
+
+MODEL = "MixNet_S"
+WEIGHTS_NAME = "MixNet_S_pretrained.pdparams"
+SPEC = resolve_model(MODEL)
+
+
+@pytest.fixture(scope="module")
+def answer_weights(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Weights whose answers differ from image to image and are not near-ties, so top-5s can be compared.
+
+    The calibrated test weights when the fixtures provide them; else random weights whose classifier is scaled
+    up (fresh ones give logits of about 1e-7, a flat softmax in which the top-5 order is noise).
+    """
+    try:
+        return Path(request.getfixturevalue("calibrated_weights_dir")) / WEIGHTS_NAME
+    except pytest.FixtureLookupError:
+        pass
+    import paddle
+
+    from mixnet_cli.pdparams import read_state_dict
+
+    source = Path(request.getfixturevalue("random_weights_dir")) / WEIGHTS_NAME
+    state = read_state_dict(source)
+    state["output.weight"] = state["output.weight"] * np.float32(3e6)
+    path = tmp_path_factory.mktemp("sharp-weights") / WEIGHTS_NAME
+    paddle.save({key: paddle.to_tensor(value) for key, value in state.items()}, str(path))
+    return path
+
+
+def _home_with_weights(home: Path, weights: Path) -> Path:
+    (home / "weights").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(weights, home / "weights" / WEIGHTS_NAME)
+    return home
+
+
+@pytest.fixture(scope="module")
+def converted_home(answer_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache holding the weights and both conversions (ONNX, Paddle Inference): made once for this module."""
+    home = _home_with_weights(tmp_path_factory.mktemp("converted-home"), answer_weights)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MIXNET_HOME", str(home))
+        for engine in ("onnxruntime", "paddle"):
+            Classifier(MODEL, device="cpu", engine=engine)
+    return home
+
+
+@pytest.fixture
+def home_copy(converted_home: Path, isolated_home: Path) -> Path:
+    """This test's own copy of the converted cache, as MIXNET_HOME (the autouse fixture already points there)."""
+    shutil.copytree(converted_home, isolated_home)
+    return isolated_home
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A few different pictures: gradients, stripes, blobs, noise, in sizes that need resizing and cropping."""
+    directory = tmp_path_factory.mktemp("pictures")
+    rng = np.random.default_rng(7)
+    y, x = np.mgrid[0:300, 0:400].astype(np.float32)
+    arrays = [
+        np.stack([x / 400 * 255, y / 300 * 255, np.full_like(x, 90)], axis=-1),
+        np.stack([((x // 25) % 2) * 255, ((y // 40) % 2) * 200, (x + y) / 700 * 255], axis=-1),
+        np.stack([np.hypot(x - 200, y - 150) % 64 * 4, np.full_like(x, 30), 255 - y / 300 * 255], axis=-1),
+        rng.uniform(0, 255, (300, 400, 3)),
+        np.stack([np.sin(x / 9) * 120 + 128, np.cos(y / 13) * 120 + 128, np.sin((x + y) / 21) * 120 + 128], axis=-1),
+    ]
+    paths = []
+    for index, array in enumerate(arrays):
+        path = directory / f"picture{index}.png"
+        Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def reference(converted_home: Path) -> Iterator[Classifier]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MIXNET_HOME", str(converted_home))
+        yield Classifier(MODEL, device="cpu", engine="dygraph")
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "paddle"])
+def test_engine_gives_dygraph_probabilities_and_top5(engine, converted_home, reference, pictures, monkeypatch):
+    monkeypatch.setenv("MIXNET_HOME", str(converted_home))
+    classifier = Classifier(MODEL, device="cpu", engine=engine)
+    assert classifier.engine.name == engine
+    batch = np.stack([reference.preprocess(path) for path in pictures])
+    want = softmax(reference.logits(batch))
+    got = softmax(classifier.logits(batch))
+    assert np.abs(got - want).max() <= 1e-4
+    top5 = lambda p: [list(np.argsort(-row, kind="stable")[:5]) for row in p]  # noqa: E731
+    assert top5(got) == top5(want)
+    # The answers differ between pictures, or this comparison would prove little.
+    assert len({tuple(row) for row in top5(want)}) > 1
+    # Single images and batches of any size give the same answers.
+    assert np.abs(softmax(classifier.logits(batch[2:3])) - want[2:3]).max() <= 1e-4
+    results = list(classifier.classify_many(pictures, batch_size=3))
+    assert [[p.class_id for p in r.predictions] for r in results] == top5(want)
+
+
+def test_auto_is_onnxruntime_on_the_cpu_and_verbose_says_which_engine_ran(home_copy, pictures):
+    assert choose_engine("auto", "cpu").engine == "onnxruntime"
+    result = CliRunner().invoke(main, ["classify", str(pictures[0]), "--json", "-v"])
+    assert result.exit_code == 0, result.output
+    assert "engine onnxruntime (CPUExecutionProvider" in result.stderr
+    assert "converting" not in result.stderr
+    assert len(json.loads(result.stdout)[0]["predictions"]) == 5
+
+
+def test_engine_flag_beats_variable_and_bad_names_are_usage_errors(home_copy, pictures, monkeypatch):
+    monkeypatch.setenv("MIXNET_ENGINE", "paddle")
+    runner = CliRunner()
+    from_variable = runner.invoke(main, ["classify", str(pictures[0]), "-v", "--json"])
+    assert from_variable.exit_code == 0, from_variable.output
+    assert "engine paddle (oneDNN" in from_variable.stderr
+    from_flag = runner.invoke(main, ["classify", str(pictures[0]), "-v", "--json", "--engine", "dygraph"])
+    assert from_flag.exit_code == 0, from_flag.output
+    assert "engine dygraph" in from_flag.stderr
+    assert json.loads(from_flag.stdout)[0]["predictions"][0]["class_id"] == \
+        json.loads(from_variable.stdout)[0]["predictions"][0]["class_id"]
+    bad = runner.invoke(main, ["classify", str(pictures[0]), "--engine", "tensorflow"])
+    assert bad.exit_code == 2 and "unknown engine 'tensorflow'" in bad.stderr
+    with pytest.raises(UsageError):
+        choose_engine("tensorflow")
+
+
+def test_onnxruntime_on_a_gpu_without_onnxruntime_gpu_is_an_error_not_a_fallback():
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed here")
+    with pytest.raises(DeviceError, match="onnxruntime-gpu"):
+        choose_engine("onnxruntime", "gpu")
+
+
+def test_cached_path_imports_no_paddle(home_copy, pictures):
+    """The whole `mixnet classify` run, in a fresh process, with the converted model cached."""
+    code = (
+        "import sys\n"
+        "from mixnet_cli.cli import main\n"
+        "try:\n"
+        f"    main(['classify', {str(pictures[1])!r}, '--json', '-v'], standalone_mode=False)\n"
+        "finally:\n"
+        "    heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('paddle', 'paddleclas', 'paddle2onnx'))\n"
+        "    print('HEAVY', heavy, file=sys.stderr)\n"
+    )
+    env = {**os.environ, "MIXNET_HOME": str(home_copy)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "HEAVY []" in done.stderr
+    assert "engine onnxruntime" in done.stderr
+    assert json.loads(done.stdout)[0]["input"] == str(pictures[1])
+
+
+def _pip_freeze() -> str:
+    return subprocess.run([sys.executable, "-m", "pip", "freeze", "--all"], capture_output=True, text=True,
+                          check=True, timeout=120).stdout
+
+
+def test_first_use_converts_once_installs_nothing_and_reconverts_a_corrupt_model(
+    answer_weights, isolated_home, pictures
+):
+    _home_with_weights(isolated_home, answer_weights)
+    before = _pip_freeze()
+    runner = CliRunner()
+    first = runner.invoke(main, ["classify", str(pictures[0]), "--json"])
+    assert first.exit_code == 0, first.output
+    assert "converting MixNet_S for ONNX Runtime (once)..." in first.stderr
+    assert _pip_freeze() == before, "the conversion changed the installed packages"
+    assert "POLYGRAPHY_AUTOINSTALL_DEPS" not in os.environ
+
+    [directory] = [p for p in (isolated_home / "onnx").iterdir() if p.is_dir()]
+    assert directory.name == _sha256(isolated_home / "weights" / WEIGHTS_NAME)
+    assert sorted(p.name for p in directory.iterdir()) == ["MixNet_S.onnx", "record.json"]
+    record = json.loads((directory / "record.json").read_text())
+    assert record["files"]["MixNet_S.onnx"]["sha256"] == _sha256(directory / "MixNet_S.onnx")
+    assert record["check"]["max_abs_probability_diff"] <= 1e-5
+    assert not list((isolated_home / "onnx").glob("*.incomplete"))
+
+    second = runner.invoke(main, ["classify", str(pictures[0]), "--json"])
+    assert second.exit_code == 0 and "converting" not in second.stderr
+    assert second.stdout == first.stdout
+
+    model = directory / "MixNet_S.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the weights
+    model.write_bytes(bytes(data))
+    third = runner.invoke(main, ["classify", str(pictures[0]), "--json"])
+    assert third.exit_code == 0, third.output
+    assert "corrupt MixNet_S.onnx" in third.stderr and "converting again" in third.stderr
+    assert third.stdout == first.stdout
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_conversion_itself_runs_no_installer(answer_weights, tmp_path, monkeypatch):
+    """In this process, to watch it: no subprocess (pip) is started and the polygraphy switch is not left on."""
+    from mixnet_cli import export
+
+    started: list[object] = []
+    real_popen_init = subprocess.Popen.__init__
+
+    def watching_init(self, args, *rest, **kwargs):  # type: ignore[no-untyped-def]
+        started.append(args)
+        real_popen_init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", watching_init)
+    monkeypatch.delenv("POLYGRAPHY_AUTOINSTALL_DEPS", raising=False)
+    report = export.convert(SPEC, answer_weights, "onnx", tmp_path)
+    assert started == []
+    assert os.environ.get("POLYGRAPHY_AUTOINSTALL_DEPS", "0") != "1"
+    assert "polygraphy" not in sys.modules
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["MixNet_S.onnx"]
+    check = export.check_export(SPEC, "onnx", tmp_path, report)
+    assert check["max_abs_probability_diff"] <= 1e-5
+
+
+def test_a_failed_conversion_leaves_nothing_behind(isolated_home, tmp_path):
+    from mixnet_cli.export import ensure_export
+
+    garbage = tmp_path / WEIGHTS_NAME
+    garbage.write_bytes(b"this is not a pickle")
+    with pytest.raises(EngineError) as failure:
+        ensure_export(SPEC, garbage, "0" * 64, "onnx")
+    message = str(failure.value)
+    assert "converting MixNet_S for ONNX Runtime failed" in message and "\n" not in message
+    assert [p.name for p in (isolated_home / "onnx").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_model_that_does_not_match_is_not_cached(converted_home, isolated_home, monkeypatch):
+    """A converter that writes a loadable model with other answers: the check refuses it, nothing is cached."""
+    from mixnet_cli import export
+
+    [source] = (converted_home / "onnx").glob("*/MixNet_S.onnx")
+
+    def wrong_converter(spec, weights_path, fmt, out):  # type: ignore[no-untyped-def]
+        shutil.copyfile(source, out / "MixNet_S.onnx")
+        return {"reference_logits": np.zeros((2, 1000)).tolist()}
+
+    monkeypatch.setattr(export, "_convert_in_child", wrong_converter)
+    with pytest.raises(EngineError, match="does not match paddle"):
+        export.ensure_export(SPEC, source, "1" * 64, "onnx")
+    assert [p.name for p in (isolated_home / "onnx").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_auto_falls_back_when_it_cannot_convert_but_an_explicit_engine_fails(home_copy, pictures):
+    shutil.rmtree(home_copy / "onnx")
+    (home_copy / "onnx").write_text("a file where the converted models would go")
+    runner = CliRunner()
+    auto = runner.invoke(main, ["classify", str(pictures[0]), "--json", "-v"])
+    assert auto.exit_code == 0, auto.output
+    assert "Warning:" in auto.stderr and "engine dygraph" in auto.stderr
+    explicit = runner.invoke(main, ["classify", str(pictures[0]), "--json", "--engine", "onnxruntime"])
+    assert explicit.exit_code == 1
+    assert explicit.stderr.startswith("Error: ") and len(explicit.stderr.strip().splitlines()) == 1
+    with pytest.raises(CacheError):
+        Classifier(MODEL, engine="onnxruntime")
+
+
+def test_benchmark_reports_latency_rows(home_copy):
+    result = CliRunner().invoke(main, ["benchmark", "-m", "S", "-b", "1", "-b", "2", "--warmup", "1",
+                                       "--repeats", "3", "--threads", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [(r["model"], r["batch_size"]) for r in rows] == [("MixNet_S", 1), ("MixNet_S", 2)]
+    for row in rows:
+        assert row["engine"] == "onnxruntime" and row["device"] == "cpu" and row["threads"] == 1
+        assert 0 < row["min_ms"] <= row["p10_ms"] <= row["median_ms"] <= row["p90_ms"] <= row["max_ms"]
+        assert row["repeats"] == 3 and row["images_per_s"] > 0
+    table = CliRunner().invoke(main, ["benchmark", "-b", "1", "--repeats", "1", "--warmup", "0"])
+    assert table.exit_code == 0 and table.stdout.splitlines()[0].split()[:3] == ["model", "engine", "device"]
+
+
+def test_measure_latency_times_the_engine(home_copy):
+    classifier = Classifier(MODEL, device="cpu", threads=1)
+    latency = measure_latency(classifier.engine, 2, SPEC.preprocessing.crop_size, warmup=0, repeats=4)
+    assert latency.batch_size == 2 and latency.repeats == 4
+    assert latency.min_ms <= latency.median_ms <= latency.max_ms
+    assert latency.images_per_s == pytest.approx(2000.0 / latency.median_ms)
+    with pytest.raises(UsageError):
+        measure_latency(classifier.engine, 0, 224)
