@@ -95,3 +95,63 @@ def random_mirror(random_weights_dir: Path, file_server, monkeypatch: pytest.Mon
     server = file_server(random_weights_dir)
     monkeypatch.setenv("MIXNET_MIRROR", server.url)
     return server
+
+
+class CalibratedWeights:
+    """Calibrated weights (see ``weightgen``): ``calibrated_weights("MixNet_M")`` makes that model's file on
+    first use and returns its path; all files sit in one ``directory`` under their released names."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._made: dict[str, Path] = {}
+
+    def __call__(self, model_name: str = "MixNet_S") -> Path:
+        if model_name not in self._made:
+            from weightgen import make_calibrated_weights
+
+            path = self.directory / f"{model_name}_pretrained.pdparams"
+            self._made[model_name] = make_calibrated_weights(model_name, path)
+        return self._made[model_name]
+
+
+@pytest.fixture(scope="session")
+def calibrated_weights(tmp_path_factory: pytest.TempPathFactory) -> CalibratedWeights:
+    """A factory of weights that answer like trained ones (confident, different per picture), made lazily:
+    MixNet_S takes a few seconds, M and L longer, each once per session."""
+    return CalibratedWeights(tmp_path_factory.mktemp("calibrated-weights"))
+
+
+@pytest.fixture(scope="session")
+def calibrated_weights_dir(calibrated_weights: CalibratedWeights) -> Path:
+    """The directory holding calibrated MixNet_S weights (``MixNet_S_pretrained.pdparams``); M and L appear in it
+    once ``calibrated_weights`` has made them."""
+    calibrated_weights("MixNet_S")
+    return calibrated_weights.directory
+
+
+@pytest.fixture(scope="session")
+def calibrated_server(calibrated_weights_dir: Path) -> Iterator[FileServer]:
+    """One server for the whole session over the calibrated weights, for module-scoped fixtures; its request
+    log is shared, so tests that count requests use ``calibrated_mirror``."""
+    server = FileServer(calibrated_weights_dir)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def calibrated_mirror(calibrated_weights_dir: Path, file_server, monkeypatch: pytest.MonkeyPatch) -> FileServer:
+    """A local mirror serving the calibrated weights, set as MIXNET_MIRROR."""
+    server = file_server(calibrated_weights_dir)
+    monkeypatch.setenv("MIXNET_MIRROR", server.url)
+    return server
+
+
+@pytest.fixture(scope="session")
+def test_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One generated picture of every file kind and pixel format (see ``imagegen.write_test_images``), by kind.
+
+    Shared by the session: copy a file before changing it.
+    """
+    from imagegen import write_test_images
+
+    return write_test_images(tmp_path_factory.mktemp("test-images"))
