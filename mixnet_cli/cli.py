@@ -97,9 +97,10 @@ def engine_option(func: F) -> F:
     return click.option(
         "--engine",
         default=None,
-        metavar="auto|onnxruntime|paddle|dygraph",
-        help="What runs the network: auto picks the fastest installed for the device (ONNX Runtime on the CPU); "
-        "paddle is Paddle Inference, dygraph paddle's eager mode (default auto; MIXNET_ENGINE).",
+        metavar="auto|openvino|onnxruntime|paddle|dygraph",
+        help="What runs the network: auto picks the fastest installed for the device (OpenVINO on the CPU, "
+        "ONNX Runtime with onnxruntime-gpu); paddle is Paddle Inference, dygraph paddle's eager mode "
+        "(default auto; MIXNET_ENGINE).",
     )(func)
 
 
@@ -156,7 +157,8 @@ def main() -> None:
     "--device",
     default=None,
     metavar="auto|cpu|gpu|gpu:N",
-    help="Where to run: the GPU when paddle has CUDA and sees one, else the CPU (default auto; MIXNET_DEVICE).",
+    help="Where to run: a GPU when onnxruntime-gpu or a CUDA build of paddle is installed and sees one, else the "
+    "CPU (default auto; MIXNET_DEVICE).",
 )
 @engine_option
 @click.option("-b", "--batch-size", default=8, show_default=True, type=click.IntRange(1, 1024), help="Images per forward pass.")
@@ -241,12 +243,31 @@ def classify(
         sys.exit(1)
 
 
+class _NoProgress:
+    """The part of a tqdm bar the commands use, for runs that show none (so tqdm is not even imported)."""
+
+    def __enter__(self) -> "_NoProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        return None
+
+    @staticmethod
+    def write(message: str, file: Any = None) -> None:
+        print(message, file=file or sys.stdout)
+
+
 def _progress(total: int, *, enabled: bool) -> Any:
     """A tqdm bar on stderr for runs of more than a handful of images, when stderr is a terminal."""
+    show = enabled and total > 8 and sys.stderr.isatty()
+    if not show:
+        return _NoProgress()
     from tqdm import tqdm
 
-    show = enabled and total > 8 and sys.stderr.isatty()
-    return tqdm(total=total, unit="img", file=sys.stderr, disable=not show, leave=False, dynamic_ncols=True)
+    return tqdm(total=total, unit="img", file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)

@@ -3,9 +3,11 @@
 Every engine takes an ``N x 3 x S x S`` float32 array and returns ``N x 1000`` float32 logits for the same
 weights; :mod:`mixnet_cli.classifier` does the softmax and top-k, so engines can be compared value for value.
 
-* ``onnxruntime``: ONNX Runtime on a model converted once from the weights (:mod:`mixnet_cli.export`); the
-  fastest on the CPU by far (MixNet's split-and-concat convolutions are slow under oneDNN), and it needs no
-  paddle import once the model is cached. CUDA when onnxruntime-gpu is installed.
+* ``openvino``: OpenVINO (CPU) on the ONNX model converted once from the weights (:mod:`mixnet_cli.export`),
+  in f32; the fastest on the CPU in BENCHMARKS.md.
+* ``onnxruntime``: ONNX Runtime on the same ONNX model; CUDA when onnxruntime-gpu is installed. Both run many
+  times faster than paddle on the CPU (MixNet's split-and-concat convolutions are slow under oneDNN), and
+  neither needs paddle once the model is cached.
 * ``paddle``: Paddle Inference on a model saved once with ``paddle.jit.save``; oneDNN on the CPU, CUDA (and
   TensorRT when paddle has it) on a GPU.
 * ``dygraph``: the paddleclas network run eagerly by paddle: the reference the others are checked against.
@@ -35,13 +37,13 @@ if TYPE_CHECKING:
     from .weights import VerifiedWeights
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|gpu|gpu:\d+)$")
-ENGINE_NAMES = ("auto", "onnxruntime", "paddle", "dygraph")
+ENGINE_NAMES = ("auto", "openvino", "onnxruntime", "paddle", "dygraph")
 _ENGINE_ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "paddle-inference": "paddle",
-                   "paddle-dygraph": "dygraph"}
+                   "paddle-dygraph": "dygraph", "ov": "openvino"}
 
 
 class Engine(Protocol):
-    name: str  # onnxruntime, paddle or dygraph (what --engine takes)
+    name: str  # openvino, onnxruntime, paddle or dygraph (what --engine takes)
     device: str  # cpu or gpu:N
     threads: int | None  # CPU threads of one forward pass (None: the library's default, or a GPU)
     detail: str  # for people: provider, threads, accelerations
@@ -182,15 +184,29 @@ def _onnxruntime_device(name: str, requested: str) -> DeviceChoice:
     return DeviceChoice(f"gpu:{_gpu_index(name)}", "asked for this GPU")
 
 
+def _openvino_device(name: str, requested: str) -> DeviceChoice:
+    if not _installed("openvino"):
+        raise EngineError("the openvino engine needs OpenVINO: pip install openvino (or use --engine onnxruntime)")
+    if name not in ("auto", "cpu"):
+        raise DeviceError(
+            f"device '{requested}': the openvino engine runs on the CPU only; for a GPU use --engine onnxruntime "
+            "(with onnxruntime-gpu) or --engine paddle (with paddlepaddle-gpu)"
+        )
+    return DeviceChoice("cpu", "asked for the CPU" if name == "cpu" else "the openvino engine runs on the CPU")
+
+
 def choose_engine(engine: str = "auto", device: str = "auto") -> EngineChoice:
     """Settle engine and device together: ``auto`` is the fastest engine installed for the device.
 
-    For the CPU that is ONNX Runtime (then Paddle Inference); for a GPU, ONNX Runtime when onnxruntime-gpu is
-    installed, else Paddle Inference when paddle has CUDA. Nothing here imports paddle unless a paddle engine,
-    or a GPU only paddle could drive, is in question.
+    For the CPU that is OpenVINO, then ONNX Runtime, then Paddle Inference; for a GPU, ONNX Runtime when
+    onnxruntime-gpu is installed, else Paddle Inference when paddle has CUDA. Nothing here imports paddle unless
+    a paddle engine, or a GPU only paddle could drive, is in question.
     """
     engine_name = check_engine_name(engine)
     device_name = check_device_name(device)
+    if engine_name == "openvino":
+        chosen = _openvino_device(device_name, device)
+        return EngineChoice("openvino", chosen.device, "asked for openvino", chosen.reason)
     if engine_name == "onnxruntime":
         chosen = _onnxruntime_device(device_name, device)
         return EngineChoice("onnxruntime", chosen.device, "asked for onnxruntime", chosen.reason)
@@ -204,10 +220,11 @@ def choose_engine(engine: str = "auto", device: str = "auto") -> EngineChoice:
         chosen = _onnxruntime_device(device_name, device)
         return EngineChoice("onnxruntime", chosen.device, "fastest installed engine for the GPU", chosen.reason,
                             engine_auto=True)
+    if device_name == "cpu":
+        return _cpu_auto(providers, "asked for the CPU")
     if device_name == "auto" and not _distribution_installed("paddlepaddle-gpu"):
         # A CPU-only paddle can't drive a GPU: say so without the second it takes to import paddle.
-        why = "no CUDA build of onnxruntime or paddle is installed"
-        return _cpu_auto(providers, why)
+        return _cpu_auto(providers, "no CUDA build of onnxruntime or paddle is installed")
     chosen = _paddle_device(device_name, device)
     if chosen.device != "cpu":
         return EngineChoice("paddle", chosen.device, "fastest installed engine for the GPU (Paddle Inference)",
@@ -216,16 +233,62 @@ def choose_engine(engine: str = "auto", device: str = "auto") -> EngineChoice:
 
 
 def _cpu_auto(providers: list[str], device_reason: str) -> EngineChoice:
-    if providers:
-        return EngineChoice("onnxruntime", "cpu", "fastest installed engine for the CPU", device_reason,
+    if _installed("openvino"):
+        return EngineChoice("openvino", "cpu", "fastest installed engine for the CPU", device_reason,
                             engine_auto=True)
-    return EngineChoice("paddle", "cpu", "onnxruntime is not installed; Paddle Inference is the next fastest",
-                        device_reason, engine_auto=True)
+    if providers:
+        return EngineChoice("onnxruntime", "cpu", "fastest installed engine for the CPU (OpenVINO is not installed)",
+                            device_reason, engine_auto=True)
+    return EngineChoice("paddle", "cpu", "neither OpenVINO nor onnxruntime is installed; Paddle Inference is the "
+                        "next fastest", device_reason, engine_auto=True)
 
 
 def resolve_device(requested: str = "auto", engine: str = "auto") -> DeviceChoice:
     """Map ``auto|cpu|gpu|gpu:N`` to a concrete device for ``engine``; a missing GPU is an error, never a fallback."""
     return choose_engine(engine, requested).device_choice
+
+
+class OpenVinoEngine:
+    """OpenVINO on the ONNX model converted by paddle2onnx, on the CPU, computing in f32.
+
+    f32 is asked for explicitly: on CPUs with bf16 units OpenVINO would otherwise compute in bf16, whose
+    answers differ from paddle's in the third digit. ``cache_dir`` keeps the compiled model between runs.
+    """
+
+    name = "openvino"
+
+    def __init__(self, model: Path, device: str = "cpu", threads: int | None = None,
+                 cache_dir: Path | None = None) -> None:
+        if device != "cpu":
+            raise DeviceError(f"the openvino engine runs on the CPU only, not on {device}; use --device cpu")
+        import openvino
+
+        self.device = device
+        self.threads = threads or physical_cores()
+        self.version = str(openvino.get_version()).split("-", 1)[0]
+        core = openvino.Core()
+        config: dict[str, Any] = {
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+            "INFERENCE_NUM_THREADS": self.threads,
+            "INFERENCE_PRECISION_HINT": "f32",
+        }
+        try:
+            if cache_dir is not None:
+                core.set_property({"CACHE_DIR": str(cache_dir)})
+            self._compiled = core.compile_model(str(model), "CPU", config)
+        except Exception as exc:  # openvino raises RuntimeError subclasses of its own
+            raise EngineError(f"OpenVINO cannot load {model} ({str(exc).strip().splitlines()[0][:200]})") from None
+        self._request = self._compiled.create_infer_request()
+        # One infer request runs one batch at a time.
+        self._lock = threading.Lock()
+        self.detail = f"OpenVINO {self.version} CPU, f32, {self.threads} thread(s)"
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        data = np.ascontiguousarray(batch, dtype=np.float32)
+        with self._lock:
+            logits = self._request.infer([data])[0]
+            return np.array(logits, dtype=np.float32)  # a copy: the request reuses its output buffer
 
 
 class OnnxRuntimeEngine:
@@ -353,19 +416,59 @@ class PaddleDygraphEngine:
         return np.asarray(logits.numpy(), dtype=np.float32)
 
 
+class _OpenVinoFailed(EngineError):
+    """OpenVINO itself could not run the (good) ONNX model: ONNX Runtime can still take over."""
+
+
 def _build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, threads: int | None) -> Engine:
     if choice.engine == "dygraph":
         from .weights import load_state
 
         return PaddleDygraphEngine(spec, load_state(weights), choice.device, threads)
+    from . import cache
     from .export import ensure_export
 
+    sha256 = weights.record.sha256
+    if choice.engine == "paddle":
+        exported = ensure_export(spec, weights.path, sha256, "paddle")
+        program = exported.files.get("inference.json") or exported.file(".pdmodel")
+        return PaddleInferenceEngine(program, exported.file(".pdiparams"), choice.device, threads)
+    exported = ensure_export(spec, weights.path, sha256, "onnx")
     if choice.engine == "onnxruntime":
-        exported = ensure_export(spec, weights.path, weights.record.sha256, "onnx")
         return OnnxRuntimeEngine(exported.file(".onnx"), choice.device, threads)
-    exported = ensure_export(spec, weights.path, weights.record.sha256, "paddle")
-    program = exported.files.get("inference.json") or exported.file(".pdmodel")
-    return PaddleInferenceEngine(program, exported.file(".pdiparams"), choice.device, threads)
+    from .export import check_engine, engine_checked, mark_engine_checked, openvino_dir
+
+    try:
+        directory: Path | None = cache.ensure_dir(openvino_dir(sha256))
+    except MixnetError:
+        directory = None  # a read-only cache: compile every time
+    try:
+        engine = OpenVinoEngine(exported.file(".onnx"), choice.device, threads, directory)
+        if directory is None or not engine_checked(directory, "openvino", engine.version):
+            # The ONNX file was checked under ONNX Runtime; OpenVINO computes differently, so it passes the same
+            # check once per OpenVINO version before its answers are trusted.
+            check = check_engine(engine, spec, exported.record.get("reference_logits"))
+            if directory is not None:
+                mark_engine_checked(directory, "openvino", engine.version, check)
+    except DeviceError:
+        raise
+    except EngineError as exc:
+        raise _OpenVinoFailed(str(exc)) from None
+    return engine
+
+
+def _fallback(choice: EngineChoice, exc: MixnetError) -> EngineChoice | None:
+    """What ``auto`` tries after ``choice`` failed with ``exc`` (None: nothing better left, raise it)."""
+    if not choice.engine_auto:
+        return None
+    if choice.device != "cpu" and isinstance(exc, DeviceError):
+        cpu = _cpu_auto(_onnxruntime_providers(), f"{choice.engine} could not use the GPU: {exc}")
+        return replace(cpu, engine_reason=f"{cpu.engine_reason}; {choice.engine} could not use the GPU")
+    if isinstance(exc, _OpenVinoFailed) and _installed("onnxruntime"):
+        return replace(choice, engine="onnxruntime", engine_reason=f"openvino failed: {exc}")
+    if choice.engine != "dygraph":
+        return replace(choice, engine="dygraph", engine_reason=f"{choice.engine} failed: {exc}")
+    return None
 
 
 def create_engine(
@@ -373,19 +476,14 @@ def create_engine(
 ) -> tuple[Engine, EngineChoice]:
     """The engine ``choice`` names, on its device, for these verified weights; returns it with the final choice.
 
-    An engine picked by ``auto`` that cannot start (a failed conversion, a GPU onnxruntime cannot drive) gives
+    An engine picked by ``auto`` that cannot start (a failed conversion or check, a GPU it cannot drive) gives
     way, with a warning on stderr, to the next that can; one the user asked for raises instead.
     """
     try:
         return _build(spec, weights, choice, threads), choice
     except MixnetError as exc:
-        if not choice.engine_auto:
-            raise
-        if choice.engine == "onnxruntime" and choice.device != "cpu" and isinstance(exc, DeviceError):
-            fallback = replace(choice, device="cpu", device_reason=f"onnxruntime could not use the GPU: {exc}")
-        elif choice.engine != "dygraph":
-            fallback = replace(choice, engine="dygraph", engine_reason=f"{choice.engine} failed: {exc}")
-        else:
+        fallback = _fallback(choice, exc)
+        if fallback is None:
             raise
         print(f"Warning: {exc}; using {fallback.engine} on {fallback.device} instead", file=sys.stderr, flush=True)
         return create_engine(spec, weights, fallback, threads=threads)

@@ -2,8 +2,9 @@
 
 Layout under the cache root (the directory is named by the sha256 of the weights it was made from)::
 
-    onnx/<weights sha256>/MixNet_S.onnx                  for ONNX Runtime (converted by paddle2onnx)
+    onnx/<weights sha256>/MixNet_S.onnx                  for OpenVINO and ONNX Runtime (converted by paddle2onnx)
     onnx/<weights sha256>/record.json                    what it was made from, each file's sha256, the check
+    openvino/<weights sha256>/                           OpenVINO's compiled-model cache, and its check
     paddle-inference/<weights sha256>/inference.json     for Paddle Inference (``paddle.jit.save``)
     paddle-inference/<weights sha256>/inference.pdiparams
     paddle-inference/<weights sha256>/record.json
@@ -37,7 +38,7 @@ from .errors import EngineError, MixnetError
 from .manifest import ModelSpec, resolve_model
 
 RECORD_NAME = "record.json"
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 # Opset 13 is what paddle2onnx 2.x writes for these networks without upgrades, and every ONNX Runtime since 1.6
 # runs it.
 ONNX_OPSET = 13
@@ -54,11 +55,11 @@ _REPORT_NAME = "check.json"
 class ExportFormat:
     name: str  # "onnx" or "paddle"
     directory: str  # below the cache root
-    label: str  # for messages: the engine that runs it
+    label: str  # for messages: what it is converted to
 
 
 FORMATS: dict[str, ExportFormat] = {
-    "onnx": ExportFormat("onnx", "onnx", "ONNX Runtime"),
+    "onnx": ExportFormat("onnx", "onnx", "ONNX"),
     "paddle": ExportFormat("paddle", "paddle-inference", "Paddle Inference"),
 }
 
@@ -173,7 +174,7 @@ def ensure_export(spec: ModelSpec, weights_path: Path, weights_sha256: str, fmt:
         # Holding the lock, any unfinished directory of these weights belongs to a process that died.
         for leftover in root.glob(f".{weights_sha256}.*.incomplete"):
             shutil.rmtree(leftover, ignore_errors=True)
-        _say(f"converting {spec.name} for {kind.label} (once)...")
+        _say(f"converting {spec.name} to {kind.label} (once)...")
         tmp = Path(tempfile.mkdtemp(prefix=f".{weights_sha256}.", suffix=".incomplete", dir=root))
         try:
             report = _convert_in_child(spec, weights_path, fmt, tmp)
@@ -191,6 +192,8 @@ def ensure_export(spec: ModelSpec, weights_path: Path, weights_sha256: str, fmt:
                 "weights_sha256": weights_sha256,
                 "files": files,
                 "check": check,
+                # Kept so that an engine that runs this file later (OpenVINO) can be held to the same check.
+                "reference_logits": report["reference_logits"],
                 "versions": report.get("versions", {}),
                 "created_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
             }
@@ -212,6 +215,32 @@ def ensure_export(spec: ModelSpec, weights_path: Path, weights_sha256: str, fmt:
     if found is None:
         raise EngineError(f"the {kind.label} model written to {final} does not match its record; delete it and run again")
     return found
+
+
+def openvino_dir(weights_sha256: str) -> Path:
+    """OpenVINO's own cache of compiled models for these weights (it writes and checks the files there)."""
+    return cache.cache_root() / "openvino" / weights_sha256
+
+
+def engine_checked(directory: Path, engine: str, version: str) -> bool:
+    """Whether ``engine`` at ``version`` already passed :func:`check_engine` on the model cached in ``directory``."""
+    try:
+        raw = json.loads((directory / f"checked-{engine}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("version") == version
+
+
+def mark_engine_checked(directory: Path, engine: str, version: str, check: dict[str, Any]) -> None:
+    """Remember that ``engine`` passed its check (best effort: a read-only cache checks again next time)."""
+    path = directory / f"checked-{engine}.json"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({"engine": engine, "version": version, "check": check}, indent=2) + "\n",
+                       encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def _child_environment() -> dict[str, str]:
@@ -247,13 +276,13 @@ def _convert_in_child(spec: ModelSpec, weights_path: Path, fmt: str, out: Path) 
         marked = [line[len(_FAILURE_MARK):] for line in lines if line.startswith(_FAILURE_MARK)]
         reason = marked[-1] if marked else (lines[-1] if lines else f"exit code {completed.returncode}")
         raise EngineError(
-            f"converting {spec.name} for {_format(fmt).label} failed ({reason[:300]}); "
+            f"converting {spec.name} to {_format(fmt).label} failed ({reason[:300]}); "
             "rerun with MIXNET_DEBUG=1 to see the converter's log, or use --engine dygraph"
         )
     try:
         report = json.loads((out / _REPORT_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise EngineError(f"converting {spec.name} for {_format(fmt).label} gave no check report; run again") from None
+        raise EngineError(f"converting {spec.name} to {_format(fmt).label} gave no check report; run again") from None
     return report if isinstance(report, dict) else {}
 
 
@@ -310,11 +339,6 @@ def check_export(spec: ModelSpec, fmt: str, directory: Path, report: dict[str, A
     """
     from .engine import OnnxRuntimeEngine, PaddleInferenceEngine
 
-    try:
-        reference = np.asarray(report["reference_logits"], dtype=np.float64)
-    except (KeyError, TypeError, ValueError):
-        raise EngineError(f"converting {spec.name} gave no reference logits to check against; run again") from None
-    batch = validation_batch(spec.preprocessing.crop_size, count=len(reference))
     engine: Any
     if fmt == "onnx":
         engine = OnnxRuntimeEngine(directory / f"{spec.name}.onnx", "cpu")
@@ -323,6 +347,18 @@ def check_export(spec: ModelSpec, fmt: str, directory: Path, report: dict[str, A
         if not program.is_file():
             program = directory / "inference.pdmodel"
         engine = PaddleInferenceEngine(program, directory / "inference.pdiparams", "cpu")
+    return check_engine(engine, spec, report.get("reference_logits"))
+
+
+def check_engine(engine: Any, spec: ModelSpec, reference_logits: Any) -> dict[str, Any]:
+    """Run ``engine`` on the test batch and compare with the network's own logits (raises :class:`EngineError`)."""
+    try:
+        reference = np.asarray(reference_logits, dtype=np.float64)
+        if reference.ndim != 2 or len(reference) < 1:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise EngineError(f"there are no reference logits of {spec.name} to check against; convert again") from None
+    batch = validation_batch(spec.preprocessing.crop_size, count=len(reference))
     # Two batch sizes: the batch dimension must have stayed dynamic through the conversion.
     whole = compare_logits(engine.run(batch), reference)
     single = compare_logits(engine.run(batch[:1]), reference[:1])

@@ -63,7 +63,7 @@ def converted_home(answer_weights: Path, tmp_path_factory: pytest.TempPathFactor
     home = _home_with_weights(tmp_path_factory.mktemp("converted-home"), answer_weights)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MIXNET_HOME", str(home))
-        for engine in ("onnxruntime", "paddle"):
+        for engine in ("openvino", "onnxruntime", "paddle"):
             Classifier(MODEL, device="cpu", engine=engine)
     return home
 
@@ -103,7 +103,7 @@ def reference(converted_home: Path) -> Iterator[Classifier]:
         yield Classifier(MODEL, device="cpu", engine="dygraph")
 
 
-@pytest.mark.parametrize("engine", ["onnxruntime", "paddle"])
+@pytest.mark.parametrize("engine", ["openvino", "onnxruntime", "paddle"])
 def test_engine_gives_dygraph_probabilities_and_top5(engine, converted_home, reference, pictures, monkeypatch):
     monkeypatch.setenv("MIXNET_HOME", str(converted_home))
     classifier = Classifier(MODEL, device="cpu", engine=engine)
@@ -122,11 +122,11 @@ def test_engine_gives_dygraph_probabilities_and_top5(engine, converted_home, ref
     assert [[p.class_id for p in r.predictions] for r in results] == top5(want)
 
 
-def test_auto_is_onnxruntime_on_the_cpu_and_verbose_says_which_engine_ran(home_copy, pictures):
-    assert choose_engine("auto", "cpu").engine == "onnxruntime"
+def test_auto_is_openvino_on_the_cpu_and_verbose_says_which_engine_ran(home_copy, pictures):
+    assert choose_engine("auto", "cpu").engine == "openvino"
     result = CliRunner().invoke(main, ["classify", str(pictures[0]), "--json", "-v"])
     assert result.exit_code == 0, result.output
-    assert "engine onnxruntime (CPUExecutionProvider" in result.stderr
+    assert "engine openvino (OpenVINO" in result.stderr and "f32" in result.stderr
     assert "converting" not in result.stderr
     assert len(json.loads(result.stdout)[0]["predictions"]) == 5
 
@@ -157,13 +157,14 @@ def test_onnxruntime_on_a_gpu_without_onnxruntime_gpu_is_an_error_not_a_fallback
         choose_engine("onnxruntime", "gpu")
 
 
-def test_cached_path_imports_no_paddle(home_copy, pictures):
+@pytest.mark.parametrize("engine", ["auto", "onnxruntime"])
+def test_cached_path_imports_no_paddle(engine, home_copy, pictures):
     """The whole `mixnet classify` run, in a fresh process, with the converted model cached."""
     code = (
         "import sys\n"
         "from mixnet_cli.cli import main\n"
         "try:\n"
-        f"    main(['classify', {str(pictures[1])!r}, '--json', '-v'], standalone_mode=False)\n"
+        f"    main(['classify', {str(pictures[1])!r}, '--json', '-v', '--engine', {engine!r}], standalone_mode=False)\n"
         "finally:\n"
         "    heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('paddle', 'paddleclas', 'paddle2onnx'))\n"
         "    print('HEAVY', heavy, file=sys.stderr)\n"
@@ -172,7 +173,7 @@ def test_cached_path_imports_no_paddle(home_copy, pictures):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stderr
-    assert "engine onnxruntime" in done.stderr
+    assert f"engine {'openvino' if engine == 'auto' else engine} (" in done.stderr
     assert json.loads(done.stdout)[0]["input"] == str(pictures[1])
 
 
@@ -189,7 +190,7 @@ def test_first_use_converts_once_installs_nothing_and_reconverts_a_corrupt_model
     runner = CliRunner()
     first = runner.invoke(main, ["classify", str(pictures[0]), "--json"])
     assert first.exit_code == 0, first.output
-    assert "converting MixNet_S for ONNX Runtime (once)..." in first.stderr
+    assert "converting MixNet_S to ONNX (once)..." in first.stderr
     assert _pip_freeze() == before, "the conversion changed the installed packages"
     assert "POLYGRAPHY_AUTOINSTALL_DEPS" not in os.environ
 
@@ -251,7 +252,7 @@ def test_a_failed_conversion_leaves_nothing_behind(isolated_home, tmp_path):
     with pytest.raises(EngineError) as failure:
         ensure_export(SPEC, garbage, "0" * 64, "onnx")
     message = str(failure.value)
-    assert "converting MixNet_S for ONNX Runtime failed" in message and "\n" not in message
+    assert "converting MixNet_S to ONNX failed" in message and "\n" not in message
     assert [p.name for p in (isolated_home / "onnx").iterdir() if not p.name.endswith(".lock")] == []
 
 
@@ -292,7 +293,7 @@ def test_benchmark_reports_latency_rows(home_copy):
     rows = json.loads(result.stdout)
     assert [(r["model"], r["batch_size"]) for r in rows] == [("MixNet_S", 1), ("MixNet_S", 2)]
     for row in rows:
-        assert row["engine"] == "onnxruntime" and row["device"] == "cpu" and row["threads"] == 1
+        assert row["engine"] == "openvino" and row["device"] == "cpu" and row["threads"] == 1
         assert 0 < row["min_ms"] <= row["p10_ms"] <= row["median_ms"] <= row["p90_ms"] <= row["max_ms"]
         assert row["repeats"] == 3 and row["images_per_s"] > 0
     table = CliRunner().invoke(main, ["benchmark", "-b", "1", "--repeats", "1", "--warmup", "0"])
@@ -307,3 +308,27 @@ def test_measure_latency_times_the_engine(home_copy):
     assert latency.images_per_s == pytest.approx(2000.0 / latency.median_ms)
     with pytest.raises(UsageError):
         measure_latency(classifier.engine, 0, 224)
+
+
+def test_openvino_is_checked_once_and_gives_way_to_onnxruntime_when_it_does_not_match(home_copy, pictures):
+    [marker] = (home_copy / "openvino").glob("*/checked-openvino.json")
+    assert json.loads(marker.read_text())["check"]["max_abs_probability_diff"] <= 1e-5
+    marker.unlink()
+    # Reference logits that no engine gives: the check must fail, and auto falls back to ONNX Runtime.
+    [record_path] = (home_copy / "onnx").glob("*/record.json")
+    record = json.loads(record_path.read_text())
+    record["reference_logits"] = (np.asarray(record["reference_logits"]) + 5.0 * np.eye(2, 1000)).tolist()
+    record_path.write_text(json.dumps(record))
+    result = CliRunner().invoke(main, ["classify", str(pictures[0]), "--json", "-v"])
+    assert result.exit_code == 0, result.output
+    assert "Warning: " in result.stderr and "does not match paddle" in result.stderr
+    assert "engine onnxruntime (" in result.stderr
+    assert not marker.exists()
+    with pytest.raises(EngineError, match="does not match paddle"):
+        Classifier(MODEL, engine="openvino")
+
+
+def test_openvino_runs_on_the_cpu_only():
+    with pytest.raises(DeviceError, match="CPU only"):
+        choose_engine("openvino", "gpu:0")
+    assert choose_engine("openvino", "auto").device == "cpu"
