@@ -637,7 +637,8 @@ def benchmark(
     names = model_names() if any(m.lower() == "all" for m in wanted) else [resolve_model(m).name for m in wanted]
     device_name = check_device_name(device or settings.device() or "auto")
     engine_name = check_engine_name(engine or settings.engine() or "auto")
-    sizes = list(dict.fromkeys(batch_sizes or (1, 4, 8)))
+    # Ascending: an engine may run a small batch on a model made for a larger one (OpenVINO pads up to 2x).
+    sizes = sorted(set(batch_sizes or (1, 4, 8)))
 
     def rows() -> Iterator[dict[str, Any]]:
         for name in dict.fromkeys(names):

@@ -252,7 +252,10 @@ class OpenVinoEngine:
     """OpenVINO on the ONNX model converted by paddle2onnx, on the CPU, computing in f32.
 
     f32 is asked for explicitly: on CPUs with bf16 units OpenVINO would otherwise compute in bf16, whose
-    answers differ from paddle's in the third digit. ``cache_dir`` keeps the compiled model between runs.
+    answers differ from paddle's in the third digit. Each batch size runs a model whose batch dimension is
+    fixed (about 20% faster than a dynamic one at batch 1), made once per size from the checked model and kept
+    with OpenVINO's compiled form in ``cache_dir``; a smaller batch reuses a model up to twice its size, padded,
+    rather than compiling one more. Without ``cache_dir`` (a read-only cache) the dynamic model is compiled.
     """
 
     name = "openvino"
@@ -266,29 +269,58 @@ class OpenVinoEngine:
         self.device = device
         self.threads = threads or physical_cores()
         self.version = str(openvino.get_version()).split("-", 1)[0]
-        core = openvino.Core()
-        config: dict[str, Any] = {
+        self._model = model
+        self._cache_dir = cache_dir
+        self._core = openvino.Core()
+        self._config: dict[str, Any] = {
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
             "INFERENCE_NUM_THREADS": self.threads,
             "INFERENCE_PRECISION_HINT": "f32",
         }
-        try:
-            if cache_dir is not None:
-                core.set_property({"CACHE_DIR": str(cache_dir)})
-            self._compiled = core.compile_model(str(model), "CPU", config)
-        except Exception as exc:  # openvino raises RuntimeError subclasses of its own
-            raise EngineError(f"OpenVINO cannot load {model} ({str(exc).strip().splitlines()[0][:200]})") from None
-        self._request = self._compiled.create_infer_request()
+        if cache_dir is not None:
+            self._core.set_property({"CACHE_DIR": str(cache_dir / "compiled")})
+        self._requests: dict[int, Any] = {}  # batch size (0: dynamic) -> infer request
         # One infer request runs one batch at a time.
         self._lock = threading.Lock()
         self.detail = f"OpenVINO {self.version} CPU, f32, {self.threads} thread(s)"
+        self._request_for(1)  # one image is the common case, and a model that does not load fails here
+
+    def _compile(self, path: Path) -> Any:
+        try:
+            return self._core.compile_model(str(path), "CPU", self._config).create_infer_request()
+        except Exception as exc:  # openvino raises RuntimeError subclasses of its own
+            raise EngineError(f"OpenVINO cannot load {path} ({str(exc).strip().splitlines()[0][:200]})") from None
+
+    def _request_for(self, size: int) -> tuple[int, Any]:
+        if self._cache_dir is None:
+            if 0 not in self._requests:
+                self._requests[0] = self._compile(self._model)
+            return size, self._requests[0]
+        if size in self._requests:
+            return size, self._requests[size]
+        larger = [s for s in self._requests if size < s <= 2 * size]
+        if larger:
+            return min(larger), self._requests[min(larger)]
+        from .export import fixed_batch_onnx
+
+        path = fixed_batch_onnx(self._model, self._cache_dir, size)
+        try:
+            self._requests[size] = self._compile(path)
+        except EngineError:
+            path.unlink(missing_ok=True)  # made here, so made again: once
+            self._requests[size] = self._compile(fixed_batch_onnx(self._model, self._cache_dir, size))
+        return size, self._requests[size]
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         data = np.ascontiguousarray(batch, dtype=np.float32)
+        count = len(data)
         with self._lock:
-            logits = self._request.infer([data])[0]
-            return np.array(logits, dtype=np.float32)  # a copy: the request reuses its output buffer
+            size, request = self._request_for(count)
+            if size > count:
+                data = np.concatenate([data, np.zeros((size - count,) + data.shape[1:], dtype=np.float32)])
+            logits = request.infer([data])[0]
+            return np.array(logits[:count], dtype=np.float32)  # a copy: the request reuses its output buffer
 
 
 class OnnxRuntimeEngine:
@@ -447,7 +479,7 @@ def _build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, th
         if directory is None or not engine_checked(directory, "openvino", engine.version):
             # The ONNX file was checked under ONNX Runtime; OpenVINO computes differently, so it passes the same
             # check once per OpenVINO version before its answers are trusted.
-            check = check_engine(engine, spec, exported.record.get("reference_logits"))
+            check = check_engine(engine, spec, exported.record.get("reference_logits"), whole_batch=False)
             if directory is not None:
                 mark_engine_checked(directory, "openvino", engine.version, check)
     except DeviceError:
