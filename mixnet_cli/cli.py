@@ -414,6 +414,7 @@ def doctor(fmt: str) -> None:
 @click.option("--json", "fmt", flag_value="json", help="The summary as one JSON object.")
 @click.option("--jsonl", "fmt", flag_value="jsonl", help="One JSON line per misclassified image; summary on stderr.")
 @click.option("--device", default=None, metavar="auto|cpu|gpu|gpu:N", help="Where to run (default auto; MIXNET_DEVICE).")
+@engine_option
 @click.option("-b", "--batch-size", default=8, show_default=True, type=click.IntRange(1, 1024), help="Images per forward pass.")
 @network_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -426,6 +427,7 @@ def evaluate_command(
     limit: int | None,
     fmt: str,
     device: str | None,
+    engine: str | None,
     batch_size: int,
     mirrors: tuple[str, ...],
     offline: bool | None,
@@ -441,7 +443,7 @@ def evaluate_command(
     PaddleClas publishes 76.28 / 92.99 (S), 77.67 / 93.64 (M), 78.60 / 94.37 (L) on the 50,000 validation images.
     """
     from .classifier import Classifier
-    from .engine import check_device_name
+    from .engine import check_device_name, check_engine_name
     from .evaluate import evaluate, read_image_folder, read_list_file
     from .labels import imagenet_labels, imagenet_synsets
     from .manifest import resolve_model
@@ -458,7 +460,8 @@ def evaluate_command(
         step = len(samples) / limit
         samples = [samples[int(i * step)] for i in range(limit)]
     device_name = check_device_name(device or settings.device() or "auto")
-    classifier = Classifier(model, device=device_name, mirrors=mirrors or None, offline=offline)
+    engine_name = check_engine_name(engine or settings.engine() or "auto")
+    classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None, offline=offline)
     labels = imagenet_labels()
     stdout = click.get_text_stream("stdout")
 
@@ -663,8 +666,66 @@ def benchmark(
                     "images_per_s": round(latency.images_per_s, 2),
                     "warmup": warmup,
                     "repeats": repeats,
+                    # PaddleClas's published figure for comparison (V100, TensorRT, FP32), where it has one.
+                    "paddleclas_v100_trt_ms": classifier.spec.metrics.v100_trt_fp32_latency_ms.get(f"bs{size}"),
                 }
 
     write_rows(rows(), fmt, click.get_text_stream("stdout"),
                headers=["model", "engine", "device", "threads", "batch_size", "median_ms", "p10_ms", "p90_ms",
-                        "images_per_s"])
+                        "images_per_s", "paddleclas_v100_trt_ms"])
+
+
+_EXPORT_USAGE = {
+    "paddle": """Use it with Paddle Inference (Python; the C++ API, Paddle Serving and Paddle Lite's opt take the same files):
+  import paddle.inference as pi
+  config = pi.Config("{dir}/inference.json", "{dir}/inference.pdiparams")
+  predictor = pi.create_predictor(config)
+Input "x": float32 N x 3 x {size} x {size}, preprocessed as `mixnet classify` does (resize short side {resize}, centre crop {size},
+/255, mean {mean}, std {std}, RGB, CHW). Output: logits N x 1000 (apply softmax for probabilities).""",
+    "onnx": """Use it with ONNX Runtime (or any ONNX runtime):
+  import onnxruntime as ort
+  session = ort.InferenceSession("{dir}/{name}.onnx")
+  logits = session.run(None, {{"x": batch}})[0]
+Input "x": float32 N x 3 x {size} x {size}, preprocessed as `mixnet classify` does (resize short side {resize}, centre crop {size},
+/255, mean {mean}, std {std}, RGB, CHW). Output: logits N x 1000 (apply softmax for probabilities).""",
+}
+
+
+@main.command(name="export", context_settings=CONTEXT_SETTINGS)
+@click.argument("model", metavar="MODEL")
+@click.option("--format", "fmt", type=click.Choice(["paddle", "onnx"]), required=True,
+              help="paddle: a Paddle inference model (inference.json + inference.pdiparams); onnx: an ONNX model.")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory to write the model into (created if needed).")
+@network_options
+@user_errors
+def export_command(model: str, fmt: str, out_dir: Path, mirrors: tuple[str, ...], offline: bool | None) -> None:
+    """Export MODEL (S, M, L) for deployment: a Paddle inference model or an ONNX model.
+
+    \b
+      mixnet export S --format paddle -o mixnet_s_infer/
+      mixnet export L --format onnx -o models/
+
+    The export is checked before it is written: loaded back from the output directory and run on a test batch,
+    its logits must equal the paddle network's. Prints the files written (stdout) and how to use them (stderr).
+    """
+    from .export import export_to_directory
+    from .manifest import resolve_model
+    from .weights import ensure_weights
+
+    spec = resolve_model(model)
+    weights = ensure_weights(spec, mirrors=mirrors or None, offline=offline)
+    written, check = export_to_directory(spec, weights.path, weights.record.sha256, fmt, out_dir)
+    for path in written:
+        click.echo(str(path))
+    pre = spec.preprocessing
+    click.echo(
+        f"{spec.name} exported as {fmt} to {out_dir}: loaded back and checked against paddle "
+        f"(max logit difference {check['max_abs_logit_diff']:.2g}, probabilities {check['max_abs_probability_diff']:.2g}).",
+        err=True,
+    )
+    click.echo(
+        _EXPORT_USAGE[fmt].format(dir=out_dir, name=spec.name, size=pre.crop_size, resize=pre.resize_short,
+                                  mean=list(pre.mean), std=list(pre.std)),
+        err=True,
+    )

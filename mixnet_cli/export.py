@@ -267,6 +267,62 @@ def mark_engine_checked(directory: Path, engine: str, version: str, check: dict[
         tmp.unlink(missing_ok=True)
 
 
+EXPORT_DIRECTORIES = ("onnx", "paddle-inference", "openvino")
+
+
+def export_entries() -> list[dict[str, Any]]:
+    """Every exported-model directory in the cache: what it holds, for which model and weights, its size.
+
+    For cache listings; a directory is ``verified`` when its record still matches its files (``openvino``
+    holds OpenVINO's own caches, which have no record).
+    """
+    from .manifest import load_manifest
+
+    specs = load_manifest().models
+    entries = []
+    for kind in EXPORT_DIRECTORIES:
+        root = cache.cache_root() / kind
+        if not root.is_dir():
+            continue
+        for directory in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            record = _read_record(directory)
+            model = record.get("model") if record else None
+            status = "n/a"
+            if kind != "openvino":
+                fmt = "onnx" if kind == "onnx" else "paddle"
+                spec = specs.get(model) if isinstance(model, str) else None
+                ok = spec is not None and _problem(record, fmt, spec, directory.name, directory) is None
+                status = "verified" if ok else "corrupt"
+            size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+            entries.append({"kind": kind, "model": model, "weights_sha256": directory.name, "status": status,
+                            "size": size, "path": str(directory)})
+    return entries
+
+
+def remove_exports(weights_sha256: str | None = None) -> list[Path]:
+    """Delete the exported models of these weights (all of them when None), leftovers included; returns the
+    directories deleted. They are made again, once, on next use."""
+    removed = []
+    for kind in EXPORT_DIRECTORIES:
+        root = cache.cache_root() / kind
+        if not root.is_dir():
+            continue
+        for path in sorted(root.iterdir()):
+            name = path.name.lstrip(".").split(".", 1)[0]
+            if weights_sha256 is not None and name != weights_sha256:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+        try:
+            root.rmdir()
+        except OSError:
+            pass  # not empty: other weights' exports, or files of other names
+    return removed
+
+
 def _child_environment() -> dict[str, str]:
     env = dict(os.environ)
     # paddle2onnx's default optimiser (polygraphy) installs packages into the running environment when this is
@@ -308,6 +364,45 @@ def _convert_in_child(spec: ModelSpec, weights_path: Path, fmt: str, out: Path) 
     except (OSError, ValueError):
         raise EngineError(f"converting {spec.name} to {_format(fmt).label} gave no check report; run again") from None
     return report if isinstance(report, dict) else {}
+
+
+def deployable_files(exported: ExportedModel) -> list[str]:
+    """The files of an export a deployment needs (the model itself, not our record or check notes)."""
+    return sorted(name for name in exported.files if name != RECORD_NAME and not name.startswith("checked-"))
+
+
+def export_to_directory(spec: ModelSpec, weights_path: Path, weights_sha256: str, fmt: str,
+                        out_dir: Path) -> tuple[list[Path], dict[str, Any]]:
+    """Write ``spec``'s model in ``fmt`` into ``out_dir`` for deployment; returns the files written and the check.
+
+    The files are the cached export (converted once and checked against paddle), copied beside ``out_dir``'s
+    final names, loaded back from there and run on the test batch again: only copies that give paddle's logits
+    take their final names, so a failed export leaves nothing half-written in ``out_dir``.
+    """
+    exported = ensure_export(spec, weights_path, weights_sha256, fmt)
+    names = deployable_files(exported)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".mixnet-export-", dir=out_dir))
+    except OSError as exc:
+        from .errors import CacheError
+
+        raise CacheError(f"cannot write to {out_dir} ({exc.strerror or exc}); choose a writable directory with -o") from None
+    try:
+        for name in names:
+            shutil.copyfile(exported.directory / name, staging / name)
+        check = check_export(spec, fmt, staging, exported.record)
+        written = []
+        for name in names:
+            os.replace(staging / name, out_dir / name)
+            written.append(out_dir / name)
+        return written, check
+    except OSError as exc:
+        from .errors import CacheError
+
+        raise CacheError(f"cannot write to {out_dir} ({exc.strerror or exc}); free disk space or choose another -o") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
