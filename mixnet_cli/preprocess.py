@@ -159,11 +159,14 @@ def transform(rgb: np.ndarray, pre: Preprocessing) -> np.ndarray:
     top = (new_h - pre.crop_size) // 2
     left = (new_w - pre.crop_size) // 2
     crop = resized[top:top + pre.crop_size, left:left + pre.crop_size, :]
-    scale = np.float32(pre.scale)
-    mean = np.array(pre.mean, dtype=np.float32).reshape(1, 1, 3)
-    std = np.array(pre.std, dtype=np.float32).reshape(1, 1, 3)
-    normalised = (crop.astype(np.float32) * scale - mean) / std
-    return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+    # PaddleClas's (x * scale - mean) / std in float32, the same operations in the same order, so the same bits;
+    # done after the move to CHW, where each channel is one contiguous run, which is twice as fast in numpy as
+    # broadcasting over a last axis of 3.
+    normalised = np.ascontiguousarray(crop.transpose(2, 0, 1)).astype(np.float32)
+    normalised *= np.float32(pre.scale)
+    normalised -= np.array(pre.mean, dtype=np.float32).reshape(3, 1, 1)
+    normalised /= np.array(pre.std, dtype=np.float32).reshape(3, 1, 1)
+    return normalised
 
 
 def load_and_transform(source: ImageInput, pre: Preprocessing, name: str | None = None) -> np.ndarray:
