@@ -142,7 +142,7 @@ class Classifier:
         images: Iterable[ImageInput | tuple[str, ImageInput] | InputItem],
         *,
         topk: int = 5,
-        batch_size: int = 8,
+        batch_size: int = 4,
         workers: int = 2,
     ) -> Iterator[ClassificationResult]:
         """Classify images in input order, in batches, decoding ahead in threads while the engine runs.

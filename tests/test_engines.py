@@ -296,6 +296,7 @@ def test_benchmark_reports_latency_rows(home_copy):
         assert row["engine"] == "openvino" and row["device"] == "cpu" and row["threads"] == 1
         assert 0 < row["min_ms"] <= row["p10_ms"] <= row["median_ms"] <= row["p90_ms"] <= row["max_ms"]
         assert row["repeats"] == 3 and row["images_per_s"] > 0
+    assert [r["paddleclas_v100_trt_ms"] for r in rows] == [SPEC.metrics.v100_trt_fp32_latency_ms["bs1"], None]
     table = CliRunner().invoke(main, ["benchmark", "-b", "1", "--repeats", "1", "--warmup", "0"])
     assert table.exit_code == 0 and table.stdout.splitlines()[0].split()[:3] == ["model", "engine", "device"]
 
