@@ -1,0 +1,116 @@
+"""Goal 3: classifying a directory of photos against the forward pass alone, interleaved.
+
+Forward-only throughput is the default engine on already-preprocessed batches (images/s at each batch size;
+the best is the ceiling). The pipeline is ``Classifier.classify_many`` over the photo files (decode, resize,
+normalise in threads while the engine runs) for a grid of batch sizes and decode workers; the end-to-end
+figure is `mixnet classify DIR --jsonl`, process start and model load included.
+
+    python benchmarks/bulk.py --home /tmp/mixnet-bench --out bulk.json [--images DIR] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import (SAMPLES, clean_env, log, machine, mixnet_executable, prepare_home, run_process, sample_images,
+                     summary, write_json)
+
+import numpy as np
+
+BATCH_SIZES = (1, 2, 4, 8)
+WORKERS = (1, 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--images", type=Path, default=SAMPLES)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--model", default="MixNet_S")
+    args = parser.parse_args(argv)
+    prepare_home(args.home, [args.model])
+    os.environ["MIXNET_HOME"] = str(args.home)
+    from mixnet_cli import Classifier
+
+    images = sample_images(directory=args.images)
+    classifier = Classifier(args.model, device="cpu")
+    engine = classifier.engine
+    prepared = [classifier.preprocess(path) for path in images[:16]]
+    decode_ms = summary([1000 * _timed(lambda p=p: classifier.preprocess(p)) for p in images[:60]])
+    for size in BATCH_SIZES:  # compile every fixed-size model before timing
+        engine.run(np.stack(prepared[:size]))
+        engine.run(np.stack(prepared[:size]))
+    mixnet = str(mixnet_executable())
+    forward: dict[int, list[float]] = {size: [] for size in BATCH_SIZES}
+    pipeline: dict[str, list[float]] = {f"batch {b}, {w} worker(s)": [] for b in BATCH_SIZES for w in WORKERS}
+    cli: list[float] = []
+    defaults = _defaults()
+    default_name = f"batch {defaults['cli_batch_size']}, {defaults['classify_many_workers']} worker(s)"
+    paired: list[float] = []  # per round: the default pipeline / that round's best forward rate
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="mixnet-bench-") as scratch:
+        env = clean_env(args.home, Path(scratch) / "pycache")
+        directory = Path(scratch) / "photos"
+        directory.mkdir()
+        for path in images:
+            os.symlink(path.resolve(), directory / path.name)
+        run_process([mixnet, "classify", str(directory), "--jsonl"], env)  # bytecode, disk cache
+        for index in range(args.rounds):
+            log(f"bulk: round {index + 1}/{args.rounds}")
+            for b in BATCH_SIZES:
+                batch = np.stack(prepared[:b])
+                repeats = max(4, 48 // b)
+                seconds = _timed(lambda: [engine.run(batch) for _ in range(repeats)])
+                forward[b].append(b * repeats / seconds)
+                for w in WORKERS:
+                    seconds = _timed(lambda: list(classifier.classify_many(images, batch_size=b, workers=w)))
+                    pipeline[f"batch {b}, {w} worker(s)"].append(len(images) / seconds)
+            seconds, _, _ = run_process([mixnet, "classify", str(directory), "--jsonl"], env)
+            cli.append(len(images) / seconds)
+            if default_name in pipeline:
+                paired.append(pipeline[default_name][-1] / max(values[-1] for values in forward.values()))
+    forward_summary = {str(size): summary(values) for size, values in forward.items()}
+    best_forward = max(s["median"] for s in forward_summary.values())
+    pipeline_summary = {name: summary(values) for name, values in pipeline.items()}
+    write_json(args.out, {
+        "machine": machine(), "rounds": args.rounds, "seconds": time.time() - started, "model": args.model,
+        "images": len(images), "engine": f"{engine.name} ({engine.detail})",
+        "decode_and_transform_ms_per_image": decode_ms,
+        "forward_images_per_s": forward_summary,
+        "best_forward_images_per_s": best_forward,
+        "pipeline_images_per_s": pipeline_summary,
+        "cli_images_per_s": summary(cli),
+        "defaults": defaults,
+        "default_pipeline_to_best_forward_paired": summary(paired) if paired else None,
+    })
+    log(f"wrote {args.out}")
+    return 0
+
+
+def _timed(function) -> float:  # type: ignore[no-untyped-def]
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def _defaults() -> dict[str, int]:
+    """classify_many's own defaults, and the CLI's --batch-size default (what a user gets)."""
+    import inspect
+
+    from mixnet_cli.classifier import Classifier
+    from mixnet_cli.cli import classify
+
+    parameters = inspect.signature(Classifier.classify_many).parameters
+    cli_batch = next(p.default for p in classify.params if p.name == "batch_size")
+    return {"classify_many_batch_size": parameters["batch_size"].default,
+            "classify_many_workers": parameters["workers"].default, "cli_batch_size": cli_batch}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Goals 2 and 4: cold start of `mixnet classify one.jpg` (weights and converted model cached) against
+`python -c "import paddle"`, `mixnet --help`, and the peak memory of classifying one image, interleaved.
+
+Every command is a fresh process, as a user runs it; bytecode is cached as in an installed package (the
+first, untimed round writes it). Peak memory is the child's maximum resident set (``wait4``).
+
+    python benchmarks/coldstart.py --home /tmp/mixnet-bench --out coldstart.json [--rounds 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import SAMPLES, clean_env, log, machine, mixnet_executable, prepare_home, run_process, summary, write_json
+
+
+def one_image(directory: Path) -> Path:
+    candidates = sorted(SAMPLES.glob("*.JPEG"))
+    if candidates:
+        return candidates[0]
+    from PIL import Image
+
+    import numpy as np
+
+    path = directory / "one.jpg"
+    pixels = (np.random.default_rng(0).random((375, 500, 3)) * 255).astype("uint8")
+    Image.fromarray(pixels).save(path, quality=90)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--model", default="MixNet_S")
+    args = parser.parse_args(argv)
+    prepare_home(args.home, [args.model])
+    mixnet = str(mixnet_executable())
+    with tempfile.TemporaryDirectory(prefix="mixnet-bench-") as scratch:
+        image = str(one_image(Path(scratch)))
+        env = clean_env(args.home, Path(scratch) / "pycache")
+        commands = {
+            "mixnet classify one.jpg": [mixnet, "classify", image, "--model", args.model],
+            "mixnet classify one.jpg --engine onnxruntime": [mixnet, "classify", image, "--model", args.model,
+                                                             "--engine", "onnxruntime"],
+            'python -c "import paddle"': [sys.executable, "-c", "import paddle"],
+            "mixnet --help": [mixnet, "--help"],
+            'python -c "pass"': [sys.executable, "-c", "pass"],
+        }
+        occasional = {  # slow: a few runs, for the record
+            "mixnet classify one.jpg --engine dygraph": [mixnet, "classify", image, "--model", args.model,
+                                                         "--engine", "dygraph"],
+        }
+        for command in list(commands.values()) + list(occasional.values()):  # writes bytecode, warms the disk cache
+            run_process(command, env)
+        wall: dict[str, list[float]] = {name: [] for name in list(commands) + list(occasional)}
+        rss: dict[str, list[int]] = {name: [] for name in wall}
+        started = time.time()
+        for index in range(args.rounds):
+            log(f"cold start: round {index + 1}/{args.rounds}")
+            chosen = dict(commands)
+            if index < 3:
+                chosen.update(occasional)
+            for name, command in chosen.items():
+                seconds, peak_kib, _ = run_process(command, env)
+                wall[name].append(seconds)
+                rss[name].append(peak_kib)
+    results = {
+        name: {"wall_s": summary(wall[name]), "peak_rss_mib": summary([k / 1024 for k in rss[name]])}
+        for name in wall
+    }
+    default = results["mixnet classify one.jpg"]["wall_s"]["median"]
+    paddle = results['python -c "import paddle"']["wall_s"]["median"]
+    write_json(args.out, {
+        "machine": machine(), "rounds": args.rounds, "seconds": time.time() - started, "image": image,
+        "model": args.model, "commands": results, "ratio_classify_to_import_paddle": default / paddle,
+    })
+    log(f"wrote {args.out}: classify {default:.3f} s, import paddle {paddle:.3f} s, ratio {default / paddle:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
