@@ -292,11 +292,14 @@ class OpenVinoEngine:
         except Exception as exc:  # openvino raises RuntimeError subclasses of its own
             raise EngineError(f"OpenVINO cannot load {path} ({str(exc).strip().splitlines()[0][:200]})") from None
 
+    def _dynamic(self, size: int) -> tuple[int, Any]:
+        if 0 not in self._requests:
+            self._requests[0] = self._compile(self._model)
+        return size, self._requests[0]
+
     def _request_for(self, size: int) -> tuple[int, Any]:
         if self._cache_dir is None:
-            if 0 not in self._requests:
-                self._requests[0] = self._compile(self._model)
-            return size, self._requests[0]
+            return self._dynamic(size)
         if size in self._requests:
             return size, self._requests[size]
         larger = [s for s in self._requests if size < s <= 2 * size]
@@ -304,7 +307,10 @@ class OpenVinoEngine:
             return min(larger), self._requests[min(larger)]
         from .export import fixed_batch_onnx
 
-        path = fixed_batch_onnx(self._model, self._cache_dir, size)
+        try:
+            path = fixed_batch_onnx(self._model, self._cache_dir, size)
+        except OSError:  # a full or read-only disk: the dynamic model needs no new file
+            return self._dynamic(size)
         try:
             self._requests[size] = self._compile(path)
         except EngineError:
