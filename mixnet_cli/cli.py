@@ -104,6 +104,24 @@ def engine_option(func: F) -> F:
     )(func)
 
 
+def _device_and_engine(device: str | None, engine: str | None) -> tuple[str, str]:
+    """``--device`` and ``--engine``: the flag, else MIXNET_DEVICE / MIXNET_ENGINE, else auto; all checked."""
+    from .engine import check_device_name, check_engine_name
+
+    def pick(flag: str | None, variable: str, from_environment: str | None, check: Callable[[str], str]) -> str:
+        if flag:
+            return check(flag)
+        if from_environment:
+            try:
+                return check(from_environment)
+            except UsageError as exc:
+                raise UsageError(f"{exc} (from the environment variable {variable})") from None
+        return "auto"
+
+    return (pick(device, "MIXNET_DEVICE", settings.device(), check_device_name),
+            pick(engine, "MIXNET_ENGINE", settings.engine(), check_engine_name))
+
+
 def network_options(func: F) -> F:
     func = click.option(
         "--offline",
@@ -122,14 +140,37 @@ def network_options(func: F) -> F:
     return func
 
 
-@click.group(name="mixnet", context_settings=CONTEXT_SETTINGS)
+class _OneLineErrors(click.Group):
+    """click shows a usage error as a usage block, a hint and the error; here it is one line, like every error."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx is not None else "mixnet"
+            message = " ".join(exc.format_message().split())  # click lists choices on several lines
+            click.echo(f"Error: {message} (see `{command} --help`)", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+@click.group(name="mixnet", cls=_OneLineErrors, context_settings=CONTEXT_SETTINGS)
 @click.version_option(version=None, package_name="mixnet-cli", prog_name="mixnet", message="%(prog)s %(version)s")
 def main() -> None:
     """Classify images with PaddleClas's MixNet models (MixNet_S, MixNet_M, MixNet_L, ImageNet-1k).
 
     \b
       mixnet classify cat.jpg --model L
-      mixnet classify photos/ --jsonl | jq -r .predictions[0].label
+      mixnet classify photos/ --jsonl | jq -r '.predictions[0].label'
       mixnet download all
 
     Weights are downloaded on first use and cached (see `mixnet download --help`).
@@ -199,7 +240,6 @@ def classify(
     and the exit code is 1.
     """
     from .classifier import Classifier
-    from .engine import check_device_name, check_engine_name
     from .inputs import expand_inputs, read_list_file
     from .manifest import resolve_model
     from .output import write_classifications
@@ -207,12 +247,16 @@ def classify(
     if files_from == "-" and "-" in images:
         raise UsageError("stdin can carry either the list of files (--files-from -) or one image (-), not both")
     arguments = list(images) + (read_list_file(files_from) if files_from else [])
-    if not arguments:
+    if not arguments and not files_from:
         raise UsageError("no images given: name image files, directories, globs or URLs (or use --files-from)")
     resolve_model(model)  # a bad name is a usage error before anything slow happens
-    device_name = check_device_name(device or settings.device() or "auto")
-    engine_name = check_engine_name(engine or settings.engine() or "auto")
+    device_name, engine_name = _device_and_engine(device, engine)
+    _check_output_path(output)
     items = expand_inputs(arguments, recursive=recursive)
+    if not items:  # an empty --files-from list (`find` matched nothing): an empty result, not an error
+        with _open_output(output) as stream:
+            write_classifications(iter(()), fmt, stream)
+        return
     classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None, offline=offline,
                             progress=None if not quiet else False)
     if verbose and not quiet:
@@ -228,7 +272,8 @@ def classify(
 
     def rows() -> Iterator[dict[str, Any]]:
         nonlocal failures
-        with _progress(len(items), enabled=not quiet) as bar:
+        # A bar would interleave with results printed to the same terminal: only when they go elsewhere.
+        with _progress(len(items), enabled=not quiet and (output not in (None, "-") or not sys.stdout.isatty())) as bar:
             for result in classifier.classify_many(items, topk=topk, batch_size=batch_size):
                 bar.update(1)
                 if not result.ok:
@@ -237,12 +282,31 @@ def classify(
                         bar.write(f"Error: {result.error}", file=sys.stderr)
                 yield result.to_dict()
 
-    with click.open_file(output or "-", "w", encoding="utf-8", atomic=False) as stream:
+    with _open_output(output) as stream:
         write_classifications(rows(), fmt, stream)
     if failures:
         if not quiet and len(items) > 1:
             click.echo(f"Error: {failures} of {len(items)} image(s) failed", err=True)
         sys.exit(1)
+
+
+def _check_output_path(output: str | None) -> None:
+    """Fail before any work when ``-o`` cannot be written, rather than after classifying everything."""
+    if output in (None, "-"):
+        return
+    parent = Path(output).expanduser().resolve().parent
+    if not parent.is_dir():
+        raise UsageError(f"-o {output}: directory {parent} does not exist; create it or choose another path")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"-o {output}: directory {parent} is not writable; choose another path")
+
+
+def _open_output(output: str | None) -> Any:
+    """stdout, or ``-o FILE`` written to a temporary file and renamed when complete: an interrupted run never
+    leaves a half-written results file (nor destroys the previous one)."""
+    if output in (None, "-"):
+        return click.open_file("-", "w", encoding="utf-8")
+    return click.open_file(str(Path(output).expanduser()), "w", encoding="utf-8", atomic=True)
 
 
 class _NoProgress:
@@ -445,7 +509,6 @@ def evaluate_command(
     PaddleClas publishes 76.28 / 92.99 (S), 77.67 / 93.64 (M), 78.60 / 94.37 (L) on the 50,000 validation images.
     """
     from .classifier import Classifier
-    from .engine import check_device_name, check_engine_name
     from .evaluate import evaluate, read_image_folder, read_list_file
     from .labels import imagenet_labels, imagenet_synsets
     from .manifest import resolve_model
@@ -461,8 +524,7 @@ def evaluate_command(
     if limit is not None and limit < len(samples):
         step = len(samples) / limit
         samples = [samples[int(i * step)] for i in range(limit)]
-    device_name = check_device_name(device or settings.device() or "auto")
-    engine_name = check_engine_name(engine or settings.engine() or "auto")
+    device_name, engine_name = _device_and_engine(device, engine)
     classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None, offline=offline)
     labels = imagenet_labels()
     stdout = click.get_text_stream("stdout")
@@ -473,17 +535,19 @@ def evaluate_command(
               disable=quiet or not sys.stderr.isatty()) as bar:
         def on_result(result: Any, sample: Any) -> None:
             bar.update(1)
-            if fmt != "jsonl":
-                return
-            if result.ok and result.predictions[0].class_id == sample.class_id:
+            if not result.ok and fmt != "jsonl":
+                bar.write(f"Error: {result.error}", file=sys.stderr)
+            if fmt != "jsonl" or (result.ok and result.predictions[0].class_id == sample.class_id):
                 return
             row = result.to_dict()
-            row.update(class_id=sample.class_id, label=labels[sample.class_id])
+            row["expected"] = {"class_id": sample.class_id, "label": labels[sample.class_id]}
             stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
             stdout.flush()
 
         summary = evaluate(classifier, samples, batch_size=batch_size, on_result=on_result)
 
+    if summary.images == 0:
+        raise MixnetError(f"none of the {summary.failed} image(s) could be read, so there is no accuracy to report")
     if fmt == "json":
         stdout.write(json.dumps(summary.to_dict()) + "\n")
     else:
@@ -634,14 +698,13 @@ def benchmark(
     first when they are not cached. Milliseconds are wall time per batch; p10/p90 show the spread.
     """
     from .classifier import Classifier
-    from .engine import check_device_name, check_engine_name, measure_latency
+    from .engine import measure_latency
     from .manifest import model_names, resolve_model
     from .output import write_rows
 
     wanted = list(models) or ["S"]
     names = model_names() if any(m.lower() == "all" for m in wanted) else [resolve_model(m).name for m in wanted]
-    device_name = check_device_name(device or settings.device() or "auto")
-    engine_name = check_engine_name(engine or settings.engine() or "auto")
+    device_name, engine_name = _device_and_engine(device, engine)
     # Ascending: an engine may run a small batch on a model made for a larger one (OpenVINO pads up to 2x).
     sizes = sorted(set(batch_sizes or (1, 4, 8)))
 

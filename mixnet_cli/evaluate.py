@@ -36,14 +36,15 @@ class EvalSummary:
     seconds: float
 
     def to_dict(self) -> dict[str, object]:
+        """Accuracy in percent, as PaddleClas publishes it (and as ``mixnet models`` shows it)."""
         return {
             "model": self.model,
             "images": self.images,
             "failed": self.failed,
-            "top1": self.top1,
-            "top5": self.top5,
-            "images_per_s": self.images_per_s,
-            "seconds": self.seconds,
+            "top1": round(self.top1 * 100, 4),
+            "top5": round(self.top5 * 100, 4),
+            "images_per_s": round(self.images_per_s, 2),
+            "seconds": round(self.seconds, 3),
         }
 
 

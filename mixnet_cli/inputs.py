@@ -42,6 +42,16 @@ class ImageDownloadError(ImageError):
     """An image URL that could not be fetched."""
 
 
+def display_name(text: str) -> str:
+    """A name that can be printed and put in JSON: bytes of a file name that are not UTF-8 (which Python keeps as
+    lone surrogates) are shown as ``\\xff`` escapes instead of breaking the output."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _fail(error: ImageError) -> Callable[[], ImageSource]:
     def raise_error() -> ImageSource:
         raise error
@@ -105,41 +115,47 @@ def directory_images(directory: Path, recursive: bool = True) -> list[Path]:
 def _expand_one(argument: str, recursive: bool, stdin: BinaryIO | None) -> Iterator[InputItem]:
     if argument == "-":
         source = stdin if stdin is not None else sys.stdin.buffer
+        if source.isatty():
+            raise UsageError(
+                "'-' reads an image from stdin, but stdin is a terminal; pipe one in: mixnet classify - < cat.jpg"
+            )
         data = _read_stream(source, "<stdin>")
         yield InputItem("-", lambda: data)
         return
     if is_url(argument):
         yield InputItem(argument, lambda: fetch_image_url(argument))
         return
+    label = display_name(argument)
     path = Path(argument).expanduser()
     if path.is_dir():
         images = directory_images(path, recursive)
         if not images:
             where = "or its sub-directories " if recursive else ""
-            yield InputItem(argument, _fail(NoImagesError(
-                f"{argument}: directory {where}has no image files ({', '.join(sorted(IMAGE_SUFFIXES)[:6])}...)"
+            yield InputItem(label, _fail(NoImagesError(
+                f"{label}: directory {where}has no image files ({', '.join(sorted(IMAGE_SUFFIXES)[:6])}...)"
             )))
         for image in images:
-            yield InputItem(str(image), _path_loader(image))
+            yield InputItem(display_name(str(image)), _path_loader(image))
         return
     if not os.path.lexists(path) and _GLOB_CHARS & set(argument):
         matches = sorted(glob.glob(argument, recursive=True))
         files = [Path(m) for m in matches if Path(m).suffix.lower() in IMAGE_SUFFIXES and Path(m).is_file()]
         if not files:
-            yield InputItem(argument, _fail(NoImagesError(f"{argument}: pattern matches no image files")))
+            yield InputItem(label, _fail(NoImagesError(f"{label}: pattern matches no image files")))
         for image in files:
-            yield InputItem(str(image), _path_loader(image))
+            yield InputItem(display_name(str(image)), _path_loader(image))
         return
     if path.is_symlink() and not path.exists():
-        yield InputItem(argument, _fail(ImageNotFoundError(
-            f"{argument}: broken symbolic link (to {os.readlink(path)}); fix or remove the link"
+        yield InputItem(label, _fail(ImageNotFoundError(
+            f"{label}: broken symbolic link (to {display_name(os.readlink(path))}); fix or remove the link"
         )))
         return
-    yield InputItem(argument, _path_loader(path))
+    yield InputItem(label, _path_loader(path))
 
 
 def read_list_file(list_file: str, stdin: BinaryIO | None = None) -> list[str]:
-    """The paths/URLs in a ``--files-from`` file (``-`` for stdin): one per line, blank lines ignored."""
+    """The paths/URLs in a ``--files-from`` file (``-`` for stdin): one per line; blank lines and lines
+    starting with ``#`` are ignored."""
     try:
         if list_file == "-":
             raw = (stdin if stdin is not None else sys.stdin.buffer).read()
@@ -150,7 +166,7 @@ def read_list_file(list_file: str, stdin: BinaryIO | None = None) -> list[str]:
     except OSError as exc:
         raise UsageError(f"--files-from {list_file}: cannot read ({exc.strerror or exc})") from None
     text = raw.decode("utf-8", errors="surrogateescape")
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
 def expand_inputs(
@@ -167,7 +183,7 @@ def expand_inputs(
         try:
             items.extend(_expand_one(argument, recursive, stdin))
         except PermissionError:
-            items.append(InputItem(argument, _fail(ImageUnreadableError(
-                f"{argument}: permission denied; check the permissions"
+            items.append(InputItem(display_name(argument), _fail(ImageUnreadableError(
+                f"{display_name(argument)}: permission denied; check the permissions"
             ))))
     return items

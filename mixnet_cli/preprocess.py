@@ -29,7 +29,7 @@ from .manifest import Preprocessing
 
 ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
 
-# Pillow's own decompression-bomb threshold (about 179 million pixels), enforced as an error rather than a warning.
+# Pillow warns from 89 megapixels and refuses (DecompressionBombError) beyond twice that; the same limit here.
 MAX_PIXELS = 2 * 89_478_485
 # Bigger than any photo a classifier needs; a guard against filling memory from a URL or a mistaken path.
 MAX_IMAGE_BYTES = 256 * 1024 * 1024
@@ -58,13 +58,15 @@ def _open(source: str | Path | bytes, name: str) -> Image.Image:
             raise ImageUnreadableError(f"{name}: permission denied; check the file's permissions") from None
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow warns from MAX_IMAGE_PIXELS (89 MP) and refuses from twice that; we refuse at the same point
+            # and let the images between through without the warning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(stream)
     except FileNotFoundError:
         raise ImageNotFoundError(f"{name}: no such file; check the path") from None
     except PermissionError:
         raise ImageUnreadableError(f"{name}: permission denied; check the file's permissions") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise ImageTooLargeError(
             f"{name}: image is larger than {MAX_PIXELS} pixels (a possible decompression bomb); resize it first"
         ) from None
@@ -123,8 +125,12 @@ def decode(source: ImageInput, name: str | None = None) -> np.ndarray:
         return _from_array(source, label)
     if isinstance(source, Image.Image):
         image = source
-    else:
+    elif isinstance(source, (str, Path, bytes)):
         image = _open(source, label)
+    else:
+        raise NotAnImageError(
+            f"{label}: a {type(source).__name__} is not an image; pass a path, encoded bytes, a PIL image or an array"
+        )
     try:
         image.load()
         image = ImageOps.exif_transpose(image) or image
@@ -144,7 +150,9 @@ def _from_array(array: np.ndarray, label: str) -> np.ndarray:
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=-1)
     if array.ndim != 3 or array.shape[2] not in (3, 4) or array.dtype != np.uint8:
-        raise NotAnImageError(f"{label}: arrays must be HxW or HxWx3 (RGB) uint8, got {array.shape} {array.dtype}")
+        raise NotAnImageError(
+            f"{label}: arrays must be uint8 HxW (grey), HxWx3 (RGB) or HxWx4 (RGBA), got {array.shape} {array.dtype}"
+        )
     return np.ascontiguousarray(array[..., :3])
 
 

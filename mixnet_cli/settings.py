@@ -6,14 +6,23 @@ module constants) so that a test or a long-running program sees changes to the e
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
+from .errors import UsageError
+
 _TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
 
 
 def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in _TRUE
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise UsageError(f"environment variable {name}={os.environ[name]!r} is not a yes/no value; set it to 1 or 0")
 
 
 def home() -> Path:
@@ -54,20 +63,23 @@ def engine() -> str | None:
 
 def download_timeout() -> float:
     """Seconds to wait for the server to connect or send the next bytes (``MIXNET_TIMEOUT``, default 30)."""
-    raw = os.environ.get("MIXNET_TIMEOUT", "").strip()
-    try:
-        return float(raw) if raw else 30.0
-    except ValueError:
-        return 30.0
+    return _number("MIXNET_TIMEOUT", 30.0, 0.0, strictly_above=True)
 
 
-def _number(name: str, default: float, minimum: float) -> float:
+def _number(name: str, default: float, minimum: float, strictly_above: bool = False) -> float:
+    """A number from the environment; a value that is not one, or is out of range, is a usage error naming it."""
     raw = os.environ.get(name, "").strip()
-    try:
-        value = float(raw) if raw else default
-    except ValueError:
+    if not raw:
         return default
-    return value if value >= minimum else default  # also rejects nan
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    too_small = value <= minimum if strictly_above else value < minimum
+    if math.isnan(value) or math.isinf(value) or too_small:
+        bound = f"above {minimum:g}" if strictly_above else f"{minimum:g} or more"
+        raise UsageError(f"environment variable {name}={os.environ[name]!r} must be a number {bound} (default {default:g})")
+    return value
 
 
 def download_retries() -> int:

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -36,6 +37,11 @@ class VerifiedWeights:
 def candidate_urls(spec: ModelSpec, mirrors: Sequence[str] | None = None) -> list[str]:
     """The mirrors (flag, else ``MIXNET_MIRROR``) in order, each as ``<mirror>/<file name>``; else the manifest URL."""
     chosen = list(mirrors) if mirrors else settings.mirrors()
+    for mirror in chosen:
+        parts = urlsplit(mirror)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            source = "--mirror" if mirrors else "MIXNET_MIRROR"
+            raise UsageError(f"{source} {mirror!r} is not an http(s) URL; give a prefix like https://host/path")
     if chosen:
         return [f"{mirror.rstrip('/')}/{spec.filename}" for mirror in chosen]
     return [spec.url]

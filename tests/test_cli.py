@@ -272,3 +272,66 @@ def test_decompression_bomb_and_huge_files_are_errors(tmp_path, random_mirror, m
     monkeypatch.setattr(mixnet_cli.preprocess, "MAX_IMAGE_BYTES", good.stat().st_size - 1)
     rows = json.loads(_invoke("classify", str(good), "--json").stdout)
     assert rows[0]["error"]["type"] == "ImageTooLargeError" and "limit" in rows[0]["error"]["message"]
+
+
+def test_usage_errors_are_one_line_too(tmp_path):
+    for args in (["classify", "a.jpg", "--format", "xml"], ["nope"], ["download"], ["export", "S", "-o", str(tmp_path)]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and "--help" in lines[0], result.stderr
+
+
+def test_file_names_that_are_not_utf8_do_not_break_the_output(tmp_path, random_mirror):
+    folder = tmp_path / "names"
+    folder.mkdir()
+    good = _photo(folder / "a.png")
+    odd = Path(os.fsdecode(bytes(folder) + b"/b\xff.png"))
+    odd.write_bytes(good.read_bytes())
+    for fmt in ("--csv", "--format=table"):
+        result = _invoke("classify", str(folder), fmt)
+        assert result.exit_code == 0, result.output
+        assert "b\\xff.png" in result.stdout
+    rows = json.loads(_invoke("classify", str(folder), "--json").stdout)
+    assert rows[1]["input"].endswith("b\\xff.png")
+    assert rows[0]["predictions"] == rows[1]["predictions"]
+
+
+def test_images_between_pillows_warning_and_its_limit_are_not_refused(tmp_path, random_mirror):
+    big = _png_header_only(tmp_path / "big.png", 10_000, 10_000)  # 100 MP: Pillow warns, but allows it
+    rows = json.loads(_invoke("classify", str(big), "--json").stdout)
+    assert rows[0]["error"]["type"] != "ImageTooLargeError"  # it fails later, on its fake pixel data
+
+
+def test_output_file_is_written_whole_and_checked_first(tmp_path, random_mirror):
+    image = _photo(tmp_path / "a.png")
+    line = _one_line_error(_invoke("classify", str(image), "-o", str(tmp_path / "missing" / "out.json")), 2)
+    assert "does not exist" in line
+    target = tmp_path / "out.json"
+    assert _invoke("classify", str(image), "--json", "-o", str(target)).exit_code == 0
+    assert json.loads(target.read_text())[0]["input"] == str(image)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "mixnet-home", "out.json"]  # no temporary left
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [("MIXNET_TIMEOUT", "0"), ("MIXNET_TIMEOUT", "soon"), ("MIXNET_RETRIES", "abc"), ("MIXNET_OFFLINE", "maybe"),
+     ("MIXNET_DEVICE", "tpu")],
+)
+def test_bad_environment_values_are_named(variable, value, tmp_path, random_mirror, monkeypatch):
+    monkeypatch.setenv(variable, value)
+    line = _one_line_error(_invoke("classify", str(_photo(tmp_path / "a.png"))), exit_code=2)
+    assert variable in line and value in line
+
+
+def test_a_mirror_that_is_not_a_url_is_a_usage_error(tmp_path):
+    line = _one_line_error(_invoke("download", "S", "--mirror", "notaurl"), exit_code=2)
+    assert "notaurl" in line and "http" in line
+
+
+def test_files_from_skips_comments_and_may_be_empty(tmp_path, random_mirror):
+    image = _photo(tmp_path / "a.png")
+    listed = json.loads(_invoke("classify", "--files-from", "-", "--json", input=f"# photos\n{image}\n".encode()).stdout)
+    assert [row["input"] for row in listed] == [str(image)]
+    empty = _invoke("classify", "--files-from", "-", "--json", input=b"")
+    assert empty.exit_code == 0 and json.loads(empty.stdout) == []

@@ -59,8 +59,8 @@ def test_eval_reports_the_known_accuracy_for_both_layouts(labelled_set, calibrat
     assert from_folder.exit_code == 0, from_folder.output
     summary = json.loads(from_folder.stdout)
     assert summary["model"] == "MixNet_S" and summary["images"] == IMAGES and summary["failed"] == 0
-    assert summary["top1"] == pytest.approx(TOP1_HITS / IMAGES)
-    assert summary["top5"] == pytest.approx((TOP1_HITS + TOP5_ONLY) / IMAGES)
+    assert summary["top1"] == pytest.approx(100 * TOP1_HITS / IMAGES, abs=1e-4)  # percent, as PaddleClas publishes
+    assert summary["top5"] == pytest.approx(100 * (TOP1_HITS + TOP5_ONLY) / IMAGES, abs=1e-4)
     assert summary["images_per_s"] > 0
 
     from_list = json.loads(_eval("--list", str(root / "val_list.txt"), "--json").stdout)
@@ -78,8 +78,8 @@ def test_eval_jsonl_lists_the_mistakes(labelled_set, calibrated_mirror):
     assert len(mistakes) == IMAGES - TOP1_HITS
     for row in mistakes:
         index = int(Path(row["input"]).stem[3:])
-        assert index >= TOP1_HITS and row["class_id"] == labels[index]
-        assert row["predictions"][0]["class_id"] != row["class_id"]
+        assert index >= TOP1_HITS and row["expected"]["class_id"] == labels[index]
+        assert row["predictions"][0]["class_id"] != row["expected"]["class_id"]
     assert "top1" in result.stderr  # the summary goes to stderr
 
 
@@ -100,3 +100,12 @@ def test_eval_rejects_a_malformed_list(tmp_path, calibrated_mirror):
     listing.write_text("a.jpg 3\nb.jpg cat\n")
     result = _eval("--list", str(listing))
     assert result.exit_code == 2 and f"{listing}:2" in result.stderr
+
+
+def test_eval_names_unreadable_images_and_refuses_an_empty_score(tmp_path, calibrated_mirror):
+    folder = tmp_path / "val" / imagenet_synsets()[3]
+    folder.mkdir(parents=True)
+    (folder / "broken.jpg").write_text("not a picture")
+    result = _eval(str(tmp_path / "val"), "--json")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert "broken.jpg" in result.stderr and "no accuracy to report" in result.stderr.splitlines()[-1]
