@@ -230,6 +230,8 @@ def read_state_dict(data: bytes | Path | str) -> dict[str, np.ndarray]:
     :class:`WeightsError` for anything that is not a weights pickle at all.
     """
     payload = data if isinstance(data, bytes) else Path(data).read_bytes()
+    if not payload:
+        raise WeightsError("is empty (0 bytes), not a PaddlePaddle weights file")
     stream = io.BytesIO(payload)
     unpickler = _RestrictedUnpickler(stream)
     try:
@@ -238,6 +240,12 @@ def read_state_dict(data: bytes | Path | str) -> dict[str, np.ndarray]:
         raise
     except RecursionError:
         raise WeightsError("is not a PaddlePaddle weights file (nested too deeply)") from None
+    except EOFError:
+        raise WeightsError("is truncated (the file ends before its weights do)") from None
+    except pickle.UnpicklingError as exc:
+        if "truncated" in str(exc):
+            raise WeightsError("is truncated (the file ends before its weights do)") from None
+        raise WeightsError("is not a PaddlePaddle weights file (not a pickle of arrays)") from None
     except Exception as exc:  # any parse failure means "not a weights file", whatever pickle raised
         reason = str(exc).splitlines()[0][:120] if str(exc) else ""
         raise WeightsError(f"is not a PaddlePaddle weights file ({type(exc).__name__}: {reason})") from None
