@@ -243,7 +243,7 @@ def read_state_dict(data: bytes | Path | str) -> dict[str, np.ndarray]:
     except EOFError:
         raise WeightsError("is truncated (the file ends before its weights do)") from None
     except pickle.UnpicklingError as exc:
-        if "truncated" in str(exc):
+        if "truncated" in str(exc) or "exhausted" in str(exc):
             raise WeightsError("is truncated (the file ends before its weights do)") from None
         raise WeightsError("is not a PaddlePaddle weights file (not a pickle of arrays)") from None
     except Exception as exc:  # any parse failure means "not a weights file", whatever pickle raised
