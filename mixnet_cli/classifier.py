@@ -109,6 +109,10 @@ class Classifier:
         self.device_choice: DeviceChoice = self.engine_choice.device_choice
         self.labels = imagenet_labels()
 
+    def __repr__(self) -> str:
+        return (f"Classifier(model={self.spec.name!r}, engine={self.engine.name!r}, "
+                f"device={self.device_choice.device!r}, weights={str(self.weights.path)!r})")
+
     @property
     def model_name(self) -> str:
         return self.spec.name

@@ -75,6 +75,14 @@ def _model_names_help() -> str:
     return "S, M, L (or MixNet_S, mixnet_m, ...)"
 
 
+def _complete_model(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion for model names (the manifest is small and cheap to read)."""
+    from .manifest import model_names
+
+    names = [short for name in model_names() for short in (name.rsplit("_", 1)[-1], name)]
+    return [name for name in names if name.lower().startswith(incomplete.lower())]
+
+
 def output_options(func: F) -> F:
     """The same output flags on every command that prints rows."""
     func = click.option("--csv", "fmt", flag_value="csv", help="CSV with a header line (same as --format csv).")(func)
@@ -179,7 +187,8 @@ def main() -> None:
 
 @main.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("images", nargs=-1, metavar="[IMAGE|DIR|GLOB|URL|-]...")
-@click.option("-m", "--model", default="MixNet_S", show_default=True, help=f"Model: {_model_names_help()}.")
+@click.option("-m", "--model", default="MixNet_S", show_default=True, shell_complete=_complete_model,
+              help=f"Model: {_model_names_help()}.")
 @click.option("-k", "--topk", default=5, show_default=True, type=click.IntRange(1, 1000), help="How many labels per image.")
 @output_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True, allow_dash=True), help="Write results to this file instead of stdout.")
@@ -473,7 +482,8 @@ def doctor(fmt: str) -> None:
               help="A PaddleClas list file: '<image path> <class id>' per line.")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path),
               help="Directory the list file's paths are relative to (default: DATASET, else the list's directory).")
-@click.option("-m", "--model", default="MixNet_S", show_default=True, help=f"Model: {_model_names_help()}.")
+@click.option("-m", "--model", default="MixNet_S", show_default=True, shell_complete=_complete_model,
+              help=f"Model: {_model_names_help()}.")
 @click.option("--limit", type=click.IntRange(1), help="Evaluate only N images, evenly spaced through the set.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "jsonl"]), default="table", show_default=True,
               help="table or json: the summary; jsonl: one line per misclassified image (summary on stderr).")
