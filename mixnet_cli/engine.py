@@ -254,8 +254,9 @@ class OpenVinoEngine:
     f32 is asked for explicitly: on CPUs with bf16 units OpenVINO would otherwise compute in bf16, whose
     answers differ from paddle's in the third digit. Each batch size runs a model whose batch dimension is
     fixed (about 20% faster than a dynamic one at batch 1), made once per size from the checked model and kept
-    with OpenVINO's compiled form in ``cache_dir``; a smaller batch reuses a model up to twice its size, padded,
-    rather than compiling one more. Without ``cache_dir`` (a read-only cache) the dynamic model is compiled.
+    with OpenVINO's compiled form in ``cache_dir``; the first two batches of a size that has no model yet run
+    padded on a larger one (a last, partial batch), later ones get their own. Without ``cache_dir`` (a read-only
+    cache) the dynamic model is compiled.
     """
 
     name = "openvino"
@@ -281,6 +282,7 @@ class OpenVinoEngine:
         if cache_dir is not None:
             self._core.set_property({"CACHE_DIR": str(cache_dir / "compiled")})
         self._requests: dict[int, Any] = {}  # batch size (0: dynamic) -> infer request
+        self._uses: dict[int, int] = {}  # how often a size without its own model came
         # One infer request runs one batch at a time.
         self._lock = threading.Lock()
         self.detail = f"OpenVINO {self.version} CPU, f32, {self.threads} thread(s)"
@@ -302,8 +304,11 @@ class OpenVinoEngine:
             return self._dynamic(size)
         if size in self._requests:
             return size, self._requests[size]
-        larger = [s for s in self._requests if size < s <= 2 * size]
-        if larger:
+        self._uses[size] = self._uses.get(size, 0) + 1
+        larger = [s for s in self._requests if s > size]
+        if larger and self._uses[size] <= 2:
+            # A last, partial batch: padding it onto a model already compiled costs less than compiling one
+            # for it. A size that keeps coming gets its own model.
             return min(larger), self._requests[min(larger)]
         from .export import fixed_batch_onnx
 
