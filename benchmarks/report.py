@@ -91,7 +91,7 @@ def bulk_section(data: dict[str, Any]) -> tuple[list[str], float, float]:
     cli = data["cli_images_per_s"]["median"]
     paired = data.get("default_pipeline_to_best_forward_paired")
     ratio = paired["median"] if paired else pipeline / best
-    lines += ["", f"The default ({default_name}) against the best forward-only rate measured in the same round, "
+    lines += ["", f"The default ({default_name}) against the forward-only rate at the best batch size measured in the same round, "
               f"median over rounds: **{ratio:.2f}x** (ratio of the medians above: {pipeline / best:.2f}x).", "",
               f"`mixnet classify DIR --jsonl` end to end (process start, model load and all): "
               f"{cli:.1f} images/s, {cli / best:.2f}x the best forward-only rate.", ""]
@@ -171,11 +171,27 @@ def render(results: Path) -> str:
         "- A fixed batch dimension makes OpenVINO about 20% faster at batch 1 than a dynamic one, and its first "
         "inference much cheaper; mixnet makes one fixed-size model per batch size on first use (cached), and "
         "runs a smaller batch on a model up to twice its size, padded.",
-        "- ONNX Runtime: graph optimisation level ALL matters (EXTENDED is about 1.6x slower here); sequential "
-        "execution; intra-op threads = physical cores; spinning off (spinning threads steal the decode threads' "
-        "cores and collapse when anything else runs). A fixed batch dimension helps it less than OpenVINO.",
+        "- ONNX Runtime: graph optimisation level ALL matters (EXTENDED was about 1.6x slower, measured "
+        "separately); sequential execution; intra-op threads = physical cores. mixnet turns thread spinning off: "
+        "spinning is faster in isolation (the *library defaults* and *spinning threads* rows, up to a quarter at "
+        "batch 1), but the spinning threads take the cores the decode threads need in bulk runs, and were the "
+        "slowest setting of all when another process was busy. A fixed batch dimension does not help it.",
         "- Paddle Inference with oneDNN is 2-3x slower than ONNX Runtime on MixNet (its split-and-concat mixed "
         "convolutions), and paddle's eager mode slower still; both need `import paddle` (over a second).",
+        "- Cold start: nothing of paddle, paddleclas or paddle2onnx is imported once the model is cached (a test "
+        "checks it), nor tqdm when no progress bar is shown. What is left is Python and numpy, Pillow, cv2, the "
+        "engine's import (OpenVINO about 0.18 s, half of it its model-conversion tools, which its package imports "
+        "unconditionally; ONNX Runtime 0.03-0.08 s), loading the compiled model from the cache, and hashing the "
+        "weights and the converted model against their records. `--engine onnxruntime` starts about 0.15 s faster "
+        "than OpenVINO, which is faster per image from about the 30th image on.",
+        "- Bulk: on 2 cores the engine wants both cores and decoding wants 2-3 ms of CPU per photo, so the "
+        "ceiling is about (forward time) / (forward time + decode time / 2), roughly 0.8x here. The "
+        "normalisation step of the preprocessing was made twice as fast (the same float32 operations after the "
+        "move to CHW, so the same bits). Batch 4 and 8 with 2 decode workers measure the same within the noise; "
+        "1 worker is slower; a lower priority for the decode threads did not help. A prototype with two OpenVINO "
+        "streams of one thread each and two batches in flight ran about 14% faster than `classify_many` side by "
+        "side, which would clear 0.75x, but needs `classify_many` to keep two batches in flight and a second, "
+        "throughput-mode compiled model: not done yet.",
         "",
     ]
     return "\n".join(out)
