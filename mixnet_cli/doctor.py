@@ -66,7 +66,7 @@ def _guarded(name: str, probe: Callable[[], Iterator[Check]]) -> Iterator[Check]
 
 def _paddle() -> Iterator[Check]:
     from .engine import resolve_device
-    from .model import import_quietly
+    from .imports import import_quietly
 
     paddle = import_quietly("paddle")
     compiled = paddle.device.is_compiled_with_cuda()
@@ -82,7 +82,7 @@ def _paddle() -> Iterator[Check]:
 
 def _paddleclas() -> Iterator[Check]:
     from .manifest import load_manifest
-    from .model import import_quietly
+    from .imports import import_quietly
 
     spec = next(iter(load_manifest().models.values()))
     import_quietly(spec.architecture.split(":", 1)[0])
@@ -92,8 +92,9 @@ def _paddleclas() -> Iterator[Check]:
 def _onnxruntime() -> Iterator[Check]:
     if not _installed("onnxruntime") and not _installed("onnxruntime-gpu"):
         return
-    import onnxruntime
+    from .imports import import_quietly
 
+    onnxruntime = import_quietly("onnxruntime")
     yield Check("onnxruntime providers", ", ".join(onnxruntime.get_available_providers()), "info")
 
 

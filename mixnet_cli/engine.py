@@ -126,14 +126,14 @@ def _distribution_installed(name: str) -> bool:
 def _onnxruntime_providers() -> list[str]:
     if not _installed("onnxruntime"):
         return []
-    import onnxruntime
+    from .imports import import_quietly
 
-    return list(onnxruntime.get_available_providers())
+    return list(import_quietly("onnxruntime").get_available_providers())
 
 
 def _paddle_cuda() -> tuple[bool, int]:
     """Whether paddle is built with CUDA, and how many GPUs it sees (imports paddle: about a second)."""
-    from .model import import_quietly
+    from .imports import import_quietly
 
     paddle = import_quietly("paddle")
     compiled = bool(paddle.device.is_compiled_with_cuda())
@@ -265,8 +265,9 @@ class OpenVinoEngine:
                  cache_dir: Path | None = None) -> None:
         if device != "cpu":
             raise DeviceError(f"the openvino engine runs on the CPU only, not on {device}; use --device cpu")
-        import openvino
+        from .imports import import_quietly
 
+        openvino = import_quietly("openvino")
         self.device = device
         self.threads = threads or physical_cores()
         self.version = str(openvino.get_version()).split("-", 1)[0]
@@ -340,8 +341,9 @@ class OnnxRuntimeEngine:
     name = "onnxruntime"
 
     def __init__(self, model: Path | bytes, device: str = "cpu", threads: int | None = None) -> None:
-        import onnxruntime
+        from .imports import import_quietly
 
+        onnxruntime = import_quietly("onnxruntime")
         options = onnxruntime.SessionOptions()
         # paddle2onnx graphs carry unused initialisers that ONNX Runtime warns about on every load.
         options.log_severity_level = 3
@@ -385,7 +387,7 @@ class PaddleInferenceEngine:
     name = "paddle"
 
     def __init__(self, program: Path, params: Path, device: str = "cpu", threads: int | None = None) -> None:
-        from .model import import_quietly
+        from .imports import import_quietly
 
         inference = import_quietly("paddle.inference")
         self.device = device
@@ -443,7 +445,8 @@ class PaddleDygraphEngine:
     name = "dygraph"
 
     def __init__(self, spec: ModelSpec, state: dict[str, np.ndarray], device: str, threads: int | None = None) -> None:
-        from .model import import_quietly, load_network
+        from .imports import import_quietly
+        from .model import load_network
 
         self._paddle = import_quietly("paddle")
         self._paddle.set_device(device)

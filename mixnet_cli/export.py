@@ -333,6 +333,11 @@ def _child_environment() -> dict[str, str]:
     for name in ("PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):
         env.pop(name, None)
     env.setdefault("GLOG_minloglevel", "2")
+    # paddle writes under ~/.cache (its dataset folder on import, to_static_tmp when saving): keep it in our cache.
+    from .imports import paddle_home
+
+    env["MIXNET_HOME"] = str(cache.cache_root())  # the child must not derive it from the HOME set below
+    env["HOME"] = paddle_home(cache.cache_root())
     return env
 
 
@@ -500,7 +505,8 @@ def convert(spec: ModelSpec, weights_path: Path, fmt: str, out: Path) -> dict[st
     :func:`check_export`. Imports paddle and paddleclas (and paddle2onnx for ONNX): :func:`ensure_export` runs
     this in a child process.
     """
-    from .model import import_quietly, load_network
+    from .imports import import_quietly
+    from .model import load_network
     from .pdparams import read_state_dict
 
     _format(fmt)

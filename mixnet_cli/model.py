@@ -6,29 +6,16 @@ print help, list models or manage the cache.
 
 from __future__ import annotations
 
-import importlib
-import logging
-import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import WeightsError
+from .imports import import_quietly
 from .manifest import ModelSpec
 
 if TYPE_CHECKING:
     import paddle
-
-
-def import_quietly(module: str) -> Any:
-    """Import paddle/paddleclas modules without the warnings and log lines they print on import."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*ccache.*")
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        # faiss (pulled in by paddleclas) logs "Loading faiss with AVX512 support" at INFO on import.
-        logging.getLogger("faiss").setLevel(logging.WARNING)
-        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-        return importlib.import_module(module)
 
 
 def build_network(spec: ModelSpec) -> "paddle.nn.Layer":

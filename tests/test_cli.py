@@ -335,3 +335,19 @@ def test_files_from_skips_comments_and_may_be_empty(tmp_path, random_mirror):
     assert [row["input"] for row in listed] == [str(image)]
     empty = _invoke("classify", "--files-from", "-", "--json", input=b"")
     assert empty.exit_code == 0 and json.loads(empty.stdout) == []
+
+
+def test_a_first_run_writes_nothing_outside_the_cache(tmp_path, random_mirror):
+    """Download, conversion and every engine's import: the user's home and working directory stay untouched."""
+    home, work, cache = tmp_path / "home", tmp_path / "work", tmp_path / "cache"
+    home.mkdir()
+    work.mkdir()
+    image = _photo(tmp_path / "a.png")
+    env = {**os.environ, "HOME": str(home), "MIXNET_HOME": str(cache), "MIXNET_MIRROR": random_mirror.url}
+    env.pop("XDG_CACHE_HOME", None)
+    for engine in ("auto", "onnxruntime"):
+        done = subprocess.run([sys.executable, "-m", "mixnet_cli", "classify", str(image), "--engine", engine, "--json"],
+                              cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+    assert [p for p in home.rglob("*")] == []
+    assert [p for p in work.rglob("*")] == []

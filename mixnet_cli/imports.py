@@ -1,0 +1,78 @@
+"""Importing the heavy third-party libraries without their side effects on the user's machine.
+
+Running ``mixnet`` must print nothing but its own output and write nothing outside its cache. On import,
+paddle warns about ccache and creates ``~/.cache/paddle/``, faiss (pulled in by paddleclas) logs at INFO, OpenVINO sends a usage event and writes
+``~/intel/``, and ONNX Runtime writes a device id and an event store under ``~/.cache/Microsoft/``. This is the
+one place that imports them, and contains each of those.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import warnings
+from types import ModuleType
+
+
+def _contain_onnxruntime_import(module: str) -> ModuleType:
+    # ONNX Runtime places its telemetry files under XDG_CACHE_HOME, read while it loads: point that into our
+    # cache for the duration of the import, then turn its telemetry events off.
+    from .cache import cache_root
+
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache_root() / "onnxruntime-home")
+    try:
+        loaded = importlib.import_module(module)
+    finally:
+        if previous is None:
+            os.environ.pop("XDG_CACHE_HOME", None)
+        else:
+            os.environ["XDG_CACHE_HOME"] = previous
+    root = sys.modules["onnxruntime"]
+    disable = getattr(root, "disable_telemetry_events", None)
+    if disable is not None:
+        disable()
+    return loaded
+
+
+def _contain_paddle_import(module: str) -> ModuleType:
+    # `import paddle` creates ~/.cache/paddle/dataset (paddle.dataset.common, from HOME, read while it loads):
+    # point HOME into our cache for the duration of the import.
+    from .cache import cache_root
+
+    previous = os.environ.get("HOME")
+    os.environ["HOME"] = str(paddle_home(cache_root()))
+    try:
+        return importlib.import_module(module)
+    finally:
+        if previous is None:
+            os.environ.pop("HOME", None)
+        else:
+            os.environ["HOME"] = previous
+
+
+def paddle_home(cache: "os.PathLike[str] | str") -> str:
+    """Where paddle's own ~/.cache goes when mixnet runs it: inside our cache (for imports and the converter)."""
+    return os.path.join(os.fspath(cache), "paddle-home")
+
+
+def import_quietly(module: str) -> ModuleType:
+    """Import ``module`` (paddle, paddleclas, paddle2onnx, openvino, onnxruntime...) without its import-time noise,
+    telemetry or files outside the cache."""
+    # OpenVINO's `import openvino` sends a usage event through openvino_telemetry (and writes ~/intel/) unless
+    # that package is missing; marking it missing makes OpenVINO use its own no-op stand-in.
+    sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ccache.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # faiss (pulled in by paddleclas) logs "Loading faiss with AVX512 support" at INFO on import.
+        logging.getLogger("faiss").setLevel(logging.WARNING)
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+        root = module.split(".", 1)[0]
+        if root == "onnxruntime" and "onnxruntime" not in sys.modules:
+            return _contain_onnxruntime_import(module)
+        if root in ("paddle", "paddleclas", "paddle2onnx") and "paddle" not in sys.modules:
+            return _contain_paddle_import(module)
+        return importlib.import_module(module)
