@@ -14,7 +14,7 @@ from . import settings
 
 # Distributions whose versions matter for a bug report, in the order shown.
 _DISTRIBUTIONS = (
-    "mixnet-cli", "paddlepaddle", "paddlepaddle-gpu", "paddleclas", "onnxruntime", "onnxruntime-gpu",
+    "mixnet-cli", "paddlepaddle", "paddlepaddle-gpu", "paddleclas", "openvino", "onnxruntime", "onnxruntime-gpu",
     "paddle2onnx", "onnx", "numpy", "opencv-python", "pillow",
 )
 
@@ -78,6 +78,16 @@ def _paddle() -> Iterator[Check]:
                     "" if count else "check nvidia-smi and CUDA_VISIBLE_DEVICES")
     choice = resolve_device("auto")
     yield Check("device auto picks", f"{choice.device} ({choice.reason})", "ok")
+
+
+def _engine() -> Iterator[Check]:
+    from .engine import choose_engine
+
+    for variable, value in (("MIXNET_DEVICE", settings.device()), ("MIXNET_ENGINE", settings.engine())):
+        if value:
+            yield Check(variable, value, "info")
+    choice = choose_engine(settings.engine() or "auto", settings.device() or "auto")
+    yield Check("engine auto picks", f"{choice.engine} on {choice.device} ({choice.engine_reason})", "ok")
 
 
 def _paddleclas() -> Iterator[Check]:
@@ -151,6 +161,7 @@ def run_checks() -> Iterator[Check]:
     """Every check, in order; each one is independent, so a broken part does not hide the others."""
     yield from _versions()
     yield from _guarded("paddle", _paddle)
+    yield from _guarded("engine", _engine)
     yield from _guarded("paddleclas", _paddleclas)
     yield from _guarded("onnxruntime", _onnxruntime)
     yield from _guarded("cache", _cache)
