@@ -584,14 +584,14 @@ def cache_group() -> None:
     """
 
 
-_CACHE_COLUMNS = ["model", "status", "size", "sha256", "source", "fetched_at"]
+_CACHE_COLUMNS = ["model", "kind", "status", "size", "sha256", "source", "fetched_at"]
 
 
 @cache_group.command("list", context_settings=CONTEXT_SETTINGS)
 @output_options
 @user_errors
 def cache_list(fmt: str) -> None:
-    """List the cached weights: model, status, size, sha256, where each came from and when.
+    """List the cached weights (and the models converted from them): model, kind, status, size, sha256, source, when.
 
     \b
       mixnet cache list
@@ -602,12 +602,20 @@ def cache_list(fmt: str) -> None:
     the next `mixnet download` resumes it).
     """
     from .cache import cache_root, list_entries
+    from .export import export_entries
     from .output import write_rows
 
-    entries = list_entries()
-    count = write_rows((e.to_dict() for e in entries), fmt, click.get_text_stream("stdout"), headers=_CACHE_COLUMNS)
+    rows = [{"kind": "weights", **entry.to_dict()} for entry in list_entries()]
+    exports = export_entries()
+    model_of = {row["sha256"]: row["model"] for row in rows if row["sha256"]}
+    model_of.update({e["weights_sha256"]: e["model"] for e in exports if e["model"]})
+    for entry in exports:  # models converted for the engines, made again on use when removed
+        rows.append({"model": model_of.get(entry["weights_sha256"]), "kind": entry["kind"], "status": entry["status"], "size": entry["size"],
+                     "sha256": None, "source": f"converted from weights {entry['weights_sha256'][:12]}",
+                     "fetched_at": None, "path": entry["path"]})
+    count = write_rows(rows, fmt, click.get_text_stream("stdout"), headers=_CACHE_COLUMNS)
     if not count and fmt == "table":
-        click.echo(f"No weights cached in {cache_root()}.", err=True)
+        click.echo(f"Nothing cached in {cache_root()}.", err=True)
 
 
 @cache_group.command("path", context_settings=CONTEXT_SETTINGS)
@@ -630,25 +638,31 @@ def cache_path(model: str | None) -> None:
 @click.argument("models", nargs=-1, required=True, metavar="MODEL...")
 @user_errors
 def cache_rm(models: tuple[str, ...]) -> None:
-    """Delete the cached weights of MODEL (S, M, L or all), with their record and any partial download.
+    """Delete the cached weights of MODEL (S, M, L or all), with their record, any partial download and the
+    models converted from them.
 
     \b
       mixnet cache rm S
     """
-    from .cache import remove_model
+    from .cache import read_record, remove_model
+    from .export import remove_model_exports
     from .manifest import model_names, resolve_model
 
     wanted = model_names() if any(m.lower() == "all" for m in models) else [resolve_model(m).name for m in models]
     for name in dict.fromkeys(wanted):
-        removed = remove_model(resolve_model(name))
-        click.echo(f"{name}: " + (f"removed {len(removed)} file(s)" if removed else "nothing cached"), err=True)
+        spec = resolve_model(name)
+        record = read_record(spec)
+        removed = remove_model(spec)
+        removed += remove_model_exports(spec, record.sha256 if record else None)
+        click.echo(f"{name}: " + (f"removed {len(removed)} file(s) and folder(s)" if removed else "nothing cached"),
+                   err=True)
 
 
 @cache_group.command("clear", context_settings=CONTEXT_SETTINGS)
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @user_errors
 def cache_clear(yes: bool) -> None:
-    """Delete every cached weights file, record, partial download and lock.
+    """Delete every cached weights file, record, partial download and lock, and the converted models.
 
     \b
       mixnet cache clear
@@ -657,19 +671,22 @@ def cache_clear(yes: bool) -> None:
     Only the cache's own files are deleted: anything else under MIXNET_HOME stays.
     """
     from .cache import cache_root, clear_cache, files_to_clear
+    from .export import clear_engine_files, engine_files_size, engine_home_dirs, export_entries
 
     planned = files_to_clear()
-    if not planned:
+    converted = len(export_entries()) + len(engine_home_dirs())
+    if not planned and not converted:
         click.echo(f"Nothing to delete in {cache_root()}.", err=True)
         return
-    size = sum(p.stat().st_size for p in planned if p.is_file())
+    size = sum(p.stat().st_size for p in planned if p.is_file()) + engine_files_size()
     if not yes and not click.confirm(
-        f"Delete {len(planned)} file(s), {size / 1e6:.1f} MB, from {cache_root()}?", default=False, err=True
+        f"Delete {len(planned)} weights file(s) and {converted} converted-model folder(s), {size / 1e6:.1f} MB, "
+        f"from {cache_root()}?", default=False, err=True
     ):
         click.echo("Nothing deleted.", err=True)
         sys.exit(1)
-    removed = clear_cache()
-    click.echo(f"Deleted {len(removed)} file(s) from {cache_root()}.", err=True)
+    removed = clear_cache() + clear_engine_files()
+    click.echo(f"Deleted {len(removed)} file(s) and folder(s) from {cache_root()}.", err=True)
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)

@@ -309,6 +309,8 @@ def remove_exports(weights_sha256: str | None = None) -> list[Path]:
             continue
         for path in sorted(root.iterdir()):
             name = path.name.lstrip(".").split(".", 1)[0]
+            if len(name) != 64 or any(c not in "0123456789abcdef" for c in name):
+                continue  # not named by a weights sha256: not ours, leave it
             if weights_sha256 is not None and name != weights_sha256:
                 continue
             if path.is_dir():
@@ -321,6 +323,42 @@ def remove_exports(weights_sha256: str | None = None) -> list[Path]:
         except OSError:
             pass  # not empty: other weights' exports, or files of other names
     return removed
+
+
+def remove_model_exports(spec: ModelSpec, weights_sha256: str | None = None) -> list[Path]:
+    """Delete every export made from ``spec``'s weights (those in records, and ``weights_sha256``'s)."""
+    hashes = {entry["weights_sha256"] for entry in export_entries() if entry["model"] == spec.name}
+    if weights_sha256:
+        hashes.add(weights_sha256)
+    removed: list[Path] = []
+    for sha256 in sorted(hashes):
+        removed += remove_exports(sha256)
+    return removed
+
+
+def engine_home_dirs() -> list[Path]:
+    """The folders where paddle and ONNX Runtime keep their own files while mixnet runs them (see imports.py)."""
+    from .imports import paddle_home
+
+    root = cache.cache_root()
+    return [path for path in (Path(paddle_home(root)), root / "onnxruntime-home") if path.is_dir()]
+
+
+def clear_engine_files() -> list[Path]:
+    """Delete every export and the engines' own folders in the cache; they are made again on next use."""
+    removed = remove_exports(None)
+    for path in engine_home_dirs():
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def engine_files_size() -> int:
+    """Bytes taken by exports and engine folders (for the confirmation prompt of ``mixnet cache clear``)."""
+    total = sum(int(entry["size"]) for entry in export_entries())
+    for path in engine_home_dirs():
+        total += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return total
 
 
 def _child_environment() -> dict[str, str]:

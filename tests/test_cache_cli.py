@@ -36,7 +36,7 @@ def names(directory: Path) -> set[str]:
 def test_list_of_an_empty_cache(isolated_home):
     table = run("cache", "list")
     assert table.exit_code == 0 and table.stdout == ""
-    assert f"No weights cached in {isolated_home}" in table.stderr
+    assert f"Nothing cached in {isolated_home}" in table.stderr
     assert run("cache", "list", "--json").stdout == "[]\n"
     assert run("cache", "list", "--jsonl").stdout == ""
 
@@ -45,12 +45,12 @@ def test_list_shows_each_file_with_its_checksum_source_and_status(cached, random
     digest = hashlib.sha256(cached.read_bytes()).hexdigest()
     rows = json.loads(run("cache", "list", "--json").stdout)
     assert rows == [{
-        "model": "MixNet_S", "status": "verified", "size": cached.stat().st_size, "sha256": digest,
+        "kind": "weights", "model": "MixNet_S", "status": "verified", "size": cached.stat().st_size, "sha256": digest,
         "source": f"{random_mirror.url}/{FILE}", "fetched_at": rows[0]["fetched_at"], "path": str(cached),
     }]
     table = run("cache", "list").stdout.splitlines()
-    assert table[0].split() == ["model", "status", "size", "sha256", "source", "fetched_at"]
-    assert table[1].split()[:4] == ["MixNet_S", "verified", str(cached.stat().st_size), digest]
+    assert table[0].split() == ["model", "kind", "status", "size", "sha256", "source", "fetched_at"]
+    assert table[1].split()[:5] == ["MixNet_S", "weights", "verified", str(cached.stat().st_size), digest]
     assert json.loads(run("cache", "list", "--jsonl").stdout) == rows[0]
 
     # a partial download and a changed file are shown for what they are
@@ -110,7 +110,7 @@ def test_clear_asks_first_and_deletes_only_the_caches_own_files(cached, isolated
 
     yes = run("cache", "clear", input="y\n")
     assert yes.exit_code == 0, yes.output
-    assert "Delete 3 file(s)" in yes.stderr  # weights, record, lock
+    assert "Delete 3 weights file(s)" in yes.stderr  # weights, record, lock
     assert names(weights) == {"MixNet_S_pretrained.pdparams.bak"}
     assert all(path.read_text() == "not the cache's" for path in others)
 
@@ -187,3 +187,23 @@ def test_a_read_only_cache_still_serves_what_it_holds(cached, isolated_home, rea
     removed = run("cache", "rm", "S")
     assert removed.exit_code == 1 and "Error: cannot" in removed.stderr
     assert (view / "weights" / FILE).is_file()
+
+
+def test_converted_models_are_listed_and_removed_with_their_weights(tmp_path, random_mirror, isolated_home):
+    from PIL import Image
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(image)
+    runner = CliRunner()
+    assert runner.invoke(main, ["classify", str(image), "--json"]).exit_code == 0
+    rows = json.loads(runner.invoke(main, ["cache", "list", "--json"]).stdout)
+    kinds = {row["kind"] for row in rows}
+    assert "weights" in kinds and kinds - {"weights"}, "the engine's converted model is listed"
+    assert {row["model"] for row in rows} == {"MixNet_S"}
+    assert runner.invoke(main, ["cache", "rm", "S"]).exit_code == 0
+    assert json.loads(runner.invoke(main, ["cache", "list", "--json"]).stdout) == []
+    leftovers = [p for p in isolated_home.rglob("*") if p.is_file() and not p.name.endswith(".lock")
+                 and "-home" not in str(p.relative_to(isolated_home))]
+    assert leftovers == []
+    assert runner.invoke(main, ["cache", "clear", "--yes"]).exit_code == 0
+    assert [p for p in isolated_home.rglob("*") if p.is_file() and not p.name.endswith(".lock")] == []
