@@ -158,7 +158,8 @@ def machine() -> dict[str, Any]:
         "memory": memory,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "load_average_at_start": list(os.getloadavg()),
+        # Other processes share the machine: the load average (1, 5, 15 minutes) when this was called.
+        "load_average": list(os.getloadavg()),
         "versions": versions,
     }
 

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     defaults = _defaults()
     default_name = f"batch {defaults['cli_batch_size']}, {defaults['classify_many_workers']} worker(s)"
     paired: list[float] = []  # per round: the default pipeline / the forward rate at the best batch size
+    at_start = machine()
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="mixnet-bench-") as scratch:
         env = clean_env(args.home, Path(scratch) / "pycache")
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         paired = [p / f for p, f in zip(pipeline[default_name], forward[best_size])]
     pipeline_summary = {name: summary(values) for name, values in pipeline.items()}
     write_json(args.out, {
-        "machine": machine(), "rounds": args.rounds, "seconds": time.time() - started, "model": args.model,
+        "machine": at_start, "load_average_at_end": list(os.getloadavg()), "rounds": args.rounds, "seconds": time.time() - started, "model": args.model,
         "images": len(images), "engine": f"{engine.name} ({engine.detail})",
         "decode_and_transform_ms_per_image": decode_ms,
         "forward_images_per_s": forward_summary,

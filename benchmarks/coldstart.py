@@ -10,6 +10,7 @@ first, untimed round writes it). Peak memory is the child's maximum resident set
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             run_process(command, env)
         wall: dict[str, list[float]] = {name: [] for name in list(commands) + list(occasional)}
         rss: dict[str, list[int]] = {name: [] for name in wall}
+        at_start = machine()
         started = time.time()
         for index in range(args.rounds):
             log(f"cold start: round {index + 1}/{args.rounds}")
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     default = results["mixnet classify one.jpg"]["wall_s"]["median"]
     paddle = results['python -c "import paddle"']["wall_s"]["median"]
     write_json(args.out, {
-        "machine": machine(), "rounds": args.rounds, "seconds": time.time() - started, "image": image,
+        "machine": at_start, "load_average_at_end": list(os.getloadavg()), "rounds": args.rounds, "seconds": time.time() - started, "image": image,
         "model": args.model, "commands": results, "ratio_classify_to_import_paddle": default / paddle,
     })
     log(f"wrote {args.out}: classify {default:.3f} s, import paddle {paddle:.3f} s, ratio {default / paddle:.2f}")

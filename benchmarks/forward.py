@@ -192,9 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     from mixnet_cli.engine import physical_cores
 
     prepare_home(args.home, args.models)
+    at_start = machine()
     started = time.time()
     results = measure(args.models, args.home, args.rounds, physical_cores())
-    write_json(args.out, {"machine": machine(), "rounds": args.rounds, "runs_per_round": RUNS_PER_ROUND,
+    write_json(args.out, {"machine": at_start, "load_average_at_end": list(os.getloadavg()), "rounds": args.rounds, "runs_per_round": RUNS_PER_ROUND,
                           "seconds": time.time() - started, "models": results})
     log(f"wrote {args.out}")
     return 0

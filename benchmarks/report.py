@@ -1,6 +1,6 @@
 """Write BENCHMARKS.md from the JSON files that forward.py, coldstart.py and bulk.py wrote.
 
-    python benchmarks/report.py --results DIR --out BENCHMARKS.md
+    python benchmarks/report.py --results DIR --out BENCHMARKS.md [--other DIR ...]
 """
 
 from __future__ import annotations
@@ -15,6 +15,19 @@ FORWARD_TARGET = 1.15
 COLD_TARGET = 0.5
 BULK_TARGET = 0.75
 HELP_TARGET = 0.25
+
+
+def _load_average(data: dict[str, Any]) -> str:
+    start = data["machine"].get("load_average", data["machine"].get("load_average_at_start"))
+    text = ", ".join(f"{x:.2f}" for x in start)
+    if "load_average_at_end" in data:
+        text += " → " + ", ".join(f"{x:.2f}" for x in data["load_average_at_end"])
+    return text
+
+
+def _loads(forward: dict[str, Any], cold: dict[str, Any], bulk: dict[str, Any]) -> str:
+    return "; ".join(f"{name} {_load_average(data)}" for name, data in
+                     (("forward pass", forward), ("cold start", cold), ("bulk", bulk)))
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -98,7 +111,32 @@ def bulk_section(data: dict[str, Any]) -> tuple[list[str], float, float]:
     return lines, ratio, cli / best
 
 
-def render(results: Path) -> str:
+def _summary_ratios(results: Path) -> tuple[float, float, float, float, str]:
+    forward = _load(results / "forward.json")
+    _, worst = forward_section(forward)
+    _, cold_ratio, help_s, _ = cold_section(_load(results / "coldstart.json"))
+    _, bulk_ratio, _ = bulk_section(_load(results / "bulk.json"))
+    return worst, cold_ratio, bulk_ratio, help_s, _loads(forward, _load(results / "coldstart.json"),
+                                                         _load(results / "bulk.json"))
+
+
+def other_runs_section(others: list[Path]) -> list[str]:
+    if not others:
+        return []
+    lines = ["## Other runs", "",
+             "The same measurements on the same machine at other times, with the code as it was then (other "
+             "processes were running; the load average is the machine's when each part finished), to show how far "
+             "the noise moves the ratios:", "",
+             "| run | load average (1, 5, 15 min) | 1. forward, worst | 2. cold start | 3. bulk | 4. --help |",
+             "|---|---|---|---|---|---|"]
+    for index, results in enumerate(others, start=1):
+        worst, cold_ratio, bulk_ratio, help_s, load = _summary_ratios(results)
+        lines.append(f"| {index} | {load} | {worst:.2f}x | {cold_ratio:.2f}x | "
+                     f"{bulk_ratio:.2f}x | {help_s:.3f} s |")
+    return lines + [""]
+
+
+def render(results: Path, others: list[Path] | None = None) -> str:
     forward = _load(results / "forward.json")
     cold = _load(results / "coldstart.json")
     bulk = _load(results / "bulk.json")
@@ -122,8 +160,8 @@ def render(results: Path) -> str:
         "ratios, not absolute times.",
         "",
         f"- Machine: {machine['cpu']} ({machine['cpu_flags']}), {machine['logical_cpus']} logical CPUs, "
-        f"{machine['physical_cores_available']} physical cores available, {machine['memory']}; load average at "
-        f"start {', '.join(f'{x:.2f}' for x in machine['load_average_at_start'])}",
+        f"{machine['physical_cores_available']} physical cores available, {machine['memory']}",
+        f"- Load average (1, 5, 15 min; other processes share the machine): {_loads(forward, cold, bulk)}",
         f"- Python {machine['python']} on {machine['platform']}",
         f"- {versions}",
         "- No GPU here: the CUDA paths (onnxruntime-gpu, Paddle Inference on CUDA/TensorRT) are written but "
@@ -163,6 +201,7 @@ def render(results: Path) -> str:
         "## 3. Bulk classification",
         "",
         *bulk_lines,
+        *other_runs_section(others or []),
         "## What was tried",
         "",
         "- OpenVINO beats ONNX Runtime on this CPU at every batch size with the same converted model, so it is "
@@ -201,8 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--other", type=Path, action="append", default=[],
+                        help="results of another run, summarised in a table (repeatable)")
     args = parser.parse_args(argv)
-    args.out.write_text(render(args.results), encoding="utf-8")
+    args.out.write_text(render(args.results, args.other), encoding="utf-8")
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
