@@ -491,7 +491,7 @@ def doctor(fmt: str) -> None:
 @click.option("--jsonl", "fmt", flag_value="jsonl", help="One JSON line per misclassified image; summary on stderr.")
 @click.option("--device", default=None, metavar="auto|cpu|gpu|gpu:N", help="Where to run (default auto; MIXNET_DEVICE).")
 @engine_option
-@click.option("-b", "--batch-size", default=8, show_default=True, type=click.IntRange(1, 1024), help="Images per forward pass.")
+@click.option("-b", "--batch-size", default=4, show_default=True, type=click.IntRange(1, 1024), help="Images per forward pass.")
 @network_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @user_errors

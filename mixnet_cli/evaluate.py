@@ -99,7 +99,7 @@ def evaluate(
     classifier: "Classifier",
     samples: Iterable[LabelledImage],
     *,
-    batch_size: int = 8,
+    batch_size: int = 4,
     on_result: Callable[["ClassificationResult", LabelledImage], None] | None = None,
 ) -> EvalSummary:
     """Classify every sample and count top-1 / top-5 hits; unreadable images are counted as failed, not scored."""
