@@ -6,7 +6,9 @@ Only this module imports click. Library errors (:class:`~mixnet_cli.errors.Mixne
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import json
 import os
 import sys
@@ -266,8 +268,10 @@ def classify(
         with _open_output(output) as stream:
             write_classifications(iter(()), fmt, stream)
         return
-    classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None, offline=offline,
-                            progress=None if not quiet else False)
+    # --quiet: not even the one-time notices (download progress, "converting ... (once)"); errors still raise.
+    with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+        classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None,
+                                offline=offline, progress=None if not quiet else False)
     if verbose and not quiet:
         weights = classifier.weights
         click.echo(

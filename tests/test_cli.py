@@ -351,3 +351,39 @@ def test_a_first_run_writes_nothing_outside_the_cache(tmp_path, random_mirror):
         assert done.returncode == 0, done.stderr
     assert [p for p in home.rglob("*")] == []
     assert [p for p in work.rglob("*")] == []
+
+
+def test_glob_patterns_expand_for_shells_that_do_not(tmp_path, random_mirror):
+    (tmp_path / "sub").mkdir()
+    first = _photo(tmp_path / "b.png")
+    second = _photo(tmp_path / "sub" / "a.png")
+    (tmp_path / "c.txt").write_text("no")
+    rows = json.loads(_invoke("classify", str(tmp_path / "**" / "*.png"), "--json").stdout)
+    assert [row["input"] for row in rows] == [str(first), str(second)]
+
+
+def test_quiet_prints_nothing_but_results(tmp_path, random_mirror):
+    good = _photo(tmp_path / "a.png")
+    result = _invoke("classify", str(good), str(tmp_path / "missing.png"), "--jsonl", "-q", "-v")
+    assert result.exit_code == 1
+    assert result.stderr == ""
+    assert [json.loads(line)["input"] for line in result.stdout.splitlines()] == [str(good), str(tmp_path / "missing.png")]
+
+
+def test_doctor_reports_the_setup_and_fails_on_a_broken_part(isolated_home, monkeypatch):
+    monkeypatch.setenv("MIXNET_OFFLINE", "1")
+    result = _invoke("doctor", "--json")
+    checks = {row["check"]: row for row in json.loads(result.stdout)}
+    assert checks["paddlepaddle"]["status"] == "ok" and checks["paddleclas"]["value"] == "2.6.0"
+    assert checks["cache directory"]["value"].startswith(str(isolated_home))
+    assert checks["cache writable"]["status"] == "ok"
+    assert checks["device auto picks"]["value"].startswith(("cpu", "gpu"))
+    assert "engine auto picks" in checks and checks["weights URLs"]["value"] == "not checked (offline)"
+    assert result.exit_code == 0, [row for row in checks.values() if row["status"] == "fail"]
+
+    monkeypatch.delenv("MIXNET_OFFLINE")
+    monkeypatch.setenv("MIXNET_MIRROR", "http://127.0.0.1:9")  # the discard port: nothing listens there
+    result = _invoke("doctor", "--json")
+    rows = json.loads(result.stdout)
+    assert result.exit_code == 1
+    assert any(row["check"] == "MixNet_S URL" and row["status"] == "fail" and row["hint"] for row in rows)
