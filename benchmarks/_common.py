@@ -23,7 +23,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 MODELS = ("MixNet_S", "MixNet_M", "MixNet_L")
-SAMPLES = Path("/work/shared/data/imagenet-samples")
+# Real ImageNet photos when a folder of them sits beside the checkout (../shared/data/imagenet-samples), else
+# MIXNET_BENCH_IMAGES; without either, pass --images DIR to the benchmarks that need photos.
+SAMPLES = Path(os.environ.get("MIXNET_BENCH_IMAGES") or ROOT.parent / "shared" / "data" / "imagenet-samples")
 
 
 def log(message: str) -> None:
