@@ -103,6 +103,16 @@ def output_options(func: F) -> F:
     return func
 
 
+def device_option(func: F) -> F:
+    return click.option(
+        "--device",
+        default=None,
+        metavar="auto|cpu|gpu|gpu:N",
+        help="Where to run: a GPU when onnxruntime-gpu or a CUDA build of paddle is installed and sees one, else "
+        "the CPU (default auto; MIXNET_DEVICE).",
+    )(func)
+
+
 def engine_option(func: F) -> F:
     return click.option(
         "--engine",
@@ -205,13 +215,7 @@ def main() -> None:
     show_default=True,
     help="Look for images in sub-directories of a directory argument.",
 )
-@click.option(
-    "--device",
-    default=None,
-    metavar="auto|cpu|gpu|gpu:N",
-    help="Where to run: a GPU when onnxruntime-gpu or a CUDA build of paddle is installed and sees one, else the "
-    "CPU (default auto; MIXNET_DEVICE).",
-)
+@device_option
 @engine_option
 # 4: the fastest batch for OpenVINO on the CPU, and the one that keeps decoding and inference overlapped on 2 cores
 # (BENCHMARKS.md); smaller last batches run padded on the same model.
@@ -493,7 +497,7 @@ def doctor(fmt: str) -> None:
               help="table or json: the summary; jsonl: one line per misclassified image (summary on stderr).")
 @click.option("--json", "fmt", flag_value="json", help="The summary as one JSON object.")
 @click.option("--jsonl", "fmt", flag_value="jsonl", help="One JSON line per misclassified image; summary on stderr.")
-@click.option("--device", default=None, metavar="auto|cpu|gpu|gpu:N", help="Where to run (default auto; MIXNET_DEVICE).")
+@device_option
 @engine_option
 @click.option("-b", "--batch-size", default=4, show_default=True, type=click.IntRange(1, 1024), help="Images per forward pass.")
 @network_options
@@ -698,7 +702,7 @@ def cache_clear(yes: bool) -> None:
               help="Model to time: S, M, L or all; repeat for several (default S).")
 @click.option("-b", "--batch-size", "batch_sizes", multiple=True, type=click.IntRange(1, 1024),
               help="Batch size; repeat for several (default 1, 4 and 8).")
-@click.option("--device", default=None, metavar="auto|cpu|gpu|gpu:N", help="Where to run (default auto; MIXNET_DEVICE).")
+@device_option
 @engine_option
 @click.option("--threads", type=click.IntRange(1, 1024), help="CPU threads per forward pass (default: the physical cores).")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(0, 10_000), help="Untimed runs first.")
