@@ -527,14 +527,14 @@ def evaluate_command(
     PaddleClas publishes 76.28 / 92.99 (S), 77.67 / 93.64 (M), 78.60 / 94.37 (L) on the 50,000 validation images.
     """
     from .classifier import Classifier
-    from .evaluate import evaluate, read_image_folder, read_list_file
+    from .evaluate import evaluate, read_image_folder, read_labelled_list
     from .labels import imagenet_labels, imagenet_synsets
     from .manifest import resolve_model
     from .output import format_table
 
     resolve_model(model)
     if list_file is not None:
-        samples = read_list_file(list_file, root or dataset)
+        samples = read_labelled_list(list_file, root or dataset)
     elif dataset is not None:
         samples = read_image_folder(dataset, imagenet_synsets())
     else:

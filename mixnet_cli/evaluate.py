@@ -48,7 +48,7 @@ class EvalSummary:
         }
 
 
-def read_list_file(list_file: Path, root: Path | None = None, num_classes: int = 1000) -> list[LabelledImage]:
+def read_labelled_list(list_file: Path, root: Path | None = None, num_classes: int = 1000) -> list[LabelledImage]:
     """Samples from a PaddleClas list file: ``path label`` per line, paths relative to ``root``
     (default: the list file's directory)."""
     base = root if root is not None else list_file.parent
