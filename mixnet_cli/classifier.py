@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .engine import DeviceChoice, Engine, EngineChoice, choose_engine, create_engine
+from .engine import DeviceChoice, Engine, EngineChoice, choose_engine, create_engine, softmax
 from .errors import MixnetError, UsageError
 from .inputs import InputItem
 from .labels import imagenet_labels
@@ -63,11 +63,6 @@ class ClassificationResult:
         }
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 (PaddleClas's Topk post-processing applies softmax to the logits)."""
-    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
 
 
 def _input_name(image: ImageInput) -> str:

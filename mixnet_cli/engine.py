@@ -74,6 +74,13 @@ class EngineChoice:
         return DeviceChoice(self.device, self.device_reason)
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (PaddleClas's Topk post-processing applies softmax to the logits)."""
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
 def check_device_name(requested: str) -> str:
     name = requested.strip().lower()
     if not _DEVICE_PATTERN.match(name):

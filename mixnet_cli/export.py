@@ -458,12 +458,6 @@ def validation_batch(size: int, count: int = 2, seed: int = 0) -> np.ndarray:
     return rng.uniform(-2.1, 2.6, size=(count, 3, size, size)).astype(np.float32)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
-
-
 def compare_logits(got: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     """How far ``got`` is from ``reference``; raises :class:`EngineError` beyond the tolerances."""
     if got.shape != reference.shape:
@@ -471,7 +465,9 @@ def compare_logits(got: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     if not np.all(np.isfinite(got)):
         raise EngineError("the converted model gives non-finite logits")
     logit_diff = float(np.abs(got.astype(np.float64) - reference).max())
-    prob_diff = float(np.abs(_softmax(got) - _softmax(reference)).max())
+    from .engine import softmax
+
+    prob_diff = float(np.abs(softmax(got) - softmax(reference)).max())
     scale = float(np.abs(reference).max())
     if logit_diff > LOGIT_TOLERANCE * scale + 1e-30 or prob_diff > PROBABILITY_TOLERANCE:
         raise EngineError(

@@ -92,7 +92,10 @@ def file_server() -> Iterator[type[FileServer]]:
 @pytest.fixture
 def random_mirror(random_weights_dir: Path, file_server, monkeypatch: pytest.MonkeyPatch) -> FileServer:
     """A local mirror serving the random MixNet_S weights, set as MIXNET_MIRROR."""
-    server = file_server(random_weights_dir)
+    return _mirror(file_server(random_weights_dir), monkeypatch)
+
+
+def _mirror(server: FileServer, monkeypatch: pytest.MonkeyPatch) -> FileServer:
     monkeypatch.setenv("MIXNET_MIRROR", server.url)
     return server
 
@@ -141,9 +144,7 @@ def calibrated_server(calibrated_weights_dir: Path) -> Iterator[FileServer]:
 @pytest.fixture
 def calibrated_mirror(calibrated_weights_dir: Path, file_server, monkeypatch: pytest.MonkeyPatch) -> FileServer:
     """A local mirror serving the calibrated weights, set as MIXNET_MIRROR."""
-    server = file_server(calibrated_weights_dir)
-    monkeypatch.setenv("MIXNET_MIRROR", server.url)
-    return server
+    return _mirror(file_server(calibrated_weights_dir), monkeypatch)
 
 
 @pytest.fixture(scope="session")
