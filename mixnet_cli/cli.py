@@ -13,12 +13,15 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 
 import click
 
 from . import settings
 from .errors import MixnetError, UsageError
+
+if TYPE_CHECKING:
+    from .manifest import ModelSpec
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -122,6 +125,14 @@ def engine_option(func: F) -> F:
         "ONNX Runtime with onnxruntime-gpu); paddle is Paddle Inference, dygraph paddle's eager mode "
         "(default auto; MIXNET_ENGINE).",
     )(func)
+
+
+def _specs(names: Sequence[str]) -> list["ModelSpec"]:
+    """The models named on the command line (``all`` for every one), each once, in order."""
+    from .manifest import model_names, resolve_model
+
+    wanted = model_names() if any(n.strip().lower() == "all" for n in names) else [resolve_model(n).name for n in names]
+    return [resolve_model(name) for name in dict.fromkeys(wanted)]
 
 
 def _device_and_engine(device: str | None, engine: str | None) -> tuple[str, str]:
@@ -390,11 +401,9 @@ def download(
     the next run; several processes needing the same file share one download.
     """
     from .cache import weights_path
-    from .manifest import model_names, resolve_model
     from .weights import ensure_weights, install_from_file, normalise_sha256
 
-    wanted = model_names() if any(m.lower() == "all" for m in models) else [resolve_model(m).name for m in models]
-    specs = [resolve_model(name) for name in dict.fromkeys(wanted)]
+    specs = _specs(models)
     pinned = normalise_sha256(sha256)
     if pinned and len(specs) > 1:
         raise UsageError("--sha256 pins one file: give exactly one MODEL")
@@ -654,11 +663,9 @@ def cache_rm(models: tuple[str, ...]) -> None:
     """
     from .cache import read_record, remove_model
     from .export import remove_model_exports
-    from .manifest import model_names, resolve_model
 
-    wanted = model_names() if any(m.lower() == "all" for m in models) else [resolve_model(m).name for m in models]
-    for name in dict.fromkeys(wanted):
-        spec = resolve_model(name)
+    for spec in _specs(models):
+        name = spec.name
         record = read_record(spec)
         removed = remove_model(spec)
         removed += remove_model_exports(spec, record.sha256 if record else None)
@@ -734,11 +741,9 @@ def benchmark(
     """
     from .classifier import Classifier
     from .engine import measure_latency
-    from .manifest import model_names, resolve_model
     from .output import write_rows
 
-    wanted = list(models) or ["S"]
-    names = model_names() if any(m.lower() == "all" for m in wanted) else [resolve_model(m).name for m in wanted]
+    names = [spec.name for spec in _specs(list(models) or ["S"])]
     device_name, engine_name = _device_and_engine(device, engine)
     # Ascending: an engine may run a small batch on a model made for a larger one (OpenVINO pads up to 2x).
     sizes = sorted(set(batch_sizes or (1, 4, 8)))
