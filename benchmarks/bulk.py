@@ -1,7 +1,8 @@
 """Goal 3: classifying a directory of photos against the forward pass alone, interleaved.
 
-Forward-only throughput is the default engine on already-preprocessed batches (images/s at each batch size;
-the best is the ceiling). The pipeline is ``Classifier.classify_many`` over the photo files (decode, resize,
+Forward-only throughput is the default engine on already-preprocessed batches, images/s at each batch size in
+both of its modes: one batch at a time (latency mode) and its bulk sibling with as many batches in flight as it
+runs at once (``Engine.throughput``); the best is the ceiling. The pipeline is ``Classifier.classify_many`` over the photo files (decode, resize,
 normalise in threads while the engine runs) for a grid of batch sizes and decode workers; the end-to-end
 figure is `mixnet classify DIR --jsonl`, process start and model load included.
 
@@ -12,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,13 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     images = sample_images(directory=args.images)
     classifier = Classifier(args.model, device="cpu")
     engine = classifier.engine
+    modes = {"latency mode": engine}
+    for size in BATCH_SIZES:
+        bulk = engine.throughput(size)
+        modes[f"{bulk.parallel} batches in flight"] = bulk
     prepared = [classifier.preprocess(path) for path in images[:16]]
     decode_ms = summary([1000 * _timed(lambda p=p: classifier.preprocess(p)) for p in images[:60]])
     for size in BATCH_SIZES:  # compile every fixed-size model before timing
-        engine.run(np.stack(prepared[:size]))
-        engine.run(np.stack(prepared[:size]))
+        for runner in modes.values():
+            runner.run(np.stack(prepared[:size]))
+            runner.run(np.stack(prepared[:size]))
     mixnet = str(mixnet_executable())
-    forward: dict[int, list[float]] = {size: [] for size in BATCH_SIZES}
+    forward: dict[tuple[str, int], list[float]] = {(mode, size): [] for mode in modes for size in BATCH_SIZES}
     pipeline: dict[str, list[float]] = {f"batch {b}, {w} worker(s)": [] for b in BATCH_SIZES for w in WORKERS}
     cli: list[float] = []
     defaults = _defaults()
@@ -66,22 +74,21 @@ def main(argv: list[str] | None = None) -> int:
             log(f"bulk: round {index + 1}/{args.rounds}")
             for b in BATCH_SIZES:
                 batch = np.stack(prepared[:b])
-                repeats = max(8, 96 // b)
-                seconds = _timed(lambda: [engine.run(batch) for _ in range(repeats)])
-                forward[b].append(b * repeats / seconds)
+                for mode, runner in modes.items():
+                    forward[(mode, b)].append(_forward_rate(runner, batch, max(8, 96 // b)))
                 for w in WORKERS:
                     seconds = _timed(lambda: list(classifier.classify_many(images, batch_size=b, workers=w)))
                     pipeline[f"batch {b}, {w} worker(s)"].append(len(images) / seconds)
             seconds, _, _ = run_process([mixnet, "classify", str(directory), "--jsonl"], env)
             cli.append(len(images) / seconds)
 
-    forward_summary = {str(size): summary(values) for size, values in forward.items()}
+    forward_summary = {f"{mode}, batch {size}": summary(values) for (mode, size), values in forward.items()}
     best_forward = max(s["median"] for s in forward_summary.values())
-    # The best batch size by median, then the default pipeline against that batch size's forward rate measured
-    # in the same round (taking each round's maximum over batch sizes would reward noise).
-    best_size = max(forward, key=lambda size: forward_summary[str(size)]["median"])
+    # The best mode and batch size by median, then the default pipeline against that one's forward rate
+    # measured in the same round (taking each round's maximum would reward noise).
+    best = max(forward, key=lambda key: statistics.median(forward[key]))
     if default_name in pipeline:
-        paired = [p / f for p, f in zip(pipeline[default_name], forward[best_size])]
+        paired = [p / f for p, f in zip(pipeline[default_name], forward[best])]
     pipeline_summary = {name: summary(values) for name, values in pipeline.items()}
     write_json(args.out, {
         "machine": at_start, "load_average_at_end": list(os.getloadavg()), "rounds": args.rounds, "seconds": time.time() - started, "model": args.model,
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         "decode_and_transform_ms_per_image": decode_ms,
         "forward_images_per_s": forward_summary,
         "best_forward_images_per_s": best_forward,
-        "best_forward_batch_size": best_size,
+        "best_forward": f"{best[0]}, batch {best[1]}",
         "pipeline_images_per_s": pipeline_summary,
         "cli_images_per_s": summary(cli),
         "defaults": defaults,
@@ -97,6 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     })
     log(f"wrote {args.out}")
     return 0
+
+
+def _forward_rate(runner, batch: np.ndarray, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    """Images/s running ``repeats`` batches on ``runner``, from as many threads as it runs batches at once."""
+    share = [repeats // runner.parallel + (i < repeats % runner.parallel) for i in range(runner.parallel)]
+    threads = [threading.Thread(target=lambda n=n: [runner.run(batch) for _ in range(n)]) for n in share]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return len(batch) * repeats / (time.perf_counter() - start)
 
 
 def _timed(function) -> float:  # type: ignore[no-untyped-def]

@@ -13,11 +13,11 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence, Sized
 
 import numpy as np
 
-from .engine import DeviceChoice, Engine, EngineChoice, choose_engine, create_engine, softmax
+from .engine import DeviceChoice, Engine, EngineChoice, choose_engine, create_engine, physical_cores, softmax
 from .errors import MixnetError, UsageError
 from .inputs import InputItem
 from .labels import imagenet_labels
@@ -63,6 +63,11 @@ class ClassificationResult:
         }
 
 
+
+
+# Below this many images a job is small: the latency-mode engine that classified the first ones finishes it.
+# From here on the engine's throughput mode (its own compiled model, loaded once) pays for itself.
+BULK_AFTER_IMAGES = 32
 
 
 def _input_name(image: ImageInput) -> str:
@@ -119,8 +124,9 @@ class Classifier:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.engine.run(batch)
 
-    def _results(self, names: list[str], batch: np.ndarray, topk: int) -> list[ClassificationResult]:
-        probabilities = softmax(self.engine.run(batch))
+    def _results(self, engine: Engine, names: list[str], arrays: list[np.ndarray],
+                 topk: int) -> list[ClassificationResult]:
+        probabilities = softmax(engine.run(np.stack(arrays)))
         results = []
         for name, row in zip(names, probabilities):
             order = np.argsort(-row, kind="stable")[:topk]
@@ -134,7 +140,7 @@ class Classifier:
         """Classify one image; an unreadable image raises its :class:`~mixnet_cli.errors.ImageError`."""
         label = name or _input_name(image)
         _check_topk(topk, len(self.labels))
-        return self._results([label], self.preprocess(image, label)[None], topk)[0]
+        return self._results(self.engine, [label], [self.preprocess(image, label)], topk)[0]
 
     def classify_many(
         self,
@@ -146,12 +152,17 @@ class Classifier:
     ) -> Iterator[ClassificationResult]:
         """Classify images in input order, in batches, decoding ahead in threads while the engine runs.
 
-        Items are images, ``(name, image)`` pairs or :class:`~mixnet_cli.inputs.InputItem`. A bad image yields a result with ``error`` set and the rest
-        go on; results are yielded as soon as their batch is done.
+        Items are images, ``(name, image)`` pairs or :class:`~mixnet_cli.inputs.InputItem`. A bad image yields a
+        result with ``error`` set and the rest go on; results are yielded in input order as soon as their batch
+        is done. The engine's throughput mode (:meth:`~mixnet_cli.engine.Engine.throughput`) runs jobs of more
+        than :data:`BULK_AFTER_IMAGES` images (from the start when ``images`` has a length, else from there on),
+        with as many batches in flight as it runs at once.
         """
         _check_topk(topk, len(self.labels))
         if batch_size < 1:
             raise UsageError(f"batch size must be at least 1, got {batch_size}")
+        if workers < 1:
+            raise UsageError(f"decode workers must be at least 1, got {workers}")
 
         def prepare(item: ImageInput | tuple[str, ImageInput] | InputItem) -> tuple[str, np.ndarray | MixnetError]:
             if isinstance(item, InputItem):
@@ -165,37 +176,73 @@ class Classifier:
             except MixnetError as exc:
                 return name, exc
 
-        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mixnet-decode") as pool:
-            # A bounded window of decodes in flight: enough to keep the engine fed, never the whole input in memory.
-            window: deque[Future[tuple[str, np.ndarray | MixnetError]]] = deque()
+        # A job known to be large starts in bulk mode; others switch once they prove large.
+        large = isinstance(images, Sized) and len(images) > BULK_AFTER_IMAGES
+        engine = self.engine.throughput(batch_size) if large else self.engine
+        bulk = large
+        # In input order: a batch being classified, or the result of an image that failed to decode.
+        outputs: deque[Future[list[ClassificationResult]] | ClassificationResult] = deque()
+        batches_in_flight = 0
+        submitted = 0
+        decoders = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mixnet-decode")
+        # The engine is driven from its own threads, so that this one keeps the decoders fed meanwhile.
+        runners = ThreadPoolExecutor(max_workers=max(physical_cores(), self.engine.threads or 1) + 1,
+                                     thread_name_prefix="mixnet-infer")
+        try:
+            decoding: deque[Future[tuple[str, np.ndarray | MixnetError]]] = deque()
             iterator = iter(images)
-            limit = batch_size * 2 + workers
-            pending_names: list[str] = []
-            pending_arrays: list[np.ndarray] = []
-            done = False
+            exhausted = False
+            names: list[str] = []
+            arrays: list[np.ndarray] = []
+
+            def submit_batch() -> None:
+                nonlocal names, arrays, batches_in_flight, submitted, engine, bulk
+                if not bulk and submitted >= BULK_AFTER_IMAGES:
+                    engine, bulk = self.engine.throughput(batch_size), True
+                outputs.append(runners.submit(self._results, engine, names, arrays, topk))
+                batches_in_flight += 1
+                submitted += len(names)
+                names, arrays = [], []
+
             while True:
-                while not done and len(window) < limit:
+                # Enough decodes ahead to fill every batch in flight and the next, never the whole input.
+                ahead = batch_size * (engine.parallel + 2) + workers
+                while not exhausted and len(decoding) < ahead:
                     try:
-                        window.append(pool.submit(prepare, next(iterator)))
+                        decoding.append(decoders.submit(prepare, next(iterator)))
                     except StopIteration:
-                        done = True
-                if not window:
+                        exhausted = True
+                if decoding:
+                    name, prepared = decoding.popleft().result()
+                    if isinstance(prepared, MixnetError):
+                        if arrays:  # keep input order: what came before the failed image goes first
+                            submit_batch()
+                        outputs.append(ClassificationResult(input=name, model=self.spec.name, error=prepared))
+                    else:
+                        names.append(name)
+                        arrays.append(prepared)
+                        if len(arrays) == batch_size:
+                            submit_batch()
+                elif arrays:
+                    submit_batch()  # the last, partial batch
+                # Hand back what is done, in order; wait for the oldest batch when enough are in flight already.
+                while outputs:
+                    head = outputs[0]
+                    if isinstance(head, Future):
+                        if not head.done() and batches_in_flight <= engine.parallel and (decoding or arrays):
+                            break
+                        batches_in_flight -= 1
+                        outputs.popleft()
+                        yield from head.result()
+                    else:
+                        outputs.popleft()
+                        yield head
+                if not decoding and not arrays and not outputs:
                     break
-                name, prepared = window.popleft().result()
-                if isinstance(prepared, MixnetError):
-                    # Keep input order: flush what came before the failed image first.
-                    if pending_arrays:
-                        yield from self._results(pending_names, np.stack(pending_arrays), topk)
-                        pending_names, pending_arrays = [], []
-                    yield ClassificationResult(input=name, model=self.spec.name, error=prepared)
-                    continue
-                pending_names.append(name)
-                pending_arrays.append(prepared)
-                if len(pending_arrays) == batch_size:
-                    yield from self._results(pending_names, np.stack(pending_arrays), topk)
-                    pending_names, pending_arrays = [], []
-            if pending_arrays:
-                yield from self._results(pending_names, np.stack(pending_arrays), topk)
+        finally:
+            # A consumer that stops early (or an interrupt) leaves no decode running behind it.
+            decoders.shutdown(wait=True, cancel_futures=True)
+            runners.shutdown(wait=True, cancel_futures=True)
 
 
 def _check_topk(topk: int, num_classes: int) -> None:

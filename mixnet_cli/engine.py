@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import queue
 import re
 import statistics
 import sys
@@ -47,10 +48,25 @@ class Engine(Protocol):
     device: str  # cpu or gpu:N
     threads: int | None  # CPU threads of one forward pass (None: the library's default, or a GPU)
     detail: str  # for people: provider, threads, accelerations
+    parallel: int  # how many run() calls proceed at once, each from its own thread (more queue)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Logits for a float32 ``N x 3 x S x S`` batch."""
+        """Logits for a float32 ``N x 3 x S x S`` batch; safe to call from several threads."""
         ...
+
+    def throughput(self, batch_size: int = 1) -> "Engine":
+        """The engine to use for many batches of mostly ``batch_size`` images (itself, or a sibling on the same
+        model tuned for bulk work)."""
+        ...
+
+
+class _OneBatchAtATime:
+    """For engines that run one batch at a time on all their threads, whatever the workload."""
+
+    parallel = 1
+
+    def throughput(self, batch_size: int = 1) -> "Engine":
+        return self  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -138,6 +154,16 @@ def _onnxruntime_providers() -> list[str]:
     return list(import_quietly("onnxruntime").get_available_providers())
 
 
+def _onnxruntime_may_have_cuda() -> bool:
+    """Whether the installed onnxruntime ships its CUDA provider library, found without importing it (the
+    import costs a tenth of the cold start, and a CPU-only build, the usual case, cannot have the provider)."""
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return any(any((Path(location) / "capi").glob("*onnxruntime_providers_cuda*"))
+               for location in spec.submodule_search_locations)
+
+
 def _paddle_cuda() -> tuple[bool, int]:
     """Whether paddle is built with CUDA, and how many GPUs it sees (imports paddle: about a second)."""
     from .imports import import_quietly
@@ -221,29 +247,29 @@ def choose_engine(engine: str = "auto", device: str = "auto") -> EngineChoice:
         chosen = _paddle_device(device_name, device)
         return EngineChoice(engine_name, chosen.device, f"asked for {engine_name}", chosen.reason)
 
-    providers = _onnxruntime_providers()
-    ort_cuda = "CUDAExecutionProvider" in providers
-    if device_name != "cpu" and ort_cuda:
+    ort_cuda = (device_name != "cpu" and _onnxruntime_may_have_cuda()
+                and "CUDAExecutionProvider" in _onnxruntime_providers())
+    if ort_cuda:
         chosen = _onnxruntime_device(device_name, device)
         return EngineChoice("onnxruntime", chosen.device, "fastest installed engine for the GPU", chosen.reason,
                             engine_auto=True)
     if device_name == "cpu":
-        return _cpu_auto(providers, "asked for the CPU")
+        return _cpu_auto("asked for the CPU")
     if device_name == "auto" and not _distribution_installed("paddlepaddle-gpu"):
         # A CPU-only paddle can't drive a GPU: say so without the second it takes to import paddle.
-        return _cpu_auto(providers, "no CUDA build of onnxruntime or paddle is installed")
+        return _cpu_auto("no CUDA build of onnxruntime or paddle is installed")
     chosen = _paddle_device(device_name, device)
     if chosen.device != "cpu":
         return EngineChoice("paddle", chosen.device, "fastest installed engine for the GPU (Paddle Inference)",
                             chosen.reason, engine_auto=True)
-    return _cpu_auto(providers, chosen.reason)
+    return _cpu_auto(chosen.reason)
 
 
-def _cpu_auto(providers: list[str], device_reason: str) -> EngineChoice:
+def _cpu_auto(device_reason: str) -> EngineChoice:
     if _installed("openvino"):
         return EngineChoice("openvino", "cpu", "fastest installed engine for the CPU", device_reason,
                             engine_auto=True)
-    if providers:
+    if _installed("onnxruntime"):
         return EngineChoice("onnxruntime", "cpu", "fastest installed engine for the CPU (OpenVINO is not installed)",
                             device_reason, engine_auto=True)
     return EngineChoice("paddle", "cpu", "neither OpenVINO nor onnxruntime is installed; Paddle Inference is the "
@@ -264,12 +290,17 @@ class OpenVinoEngine:
     with OpenVINO's compiled form in ``cache_dir``; the first two batches of a size that has no model yet run
     padded on a larger one (a last, partial batch), later ones get their own. Without ``cache_dir`` (a read-only
     cache) the dynamic model is compiled.
+
+    The engine runs one batch at a time on all its threads (OpenVINO's latency mode): the quickest answer for
+    one image. :meth:`throughput` gives its sibling for bulk work, which splits the threads into OpenVINO
+    streams that each run a batch of their own: no stream waits for another's threads, so a stream keeps
+    computing while the image decoders take a core (BENCHMARKS.md). Both compile the same cached blob.
     """
 
     name = "openvino"
 
     def __init__(self, model: Path, device: str = "cpu", threads: int | None = None,
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None, *, bulk: bool = False, warm_size: int = 1, core: Any = None) -> None:
         if device != "cpu":
             raise DeviceError(f"the openvino engine runs on the CPU only, not on {device}; use --device cpu")
         from .imports import import_quietly
@@ -280,69 +311,103 @@ class OpenVinoEngine:
         self.version = str(openvino.get_version()).split("-", 1)[0]
         self._model = model
         self._cache_dir = cache_dir
-        self._core = openvino.Core()
+        self._bulk = bulk
+        if core is None:
+            core = openvino.Core()
+            if cache_dir is not None:
+                core.set_property({"CACHE_DIR": str(cache_dir / "compiled")})
+        self._core = core
         self._config: dict[str, Any] = {
-            "PERFORMANCE_HINT": "LATENCY",
-            "NUM_STREAMS": 1,
+            # THROUGHPUT lets OpenVINO split the threads into streams (one per core on small machines).
+            "PERFORMANCE_HINT": "THROUGHPUT" if bulk else "LATENCY",
             "INFERENCE_NUM_THREADS": self.threads,
             "INFERENCE_PRECISION_HINT": "f32",
         }
-        if cache_dir is not None:
-            self._core.set_property({"CACHE_DIR": str(cache_dir / "compiled")})
-        self._requests: dict[int, Any] = {}  # batch size (0: dynamic) -> infer request
+        if not bulk:
+            self._config["NUM_STREAMS"] = 1
+        # batch size (0: dynamic) -> the idle infer requests of its compiled model (one per stream)
+        self._idle: dict[int, queue.SimpleQueue[Any]] = {}
         self._uses: dict[int, int] = {}  # how often a size without its own model came
-        # One infer request runs one batch at a time.
-        self._lock = threading.Lock()
-        self.detail = f"OpenVINO {self.version} CPU, f32, {self.threads} thread(s)"
-        self._request_for(1)  # one image is the common case, and a model that does not load fails here
+        self._compile_lock = threading.Lock()
+        self._sibling: OpenVinoEngine | None = None
+        self.parallel = 1
+        # A model that does not load fails here; one image is the common case, and a sibling warms up the batch
+        # size in use (which also tells how many streams OpenVINO made).
+        self._request_for(warm_size)
+        mode = f"{self.parallel} streams" if bulk else "latency mode"
+        self.detail = f"OpenVINO {self.version} CPU, f32, {self.threads} thread(s), {mode}"
 
-    def _compile(self, path: Path) -> Any:
+    def throughput(self, batch_size: int = 1) -> "OpenVinoEngine":
+        """This engine in OpenVINO's throughput mode: ``run`` may be called from ``parallel`` threads at once.
+
+        Made once, with the model for ``batch_size`` loaded (later sizes load on first use).
+        """
+        if self._bulk:
+            return self
+        with self._compile_lock:
+            if self._sibling is None:
+                self._sibling = OpenVinoEngine(self._model, self.device, self.threads, self._cache_dir, bulk=True,
+                                               warm_size=batch_size, core=self._core)
+        return self._sibling
+
+    def _compile(self, path: Path) -> queue.SimpleQueue[Any]:
         try:
-            return self._core.compile_model(str(path), "CPU", self._config).create_infer_request()
+            compiled = self._core.compile_model(str(path), "CPU", self._config)
+            streams = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")) if self._bulk else 1
+            idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
+            for _ in range(max(1, streams)):
+                idle.put(compiled.create_infer_request())
         except Exception as exc:  # openvino raises RuntimeError subclasses of its own
             raise EngineError(f"OpenVINO cannot load {path} ({str(exc).strip().splitlines()[0][:200]})") from None
+        self.parallel = max(self.parallel, streams)
+        return idle
 
-    def _dynamic(self, size: int) -> tuple[int, Any]:
-        if 0 not in self._requests:
-            self._requests[0] = self._compile(self._model)
-        return size, self._requests[0]
+    def _dynamic(self) -> tuple[int, queue.SimpleQueue[Any]]:
+        if 0 not in self._idle:
+            self._idle[0] = self._compile(self._model)
+        return 0, self._idle[0]
 
-    def _request_for(self, size: int) -> tuple[int, Any]:
-        if self._cache_dir is None:
-            return self._dynamic(size)
-        if size in self._requests:
-            return size, self._requests[size]
-        self._uses[size] = self._uses.get(size, 0) + 1
-        larger = [s for s in self._requests if s > size]
-        if larger and self._uses[size] <= 2:
-            # A last, partial batch: padding it onto a model already compiled costs less than compiling one
-            # for it. A size that keeps coming gets its own model.
-            return min(larger), self._requests[min(larger)]
-        from .export import fixed_batch_onnx
+    def _request_for(self, size: int) -> tuple[int, queue.SimpleQueue[Any]]:
+        """The batch size to run ``size`` images at (larger: padded) and the idle requests of its model."""
+        with self._compile_lock:
+            if self._cache_dir is None:
+                return self._dynamic()
+            if size in self._idle:
+                return size, self._idle[size]
+            self._uses[size] = self._uses.get(size, 0) + 1
+            larger = [s for s in self._idle if s > size]
+            if larger and self._uses[size] <= 2:
+                # A last, partial batch: padding it onto a model already compiled costs less than compiling one
+                # for it. A size that keeps coming gets its own model.
+                return min(larger), self._idle[min(larger)]
+            from .export import fixed_batch_onnx
 
-        try:
-            path = fixed_batch_onnx(self._model, self._cache_dir, size)
-        except OSError:  # a full or read-only disk: the dynamic model needs no new file
-            return self._dynamic(size)
-        try:
-            self._requests[size] = self._compile(path)
-        except EngineError:
-            path.unlink(missing_ok=True)  # made here, so made again: once
-            self._requests[size] = self._compile(fixed_batch_onnx(self._model, self._cache_dir, size))
-        return size, self._requests[size]
+            try:
+                path = fixed_batch_onnx(self._model, self._cache_dir, size)
+            except OSError:  # a full or read-only disk: the dynamic model needs no new file
+                return self._dynamic()
+            try:
+                self._idle[size] = self._compile(path)
+            except EngineError:
+                path.unlink(missing_ok=True)  # made here, so made again: once
+                self._idle[size] = self._compile(fixed_batch_onnx(self._model, self._cache_dir, size))
+            return size, self._idle[size]
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         data = np.ascontiguousarray(batch, dtype=np.float32)
         count = len(data)
-        with self._lock:
-            size, request = self._request_for(count)
-            if size > count:
-                data = np.concatenate([data, np.zeros((size - count,) + data.shape[1:], dtype=np.float32)])
+        size, idle = self._request_for(count)
+        if size > count:
+            data = np.concatenate([data, np.zeros((size - count,) + data.shape[1:], dtype=np.float32)])
+        request = idle.get()  # blocks while every stream of this model is busy
+        try:
             logits = request.infer([data])[0]
             return np.array(logits[:count], dtype=np.float32)  # a copy: the request reuses its output buffer
+        finally:
+            idle.put(request)
 
 
-class OnnxRuntimeEngine:
+class OnnxRuntimeEngine(_OneBatchAtATime):
     """ONNX Runtime on a model converted by paddle2onnx; ``InferenceSession.run`` is safe from several threads."""
 
     name = "onnxruntime"
@@ -388,7 +453,7 @@ class OnnxRuntimeEngine:
         return np.asarray(logits, dtype=np.float32)
 
 
-class PaddleInferenceEngine:
+class PaddleInferenceEngine(_OneBatchAtATime):
     """Paddle Inference on a ``paddle.jit.save`` model (``inference.json`` + ``inference.pdiparams``)."""
 
     name = "paddle"
@@ -446,7 +511,7 @@ class PaddleInferenceEngine:
             return np.asarray(self._output.copy_to_cpu(), dtype=np.float32)
 
 
-class PaddleDygraphEngine:
+class PaddleDygraphEngine(_OneBatchAtATime):
     """The paddleclas network itself, run eagerly by paddle (the reference every other engine must match)."""
 
     name = "dygraph"
@@ -515,7 +580,7 @@ def _fallback(choice: EngineChoice, exc: MixnetError) -> EngineChoice | None:
     if not choice.engine_auto:
         return None
     if choice.device != "cpu" and isinstance(exc, DeviceError):
-        cpu = _cpu_auto(_onnxruntime_providers(), f"{choice.engine} could not use the GPU: {exc}")
+        cpu = _cpu_auto(f"{choice.engine} could not use the GPU: {exc}")
         return replace(cpu, engine_reason=f"{cpu.engine_reason}; {choice.engine} could not use the GPU")
     if isinstance(exc, _OpenVinoFailed) and _installed("onnxruntime"):
         return replace(choice, engine="onnxruntime", engine_reason=f"openvino failed: {exc}")

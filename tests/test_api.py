@@ -59,6 +59,40 @@ def test_batches_give_the_same_answers_as_single_images(classifier, tmp_path):
         assert [p.score for p in one.predictions] == pytest.approx([p.score for p in many.predictions], abs=1e-6)
 
 
+def test_bulk_jobs_keep_input_order_and_answers_through_the_switch(classifier, tmp_path, monkeypatch):
+    import threading
+
+    import mixnet_cli.classifier
+
+    # A small threshold, so the switch to the engine's throughput mode happens within a few images.
+    monkeypatch.setattr(mixnet_cli.classifier, "BULK_AFTER_IMAGES", 4)
+    switched = []
+    latency_mode = classifier.engine.throughput
+    monkeypatch.setattr(classifier.engine, "throughput", lambda size: switched.append(size) or latency_mode(size))
+    images: list = []
+    for i in range(23):
+        images.append((f"image{i}", _image().rotate(i * 15)) if i % 7 else (f"bad{i}", b"not an image"))
+    results = list(classifier.classify_many(iter(images), batch_size=4, workers=3))
+    assert [r.input for r in results] == [name for name, _ in images]
+    for (name, image), result in zip(images, results):
+        if name.startswith("bad"):
+            assert result.error is not None and not result.predictions
+            continue
+        single = classifier.classify(image, name=name)
+        assert [p.class_id for p in result.predictions] == [p.class_id for p in single.predictions]
+        assert [p.score for p in result.predictions] == pytest.approx([p.score for p in single.predictions], abs=1e-6)
+    assert switched == [4]  # once, for an input without a length: after the first images
+    list(classifier.classify_many(images[:4], batch_size=2))
+    assert switched == [4]  # a small job stays in latency mode
+    list(classifier.classify_many(images, batch_size=2))
+    assert switched == [4, 2]  # a large list starts in bulk mode
+    # A consumer that stops early leaves no thread behind.
+    stream = classifier.classify_many(images, batch_size=2)
+    assert next(stream).input == "bad0"
+    stream.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith(("mixnet-decode", "mixnet-infer"))]
+
+
 def test_public_names():
     assert mixnet_cli.__version__
     for name in mixnet_cli.__all__:
