@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     pipeline_summary = {name: summary(values) for name, values in pipeline.items()}
     write_json(args.out, {
         "machine": at_start, "load_average_at_end": list(os.getloadavg()), "rounds": args.rounds, "seconds": time.time() - started, "model": args.model,
-        "images": len(images), "engine": f"{engine.name} ({engine.detail})",
+        "images": len(images), "engine": f"{engine.name} ({engine.detail}; in bulk: {engine.throughput().detail})",
         "decode_and_transform_ms_per_image": decode_ms,
         "forward_images_per_s": forward_summary,
         "best_forward_images_per_s": best_forward,
