@@ -185,8 +185,9 @@ def render(results: Path, others: list[Path] | None = None) -> str:
         "",
         "## 1. Forward pass (CPU)",
         "",
-        f"{forward['rounds']} rounds × {forward['runs_per_round']} run per engine and batch size, engines in a "
-        "new random order each round, after warm-up runs at every size. *mixnet* rows are mixnet's engines as "
+        f"{forward['rounds']} rounds; in each, every engine runs each batch size {forward['runs_per_round']} times "
+        "back to back and the fastest of those is the round's sample (a burst of load from another process then "
+        "slows one run, not the round); engines in a new random order each round, after warm-up runs at every size. *mixnet* rows are mixnet's engines as "
         "`Classifier(engine=...)` builds them; the others are raw sessions on the same converted model with "
         "other settings: the library defaults, ONNX Runtime with spinning threads or a fixed batch dimension, "
         "OpenVINO with the throughput hint or a static batch.",

@@ -177,9 +177,8 @@ class Classifier:
                 return name, exc
 
         # A job known to be large starts in bulk mode; others switch once they prove large.
-        large = isinstance(images, Sized) and len(images) > BULK_AFTER_IMAGES
-        engine = self.engine.throughput(batch_size) if large else self.engine
-        bulk = large
+        bulk = isinstance(images, Sized) and len(images) > BULK_AFTER_IMAGES
+        engine = self.engine.throughput(batch_size) if bulk else self.engine
         # In input order: a batch being classified, or the result of an image that failed to decode.
         outputs: deque[Future[list[ClassificationResult]] | ClassificationResult] = deque()
         batches_in_flight = 0
