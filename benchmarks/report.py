@@ -213,6 +213,11 @@ def render(results: Path, others: list[Path] | None = None) -> str:
         "- A fixed batch dimension makes OpenVINO about 20% faster at batch 1 than a dynamic one, and its first "
         "inference much cheaper; mixnet makes one fixed-size model per batch size on first use (cached), and "
         "runs a smaller batch on a model up to twice its size, padded.",
+        "- Measuring on a shared 2-core machine: with one timed run per engine per round, run 1 under *Other runs* "
+        "put the default at 1.43x for MixNet_M at batch 4 against *openvino: static batch 4, f32*, which is the same "
+        "fixed-batch model with the same settings: when another process takes a core, a forward pass whose two "
+        "threads meet at every layer takes half as long again or more, and a few such bursts moved a median. Each "
+        "round's sample is now the fastest of 3 back-to-back runs.",
         "- ONNX Runtime: graph optimisation level ALL matters (EXTENDED was about 1.6x slower, measured "
         "separately); sequential execution; intra-op threads = physical cores. mixnet turns thread spinning off: "
         "spinning is faster in isolation (the *library defaults* and *spinning threads* rows, up to a quarter at "

@@ -136,6 +136,11 @@ class Classifier:
             results.append(ClassificationResult(input=name, model=self.spec.name, predictions=predictions))
         return results
 
+    def engine_for(self, count: int, batch_size: int) -> Engine:
+        """The engine a job of ``count`` images runs on: more than :data:`BULK_AFTER_IMAGES` take the engine's
+        throughput mode (for OpenVINO, its streams; other engines are the same in both)."""
+        return self.engine.throughput(batch_size) if count > BULK_AFTER_IMAGES else self.engine
+
     def classify(self, image: ImageInput, *, topk: int = 5, name: str | None = None) -> ClassificationResult:
         """Classify one image; an unreadable image raises its :class:`~mixnet_cli.errors.ImageError`."""
         label = name or _input_name(image)
@@ -177,8 +182,8 @@ class Classifier:
                 return name, exc
 
         # A job known to be large starts in bulk mode; others switch once they prove large.
-        bulk = isinstance(images, Sized) and len(images) > BULK_AFTER_IMAGES
-        engine = self.engine.throughput(batch_size) if bulk else self.engine
+        engine = self.engine_for(len(images), batch_size) if isinstance(images, Sized) else self.engine
+        bulk = engine is not self.engine
         # In input order: a batch being classified, or the result of an image that failed to decode.
         outputs: deque[Future[list[ClassificationResult]] | ClassificationResult] = deque()
         batches_in_flight = 0
@@ -197,7 +202,7 @@ class Classifier:
             def submit_batch() -> None:
                 nonlocal names, arrays, batches_in_flight, submitted, engine, bulk
                 if not bulk and submitted >= BULK_AFTER_IMAGES:
-                    engine, bulk = self.engine.throughput(batch_size), True
+                    engine, bulk = self.engine_for(submitted + 1, batch_size), True
                 outputs.append(runners.submit(self._results, engine, names, arrays, topk))
                 batches_in_flight += 1
                 submitted += len(names)

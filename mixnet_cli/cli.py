@@ -289,10 +289,11 @@ def classify(
                                 offline=offline, progress=None if not quiet else False)
     if verbose and not quiet:
         weights = classifier.weights
+        engine = classifier.engine_for(len(items), batch_size)
         click.echo(
             f"model {classifier.model_name}, weights {weights.path} (sha256 {weights.record.sha256[:12]}), "
             f"device {classifier.device_choice.device} ({classifier.device_choice.reason}), "
-            f"engine {classifier.engine.name} ({classifier.engine.detail}; {classifier.engine_choice.engine_reason}), "
+            f"engine {engine.name} ({engine.detail}; {classifier.engine_choice.engine_reason}), "
             f"{len(items)} image(s)",
             err=True,
         )

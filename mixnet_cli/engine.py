@@ -417,7 +417,7 @@ class OnnxRuntimeEngine(_OneBatchAtATime):
 
         onnxruntime = import_quietly("onnxruntime")
         options = onnxruntime.SessionOptions()
-        # paddle2onnx graphs carry unused initialisers that ONNX Runtime warns about on every load.
+        # A model cached by an older mixnet-cli carries unused constants that ONNX Runtime warns about on each load.
         options.log_severity_level = 3
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         # One convolution after another: parallel execution of the graph only adds scheduling here.

@@ -576,11 +576,73 @@ def convert(spec: ModelSpec, weights_path: Path, fmt: str, out: Path) -> dict[st
         shutil.rmtree(paddle_dir)
         if not onnx_path.is_file() or onnx_path.stat().st_size == 0:
             raise EngineError("paddle2onnx wrote no model")
+        tidy_onnx(onnx_path)
     return {
         "reference_logits": reference.tolist(),
         "versions": _versions("paddlepaddle", "paddlepaddle-gpu", "paddleclas", "paddle2onnx", "onnx",
                               "onnxruntime", "onnxruntime-gpu", "mixnet-cli"),
     }
+
+
+ONNX_OUTPUT_NAME = "logits"
+
+
+def tidy_onnx(path: Path) -> None:
+    """Rewrite paddle2onnx's model at ``path`` without what it leaves behind: about a hundred Constant nodes that
+    nothing reads (ONNX Runtime warns about each on every load), hundreds of Identity nodes, and the output name
+    ``fetch_name_0``, which becomes ``logits``. The graph computes exactly what it did; the conversion's check
+    runs on the result."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    outputs = {value.name for value in graph.output}
+    # Identity nodes pass their input on: readers take the input instead (kept where it is a graph output).
+    alias: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type == "Identity" and node.output[0] not in outputs:
+            alias[node.output[0]] = alias.get(node.input[0], node.input[0])
+    nodes = [node for node in graph.node if not (node.op_type == "Identity" and node.output[0] in alias)]
+    for node in nodes:
+        for index, name in enumerate(node.input):
+            if name in alias:
+                node.input[index] = alias[name]
+    # Drop nodes whose results nothing reads, until none is left (a dropped node may be the last reader of another).
+    while True:
+        read = {name for node in nodes for name in node.input} | outputs
+        kept = [node for node in nodes if any(name in read for name in node.output)]
+        if len(kept) == len(nodes):
+            break
+        nodes = kept
+    read = {name for node in nodes for name in node.input}
+    initializers = [tensor for tensor in graph.initializer if tensor.name in read]
+    if len(graph.output) == 1:
+        final = graph.output[0].name
+        producer = next(node for node in nodes if final in node.output)
+        source = producer.input[0] if producer.op_type == "Identity" else None
+        if source is not None and any(source in node.output for node in nodes) and sum(
+                source in node.input for node in nodes) == 1:
+            # The last Identity too: the node before it writes the output itself.
+            nodes.remove(producer)
+            final = source
+        for node in nodes:
+            node.output[:] = [ONNX_OUTPUT_NAME if name == final else name for name in node.output]
+        graph.output[0].name = ONNX_OUTPUT_NAME
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    kept_names = {name for node in nodes for name in node.output} | {t.name for t in initializers}
+    values = [value for value in graph.value_info if value.name in kept_names]
+    del graph.value_info[:]
+    graph.value_info.extend(values)
+    onnx.checker.check_model(model)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _child_main(argv: Sequence[str]) -> int:

@@ -148,6 +148,27 @@ def test_auto_is_openvino_on_the_cpu_and_verbose_says_which_engine_ran(home_copy
     assert "engine openvino (OpenVINO" in result.stderr and "f32" in result.stderr
     assert "converting" not in result.stderr
     assert len(json.loads(result.stdout)[0]["predictions"]) == 5
+    assert "latency mode" in result.stderr
+
+
+def test_a_large_job_runs_in_bulk_mode_with_the_same_answers(home_copy, pictures, tmp_path):
+    from mixnet_cli.classifier import BULK_AFTER_IMAGES
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for index in range(BULK_AFTER_IMAGES + 3):
+        shutil.copy(pictures[index % len(pictures)], folder / f"{index:03d}.png")
+    result = CliRunner().invoke(main, ["classify", str(folder), "--jsonl", "-v"])
+    assert result.exit_code == 0, result.output
+    assert "streams" in result.stderr  # -v names the mode that ran
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [Path(row["input"]).name for row in rows] == sorted(p.name for p in folder.iterdir())
+    single = CliRunner().invoke(main, ["classify", *(str(p) for p in pictures), "--jsonl"])
+    answers = {index: json.loads(line)["predictions"] for index, line in enumerate(single.stdout.splitlines())}
+    for index, row in enumerate(rows):
+        want = answers[index % len(pictures)]
+        assert [p["class_id"] for p in row["predictions"]] == [p["class_id"] for p in want]
+        assert [p["score"] for p in row["predictions"]] == pytest.approx([p["score"] for p in want], abs=1e-6)
 
 
 def test_engine_flag_beats_variable_and_bad_names_are_usage_errors(home_copy, pictures, monkeypatch):
