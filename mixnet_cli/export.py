@@ -237,13 +237,20 @@ def fixed_batch_onnx(source: Path, directory: Path, batch_size: int) -> Path:
         dims = value.type.tensor_type.shape.dim
         if dims:
             dims[0].dim_value = batch_size  # replaces the symbolic name (a oneof)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    _save_onnx(model, target)
+    return target
+
+
+def _save_onnx(model: Any, path: Path) -> None:
+    """Write an ONNX model under its final name only once it is whole (readers never see half a file)."""
+    import onnx
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         onnx.save(model, str(tmp))
-        os.replace(tmp, target)
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return target
 
 
 def engine_checked(directory: Path, engine: str, version: str) -> bool:
@@ -637,12 +644,7 @@ def tidy_onnx(path: Path) -> None:
     del graph.value_info[:]
     graph.value_info.extend(values)
     onnx.checker.check_model(model)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        onnx.save(model, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _save_onnx(model, path)
 
 
 def _child_main(argv: Sequence[str]) -> int:
