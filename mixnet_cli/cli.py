@@ -7,11 +7,13 @@ Only this module imports click. Library errors (:class:`~mixnet_cli.errors.Mixne
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 
@@ -39,6 +41,25 @@ def _version() -> str:
         return __version__
 
 
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+
+
+def _interrupted() -> None:
+    click.echo("Interrupted.", err=True)
+    sys.exit(130)
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def user_errors(func: F) -> F:
     """Turn library errors into click errors: one line on stderr, the right exit code, no traceback."""
 
@@ -62,13 +83,23 @@ def user_errors(func: F) -> F:
         except KeyboardInterrupt:
             if settings.debug():
                 raise
-            click.echo("Interrupted.", err=True)
-            sys.exit(130)
+            _interrupted()
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
+        except OSError as exc:
+            if settings.debug():
+                raise
+            if exc.errno not in _OUTPUT_ERRNOS:
+                raise click.ClickException(f"unexpected {type(exc).__name__}: {exc} (a bug; rerun with "
+                                           "MIXNET_DEBUG=1 and report the traceback)") from None
+            # Library errors on the cache and inputs are MixnetErrors already: this is the results' destination.
+            raise click.ClickException(f"cannot write the results ({exc.strerror}); free space or write them "
+                                       "elsewhere (-o FILE)") from None
         except Exception as exc:  # a bug: still one line, unless debugging
             if settings.debug():
                 raise
+            if _caused_by_interrupt(exc):
+                _interrupted()  # e.g. numpy turns a Ctrl-C during its import into an ImportError
             raise click.ClickException(
                 f"unexpected {type(exc).__name__}: {exc} (a bug; rerun with MIXNET_DEBUG=1 and report the traceback)"
             ) from None
@@ -283,6 +314,7 @@ def classify(
         with _open_output(output) as stream:
             write_classifications(iter(()), fmt, stream)
         return
+    click.get_current_context().with_resource(_interrupt_ends_at_once())
     # --quiet: not even the one-time notices (download progress, "converting ... (once)"); errors still raise.
     with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
         classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None,
@@ -307,7 +339,7 @@ def classify(
                 bar.update(1)
                 if not result.ok:
                     failures += 1
-                    if not quiet and fmt != "table":
+                    if not quiet:
                         bar.write(f"Error: {result.error}", file=sys.stderr)
                 yield result.to_dict()
 
@@ -330,12 +362,76 @@ def _check_output_path(output: str | None) -> None:
         raise UsageError(f"-o {output}: directory {parent} is not writable; choose another path")
 
 
+class _AtomicOutput:
+    """``-o FILE``, written to a temporary file beside it and renamed over it only when complete: an interrupted
+    or failed run never leaves a half-written results file, nor destroys the previous one. (click's own atomic
+    files rename even when the block fails.)"""
+
+    def __init__(self, path: Path) -> None:
+        import tempfile
+
+        self.path = path
+        descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        self.temporary = Path(name)
+        _UNFINISHED_OUTPUTS.add(self.temporary)
+        os.fchmod(descriptor, 0o666 & ~_umask())  # the mode a plain open() would give, not mkstemp's 0600
+        self.stream = os.fdopen(descriptor, "w", encoding="utf-8")
+
+    def __enter__(self) -> Any:
+        return self.stream
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        try:
+            self.stream.close()
+            if exc_type is None:
+                os.replace(self.temporary, self.path)
+        finally:
+            self.temporary.unlink(missing_ok=True)
+            _UNFINISHED_OUTPUTS.discard(self.temporary)
+
+
+# Temporary files of -o outputs being written: what an interrupt that ends the process at once removes.
+_UNFINISHED_OUTPUTS: set[Path] = set()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _open_output(output: str | None) -> Any:
-    """stdout, or ``-o FILE`` written to a temporary file and renamed when complete: an interrupted run never
-    leaves a half-written results file (nor destroys the previous one)."""
+    """stdout, or ``-o FILE`` via :class:`_AtomicOutput`."""
     if output in (None, "-"):
         return click.open_file("-", "w", encoding="utf-8")
-    return click.open_file(str(Path(output).expanduser()), "w", encoding="utf-8", atomic=True)
+    return _AtomicOutput(Path(output).expanduser())
+
+
+@contextlib.contextmanager
+def _interrupt_ends_at_once() -> Iterator[None]:
+    """For commands that run engines: Ctrl-C ends the process at once. Results already written stay, a
+    half-written ``-o`` file goes, and nothing waits for OpenVINO's threads, whose teardown from an interrupt
+    could hang or abort the process. What the cache may hold then is what it was built to survive: a ``.part``
+    download that resumes, a conversion directory the next conversion removes."""
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        for path in list(_UNFINISHED_OUTPUTS):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        os.write(2, b"Interrupted.\n")
+        os._exit(130)
+
+    if settings.debug() or threading.current_thread() is not threading.main_thread():
+        yield  # a debugger wants the traceback; signal handlers belong to the main thread
+        return
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _NoProgress:
@@ -553,6 +649,7 @@ def evaluate_command(
         step = len(samples) / limit
         samples = [samples[int(i * step)] for i in range(limit)]
     device_name, engine_name = _device_and_engine(device, engine)
+    click.get_current_context().with_resource(_interrupt_ends_at_once())
     classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None, offline=offline)
     labels = imagenet_labels()
     stdout = click.get_text_stream("stdout")
@@ -749,10 +846,14 @@ def benchmark(
     # Ascending: an engine may run a small batch on a model made for a larger one (OpenVINO pads up to 2x).
     sizes = sorted(set(batch_sizes or (1, 4, 8)))
 
+    # Every model ready (downloaded, converted, loaded) before the first row: a model that cannot be had stops
+    # the command before any output, rather than leaving a JSON array half-written.
+    classifiers = [Classifier(name, device=device_name, engine=engine_name, threads=threads, mirrors=mirrors or None,
+                              offline=offline) for name in dict.fromkeys(names)]
+
     def rows() -> Iterator[dict[str, Any]]:
-        for name in dict.fromkeys(names):
-            classifier = Classifier(name, device=device_name, engine=engine_name, threads=threads,
-                                    mirrors=mirrors or None, offline=offline)
+        for classifier in classifiers:
+            name = classifier.model_name
             runner = classifier.engine
             click.echo(f"timing {name} on {runner.name} ({runner.detail})...", err=True)
             for size in sizes:

@@ -596,8 +596,8 @@ ONNX_OUTPUT_NAME = "logits"
 
 def tidy_onnx(path: Path) -> None:
     """Rewrite paddle2onnx's model at ``path`` without what it leaves behind: about a hundred Constant nodes that
-    nothing reads (ONNX Runtime warns about each on every load), hundreds of Identity nodes, and the output name
-    ``fetch_name_0``, which becomes ``logits``. The graph computes exactly what it did; the conversion's check
+    nothing reads (ONNX Runtime warns about each on every load), hundreds of Identity nodes, the output name
+    ``fetch_name_0``, which becomes ``logits``, and two names for the one batch dimension, which becomes ``N``. The graph computes exactly what it did; the conversion's check
     runs on the result."""
     import onnx
 
@@ -623,6 +623,10 @@ def tidy_onnx(path: Path) -> None:
         nodes = kept
     read = {name for node in nodes for name in node.input}
     initializers = [tensor for tensor in graph.initializer if tensor.name in read]
+    for value in list(graph.input) + list(graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].dim_param:
+            dims[0].dim_param = "N"  # one name for the batch size in and out (paddle2onnx names them apart)
     if len(graph.output) == 1:
         final = graph.output[0].name
         producer = next(node for node in nodes if final in node.output)

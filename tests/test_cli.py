@@ -113,6 +113,8 @@ def test_table_is_the_default_and_shows_errors_in_place(tmp_path, random_mirror)
     assert blocks[0].startswith(f"{good}  (MixNet_S)")
     assert len(blocks[0].splitlines()) == 2 + 3  # header line, column line, 3 ranks
     assert "error: " in blocks[1] and "no such file" in blocks[1]
+    # and on stderr too, as in every format: a script that reads stderr sees every failure
+    assert f"Error: {tmp_path / 'nope.png'}: no such file" in result.stderr
 
 
 def test_jsonl_csv_and_output_file_agree(tmp_path, random_mirror):
@@ -232,6 +234,51 @@ def test_installed_executable_classifies(tmp_path, random_mirror):
     row = json.loads(done.stdout)
     assert row["input"] == str(image) and len(row["predictions"]) == 5
     assert "Traceback" not in done.stderr
+
+
+def _installed_mixnet() -> Path:
+    executable = Path(sys.executable).with_name("mixnet")
+    if not executable.exists():
+        pytest.skip("the mixnet console script is not installed next to this Python")
+    return executable
+
+
+def test_ctrl_c_during_a_bulk_run_stops_at_once_and_leaves_no_results_file(tmp_path, random_mirror):
+    import signal
+    import time
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index in range(400):  # enough that the run is still going when the interrupt comes
+        _photo(folder / f"{index:03d}.png", colour=(index % 255, 90, 200))
+    env = {**os.environ, "MIXNET_MIRROR": random_mirror.url}
+    warm = subprocess.run([str(_installed_mixnet()), "classify", str(folder / "000.png")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert warm.returncode == 0, warm.stderr  # weights and converted model cached first
+    previous = tmp_path / "results.jsonl"
+    previous.write_text("the previous results\n")
+    process = subprocess.Popen([str(_installed_mixnet()), "classify", str(folder), "--jsonl", "-o", str(previous)],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)  # start-up, then a few batches
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert stderr.strip().endswith("Interrupted.") and "Traceback" not in stderr
+    assert previous.read_text() == "the previous results\n"  # neither replaced nor half-written
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".results")) == []
+
+
+def test_a_full_disk_for_the_results_is_a_one_line_error(tmp_path, random_mirror):
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    image = _photo(tmp_path / "a.png")
+    env = {**os.environ, "MIXNET_MIRROR": random_mirror.url}
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([str(_installed_mixnet()), "classify", str(image), "--jsonl"], env=env, stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("Error: cannot write the results (No space left")
+    assert "a bug" not in done.stderr and "Traceback" not in done.stderr
 
 
 def test_help_does_not_import_paddle():

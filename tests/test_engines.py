@@ -341,6 +341,14 @@ def test_benchmark_reports_latency_rows(home_copy):
     assert table.exit_code == 0 and table.stdout.splitlines()[0].split()[:3] == ["model", "engine", "device"]
 
 
+def test_benchmark_prints_nothing_when_a_model_cannot_be_had(home_copy, monkeypatch):
+    monkeypatch.setenv("MIXNET_OFFLINE", "1")  # MixNet_M is not cached: it cannot be had
+    result = CliRunner().invoke(main, ["benchmark", "-m", "S", "-m", "M", "-b", "1", "--repeats", "1", "--json"])
+    assert result.exit_code != 0
+    assert result.stdout == ""  # not half a JSON array
+    assert "MixNet_M" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_measure_latency_times_the_engine(home_copy):
     classifier = Classifier(MODEL, device="cpu", threads=1)
     latency = measure_latency(classifier.engine, 2, SPEC.preprocessing.crop_size, warmup=0, repeats=4)

@@ -38,6 +38,7 @@ def test_onnx_export_runs_in_onnxruntime_with_paddleclas_answers(tmp_path, calib
     # A tidy graph: named input and output, no Identity nodes, nothing computed that nobody reads.
     graph = onnx.load(str(out / "MixNet_S.onnx")).graph
     assert [v.name for v in graph.input] == ["x"] and [v.name for v in graph.output] == ["logits"]
+    assert [v.type.tensor_type.shape.dim[0].dim_param for v in (graph.input[0], graph.output[0])] == ["N", "N"]
     assert not [node for node in graph.node if node.op_type == "Identity"]
     read = {name for node in graph.node for name in node.input} | {"logits"}
     assert all(any(name in read for name in node.output) for node in graph.node)
