@@ -506,15 +506,27 @@ def download(
         raise UsageError("--sha256 pins one file: give exactly one MODEL")
     if from_path is not None and len(specs) > 1 and not from_path.is_dir():
         raise UsageError("--from FILE installs one model: give exactly one MODEL, or a directory holding the files")
+    failed: list[MixnetError] = []
     for spec in specs:
-        if from_path is not None:
-            weights = install_from_file(spec, from_path, sha256=pinned)
-            state = "installed"
-        else:
-            already = weights_path(spec).is_file() and not force
-            weights = ensure_weights(spec, mirrors=mirrors or None, offline=offline, force=force, sha256=pinned)
-            state = "cached" if already else "downloaded"
+        try:
+            if from_path is not None:
+                weights = install_from_file(spec, from_path, sha256=pinned)
+                state = "installed"
+            else:
+                already = weights_path(spec).is_file() and not force
+                weights = ensure_weights(spec, mirrors=mirrors or None, offline=offline, force=force, sha256=pinned)
+                state = "cached" if already else "downloaded"
+        except MixnetError as exc:
+            if len(specs) == 1 or settings.debug():
+                raise
+            # `all`: one model that cannot be had does not keep the others from being downloaded.
+            click.echo(f"Error: {exc}", err=True)
+            failed.append(exc)
+            continue
         click.echo(f"{spec.name}: {state} {weights.path} ({weights.record.size} bytes, sha256 {weights.record.sha256})", err=True)
+    if failed:
+        click.echo(f"Error: {len(failed)} of {len(specs)} model(s) failed", err=True)
+        sys.exit(1)
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)

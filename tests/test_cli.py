@@ -236,6 +236,18 @@ def test_installed_executable_classifies(tmp_path, random_mirror):
     assert "Traceback" not in done.stderr
 
 
+def test_download_all_goes_on_past_a_model_the_mirror_lacks(random_mirror, monkeypatch):
+    monkeypatch.setenv("MIXNET_RETRIES", "0")
+    result = _invoke("download", "all")  # the mirror serves MixNet_S only
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    assert any(line.startswith("MixNet_S: downloaded ") for line in lines)
+    assert [line for line in lines if line.startswith("Error: ")][-1] == "Error: 2 of 3 model(s) failed"
+    for name in ("MixNet_M", "MixNet_L"):
+        assert any(line.startswith("Error: ") and name in line for line in lines), result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def _installed_mixnet() -> Path:
     executable = Path(sys.executable).with_name("mixnet")
     if not executable.exists():
