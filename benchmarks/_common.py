@@ -7,6 +7,7 @@ model's paddleclas network, freshly initialised and saved with ``paddle.save``, 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -26,6 +27,15 @@ MODELS = ("MixNet_S", "MixNet_M", "MixNet_L")
 # Real ImageNet photos when a folder of them sits beside the checkout (../shared/data/imagenet-samples), else
 # MIXNET_BENCH_IMAGES; without either, pass --images DIR to the benchmarks that need photos.
 SAMPLES = Path(os.environ.get("MIXNET_BENCH_IMAGES") or ROOT.parent / "shared" / "data" / "imagenet-samples")
+
+
+def arguments(doc: str, rounds: int) -> argparse.ArgumentParser:
+    """The options every benchmark script takes (--home, --out, --rounds); each adds its own."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--home", type=Path, required=True, help="MIXNET_HOME to use (prepared if empty)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    return parser
 
 
 def log(message: str) -> None:

@@ -11,7 +11,6 @@ figure is `mixnet classify DIR --jsonl`, process start and model load included.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -20,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import (SAMPLES, clean_env, log, machine, mixnet_executable, prepare_home, run_process, sample_images,
+from _common import (SAMPLES, arguments, clean_env, log, machine, mixnet_executable, prepare_home, run_process, sample_images,
                      summary, write_json)
 
 import numpy as np
@@ -30,11 +29,8 @@ WORKERS = (1, 2)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--home", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser = arguments(__doc__, rounds=5)
     parser.add_argument("--images", type=Path, default=SAMPLES)
-    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--model", default="MixNet_S")
     args = parser.parse_args(argv)
     prepare_home(args.home, [args.model])

@@ -9,14 +9,13 @@ first, untimed round writes it). Peak memory is the child's maximum resident set
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import SAMPLES, clean_env, log, machine, mixnet_executable, prepare_home, run_process, summary, write_json
+from _common import SAMPLES, arguments, clean_env, log, machine, mixnet_executable, prepare_home, run_process, summary, write_json
 
 
 def one_image(directory: Path) -> Path:
@@ -34,10 +33,7 @@ def one_image(directory: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--home", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--rounds", type=int, default=9)
+    parser = arguments(__doc__, rounds=9)
     parser.add_argument("--model", default="MixNet_S")
     args = parser.parse_args(argv)
     prepare_home(args.home, [args.model])

@@ -10,7 +10,6 @@ paddle's eager network on a test batch: only variants within 1e-4 count as "the 
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import sys
@@ -18,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from _common import MODELS, log, machine, prepare_home, summary, write_json
+from _common import MODELS, arguments, log, machine, prepare_home, summary, write_json
 
 import numpy as np
 
@@ -188,11 +187,8 @@ def measure(models: list[str], home: Path, rounds: int, threads: int) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--home", type=Path, required=True, help="MIXNET_HOME to use (prepared if empty)")
-    parser.add_argument("--out", type=Path, required=True)
+    parser = arguments(__doc__, rounds=15)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args(argv)
     from mixnet_cli.engine import physical_cores
 

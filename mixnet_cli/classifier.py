@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator, Sequence, Sized
 
 import numpy as np
 
-from .engine import DeviceChoice, Engine, EngineChoice, choose_engine, create_engine, physical_cores, softmax
+from .engine import DeviceChoice, Engine, EngineChoice, choose_engine, create_engine, softmax
 from .errors import MixnetError, UsageError
 from .inputs import InputItem
 from .labels import imagenet_labels
@@ -190,8 +190,8 @@ class Classifier:
         submitted = 0
         decoders = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mixnet-decode")
         # The engine is driven from its own threads, so that this one keeps the decoders fed meanwhile.
-        runners = ThreadPoolExecutor(max_workers=max(physical_cores(), self.engine.threads or 1) + 1,
-                                     thread_name_prefix="mixnet-infer")
+        # One more than the engine can run at once (OpenVINO makes at most one stream per thread).
+        runners = ThreadPoolExecutor(max_workers=(self.engine.threads or 1) + 1, thread_name_prefix="mixnet-infer")
         try:
             decoding: deque[Future[tuple[str, np.ndarray | MixnetError]]] = deque()
             iterator = iter(images)
@@ -201,7 +201,7 @@ class Classifier:
 
             def submit_batch() -> None:
                 nonlocal names, arrays, batches_in_flight, submitted, engine, bulk
-                if not bulk and submitted >= BULK_AFTER_IMAGES:
+                if not bulk and submitted >= BULK_AFTER_IMAGES:  # an input without a length has proved large
                     engine, bulk = self.engine_for(submitted + 1, batch_size), True
                 outputs.append(runners.submit(self._results, engine, names, arrays, topk))
                 batches_in_flight += 1
