@@ -151,7 +151,7 @@ def machine() -> dict[str, Any]:
 
     versions = {}
     for name in ("mixnet-cli", "openvino", "onnxruntime", "onnxruntime-gpu", "paddlepaddle", "paddlepaddle-gpu", "paddleclas",
-                 "paddle2onnx", "onnx", "numpy", "opencv-python", "pillow"):
+                 "onnx", "numpy", "opencv-python", "opencv-python-headless", "pillow"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

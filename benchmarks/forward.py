@@ -81,7 +81,7 @@ def build_variants(model: str, home: Path, threads: int) -> tuple[list[Variant],
     """The variants for ``model``, and the dygraph reference engine (for the fidelity check)."""
     os.environ["MIXNET_HOME"] = str(home)
     from mixnet_cli import Classifier
-    from mixnet_cli.export import cached_export
+    from mixnet_cli.conversion import cached_model
 
     default = Classifier(model, device="cpu")
     variants = [Variant(f"mixnet default ({default.engine.name})", "mixnet", default.engine.run, default.engine.detail)]
@@ -94,7 +94,7 @@ def build_variants(model: str, home: Path, threads: int) -> tuple[list[Variant],
         if engine == "dygraph":
             reference = classifier.engine
     spec = default.spec
-    onnx_path = cached_export(spec, default.weights.record.sha256, "onnx").file(".onnx")
+    onnx_path = cached_model(spec, default.weights.record.sha256, "onnx").file(".onnx")
     f32 = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
     variants += [
         Variant("openvino: library defaults", "raw", _ov_runner(onnx_path, {}),
@@ -140,7 +140,7 @@ def run_any(variant: Variant, batch: np.ndarray) -> np.ndarray:
 
 def measure(models: list[str], home: Path, rounds: int, threads: int) -> dict[str, Any]:
     from mixnet_cli.classifier import softmax
-    from mixnet_cli.export import validation_batch
+    from mixnet_cli.conversion import validation_batch
 
     results: dict[str, Any] = {}
     for model in models:

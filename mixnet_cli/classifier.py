@@ -17,7 +17,8 @@ from typing import Any, Iterable, Iterator, Sequence, Sized
 
 import numpy as np
 
-from .engine import DeviceChoice, Engine, EngineChoice, choose_engine, create_engine, softmax
+from .engine import DeviceChoice, Engine, EngineChoice, choose_engine, create_engine
+from .postprocess import softmax
 from .errors import MixnetError, UsageError
 from .inputs import InputItem
 from .labels import imagenet_labels

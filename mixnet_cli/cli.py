@@ -21,6 +21,7 @@ import click
 
 from . import settings
 from .errors import MixnetError, UsageError
+from .registry import ENGINE_NAMES, ENGINES
 
 if TYPE_CHECKING:
     from .manifest import ModelSpec
@@ -151,10 +152,11 @@ def engine_option(func: F) -> F:
     return click.option(
         "--engine",
         default=None,
-        metavar="auto|openvino|onnxruntime|paddle|dygraph",
+        metavar="|".join(ENGINE_NAMES),
         help="What runs the network: auto picks the fastest installed for the device (OpenVINO on the CPU, "
-        "ONNX Runtime with onnxruntime-gpu); paddle is Paddle Inference, dygraph paddle's eager mode "
-        "(default auto; MIXNET_ENGINE).",
+        "ONNX Runtime with onnxruntime-gpu); "
+        + "; ".join(f"{info.name}: {info.summary} [{info.devices}]" for info in ENGINES.values())
+        + " (default auto; MIXNET_ENGINE).",
     )(func)
 
 
@@ -729,7 +731,7 @@ def cache_list(fmt: str) -> None:
     the next `mixnet download` resumes it).
     """
     from .cache import cache_root, list_entries
-    from .export import export_entries
+    from .conversion import export_entries
     from .output import write_rows
 
     rows = [{"kind": "weights", **entry.to_dict()} for entry in list_entries()]
@@ -772,7 +774,7 @@ def cache_rm(models: tuple[str, ...]) -> None:
       mixnet cache rm S
     """
     from .cache import read_record, remove_model
-    from .export import remove_model_exports
+    from .conversion import remove_model_exports
 
     for spec in _specs(models):
         name = spec.name
@@ -796,7 +798,7 @@ def cache_clear(yes: bool) -> None:
     Only the cache's own files are deleted: anything else under MIXNET_HOME stays.
     """
     from .cache import cache_root, clear_cache, files_to_clear
-    from .export import clear_engine_files, engine_files_size, engine_home_dirs, export_entries
+    from .conversion import clear_engine_files, engine_files_size, engine_home_dirs, export_entries
 
     planned = files_to_clear()
     converted = len(export_entries()) + len(engine_home_dirs())
@@ -925,8 +927,10 @@ def export_command(model: str, fmt: str, out_dir: Path, mirrors: tuple[str, ...]
       mixnet export S --format paddle -o mixnet_s_infer/
       mixnet export L --format onnx -o models/
 
-    The export is checked before it is written: loaded back from the output directory and run on a test batch,
-    its logits must equal the paddle network's. Prints the files written (stdout) and how to use them (stderr).
+    The ONNX model is mixnet's own graph of the network (no paddle needed); the paddle format needs the
+    [paddle] extra. The export is checked before it is written: loaded back from the output directory and run
+    on a test batch, its logits must equal the reference's. Prints the files written (stdout) and how to use
+    them (stderr).
     """
     from .export import export_to_directory
     from .manifest import resolve_model
@@ -939,7 +943,7 @@ def export_command(model: str, fmt: str, out_dir: Path, mirrors: tuple[str, ...]
         click.echo(str(path))
     pre = spec.preprocessing
     click.echo(
-        f"{spec.name} exported as {fmt} to {out_dir}: loaded back and checked against paddle "
+        f"{spec.name} exported as {fmt} to {out_dir}: loaded back and checked against {check['reference'] or 'the reference'} "
         f"(max logit difference {check['max_abs_logit_diff']:.2g}, probabilities {check['max_abs_probability_diff']:.2g}).",
         err=True,
     )

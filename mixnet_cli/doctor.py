@@ -12,11 +12,13 @@ from typing import Any, Callable, Iterator
 
 from . import settings
 
-# Distributions whose versions matter for a bug report, in the order shown.
+# Distributions whose versions matter for a bug report, in the order shown; the core needs those in _CORE.
 _DISTRIBUTIONS = (
-    "mixnet-cli", "paddlepaddle", "paddlepaddle-gpu", "paddleclas", "openvino", "onnxruntime", "onnxruntime-gpu",
-    "paddle2onnx", "onnx", "numpy", "opencv-python", "pillow",
+    "mixnet-cli", "numpy", "onnx", "openvino", "onnxruntime", "onnxruntime-gpu", "opencv-python",
+    "opencv-python-headless", "pillow", "paddlepaddle", "paddlepaddle-gpu", "paddleclas",
 )
+_CORE = ("mixnet-cli", "numpy", "onnx", "pillow")
+_OPENCV = ("opencv-python", "opencv-python-headless")
 
 
 @dataclass(frozen=True)
@@ -31,21 +33,34 @@ class Check:
 
 
 def _versions() -> Iterator[Check]:
-    yield Check("python", f"{platform.python_version()} ({sys.executable})", "ok" if sys.version_info < (3, 12) else "fail",
-                "" if sys.version_info < (3, 12) else "paddleclas needs numpy 1.24, which has no wheels for Python 3.12+")
+    yield Check("python", f"{platform.python_version()} ({sys.executable})", "ok")
     yield Check("platform", platform.platform(), "info")
+    opencv = [name for name in _OPENCV if _installed(name)]
     for name in _DISTRIBUTIONS:
         try:
             yield Check(name, metadata.version(name), "ok")
         except metadata.PackageNotFoundError:
-            if name in ("mixnet-cli", "paddleclas", "numpy", "pillow", "opencv-python") or (
-                name == "paddlepaddle" and not _installed("paddlepaddle-gpu")
-            ):
+            if name in _CORE:
                 yield Check(name, "not installed", "fail", "reinstall mixnet-cli: pip install mixnet-cli")
-            elif name in ("paddlepaddle-gpu", "onnxruntime-gpu"):
+            elif name in ("paddlepaddle-gpu", "onnxruntime-gpu") or (name in _OPENCV and opencv):
                 continue
+            elif name in _OPENCV:
+                yield Check(name, "not installed", "fail", "reinstall mixnet-cli: pip install mixnet-cli")
             else:
                 yield Check(name, "not installed", "info")
+    if len(opencv) > 1:
+        yield Check("OpenCV", " and ".join(opencv), "fail",
+                    f"two OpenCV distributions overwrite each other's cv2: pip uninstall {' '.join(opencv)}, "
+                    "then reinstall mixnet-cli")
+
+
+def _engines() -> Iterator[Check]:
+    from .registry import ENGINES
+
+    for info in ENGINES.values():
+        missing = info.missing()
+        yield Check(f"engine {info.name}", "ready" if missing is None else f"needs {missing}",
+                    "ok" if missing is None else "info", "" if missing is None else info.install)
 
 
 def _installed(name: str) -> bool:
@@ -65,9 +80,10 @@ def _guarded(name: str, probe: Callable[[], Iterator[Check]]) -> Iterator[Check]
 
 
 def _paddle() -> Iterator[Check]:
-    from .engine import resolve_device
     from .imports import import_quietly
 
+    if not _installed("paddlepaddle") and not _installed("paddlepaddle-gpu"):
+        return
     paddle = import_quietly("paddle")
     compiled = paddle.device.is_compiled_with_cuda()
     yield Check("paddle CUDA", "compiled in" if compiled else "CPU-only build", "info")
@@ -76,8 +92,6 @@ def _paddle() -> Iterator[Check]:
         names = [paddle.device.cuda.get_device_name(i) for i in range(count)]
         yield Check("GPUs visible to paddle", ", ".join(names) or "none", "ok" if count else "warn",
                     "" if count else "check nvidia-smi and CUDA_VISIBLE_DEVICES")
-    choice = resolve_device("auto")
-    yield Check("device auto picks", f"{choice.device} ({choice.reason})", "ok")
 
 
 def _engine() -> Iterator[Check]:
@@ -87,16 +101,19 @@ def _engine() -> Iterator[Check]:
         if value:
             yield Check(variable, value, "info")
     choice = choose_engine(settings.engine() or "auto", settings.device() or "auto")
+    yield Check("device auto picks", f"{choice.device} ({choice.device_reason})", "ok")
     yield Check("engine auto picks", f"{choice.engine} on {choice.device} ({choice.engine_reason})", "ok")
 
 
 def _paddleclas() -> Iterator[Check]:
-    from .manifest import load_manifest
     from .imports import import_quietly
+    from .manifest import load_manifest
 
+    if not _installed("paddleclas"):
+        return
     spec = next(iter(load_manifest().models.values()))
-    import_quietly(spec.architecture.split(":", 1)[0])
-    yield Check("MixNet architecture", "imports", "ok")
+    import_quietly(spec.architecture.paddleclas.split(":", 1)[0])
+    yield Check("paddleclas MixNet", "imports", "ok")
 
 
 def _onnxruntime() -> Iterator[Check]:
@@ -160,6 +177,7 @@ def _network() -> Iterator[Check]:
 def run_checks() -> Iterator[Check]:
     """Every check, in order; each one is independent, so a broken part does not hide the others."""
     yield from _versions()
+    yield from _guarded("engines", _engines)
     yield from _guarded("paddle", _paddle)
     yield from _guarded("engine", _engine)
     yield from _guarded("paddleclas", _paddleclas)

@@ -2,17 +2,9 @@
 
 Every engine takes an ``N x 3 x S x S`` float32 array and returns ``N x 1000`` float32 logits for the same
 weights; :mod:`mixnet_cli.classifier` does the softmax and top-k, so engines can be compared value for value.
-
-* ``openvino``: OpenVINO (CPU) on the ONNX model converted once from the weights (:mod:`mixnet_cli.export`),
-  in f32; the fastest on the CPU in BENCHMARKS.md.
-* ``onnxruntime``: ONNX Runtime on the same ONNX model; CUDA when onnxruntime-gpu is installed. Both run many
-  times faster than paddle on the CPU (MixNet's split-and-concat convolutions are slow under oneDNN), and
-  neither needs paddle once the model is cached.
-* ``paddle``: Paddle Inference on a model saved once with ``paddle.jit.save``; oneDNN on the CPU, CUDA (and
-  TensorRT when paddle has it) on a GPU.
-* ``dygraph``: the paddleclas network run eagerly by paddle: the reference the others are checked against.
-
-``auto`` is the fastest engine installed for the device, and choosing it for the CPU imports no paddle.
+:data:`ENGINES` lists them, with what each needs and where it runs: ``--engine``'s help, its check, the errors
+and ``doctor`` read that table. ``auto`` is the fastest engine installed for the device, and choosing it for the
+CPU imports no paddle.
 """
 
 from __future__ import annotations
@@ -33,14 +25,19 @@ import numpy as np
 
 from .errors import DeviceError, EngineError, MixnetError, UsageError
 from .manifest import ModelSpec
+from .registry import ENGINE_NAMES, ENGINES, _ENGINE_ALIASES
 
 if TYPE_CHECKING:
     from .weights import VerifiedWeights
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|gpu|gpu:\d+)$")
-ENGINE_NAMES = ("auto", "openvino", "onnxruntime", "paddle", "dygraph")
-_ENGINE_ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "paddle-inference": "paddle",
-                   "paddle-dygraph": "dygraph", "ov": "openvino"}
+
+
+def require_engine(name: str) -> None:
+    """Raise :class:`EngineError` naming what to install when engine ``name`` cannot run here."""
+    missing = ENGINES[name].missing()
+    if missing is not None:
+        raise EngineError(f"the {name} engine needs {missing}")
 
 
 class Engine(Protocol):
@@ -88,13 +85,6 @@ class EngineChoice:
     @property
     def device_choice(self) -> DeviceChoice:
         return DeviceChoice(self.device, self.device_reason)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 (PaddleClas's Topk post-processing applies softmax to the logits)."""
-    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
 
 
 def check_device_name(requested: str) -> str:
@@ -198,9 +188,8 @@ def _paddle_device(name: str, requested: str) -> DeviceChoice:
 
 
 def _onnxruntime_device(name: str, requested: str) -> DeviceChoice:
+    require_engine("onnxruntime")
     providers = _onnxruntime_providers()
-    if not providers:
-        raise EngineError("the onnxruntime engine needs onnxruntime: pip install onnxruntime (or use --engine paddle)")
     if name == "cpu":
         return DeviceChoice("cpu", "asked for the CPU")
     has_cuda = "CUDAExecutionProvider" in providers
@@ -218,8 +207,7 @@ def _onnxruntime_device(name: str, requested: str) -> DeviceChoice:
 
 
 def _openvino_device(name: str, requested: str) -> DeviceChoice:
-    if not _installed("openvino"):
-        raise EngineError("the openvino engine needs OpenVINO: pip install openvino (or use --engine onnxruntime)")
+    require_engine("openvino")
     if name not in ("auto", "cpu"):
         raise DeviceError(
             f"device '{requested}': the openvino engine runs on the CPU only; for a GPU use --engine onnxruntime "
@@ -244,6 +232,7 @@ def choose_engine(engine: str = "auto", device: str = "auto") -> EngineChoice:
         chosen = _onnxruntime_device(device_name, device)
         return EngineChoice("onnxruntime", chosen.device, "asked for onnxruntime", chosen.reason)
     if engine_name in ("paddle", "dygraph"):
+        require_engine(engine_name)
         chosen = _paddle_device(device_name, device)
         return EngineChoice(engine_name, chosen.device, f"asked for {engine_name}", chosen.reason)
 
@@ -255,9 +244,10 @@ def choose_engine(engine: str = "auto", device: str = "auto") -> EngineChoice:
                             engine_auto=True)
     if device_name == "cpu":
         return _cpu_auto("asked for the CPU")
-    if device_name == "auto" and not _distribution_installed("paddlepaddle-gpu"):
+    if device_name == "auto" and (not _distribution_installed("paddlepaddle-gpu") or ENGINES["paddle"].missing()):
         # A CPU-only paddle can't drive a GPU: say so without the second it takes to import paddle.
-        return _cpu_auto("no CUDA build of onnxruntime or paddle is installed")
+        return _cpu_auto("no CUDA build of onnxruntime, or of paddle with paddleclas, is installed")
+    require_engine("paddle")  # a GPU asked for, and only paddle could drive it
     chosen = _paddle_device(device_name, device)
     if chosen.device != "cpu":
         return EngineChoice("paddle", chosen.device, "fastest installed engine for the GPU (Paddle Inference)",
@@ -380,7 +370,7 @@ class OpenVinoEngine:
                 # A last, partial batch: padding it onto a model already compiled costs less than compiling one
                 # for it. A size that keeps coming gets its own model.
                 return min(larger), self._idle[min(larger)]
-            from .export import fixed_batch_onnx
+            from .conversion import fixed_batch_onnx
 
             try:
                 path = fixed_batch_onnx(self._model, self._cache_dir, size)
@@ -462,6 +452,7 @@ class PaddleInferenceEngine(_OneBatchAtATime):
         from .imports import import_quietly
 
         inference = import_quietly("paddle.inference")
+        self.version = str(import_quietly("paddle").__version__)
         self.device = device
         self.threads = (threads or physical_cores()) if device == "cpu" else None
         notes: list[str] = []
@@ -544,35 +535,48 @@ def _build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, th
 
         return PaddleDygraphEngine(spec, load_state(weights), choice.device, threads)
     from . import cache
-    from .export import ensure_export
+    from .conversion import ensure_converted, openvino_dir
 
+    require_engine(choice.engine)
     sha256 = weights.record.sha256
     if choice.engine == "paddle":
-        exported = ensure_export(spec, weights.path, sha256, "paddle")
-        program = exported.files.get("inference.json") or exported.file(".pdmodel")
-        return PaddleInferenceEngine(program, exported.file(".pdiparams"), choice.device, threads)
-    exported = ensure_export(spec, weights.path, sha256, "onnx")
+        converted = ensure_converted(spec, weights.path, sha256, "paddle")
+        program = converted.files.get("inference.json") or converted.file(".pdmodel")
+        engine: Engine = PaddleInferenceEngine(program, converted.file(".pdiparams"), choice.device, threads)
+        _check_once(engine, spec, converted.record, converted.directory, engine.version)  # type: ignore[attr-defined]
+        return engine
+    converted = ensure_converted(spec, weights.path, sha256, "onnx")
     if choice.engine == "onnxruntime":
-        return OnnxRuntimeEngine(exported.file(".onnx"), choice.device, threads)
-    from .export import check_engine, engine_checked, mark_engine_checked, openvino_dir
-
+        # The reference logits are ONNX Runtime's own on this file: nothing to check again.
+        return OnnxRuntimeEngine(converted.file(".onnx"), choice.device, threads)
     try:
         directory: Path | None = cache.ensure_dir(openvino_dir(sha256))
     except MixnetError:
         directory = None  # a read-only cache: compile every time
     try:
-        engine = OpenVinoEngine(exported.file(".onnx"), choice.device, threads, directory)
-        if directory is None or not engine_checked(directory, "openvino", engine.version):
-            # The ONNX file was checked under ONNX Runtime; OpenVINO computes differently, so it passes the same
-            # check once per OpenVINO version before its answers are trusted.
-            check = check_engine(engine, spec, exported.record.get("reference_logits"), whole_batch=False)
-            if directory is not None:
-                mark_engine_checked(directory, "openvino", engine.version, check)
+        engine = OpenVinoEngine(converted.file(".onnx"), choice.device, threads, directory)
+        # OpenVINO computes differently from ONNX Runtime, whose logits the record keeps: it passes the check once
+        # per OpenVINO version before its answers are trusted (one image at a time: its batch size is fixed per
+        # compiled model).
+        _check_once(engine, spec, converted.record, directory, getattr(engine, "version", ""), whole_batch=False)
     except DeviceError:
         raise
     except EngineError as exc:
         raise _OpenVinoFailed(str(exc)) from None
     return engine
+
+
+def _check_once(engine: Engine, spec: ModelSpec, record: dict[str, Any], marks: Path | None, version: str,
+                *, whole_batch: bool = True) -> None:
+    """Hold ``engine`` to the record's reference logits, unless it passed already at this ``version`` (a mark
+    in ``marks``; None, a read-only cache: check every time). Raises :class:`EngineError` when it fails."""
+    from .conversion import check_engine, engine_checked, mark_engine_checked
+
+    if marks is not None and engine_checked(marks, engine.name, version):
+        return
+    check = check_engine(engine, spec, record.get("reference_logits"), whole_batch=whole_batch)
+    if marks is not None:
+        mark_engine_checked(marks, engine.name, version, check)
 
 
 def _fallback(choice: EngineChoice, exc: MixnetError) -> EngineChoice | None:
@@ -584,7 +588,7 @@ def _fallback(choice: EngineChoice, exc: MixnetError) -> EngineChoice | None:
         return replace(cpu, engine_reason=f"{cpu.engine_reason}; {choice.engine} could not use the GPU")
     if isinstance(exc, _OpenVinoFailed) and _installed("onnxruntime"):
         return replace(choice, engine="onnxruntime", engine_reason=f"openvino failed: {exc}")
-    if choice.engine != "dygraph":
+    if choice.engine != "dygraph" and ENGINES["dygraph"].missing() is None:
         return replace(choice, engine="dygraph", engine_reason=f"{choice.engine} failed: {exc}")
     return None
 

@@ -76,3 +76,30 @@ def import_quietly(module: str) -> ModuleType:
         if root in ("paddle", "paddleclas", "paddle2onnx") and "paddle" not in sys.modules:
             return _contain_paddle_import(module)
         return importlib.import_module(module)
+
+
+PADDLE_EXTRA = 'pip install "mixnet-cli[paddle]"'
+
+
+def paddle_missing() -> str | None:
+    """What of the ``[paddle]`` extra is not installed (None: paddle and paddleclas both are), found without
+    importing either."""
+    import importlib.util
+
+    missing = [name for name, module in (("paddlepaddle", "paddle"), ("paddleclas", "paddleclas"))
+               if importlib.util.find_spec(module) is None]
+    if not missing:
+        return None
+    what = " and ".join(missing)
+    if "paddleclas" in missing and sys.version_info >= (3, 12):
+        return f"{what} (paddleclas 2.6.0 pins numpy 1.24.4, which has no wheels for Python 3.12+: use Python 3.10 or 3.11)"
+    return f"{what} ({PADDLE_EXTRA})"
+
+
+def require_paddle(purpose: str) -> None:
+    """Raise :class:`EngineError` naming what to install when the ``[paddle]`` extra is missing."""
+    missing = paddle_missing()
+    if missing is not None:
+        from .errors import EngineError
+
+        raise EngineError(f"{purpose} needs paddle and paddleclas; not installed: {missing}")

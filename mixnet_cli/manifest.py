@@ -39,12 +39,23 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class ArchitectureRef:
+    """Which MixNet a model is: PaddleClas's block table (``s`` or ``m``) and width, read by
+    :mod:`mixnet_cli.architecture`; ``paddleclas`` names the same network in paddleclas (``module:function``), for
+    the paddle engines and the tests that check mixnet's network against it."""
+
+    blocks: str
+    width_scale: float
+    paddleclas: str
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     url: str
     sha256: str | None
     size: int | None
-    architecture: str
+    architecture: ArchitectureRef
     preprocessing: Preprocessing
     metrics: Metrics
     source: str
@@ -57,10 +68,11 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class LabelSource:
-    """Class names from a file in another package; synset ids (``n01440764``...) from a file in this one."""
+    """Class names (``281 tabby, tabby cat`` per line) and synset ids (``n01440764``...), files in this package;
+    ``source`` says where the names come from."""
 
-    package: str
-    path: str
+    file: str
+    source: str
     num_classes: int
     synsets: str
 
@@ -121,9 +133,20 @@ def _parse_model(name: str, raw: dict[str, Any]) -> ModelSpec:
             for k, v in _require(met, "v100_trt_fp32_latency_ms", dict, met_where).items()
         },
     )
-    architecture = _require(raw, "architecture", str, where)
-    if ":" not in architecture:
-        raise ManifestError(f"weights manifest: {where}.architecture must look like 'module:function'")
+    arch = _require(raw, "architecture", dict, where)
+    arch_where = f"{where}.architecture"
+    architecture = ArchitectureRef(
+        blocks=_require(arch, "blocks", str, arch_where),
+        width_scale=float(_require(arch, "width_scale", (int, float), arch_where)),
+        paddleclas=_require(arch, "paddleclas", str, arch_where),
+    )
+    from .architecture import BLOCK_TABLES
+
+    if architecture.blocks not in BLOCK_TABLES:
+        raise ManifestError(f"weights manifest: {arch_where}.blocks names an unknown block table "
+                            f"'{architecture.blocks}' (known: {', '.join(BLOCK_TABLES)})")
+    if ":" not in architecture.paddleclas:
+        raise ManifestError(f"weights manifest: {arch_where}.paddleclas must look like 'module:function'")
     return ModelSpec(
         name=name,
         url=url,
@@ -146,8 +169,8 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
     models = {name: _parse_model(name, entry) for name, entry in models_raw.items()}
     labels_raw = _require(raw, "labels", dict, "manifest")
     labels = LabelSource(
-        package=_require(labels_raw, "package", str, "labels"),
-        path=_require(labels_raw, "path", str, "labels"),
+        file=_require(labels_raw, "file", str, "labels"),
+        source=_require(labels_raw, "source", str, "labels"),
         num_classes=_require(labels_raw, "num_classes", int, "labels"),
         synsets=_require(labels_raw, "synsets", str, "labels"),
     )

@@ -100,9 +100,9 @@ def check_file(
         raise WeightsError(f"has sha256 {sha256}, not the pinned {pinned}")
     _sniff(path)
     state = read_state_dict(path)
-    from .model import build_network, check_state_dict, expected_shapes
+    from .architecture import architecture_of
 
-    check_state_dict(spec, state, expected_shapes(build_network(spec)))
+    architecture_of(spec.name).check_state_dict(state)
     return state
 
 

@@ -141,6 +141,7 @@ def test_scores_are_a_softmax_in_descending_order(tmp_path, random_mirror):
     assert sorted(p["class_id"] for p in rows[0]["predictions"]) == list(range(1000))
 
 
+@pytest.mark.paddle
 def test_labels_are_paddleclas_label_list_verbatim(tmp_path, random_mirror):
     import paddleclas
 
@@ -190,9 +191,7 @@ def test_no_images_at_all_is_a_usage_error():
 
 
 def test_asking_for_a_missing_gpu_is_an_error_not_a_fallback(tmp_path, random_mirror):
-    import paddle
-
-    if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+    if Path("/dev/nvidia0").exists():
         pytest.skip("this machine has a GPU")
     result = _invoke("classify", str(_photo(tmp_path / "a.png")), "--device", "gpu")
     line = _one_line_error(result)
@@ -433,7 +432,13 @@ def test_doctor_reports_the_setup_and_fails_on_a_broken_part(isolated_home, monk
     monkeypatch.setenv("MIXNET_OFFLINE", "1")
     result = _invoke("doctor", "--json")
     checks = {row["check"]: row for row in json.loads(result.stdout)}
-    assert checks["paddlepaddle"]["status"] == "ok" and checks["paddleclas"]["value"] == "2.6.0"
+    from mixnet_cli.imports import paddle_missing
+
+    if paddle_missing() is None:
+        assert checks["paddlepaddle"]["status"] == "ok" and checks["paddleclas"]["value"] == "2.6.0"
+    else:  # the core install: paddle is an extra, not a failure
+        assert checks["paddleclas"]["value"] == "not installed" and checks["paddleclas"]["status"] == "info"
+    assert checks["onnx"]["status"] == "ok" and checks["openvino"]["status"] == "ok"
     assert checks["cache directory"]["value"].startswith(str(isolated_home))
     assert checks["cache writable"]["status"] == "ok"
     assert checks["device auto picks"]["value"].startswith(("cpu", "gpu"))

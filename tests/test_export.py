@@ -9,11 +9,13 @@ import pytest
 from click.testing import CliRunner
 
 from mixnet_cli.cli import main
-from paddleclas_reference import PaddleClasReference, paddleclas_decode, paddleclas_transform
+from mixnet_cli.imports import paddle_missing
 
 
 @pytest.fixture(scope="module")
 def reference_inputs(calibrated_weights_dir: Path, test_images: dict[str, Path]):
+    from paddleclas_reference import PaddleClasReference, paddleclas_decode, paddleclas_transform
+
     reference = PaddleClasReference("MixNet_S", calibrated_weights_dir / "MixNet_S_pretrained.pdparams")
     batch = np.stack([paddleclas_transform(paddleclas_decode(test_images[k])) for k in ("rgb_jpeg", "cmyk_jpeg", "wide_jpeg")])
     return batch, reference.probabilities(batch)
@@ -24,15 +26,31 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def test_onnx_export_runs_in_onnxruntime_with_paddleclas_answers(tmp_path, calibrated_mirror, reference_inputs, capfd):
+@pytest.fixture(scope="module")
+def onnx_export(calibrated_weights_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`mixnet export S --format onnx` run once, from a mirror of the calibrated weights; (result, directory)."""
+    from conftest import FileServer
+
+    server = FileServer(calibrated_weights_dir)
+    out = tmp_path_factory.mktemp("export") / "onnx-out"
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MIXNET_MIRROR", server.url)
+            patch.setenv("MIXNET_HOME", str(tmp_path_factory.mktemp("export-home")))
+            result = CliRunner().invoke(main, ["export", "S", "--format", "onnx", "-o", str(out)], catch_exceptions=False)
+    finally:
+        server.close()
+    return result, out
+
+
+def test_onnx_export_is_a_tidy_graph_that_loads_without_warnings(onnx_export, capfd):
     import onnx
     import onnxruntime
 
-    out = tmp_path / "onnx-out"
-    result = CliRunner().invoke(main, ["export", "S", "--format", "onnx", "-o", str(out)], catch_exceptions=False)
+    result, out = onnx_export
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [str(out / "MixNet_S.onnx")]
-    assert "onnxruntime" in result.stderr and "checked against paddle" in result.stderr
+    assert "onnxruntime" in result.stderr and "checked against ONNX Runtime" in result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["MixNet_S.onnx"]  # no staging or record left behind
 
     # A tidy graph: named input and output, no Identity nodes, nothing computed that nobody reads.
@@ -42,18 +60,42 @@ def test_onnx_export_runs_in_onnxruntime_with_paddleclas_answers(tmp_path, calib
     assert not [node for node in graph.node if node.op_type == "Identity"]
     read = {name for node in graph.node for name in node.input} | {"logits"}
     assert all(any(name in read for name in node.output) for node in graph.node)
+    assert {tensor.name for tensor in graph.initializer} <= read
 
-    batch, expected = reference_inputs
     options = onnxruntime.SessionOptions()
-    options.log_severity_level = 2  # warnings: ONNX Runtime warned about each unused constant of paddle2onnx's graph
+    options.log_severity_level = 2  # warnings too: an unused constant would be reported on every load
     capfd.readouterr()
-    session = onnxruntime.InferenceSession(str(out / "MixNet_S.onnx"), options, providers=["CPUExecutionProvider"])
+    onnxruntime.InferenceSession(str(out / "MixNet_S.onnx"), options, providers=["CPUExecutionProvider"])
     assert "not used by any node" not in capfd.readouterr().err
+
+
+@pytest.mark.paddle
+def test_onnx_export_gives_paddleclas_answers(onnx_export, reference_inputs):
+    import onnxruntime
+
+    _, out = onnx_export
+    batch, expected = reference_inputs
+    session = onnxruntime.InferenceSession(str(out / "MixNet_S.onnx"), providers=["CPUExecutionProvider"])
     probabilities = _softmax(session.run(None, {session.get_inputs()[0].name: batch})[0].astype(np.float64))
     assert np.abs(probabilities - expected).max() < 1e-4
     assert (probabilities.argsort(axis=1)[:, -5:] == expected.argsort(axis=1)[:, -5:]).all()
 
 
+def test_paddle_export_without_paddle_names_the_extra(tmp_path, random_mirror, monkeypatch):
+    from mixnet_cli import imports
+
+    if paddle_missing() is None:  # make it missing: find_spec is what the check reads
+        real_find_spec = imports.importlib.util.find_spec
+        monkeypatch.setattr(imports.importlib.util, "find_spec",
+                            lambda name, *a: None if name == "paddleclas" else real_find_spec(name, *a))
+    result = CliRunner().invoke(main, ["export", "S", "--format", "paddle", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert "paddleclas" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.paddle
 def test_paddle_export_runs_in_paddle_inference_with_paddleclas_answers(tmp_path, calibrated_mirror, reference_inputs):
     import paddle.inference as paddle_infer
 

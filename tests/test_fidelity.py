@@ -33,6 +33,10 @@ from paddleclas_reference import (  # noqa: E402  (a helper module beside the te
 )
 
 
+# Everything here compares with paddleclas itself.
+pytestmark = pytest.mark.paddle
+
+
 def assert_same_answer(
     ids: list[int], scores: list[float], reference_ids: list[int], reference: np.ndarray, what: str
 ) -> float:

@@ -23,18 +23,56 @@ from mixnet_cli.pdparams import read_state_dict
 
 @pytest.fixture(scope="module")
 def paddle_files(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
-    """A small layer's state dict written by paddle itself with protocols 2, 3 and 4."""
-    import paddle
+    """A small layer's state dict written with protocols 2, 3 and 4: by paddle itself where it is installed,
+    else as the test weights are written (``weightgen.save_pdparams``, shown to equal paddle's format below)."""
+    from mixnet_cli.imports import paddle_missing
 
     directory = tmp_path_factory.mktemp("paddle-protocols")
-    paddle.seed(1)
-    layer = paddle.nn.Sequential(paddle.nn.Conv2D(3, 4, 3), paddle.nn.BatchNorm2D(4), paddle.nn.Linear(4, 2))
     files = {}
+    if paddle_missing() is None:
+        import paddle
+
+        paddle.seed(1)
+        layer = paddle.nn.Sequential(paddle.nn.Conv2D(3, 4, 3), paddle.nn.BatchNorm2D(4), paddle.nn.Linear(4, 2))
+        for protocol in (2, 3, 4):
+            path = directory / f"layer-p{protocol}.pdparams"
+            paddle.save(layer.state_dict(), str(path), protocol=protocol)
+            files[protocol] = path
+        return files
+    from weightgen import save_pdparams
+
+    rng = np.random.default_rng(1)
+    state = {"0.weight": rng.normal(size=(4, 3, 3, 3)), "0.bias": rng.normal(size=4), "1.weight": np.ones(4),
+             "1.bias": np.zeros(4), "1._mean": np.zeros(4), "1._variance": np.ones(4),
+             "2.weight": rng.normal(size=(4, 2)), "2.bias": np.zeros(2)}
     for protocol in (2, 3, 4):
-        path = directory / f"layer-p{protocol}.pdparams"
-        paddle.save(layer.state_dict(), str(path), protocol=protocol)
-        files[protocol] = path
+        files[protocol] = save_pdparams({k: v.astype(np.float32) for k, v in state.items()},
+                                        directory / f"layer-p{protocol}.pdparams", protocol)
     return files
+
+
+@pytest.mark.paddle
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_test_weights_are_in_paddles_own_format(tmp_path, protocol):
+    """The files the tests make load with ``paddle.load`` into paddleclas's network, and paddle's own save of
+    that network reads back identically with mixnet's reader."""
+    import paddle
+    from paddleclas.ppcls.arch.backbone.model_zoo.mixnet import MixNet_S
+
+    from weightgen import make_random_weights
+
+    ours = make_random_weights("MixNet_S", tmp_path / "ours.pdparams")
+    if protocol == 2:
+        from weightgen import random_state, save_pdparams
+
+        ours = save_pdparams(random_state("MixNet_S"), tmp_path / "ours.pdparams", protocol=2)
+    network = MixNet_S(pretrained=False, class_num=1000)
+    network.set_state_dict(paddle.load(str(ours)))
+    paddle.save(network.state_dict(), str(tmp_path / "theirs.pdparams"), protocol=protocol)
+    mine, theirs = read_state_dict(ours), read_state_dict(tmp_path / "theirs.pdparams")
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        np.testing.assert_array_equal(mine[key], theirs[key])
 
 
 def _trusted_load(path: Path) -> dict[str, np.ndarray]:

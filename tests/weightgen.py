@@ -1,4 +1,9 @@
-"""Test weights that behave like trained ones, in the real ``.pdparams`` format of the real architecture.
+"""Test weights that behave like trained ones, in the real ``.pdparams`` format, made without paddle.
+
+The parameter names and shapes come from mixnet's architecture description (tests compare them with
+paddleclas's network where paddle is installed); the file is a pickle of a dict of numpy arrays plus paddle's
+``StructuredToParameterName@@`` entry, as ``paddle.save(model.state_dict())`` writes it (a test loads our files
+with ``paddle.load`` and paddle's own files with mixnet).
 
 Freshly initialised MixNet weights are useless for testing answers: every image gets the same top-1 with a
 probability of about 0.001, so a wrong preprocessing would still "match". Random filters also make the network
@@ -10,29 +15,25 @@ there still moves probabilities by 1e-4 to 1e-2:
 - the last batch norm of each residual unit gets weight 0.2 and bias 0, so the identity path dominates;
 - the squeeze-and-excitation gates are damped (their second convolution scaled by 0.1): a gate that opens
   with the activation it multiplies makes strong inputs grow quadratically, unit after unit;
-- batch-norm statistics come from generated calibration pictures, layer by layer in one forward pass, with
-  each variance floored at its layer's median: a channel that barely varies on the calibration pictures would
-  otherwise be divided by almost nothing and blow up on the first picture that excites it;
+- batch-norm statistics come from generated calibration pictures, every layer in one forward pass in which
+  each batch norm normalises with the statistics of the batch reaching it (so downstream layers see what the
+  finished network will give them), each variance floored at its layer's median: a channel that barely varies
+  on the calibration pictures would otherwise be divided by almost nothing and blow up on the first picture
+  that excites it. That pass is mixnet's own ONNX graph with each BatchNormalization node replaced by those
+  batch statistics, run by ONNX Runtime;
 - the classifier is random, applied to the pooled features standardised over the calibration pictures (scales
   floored the same way), with a gain that makes logits spread over several units: confident, not saturated.
-
-PaddleClas's own way to take statistics from a batch, one train-mode pass with momentum 0 (paddle updates
-``running = momentum * running + (1 - momentum) * batch``), gives the same means and variances but leaves no
-room for the floor, hence the forward pre-hooks.
 """
 
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from imagegen import scene
-
-if TYPE_CHECKING:
-    import paddle
 
 GAIN = 6.0
 RESIDUAL_BN_WEIGHT = 0.2
@@ -40,6 +41,7 @@ SE_EXCITATION_SCALE = 0.1
 CALIBRATION_IMAGES = 32
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(1, 1, 3)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(1, 1, 3)
+STRUCTURE_KEY = "StructuredToParameterName@@"
 
 
 def calibration_batch(count: int = CALIBRATION_IMAGES, seed: int = 12345) -> np.ndarray:
@@ -63,83 +65,150 @@ def calibration_batch(count: int = CALIBRATION_IMAGES, seed: int = 12345) -> np.
     return np.ascontiguousarray(np.stack(batch), dtype=np.float32)
 
 
-def _network(model_name: str) -> "paddle.nn.Layer":
-    from paddleclas.ppcls.arch.backbone.model_zoo import mixnet
+def random_state(model_name: str, seed: int = 0, *, wild: bool = False) -> dict[str, np.ndarray]:
+    """Randomly initialised float32 parameters for every name and shape of ``model_name``.
 
-    return getattr(mixnet, model_name)(pretrained=False, class_num=1000)
-
-
-def _calibrate_batch_norm(layer: "paddle.nn.BatchNorm2D", inputs: tuple) -> None:
-    """Forward pre-hook: set the layer's statistics from the batch about to pass through it."""
-    import paddle
-
-    # numpy's einsum reductions are several times faster than paddle's over these axes on the CPU.
-    x = inputs[0].numpy()
-    count = x.size // x.shape[1]
-    mean = np.einsum("nchw->c", x) / count
-    centred = x - mean.reshape(1, -1, 1, 1).astype(np.float32)
-    var = np.einsum("nchw,nchw->c", centred, centred) / count
-    var = np.maximum(var, np.median(var))
-    layer._mean.set_value(paddle.to_tensor(mean.astype(np.float32)))
-    layer._variance.set_value(paddle.to_tensor(var.astype(np.float32)))
-
-
-def calibrated_network(model_name: str, seed: int = 0) -> "paddle.nn.Layer":
-    """The paddleclas network of ``model_name`` with calibrated weights, in eval mode."""
-    import paddle
-    from paddleclas.ppcls.arch.backbone.model_zoo.mixnet import MixUnit, SEBlock
-
-    paddle.seed(seed)
-    network = _network(model_name)
-    with paddle.no_grad():
-        for layer in network.sublayers():
-            if isinstance(layer, paddle.nn.Conv2D) and max(layer.weight.shape[2:]) > 1:
-                layer.weight.set_value(paddle.mean(layer.weight, axis=[2, 3], keepdim=True).expand_as(layer.weight))
-            if isinstance(layer, SEBlock):
-                layer.conv2.weight.set_value(layer.conv2.weight * SE_EXCITATION_SCALE)
-            if isinstance(layer, MixUnit) and layer.residual:
-                last_bn = layer.conv2.bn
-                last_bn.weight.set_value(paddle.full_like(last_bn.weight, RESIDUAL_BN_WEIGHT))
-                last_bn.bias.set_value(paddle.zeros_like(last_bn.bias))
-
-        batch = paddle.to_tensor(calibration_batch())
-        network.eval()
-        hooks = [
-            layer.register_forward_pre_hook(_calibrate_batch_norm)
-            for layer in network.sublayers()
-            if isinstance(layer, paddle.nn.BatchNorm2D)
-        ]
-        # Each batch norm is calibrated as the pass reaches it, on inputs from the layers already calibrated,
-        # so the features of this one pass are those of the finished network.
-        features = network.features(batch).reshape([batch.shape[0], -1]).numpy().astype(np.float64)
-        for hook in hooks:
-            hook.remove()
-        mean = features.mean(axis=0)
-        # Channels that (nearly) never fire on the calibration pictures would get huge weights and blow up on a
-        # picture that does fire them: floor each scale at the typical channel's.
-        std = np.maximum(features.std(axis=0), np.median(features.std(axis=0)))
-        rng = np.random.default_rng(seed)
-        directions = rng.standard_normal((features.shape[1], 1000)) * (GAIN / math.sqrt(features.shape[1]))
-        # logits = ((f - mean) / std) @ directions, folded into the Linear layer's weight and bias
-        weight = directions / std[:, None]
-        bias = -(mean / std) @ directions
-        network.output.weight.set_value(paddle.to_tensor(weight.astype(np.float32)))
-        network.output.bias.set_value(paddle.to_tensor(bias.astype(np.float32)))
-    return network
-
-
-def make_calibrated_weights(model_name: str, path: Path, seed: int = 0, protocol: int | None = None) -> Path:
-    """Write calibrated ``model_name`` weights to ``path`` with ``paddle.save`` (the released files' layout).
-
-    ``protocol=2`` writes the pickle protocol older paddle releases used.
+    ``wild=True`` also randomises what a fresh network has as constants (batch-norm statistics, scales and
+    shifts, biases): for tests that must tell a transposed kernel or a swapped statistic from the right one.
     """
-    import paddle
+    from mixnet_cli.architecture import architecture_of
 
-    network = calibrated_network(model_name, seed)
+    rng = np.random.default_rng(seed)
+    state: dict[str, np.ndarray] = {}
+    for name, shape in architecture_of(model_name).shapes().items():
+        if name.endswith("._variance"):
+            value = rng.uniform(0.5, 2.0, shape) if wild else np.ones(shape)
+        elif name.endswith("._mean"):
+            value = rng.normal(0.0, 0.1, shape) if wild else np.zeros(shape)
+        elif name.endswith("bn.weight"):
+            value = rng.uniform(0.5, 1.5, shape) if wild else np.ones(shape)
+        elif name.endswith(("bn.bias", ".bias")):
+            value = rng.normal(0.0, 0.1, shape) if wild else np.zeros(shape)
+        else:
+            fan_in = shape[0] if name == "output.weight" else int(np.prod(shape[1:]))
+            value = rng.normal(0.0, math.sqrt(2.0 / fan_in), shape)  # He initialisation
+        state[name] = value.astype(np.float32)
+    return state
+
+
+def save_pdparams(state: dict[str, np.ndarray], path: Path, protocol: int = 4) -> Path:
+    """Write ``state`` as ``paddle.save(model.state_dict())`` does: one pickle of a dict of numpy arrays, plus
+    the structured-name map paddle adds (protocol 4 by default, as paddle 3 writes; 2 as older paddle did)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if protocol is None:
-        paddle.save(network.state_dict(), str(path))
-    else:
-        paddle.save(network.state_dict(), str(path), protocol=protocol)
+    payload: dict[str, object] = {name: np.ascontiguousarray(value) for name, value in state.items()}
+    payload[STRUCTURE_KEY] = {name: f"param_{index}" for index, name in enumerate(state)}
+    with open(path, "wb") as file:
+        pickle.dump(payload, file, protocol=protocol)
     return path
+
+
+def _batch_statistics_graph(model_name: str, state: dict[str, np.ndarray]):  # type: ignore[no-untyped-def]
+    """mixnet's graph with every BatchNormalization normalising by its batch's statistics (variance floored
+    at the layer's median), giving those statistics and the pooled features as extra outputs.
+
+    Returns the model and, per batch norm, the state-dict names of its mean and variance with their outputs.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mixnet_cli.architecture import architecture_of
+    from mixnet_cli.onnx_graph import GraphForm, build_onnx
+
+    model = build_onnx(architecture_of(model_name), state, form=GraphForm(fold_batch_norm=False))
+    graph = model.graph
+    sizes = {tensor.name: tensor.dims[0] for tensor in graph.initializer if len(tensor.dims) == 1}
+    nodes, outputs, statistics = [], [], []
+    for node in graph.node:
+        if node.op_type != "BatchNormalization":
+            if node.op_type == "Flatten":
+                outputs.append(helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None))
+            nodes.append(node)
+            continue
+        x, scale, shift, mean_name, var_name = node.input
+        channels = sizes[scale]
+        tag = node.output[0]
+
+        def add(op: str, inputs: list[str], suffix: str, **attributes: object) -> str:
+            name = f"{tag}.{suffix}"
+            extra = [f"{name}.indices"] if op == "TopK" else []
+            nodes.append(helper.make_node(op, inputs, [name] + extra, **attributes))
+            return name
+
+        def constant(suffix: str, value: np.ndarray) -> str:
+            name = f"{tag}.{suffix}"
+            graph.initializer.append(numpy_helper.from_array(value, name))
+            return name
+
+        mean = add("ReduceMean", [x], "mean", axes=[0, 2, 3], keepdims=1)
+        centred = add("Sub", [x, mean], "centred")
+        var = add("ReduceMean", [add("Mul", [centred, centred], "squared")], "var", axes=[0, 2, 3], keepdims=1)
+        flat = add("Reshape", [var, constant("flat_shape", np.array([-1], dtype=np.int64))], "var_flat")
+        # numpy's median: the middle value, or the mean of the two middle values for an even count.
+        upper = add("ReduceMin", [add("TopK", [flat, constant("k_upper", np.array([channels - (channels - 1) // 2], dtype=np.int64))], "top_upper", axis=0)], "upper", keepdims=0)
+        lower = add("ReduceMin", [add("TopK", [flat, constant("k_lower", np.array([channels - channels // 2], dtype=np.int64))], "top_lower", axis=0)], "lower", keepdims=0)
+        median = add("Mul", [add("Add", [upper, lower], "middle_sum"), constant("half", np.array(0.5, dtype=np.float32))], "median")
+        floored = add("Max", [var, median], "var_floored")
+        epsilon = constant("epsilon", np.array(1e-5, dtype=np.float32))
+        normalised = add("Div", [centred, add("Sqrt", [add("Add", [floored, epsilon], "var_eps")], "std")], "normalised")
+        shape = constant("channel_shape", np.array([1, channels, 1, 1], dtype=np.int64))
+        scaled = add("Mul", [normalised, add("Reshape", [scale, shape], "scale4")], "scaled")
+        nodes.append(helper.make_node("Add", [scaled, add("Reshape", [shift, shape], "shift4")], [node.output[0]]))
+        statistics.append((mean_name.rsplit("_", 1)[0], mean, var_name.rsplit("_", 1)[0], floored))
+        outputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in (mean, floored)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.output.extend(outputs)
+    return model, statistics
+
+
+def calibrated_state(model_name: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """Parameters of ``model_name`` that answer like trained ones (see the module's docstring)."""
+    import onnxruntime
+
+    from mixnet_cli.architecture import architecture_of
+
+    architecture = architecture_of(model_name)
+    state = random_state(model_name, seed)
+    for name, value in state.items():
+        if name.endswith("weight") and value.ndim == 4 and value.shape[-1] > 1:
+            state[name] = np.broadcast_to(value.mean(axis=(2, 3), keepdims=True), value.shape).astype(np.float32)
+    for unit in architecture.units:
+        if unit.se is not None:
+            state[f"{unit.se.prefix}.conv2.weight"] *= SE_EXCITATION_SCALE
+        if unit.residual:
+            state[unit.project.bn_name("weight")][:] = RESIDUAL_BN_WEIGHT
+            state[unit.project.bn_name("bias")][:] = 0.0
+
+    model, statistics = _batch_statistics_graph(model_name, state)
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # the replaced batch norms leave their statistics unread: no warning each
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    values = dict(zip(names, session.run(None, {"x": calibration_batch()})))
+    for mean_key, mean_output, var_key, var_output in statistics:
+        state[mean_key] = values[mean_output].reshape(-1).astype(np.float32)
+        state[var_key] = values[var_output].reshape(-1).astype(np.float32)
+    flatten = next(node.output[0] for node in model.graph.node if node.op_type == "Flatten")
+    features = values[flatten].astype(np.float64)
+
+    mean = features.mean(axis=0)
+    # Channels that (nearly) never fire on the calibration pictures would get huge weights and blow up on a
+    # picture that does fire them: floor each scale at the typical channel's.
+    std = np.maximum(features.std(axis=0), np.median(features.std(axis=0)))
+    rng = np.random.default_rng(seed)
+    directions = rng.standard_normal((features.shape[1], architecture.num_classes)) * (GAIN / math.sqrt(features.shape[1]))
+    # logits = ((f - mean) / std) @ directions, folded into the Linear layer's weight ([in, out]) and bias
+    state[architecture.classifier_weight] = (directions / std[:, None]).astype(np.float32)
+    state[architecture.classifier_bias] = (-(mean / std) @ directions).astype(np.float32)
+    return state
+
+
+def make_calibrated_weights(model_name: str, path: Path, seed: int = 0, protocol: int = 4) -> Path:
+    """Write calibrated ``model_name`` weights to ``path`` in the released files' layout (``protocol=2``: the
+    pickle protocol older paddle releases wrote)."""
+    return save_pdparams(calibrated_state(model_name, seed), path, protocol)
+
+
+def make_random_weights(model_name: str, path: Path, seed: int = 0) -> Path:
+    """Freshly initialised ``model_name`` weights (answers near-uniform: for download and cache tests)."""
+    return save_pdparams(random_state(model_name, seed), path)

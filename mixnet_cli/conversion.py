@@ -1,0 +1,604 @@
+"""Converted models: made once per weights file for the engines, checked, then cached.
+
+Layout under the cache root (the directory is named by the sha256 of the weights it was made from)::
+
+    onnx/<weights sha256>/MixNet_S.onnx                  for OpenVINO and ONNX Runtime (written by mixnet itself)
+    onnx/<weights sha256>/record.json                    what it was made from, each file's sha256, the check
+    openvino/<weights sha256>/batch1.onnx ...            the same with a fixed batch size, for OpenVINO
+    openvino/<weights sha256>/compiled/                  OpenVINO's compiled-model cache
+    openvino/<weights sha256>/checked-openvino.json      OpenVINO's answers passed the check (per version)
+    paddle-inference/<weights sha256>/inference.json     for Paddle Inference (``paddle.jit.save``)
+    paddle-inference/<weights sha256>/inference.pdiparams
+    paddle-inference/<weights sha256>/record.json
+
+The ONNX model is written in this process, in well under a second, from the verified state dict and the
+architecture description (:mod:`mixnet_cli.onnx_graph`): no paddle. Its record keeps the logits ONNX Runtime
+gives on a fixed test batch, which every other engine must reproduce before its answers are trusted (tests hold
+the graph itself to paddleclas's network). The Paddle Inference model needs paddle and paddleclas (the
+``[paddle]`` extra) and is made in a child process (``python -m mixnet_cli.conversion``): paddle takes seconds
+to import, prints to stdout and sets environment variables, and none of that may reach the caller; its record
+keeps the logits of paddleclas's own network.
+
+Using a cached model reads no paddle at all: the record is checked against the files (sizes and sha256), and
+a mismatch (or a model made by an older mixnet-cli) converts again. A conversion is moved into place in one
+rename; a failed one leaves nothing behind. This module runs no engine of mixnet's: engines
+(:mod:`mixnet_cli.engine`) run what it makes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import cache, settings
+from .errors import EngineError, MixnetError
+from .manifest import ModelSpec, resolve_model
+from .postprocess import softmax
+
+RECORD_NAME = "record.json"
+# 3: the ONNX model is mixnet's own graph (2 was paddle2onnx's); an older record is converted again.
+RECORD_VERSION = 3
+# The converted model must give the network's logits to this fraction of their largest magnitude (relative, so
+# that it means the same for trained weights, whose logits reach 20, and fresh ones, whose logits are 1e-7), and
+# the same probabilities to this absolute error (tests hold every engine to 1e-4 on probabilities).
+LOGIT_TOLERANCE = 1e-4
+PROBABILITY_TOLERANCE = 1e-5
+_FAILURE_MARK = "mixnet-export-failed: "
+_REPORT_NAME = "check.json"
+
+
+@dataclass(frozen=True)
+class ModelFormat:
+    name: str  # "onnx" or "paddle"
+    directory: str  # below the cache root
+    label: str  # for messages: what it is converted to
+
+
+FORMATS: dict[str, ModelFormat] = {
+    "onnx": ModelFormat("onnx", "onnx", "ONNX"),
+    "paddle": ModelFormat("paddle", "paddle-inference", "Paddle Inference"),
+}
+
+
+@dataclass(frozen=True)
+class ConvertedModel:
+    """A verified converted model in the cache: ``files`` maps each file's name to its path; ``record`` is its
+    record (``reference_logits``: what every engine must reproduce on :func:`validation_batch`)."""
+
+    format: str
+    directory: Path
+    files: dict[str, Path]
+    record: dict[str, Any]
+
+    def file(self, suffix: str) -> Path:
+        """The file whose name ends with ``suffix`` (``.onnx``, ``.json``, ``.pdiparams``)."""
+        for name, path in self.files.items():
+            if name.endswith(suffix):
+                return path
+        raise EngineError(f"{self.directory} has no *{suffix} file; delete the directory and run again")
+
+
+def _format(fmt: str) -> ModelFormat:
+    try:
+        return FORMATS[fmt]
+    except KeyError:
+        raise ValueError(f"unknown export format {fmt!r}") from None
+
+
+def converted_dir(fmt: str, weights_sha256: str) -> Path:
+    return cache.cache_root() / _format(fmt).directory / weights_sha256
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _read_record(directory: Path) -> dict[str, Any] | None:
+    try:
+        raw = json.loads((directory / RECORD_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def _problem(record: dict[str, Any] | None, fmt: str, spec: ModelSpec, weights_sha256: str, directory: Path) -> str | None:
+    """Why the export in ``directory`` cannot be used (None when it can)."""
+    if record is None:
+        return "has no readable record"
+    if (record.get("record_version"), record.get("format"), record.get("model"), record.get("weights_sha256")) != (
+        RECORD_VERSION, fmt, spec.name, weights_sha256
+    ):
+        return "has a record for other weights or another format"
+    files = record.get("files")
+    if not isinstance(files, dict) or not files:
+        return "has a record that lists no files"
+    for name, expected in files.items():
+        path = directory / name
+        if Path(name).name != name or not isinstance(expected, dict):
+            return "has a malformed record"
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"is missing {name}"
+        if size != expected.get("size") or cache.sha256_of(path) != expected.get("sha256"):
+            return f"has a corrupt {name} (its sha256 does not match the record)"
+    return None
+
+
+def cached_model(spec: ModelSpec, weights_sha256: str, fmt: str) -> ConvertedModel | None:
+    """The verified converted model of these weights for ``fmt``, or None if there is none (or it fails its
+    record)."""
+    directory = converted_dir(fmt, weights_sha256)
+    if not directory.is_dir():
+        return None
+    record = _read_record(directory)
+    if _problem(record, fmt, spec, weights_sha256, directory) is not None:
+        return None
+    assert record is not None
+    return ConvertedModel(fmt, directory, {name: directory / name for name in record["files"]}, record)
+
+
+def ensure_converted(spec: ModelSpec, weights_path: Path, weights_sha256: str, fmt: str) -> ConvertedModel:
+    """The cached model of these weights for ``fmt``, converting them first (once) when there is none.
+
+    Says on stderr when it converts, and when a cached model failed its record and is made again. Raises
+    :class:`EngineError` when the conversion or its check fails (or ``fmt`` needs the ``[paddle]`` extra and it
+    is missing), :class:`CacheError` when the cache is not writable.
+    """
+    found = cached_model(spec, weights_sha256, fmt)
+    if found is not None:
+        return found
+    from filelock import FileLock
+
+    kind = _format(fmt)
+    if fmt == "paddle":
+        from .imports import require_paddle
+
+        require_paddle("the Paddle Inference model")
+    root = cache.ensure_dir(cache.cache_root() / kind.directory)
+    final = root / weights_sha256
+    try:
+        lock = FileLock(str(root / f".{weights_sha256}.lock"))
+        lock.acquire()
+    except OSError as exc:
+        from .errors import CacheError
+
+        raise CacheError(f"cannot lock {root} ({exc}); set MIXNET_HOME to a writable directory") from None
+    try:
+        # Another process may have converted while this one waited for the lock.
+        found = cached_model(spec, weights_sha256, fmt)
+        if found is not None:
+            return found
+        if final.exists():
+            record = _read_record(final)
+            if record is not None and record.get("record_version") != RECORD_VERSION:
+                _say(f"cached {kind.label} model {final} was made by an older mixnet-cli; replacing it")
+            else:
+                problem = _problem(record, fmt, spec, weights_sha256, final)
+                _say(f"cached {kind.label} model {final} {problem}; converting again")
+            shutil.rmtree(final, ignore_errors=True)
+        if fmt == "onnx":
+            # OpenVINO's fixed-batch copies and compiled blobs were made from the ONNX model being replaced.
+            shutil.rmtree(openvino_dir(weights_sha256), ignore_errors=True)
+        # Holding the lock, any unfinished directory of these weights belongs to a process that died.
+        for leftover in root.glob(f".{weights_sha256}.*.incomplete"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        _say(f"converting {spec.name} to {kind.label} (once)...")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{weights_sha256}.", suffix=".incomplete", dir=root))
+        try:
+            if fmt == "onnx":
+                try:
+                    report = convert_onnx(spec, weights_path, tmp)
+                except MixnetError as exc:
+                    if isinstance(exc, EngineError):
+                        raise
+                    raise EngineError(f"converting {spec.name} to ONNX failed ({exc})") from None
+            else:
+                report = _convert_in_child(spec, weights_path, fmt, tmp)
+                (tmp / _REPORT_NAME).unlink(missing_ok=True)
+            files = {
+                path.name: {"size": path.stat().st_size, "sha256": cache.sha256_of(path)}
+                for path in sorted(tmp.iterdir())
+                if path.is_file()
+            }
+            record = {
+                "record_version": RECORD_VERSION,
+                "format": fmt,
+                "model": spec.name,
+                "weights_sha256": weights_sha256,
+                "files": files,
+                "check": report.get("check", {}),
+                # Every engine that runs these files is held to these logits before its answers are trusted.
+                "reference_logits": report["reference_logits"],
+                "reference": report.get("reference", ""),
+                "versions": report.get("versions", {}),
+                "created_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+            }
+            (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    except OSError as exc:
+        from .errors import CacheError
+
+        raise CacheError(
+            f"cannot write the {kind.label} model under {root} ({exc.strerror or exc}); "
+            "free disk space or set MIXNET_HOME to a writable directory"
+        ) from None
+    finally:
+        lock.release()
+    found = cached_model(spec, weights_sha256, fmt)
+    if found is None:
+        raise EngineError(f"the {kind.label} model written to {final} does not match its record; delete it and run again")
+    return found
+
+
+def openvino_dir(weights_sha256: str) -> Path:
+    """OpenVINO's own cache of compiled models for these weights (it writes and checks the files there)."""
+    return cache.cache_root() / "openvino" / weights_sha256
+
+
+def fixed_batch_onnx(source: Path, directory: Path, batch_size: int) -> Path:
+    """``source`` (a checked ONNX model) with its batch dimension fixed to ``batch_size``, made once into
+    ``directory``: OpenVINO runs fixed shapes faster. Only the declared input and output shapes change."""
+    target = directory / f"batch{batch_size}.onnx"
+    if target.is_file():
+        return target
+    import onnx
+
+    model = onnx.load(str(source))
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims:
+            dims[0].dim_value = batch_size  # replaces the symbolic name (a oneof)
+    _save_onnx(model, target)
+    return target
+
+
+def _save_onnx(model: Any, path: Path) -> None:
+    """Write an ONNX model under its final name only once it is whole (readers never see half a file)."""
+    import onnx
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def engine_checked(directory: Path, engine: str, version: str) -> bool:
+    """Whether ``engine`` at ``version`` already passed :func:`check_engine` on the model cached in ``directory``."""
+    try:
+        raw = json.loads((directory / f"checked-{engine}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("version") == version
+
+
+def mark_engine_checked(directory: Path, engine: str, version: str, check: dict[str, Any]) -> None:
+    """Remember that ``engine`` passed its check (best effort: a read-only cache checks again next time)."""
+    path = directory / f"checked-{engine}.json"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({"engine": engine, "version": version, "check": check}, indent=2) + "\n",
+                       encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+EXPORT_DIRECTORIES = ("onnx", "paddle-inference", "openvino")
+
+
+def export_entries() -> list[dict[str, Any]]:
+    """Every exported-model directory in the cache: what it holds, for which model and weights, its size.
+
+    For cache listings; a directory is ``verified`` when its record still matches its files (``openvino``
+    holds OpenVINO's own caches, which have no record).
+    """
+    from .manifest import load_manifest
+
+    specs = load_manifest().models
+    entries = []
+    for kind in EXPORT_DIRECTORIES:
+        root = cache.cache_root() / kind
+        if not root.is_dir():
+            continue
+        for directory in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            record = _read_record(directory)
+            model = record.get("model") if record else None
+            status = "n/a"
+            if kind != "openvino":
+                fmt = "onnx" if kind == "onnx" else "paddle"
+                spec = specs.get(model) if isinstance(model, str) else None
+                ok = spec is not None and _problem(record, fmt, spec, directory.name, directory) is None
+                status = "verified" if ok else "corrupt"
+            size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+            entries.append({"kind": kind, "model": model, "weights_sha256": directory.name, "status": status,
+                            "size": size, "path": str(directory)})
+    return entries
+
+
+def remove_exports(weights_sha256: str | None = None) -> list[Path]:
+    """Delete the exported models of these weights (all of them when None), leftovers included; returns the
+    directories deleted. They are made again, once, on next use."""
+    removed = []
+    for kind in EXPORT_DIRECTORIES:
+        root = cache.cache_root() / kind
+        if not root.is_dir():
+            continue
+        for path in sorted(root.iterdir()):
+            name = path.name.lstrip(".").split(".", 1)[0]
+            if len(name) != 64 or any(c not in "0123456789abcdef" for c in name):
+                continue  # not named by a weights sha256: not ours, leave it
+            if weights_sha256 is not None and name != weights_sha256:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+        try:
+            root.rmdir()
+        except OSError:
+            pass  # not empty: other weights' exports, or files of other names
+    return removed
+
+
+def remove_model_exports(spec: ModelSpec, weights_sha256: str | None = None) -> list[Path]:
+    """Delete every export made from ``spec``'s weights (those in records, and ``weights_sha256``'s)."""
+    hashes = {entry["weights_sha256"] for entry in export_entries() if entry["model"] == spec.name}
+    if weights_sha256:
+        hashes.add(weights_sha256)
+    removed: list[Path] = []
+    for sha256 in sorted(hashes):
+        removed += remove_exports(sha256)
+    return removed
+
+
+def engine_home_dirs() -> list[Path]:
+    """The folders where paddle and ONNX Runtime keep their own files while mixnet runs them (see imports.py)."""
+    from .imports import paddle_home
+
+    root = cache.cache_root()
+    return [path for path in (Path(paddle_home(root)), root / "onnxruntime-home") if path.is_dir()]
+
+
+def clear_engine_files() -> list[Path]:
+    """Delete every export and the engines' own folders in the cache; they are made again on next use."""
+    removed = remove_exports(None)
+    for path in engine_home_dirs():
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def engine_files_size() -> int:
+    """Bytes taken by exports and engine folders (for the confirmation prompt of ``mixnet cache clear``)."""
+    total = sum(int(entry["size"]) for entry in export_entries())
+    for path in engine_home_dirs():
+        total += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return total
+
+
+def _child_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    # Nothing mixnet runs may install packages (paddle2onnx's optimiser once did, through polygraphy): no pip run
+    # inside the child could reach an index.
+    env["POLYGRAPHY_AUTOINSTALL_DEPS"] = "0"
+    env["PIP_NO_INDEX"] = "1"
+    for name in ("PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):
+        env.pop(name, None)
+    env.setdefault("GLOG_minloglevel", "2")
+    # paddle writes under ~/.cache (its dataset folder on import, to_static_tmp when saving): keep it in our cache.
+    from .imports import paddle_home
+
+    env["MIXNET_HOME"] = str(cache.cache_root())  # the child must not derive it from the HOME set below
+    env["HOME"] = paddle_home(cache.cache_root())
+    return env
+
+
+def _convert_in_child(spec: ModelSpec, weights_path: Path, fmt: str, out: Path) -> dict[str, Any]:
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    # The current directory could hold another copy of the package; the one running now is the one to use.
+    bootstrap = (
+        "import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+        f"sys.path.append({package_parent!r}); "
+        "from mixnet_cli.conversion import _child_main; sys.exit(_child_main(sys.argv[1:]))"
+    )
+    command = [sys.executable, "-c", bootstrap, "--model", spec.name, "--weights", str(weights_path),
+               "--format", fmt, "--out", str(out)]
+    completed = subprocess.run(command, env=_child_environment(), stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, errors="replace")
+    log = (completed.stdout or "") + (completed.stderr or "")
+    if settings.debug():
+        sys.stderr.write(log)
+    if completed.returncode != 0:
+        lines = [line.strip() for line in log.splitlines() if line.strip()]
+        marked = [line[len(_FAILURE_MARK):] for line in lines if line.startswith(_FAILURE_MARK)]
+        reason = marked[-1] if marked else (lines[-1] if lines else f"exit code {completed.returncode}")
+        raise EngineError(
+            f"converting {spec.name} to {_format(fmt).label} failed ({reason[:300]}); "
+            "rerun with MIXNET_DEBUG=1 to see the converter's log, or use --engine dygraph"
+        )
+    try:
+        report = json.loads((out / _REPORT_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise EngineError(f"converting {spec.name} to {_format(fmt).label} gave no check report; run again") from None
+    return report if isinstance(report, dict) else {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks: the fixed test batch, and how close an engine's logits must be to the reference.
+
+
+def validation_batch(size: int, count: int = 2, seed: int = 0) -> np.ndarray:
+    """A fixed test batch in the range of normalised pixels (about -2.1 to 2.6)."""
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-2.1, 2.6, size=(count, 3, size, size)).astype(np.float32)
+
+
+def compare_logits(got: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """How far ``got`` is from ``reference``; raises :class:`EngineError` beyond the tolerances."""
+    if got.shape != reference.shape:
+        raise EngineError(f"the converted model gives logits of shape {got.shape}, expected {reference.shape}")
+    if not np.all(np.isfinite(got)):
+        raise EngineError("the converted model gives non-finite logits")
+    logit_diff = float(np.abs(got.astype(np.float64) - reference).max())
+    prob_diff = float(np.abs(softmax(got) - softmax(reference)).max())
+    scale = float(np.abs(reference).max())
+    if logit_diff > LOGIT_TOLERANCE * scale + 1e-30 or prob_diff > PROBABILITY_TOLERANCE:
+        raise EngineError(
+            f"the model does not give the reference logits: they differ by up to {logit_diff:.3g} "
+            f"(allowed {LOGIT_TOLERANCE * scale:.3g}), probabilities by {prob_diff:.3g}"
+        )
+    return {"max_abs_logit_diff": logit_diff, "max_abs_probability_diff": prob_diff, "logit_scale": scale}
+
+
+def _versions(*packages: str) -> dict[str, str]:
+    from importlib import metadata
+
+    found = {}
+    for name in packages:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def check_engine(engine: Any, spec: ModelSpec, reference_logits: Any, *, whole_batch: bool = True) -> dict[str, Any]:
+    """Run ``engine`` on the test batch and compare with the network's own logits (raises :class:`EngineError`).
+
+    ``whole_batch=False`` runs the images one at a time only (for an engine whose batch size is fixed per model).
+    """
+    try:
+        reference = np.asarray(reference_logits, dtype=np.float64)
+        if reference.ndim != 2 or len(reference) < 1:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise EngineError(f"there are no reference logits of {spec.name} to check against; convert again") from None
+    batch = validation_batch(spec.preprocessing.crop_size, count=len(reference))
+    single = compare_logits(np.concatenate([engine.run(batch[i:i + 1]) for i in range(len(batch))]), reference)
+    check: dict[str, Any] = dict(single)
+    if whole_batch:
+        # Two batch sizes: the batch dimension must have stayed dynamic through the conversion.
+        whole = compare_logits(engine.run(batch), reference)
+        check = {key: max(whole[key], single[key]) for key in whole}
+    sizes = f"{len(batch)} and 1" if whole_batch else "1"
+    check["inputs"] = f"{len(batch)} uniform random images at batch size {sizes}"
+    check["tolerances"] = {"logits_relative": LOGIT_TOLERANCE, "probabilities": PROBABILITY_TOLERANCE}
+    return check
+
+
+def convert_onnx(spec: ModelSpec, weights_path: Path, out: Path) -> dict[str, Any]:
+    """Write ``{out}/{spec.name}.onnx`` from the weights (no paddle); returns the conversion's report.
+
+    The report's ``reference_logits`` are ONNX Runtime's on :func:`validation_batch`; the model must give the
+    same logits one image at a time as in a batch (its batch dimension is really dynamic). Raises
+    :class:`EngineError` when it does not.
+    """
+    from .architecture import architecture_of
+    from .imports import import_quietly
+    from .onnx_graph import build_onnx
+    from .pdparams import read_state_dict
+
+    architecture = architecture_of(spec.name)
+    state = read_state_dict(weights_path)
+    architecture.check_state_dict(state)
+    model = build_onnx(architecture, state, spec.preprocessing.crop_size)
+    onnx = import_quietly("onnx")
+    path = out / f"{spec.name}.onnx"
+    onnx.save(model, str(path))
+    onnxruntime = import_quietly("onnxruntime")
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        batch = validation_batch(spec.preprocessing.crop_size)
+        (whole,) = session.run(None, {session.get_inputs()[0].name: batch})
+        single = np.concatenate([session.run(None, {session.get_inputs()[0].name: batch[i:i + 1]})[0]
+                                 for i in range(len(batch))])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise EngineError(f"ONNX Runtime cannot run the {spec.name} graph ({str(exc).splitlines()[0][:200]})") from None
+    reference = np.asarray(whole, dtype=np.float64)
+    check = compare_logits(np.asarray(single, dtype=np.float32), reference)
+    check["inputs"] = f"{len(batch)} uniform random images, at batch size {len(batch)} and 1"
+    return {
+        "reference_logits": reference.tolist(),
+        "reference": "ONNX Runtime (CPU) on this graph",
+        "check": check,
+        "versions": _versions("onnx", "onnxruntime", "onnxruntime-gpu", "numpy", "mixnet-cli"),
+    }
+
+
+def convert_paddle(spec: ModelSpec, weights_path: Path, out: Path) -> dict[str, Any]:
+    """Write the Paddle Inference model (``inference.json`` + ``inference.pdiparams``) into ``out``, in this
+    process; returns the conversion's report, whose ``reference_logits`` are paddleclas's network's on
+    :func:`validation_batch`. Imports paddle and paddleclas: :func:`ensure_converted` runs this in a child
+    process."""
+    from .imports import import_quietly
+    from .model import load_network
+    from .pdparams import read_state_dict
+
+    state = read_state_dict(weights_path)
+    paddle = import_quietly("paddle")
+    paddle.set_device("cpu")
+    network = load_network(spec, state)
+    size = spec.preprocessing.crop_size
+    batch = validation_batch(size)
+    with paddle.no_grad():
+        # Before to_static, which replaces the network's forward in place.
+        reference = network(paddle.to_tensor(batch)).numpy().astype(np.float64)
+    input_spec = paddle.static.InputSpec([None, 3, size, size], "float32", "x")
+    static = paddle.jit.to_static(network, input_spec=[input_spec], full_graph=True)
+    paddle.jit.save(static, str(out / "inference"))
+    program = out / "inference.json"
+    if not program.is_file():  # paddle with the old IR writes .pdmodel
+        program = out / "inference.pdmodel"
+    if not program.is_file() or not (out / "inference.pdiparams").is_file():
+        raise EngineError("paddle.jit.save wrote no inference model")
+    return {
+        "reference_logits": reference.tolist(),
+        "reference": "paddleclas's dygraph network",
+        "versions": _versions("paddlepaddle", "paddlepaddle-gpu", "paddleclas", "mixnet-cli"),
+    }
+
+
+def _child_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mixnet_cli.conversion", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--weights", required=True, type=Path)
+    parser.add_argument("--format", required=True, choices=["paddle"])
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    try:
+        report = convert_paddle(resolve_model(args.model), args.weights, args.out)
+        (args.out / _REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    except MixnetError as exc:
+        print(f"{_FAILURE_MARK}{exc}", file=sys.stderr, flush=True)
+        return 1
+    except Exception as exc:  # noqa: BLE001 (anything the converters raise is reported as one line)
+        import traceback
+
+        traceback.print_exc()
+        print(f"{_FAILURE_MARK}{type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))
