@@ -504,6 +504,19 @@ def check_engine(engine: Any, spec: ModelSpec, reference_logits: Any, *, whole_b
     return check
 
 
+def onnx_bytes(spec: ModelSpec, weights_path: Path) -> bytes:
+    """The ONNX model of these (verified) weights, serialised, built in memory: for a cache that cannot be
+    written. Raises :class:`WeightsError` when the file does not hold ``spec``'s parameters."""
+    from .architecture import architecture_of
+    from .onnx_graph import build_onnx
+    from .pdparams import read_state_dict
+
+    architecture = architecture_of(spec.name)
+    state = read_state_dict(weights_path)
+    architecture.check_state_dict(state)
+    return bytes(build_onnx(architecture, state, spec.preprocessing.crop_size).SerializeToString())
+
+
 def convert_onnx(spec: ModelSpec, weights_path: Path, out: Path) -> dict[str, Any]:
     """Write ``{out}/{spec.name}.onnx`` from the weights (no paddle); returns the conversion's report.
 
@@ -511,18 +524,10 @@ def convert_onnx(spec: ModelSpec, weights_path: Path, out: Path) -> dict[str, An
     same logits one image at a time as in a batch (its batch dimension is really dynamic). Raises
     :class:`EngineError` when it does not.
     """
-    from .architecture import architecture_of
     from .imports import import_quietly
-    from .onnx_graph import build_onnx
-    from .pdparams import read_state_dict
 
-    architecture = architecture_of(spec.name)
-    state = read_state_dict(weights_path)
-    architecture.check_state_dict(state)
-    model = build_onnx(architecture, state, spec.preprocessing.crop_size)
-    onnx = import_quietly("onnx")
     path = out / f"{spec.name}.onnx"
-    onnx.save(model, str(path))
+    path.write_bytes(onnx_bytes(spec, weights_path))
     onnxruntime = import_quietly("onnxruntime")
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .errors import DeviceError, EngineError, MixnetError, UsageError
+from .errors import CacheError, DeviceError, EngineError, MixnetError, UsageError
 from .manifest import ModelSpec
 from .registry import ENGINE_NAMES, ENGINES, _ENGINE_ALIASES
 
@@ -247,7 +247,11 @@ def choose_engine(engine: str = "auto", device: str = "auto") -> EngineChoice:
     if device_name == "auto" and (not _distribution_installed("paddlepaddle-gpu") or ENGINES["paddle"].missing()):
         # A CPU-only paddle can't drive a GPU: say so without the second it takes to import paddle.
         return _cpu_auto("no CUDA build of onnxruntime, or of paddle with paddleclas, is installed")
-    require_engine("paddle")  # a GPU asked for, and only paddle could drive it
+    if ENGINES["paddle"].missing() is not None:  # a GPU asked for, and nothing installed could drive it
+        raise DeviceError(
+            f"device '{device}' needs a CUDA engine: onnxruntime-gpu (pip uninstall onnxruntime && pip install "
+            "onnxruntime-gpu), or paddlepaddle-gpu with paddleclas; or use --device cpu"
+        )
     chosen = _paddle_device(device_name, device)
     if chosen.device != "cpu":
         return EngineChoice("paddle", chosen.device, "fastest installed engine for the GPU (Paddle Inference)",
@@ -545,7 +549,17 @@ def _build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, th
         engine: Engine = PaddleInferenceEngine(program, converted.file(".pdiparams"), choice.device, threads)
         _check_once(engine, spec, converted.record, converted.directory, engine.version)  # type: ignore[attr-defined]
         return engine
-    converted = ensure_converted(spec, weights.path, sha256, "onnx")
+    try:
+        converted = ensure_converted(spec, weights.path, sha256, "onnx")
+    except CacheError:
+        if choice.engine != "onnxruntime" and not choice.engine_auto:
+            raise
+        # A read-only cache without the model: build it in memory for this run (well under a second).
+        from .conversion import onnx_bytes
+
+        engine = OnnxRuntimeEngine(onnx_bytes(spec, weights.path), choice.device, threads)
+        engine.detail += ", network built in memory (the cache is read-only)"
+        return engine
     if choice.engine == "onnxruntime":
         # The reference logits are ONNX Runtime's own on this file: nothing to check again.
         return OnnxRuntimeEngine(converted.file(".onnx"), choice.device, threads)

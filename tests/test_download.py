@@ -588,7 +588,7 @@ def test_several_processes_needing_the_same_file_share_one_download(server, isol
         "first": ("download", "S", "--mirror", server.url),
         "second": ("download", "S", "--mirror", server.url),
         "third": ("download", "S", "--mirror", server.url, "--force"),
-        "classify": ("classify", str(image), "--engine", "dygraph", "--json", "--mirror", server.url),
+        "classify": ("classify", str(image), "--json", "--mirror", server.url),
     }
     running: dict[str, tuple[subprocess.Popen, Path]] = {}
     try:

@@ -163,14 +163,14 @@ def test_a_large_job_runs_in_bulk_mode_with_the_same_answers(home_copy, pictures
 
 
 def test_engine_flag_beats_variable_and_bad_names_are_usage_errors(home_copy, pictures, monkeypatch):
-    monkeypatch.setenv("MIXNET_ENGINE", "paddle")
+    monkeypatch.setenv("MIXNET_ENGINE", "ort")
     runner = CliRunner()
     from_variable = runner.invoke(main, ["classify", str(pictures[0]), "-v", "--json"])
     assert from_variable.exit_code == 0, from_variable.output
-    assert "engine paddle (oneDNN" in from_variable.stderr
-    from_flag = runner.invoke(main, ["classify", str(pictures[0]), "-v", "--json", "--engine", "dygraph"])
+    assert "engine onnxruntime (CPUExecutionProvider" in from_variable.stderr
+    from_flag = runner.invoke(main, ["classify", str(pictures[0]), "-v", "--json", "--engine", "openvino"])
     assert from_flag.exit_code == 0, from_flag.output
-    assert "engine dygraph" in from_flag.stderr
+    assert "engine openvino (OpenVINO" in from_flag.stderr
     assert json.loads(from_flag.stdout)[0]["predictions"][0]["class_id"] == \
         json.loads(from_variable.stdout)[0]["predictions"][0]["class_id"]
     bad = runner.invoke(main, ["classify", str(pictures[0]), "--engine", "tensorflow"])
