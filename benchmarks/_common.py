@@ -1,8 +1,9 @@
 """What the benchmark scripts share: a cache with random weights in the real format, timing, machine facts.
 
 Real weights cannot be downloaded everywhere, and speed does not depend on the values of the weights: each
-model's paddleclas network, freshly initialised and saved with ``paddle.save``, is installed into a temporary
-``MIXNET_HOME`` and converted by mixnet itself (ONNX, Paddle Inference) before anything is timed.
+model's weights, freshly initialised in the real ``.pdparams`` format (``tests/weightgen.py``), are installed into a
+temporary ``MIXNET_HOME`` and converted by mixnet itself (ONNX; Paddle Inference with the [paddle] extra) before
+anything is timed.
 """
 
 from __future__ import annotations
@@ -59,29 +60,32 @@ def clean_env(home: Path, pycache: Path) -> dict[str, str]:
     return env
 
 
-def prepare_home(home: Path, models: Sequence[str] = MODELS, formats: Sequence[str] = ("onnxruntime", "paddle")) -> Path:
-    """Random weights for ``models`` in ``home`` (the real file format), converted for each engine once."""
+def prepare_home(home: Path, models: Sequence[str] = MODELS, formats: Sequence[str] | None = None) -> Path:
+    """Random weights for ``models`` in ``home`` (the real file format), converted for each engine once
+    (ONNX; Paddle Inference too where the [paddle] extra is installed)."""
     weights_dir = home / "weights"
     weights_dir.mkdir(parents=True, exist_ok=True)
     code = f"""
 import os, sys, warnings
 warnings.filterwarnings("ignore")
 os.environ["MIXNET_HOME"] = {str(home)!r}
-import paddle
+sys.path.insert(0, {str(ROOT / "tests")!r})
+import numpy as np
+from weightgen import random_state, save_pdparams
 from mixnet_cli import Classifier
+from mixnet_cli.imports import paddle_missing
 from mixnet_cli.manifest import resolve_model
-from mixnet_cli.model import build_network
+formats = {list(formats) if formats is not None else None!r} or (["onnxruntime"] + (["paddle"] if paddle_missing() is None else []))
 for index, name in enumerate({list(models)!r}):
     spec = resolve_model(name)
     target = os.path.join({str(weights_dir)!r}, spec.filename)
     if not os.path.exists(target):
-        paddle.seed(index)
-        network = build_network(spec)
-        # Fresh classifier weights give logits of about 1e-7: scaled, they spread like trained ones (a few units),
-        # so that comparing probabilities between engines means something. Speed does not change.
-        network.output.weight.set_value(network.output.weight.numpy() * 2e7)
-        paddle.save(network.state_dict(), target)
-    for engine in {list(formats)!r}:
+        state = random_state(name, seed=index)
+        # Fresh classifier weights give logits near zero: scaled, they spread like trained ones (a few units), so
+        # that comparing probabilities between engines means something. Speed does not change.
+        state["output.weight"] = state["output.weight"] * np.float32(30)
+        save_pdparams(state, target)
+    for engine in formats:
         Classifier(name, device="cpu", engine=engine)
 """
     log(f"preparing {', '.join(models)} in {home} (random weights, converted once)...")

@@ -1,12 +1,16 @@
 """Write BENCHMARKS.md from the JSON files that forward.py, coldstart.py and bulk.py wrote.
 
     python benchmarks/report.py --results DIR --out BENCHMARKS.md [--other DIR ...]
+
+Optional, where DIR holds them: ``installs.json`` (installs.py) adds the section on install time and size per
+Python, ``graph_forms.md`` (what graph_forms.py prints) the section on the ONNX graph's form.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,11 @@ FORWARD_TARGET = 1.15
 COLD_TARGET = 0.5
 BULK_TARGET = 0.75
 HELP_TARGET = 0.25
+FIRST_USE_TARGET = 2.0
+CORE_VENV_TARGET_MB = 600
+CORE_VENV_TARGET_PYTHONS = ("3.12", "3.13")
+IMPORT_PADDLE = 'python -c "import paddle"'
+FIRST_USE = "mixnet classify one.jpg, weights cached, first use (builds the network)"
 
 
 def _load_average(data: dict[str, Any]) -> str:
@@ -73,7 +82,24 @@ def forward_section(data: dict[str, Any]) -> tuple[list[str], float]:
     return lines, worst
 
 
-def cold_section(data: dict[str, Any]) -> tuple[list[str], float, float, float]:
+def _measured(value: float | None) -> bool:
+    return value is not None and not math.isnan(value)
+
+
+def _fewer_runs(data: dict[str, Any]) -> str:
+    """`` (the dygraph and first-use rows: 5)``: the slow commands, run in the first rounds only."""
+    short = {"mixnet classify one.jpg --engine dygraph": "dygraph", FIRST_USE: "first-use"}
+    groups: dict[int, list[str]] = {}
+    for name, result in data["commands"].items():
+        if result["wall_s"]["n"] < data["rounds"]:
+            groups.setdefault(result["wall_s"]["n"], []).append(short.get(name, f"`{name}`"))
+    parts = [f"the {' and '.join(names)} row{'s' if len(names) > 1 else ''}: {n}" for n, names in groups.items()]
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def cold_section(data: dict[str, Any]) -> tuple[list[str], float, float, float, float]:
+    """The table, and the ratio to ``import paddle`` (NaN where paddle was not installed), ``--help``'s seconds,
+    the peak RSS of one classify, the ratio of a model's first classify to a warm one (NaN where not measured)."""
     commands = data["commands"]
     lines = ["| command | wall, median (p10–p90) | peak RSS, median | runs |", "|---|---|---|---|"]
     for name, result in commands.items():
@@ -82,7 +108,22 @@ def cold_section(data: dict[str, Any]) -> tuple[list[str], float, float, float]:
                      f"{rss['median']:.0f} MiB | {wall['n']} |")
     help_s = commands["mixnet --help"]["wall_s"]["median"]
     rss = commands["mixnet classify one.jpg"]["peak_rss_mib"]["median"]
-    return lines, data["ratio_classify_to_import_paddle"], help_s, rss
+    warm = commands["mixnet classify one.jpg"]["wall_s"]["median"]
+    ratio = data.get("ratio_classify_to_import_paddle", float("nan"))
+    if IMPORT_PADDLE not in commands or ratio is None:
+        ratio = float("nan")
+    first_use = data.get("ratio_first_use_to_warm")
+    if first_use is None:
+        first_use = commands[FIRST_USE]["wall_s"]["median"] / warm if FIRST_USE in commands else float("nan")
+    if FIRST_USE in commands:
+        first_s = commands[FIRST_USE]["wall_s"]["median"]
+        lines += ["", f"The first classify of a model whose weights are cached but not yet converted (mixnet builds "
+                  f"the network from the weights and converts it, once) takes {first_s:.3f} s: **{first_use:.2f}x** "
+                  f"the warm classify ({warm:.3f} s)."]
+    if not _measured(ratio):
+        lines += ["", f"`{IMPORT_PADDLE}` was not measured: paddle is not installed in the environment that ran the "
+                  "benchmarks (the core install), so the cold start is not compared with it."]
+    return lines, ratio, help_s, rss, first_use
 
 
 def bulk_section(data: dict[str, Any]) -> tuple[list[str], float, float]:
@@ -113,10 +154,127 @@ def bulk_section(data: dict[str, Any]) -> tuple[list[str], float, float]:
     return lines, ratio, cli / best
 
 
+def _opencv(row: dict[str, Any]) -> str:
+    found = row.get("opencv") or {}
+    text = " + ".join(f"{name} {version}" for name, version in found.items()) or "**none**"
+    return text + (" **(more than one)**" if len(found) > 1 else "")
+
+
+def _paddle_present(row: dict[str, Any]) -> str:
+    present = [f"{name} {version}" for name, version in (row.get("paddle") or {}).items() if version]
+    return ", ".join(present) if present else "no"
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def core_venv_target(data: dict[str, Any]) -> tuple[str, str]:
+    """The core venvs' sizes on the target Pythons (``3.12: 558 MB``) and the verdict on the target."""
+    measured = {row["python"]: row["venv_mb"] for row in data["installs"]
+                if row["kind"] == "core" and row.get("install_s") and row.get("venv_mb") is not None}
+    measured = {p: measured[p] for p in CORE_VENV_TARGET_PYTHONS if p in measured}
+    missing = [p for p in CORE_VENV_TARGET_PYTHONS if p not in measured]
+    sizes = ", ".join(f"{p}: {measured[p]:.0f} MB" if p in measured else f"{p}: not measured"
+                      for p in CORE_VENV_TARGET_PYTHONS)
+    if not measured:
+        return sizes, "not measured"
+    if any(mb > CORE_VENV_TARGET_MB for mb in measured.values()):
+        return sizes, "**not met**"
+    return sizes, "met" if not missing else "met where measured"
+
+
+def installs_section(data: dict[str, Any]) -> list[str]:
+    rows = data["installs"]
+    loads = " → ".join(", ".join(f"{x:.2f}" for x in values)
+                       for values in (data["machine"]["load_average"], data["load_average_at_end"]))
+    lines = ["## Install: time and size per Python", "",
+             "Made by `python benchmarks/installs.py`: per Python, a fresh venv with pip upgraded first, then the "
+             "project installed from a copy of its tree with an empty pip cache (a cold, first-time install: "
+             "every wheel downloaded or taken from pip's configured mirrors again, so the times depend on the "
+             "network), core (`pip install .`) and with the extra (`pip install \".[paddle]\"`). "
+             + (f"{data['rounds']} rounds, medians" if data["rounds"] > 1 else "One round")
+             + "; venv size by `du -sm`; `mixnet --help` timed once after an "
+             f"untimed run. Load average (1, 5, 15 min): {loads}.", "",
+             "| Python | kind | install, s | venv, MB | pip check | OpenCV | numpy | paddle present | "
+             "`mixnet --help`, s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    failed = []
+    for row in rows:
+        python = row.get("python_version") or row["python"]
+        kind = "core" if row["kind"] == "core" else "core + [paddle]"
+        if not row.get("install_s"):
+            why = "Python not found" if row.get("skipped") else "**install failed**"
+            lines.append(f"| {python} | {kind} | {why} | | | | | | |")
+            failed.append(row)
+            continue
+        if row.get("failures"):
+            failed.append(row)
+        check = row.get("pip_check") or {}
+        check_text = "OK" if check.get("ok") else "**broken**: " + (check.get("output", "").splitlines() or [""])[0]
+        failures = f" ({row['failures']} of {row['rounds']} failed)" if row.get("failures") else ""
+        lines.append(f"| {python} | {kind} | {_number(row['install_s'], 1)}{failures} | {_number(row['venv_mb'], 0)} | "
+                     f"{check_text} | {_opencv(row)} | {row.get('numpy') or '–'} | {_paddle_present(row)} | "
+                     f"{_number(row.get('help_s'), 3)} |")
+    by = {(row["python"], row["kind"]): row for row in rows if row.get("install_s")}
+    ratios = []
+    for python in dict.fromkeys(row["python"] for row in rows):
+        core, paddle = by.get((python, "core")), by.get((python, "paddle"))
+        if core and paddle and core.get("venv_mb") and paddle.get("venv_mb"):
+            ratios.append(f"{python}: size **{core['venv_mb'] / paddle['venv_mb']:.2f}x** "
+                          f"({core['venv_mb']:.0f} / {paddle['venv_mb']:.0f} MB), "
+                          f"time **{core['install_s'] / paddle['install_s']:.2f}x** "
+                          f"({core['install_s']:.1f} / {paddle['install_s']:.1f} s)")
+    if ratios:
+        lines += ["", "Core against core + [paddle], per Python: " + "; ".join(ratios) + "."]
+    sizes, verdict = core_venv_target(data)
+    lines += ["", f"Target: the core venv at most {CORE_VENV_TARGET_MB} MB on Python "
+              f"{' and '.join(CORE_VENV_TARGET_PYTHONS)} ({sizes}): {verdict}."]
+    for row in failed:
+        kind = "core" if row["kind"] == "core" else "core + [paddle]"
+        lines += ["", f"{row.get('python_version') or row['python']}, {kind}: {row.get('error')}"]
+        if row.get("log_tail"):
+            tail = row["log_tail"].splitlines()
+            errors = list(dict.fromkeys(line.strip() for line in tail if "ERROR:" in line))
+            lines += ["", "```", *(errors[-5:] or tail[-10:]), "```"]
+    return lines + [""]
+
+
+def _default_form(results: Path) -> str:
+    """The label of mixnet's default graph form (``DEFAULT_FORM``), else what graph_forms.json recorded."""
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    try:
+        from mixnet_cli.onnx_graph import DEFAULT_FORM
+
+        return DEFAULT_FORM.label
+    except ImportError:
+        if (results / "graph_forms.json").exists():
+            return _load(results / "graph_forms.json").get("default_form", "the default form")
+        return "the default form"
+
+
+def graph_forms_section(results: Path) -> list[str]:
+    text = (results / "graph_forms.md").read_text(encoding="utf-8")
+    body = []
+    for line in text.strip("\n").splitlines():
+        if line.startswith("# "):  # its own title: this section's stands instead
+            continue
+        body.append("#" + line if line.startswith("#") else line)
+    while body and not body[0].strip():
+        body.pop(0)
+    return ["## Graph form: mixnet's ONNX graph against paddle2onnx's", "",
+            f"mixnet writes MixNet's ONNX graph itself, by default in the form *{_default_form(results)}* "
+            "(`DEFAULT_FORM` in mixnet_cli/onnx_graph.py; *dw*/*bn* in the tables), and the tables below, from "
+            "`python benchmarks/graph_forms.py`, time every form against the graph paddle2onnx makes of "
+            "paddleclas's network, side by side in one run.", "", *body, ""]
+
+
 def _summary_ratios(results: Path) -> tuple[float, float, float, float, str]:
     forward = _load(results / "forward.json")
     _, worst = forward_section(forward)
-    _, cold_ratio, help_s, _ = cold_section(_load(results / "coldstart.json"))
+    _, cold_ratio, help_s, _, _ = cold_section(_load(results / "coldstart.json"))
     _, bulk_ratio, _ = bulk_section(_load(results / "bulk.json"))
     return worst, cold_ratio, bulk_ratio, help_s, _loads(forward, _load(results / "coldstart.json"),
                                                          _load(results / "bulk.json"))
@@ -133,7 +291,8 @@ def other_runs_section(others: list[Path]) -> list[str]:
              "|---|---|---|---|---|---|"]
     for index, results in enumerate(others, start=1):
         worst, cold_ratio, bulk_ratio, help_s, load = _summary_ratios(results)
-        lines.append(f"| {index} | {load} | {worst:.2f}x | {cold_ratio:.2f}x | "
+        cold = f"{cold_ratio:.2f}x" if _measured(cold_ratio) else "not measured"
+        lines.append(f"| {index} | {load} | {worst:.2f}x | {cold} | "
                      f"{bulk_ratio:.2f}x | {help_s:.3f} s |")
     return lines + [""]
 
@@ -144,8 +303,10 @@ def render(results: Path, others: list[Path] | None = None) -> str:
     bulk = _load(results / "bulk.json")
     machine = forward["machine"]
     forward_lines, worst = forward_section(forward)
-    cold_lines, cold_ratio, help_s, rss = cold_section(cold)
+    cold_lines, cold_ratio, help_s, rss, first_use = cold_section(cold)
     bulk_lines, bulk_ratio, cli_ratio = bulk_section(bulk)
+    installs = _load(results / "installs.json") if (results / "installs.json").exists() else None
+    graph_lines = graph_forms_section(results) if (results / "graph_forms.md").exists() else []
     versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
 
     def verdict(ok: bool) -> str:
@@ -175,13 +336,19 @@ def render(results: Path, others: list[Path] | None = None) -> str:
         "|---|---|---|---|",
         f"| 1. forward pass: default engine vs the fastest same-model engine found (worst of S/M/L × batch "
         f"1/4/8) | {worst:.2f}x | ≤ {FORWARD_TARGET}x | {verdict(worst <= FORWARD_TARGET)} |",
-        f"| 2. cold start: `mixnet classify one.jpg` (cached) / `python -c \"import paddle\"` | {cold_ratio:.2f}x "
-        f"| ≤ {COLD_TARGET}x | {verdict(cold_ratio <= COLD_TARGET)} |",
+        "| 2. cold start: `mixnet classify one.jpg` (cached) / `python -c \"import paddle\"` | "
+        + (f"{cold_ratio:.2f}x | ≤ {COLD_TARGET}x | {verdict(cold_ratio <= COLD_TARGET)} |" if _measured(cold_ratio)
+           else f"not measured (paddle not installed) | ≤ {COLD_TARGET}x | |"),
+        *([f"| 2. first classify of a model, weights cached / warm classify | {first_use:.2f}x | "
+           f"≤ {FIRST_USE_TARGET:g}x | {verdict(first_use <= FIRST_USE_TARGET)} |"] if _measured(first_use) else []),
         f"| 3. bulk: classifying {bulk['images']} photos with the defaults / best forward-only rate | "
         f"{bulk_ratio:.2f}x (end to end incl. start-up: {cli_ratio:.2f}x) | ≥ {BULK_TARGET}x | "
         f"{verdict(bulk_ratio >= BULK_TARGET)} |",
         f"| 4. `mixnet --help` | {help_s:.3f} s | ≤ {HELP_TARGET} s | {verdict(help_s <= HELP_TARGET)} |",
         f"| 4. peak RSS classifying one image (default engine) | {rss:.0f} MiB | (reported) | |",
+        *([f"| 5. core install: venv size on Python {'/'.join(CORE_VENV_TARGET_PYTHONS)} | "
+           f"{core_venv_target(installs)[0]} | ≤ {CORE_VENV_TARGET_MB} MB | {core_venv_target(installs)[1]} |"]
+          if installs is not None else []),
         "",
         "## 1. Forward pass (CPU)",
         "",
@@ -195,7 +362,7 @@ def render(results: Path, others: list[Path] | None = None) -> str:
         *forward_lines,
         "## 2. Cold start and memory",
         "",
-        f"Fresh processes, {cold['rounds']} interleaved rounds (the dygraph row: 3), with the weights and the "
+        f"Fresh processes, {cold['rounds']} interleaved rounds{_fewer_runs(cold)}, with the weights and the "
         "converted model already cached; bytecode cached as in an installed package. Peak RSS is the "
         "process's maximum resident set.",
         "",
@@ -204,6 +371,8 @@ def render(results: Path, others: list[Path] | None = None) -> str:
         "## 3. Bulk classification",
         "",
         *bulk_lines,
+        *(installs_section(installs) if installs is not None else []),
+        *graph_lines,
         *other_runs_section(others or []),
         "## What was tried",
         "",

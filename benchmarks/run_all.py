@@ -1,11 +1,13 @@
 """Measure every goal in one run on this machine and write BENCHMARKS.md.
 
-    python benchmarks/run_all.py [--quick] [--keep DIR]
+    python benchmarks/run_all.py [--quick] [--keep DIR] [--installs]
 
 Makes a temporary MIXNET_HOME with random-initialised weights for S, M and L (the real file format; nothing
-is downloaded), lets mixnet convert them once, then runs forward.py, coldstart.py and bulk.py one after the
-other, each in its own process, and renders their JSON into BENCHMARKS.md (raw results under --keep). Takes
-about 15 minutes on 2 cores; --quick runs fewer rounds and only MixNet_S, for a smoke test of the scripts.
+is downloaded), lets mixnet convert them once, then runs forward.py, coldstart.py, bulk.py and graph_forms.py
+(its markdown kept as graph_forms.md) one after the other, each in its own process, and renders their results
+into BENCHMARKS.md (raw results under --keep). Takes about 25 minutes on 2 cores; --quick runs fewer rounds and
+only MixNet_S, for a smoke test of the scripts. --installs also runs installs.py (cold installs of the project
+into fresh venvs on Python 3.11, 3.12 and 3.13: needs the network and takes several minutes more).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few rounds, MixNet_S only")
     parser.add_argument("--keep", type=Path, help="keep the JSON results in this directory")
     parser.add_argument("--out", type=Path, default=HERE.parent / "BENCHMARKS.md")
+    parser.add_argument("--installs", action="store_true",
+                        help="also time cold installs per Python (installs.py; needs the network, minutes)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mixnet-bench-") as scratch:
         home = Path(scratch) / "home"
@@ -32,15 +36,26 @@ def main(argv: list[str] | None = None) -> int:
         results.mkdir(parents=True, exist_ok=True)
         models = ["MixNet_S"] if args.quick else ["MixNet_S", "MixNet_M", "MixNet_L"]
         forward_rounds, cold_rounds, bulk_rounds = ("2", "2", "1") if args.quick else ("15", "9", "5")
-        steps = [
-            ["forward.py", "--home", str(home), "--out", str(results / "forward.json"), "--rounds", forward_rounds,
-             "--models", *models],
-            ["coldstart.py", "--home", str(home), "--out", str(results / "coldstart.json"), "--rounds", cold_rounds],
-            ["bulk.py", "--home", str(home), "--out", str(results / "bulk.json"), "--rounds", bulk_rounds],
-            ["report.py", "--results", str(results), "--out", str(args.out)],
+        # Each step: the script and its arguments, and the file its stdout goes to (None: the terminal).
+        steps: list[tuple[list[str], Path | None]] = [
+            (["forward.py", "--home", str(home), "--out", str(results / "forward.json"), "--rounds", forward_rounds,
+              "--models", *models], None),
+            (["coldstart.py", "--home", str(home), "--out", str(results / "coldstart.json"), "--rounds", cold_rounds],
+             None),
+            (["bulk.py", "--home", str(home), "--out", str(results / "bulk.json"), "--rounds", bulk_rounds], None),
+            (["graph_forms.py", "--json", str(results / "graph_forms.json"), *(["--quick"] if args.quick else [])],
+             results / "graph_forms.md"),
         ]
-        for step in steps:
-            subprocess.run([sys.executable, str(HERE / step[0]), *step[1:]], check=True, cwd=str(HERE))
+        if args.installs:
+            steps.append((["installs.py", "--out", str(results / "installs.json")], None))
+        steps.append((["report.py", "--results", str(results), "--out", str(args.out)], None))
+        for step, stdout in steps:
+            command = [sys.executable, str(HERE / step[0]), *step[1:]]
+            if stdout is None:
+                subprocess.run(command, check=True, cwd=str(HERE))
+            else:
+                with open(stdout, "w", encoding="utf-8") as out:
+                    subprocess.run(command, check=True, cwd=str(HERE), stdout=out)
         if args.keep is None:
             shutil.rmtree(results, ignore_errors=True)
     return 0

@@ -15,24 +15,20 @@ so a cache root pointed at a directory that holds other files never loses them.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import secrets
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from . import settings
+from . import files, settings
 from .errors import CacheError
 from .manifest import ModelSpec, load_manifest
 
 RECORD_SUFFIX = ".json"
 PARTIAL_SUFFIX = ".part"
 LOCK_SUFFIX = ".lock"
-_HASH_CHUNK = 1 << 20
 
 
 def cache_root() -> Path:
@@ -64,9 +60,8 @@ def lock_path(spec: ModelSpec) -> Path:
 
 
 def temporary_path(spec: ModelSpec, what: str = "") -> Path:
-    """A fresh name beside the weights, unique to this process and call, for a file written then renamed."""
-    path = weights_path(spec)
-    return path.with_name(f".{path.name}{what}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    """A fresh name beside the weights, unique to this process, thread and call, for a file written then renamed."""
+    return files.temporary_path(weights_path(spec), what)
 
 
 def leftover_paths(spec: ModelSpec) -> list[Path]:
@@ -107,13 +102,7 @@ def read_record(spec: ModelSpec) -> WeightsRecord | None:
 
 def write_record(spec: ModelSpec, record: WeightsRecord) -> None:
     """Write the record atomically (temporary file, then rename) so a reader never sees half of one."""
-    path = record_path(spec)
-    tmp = temporary_path(spec, RECORD_SUFFIX)
-    try:
-        tmp.write_text(json.dumps(asdict(record), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    files.write_text(record_path(spec), json.dumps(asdict(record), indent=2) + "\n")
 
 
 def now_iso() -> str:
@@ -131,12 +120,7 @@ def ensure_dir(path: Path) -> Path:
     return path
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+sha256_of = files.file_sha256
 
 
 # --- the lock ----------------------------------------------------------------------------------------------------

@@ -370,14 +370,13 @@ class _AtomicOutput:
     files rename even when the block fails.)"""
 
     def __init__(self, path: Path) -> None:
-        import tempfile
+        from .files import temporary_path
 
         self.path = path
-        descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        self.temporary = Path(name)
+        self.temporary = temporary_path(path)
         _UNFINISHED_OUTPUTS.add(self.temporary)
-        os.fchmod(descriptor, 0o666 & ~_umask())  # the mode a plain open() would give, not mkstemp's 0600
-        self.stream = os.fdopen(descriptor, "w", encoding="utf-8")
+        # open() gives the mode a plain file gets under the umask (mkstemp would give 0600).
+        self.stream = open(self.temporary, "x", encoding="utf-8")
 
     def __enter__(self) -> Any:
         return self.stream
@@ -394,12 +393,6 @@ class _AtomicOutput:
 
 # Temporary files of -o outputs being written: what an interrupt that ends the process at once removes.
 _UNFINISHED_OUTPUTS: set[Path] = set()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _open_output(output: str | None) -> Any:

@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import cache, settings
+from . import cache, files, settings
 from .errors import EngineError, MixnetError
 from .manifest import ModelSpec, resolve_model
 from .postprocess import softmax
@@ -104,9 +104,9 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _read_record(directory: Path) -> dict[str, Any] | None:
+def _read_record(directory: Path, name: str = RECORD_NAME) -> dict[str, Any] | None:
     try:
-        raw = json.loads((directory / RECORD_NAME).read_text(encoding="utf-8"))
+        raw = json.loads((directory / name).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return raw if isinstance(raw, dict) else None
@@ -199,7 +199,7 @@ def ensure_converted(spec: ModelSpec, weights_path: Path, weights_sha256: str, f
         try:
             if fmt == "onnx":
                 try:
-                    report = convert_onnx(spec, weights_path, tmp)
+                    report = convert_onnx(spec, weights_path, tmp, openvino_copy=openvino_dir(weights_sha256))
                 except MixnetError as exc:
                     if isinstance(exc, EngineError):
                         raise
@@ -207,7 +207,7 @@ def ensure_converted(spec: ModelSpec, weights_path: Path, weights_sha256: str, f
             else:
                 report = _convert_in_child(spec, weights_path, fmt, tmp)
                 (tmp / _REPORT_NAME).unlink(missing_ok=True)
-            files = {
+            file_entries = {
                 path.name: {"size": path.stat().st_size, "sha256": cache.sha256_of(path)}
                 for path in sorted(tmp.iterdir())
                 if path.is_file()
@@ -217,16 +217,16 @@ def ensure_converted(spec: ModelSpec, weights_path: Path, weights_sha256: str, f
                 "format": fmt,
                 "model": spec.name,
                 "weights_sha256": weights_sha256,
-                "files": files,
-                "check": report.get("check", {}),
-                # Every engine that runs these files is held to these logits before its answers are trusted.
-                "reference_logits": report["reference_logits"],
+                "files": file_entries,
+                # Every engine that runs these files is held to the reference logits (reference_logits())
+                # before its answers are trusted.
+                "reference_logits": report.get("reference_logits"),
                 "reference": report.get("reference", ""),
                 "versions": report.get("versions", {}),
                 "created_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
             }
             (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-            os.rename(tmp, final)
+            files.adopt_directory(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -258,25 +258,22 @@ def fixed_batch_onnx(source: Path, directory: Path, batch_size: int) -> Path:
         return target
     import onnx
 
-    model = onnx.load(str(source))
+    _save_onnx(_with_batch_size(onnx.load(str(source)), batch_size), target)
+    return target
+
+
+def _with_batch_size(model: Any, batch_size: int) -> Any:
+    """``model`` (changed in place) with its declared input and output batch dimension fixed."""
     for value in list(model.graph.input) + list(model.graph.output):
         dims = value.type.tensor_type.shape.dim
         if dims:
             dims[0].dim_value = batch_size  # replaces the symbolic name (a oneof)
-    _save_onnx(model, target)
-    return target
+    return model
 
 
 def _save_onnx(model: Any, path: Path) -> None:
     """Write an ONNX model under its final name only once it is whole (readers never see half a file)."""
-    import onnx
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        onnx.save(model, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    files.write_bytes(path, model.SerializeToString())
 
 
 def engine_checked(directory: Path, engine: str, version: str) -> bool:
@@ -290,14 +287,11 @@ def engine_checked(directory: Path, engine: str, version: str) -> bool:
 
 def mark_engine_checked(directory: Path, engine: str, version: str, check: dict[str, Any]) -> None:
     """Remember that ``engine`` passed its check (best effort: a read-only cache checks again next time)."""
-    path = directory / f"checked-{engine}.json"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps({"engine": engine, "version": version, "check": check}, indent=2) + "\n",
-                       encoding="utf-8")
-        os.replace(tmp, path)
+        files.write_text(directory / f"checked-{engine}.json",
+                         json.dumps({"engine": engine, "version": version, "check": check}, indent=2) + "\n")
     except OSError:
-        tmp.unlink(missing_ok=True)
+        pass
 
 
 EXPORT_DIRECTORIES = ("onnx", "paddle-inference", "openvino")
@@ -504,9 +498,7 @@ def check_engine(engine: Any, spec: ModelSpec, reference_logits: Any, *, whole_b
     return check
 
 
-def onnx_bytes(spec: ModelSpec, weights_path: Path) -> bytes:
-    """The ONNX model of these (verified) weights, serialised, built in memory: for a cache that cannot be
-    written. Raises :class:`WeightsError` when the file does not hold ``spec``'s parameters."""
+def _onnx_model(spec: ModelSpec, weights_path: Path) -> Any:
     from .architecture import architecture_of
     from .onnx_graph import build_onnx
     from .pdparams import read_state_dict
@@ -514,40 +506,75 @@ def onnx_bytes(spec: ModelSpec, weights_path: Path) -> bytes:
     architecture = architecture_of(spec.name)
     state = read_state_dict(weights_path)
     architecture.check_state_dict(state)
-    return bytes(build_onnx(architecture, state, spec.preprocessing.crop_size).SerializeToString())
+    return build_onnx(architecture, state, spec.preprocessing.crop_size, check=False)
 
 
-def convert_onnx(spec: ModelSpec, weights_path: Path, out: Path) -> dict[str, Any]:
-    """Write ``{out}/{spec.name}.onnx`` from the weights (no paddle); returns the conversion's report.
+def onnx_bytes(spec: ModelSpec, weights_path: Path) -> bytes:
+    """The ONNX model of these (verified) weights, serialised, built in memory: for a cache that cannot be
+    written. Raises :class:`WeightsError` when the file does not hold ``spec``'s parameters."""
+    return bytes(_onnx_model(spec, weights_path).SerializeToString())
 
-    The report's ``reference_logits`` are ONNX Runtime's on :func:`validation_batch`; the model must give the
-    same logits one image at a time as in a batch (its batch dimension is really dynamic). Raises
-    :class:`EngineError` when it does not.
-    """
+
+def convert_onnx(spec: ModelSpec, weights_path: Path, out: Path, *, openvino_copy: Path | None = None) -> dict[str, Any]:
+    """Write ``{out}/{spec.name}.onnx`` from the weights (no paddle, no engine); returns the conversion's
+    report. Its reference logits are computed when an engine is first checked (:func:`reference_logits`), so
+    that the one-time work of a first run can overlap with the engine's own start (engine.py).
+
+    ``openvino_copy``: also write the batch-1 copy OpenVINO's engine makes on first use into that directory,
+    from the model already in memory (saves it parsing the file again on a first run)."""
+    model = _onnx_model(spec, weights_path)
+    (out / f"{spec.name}.onnx").write_bytes(model.SerializeToString())
+    if openvino_copy is not None:
+        try:
+            openvino_copy.mkdir(parents=True, exist_ok=True)
+            _save_onnx(_with_batch_size(model, 1), openvino_copy / "batch1.onnx")
+        except OSError:
+            pass  # the engine makes it itself, or runs the dynamic model
+    return {
+        "reference": ONNX_REFERENCE,
+        "versions": _versions("onnx", "numpy", "mixnet-cli"),
+    }
+
+
+ONNX_REFERENCE = "ONNX Runtime (CPU) on this graph"
+_REFERENCE_FILE = "reference.json"
+
+
+def reference_logits(spec: ModelSpec, converted: ConvertedModel) -> np.ndarray:
+    """The logits every engine running ``converted`` must give on :func:`validation_batch` (``N x 1000``
+    float64): paddleclas's network's for the Paddle Inference model (kept in its record), ONNX Runtime's on the
+    CPU for the ONNX model, computed once and kept beside it (best effort: a read-only cache computes them each
+    time). Raises :class:`EngineError` when ONNX Runtime cannot run the model."""
+    if converted.record.get("reference_logits") is not None:
+        return np.asarray(converted.record["reference_logits"], dtype=np.float64)
+    model = converted.file(".onnx")
+    model_sha256 = converted.record["files"][model.name]["sha256"]
+    saved = _read_record(converted.directory, _REFERENCE_FILE)
+    if saved is not None and saved.get("model_sha256") == model_sha256:
+        try:
+            logits = np.asarray(saved["logits"], dtype=np.float64)
+            if logits.shape == (len(validation_batch(spec.preprocessing.crop_size)), 1000):
+                return logits
+        except (KeyError, TypeError, ValueError):
+            pass
     from .imports import import_quietly
 
-    path = out / f"{spec.name}.onnx"
-    path.write_bytes(onnx_bytes(spec, weights_path))
     onnxruntime = import_quietly("onnxruntime")
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     try:
-        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        batch = validation_batch(spec.preprocessing.crop_size)
-        (whole,) = session.run(None, {session.get_inputs()[0].name: batch})
-        single = np.concatenate([session.run(None, {session.get_inputs()[0].name: batch[i:i + 1]})[0]
-                                 for i in range(len(batch))])
+        session = onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        (logits,) = session.run(None, {session.get_inputs()[0].name: validation_batch(spec.preprocessing.crop_size)})
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise EngineError(f"ONNX Runtime cannot run the {spec.name} graph ({str(exc).splitlines()[0][:200]})") from None
-    reference = np.asarray(whole, dtype=np.float64)
-    check = compare_logits(np.asarray(single, dtype=np.float32), reference)
-    check["inputs"] = f"{len(batch)} uniform random images, at batch size {len(batch)} and 1"
-    return {
-        "reference_logits": reference.tolist(),
-        "reference": "ONNX Runtime (CPU) on this graph",
-        "check": check,
-        "versions": _versions("onnx", "onnxruntime", "onnxruntime-gpu", "numpy", "mixnet-cli"),
-    }
+        raise EngineError(f"ONNX Runtime cannot run {model} ({str(exc).splitlines()[0][:200]}); "
+                          f"run `mixnet cache rm {spec.name.rsplit('_', 1)[-1]}` to convert it again") from None
+    reference = np.asarray(logits, dtype=np.float64)
+    try:
+        files.write_text(converted.directory / _REFERENCE_FILE, json.dumps(
+            {"model_sha256": model_sha256, "reference": ONNX_REFERENCE, "logits": reference.tolist()}) + "\n")
+    except OSError:
+        pass
+    return reference
 
 
 def convert_paddle(spec: ModelSpec, weights_path: Path, out: Path) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import json
-import os
 import re
 import sys
 import time
@@ -24,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import settings
+from . import files, settings
 from .errors import DownloadError
 
 _CHUNK = 1 << 16
@@ -90,14 +89,11 @@ def read_partial_info(partial: Path) -> PartialInfo | None:
 
 
 def _write_info(partial: Path, info: PartialInfo) -> None:
-    path = info_path(partial)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(
+    files.write_text(
+        info_path(partial),
         json.dumps({"url": info.url, "etag": info.etag, "last_modified": info.last_modified, "total": info.total})
         + "\n",
-        encoding="utf-8",
     )
-    os.replace(tmp, path)
 
 
 def _strong_etag(value: str | None) -> str | None:

@@ -17,6 +17,7 @@ import statistics
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -302,7 +303,7 @@ class OpenVinoEngine:
         openvino = import_quietly("openvino")
         self.device = device
         self.threads = threads or physical_cores()
-        self.version = str(openvino.get_version()).split("-", 1)[0]
+        self.version = openvino_version()
         self._model = model
         self._cache_dir = cache_dir
         self._bulk = bulk
@@ -539,7 +540,7 @@ def _build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, th
 
         return PaddleDygraphEngine(spec, load_state(weights), choice.device, threads)
     from . import cache
-    from .conversion import ensure_converted, openvino_dir
+    from .conversion import engine_checked, ensure_converted, openvino_dir, reference_logits
 
     require_engine(choice.engine)
     sha256 = weights.record.sha256
@@ -547,7 +548,8 @@ def _build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, th
         converted = ensure_converted(spec, weights.path, sha256, "paddle")
         program = converted.files.get("inference.json") or converted.file(".pdmodel")
         engine: Engine = PaddleInferenceEngine(program, converted.file(".pdiparams"), choice.device, threads)
-        _check_once(engine, spec, converted.record, converted.directory, engine.version)  # type: ignore[attr-defined]
+        if not engine_checked(converted.directory, engine.name, engine.version):  # type: ignore[attr-defined]
+            _check(engine, spec, reference_logits(spec, converted), converted.directory, engine.version)  # type: ignore[attr-defined]
         return engine
     try:
         converted = ensure_converted(spec, weights.path, sha256, "onnx")
@@ -568,11 +570,18 @@ def _build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, th
     except MixnetError:
         directory = None  # a read-only cache: compile every time
     try:
-        engine = OpenVinoEngine(converted.file(".onnx"), choice.device, threads, directory)
-        # OpenVINO computes differently from ONNX Runtime, whose logits the record keeps: it passes the check once
-        # per OpenVINO version before its answers are trusted (one image at a time: its batch size is fixed per
-        # compiled model).
-        _check_once(engine, spec, converted.record, directory, getattr(engine, "version", ""), whole_batch=False)
+        version = openvino_version()
+        if directory is not None and engine_checked(directory, "openvino", version):
+            return OpenVinoEngine(converted.file(".onnx"), choice.device, threads, directory)
+        # OpenVINO computes differently from ONNX Runtime, whose logits are the reference: it passes the check
+        # once per OpenVINO version before its answers are trusted (one image at a time: its batch size is fixed
+        # per compiled model). The reference (ONNX Runtime, on a first run) is computed in a thread while
+        # OpenVINO compiles: both release the GIL, and the first run waits for the slower only.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            reference = pool.submit(reference_logits, spec, converted)
+            engine = OpenVinoEngine(converted.file(".onnx"), choice.device, threads, directory)
+            logits = reference.result()
+        _check(engine, spec, logits, directory, version, whole_batch=False)
     except DeviceError:
         raise
     except EngineError as exc:
@@ -580,17 +589,22 @@ def _build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, th
     return engine
 
 
-def _check_once(engine: Engine, spec: ModelSpec, record: dict[str, Any], marks: Path | None, version: str,
-                *, whole_batch: bool = True) -> None:
-    """Hold ``engine`` to the record's reference logits, unless it passed already at this ``version`` (a mark
-    in ``marks``; None, a read-only cache: check every time). Raises :class:`EngineError` when it fails."""
-    from .conversion import check_engine, engine_checked, mark_engine_checked
+def _check(engine: Engine, spec: ModelSpec, reference: np.ndarray, marks: Path | None, version: str,
+           *, whole_batch: bool = True) -> None:
+    """Hold ``engine`` to the reference logits, and remember in ``marks`` that it passed at this ``version``
+    (None, a read-only cache: it is checked every time). Raises :class:`EngineError` when it fails."""
+    from .conversion import check_engine, mark_engine_checked
 
-    if marks is not None and engine_checked(marks, engine.name, version):
-        return
-    check = check_engine(engine, spec, record.get("reference_logits"), whole_batch=whole_batch)
+    check = check_engine(engine, spec, reference, whole_batch=whole_batch)
     if marks is not None:
         mark_engine_checked(marks, engine.name, version, check)
+
+
+def openvino_version() -> str:
+    """The installed OpenVINO's version (``2026.4.1``), as its engine reports it."""
+    from .imports import import_quietly
+
+    return str(import_quietly("openvino").get_version()).split("-", 1)[0]
 
 
 def _fallback(choice: EngineChoice, exc: MixnetError) -> EngineChoice | None:

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .conversion import RECORD_NAME, ConvertedModel, check_engine, ensure_converted
+from .conversion import RECORD_NAME, ConvertedModel, check_engine, ensure_converted, reference_logits
 from .errors import CacheError
 from .manifest import ModelSpec
 
@@ -53,7 +53,7 @@ def export_to_directory(spec: ModelSpec, weights_path: Path, weights_sha256: str
     try:
         for name in names:
             shutil.copyfile(converted.directory / name, staging / name)
-        check = check_engine(_engine_for(fmt, staging, spec), spec, converted.record.get("reference_logits"))
+        check = check_engine(_engine_for(fmt, staging, spec), spec, reference_logits(spec, converted))
         check["reference"] = converted.record.get("reference", "")
         written = []
         for name in names:

@@ -75,7 +75,21 @@ def import_quietly(module: str) -> ModuleType:
             return _contain_onnxruntime_import(module)
         if root in ("paddle", "paddleclas", "paddle2onnx") and "paddle" not in sys.modules:
             return _contain_paddle_import(module)
+        if root == "openvino" and "openvino" not in sys.modules:
+            return _skip_openvino_converter(module)
         return importlib.import_module(module)
+
+
+def _skip_openvino_converter(module: str) -> ModuleType:
+    # `import openvino` imports its model converter (openvino.tools.ovc, a tenth of a second, and a telemetry
+    # event) only to offer openvino.convert_model, which mixnet never calls; openvino skips it when the import
+    # fails. Marked missing for the duration of the import only: a later `import openvino.tools.ovc` works.
+    sys.modules.setdefault("openvino.tools.ovc", None)  # type: ignore[arg-type]
+    try:
+        return importlib.import_module(module)
+    finally:
+        if sys.modules.get("openvino.tools.ovc", 0) is None:
+            del sys.modules["openvino.tools.ovc"]
 
 
 PADDLE_EXTRA = 'pip install "mixnet-cli[paddle]"'

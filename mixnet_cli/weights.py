@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from . import cache, settings
+from . import cache, files, settings
 from .download import discard_partial, fetch_url, info_path, notice
 from .errors import CacheError, DownloadError, MixnetError, OfflineError, UsageError, WeightsError
 from .manifest import ModelSpec
@@ -226,17 +226,6 @@ def download_weights(
     raise DownloadError(f"no source gave valid {spec.name} weights: " + " | ".join(map(str, failures)))
 
 
-def _copy_hashing(source: Path, destination: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(source, "rb") as src, open(destination, "xb") as out:
-        while chunk := src.read(1 << 20):
-            out.write(chunk)
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
-
-
 def install_from_file(spec: ModelSpec, source: Path | str, *, sha256: str | None = None) -> VerifiedWeights:
     """Install a weights file the user fetched themselves, with the same checks as a download.
 
@@ -255,7 +244,7 @@ def install_from_file(spec: ModelSpec, source: Path | str, *, sha256: str | None
         tmp = cache.temporary_path(spec)
         try:
             try:
-                size, digest = _copy_hashing(path, tmp)
+                size, digest = files.copy_hashing(path, tmp)
             except OSError as exc:
                 if exc.filename is not None and Path(exc.filename) == path:
                     raise UsageError(f"{path}: cannot read it ({exc.strerror or exc})") from None

@@ -227,10 +227,15 @@ def test_first_use_converts_once_installs_nothing_and_reconverts_a_corrupt_model
 
     [directory] = [p for p in (isolated_home / "onnx").iterdir() if p.is_dir()]
     assert directory.name == _sha256(isolated_home / "weights" / WEIGHTS_NAME)
-    assert sorted(p.name for p in directory.iterdir()) == ["MixNet_S.onnx", "record.json"]
+    assert sorted(p.name for p in directory.iterdir()) == ["MixNet_S.onnx", "record.json", "reference.json"]
     record = json.loads((directory / "record.json").read_text())
     assert record["files"]["MixNet_S.onnx"]["sha256"] == _sha256(directory / "MixNet_S.onnx")
-    assert record["check"]["max_abs_probability_diff"] <= 1e-5
+    # ONNX Runtime's logits on the test batch, for this very file; OpenVINO was held to them.
+    reference = json.loads((directory / "reference.json").read_text())
+    assert reference["model_sha256"] == record["files"]["MixNet_S.onnx"]["sha256"]
+    assert np.asarray(reference["logits"]).shape == (2, 1000)
+    [marker] = (isolated_home / "openvino").glob("*/checked-openvino.json")
+    assert json.loads(marker.read_text())["check"]["max_abs_probability_diff"] <= 1e-5
     assert not list((isolated_home / "onnx").glob("*.incomplete"))
 
     second = runner.invoke(main, ["classify", str(pictures[0]), "--json"])
@@ -267,12 +272,18 @@ def test_the_onnx_conversion_runs_in_process_without_paddle_or_any_installer(ans
 
     monkeypatch.setattr(subprocess.Popen, "__init__", watching_init)
     imported_before = {name for name in sys.modules if name.split(".")[0] in ("paddle", "paddleclas", "paddle2onnx")}
-    report = conversion.convert_onnx(SPEC, answer_weights, tmp_path)
+    report = conversion.convert_onnx(SPEC, answer_weights, tmp_path, openvino_copy=tmp_path / "openvino")
     assert started == []
     assert {name for name in sys.modules if name.split(".")[0] in ("paddle", "paddleclas", "paddle2onnx")} == imported_before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["MixNet_S.onnx"]
-    assert report["check"]["max_abs_probability_diff"] <= 1e-5
-    assert np.asarray(report["reference_logits"]).shape == (2, 1000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["MixNet_S.onnx", "openvino"]
+    assert report["reference"] == "ONNX Runtime (CPU) on this graph"
+    # The batch-1 copy for OpenVINO is the same graph with the batch dimension fixed.
+    import onnx
+
+    dynamic, fixed = onnx.load(str(tmp_path / "MixNet_S.onnx")), onnx.load(str(tmp_path / "openvino" / "batch1.onnx"))
+    assert fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    assert dynamic.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    assert [n.op_type for n in fixed.graph.node] == [n.op_type for n in dynamic.graph.node]
 
 
 def test_a_failed_conversion_leaves_nothing_behind(isolated_home, tmp_path):
@@ -306,19 +317,21 @@ def test_a_model_made_by_an_older_version_is_replaced(home_copy, pictures):
     assert after.stdout == before.stdout
 
 
-@pytest.mark.paddle
-def test_auto_falls_back_when_it_cannot_convert_but_an_explicit_engine_fails(home_copy, pictures):
+def test_a_cache_that_cannot_take_the_model_runs_it_from_memory_unless_openvino_is_asked_for(home_copy, pictures):
     shutil.rmtree(home_copy / "onnx")
     (home_copy / "onnx").write_text("a file where the converted models would go")
     runner = CliRunner()
     auto = runner.invoke(main, ["classify", str(pictures[0]), "--json", "-v"])
     assert auto.exit_code == 0, auto.output
-    assert "Warning:" in auto.stderr and "engine dygraph" in auto.stderr
-    explicit = runner.invoke(main, ["classify", str(pictures[0]), "--json", "--engine", "onnxruntime"])
+    assert "engine onnxruntime (" in auto.stderr and "built in memory" in auto.stderr
+    assert "Warning" not in auto.stderr
+    explicit = runner.invoke(main, ["classify", str(pictures[0]), "--json", "--engine", "openvino"])
     assert explicit.exit_code == 1
     assert explicit.stderr.startswith("Error: ") and len(explicit.stderr.strip().splitlines()) == 1
     with pytest.raises(CacheError):
-        Classifier(MODEL, engine="onnxruntime")
+        Classifier(MODEL, engine="openvino")
+    assert json.loads(auto.stdout) == json.loads(runner.invoke(main, ["classify", str(pictures[0]), "--json",
+                                                                      "--engine", "onnxruntime"]).stdout)
 
 
 def test_benchmark_reports_latency_rows(home_copy):
@@ -359,10 +372,10 @@ def test_openvino_is_checked_once_and_gives_way_to_onnxruntime_when_it_does_not_
     assert json.loads(marker.read_text())["check"]["max_abs_probability_diff"] <= 1e-5
     marker.unlink()
     # Reference logits that no engine gives: the check must fail, and auto falls back to ONNX Runtime.
-    [record_path] = (home_copy / "onnx").glob("*/record.json")
-    record = json.loads(record_path.read_text())
-    record["reference_logits"] = (np.asarray(record["reference_logits"]) + 5.0 * np.eye(2, 1000)).tolist()
-    record_path.write_text(json.dumps(record))
+    [reference_path] = (home_copy / "onnx").glob("*/reference.json")
+    reference = json.loads(reference_path.read_text())
+    reference["logits"] = (np.asarray(reference["logits"]) + 5.0 * np.eye(2, 1000)).tolist()
+    reference_path.write_text(json.dumps(reference))
     result = CliRunner().invoke(main, ["classify", str(pictures[0]), "--json", "-v"])
     assert result.exit_code == 0, result.output
     assert "Warning: " in result.stderr and "does not give the reference logits" in result.stderr

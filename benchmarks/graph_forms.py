@@ -1,0 +1,490 @@
+"""Which way of writing MixNet's ONNX graph runs fastest: every GraphForm of mixnet's own graph against paddle2onnx's.
+
+mixnet writes the network's ONNX graph itself (:func:`mixnet_cli.onnx_graph.build_onnx`), in one of several
+equivalent forms (:class:`~mixnet_cli.onnx_graph.GraphForm`): mixed depthwise convolutions merged into one
+(kernels zero-padded) or split per kernel size; mixed 1x1 convolutions as one grouped convolution or split;
+batch norm folded into the convolutions or kept as BatchNormalization nodes. This script builds, from the same
+random weights (tests/weightgen.py, ``wild=True``), every form for MixNet_S (all 8) and, to keep the run short,
+the 4 forms with grouped 1x1 convolutions for MixNet_M and MixNet_L (``--all-forms`` for all 8 everywhere),
+plus the graph paddle2onnx makes of paddleclas's network with those weights (``paddle.jit.save``, then
+``paddle2onnx.export(..., opset_version=13, optimize_tool="None")``, in one child process up front; the column
+is skipped, saying why, when paddle, paddleclas or paddle2onnx cannot be imported).
+
+Each graph runs in mixnet's own engines with mixnet's settings (:class:`mixnet_cli.engine.OpenVinoEngine`: f32,
+LATENCY hint, one stream, a model with a fixed batch size per size; :class:`mixnet_cli.engine.OnnxRuntimeEngine`:
+intra-op threads = physical cores, sequential, no spinning), at batch sizes 1, 4 and 8, on a fixed random
+input. All variants of a model are timed side by side, interleaved: in each round, for each batch size, every
+(graph, engine) variant runs 3 times back to back in a shuffled order and the fastest of the 3 is the round's
+sample (a burst of load from another process slows one run, not three). The report gives the median over
+rounds, and its ratio to the paddle2onnx graph's median and to the fastest form's on the same
+engine/model/batch size (the JSON also has the median of the per-round ratios, which pairs samples taken
+within the same round). The summary ranks the forms by the geometric mean of their ratio to the fastest
+form over models and batch sizes, per engine and over both.
+
+Every variant's logits on a fixed batch of 4 random inputs are compared with the paddle2onnx graph's in the
+same engine and with paddleclas's dygraph network's (computed in the paddle2onnx child): the largest absolute
+difference divided by the largest reference logit (``max rel diff``). The fully random weights make a chaotic
+network that amplifies float32 rounding in another order to about 1e-4 (the paddle2onnx graph itself differs
+that much between OpenVINO and ONNX Runtime); a variant above 1e-3 (tests/test_graph.py's tolerance; a wrong
+kernel, split or padding moves logits by 1e-1 or more) is flagged DIFFERENT. Without paddle2onnx, the default
+form stands in as the reference.
+
+    python benchmarks/graph_forms.py [--json graph_forms.json] [--quick] [--rounds N] [--budget S] [--all-forms]
+
+The markdown report goes to stdout, progress to stderr, the raw results (every sample's summary, each
+variant's ratios and logit differences) to ``--json``. Each model gets up to 9 rounds (``--rounds``), fewer
+(never under 3) when the whole run would otherwise pass ``--budget`` seconds (default 660, about 11 minutes on
+2 cores; each model's share of the time is in proportion to its FLOPs times its number of graphs).
+``--quick`` (MixNet_S only, 2 rounds) is a smoke test of about 2 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any, Callable
+
+from _common import MODELS, ROOT, log, machine, summary, write_json
+
+import numpy as np
+
+BATCH_SIZES = (1, 4, 8)
+# Back-to-back runs per variant per round; the fastest is the round's sample (as in forward.py).
+RUNS_PER_ROUND = 3
+ROUNDS = 9  # at most; fewer where the time budget runs short, never below MIN_ROUNDS
+MIN_ROUNDS = 3
+QUICK_ROUNDS = 2
+BUDGET_S = 660  # the whole run, paddle2onnx included: about 11 minutes
+WARMUP_RUNS = 2  # per variant and batch size, before timing (OpenVINO compiles each size's model in the first)
+SIZE = 224
+CHECK_IMAGES = 4  # the fidelity batch: batch size 4 has its own fixed-size OpenVINO model
+# Relative to the largest logit, as in tests/test_graph.py: fully random ("wild") weights make a chaotic network
+# that amplifies float32 rounding in another order to about 1e-4; a wrong kernel, split or padding moves logits
+# by 1e-1 or more.
+SAME_MODEL = 1e-3
+P2O = "paddle2onnx"
+ENGINES = ("openvino", "onnxruntime")
+ENGINE_TITLES = {"openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}
+
+# paddle2onnx's graph of paddleclas's network, in a child process: paddle prints on import, sets environment
+# variables and takes seconds to import, none of which belongs in the process that times the engines.
+_P2O_CHILD = r"""
+import json, sys, warnings
+from pathlib import Path
+warnings.filterwarnings("ignore")
+sys.modules.setdefault("openvino_telemetry", None)
+import numpy as np
+import paddle
+import paddle2onnx
+from paddleclas.ppcls.arch.backbone.model_zoo import mixnet
+
+paddle.set_device("cpu")
+work = Path(sys.argv[1])
+check = np.load(work / "check.npy")
+for name in sys.argv[2:]:
+    out = work / name
+    state = dict(np.load(out / "state.npz"))
+    network = getattr(mixnet, name)()
+    missing, unexpected = network.set_state_dict({k: v.astype(np.float32) for k, v in state.items()})
+    if missing or unexpected:
+        raise SystemExit(f"{name}: the state dict does not fit paddleclas's network: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    network.eval()
+    with paddle.no_grad():
+        # Before to_static, which replaces the network's forward in place.
+        np.save(out / "paddle_logits.npy", network(paddle.to_tensor(check)).numpy())
+    spec = paddle.static.InputSpec([None, 3, %(size)d, %(size)d], "float32", "x")
+    static = paddle.jit.to_static(network, input_spec=[spec], full_graph=True)
+    paddle.jit.save(static, str(out / "inference"))
+    program = out / "inference.json"
+    if not program.is_file():  # paddle with the old IR writes .pdmodel
+        program = out / "inference.pdmodel"
+    # optimize_tool="None": the default (polygraphy) pip-installs packages into the running environment.
+    paddle2onnx.export(str(program), str(out / "inference.pdiparams"), str(out / "p2o.onnx"), opset_version=13,
+                       optimize_tool="None")
+    if not (out / "p2o.onnx").is_file():
+        raise SystemExit(f"{name}: paddle2onnx wrote no model")
+    print(f"{name}: paddle2onnx graph written", file=sys.stderr, flush=True)
+""" % {"size": SIZE}
+
+
+class Variant:
+    """One graph in one engine."""
+
+    def __init__(self, graph: str, engine: str, run: Callable[[np.ndarray], np.ndarray], detail: str) -> None:
+        self.graph = graph
+        self.engine = engine
+        self.run = run
+        self.detail = detail
+
+    @property
+    def key(self) -> str:
+        return f"{self.engine}: {self.graph}"
+
+
+def forms_for(model: str, all_forms: bool) -> list[Any]:
+    from mixnet_cli.onnx_graph import GraphForm
+
+    forms = [GraphForm(merge_depthwise=m, group_pointwise=g, fold_batch_norm=f)
+             for m, g, f in itertools.product((True, False), repeat=3)]
+    if all_forms or model == "MixNet_S":
+        return forms
+    return [form for form in forms if form.group_pointwise]
+
+
+def form_name(form: Any) -> str:
+    """A short name: ``dw merged, 1x1 grouped, bn kept``."""
+    return form.label.replace("depthwise", "dw").replace("batch norm", "bn")
+
+
+def paddle2onnx_missing() -> str | None:
+    for module in ("paddle", "paddleclas", "paddle2onnx"):
+        if find_spec(module) is None:
+            return module
+    return None
+
+
+def make_p2o_graphs(models: list[str], states: dict[str, dict[str, np.ndarray]], check: np.ndarray,
+                    work: Path) -> tuple[dict[str, Path], dict[str, np.ndarray], str | None]:
+    """paddle2onnx's graph and paddle's logits on ``check`` per model, or a note saying why there are none."""
+    missing = paddle2onnx_missing()
+    if missing is not None:
+        return {}, {}, f"paddle2onnx column skipped: {missing} is not importable in {sys.executable}"
+    np.save(work / "check.npy", check)
+    for model in models:
+        (work / model).mkdir(parents=True, exist_ok=True)
+        np.savez(work / model / "state.npz", **states[model])
+    env = dict(os.environ)
+    env["POLYGRAPHY_AUTOINSTALL_DEPS"] = "0"  # no pip run in the child could install anything
+    env["PIP_NO_INDEX"] = "1"
+    for name in ("PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):
+        env.pop(name, None)
+    env.setdefault("GLOG_minloglevel", "2")
+    env["HOME"] = str(work / "paddle-home")  # paddle writes under ~/.cache
+    log(f"paddle2onnx: converting {', '.join(models)} in a child process...")
+    started = time.perf_counter()
+    completed = subprocess.run([sys.executable, "-c", _P2O_CHILD, str(work), *models], env=env, cwd=str(work),
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               errors="replace")
+    if completed.returncode != 0:
+        tail = [line for line in completed.stderr.strip().splitlines() if line.strip()][-1:] or ["no message"]
+        return {}, {}, f"paddle2onnx column skipped: the conversion failed ({tail[0][:300]})"
+    log(f"paddle2onnx: done in {time.perf_counter() - started:.0f} s")
+    return ({model: work / model / "p2o.onnx" for model in models},
+            {model: np.load(work / model / "paddle_logits.npy") for model in models}, None)
+
+
+def relative_difference(got: np.ndarray, reference: np.ndarray) -> float:
+    reference = np.asarray(reference, dtype=np.float64)
+    return float(np.abs(np.asarray(got, dtype=np.float64) - reference).max() / np.abs(reference).max())
+
+
+def build_variants(model: str, graphs: dict[str, Path], work: Path, threads: int) -> list[Variant]:
+    import openvino
+
+    from mixnet_cli.engine import OnnxRuntimeEngine, OpenVinoEngine
+
+    core = openvino.Core()  # one for all of the model's graphs (no compiled-model cache: each compiles once)
+    variants = []
+    for index, (graph, path) in enumerate(graphs.items()):
+        cache = work / model / f"openvino-{index}"  # the fixed-batch copies of this graph
+        cache.mkdir(parents=True, exist_ok=True)
+        ov = OpenVinoEngine(path, "cpu", threads, cache_dir=cache, core=core)
+        variants.append(Variant(graph, "openvino", ov.run, ov.detail))
+        ort = OnnxRuntimeEngine(path, "cpu", threads)
+        variants.append(Variant(graph, "onnxruntime", ort.run, ort.detail))
+    return variants
+
+
+def paired_ratio(samples: list[float], reference: list[float]) -> float:
+    """The median over rounds of the per-round ratio (in the JSON only: a check on the ratio of medians)."""
+    return statistics.median(a / b for a, b in zip(samples, reference))
+
+
+def measure_model(model: str, plan: Callable[[float, float], int], all_forms: bool, p2o_path: Path | None,
+                  paddle_logits: np.ndarray | None, state: dict[str, np.ndarray], check: np.ndarray, work: Path,
+                  threads: int) -> dict[str, Any]:
+    """Build, check and time every variant of ``model``; ``plan(setup_s, round_s)`` says how many rounds."""
+    import onnx
+
+    from mixnet_cli.architecture import architecture_of
+    from mixnet_cli.onnx_graph import DEFAULT_FORM, build_onnx
+
+    architecture = architecture_of(model)
+    forms = forms_for(model, all_forms)
+    graphs: dict[str, Path] = {}
+    nodes: dict[str, int] = {}
+    setup = time.perf_counter()
+    log(f"{model}: writing {len(forms)} graph forms...")
+    for index, form in enumerate(forms):
+        path = work / model / f"form-{index}.onnx"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        proto = build_onnx(architecture, state, size=SIZE, form=form)
+        nodes[form_name(form)] = len(proto.graph.node)
+        onnx.save(proto, str(path))
+        graphs[form_name(form)] = path
+    if p2o_path is not None:
+        graphs[P2O] = p2o_path
+        nodes[P2O] = len(onnx.load(str(p2o_path)).graph.node)
+    log(f"{model}: compiling {len(graphs)} graphs x {len(ENGINES)} engines...")
+    variants = build_variants(model, graphs, work, threads)
+
+    # Equivalence: every variant's logits against the reference graph (paddle2onnx's, else the default form) in
+    # the same engine, against it in ONNX Runtime, and against paddleclas's dygraph network.
+    outputs = {v.key: np.asarray(v.run(check), dtype=np.float32) for v in variants}
+    reference_graph = P2O if p2o_path is not None else form_name(DEFAULT_FORM)
+    fidelity = {}
+    for v in variants:
+        got = outputs[v.key]
+        entry = {"vs_reference_same_engine": relative_difference(got, outputs[f"{v.engine}: {reference_graph}"]),
+                 "vs_reference_on_onnxruntime": relative_difference(got, outputs[f"onnxruntime: {reference_graph}"])}
+        if paddle_logits is not None:
+            entry["vs_paddle_dygraph"] = relative_difference(got, paddle_logits)
+        entry["same_model"] = max(entry.values()) <= SAME_MODEL
+        fidelity[v.key] = entry
+
+    rng = np.random.default_rng(0)
+    inputs = {b: rng.uniform(-2.1, 2.6, (b, 3, SIZE, SIZE)).astype(np.float32) for b in BATCH_SIZES}
+    for variant in variants:  # sizes ascending: OpenVINO compiles each size's fixed-batch model at its first run
+        for batch in BATCH_SIZES:
+            variant.run(inputs[batch])
+    warm = time.perf_counter()
+    for _ in range(WARMUP_RUNS - 1):
+        for variant in variants:
+            for batch in BATCH_SIZES:
+                variant.run(inputs[batch])
+    # The later warm-up passes are what a round does, WARMUP_RUNS - 1 instead of RUNS_PER_ROUND times.
+    rounds = plan(time.perf_counter() - setup, (time.perf_counter() - warm) * RUNS_PER_ROUND / max(1, WARMUP_RUNS - 1))
+    log(f"{model}: ready to time after {time.perf_counter() - setup:.0f} s; {rounds} rounds")
+    samples: dict[str, dict[int, list[float]]] = {v.key: {b: [] for b in BATCH_SIZES} for v in variants}
+    order = random.Random(1)
+    started = time.perf_counter()
+    for round_index in range(rounds):
+        for batch in BATCH_SIZES:
+            shuffled = list(variants)
+            order.shuffle(shuffled)
+            for variant in shuffled:
+                runs = []
+                for _ in range(RUNS_PER_ROUND):
+                    start = time.perf_counter()
+                    variant.run(inputs[batch])
+                    runs.append((time.perf_counter() - start) * 1000.0)
+                samples[variant.key][batch].append(min(runs))
+        log(f"{model}: round {round_index + 1}/{rounds} ({time.perf_counter() - started:.0f} s, "
+            f"load {os.getloadavg()[0]:.2f})")
+
+    rows = []
+    for engine in ENGINES:
+        for batch in BATCH_SIZES:
+            mine = [v for v in variants if v.engine == engine]
+            form_keys = [v.key for v in mine if v.graph != P2O]
+            fastest = min(form_keys, key=lambda k: statistics.median(samples[k][batch]))
+            for v in mine:
+                got = samples[v.key][batch]
+                row = {"engine": engine, "batch_size": batch, "graph": v.graph, "nodes": nodes[v.graph],
+                       "detail": v.detail, **{f"{k}_ms": x for k, x in summary(got).items() if k != "n"},
+                       "samples": len(got), "samples_ms": [round(x, 3) for x in got],
+                       "ratio_to_fastest_form": statistics.median(got) / statistics.median(samples[fastest][batch]),
+                       "paired_ratio_to_fastest_form": paired_ratio(got, samples[fastest][batch]),
+                       "fastest_form": v.key == fastest,
+                       **fidelity[v.key]}
+                if p2o_path is not None:
+                    p2o = samples[f"{engine}: {P2O}"][batch]
+                    row["ratio_to_paddle2onnx"] = statistics.median(got) / statistics.median(p2o)
+                    row["paired_ratio_to_paddle2onnx"] = paired_ratio(got, p2o)
+                rows.append(row)
+    return {"forms": [form_name(f) for f in forms], "rounds": rounds, "fidelity_reference": reference_graph,
+            "rows": rows}
+
+
+def _cell(row: dict[str, Any], has_p2o: bool) -> str:
+    ratios = f"{row['ratio_to_paddle2onnx']:.2f}, " if has_p2o else ""
+    mark = "**" if row["fastest_form"] else ""
+    return f"{mark}{row['median_ms']:.1f}{mark} ({ratios}{row['ratio_to_fastest_form']:.2f})"
+
+
+def geometric_mean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def overall(results: dict[str, Any], default: str) -> tuple[list[str], dict[str, Any]]:
+    """Geometric means of each form's ratio to the fastest form, per engine, over the forms every model in
+    ``results`` ran."""
+    common = [f for f in next(iter(results.values()))["forms"] if all(f in r["forms"] for r in results.values())]
+    scores: dict[str, dict[str, float]] = {}
+    for form in common:
+        scores[form] = {}
+        for engine in ENGINES:
+            ratios = [r["ratio_to_fastest_form"] for res in results.values() for r in res["rows"]
+                      if r["graph"] == form and r["engine"] == engine]
+            scores[form][engine] = geometric_mean(ratios)
+        scores[form]["both"] = geometric_mean([scores[form][e] for e in ENGINES])
+        p2o = [r["ratio_to_paddle2onnx"] for res in results.values() for r in res["rows"]
+               if r["graph"] == form and "ratio_to_paddle2onnx" in r]
+        if p2o:
+            scores[form]["vs_paddle2onnx"] = geometric_mean(p2o)
+    scope = ", ".join(results)
+    lines = [f"## {scope}, {len(common)} forms: geometric mean over models and batch sizes of the ratio to the "
+             "fastest form", "",
+             "| form | OpenVINO | ONNX Runtime | both engines | vs paddle2onnx (both engines) |",
+             "|---|---|---|---|---|"]
+    for form in sorted(common, key=lambda f: scores[f]["both"]):
+        s = scores[form]
+        name = f"{form} (default)" if form == default else form
+        p2o = f"{s['vs_paddle2onnx']:.3f}" if "vs_paddle2onnx" in s else "–"
+        lines.append(f"| {name} | {s['openvino']:.3f} | {s['onnxruntime']:.3f} | {s['both']:.3f} | {p2o} |")
+    best = {engine: min(common, key=lambda f: scores[f][engine]) for engine in (*ENGINES, "both")}
+    lines += ["", f"Fastest form: OpenVINO — {best['openvino']}; ONNX Runtime — {best['onnxruntime']}; "
+              f"both engines together — {best['both']}."]
+    if default in scores:
+        lines.append(f"The default form ({default}) is {scores[default]['both'] / scores[best['both']]['both']:.3f}x "
+                     f"the time of the best form over both engines "
+                     f"(OpenVINO {scores[default]['openvino'] / scores[best['openvino']]['openvino']:.3f}x, "
+                     f"ONNX Runtime {scores[default]['onnxruntime'] / scores[best['onnxruntime']]['onnxruntime']:.3f}x "
+                     "of each engine's best).")
+    return lines, {"common_forms": common, "scores": scores, "best": best}
+
+
+def markdown(results: dict[str, Any], note: str | None, default: str,
+             meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    has_p2o = note is None
+    rounds = ", ".join(f"{model} {result['rounds']}" for model, result in results.items())
+    loads = [", ".join(f"{x:.2f}" for x in values)
+             for values in (meta["machine"]["load_average"], meta["load_average_at_end"])]
+    lines = ["# ONNX graph forms: forward-pass latency", "",
+             f"{meta['machine']['cpu']}, {meta['threads']} thread(s); rounds: {rounds}; each sample the best of "
+             f"{RUNS_PER_ROUND} back-to-back runs; load average {loads[0]} → {loads[1]}; "
+             + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), ""]
+    if note:
+        lines += [f"**Note: {note}.** Ratios are to the fastest form only.", ""]
+    legend = ("Cells: median ms over rounds (ratio to the paddle2onnx graph's median, ratio to the fastest form's "
+              "median), same engine and batch size; bold: the fastest form." if has_p2o else
+              "Cells: median ms over rounds (ratio to the fastest form's median), same engine and batch size; bold: "
+              "the fastest form.")
+    lines += [legend, "`max rel diff`: largest |logit difference| / largest |reference logit| on a fixed batch of "
+              f"{CHECK_IMAGES} random inputs: vs the " + ("paddle2onnx graph" if has_p2o else "default form")
+              + " in the same engine (OpenVINO / ONNX Runtime)" + (" / vs paddleclas's dygraph network (worse engine)"
+                                                                    if has_p2o else "")
+              + f"; **DIFFERENT** above {SAME_MODEL:g}. The weights are fully random (tests/weightgen.py, wild=True), "
+              "a chaotic network that amplifies float32 rounding to about 1e-4; a wrong kernel or split moves logits "
+              "by 1e-1 or more.", ""]
+    for model, result in results.items():
+        by = {(r["engine"], r["graph"], r["batch_size"]): r for r in result["rows"]}
+        graphs = list(dict.fromkeys(r["graph"] for r in result["rows"]))
+        lines += [f"## {model}", "",
+                  "| graph | nodes | max rel diff (OV / ORT" + (" / paddle" if has_p2o else "") + ") | " + " | ".join(
+                      f"{ENGINE_TITLES[e]} b{b}" for e in ENGINES for b in BATCH_SIZES) + " |",
+                  "|---|---|---|" + "---|" * (len(ENGINES) * len(BATCH_SIZES))]
+        for graph in graphs:
+            rows = [by[(e, graph, b)] for e in ENGINES for b in BATCH_SIZES]
+            same = {e: max(r["vs_reference_same_engine"] for r in rows if r["engine"] == e) for e in ENGINES}
+            diff_text = " / ".join(f"{same[e]:.0e}" for e in ENGINES)
+            if "vs_paddle_dygraph" in rows[0]:
+                diff_text += f" / {max(r['vs_paddle_dygraph'] for r in rows):.0e}"
+            if not all(r["same_model"] for r in rows):
+                diff_text += " **DIFFERENT**"
+            name = f"{graph} (default)" if graph == default else graph
+            lines.append(f"| {name} | {rows[0]['nodes']} | {diff_text} | "
+                         + " | ".join(_cell(r, has_p2o) for r in rows) + " |")
+        reference = result["fidelity_reference"]
+        floor = max(by[("openvino", reference, b)]["vs_reference_on_onnxruntime"] for b in BATCH_SIZES)
+        lines += ["", f"The {result['fidelity_reference']} graph itself differs between OpenVINO and ONNX Runtime by "
+                  f"{floor:.1e} (float32 rounding in another order, amplified by the random weights).", ""]
+    summary_lines, scores = overall(results, default)
+    lines += summary_lines
+    everything = {"all models": scores}
+    for model, result in results.items():
+        if len(results) > 1 and len(result["forms"]) > len(scores["common_forms"]):
+            more_lines, everything[model] = overall({model: result}, default)
+            lines += [""] + more_lines
+    return "\n".join(lines) + "\n", everything
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument("--rounds", type=int, help=f"rounds per model, at most (default {ROUNDS}, {QUICK_ROUNDS} with "
+                        f"--quick); at least {MIN_ROUNDS} unless fewer are asked for")
+    parser.add_argument("--budget", type=float, default=BUDGET_S,
+                        help=f"seconds for the whole run (default {BUDGET_S}): fewer rounds where it runs short; "
+                        "0: no limit")
+    parser.add_argument("--models", nargs="+", choices=MODELS, help="default: all three (MixNet_S with --quick)")
+    parser.add_argument("--quick", action="store_true", help=f"MixNet_S only, {QUICK_ROUNDS} rounds: a smoke test")
+    parser.add_argument("--all-forms", action="store_true", help="all 8 forms for M and L too (longer)")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (QUICK_ROUNDS if args.quick else ROUNDS)
+    models = args.models or (["MixNet_S"] if args.quick else list(MODELS))
+    fewest = min(rounds, MIN_ROUNDS)
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import weightgen
+
+    from mixnet_cli.architecture import architecture_of
+    from mixnet_cli.engine import physical_cores
+    from mixnet_cli.onnx_graph import DEFAULT_FORM
+
+    threads = physical_cores()
+    at_start = machine()
+    started = time.time()
+    work = Path(tempfile.mkdtemp(prefix="mixnet-graph-forms-"))
+    try:
+        states = {model: weightgen.random_state(model, wild=True) for model in models}
+        check = np.random.default_rng(123).uniform(-2.1, 2.6, (CHECK_IMAGES, 3, SIZE, SIZE)).astype(np.float32)
+        p2o_paths, paddle_logits, note = make_p2o_graphs(models, states, check, work)
+        if note:
+            log(note)
+        # Each model's share of the time left: its FLOPs times its number of graphs.
+        cost = {m: architecture_of(m).flops() * (len(forms_for(m, args.all_forms)) + bool(p2o_paths)) for m in models}
+
+        def planner(model: str) -> Callable[[float, float], int]:
+            def plan(setup_s: float, round_s: float) -> int:
+                if args.budget <= 0:
+                    return rounds
+                later = models[models.index(model) + 1:]
+                reserve = sum(setup_s * cost[m] / cost[model] for m in later) + 10.0  # their setup; the report
+                left = started + args.budget - time.time() - reserve
+                share = left * cost[model] / (cost[model] + sum(cost[m] for m in later))
+                return max(fewest, min(rounds, int(share // round_s)))
+            return plan
+
+        results = {}
+        for model in models:
+            results[model] = measure_model(model, planner(model), args.all_forms, p2o_paths.get(model),
+                                           paddle_logits.get(model), states[model], check, work, threads)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    seconds = time.time() - started
+    versions = {}
+    for package in ("openvino", "onnxruntime", "onnx", "paddlepaddle", "paddleclas", "paddle2onnx"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    meta = {"machine": at_start, "versions": versions, "load_average_at_end": list(os.getloadavg()),
+            "max_rounds": rounds,
+            "budget_s": args.budget, "runs_per_round": RUNS_PER_ROUND, "threads": threads}
+    text, scores = markdown(results, note, form_name(DEFAULT_FORM), meta)
+    text += f"\nTotal {seconds:.0f} s.\n"
+    sys.stdout.write(text)
+    if args.json:
+        write_json(args.json, {**meta, "seconds": seconds, "batch_sizes": list(BATCH_SIZES),
+                               "default_form": form_name(DEFAULT_FORM), "paddle2onnx_note": note,
+                               "overall": scores, "models": results})
+        log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

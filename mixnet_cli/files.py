@@ -1,0 +1,89 @@
+"""Files written one way: a temporary name beside the target, then one rename, so that no reader ever sees half a
+file; and one way to hash a file.
+
+Temporary names are unique per process, thread and call (``.<name>.<pid>.<thread>.<random>.tmp``), so threads of
+one process (the OpenVINO engine's runners, a future service) never write into each other's files. A failed
+write removes its temporary file and leaves the target as it was. (After pooch's ``utils.temporary_file`` and
+``hashes.file_hash``, and huggingface_hub's download-to-temporary-then-move.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+_HASH_CHUNK = 1 << 20
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def temporary_path(target: Path, what: str = "") -> Path:
+    """A fresh hidden name beside ``target`` for a file written then renamed onto it (``what`` tells readers of
+    a directory listing what was being written)."""
+    return target.with_name(
+        f".{target.name}{what}.{os.getpid()}.{threading.get_ident()}.{secrets.token_hex(4)}{TEMPORARY_SUFFIX}"
+    )
+
+
+@contextmanager
+def atomic_write(target: Path, mode: str = "wb", *, fsync: bool = False, encoding: str | None = None) -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``target`` for writing; on a clean exit it replaces ``target`` in one rename,
+    on an exception it is removed and ``target`` is untouched. ``fsync=True`` flushes the data to disk before the
+    rename (for files a crash must not leave empty under their final name, such as downloaded weights' records).
+    Raises ``OSError`` from the filesystem."""
+    if "b" not in mode and encoding is None:
+        encoding = "utf-8"
+    tmp = temporary_path(target)
+    try:
+        with open(tmp, mode.replace("w", "x"), encoding=encoding) as stream:
+            yield stream
+            if fsync:
+                stream.flush()
+                os.fsync(stream.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(target: Path, data: bytes, *, fsync: bool = False) -> None:
+    """``target`` holds exactly ``data``, written atomically (see :func:`atomic_write`)."""
+    with atomic_write(target, "wb", fsync=fsync) as stream:
+        stream.write(data)
+
+
+def write_text(target: Path, text: str, *, fsync: bool = False) -> None:
+    """``target`` holds exactly ``text`` (UTF-8), written atomically (see :func:`atomic_write`)."""
+    with atomic_write(target, "w", fsync=fsync) as stream:
+        stream.write(text)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of the file at ``path`` as 64 lowercase hex digits, read in 1 MiB chunks. Raises ``OSError``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def copy_hashing(source: Path, destination: Path) -> tuple[int, str]:
+    """Copy ``source`` to the new file ``destination`` (which must not exist) in one read, returning its size in
+    bytes and sha256: the bytes hashed are the bytes written. Raises ``OSError`` (``FileExistsError`` too)."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(source, "rb") as src, open(destination, "xb") as out:
+        while chunk := src.read(_HASH_CHUNK):
+            out.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def adopt_directory(finished: Path, target: Path) -> None:
+    """Give a directory built under a temporary name (``finished``) its final name ``target``, in one rename:
+    readers see all of it or none. ``target`` must not exist. Raises ``OSError``."""
+    os.rename(finished, target)
