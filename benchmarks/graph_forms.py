@@ -10,8 +10,8 @@ plus the graph paddle2onnx makes of paddleclas's network with those weights (``p
 ``paddle2onnx.export(..., opset_version=13, optimize_tool="None")``, in one child process up front; the column
 is skipped, saying why, when paddle, paddleclas or paddle2onnx cannot be imported).
 
-Each graph runs in mixnet's own engines with mixnet's settings (:class:`mixnet_cli.engine.OpenVinoEngine`: f32,
-LATENCY hint, one stream, a model with a fixed batch size per size; :class:`mixnet_cli.engine.OnnxRuntimeEngine`:
+Each graph runs in mixnet's own engines with mixnet's settings (:class:`mixnet_cli.engines.openvino.OpenVinoEngine`: f32,
+LATENCY hint, one stream, a model with a fixed batch size per size; :class:`mixnet_cli.engines.onnxruntime.OnnxRuntimeEngine`:
 intra-op threads = physical cores, sequential, no spinning), at batch sizes 1, 4 and 8, on a fixed random
 input. All variants of a model are timed side by side, interleaved: in each round, for each batch size, every
 (graph, engine) variant runs 3 times back to back in a shuffled order and the fastest of the 3 is the round's
@@ -194,7 +194,8 @@ def relative_difference(got: np.ndarray, reference: np.ndarray) -> float:
 def build_variants(model: str, graphs: dict[str, Path], work: Path, threads: int) -> list[Variant]:
     import openvino
 
-    from mixnet_cli.engine import OnnxRuntimeEngine, OpenVinoEngine
+    from mixnet_cli.engines.onnxruntime import OnnxRuntimeEngine
+    from mixnet_cli.engines.openvino import OpenVinoEngine
 
     core = openvino.Core()  # one for all of the model's graphs (no compiled-model cache: each compiles once)
     variants = []

@@ -21,7 +21,7 @@ import click
 
 from . import settings
 from .errors import MixnetError, UsageError
-from .registry import ENGINE_NAMES, ENGINES
+from .engines import ENGINES, engine_names
 
 if TYPE_CHECKING:
     from .manifest import ModelSpec
@@ -152,7 +152,7 @@ def engine_option(func: F) -> F:
     return click.option(
         "--engine",
         default=None,
-        metavar="|".join(ENGINE_NAMES),
+        metavar="|".join(engine_names()),
         help="What runs the network: auto picks the fastest installed for the device (OpenVINO on the CPU, "
         "ONNX Runtime with onnxruntime-gpu); "
         + "; ".join(f"{info.name}: {info.summary} [{info.devices}]" for info in ENGINES.values())

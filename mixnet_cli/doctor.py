@@ -55,7 +55,7 @@ def _versions() -> Iterator[Check]:
 
 
 def _engines() -> Iterator[Check]:
-    from .registry import ENGINES
+    from .engines import ENGINES
 
     for info in ENGINES.values():
         missing = info.missing()

@@ -25,10 +25,12 @@ def deployable_files(converted: ConvertedModel) -> list[str]:
 
 
 def _engine_for(fmt: str, directory: Path, spec: ModelSpec) -> Any:
-    from .engine import OnnxRuntimeEngine, PaddleInferenceEngine
-
     if fmt == "onnx":
+        from .engines.onnxruntime import OnnxRuntimeEngine
+
         return OnnxRuntimeEngine(directory / f"{spec.name}.onnx", "cpu")
+    from .engines.paddle_inference import PaddleInferenceEngine
+
     program = directory / "inference.json"
     if not program.is_file():
         program = directory / "inference.pdmodel"

@@ -1,0 +1,106 @@
+"""The engines, one module each, and the table of them: what each is, what it needs, where it runs, how
+``auto`` ranks it, and which module builds it.
+
+``--engine``'s help and check, the errors that say what to install, ``doctor``, ``auto`` and
+:func:`mixnet_cli.engine.create_engine` read this table. Adding an engine is one new module here (with
+``resolve_device``, ``build`` and, if it can drive a GPU, ``gpu_ready``) and one :func:`register` line below.
+Nothing in this file imports more than the standard library, so ``mixnet --help`` stays fast; an engine's module
+is imported only when it is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from types import ModuleType
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What an engine is, for people and for checks.
+
+    ``name`` is what ``--engine`` takes, ``aliases`` other names it answers to; ``devices`` says where it runs,
+    ``summary`` what it is, ``install`` what to run when it is missing, ``requires`` the modules it needs.
+    ``cpu_rank`` and ``gpu_rank`` order it for ``auto`` (lower first; None: ``auto`` never picks it there).
+    ``module`` implements it: ``resolve_device(name, requested) -> DeviceChoice``, ``build(spec, weights,
+    choice, threads) -> Engine`` and, with a ``gpu_rank``, ``gpu_ready() -> bool`` (cheap: no heavy import).
+    """
+
+    name: str
+    aliases: tuple[str, ...]
+    devices: str
+    summary: str
+    install: str
+    requires: tuple[str, ...]
+    module: str
+    cpu_rank: int | None = None
+    gpu_rank: int | None = None
+
+    def missing(self) -> str | None:
+        """What is not installed for this engine (None: it can run), found without importing anything."""
+        if "paddleclas" in self.requires:
+            from ..imports import paddle_missing
+
+            return paddle_missing()
+        absent = [module for module in self.requires if not _installed(module)]
+        return f"{' and '.join(absent)} ({self.install})" if absent else None
+
+    def load(self) -> ModuleType:
+        """The module that builds this engine (imported on first use)."""
+        return importlib.import_module(self.module)
+
+
+ENGINES: dict[str, EngineInfo] = {}
+
+
+def register(info: EngineInfo) -> EngineInfo:
+    """Add an engine to the table (its name and aliases must be new); returns it."""
+    taken = set(ENGINES) | {alias for known in ENGINES.values() for alias in known.aliases} | {"auto"}
+    clash = ({info.name} | set(info.aliases)) & taken
+    if clash:
+        raise ValueError(f"engine name(s) already taken: {', '.join(sorted(clash))}")
+    ENGINES[info.name] = info
+    return info
+
+
+def engine_names() -> tuple[str, ...]:
+    """What ``--engine`` takes: ``auto``, then every registered engine."""
+    return ("auto",) + tuple(ENGINES)
+
+
+def canonical_name(requested: str) -> str | None:
+    """The engine ``requested`` names (a name or alias, any case), ``auto``, or None for an unknown name."""
+    name = requested.strip().lower()
+    for info in ENGINES.values():
+        if name == info.name or name in info.aliases:
+            return info.name
+    return "auto" if name == "auto" else None
+
+
+def ranked(device: str) -> list[EngineInfo]:
+    """The engines ``auto`` may pick for ``device`` (``cpu`` or ``gpu``), fastest first."""
+    key = "cpu_rank" if device == "cpu" else "gpu_rank"
+    return sorted((info for info in ENGINES.values() if getattr(info, key) is not None), key=lambda i: getattr(i, key))
+
+
+register(EngineInfo(
+    "openvino", ("ov",), "cpu",
+    "OpenVINO on mixnet's ONNX graph, f32: the fastest on the CPU (BENCHMARKS.md)",
+    "pip install openvino", ("openvino", "onnxruntime"), "mixnet_cli.engines.openvino", cpu_rank=0))
+register(EngineInfo(
+    "onnxruntime", ("ort", "onnx"), "cpu, gpu (with onnxruntime-gpu)",
+    "ONNX Runtime on the same graph; CUDA with onnxruntime-gpu",
+    "pip install onnxruntime", ("onnxruntime",), "mixnet_cli.engines.onnxruntime", cpu_rank=1, gpu_rank=0))
+register(EngineInfo(
+    "paddle", ("paddle-inference",), "cpu, gpu (with paddlepaddle-gpu)",
+    "Paddle Inference on a paddle.jit.save model of paddleclas's network (oneDNN on the CPU; CUDA, TensorRT)",
+    'pip install "mixnet-cli[paddle]"', ("paddle", "paddleclas"), "mixnet_cli.engines.paddle_inference",
+    cpu_rank=2, gpu_rank=1))
+register(EngineInfo(
+    "dygraph", ("paddle-dygraph",), "cpu, gpu (with paddlepaddle-gpu)",
+    "paddleclas's network run eagerly by paddle: the reference every other engine is checked against",
+    'pip install "mixnet-cli[paddle]"', ("paddle", "paddleclas"), "mixnet_cli.engines.dygraph"))

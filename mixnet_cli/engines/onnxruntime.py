@@ -1,0 +1,126 @@
+"""The ``onnxruntime`` engine: ONNX Runtime on mixnet's ONNX graph; CUDA with onnxruntime-gpu."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import CacheError, DeviceError, EngineError
+from ..manifest import ModelSpec
+from .base import DeviceChoice, Engine, OneBatchAtATime, gpu_index, physical_cores
+
+if TYPE_CHECKING:
+    from ..engine import EngineChoice
+    from ..weights import VerifiedWeights
+
+
+def available_providers() -> list[str]:
+    """ONNX Runtime's execution providers (imports onnxruntime)."""
+    from ..imports import import_quietly
+
+    return list(import_quietly("onnxruntime").get_available_providers())
+
+
+def _onnxruntime_may_have_cuda() -> bool:
+    """Whether the installed onnxruntime ships its CUDA provider library, found without importing it (the
+    import costs a tenth of the cold start, and a CPU-only build, the usual case, cannot have the provider)."""
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return any(any((Path(location) / "capi").glob("*onnxruntime_providers_cuda*"))
+               for location in spec.submodule_search_locations)
+
+
+def gpu_ready() -> bool:
+    """For ``auto``: whether the installed onnxruntime ships its CUDA provider library, found without importing it (the
+    import costs a tenth of the cold start, and a CPU-only build, the usual case, cannot have the provider)."""
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    if not any(any((Path(location) / "capi").glob("*onnxruntime_providers_cuda*"))
+               for location in spec.submodule_search_locations):
+        return False
+    return "CUDAExecutionProvider" in available_providers()
+
+
+def resolve_device(name: str, requested: str) -> DeviceChoice:
+    """Where ONNX Runtime runs: a GPU only with its CUDA provider (onnxruntime-gpu); a missing one is an error."""
+    providers = available_providers()
+    if name == "cpu":
+        return DeviceChoice("cpu", "asked for the CPU")
+    has_cuda = "CUDAExecutionProvider" in providers
+    if name == "auto":
+        if has_cuda:
+            return DeviceChoice("gpu:0", "onnxruntime has the CUDA provider")
+        return DeviceChoice("cpu", "onnxruntime has no CUDA provider (onnxruntime-gpu is not installed)")
+    if not has_cuda:
+        raise DeviceError(
+            f"device '{requested}' needs onnxruntime-gpu, but the installed onnxruntime has only "
+            f"{', '.join(providers)}; pip install onnxruntime-gpu (instead of onnxruntime), or use --engine paddle "
+            "with paddlepaddle-gpu, or --device cpu"
+        )
+    return DeviceChoice(f"gpu:{gpu_index(name)}", "asked for this GPU")
+
+
+class OnnxRuntimeEngine(OneBatchAtATime):
+    """ONNX Runtime on a model converted by paddle2onnx; ``InferenceSession.run`` is safe from several threads."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model: Path | bytes, device: str = "cpu", threads: int | None = None) -> None:
+        from ..imports import import_quietly
+
+        onnxruntime = import_quietly("onnxruntime")
+        options = onnxruntime.SessionOptions()
+        # A model cached by an older mixnet-cli carries unused constants that ONNX Runtime warns about on each load.
+        options.log_severity_level = 3
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # One convolution after another: parallel execution of the graph only adds scheduling here.
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        options.inter_op_num_threads = 1
+        self.threads = (threads or physical_cores()) if device == "cpu" else None
+        if self.threads is not None:
+            options.intra_op_num_threads = self.threads
+        # Spinning threads burn the cores the image decoders need, and collapse under any other load.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if device == "cpu":
+            providers: list[Any] = ["CPUExecutionProvider"]
+        else:
+            providers = [("CUDAExecutionProvider", {"device_id": gpu_index(device)}), "CPUExecutionProvider"]
+        source = model if isinstance(model, bytes) else str(model)
+        try:
+            self._session = onnxruntime.InferenceSession(source, options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for bad files and devices
+            where = "the model" if isinstance(model, bytes) else str(model)
+            raise EngineError(f"onnxruntime cannot load {where} on {device} ({str(exc).splitlines()[0][:200]})") from None
+        active = self._session.get_providers()
+        if device != "cpu" and (not active or active[0] != "CUDAExecutionProvider"):
+            raise DeviceError(
+                f"onnxruntime could not use CUDA on {device} (it offered {', '.join(active)}); check the CUDA and "
+                "cuDNN libraries onnxruntime-gpu needs, nvidia-smi, or use --device cpu"
+            )
+        self.device = device
+        self.detail = f"{active[0]}, " + (f"{self.threads} thread(s)" if device == "cpu" else f"device {gpu_index(device)}")
+        self._input = self._session.get_inputs()[0].name
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        (logits,) = self._session.run(None, {self._input: np.ascontiguousarray(batch, dtype=np.float32)})
+        return np.asarray(logits, dtype=np.float32)
+
+
+def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, threads: int | None) -> Engine:
+    """ONNX Runtime on the cached ONNX model of these weights (converted first when needed). Its logits on the
+    test batch are the reference, so there is nothing to check again. A cache that cannot take the model
+    (read-only) gets it built in memory for this run."""
+    from ..conversion import ensure_converted, onnx_bytes
+
+    try:
+        converted = ensure_converted(spec, weights.path, weights.record.sha256, "onnx")
+    except CacheError:
+        engine = OnnxRuntimeEngine(onnx_bytes(spec, weights.path), choice.device, threads)
+        engine.detail += ", network built in memory (the cache is read-only)"
+        return engine
+    return OnnxRuntimeEngine(converted.file(".onnx"), choice.device, threads)

@@ -1,0 +1,200 @@
+"""The ``openvino`` engine: OpenVINO on mixnet's ONNX graph, on the CPU, in f32 (the fastest there)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import CacheError, DeviceError, EngineError, MixnetError
+from ..manifest import ModelSpec
+from .base import DeviceChoice, Engine, EngineFailed, check, physical_cores
+
+if TYPE_CHECKING:
+    from ..engine import EngineChoice
+    from ..weights import VerifiedWeights
+
+
+def resolve_device(name: str, requested: str) -> DeviceChoice:
+    """Where OpenVINO runs: the CPU only; anything else is an error naming the GPU engines."""
+    if name not in ("auto", "cpu"):
+        raise DeviceError(
+            f"device '{requested}': the openvino engine runs on the CPU only; for a GPU use --engine onnxruntime "
+            "(with onnxruntime-gpu) or --engine paddle (with paddlepaddle-gpu)"
+        )
+    return DeviceChoice("cpu", "asked for the CPU" if name == "cpu" else "the openvino engine runs on the CPU")
+
+
+class OpenVinoEngine:
+    """OpenVINO on the ONNX model converted by paddle2onnx, on the CPU, computing in f32.
+
+    f32 is asked for explicitly: on CPUs with bf16 units OpenVINO would otherwise compute in bf16, whose
+    answers differ from paddle's in the third digit. Each batch size runs a model whose batch dimension is
+    fixed (about 20% faster than a dynamic one at batch 1), made once per size from the checked model and kept
+    with OpenVINO's compiled form in ``cache_dir``; the first two batches of a size that has no model yet run
+    padded on a larger one (a last, partial batch), later ones get their own. Without ``cache_dir`` (a read-only
+    cache) the dynamic model is compiled.
+
+    The engine runs one batch at a time on all its threads (OpenVINO's latency mode): the quickest answer for
+    one image. :meth:`throughput` gives its sibling for bulk work, which splits the threads into OpenVINO
+    streams that each run a batch of their own: no stream waits for another's threads, so a stream keeps
+    computing while the image decoders take a core (BENCHMARKS.md). Both compile the same cached blob.
+    """
+
+    name = "openvino"
+
+    def __init__(self, model: Path, device: str = "cpu", threads: int | None = None,
+                 cache_dir: Path | None = None, *, bulk: bool = False, warm_size: int = 1, core: Any = None) -> None:
+        if device != "cpu":
+            raise DeviceError(f"the openvino engine runs on the CPU only, not on {device}; use --device cpu")
+        from ..imports import import_quietly
+
+        openvino = import_quietly("openvino")
+        self.device = device
+        self.threads = threads or physical_cores()
+        self.version = openvino_version()
+        self._model = model
+        self._cache_dir = cache_dir
+        self._bulk = bulk
+        if core is None:
+            core = openvino.Core()
+            if cache_dir is not None:
+                core.set_property({"CACHE_DIR": str(cache_dir / "compiled")})
+        self._core = core
+        self._config: dict[str, Any] = {
+            # THROUGHPUT lets OpenVINO split the threads into streams (one per core on small machines).
+            "PERFORMANCE_HINT": "THROUGHPUT" if bulk else "LATENCY",
+            "INFERENCE_NUM_THREADS": self.threads,
+            "INFERENCE_PRECISION_HINT": "f32",
+        }
+        if not bulk:
+            self._config["NUM_STREAMS"] = 1
+        # batch size (0: dynamic) -> the idle infer requests of its compiled model (one per stream)
+        self._idle: dict[int, queue.SimpleQueue[Any]] = {}
+        self._uses: dict[int, int] = {}  # how often a size without its own model came
+        self._compile_lock = threading.Lock()
+        self._sibling: OpenVinoEngine | None = None
+        self.parallel = 1
+        # A model that does not load fails here; one image is the common case, and a sibling warms up the batch
+        # size in use (which also tells how many streams OpenVINO made).
+        self._request_for(warm_size)
+        mode = f"{self.parallel} streams" if bulk else "latency mode"
+        self.detail = f"OpenVINO {self.version} CPU, f32, {self.threads} thread(s), {mode}"
+
+    def throughput(self, batch_size: int = 1) -> "OpenVinoEngine":
+        """This engine in OpenVINO's throughput mode: ``run`` may be called from ``parallel`` threads at once.
+
+        Made once, with the model for ``batch_size`` loaded (later sizes load on first use).
+        """
+        if self._bulk:
+            return self
+        with self._compile_lock:
+            if self._sibling is None:
+                self._sibling = OpenVinoEngine(self._model, self.device, self.threads, self._cache_dir, bulk=True,
+                                               warm_size=batch_size, core=self._core)
+        return self._sibling
+
+    def _compile(self, path: Path) -> queue.SimpleQueue[Any]:
+        try:
+            compiled = self._core.compile_model(str(path), "CPU", self._config)
+            streams = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")) if self._bulk else 1
+            idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
+            for _ in range(max(1, streams)):
+                idle.put(compiled.create_infer_request())
+        except Exception as exc:  # openvino raises RuntimeError subclasses of its own
+            raise EngineError(f"OpenVINO cannot load {path} ({str(exc).strip().splitlines()[0][:200]})") from None
+        self.parallel = max(self.parallel, streams)
+        return idle
+
+    def _dynamic(self) -> tuple[int, queue.SimpleQueue[Any]]:
+        if 0 not in self._idle:
+            self._idle[0] = self._compile(self._model)
+        return 0, self._idle[0]
+
+    def _request_for(self, size: int) -> tuple[int, queue.SimpleQueue[Any]]:
+        """The batch size to run ``size`` images at (larger: padded) and the idle requests of its model."""
+        with self._compile_lock:
+            if self._cache_dir is None:
+                return self._dynamic()
+            if size in self._idle:
+                return size, self._idle[size]
+            self._uses[size] = self._uses.get(size, 0) + 1
+            larger = [s for s in self._idle if s > size]
+            if larger and self._uses[size] <= 2:
+                # A last, partial batch: padding it onto a model already compiled costs less than compiling one
+                # for it. A size that keeps coming gets its own model.
+                return min(larger), self._idle[min(larger)]
+            from ..conversion import fixed_batch_onnx
+
+            try:
+                path = fixed_batch_onnx(self._model, self._cache_dir, size)
+            except OSError:  # a full or read-only disk: the dynamic model needs no new file
+                return self._dynamic()
+            try:
+                self._idle[size] = self._compile(path)
+            except EngineError:
+                path.unlink(missing_ok=True)  # made here, so made again: once
+                self._idle[size] = self._compile(fixed_batch_onnx(self._model, self._cache_dir, size))
+            return size, self._idle[size]
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        data = np.ascontiguousarray(batch, dtype=np.float32)
+        count = len(data)
+        size, idle = self._request_for(count)
+        if size > count:
+            data = np.concatenate([data, np.zeros((size - count,) + data.shape[1:], dtype=np.float32)])
+        request = idle.get()  # blocks while every stream of this model is busy
+        try:
+            logits = request.infer([data])[0]
+            return np.array(logits[:count], dtype=np.float32)  # a copy: the request reuses its output buffer
+        finally:
+            idle.put(request)
+
+
+def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, threads: int | None) -> Engine:
+    """OpenVINO on the cached ONNX model of these weights (converted first when needed), checked once per
+    OpenVINO version against ONNX Runtime's logits. Raises :class:`EngineFailed` when OpenVINO itself fails,
+    or the cache cannot take the model."""
+    from .. import cache
+    from ..conversion import engine_checked, ensure_converted, openvino_dir, reference_logits
+
+    try:
+        converted = ensure_converted(spec, weights.path, weights.record.sha256, "onnx")
+    except CacheError as exc:
+        if not choice.engine_auto:
+            raise
+        # A cache that cannot take the model (read-only): OpenVINO cannot run it; ONNX Runtime can, from memory.
+        raise EngineFailed(str(exc)) from None
+    try:
+        directory: Path | None = cache.ensure_dir(openvino_dir(weights.record.sha256))
+    except MixnetError:
+        directory = None  # a read-only cache: compile every time
+    try:
+        version = openvino_version()
+        if directory is not None and engine_checked(directory, "openvino", version):
+            return OpenVinoEngine(converted.file(".onnx"), choice.device, threads, directory)
+        # OpenVINO computes differently from ONNX Runtime, whose logits are the reference: it passes the check
+        # once per OpenVINO version before its answers are trusted (one image at a time: its batch size is fixed
+        # per compiled model). The reference (ONNX Runtime, on a first run) is computed in a thread while
+        # OpenVINO compiles: both release the GIL, and the first run waits for the slower only.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            reference = pool.submit(reference_logits, spec, converted)
+            engine = OpenVinoEngine(converted.file(".onnx"), choice.device, threads, directory)
+            logits = reference.result()
+        check(engine, spec, logits, directory, version, whole_batch=False)
+    except DeviceError:
+        raise
+    except EngineError as exc:
+        raise EngineFailed(str(exc)) from None
+    return engine
+
+
+def openvino_version() -> str:
+    """The installed OpenVINO's version (``2026.4.1``), as its engine reports it."""
+    from ..imports import import_quietly
+
+    return str(import_quietly("openvino").get_version()).split("-", 1)[0]
