@@ -1,0 +1,80 @@
+"""Adding an engine is one module and one registry line: this module is such an engine (it wraps ONNX Runtime and
+counts the batches it runs), registered by a fixture; nothing else in mixnet is told about it, and the CLI, the
+API, the checks of --engine and doctor all know it."""
+
+from __future__ import annotations
+
+import json
+from typing import Iterator
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from mixnet_cli import Classifier
+from mixnet_cli.cli import main
+from mixnet_cli.engines import ENGINES, EngineInfo, register
+from mixnet_cli.engines.base import DeviceChoice, OneBatchAtATime
+
+BATCHES_RUN: list[int] = []
+
+
+# --- the engine: what an engine module provides -------------------------------------------------------------------
+
+def resolve_device(name: str, requested: str) -> DeviceChoice:
+    return DeviceChoice("cpu", "the counting engine runs on the CPU")
+
+
+def build(spec, weights, choice, threads):  # type: ignore[no-untyped-def]
+    return CountingEngine(ENGINES["onnxruntime"].load().build(spec, weights, choice, threads))
+
+
+class CountingEngine(OneBatchAtATime):
+    name = "counting"
+
+    def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
+        self._inner = inner
+        self.device, self.threads = inner.device, inner.threads
+        self.detail = f"counting batches over {inner.detail}"
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        BATCHES_RUN.append(len(batch))
+        return self._inner.run(batch)
+
+
+# --- the registry line, and what it gives ---------------------------------------------------------------------------
+
+@pytest.fixture
+def counting_engine() -> Iterator[EngineInfo]:
+    info = register(EngineInfo("counting", ("count",), "cpu", "ONNX Runtime, counting batches (an example)",
+                               "nothing to install", ("onnxruntime",), __name__))
+    BATCHES_RUN.clear()
+    yield info
+    del ENGINES["counting"]
+
+
+def test_a_registered_engine_runs_from_the_cli_and_the_api(counting_engine, calibrated_mirror, tmp_path):
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.linspace(0, 255, 240 * 320 * 3).reshape(240, 320, 3).astype(np.uint8)).save(photo)
+    runner = CliRunner()
+    counted = runner.invoke(main, ["classify", str(photo), "--engine", "count", "--json", "-v"])
+    assert counted.exit_code == 0, counted.output
+    assert "engine counting (counting batches over CPUExecutionProvider" in counted.stderr
+    assert BATCHES_RUN == [1]
+    plain = runner.invoke(main, ["classify", str(photo), "--engine", "onnxruntime", "--json"])
+    assert json.loads(counted.stdout) == json.loads(plain.stdout)
+    assert Classifier("S", engine="counting").engine.name == "counting"
+
+    doctor = {row["check"]: row for row in json.loads(runner.invoke(main, ["doctor", "--json"],
+                                                                    env={"MIXNET_OFFLINE": "1"}).stdout)}
+    assert doctor["engine counting"]["value"] == "ready"
+    unknown = runner.invoke(main, ["classify", str(photo), "--engine", "nope"])
+    assert unknown.exit_code == 2 and "counting" in unknown.stderr
+
+
+def test_engine_names_cannot_clash(counting_engine) -> None:
+    with pytest.raises(ValueError, match="ort"):
+        register(EngineInfo("other", ("ort",), "cpu", "", "", (), __name__))
+    with pytest.raises(ValueError, match="auto"):
+        register(EngineInfo("auto", (), "cpu", "", "", (), __name__))
