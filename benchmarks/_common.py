@@ -1,7 +1,7 @@
 """What the benchmark scripts share: a cache with random weights in the real format, timing, machine facts.
 
 Real weights cannot be downloaded everywhere, and speed does not depend on the values of the weights: each
-model's weights, freshly initialised in the real ``.pdparams`` format (``tests/weightgen.py``), are installed into a
+model's weights, made by the tests' recipe in the real ``.pdparams`` format (``tests/weightgen.py``), are installed into a
 temporary ``MIXNET_HOME`` and converted by mixnet itself (ONNX; Paddle Inference with the [paddle] extra) before
 anything is timed.
 """
@@ -70,8 +70,7 @@ import os, sys, warnings
 warnings.filterwarnings("ignore")
 os.environ["MIXNET_HOME"] = {str(home)!r}
 sys.path.insert(0, {str(ROOT / "tests")!r})
-import numpy as np
-from weightgen import random_state, save_pdparams
+from weightgen import calibrated_state, save_pdparams
 from mixnet_cli import Classifier
 from mixnet_cli.imports import paddle_missing
 from mixnet_cli.manifest import resolve_model
@@ -80,11 +79,9 @@ for index, name in enumerate({list(models)!r}):
     spec = resolve_model(name)
     target = os.path.join({str(weights_dir)!r}, spec.filename)
     if not os.path.exists(target):
-        state = random_state(name, seed=index)
-        # Fresh classifier weights give logits near zero: scaled, they spread like trained ones (a few units), so
-        # that comparing probabilities between engines means something. Speed does not change.
-        state["output.weight"] = state["output.weight"] * np.float32(30)
-        save_pdparams(state, target)
+        # The tests' calibrated weights: answers spread like trained ones, so comparing probabilities between
+        # engines means something, and no layer's values explode (speed does not depend on them).
+        save_pdparams(calibrated_state(name, seed=index), target)
     for engine in formats:
         Classifier(name, device="cpu", engine=engine)
 """
