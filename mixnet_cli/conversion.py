@@ -163,7 +163,7 @@ def ensure_converted(spec: ModelSpec, weights_path: Path, weights_sha256: str, f
 
     kind = _format(fmt)
     if fmt == "paddle":
-        from .imports import require_paddle
+        from .third_party import require_paddle
 
         require_paddle("the Paddle Inference model")
     root = cache.ensure_dir(cache.cache_root() / kind.directory)
@@ -364,8 +364,8 @@ def remove_model_exports(spec: ModelSpec, weights_sha256: str | None = None) -> 
 
 
 def engine_home_dirs() -> list[Path]:
-    """The folders where paddle and ONNX Runtime keep their own files while mixnet runs them (see imports.py)."""
-    from .imports import paddle_home
+    """The folders where paddle and ONNX Runtime keep their own files while mixnet runs them (see third_party.py)."""
+    from .third_party import paddle_home
 
     root = cache.cache_root()
     return [path for path in (Path(paddle_home(root)), root / "onnxruntime-home") if path.is_dir()]
@@ -398,7 +398,7 @@ def _child_environment() -> dict[str, str]:
         env.pop(name, None)
     env.setdefault("GLOG_minloglevel", "2")
     # paddle writes under ~/.cache (its dataset folder on import, to_static_tmp when saving): keep it in our cache.
-    from .imports import paddle_home
+    from .third_party import paddle_home
 
     env["MIXNET_HOME"] = str(cache.cache_root())  # the child must not derive it from the HOME set below
     env["HOME"] = paddle_home(cache.cache_root())
@@ -557,7 +557,7 @@ def reference_logits(spec: ModelSpec, converted: ConvertedModel) -> np.ndarray:
                 return logits
         except (KeyError, TypeError, ValueError):
             pass
-    from .imports import import_quietly
+    from .third_party import import_quietly
 
     onnxruntime = import_quietly("onnxruntime")
     options = onnxruntime.SessionOptions()
@@ -582,8 +582,8 @@ def convert_paddle(spec: ModelSpec, weights_path: Path, out: Path) -> dict[str, 
     process; returns the conversion's report, whose ``reference_logits`` are paddleclas's network's on
     :func:`validation_batch`. Imports paddle and paddleclas: :func:`ensure_converted` runs this in a child
     process."""
-    from .imports import import_quietly
-    from .model import load_network
+    from .third_party import import_quietly
+    from .paddle_network import load_network
     from .pdparams import read_state_dict
 
     state = read_state_dict(weights_path)

@@ -80,7 +80,7 @@ def _guarded(name: str, probe: Callable[[], Iterator[Check]]) -> Iterator[Check]
 
 
 def _paddle() -> Iterator[Check]:
-    from .imports import import_quietly
+    from .third_party import import_quietly
 
     if not _installed("paddlepaddle") and not _installed("paddlepaddle-gpu"):
         return
@@ -106,7 +106,7 @@ def _engine() -> Iterator[Check]:
 
 
 def _paddleclas() -> Iterator[Check]:
-    from .imports import import_quietly
+    from .third_party import import_quietly
     from .manifest import load_manifest
 
     if not _installed("paddleclas"):
@@ -119,7 +119,7 @@ def _paddleclas() -> Iterator[Check]:
 def _onnxruntime() -> Iterator[Check]:
     if not _installed("onnxruntime") and not _installed("onnxruntime-gpu"):
         return
-    from .imports import import_quietly
+    from .third_party import import_quietly
 
     onnxruntime = import_quietly("onnxruntime")
     yield Check("onnxruntime providers", ", ".join(onnxruntime.get_available_providers()), "info")

@@ -74,7 +74,7 @@ def test_names_shapes_and_counts_equal_paddleclas(name: str) -> None:
     import paddle
 
     from mixnet_cli.manifest import resolve_model
-    from mixnet_cli.model import build_network
+    from mixnet_cli.paddle_network import build_network
 
     network = build_network(resolve_model(name))
     assert {key: tuple(value.shape) for key, value in network.state_dict().items()} == architecture_of(name).shapes()

@@ -432,7 +432,7 @@ def test_doctor_reports_the_setup_and_fails_on_a_broken_part(isolated_home, monk
     monkeypatch.setenv("MIXNET_OFFLINE", "1")
     result = _invoke("doctor", "--json")
     checks = {row["check"]: row for row in json.loads(result.stdout)}
-    from mixnet_cli.imports import paddle_missing
+    from mixnet_cli.third_party import paddle_missing
 
     if paddle_missing() is None:
         assert checks["paddlepaddle"]["status"] == "ok" and checks["paddleclas"]["value"] == "2.6.0"

@@ -23,7 +23,7 @@ from mixnet_cli.classifier import softmax
 from mixnet_cli.cli import main
 from mixnet_cli.engine import choose_engine, measure_latency
 from mixnet_cli.errors import CacheError, DeviceError, EngineError, UsageError
-from mixnet_cli.imports import paddle_missing
+from mixnet_cli.third_party import paddle_missing
 from mixnet_cli.manifest import resolve_model
 
 MODEL = "MixNet_S"

@@ -13,7 +13,7 @@ from imagegen import scenes
 from mixnet_cli.cli import main
 from mixnet_cli.labels import imagenet_synsets
 from mixnet_cli.manifest import resolve_model
-from mixnet_cli.imports import paddle_missing
+from mixnet_cli.third_party import paddle_missing
 
 IMAGES = 12
 TOP1_HITS = 5  # labelled with PaddleClas's top-1 class

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from mixnet_cli.cli import main
-from mixnet_cli.imports import paddle_missing
+from mixnet_cli.third_party import paddle_missing
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_onnx_export_gives_paddleclas_answers(onnx_export, reference_inputs):
 
 
 def test_paddle_export_without_paddle_names_the_extra(tmp_path, random_mirror, monkeypatch):
-    from mixnet_cli import imports
+    from mixnet_cli import third_party as imports
 
     if paddle_missing() is None:  # make it missing: find_spec is what the check reads
         real_find_spec = imports.importlib.util.find_spec

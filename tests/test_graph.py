@@ -31,7 +31,7 @@ def _dygraph(name: str, state: dict[str, np.ndarray], batch: np.ndarray) -> np.n
     import paddle
 
     from mixnet_cli.manifest import resolve_model
-    from mixnet_cli.model import load_network
+    from mixnet_cli.paddle_network import load_network
 
     network = load_network(resolve_model(name), state)
     with paddle.no_grad():

@@ -43,7 +43,7 @@ class EngineInfo:
     def missing(self) -> str | None:
         """What is not installed for this engine (None: it can run), found without importing anything."""
         if "paddleclas" in self.requires:
-            from ..imports import paddle_missing
+            from ..third_party import paddle_missing
 
             return paddle_missing()
         absent = [module for module in self.requires if not _installed(module)]

@@ -22,8 +22,8 @@ class PaddleDygraphEngine(OneBatchAtATime):
     name = "dygraph"
 
     def __init__(self, spec: ModelSpec, state: dict[str, np.ndarray], device: str, threads: int | None = None) -> None:
-        from ..imports import import_quietly
-        from ..model import load_network
+        from ..third_party import import_quietly
+        from ..paddle_network import load_network
 
         self._paddle = import_quietly("paddle")
         self._paddle.set_device(device)

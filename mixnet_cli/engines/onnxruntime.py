@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 def available_providers() -> list[str]:
     """ONNX Runtime's execution providers (imports onnxruntime)."""
-    from ..imports import import_quietly
+    from ..third_party import import_quietly
 
     return list(import_quietly("onnxruntime").get_available_providers())
 
@@ -71,7 +71,7 @@ class OnnxRuntimeEngine(OneBatchAtATime):
     name = "onnxruntime"
 
     def __init__(self, model: Path | bytes, device: str = "cpu", threads: int | None = None) -> None:
-        from ..imports import import_quietly
+        from ..third_party import import_quietly
 
         onnxruntime = import_quietly("onnxruntime")
         options = onnxruntime.SessionOptions()

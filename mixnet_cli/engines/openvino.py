@@ -51,7 +51,7 @@ class OpenVinoEngine:
                  cache_dir: Path | None = None, *, bulk: bool = False, warm_size: int = 1, core: Any = None) -> None:
         if device != "cpu":
             raise DeviceError(f"the openvino engine runs on the CPU only, not on {device}; use --device cpu")
-        from ..imports import import_quietly
+        from ..third_party import import_quietly
 
         openvino = import_quietly("openvino")
         self.device = device
@@ -195,6 +195,6 @@ def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, thr
 
 def openvino_version() -> str:
     """The installed OpenVINO's version (``2026.4.1``), as its engine reports it."""
-    from ..imports import import_quietly
+    from ..third_party import import_quietly
 
     return str(import_quietly("openvino").get_version()).split("-", 1)[0]

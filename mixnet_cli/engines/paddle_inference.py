@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 def paddle_cuda() -> tuple[bool, int]:
     """Whether paddle is built with CUDA, and how many GPUs it sees (imports paddle: about a second)."""
-    from ..imports import import_quietly
+    from ..third_party import import_quietly
 
     paddle = import_quietly("paddle")
     compiled = bool(paddle.device.is_compiled_with_cuda())
@@ -57,7 +57,7 @@ class PaddleInferenceEngine(OneBatchAtATime):
     name = "paddle"
 
     def __init__(self, program: Path, params: Path, device: str = "cpu", threads: int | None = None) -> None:
-        from ..imports import import_quietly
+        from ..third_party import import_quietly
 
         inference = import_quietly("paddle.inference")
         self.version = str(import_quietly("paddle").__version__)
@@ -115,7 +115,7 @@ def gpu_ready() -> bool:
     which takes a second: a CPU-only paddle, the usual case, cannot drive a GPU)."""
     from importlib import metadata
 
-    from ..imports import paddle_missing
+    from ..third_party import paddle_missing
 
     try:
         metadata.version("paddlepaddle-gpu")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .imports import import_quietly
+from .third_party import import_quietly
 from .manifest import ModelSpec
 
 if TYPE_CHECKING:
