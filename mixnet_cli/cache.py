@@ -1,4 +1,5 @@
-"""Where things live on disk, the record kept beside each verified weights file, and managing the cache.
+"""The cache: every path under its root, the record kept beside each verified weights file, what the cache holds
+(an inventory) and what deleting some of it means (a plan, then its execution).
 
 Layout under the cache root (``MIXNET_HOME`` or the user cache directory)::
 
@@ -8,16 +9,22 @@ Layout under the cache root (``MIXNET_HOME`` or the user cache directory)::
     weights/MixNet_S_pretrained.pdparams.part.json  the URL and validator (ETag) that partial file came from
     weights/MixNet_S_pretrained.pdparams.lock       held by the one process downloading or installing that file
     weights/.MixNet_S_pretrained.pdparams.*.tmp     a file being copied in or a record being written
+    onnx/<weights sha256>/                          converted models (mixnet_cli.conversion), one folder per
+    paddle-inference/<weights sha256>/                weights file, each with a record.json of its files
+    openvino/<weights sha256>/                      OpenVINO's fixed-batch copies and compiled models
+    paddle-home/, onnxruntime-home/                 what paddle and ONNX Runtime write to "home" while mixnet
+                                                      runs them (mixnet_cli.third_party)
 
-Nothing but the exact weights name is ever loaded as weights. Removing and clearing touch only these names,
-so a cache root pointed at a directory that holds other files never loses them.
+Nothing but the exact weights name is ever loaded as weights. Removing and clearing touch only these names (a
+converted folder only when named by a sha256), so a cache root pointed at a directory that holds other files
+never loses them.
 """
 
 from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -29,6 +36,11 @@ from .manifest import ModelSpec, load_manifest
 RECORD_SUFFIX = ".json"
 PARTIAL_SUFFIX = ".part"
 LOCK_SUFFIX = ".lock"
+# Converted models by kind -> their folder under the root; each holds one folder per weights sha256.
+CONVERTED_FOLDERS = {"onnx": "onnx", "paddle": "paddle-inference", "openvino": "openvino"}
+# Engines' own "home" files while mixnet runs them -> their folder under the root.
+ENGINE_HOMES = {"paddle": "paddle-home", "onnxruntime": "onnxruntime-home"}
+DIRECTORY_RECORD = "record.json"
 
 
 def cache_root() -> Path:
@@ -37,6 +49,18 @@ def cache_root() -> Path:
 
 def weights_dir() -> Path:
     return cache_root() / "weights"
+
+
+def converted_dir(kind: str, weights_sha256: str | None = None) -> Path:
+    """The folder of ``kind``'s converted models (``onnx``, ``paddle``, ``openvino``), or of those made from
+    the weights with this sha256."""
+    root = cache_root() / CONVERTED_FOLDERS[kind]
+    return root if weights_sha256 is None else root / weights_sha256
+
+
+def engine_home(engine: str) -> Path:
+    """Where ``engine`` (``paddle``, ``onnxruntime``) keeps what it would write under the user's home."""
+    return cache_root() / ENGINE_HOMES[engine]
 
 
 def weights_path(spec: ModelSpec) -> Path:
@@ -244,45 +268,185 @@ def _remove(paths: Sequence[Path]) -> list[Path]:
     return removed
 
 
-def remove_model(spec: ModelSpec) -> list[Path]:
-    """Delete ``spec``'s weights, record, partial download and leftovers; returns what was deleted.
+# --- converted folders: their records ------------------------------------------------------------------------------
 
-    Refuses (:class:`CacheError`) while another process is downloading that file.
-    """
-    if not weights_dir().is_dir() or not model_files(spec):
-        return []
-    with model_lock(spec, wait=False):
-        return _remove(model_files(spec))
-
-
-def clear_cache(specs: Sequence[ModelSpec] | None = None) -> list[Path]:
-    """Delete every file the cache owns, then the weights directory if that leaves it empty; returns what was
-    deleted. Files of other names, and the cache root itself, are never touched."""
-    removed: list[Path] = []
-    specs = list(specs if specs is not None else load_manifest().models.values())
-    if weights_dir().is_dir():
-        for spec in specs:
-            removed += remove_model(spec)
-            lock = lock_path(spec)
-            if lock.is_file():
-                # Only once nobody holds it: a waiting process must keep sharing the same file.
-                with model_lock(spec, wait=False):
-                    removed += _remove([lock])
+def read_directory_record(directory: Path, name: str = DIRECTORY_RECORD) -> dict[str, Any] | None:
+    """A folder's JSON record (a dict), or None when it is missing or unreadable."""
     try:
-        weights_dir().rmdir()
-    except OSError:
-        pass  # not empty (files of other names), or absent: leave it
-    return removed
+        raw = json.loads((directory / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) else None
 
 
-def files_to_clear(specs: Sequence[ModelSpec] | None = None) -> list[Path]:
-    """What :func:`clear_cache` would delete (for the confirmation prompt)."""
-    specs = list(specs if specs is not None else load_manifest().models.values())
-    if not weights_dir().is_dir():
-        return []
-    found: list[Path] = []
-    for spec in specs:
-        found += model_files(spec)
-        if lock_path(spec).is_file():
-            found.append(lock_path(spec))
+def directory_problem(directory: Path, record: dict[str, Any] | None) -> str | None:
+    """Why the files of ``directory`` do not match its record's ``files`` (name -> size and sha256), or None."""
+    if record is None:
+        return "has no readable record"
+    listed = record.get("files")
+    if not isinstance(listed, dict) or not listed:
+        return "has a record that lists no files"
+    for name, expected in listed.items():
+        path = directory / name
+        if Path(name).name != name or not isinstance(expected, dict):
+            return "has a malformed record"
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"is missing {name}"
+        if size != expected.get("size") or sha256_of(path) != expected.get("sha256"):
+            return f"has a corrupt {name} (its sha256 does not match the record)"
+    return None
+
+
+def _is_sha256(name: str) -> bool:
+    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
+
+
+def _tree_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# --- the inventory ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CacheItem:
+    """One row of ``mixnet cache list``: a weights file (or partial download), or a folder of converted models."""
+
+    model: str | None
+    kind: str  # weights, onnx, paddle-inference, openvino
+    status: str  # verified, unverified, corrupt, partial; n/a for OpenVINO's own caches
+    size: int
+    sha256: str | None
+    source: str | None
+    fetched_at: str | None
+    path: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        row = asdict(self)
+        row["path"] = str(self.path)
+        return row
+
+
+def converted_items() -> list[CacheItem]:
+    """Every folder of converted models, with the model it was made for, its size and whether its files still
+    match its record (OpenVINO's folders hold its own caches: no record, status ``n/a``)."""
+    items = []
+    for kind, folder in CONVERTED_FOLDERS.items():
+        root = cache_root() / folder
+        if not root.is_dir():
+            continue
+        for directory in sorted(p for p in root.iterdir() if p.is_dir() and _is_sha256(p.name)):
+            record = read_directory_record(directory)
+            model = record.get("model") if record else None
+            status = "n/a"
+            if kind != "openvino":
+                status = "verified" if directory_problem(directory, record) is None else "corrupt"
+            items.append(CacheItem(model if isinstance(model, str) else None, folder, status, _tree_size(directory),
+                                   None, f"converted from weights {directory.name[:12]}", None, directory))
+    return items
+
+
+def inventory() -> list[CacheItem]:
+    """Everything the cache holds for people to see: weights files (each checked against its record), partial
+    downloads, and converted models (named by the model of the weights they were made from)."""
+    rows = [CacheItem(e.model, "weights", e.status, e.size, e.sha256, e.source, e.fetched_at, e.path)
+            for e in list_entries()]
+    model_of = {row.sha256: row.model for row in rows if row.sha256}
+    for item in converted_items():
+        sha256 = item.path.name
+        rows.append(item if item.model else replace(item, model=model_of.get(sha256)))
+    return rows
+
+
+# --- deleting: a plan, then its execution --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DeletionPlan:
+    """What a removal will delete: each model's weights files (deleted under that model's lock), converted
+    folders, and engine homes; with their total size in bytes."""
+
+    weights: dict[str, list[Path]]  # model name -> its files
+    locks: dict[str, Path]  # model name -> its lock file, deleted once nobody holds it (clear only)
+    folders: list[Path]
+    size: int
+
+    @property
+    def weights_files(self) -> int:
+        return sum(len(paths) for paths in self.weights.values())
+
+    def __bool__(self) -> bool:
+        return bool(self.weights_files or self.locks or self.folders)
+
+
+def _converted_folders_of(hashes: set[str] | None) -> list[Path]:
+    """Converted folders (and leftovers of unfinished conversions) made from these weights (all when None)."""
+    found = []
+    for folder in CONVERTED_FOLDERS.values():
+        root = cache_root() / folder
+        if not root.is_dir():
+            continue
+        for path in sorted(root.iterdir()):
+            name = path.name.lstrip(".").split(".", 1)[0]
+            if not _is_sha256(name):
+                continue  # not named by a weights sha256: not ours, leave it
+            if hashes is None or name in hashes:
+                found.append(path)
     return found
+
+
+def plan_removal(specs: Sequence[ModelSpec]) -> DeletionPlan:
+    """Deleting these models: their weights files, records, partial downloads, leftovers, and every folder
+    converted from their weights (those recorded as made for the model, and the current weights')."""
+    weights = {spec.name: model_files(spec) for spec in specs}
+    names = {spec.name for spec in specs}
+    hashes = {item.path.name for item in converted_items() if item.model in names}
+    for spec in specs:
+        record = read_record(spec)
+        if record is not None:
+            hashes.add(record.sha256)
+    folders = _converted_folders_of(hashes)
+    size = sum(_tree_size(p) for paths in weights.values() for p in paths) + sum(_tree_size(p) for p in folders)
+    return DeletionPlan({k: v for k, v in weights.items() if v}, {}, folders, size)
+
+
+def plan_clear() -> DeletionPlan:
+    """Deleting everything the cache owns: every model's files and lock, every converted folder, the engine
+    homes. Files of other names, and the cache root itself, are never touched."""
+    specs = list(load_manifest().models.values())
+    weights = {spec.name: model_files(spec) for spec in specs} if weights_dir().is_dir() else {}
+    locks = {spec.name: lock_path(spec) for spec in specs if lock_path(spec).is_file()}
+    folders = _converted_folders_of(None) + [path for name in ENGINE_HOMES if (path := engine_home(name)).is_dir()]
+    size = sum(_tree_size(p) for paths in weights.values() for p in paths) + sum(_tree_size(p) for p in folders)
+    return DeletionPlan({k: v for k, v in weights.items() if v}, locks, folders, size)
+
+
+def execute(plan: DeletionPlan) -> list[Path]:
+    """Carry out ``plan``; returns what was deleted. A model's files are deleted under its lock: another process
+    downloading it makes this raise :class:`CacheError` (its files stay). Emptied folders of the layout go too."""
+    import shutil
+
+    from .manifest import resolve_model
+
+    removed: list[Path] = []
+    for name, paths in plan.weights.items():
+        with model_lock(resolve_model(name), wait=False):
+            removed += _remove(paths)
+    for name, lock in plan.locks.items():
+        # Only once nobody holds it: a waiting process must keep sharing the same file.
+        with model_lock(resolve_model(name), wait=False):
+            removed += _remove([lock])
+    for path in plan.folders:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    for root in [weights_dir()] + [cache_root() / folder for folder in CONVERTED_FOLDERS.values()]:
+        try:
+            root.rmdir()
+        except OSError:
+            pass  # not empty (other files), or absent: leave it
+    return removed

@@ -723,18 +723,10 @@ def cache_list(fmt: str) -> None:
     on first use), corrupt (changed since: `mixnet download MODEL --force`), partial (an interrupted download;
     the next `mixnet download` resumes it).
     """
-    from .cache import cache_root, list_entries
-    from .conversion import export_entries
+    from .cache import cache_root, inventory
     from .output import write_rows
 
-    rows = [{"kind": "weights", **entry.to_dict()} for entry in list_entries()]
-    exports = export_entries()
-    model_of = {row["sha256"]: row["model"] for row in rows if row["sha256"]}
-    model_of.update({e["weights_sha256"]: e["model"] for e in exports if e["model"]})
-    for entry in exports:  # models converted for the engines, made again on use when removed
-        rows.append({"model": model_of.get(entry["weights_sha256"]), "kind": entry["kind"], "status": entry["status"], "size": entry["size"],
-                     "sha256": None, "source": f"converted from weights {entry['weights_sha256'][:12]}",
-                     "fetched_at": None, "path": entry["path"]})
+    rows = [item.to_dict() for item in inventory()]
     count = write_rows(rows, fmt, click.get_text_stream("stdout"), headers=_CACHE_COLUMNS)
     if not count and fmt == "table":
         click.echo(f"Nothing cached in {cache_root()}.", err=True)
@@ -766,15 +758,11 @@ def cache_rm(models: tuple[str, ...]) -> None:
     \b
       mixnet cache rm S
     """
-    from .cache import read_record, remove_model
-    from .conversion import remove_model_exports
+    from .cache import execute, plan_removal
 
     for spec in _specs(models):
-        name = spec.name
-        record = read_record(spec)
-        removed = remove_model(spec)
-        removed += remove_model_exports(spec, record.sha256 if record else None)
-        click.echo(f"{name}: " + (f"removed {len(removed)} file(s) and folder(s)" if removed else "nothing cached"),
+        removed = execute(plan_removal([spec]))
+        click.echo(f"{spec.name}: " + (f"removed {len(removed)} file(s) and folder(s)" if removed else "nothing cached"),
                    err=True)
 
 
@@ -790,22 +778,19 @@ def cache_clear(yes: bool) -> None:
 
     Only the cache's own files are deleted: anything else under MIXNET_HOME stays.
     """
-    from .cache import cache_root, clear_cache, files_to_clear
-    from .conversion import clear_engine_files, engine_files_size, engine_home_dirs, export_entries
+    from .cache import cache_root, execute, plan_clear
 
-    planned = files_to_clear()
-    converted = len(export_entries()) + len(engine_home_dirs())
-    if not planned and not converted:
+    plan = plan_clear()
+    if not plan:
         click.echo(f"Nothing to delete in {cache_root()}.", err=True)
         return
-    size = sum(p.stat().st_size for p in planned if p.is_file()) + engine_files_size()
     if not yes and not click.confirm(
-        f"Delete {len(planned)} weights file(s) and {converted} converted-model folder(s), {size / 1e6:.1f} MB, "
-        f"from {cache_root()}?", default=False, err=True
+        f"Delete {plan.weights_files} weights file(s) and {len(plan.folders)} converted-model folder(s), "
+        f"{plan.size / 1e6:.1f} MB, from {cache_root()}?", default=False, err=True
     ):
         click.echo("Nothing deleted.", err=True)
         sys.exit(1)
-    removed = clear_cache() + clear_engine_files()
+    removed = execute(plan)
     click.echo(f"Deleted {len(removed)} file(s) and folder(s) from {cache_root()}.", err=True)
 
 

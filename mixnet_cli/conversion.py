@@ -46,7 +46,7 @@ from .errors import EngineError, MixnetError
 from .manifest import ModelSpec, resolve_model
 from .postprocess import softmax
 
-RECORD_NAME = "record.json"
+RECORD_NAME = cache.DIRECTORY_RECORD
 # 3: the ONNX model is mixnet's own graph (2 was paddle2onnx's); an older record is converted again.
 RECORD_VERSION = 3
 # The converted model must give the network's logits to this fraction of their largest magnitude (relative, so
@@ -66,8 +66,8 @@ class ModelFormat:
 
 
 FORMATS: dict[str, ModelFormat] = {
-    "onnx": ModelFormat("onnx", "onnx", "ONNX"),
-    "paddle": ModelFormat("paddle", "paddle-inference", "Paddle Inference"),
+    "onnx": ModelFormat("onnx", cache.CONVERTED_FOLDERS["onnx"], "ONNX"),
+    "paddle": ModelFormat("paddle", cache.CONVERTED_FOLDERS["paddle"], "Paddle Inference"),
 }
 
 
@@ -97,7 +97,8 @@ def _format(fmt: str) -> ModelFormat:
 
 
 def converted_dir(fmt: str, weights_sha256: str) -> Path:
-    return cache.cache_root() / _format(fmt).directory / weights_sha256
+    _format(fmt)
+    return cache.converted_dir(fmt, weights_sha256)
 
 
 def _say(message: str) -> None:
@@ -105,35 +106,15 @@ def _say(message: str) -> None:
 
 
 def _read_record(directory: Path, name: str = RECORD_NAME) -> dict[str, Any] | None:
-    try:
-        raw = json.loads((directory / name).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return raw if isinstance(raw, dict) else None
+    return cache.read_directory_record(directory, name)
 
 
 def _problem(record: dict[str, Any] | None, fmt: str, spec: ModelSpec, weights_sha256: str, directory: Path) -> str | None:
-    """Why the export in ``directory`` cannot be used (None when it can)."""
-    if record is None:
-        return "has no readable record"
-    if (record.get("record_version"), record.get("format"), record.get("model"), record.get("weights_sha256")) != (
-        RECORD_VERSION, fmt, spec.name, weights_sha256
-    ):
+    """Why the converted model in ``directory`` cannot be used (None when it can)."""
+    if record is not None and (record.get("record_version"), record.get("format"), record.get("model"),
+                               record.get("weights_sha256")) != (RECORD_VERSION, fmt, spec.name, weights_sha256):
         return "has a record for other weights or another format"
-    files = record.get("files")
-    if not isinstance(files, dict) or not files:
-        return "has a record that lists no files"
-    for name, expected in files.items():
-        path = directory / name
-        if Path(name).name != name or not isinstance(expected, dict):
-            return "has a malformed record"
-        try:
-            size = path.stat().st_size
-        except OSError:
-            return f"is missing {name}"
-        if size != expected.get("size") or cache.sha256_of(path) != expected.get("sha256"):
-            return f"has a corrupt {name} (its sha256 does not match the record)"
-    return None
+    return cache.directory_problem(directory, record)
 
 
 def cached_model(spec: ModelSpec, weights_sha256: str, fmt: str) -> ConvertedModel | None:
@@ -166,7 +147,7 @@ def ensure_converted(spec: ModelSpec, weights_path: Path, weights_sha256: str, f
         from .third_party import require_paddle
 
         require_paddle("the Paddle Inference model")
-    root = cache.ensure_dir(cache.cache_root() / kind.directory)
+    root = cache.ensure_dir(cache.converted_dir(fmt))
     final = root / weights_sha256
     try:
         lock = FileLock(str(root / f".{weights_sha256}.lock"))
@@ -247,7 +228,7 @@ def ensure_converted(spec: ModelSpec, weights_path: Path, weights_sha256: str, f
 
 def openvino_dir(weights_sha256: str) -> Path:
     """OpenVINO's own cache of compiled models for these weights (it writes and checks the files there)."""
-    return cache.cache_root() / "openvino" / weights_sha256
+    return cache.converted_dir("openvino", weights_sha256)
 
 
 def fixed_batch_onnx(source: Path, directory: Path, batch_size: int) -> Path:
@@ -294,100 +275,6 @@ def mark_engine_checked(directory: Path, engine: str, version: str, check: dict[
         pass
 
 
-EXPORT_DIRECTORIES = ("onnx", "paddle-inference", "openvino")
-
-
-def export_entries() -> list[dict[str, Any]]:
-    """Every exported-model directory in the cache: what it holds, for which model and weights, its size.
-
-    For cache listings; a directory is ``verified`` when its record still matches its files (``openvino``
-    holds OpenVINO's own caches, which have no record).
-    """
-    from .manifest import load_manifest
-
-    specs = load_manifest().models
-    entries = []
-    for kind in EXPORT_DIRECTORIES:
-        root = cache.cache_root() / kind
-        if not root.is_dir():
-            continue
-        for directory in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            record = _read_record(directory)
-            model = record.get("model") if record else None
-            status = "n/a"
-            if kind != "openvino":
-                fmt = "onnx" if kind == "onnx" else "paddle"
-                spec = specs.get(model) if isinstance(model, str) else None
-                ok = spec is not None and _problem(record, fmt, spec, directory.name, directory) is None
-                status = "verified" if ok else "corrupt"
-            size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
-            entries.append({"kind": kind, "model": model, "weights_sha256": directory.name, "status": status,
-                            "size": size, "path": str(directory)})
-    return entries
-
-
-def remove_exports(weights_sha256: str | None = None) -> list[Path]:
-    """Delete the exported models of these weights (all of them when None), leftovers included; returns the
-    directories deleted. They are made again, once, on next use."""
-    removed = []
-    for kind in EXPORT_DIRECTORIES:
-        root = cache.cache_root() / kind
-        if not root.is_dir():
-            continue
-        for path in sorted(root.iterdir()):
-            name = path.name.lstrip(".").split(".", 1)[0]
-            if len(name) != 64 or any(c not in "0123456789abcdef" for c in name):
-                continue  # not named by a weights sha256: not ours, leave it
-            if weights_sha256 is not None and name != weights_sha256:
-                continue
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-            removed.append(path)
-        try:
-            root.rmdir()
-        except OSError:
-            pass  # not empty: other weights' exports, or files of other names
-    return removed
-
-
-def remove_model_exports(spec: ModelSpec, weights_sha256: str | None = None) -> list[Path]:
-    """Delete every export made from ``spec``'s weights (those in records, and ``weights_sha256``'s)."""
-    hashes = {entry["weights_sha256"] for entry in export_entries() if entry["model"] == spec.name}
-    if weights_sha256:
-        hashes.add(weights_sha256)
-    removed: list[Path] = []
-    for sha256 in sorted(hashes):
-        removed += remove_exports(sha256)
-    return removed
-
-
-def engine_home_dirs() -> list[Path]:
-    """The folders where paddle and ONNX Runtime keep their own files while mixnet runs them (see third_party.py)."""
-    from .third_party import paddle_home
-
-    root = cache.cache_root()
-    return [path for path in (Path(paddle_home(root)), root / "onnxruntime-home") if path.is_dir()]
-
-
-def clear_engine_files() -> list[Path]:
-    """Delete every export and the engines' own folders in the cache; they are made again on next use."""
-    removed = remove_exports(None)
-    for path in engine_home_dirs():
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
-
-
-def engine_files_size() -> int:
-    """Bytes taken by exports and engine folders (for the confirmation prompt of ``mixnet cache clear``)."""
-    total = sum(int(entry["size"]) for entry in export_entries())
-    for path in engine_home_dirs():
-        total += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return total
-
-
 def _child_environment() -> dict[str, str]:
     env = dict(os.environ)
     # Nothing mixnet runs may install packages (paddle2onnx's optimiser once did, through polygraphy): no pip run
@@ -398,10 +285,8 @@ def _child_environment() -> dict[str, str]:
         env.pop(name, None)
     env.setdefault("GLOG_minloglevel", "2")
     # paddle writes under ~/.cache (its dataset folder on import, to_static_tmp when saving): keep it in our cache.
-    from .third_party import paddle_home
-
     env["MIXNET_HOME"] = str(cache.cache_root())  # the child must not derive it from the HOME set below
-    env["HOME"] = paddle_home(cache.cache_root())
+    env["HOME"] = str(cache.engine_home("paddle"))
     return env
 
 

@@ -19,10 +19,10 @@ from types import ModuleType
 def _contain_onnxruntime_import(module: str) -> ModuleType:
     # ONNX Runtime places its telemetry files under XDG_CACHE_HOME, read while it loads: point that into our
     # cache for the duration of the import, then turn its telemetry events off.
-    from .cache import cache_root
+    from .cache import engine_home
 
     previous = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(cache_root() / "onnxruntime-home")
+    os.environ["XDG_CACHE_HOME"] = str(engine_home("onnxruntime"))
     try:
         loaded = importlib.import_module(module)
     finally:
@@ -40,10 +40,10 @@ def _contain_onnxruntime_import(module: str) -> ModuleType:
 def _contain_paddle_import(module: str) -> ModuleType:
     # `import paddle` creates ~/.cache/paddle/dataset (paddle.dataset.common, from HOME, read while it loads):
     # point HOME into our cache for the duration of the import.
-    from .cache import cache_root
+    from .cache import engine_home
 
     previous = os.environ.get("HOME")
-    os.environ["HOME"] = str(paddle_home(cache_root()))
+    os.environ["HOME"] = str(engine_home("paddle"))
     try:
         return importlib.import_module(module)
     finally:
@@ -51,11 +51,6 @@ def _contain_paddle_import(module: str) -> ModuleType:
             os.environ.pop("HOME", None)
         else:
             os.environ["HOME"] = previous
-
-
-def paddle_home(cache: "os.PathLike[str] | str") -> str:
-    """Where paddle's own ~/.cache goes when mixnet runs it: inside our cache (for imports and the converter)."""
-    return os.path.join(os.fspath(cache), "paddle-home")
 
 
 def import_quietly(module: str) -> ModuleType:
