@@ -140,11 +140,6 @@ def _parse_model(name: str, raw: dict[str, Any]) -> ModelSpec:
         width_scale=float(_require(arch, "width_scale", (int, float), arch_where)),
         paddleclas=_require(arch, "paddleclas", str, arch_where),
     )
-    from .architecture import BLOCK_TABLES
-
-    if architecture.blocks not in BLOCK_TABLES:
-        raise ManifestError(f"weights manifest: {arch_where}.blocks names an unknown block table "
-                            f"'{architecture.blocks}' (known: {', '.join(BLOCK_TABLES)})")
     if ":" not in architecture.paddleclas:
         raise ManifestError(f"weights manifest: {arch_where}.paddleclas must look like 'module:function'")
     return ModelSpec(

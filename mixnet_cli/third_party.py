@@ -101,8 +101,9 @@ def paddle_missing() -> str | None:
         return None
     what = " and ".join(missing)
     if "paddleclas" in missing and sys.version_info >= (3, 12):
-        return f"{what} (paddleclas 2.6.0 pins numpy 1.24.4, which has no wheels for Python 3.12+: use Python 3.10 or 3.11)"
-    return f"{what} ({PADDLE_EXTRA})"
+        return (f"{what}, which need Python 3.10 or 3.11 (paddleclas 2.6.0 pins numpy 1.24.4, which has no wheels "
+                f"for Python 3.12+): in a Python 3.11 environment, {PADDLE_EXTRA}")
+    return f"{what}: {PADDLE_EXTRA}"
 
 
 def require_paddle(purpose: str) -> None:
@@ -111,4 +112,4 @@ def require_paddle(purpose: str) -> None:
     if missing is not None:
         from .errors import EngineError
 
-        raise EngineError(f"{purpose} needs paddle and paddleclas; not installed: {missing}")
+        raise EngineError(f"{purpose} needs the [paddle] extra; missing {missing}")

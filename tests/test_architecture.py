@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from mixnet_cli.architecture import architecture_of, round_channels, split_channels
-from mixnet_cli.errors import WeightsError
+from mixnet_cli.architecture import architecture_of, build_architecture, round_channels, split_channels
+from mixnet_cli.errors import ManifestError, WeightsError
 from mixnet_cli.manifest import load_manifest
 
 # Counted on paddleclas 2.6.0 (sum of numel, paddle.flops); the same as PaddleClas's MixNet page (4.167 / 5.056 /
@@ -39,6 +39,11 @@ def test_manifest_metrics_match_the_architecture(name: str) -> None:
 def test_paddleclas_rounding_and_splits() -> None:
     assert [round_channels(c * 1.3) for c in (24, 32, 40, 80, 120, 200)] == [32, 40, 56, 104, 160, 264]
     assert split_channels(10, 3) == (4, 3, 3) and split_channels(240, 4) == (60, 60, 60, 60)
+
+
+def test_an_unknown_block_table_is_named() -> None:
+    with pytest.raises(ManifestError, match="unknown MixNet block table 'xl'"):
+        build_architecture("MixNet_XL", "xl", 1.0)
 
 
 def test_l_is_m_at_width_1_3_with_the_final_block_unscaled() -> None:

@@ -47,7 +47,7 @@ class EngineInfo:
 
             return paddle_missing()
         absent = [module for module in self.requires if not _installed(module)]
-        return f"{' and '.join(absent)} ({self.install})" if absent else None
+        return f"{' and '.join(absent)}: {self.install}" if absent else None
 
     def load(self) -> ModuleType:
         """The module that builds this engine (imported on first use)."""
