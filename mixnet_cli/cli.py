@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import io
 import json
+import logging
 import os
 import sys
 import threading
@@ -204,6 +204,27 @@ def network_options(func: F) -> F:
     return func
 
 
+class _StderrHandler(logging.Handler):
+    """Library messages on whatever ``sys.stderr`` is when they are logged (tests swap it per command): notices as
+    ``mixnet: ...``, warnings as ``Warning: ...``, one line each."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "Warning: " if record.levelno >= logging.WARNING else "mixnet: "
+        try:
+            sys.stderr.write(prefix + record.getMessage() + "\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 (logging must never take the command down)
+            self.handleError(record)
+
+
+def _messages(quiet: bool = False) -> None:
+    """Show the library's notices and warnings on stderr (only errors with ``quiet``, which raise anyway)."""
+    logger = logging.getLogger("mixnet_cli")
+    if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
+        logger.addHandler(_StderrHandler())
+    logger.setLevel(logging.ERROR if quiet else logging.INFO)
+
+
 class _OneLineErrors(click.Group):
     """click shows a usage error as a usage block, a hint and the error; here it is one line, like every error."""
 
@@ -239,6 +260,7 @@ def main() -> None:
 
     Weights are downloaded on first use and cached (see `mixnet download --help`).
     """
+    _messages()
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)
@@ -318,9 +340,9 @@ def classify(
         return
     click.get_current_context().with_resource(_interrupt_ends_at_once())
     # --quiet: not even the one-time notices (download progress, "converting ... (once)"); errors still raise.
-    with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
-        classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None,
-                                offline=offline, progress=None if not quiet else False)
+    _messages(quiet)
+    classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None,
+                            offline=offline, progress=None if not quiet else False)
     if verbose and not quiet:
         weights = classifier.weights
         engine = classifier.engine_for(len(items), batch_size)
@@ -657,6 +679,7 @@ def evaluate_command(
         samples = [samples[int(i * step)] for i in range(limit)]
     device_name, engine_name = _device_and_engine(device, engine)
     click.get_current_context().with_resource(_interrupt_ends_at_once())
+    _messages(quiet)
     classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None, offline=offline)
     labels = imagenet_labels()
     stdout = click.get_text_stream("stdout")

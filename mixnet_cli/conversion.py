@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -101,8 +102,12 @@ def converted_dir(fmt: str, weights_sha256: str) -> Path:
     return cache.converted_dir(fmt, weights_sha256)
 
 
+_log = logging.getLogger(__name__)
+
+
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A one-time notice (converting, replacing a cached model), logged at INFO."""
+    _log.info(message)
 
 
 def _read_record(directory: Path, name: str = RECORD_NAME) -> dict[str, Any] | None:

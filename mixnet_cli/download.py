@@ -13,6 +13,7 @@ wrong offset, or a partial without a validator, restarts the file from zero.
 from __future__ import annotations
 
 import email.utils
+import logging
 import hashlib
 import json
 import re
@@ -43,9 +44,12 @@ class Downloaded:
     """Bytes kept from an earlier attempt or run (0 when the whole file came in this attempt)."""
 
 
+_log = logging.getLogger(__name__)
+
+
 def notice(message: str) -> None:
-    """A one-line message for the person waiting (stderr, never stdout)."""
-    print(f"mixnet: {message}", file=sys.stderr, flush=True)
+    """A one-line message for the person waiting, logged at INFO (the CLI shows it on stderr unless -q)."""
+    _log.info(message)
 
 
 def info_path(partial: Path) -> Path:

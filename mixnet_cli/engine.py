@@ -9,9 +9,9 @@ device, and to fall back to the next one when an engine ``auto`` picked cannot s
 
 from __future__ import annotations
 
+import logging
 import re
 import statistics
-import sys
 import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -26,6 +26,7 @@ from .manifest import ModelSpec
 if TYPE_CHECKING:
     from .weights import VerifiedWeights
 
+_log = logging.getLogger(__name__)
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|gpu|gpu:\d+)$")
 
 
@@ -151,7 +152,7 @@ def create_engine(
         fallback = _fallback(choice, exc)
         if fallback is None:
             raise
-        print(f"Warning: {exc}; using {fallback.engine} on {fallback.device} instead", file=sys.stderr, flush=True)
+        _log.warning("%s; using %s on %s instead", exc, fallback.engine, fallback.device)
         return create_engine(spec, weights, fallback, threads=threads)
 
 

@@ -97,3 +97,14 @@ def test_public_names():
     assert mixnet_cli.__version__
     for name in mixnet_cli.__all__:
         assert getattr(mixnet_cli, name) is not None
+
+
+def test_the_library_logs_its_notices_and_prints_nothing(random_mirror, caplog, capsys):
+    """Library code logs (``mixnet_cli.*`` loggers); only the CLI decides what reaches stderr."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="mixnet_cli"):
+        Classifier("S", device="cpu", progress=False)
+    messages = [(record.name, record.getMessage()) for record in caplog.records]
+    assert ("mixnet_cli.conversion", "converting MixNet_S to ONNX (once)...") in messages
+    assert capsys.readouterr() == ("", "")
