@@ -99,9 +99,11 @@ def test_public_names():
         assert getattr(mixnet_cli, name) is not None
 
 
-def test_the_library_logs_its_notices_and_prints_nothing(random_mirror, caplog, capsys):
+def test_the_library_logs_its_notices_and_prints_nothing(random_mirror, caplog, capsys, monkeypatch):
     """Library code logs (``mixnet_cli.*`` loggers); only the CLI decides what reaches stderr."""
     import logging
+
+    monkeypatch.setattr(logging.getLogger("mixnet_cli"), "handlers", [])  # as in a program that never ran the CLI
 
     with caplog.at_level(logging.INFO, logger="mixnet_cli"):
         Classifier("S", device="cpu", progress=False)
