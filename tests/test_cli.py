@@ -270,7 +270,12 @@ def test_ctrl_c_during_a_bulk_run_stops_at_once_and_leaves_no_results_file(tmp_p
     previous.write_text("the previous results\n")
     process = subprocess.Popen([str(_installed_mixnet()), "classify", str(folder), "--jsonl", "-o", str(previous)],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2.0)  # start-up, then a few batches
+    # Interrupt once results are being written (the -o temporary file exists): a fixed delay could land in the
+    # interpreter's start-up on a loaded machine, before any handler exists.
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".results.jsonl.*.tmp")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # a few batches
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
