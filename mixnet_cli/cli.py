@@ -22,6 +22,7 @@ import click
 from . import settings
 from .errors import MixnetError, UsageError
 from .engines import ENGINES, engine_names
+from .output import FORMATS
 
 if TYPE_CHECKING:
     from .manifest import ModelSpec
@@ -120,22 +121,25 @@ def _complete_model(ctx: click.Context, param: click.Parameter, incomplete: str)
     return [name for name in names if name.lower().startswith(incomplete.lower())]
 
 
-def output_options(func: F) -> F:
-    """The same output flags on every command that prints rows."""
-    func = click.option("--csv", "fmt", flag_value="csv", help="CSV with a header line (same as --format csv).")(func)
-    func = click.option(
-        "--jsonl", "fmt", flag_value="jsonl", help="One JSON object per line, printed as each finishes."
-    )(func)
-    func = click.option("--json", "fmt", flag_value="json", help="One JSON array (same as --format json).")(func)
-    func = click.option(
-        "--format",
-        "fmt",
-        type=click.Choice(["table", "json", "jsonl", "csv"]),
-        default="table",
-        show_default=True,
-        help="Output format.",
-    )(func)
-    return func
+def output_options(func: F | None = None, *, json_help: str = "One JSON array (same as --format json).",
+                   jsonl_help: str = "One JSON object per line, printed as each finishes.") -> Any:
+    """The same output flags on every command that prints rows (``@output_options``, or with its own words for
+    what JSON and JSON lines hold: ``@output_options(json_help=...)``)."""
+
+    def decorate(func: F) -> F:
+        func = click.option("--csv", "fmt", flag_value="csv", help="CSV with a header line (same as --format csv).")(func)
+        func = click.option("--jsonl", "fmt", flag_value="jsonl", help=jsonl_help)(func)
+        func = click.option("--json", "fmt", flag_value="json", help=json_help)(func)
+        return click.option(
+            "--format",
+            "fmt",
+            type=click.Choice(list(FORMATS)),
+            default="table",
+            show_default=True,
+            help="Output format.",
+        )(func)
+
+    return decorate(func) if func is not None else decorate
 
 
 def device_option(func: F) -> F:
@@ -172,18 +176,8 @@ def _device_and_engine(device: str | None, engine: str | None) -> tuple[str, str
     """``--device`` and ``--engine``: the flag, else MIXNET_DEVICE / MIXNET_ENGINE, else auto; all checked."""
     from .engine import check_device_name, check_engine_name
 
-    def pick(flag: str | None, variable: str, from_environment: str | None, check: Callable[[str], str]) -> str:
-        if flag:
-            return check(flag)
-        if from_environment:
-            try:
-                return check(from_environment)
-            except UsageError as exc:
-                raise UsageError(f"{exc} (from the environment variable {variable})") from None
-        return "auto"
-
-    return (pick(device, "MIXNET_DEVICE", settings.device(), check_device_name),
-            pick(engine, "MIXNET_ENGINE", settings.engine(), check_engine_name))
+    return (settings.choose(device, "MIXNET_DEVICE", check_device_name, "auto"),
+            settings.choose(engine, "MIXNET_ENGINE", check_engine_name, "auto"))
 
 
 def network_options(func: F) -> F:
@@ -386,42 +380,13 @@ def _check_output_path(output: str | None) -> None:
         raise UsageError(f"-o {output}: directory {parent} is not writable; choose another path")
 
 
-class _AtomicOutput:
-    """``-o FILE``, written to a temporary file beside it and renamed over it only when complete: an interrupted
-    or failed run never leaves a half-written results file, nor destroys the previous one. (click's own atomic
-    files rename even when the block fails.)"""
-
-    def __init__(self, path: Path) -> None:
-        from .files import temporary_path
-
-        self.path = path
-        self.temporary = temporary_path(path)
-        _UNFINISHED_OUTPUTS.add(self.temporary)
-        # open() gives the mode a plain file gets under the umask (mkstemp would give 0600).
-        self.stream = open(self.temporary, "x", encoding="utf-8")
-
-    def __enter__(self) -> Any:
-        return self.stream
-
-    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        try:
-            self.stream.close()
-            if exc_type is None:
-                os.replace(self.temporary, self.path)
-        finally:
-            self.temporary.unlink(missing_ok=True)
-            _UNFINISHED_OUTPUTS.discard(self.temporary)
-
-
-# Temporary files of -o outputs being written: what an interrupt that ends the process at once removes.
-_UNFINISHED_OUTPUTS: set[Path] = set()
-
-
 def _open_output(output: str | None) -> Any:
-    """stdout, or ``-o FILE`` via :class:`_AtomicOutput`."""
+    """stdout, or ``-o FILE`` via :class:`~mixnet_cli.output.AtomicOutput`."""
     if output in (None, "-"):
         return click.open_file("-", "w", encoding="utf-8")
-    return _AtomicOutput(Path(output).expanduser())
+    from .output import AtomicOutput
+
+    return AtomicOutput(Path(output).expanduser())
 
 
 @contextlib.contextmanager
@@ -435,7 +400,9 @@ def _interrupt_ends_at_once() -> Iterator[None]:
     def stop(signum: int, frame: object) -> None:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
-        for path in list(_UNFINISHED_OUTPUTS):
+        from .output import UNFINISHED_OUTPUTS
+
+        for path in list(UNFINISHED_OUTPUTS):
             with contextlib.suppress(OSError):
                 path.unlink()
         os.write(2, b"Interrupted.\n")
@@ -628,10 +595,8 @@ def doctor(fmt: str) -> None:
 @click.option("-m", "--model", default="MixNet_S", show_default=True, shell_complete=_complete_model,
               help=f"Model: {_model_names_help()}.")
 @click.option("--limit", type=click.IntRange(1), help="Evaluate only N images, evenly spaced through the set.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "jsonl"]), default="table", show_default=True,
-              help="table or json: the summary; jsonl: one line per misclassified image (summary on stderr).")
-@click.option("--json", "fmt", flag_value="json", help="The summary as one JSON object.")
-@click.option("--jsonl", "fmt", flag_value="jsonl", help="One JSON line per misclassified image; summary on stderr.")
+@output_options(json_help="The summary as one JSON object.",
+                jsonl_help="One JSON line per misclassified image; summary on stderr.")
 @device_option
 @engine_option
 @click.option("-b", "--batch-size", default=4, show_default=True, type=click.IntRange(1, 1024), help="Images per forward pass.")
@@ -662,10 +627,10 @@ def evaluate_command(
     PaddleClas publishes 76.28 / 92.99 (S), 77.67 / 93.64 (M), 78.60 / 94.37 (L) on the 50,000 validation images.
     """
     from .classifier import Classifier
-    from .evaluate import evaluate, read_image_folder, read_labelled_list
+    from .evaluate import evaluate, evenly_spaced, read_image_folder, read_labelled_list
     from .labels import imagenet_labels, imagenet_synsets
     from .manifest import resolve_model
-    from .output import format_table
+    from .output import write_rows
 
     resolve_model(model)
     if list_file is not None:
@@ -674,9 +639,7 @@ def evaluate_command(
         samples = read_image_folder(dataset, imagenet_synsets())
     else:
         raise UsageError("name an ImageFolder directory (sub-folders by synset id) or give --list FILE")
-    if limit is not None and limit < len(samples):
-        step = len(samples) / limit
-        samples = [samples[int(i * step)] for i in range(limit)]
+    samples = evenly_spaced(samples, limit)
     device_name, engine_name = _device_and_engine(device, engine)
     click.get_current_context().with_resource(_interrupt_ends_at_once())
     _messages(quiet)
@@ -706,12 +669,11 @@ def evaluate_command(
     if fmt == "json":
         stdout.write(json.dumps(summary.to_dict()) + "\n")
     else:
-        table = format_table(
-            ["model", "images", "failed", "top1 %", "top5 %", "images/s"],
-            [[summary.model, summary.images, summary.failed, f"{summary.top1 * 100:.2f}",
-              f"{summary.top5 * 100:.2f}", f"{summary.images_per_s:.1f}"]],
-        )
-        click.echo(table, err=fmt == "jsonl")
+        row = {"model": summary.model, "images": summary.images, "failed": summary.failed,
+               "top1 %": f"{summary.top1 * 100:.2f}", "top5 %": f"{summary.top5 * 100:.2f}",
+               "images/s": f"{summary.images_per_s:.1f}"}
+        # With JSON lines on stdout (the mistakes), the summary table goes to stderr.
+        write_rows([row], "table" if fmt == "jsonl" else fmt, sys.stderr if fmt == "jsonl" else stdout)
     if summary.failed:
         click.echo(f"Error: {summary.failed} image(s) could not be read and were not scored", err=True)
         sys.exit(1)

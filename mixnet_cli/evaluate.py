@@ -95,6 +95,15 @@ def read_image_folder(root: Path, synsets: Sequence[str]) -> list[LabelledImage]
     return samples
 
 
+def evenly_spaced(samples: Sequence[LabelledImage], limit: int | None) -> list[LabelledImage]:
+    """``limit`` samples spread evenly through ``samples`` (all of them when ``limit`` is None or not smaller),
+    so that a quick run sees every class of a sorted ImageFolder, not the first few."""
+    if limit is None or limit >= len(samples):
+        return list(samples)
+    step = len(samples) / limit
+    return [samples[int(i * step)] for i in range(limit)]
+
+
 def evaluate(
     classifier: "Classifier",
     samples: Iterable[LabelledImage],

@@ -1,4 +1,5 @@
-"""One output layer for every command that prints rows: a table for people, JSON, JSON lines.
+"""One output layer for every command that prints rows: a table for people, JSON, JSON lines, CSV; and the
+results file of ``-o``, written atomically.
 
 Rows are plain dicts (what ``to_dict()`` gives). JSON arrays are streamed element by element, so a long run
 shows results as they come and an interrupted one still printed what finished. Only data goes to ``stream``.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, TextIO
 
 FORMATS = ("table", "json", "jsonl", "csv")
@@ -124,3 +127,34 @@ def _cell(value: Any) -> Any:
     if isinstance(value, float):
         return f"{value:g}"
     return value
+
+
+# Temporary files of -o outputs being written: what an interrupt that ends the process at once removes.
+UNFINISHED_OUTPUTS: set[Path] = set()
+
+
+class AtomicOutput:
+    """``-o FILE``, written to a temporary file beside it and renamed over it only when complete: an interrupted
+    or failed run never leaves a half-written results file, nor destroys the previous one. (click's own atomic
+    files rename even when the block fails.)"""
+
+    def __init__(self, path: Path) -> None:
+        from .files import temporary_path
+
+        self.path = path
+        self.temporary = temporary_path(path)
+        UNFINISHED_OUTPUTS.add(self.temporary)
+        # open() gives the mode a plain file gets under the umask (mkstemp would give 0600).
+        self.stream = open(self.temporary, "x", encoding="utf-8")
+
+    def __enter__(self) -> Any:
+        return self.stream
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        try:
+            self.stream.close()
+            if exc_type is None:
+                os.replace(self.temporary, self.path)
+        finally:
+            self.temporary.unlink(missing_ok=True)
+            UNFINISHED_OUTPUTS.discard(self.temporary)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Callable
 
 from .errors import UsageError
 
@@ -49,6 +50,20 @@ def offline() -> bool:
 def debug() -> bool:
     """``MIXNET_DEBUG=1``: show tracebacks instead of one-line errors."""
     return _flag("MIXNET_DEBUG")
+
+
+def choose(flag: str | None, variable: str, check: Callable[[str], str], default: str) -> str:
+    """The precedence of every setting: the flag, else the environment variable ``variable``, else ``default``;
+    ``check`` normalises the value or raises :class:`UsageError` (one from the variable says so)."""
+    if flag:
+        return check(flag)
+    from_environment = os.environ.get(variable, "").strip()
+    if from_environment:
+        try:
+            return check(from_environment)
+        except UsageError as exc:
+            raise UsageError(f"{exc} (from the environment variable {variable})") from None
+    return default
 
 
 def device() -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -88,6 +90,8 @@ def test_eval_reports_the_known_accuracy_for_both_layouts(labelled_set, calibrat
 
     table = _eval(str(root / "val")).stdout
     assert f"{TOP1_HITS / IMAGES * 100:.2f}" in table and f"{(TOP1_HITS + TOP5_ONLY) / IMAGES * 100:.2f}" in table
+    rows = list(csv.DictReader(io.StringIO(_eval(str(root / "val"), "--csv").stdout)))
+    assert [(r["model"], r["images"], r["top1 %"]) for r in rows] == [("MixNet_S", str(IMAGES), f"{TOP1_HITS / IMAGES * 100:.2f}")]
 
 
 def test_eval_jsonl_lists_the_mistakes(labelled_set, calibrated_mirror):
