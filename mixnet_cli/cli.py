@@ -115,9 +115,9 @@ def _model_names_help() -> str:
 
 def _complete_model(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
     """Shell completion for model names (the manifest is small and cheap to read)."""
-    from .manifest import model_names
+    from .manifest import load_manifest
 
-    names = [short for name in model_names() for short in (name.rsplit("_", 1)[-1], name)]
+    names = [name for spec in load_manifest().models.values() for name in (spec.short_name, spec.name)]
     return [name for name in names if name.lower().startswith(incomplete.lower())]
 
 
@@ -624,7 +624,7 @@ def evaluate_command(
       mixnet eval --list val_list.txt --root ILSVRC2012/ --json
       mixnet eval ILSVRC2012/val --limit 1000 --jsonl > mistakes.jsonl
 
-    PaddleClas publishes 76.28 / 92.99 (S), 77.67 / 93.64 (M), 78.60 / 94.37 (L) on the 50,000 validation images.
+    PaddleClas publishes top-1 / top-5 on the 50,000 validation images: see `mixnet models`.
     """
     from .classifier import Classifier
     from .evaluate import evaluate, evenly_spaced, read_image_folder, read_labelled_list

@@ -457,7 +457,7 @@ def reference_logits(spec: ModelSpec, converted: ConvertedModel) -> np.ndarray:
         (logits,) = session.run(None, {session.get_inputs()[0].name: validation_batch(spec.preprocessing.crop_size)})
     except Exception as exc:  # onnxruntime raises its own exception types
         raise EngineError(f"ONNX Runtime cannot run {model} ({str(exc).splitlines()[0][:200]}); "
-                          f"run `mixnet cache rm {spec.name.rsplit('_', 1)[-1]}` to convert it again") from None
+                          f"run `mixnet cache rm {spec.short_name}` to convert it again") from None
     reference = np.asarray(logits, dtype=np.float64)
     try:
         files.write_text(converted.directory / _REFERENCE_FILE, json.dumps(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import sys
 import tempfile
@@ -11,6 +10,7 @@ from importlib import metadata
 from typing import Any, Callable, Iterator
 
 from . import settings
+from .third_party import distribution_installed
 
 # Distributions whose versions matter for a bug report, in the order shown; the core needs those in _CORE.
 _DISTRIBUTIONS = (
@@ -35,7 +35,7 @@ class Check:
 def _versions() -> Iterator[Check]:
     yield Check("python", f"{platform.python_version()} ({sys.executable})", "ok")
     yield Check("platform", platform.platform(), "info")
-    opencv = [name for name in _OPENCV if _installed(name)]
+    opencv = [name for name in _OPENCV if distribution_installed(name)]
     for name in _DISTRIBUTIONS:
         try:
             yield Check(name, metadata.version(name), "ok")
@@ -63,14 +63,6 @@ def _engines() -> Iterator[Check]:
                     "ok" if missing is None else "info", "" if missing is None else info.install)
 
 
-def _installed(name: str) -> bool:
-    try:
-        metadata.version(name)
-        return True
-    except metadata.PackageNotFoundError:
-        return False
-
-
 def _guarded(name: str, probe: Callable[[], Iterator[Check]]) -> Iterator[Check]:
     try:
         yield from probe()
@@ -82,7 +74,7 @@ def _guarded(name: str, probe: Callable[[], Iterator[Check]]) -> Iterator[Check]
 def _paddle() -> Iterator[Check]:
     from .third_party import import_quietly
 
-    if not _installed("paddlepaddle") and not _installed("paddlepaddle-gpu"):
+    if not distribution_installed("paddlepaddle") and not distribution_installed("paddlepaddle-gpu"):
         return
     paddle = import_quietly("paddle")
     compiled = paddle.device.is_compiled_with_cuda()
@@ -109,7 +101,7 @@ def _paddleclas() -> Iterator[Check]:
     from .third_party import import_quietly
     from .manifest import load_manifest
 
-    if not _installed("paddleclas"):
+    if not distribution_installed("paddleclas"):
         return
     spec = next(iter(load_manifest().models.values()))
     import_quietly(spec.architecture.paddleclas.split(":", 1)[0])
@@ -117,7 +109,7 @@ def _paddleclas() -> Iterator[Check]:
 
 
 def _onnxruntime() -> Iterator[Check]:
-    if not _installed("onnxruntime") and not _installed("onnxruntime-gpu"):
+    if not distribution_installed("onnxruntime") and not distribution_installed("onnxruntime-gpu"):
         return
     from .third_party import import_quietly
 
@@ -130,7 +122,7 @@ def _cache() -> Iterator[Check]:
     from .manifest import load_manifest
 
     root = cache_root()
-    source = "MIXNET_HOME" if os.environ.get("MIXNET_HOME", "").strip() else "user cache directory"
+    source = settings.home_source()
     yield Check("cache directory", f"{root} ({source})", "info")
     probe_dir = root
     while not probe_dir.exists() and probe_dir != probe_dir.parent:

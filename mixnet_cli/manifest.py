@@ -61,6 +61,11 @@ class ModelSpec:
     source: str
 
     @property
+    def short_name(self) -> str:
+        """What people type for this model: ``S`` for ``MixNet_S``."""
+        return self.name.rsplit("_", 1)[-1]
+
+    @property
     def filename(self) -> str:
         """File name of the weights, taken from the URL (also the name looked up on mirrors)."""
         return urlsplit(self.url).path.rsplit("/", 1)[-1]
@@ -193,10 +198,10 @@ def resolve_model(name: str) -> ModelSpec:
     wanted = name.strip().lower().replace("-", "_")
     for spec in manifest.models.values():
         full = spec.name.lower()
-        short = full.rsplit("_", 1)[-1]
+        short = spec.short_name.lower()
         if wanted in (full, short):
             return spec
     valid = ", ".join(
-        f"{spec.name.rsplit('_', 1)[-1]} ({spec.name})" for spec in manifest.models.values()
+        f"{spec.short_name} ({spec.name})" for spec in manifest.models.values()
     )
     raise UnknownModelError(f"unknown model '{name}': choose one of {valid}")

@@ -26,6 +26,11 @@ def _flag(name: str) -> bool:
     raise UsageError(f"environment variable {name}={os.environ[name]!r} is not a yes/no value; set it to 1 or 0")
 
 
+def home_source() -> str:
+    """Where the cache root comes from: ``MIXNET_HOME`` or the user cache directory."""
+    return "MIXNET_HOME" if os.environ.get("MIXNET_HOME", "").strip() else "user cache directory"
+
+
 def home() -> Path:
     """Cache root: ``MIXNET_HOME`` or the platform's user cache directory for ``mixnet``."""
     explicit = os.environ.get("MIXNET_HOME", "").strip()

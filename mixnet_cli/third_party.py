@@ -90,13 +90,29 @@ def _skip_openvino_converter(module: str) -> ModuleType:
 PADDLE_EXTRA = 'pip install "mixnet-cli[paddle]"'
 
 
+def module_installed(module: str) -> bool:
+    """Whether ``module`` can be imported, found without importing it."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def distribution_installed(name: str) -> bool:
+    """Whether the distribution ``name`` (``paddlepaddle-gpu``) is installed, by its metadata."""
+    from importlib import metadata
+
+    try:
+        metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def paddle_missing() -> str | None:
     """What of the ``[paddle]`` extra is not installed (None: paddle and paddleclas both are), found without
     importing either."""
-    import importlib.util
-
     missing = [name for name, module in (("paddlepaddle", "paddle"), ("paddleclas", "paddleclas"))
-               if importlib.util.find_spec(module) is None]
+               if not module_installed(module)]
     if not missing:
         return None
     what = " and ".join(missing)

@@ -47,12 +47,8 @@ def candidate_urls(spec: ModelSpec, mirrors: Sequence[str] | None = None) -> lis
     return [spec.url]
 
 
-def _short(spec: ModelSpec) -> str:
-    return spec.name.rsplit("_", 1)[-1]
-
-
 def _download_hint(spec: ModelSpec) -> str:
-    return f"run `mixnet download {_short(spec)} --force`"
+    return f"run `mixnet download {spec.short_name} --force`"
 
 
 def normalise_sha256(value: str | None) -> str | None:
@@ -300,7 +296,7 @@ def _check_pinned(found: VerifiedWeights, pinned: str | None) -> None:
     if pinned is not None and found.record.sha256 != pinned:
         raise WeightsError(
             f"cached weights {found.path} have sha256 {found.record.sha256}, not the pinned {pinned}; "
-            f"run `mixnet download {_short(found.spec)} --force --sha256 {pinned}` to fetch them again"
+            f"run `mixnet download {found.spec.short_name} --force --sha256 {pinned}` to fetch them again"
         )
 
 
@@ -324,7 +320,7 @@ def ensure_weights(
             _check_pinned(found, pinned)
             return found
     if settings.offline() if offline is None else offline:
-        short = _short(spec)
+        short = spec.short_name
         raise OfflineError(
             f"{spec.name} weights are not in the cache ({cache.weights_path(spec)}) and offline mode is on; "
             f"run `mixnet download {short}` with network access, or fetch {spec.url} yourself and run "

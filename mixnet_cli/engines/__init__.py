@@ -15,10 +15,6 @@ from dataclasses import dataclass
 from types import ModuleType
 
 
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
 @dataclass(frozen=True)
 class EngineInfo:
     """What an engine is, for people and for checks.
@@ -46,7 +42,9 @@ class EngineInfo:
             from ..third_party import paddle_missing
 
             return paddle_missing()
-        absent = [module for module in self.requires if not _installed(module)]
+        from ..third_party import module_installed
+
+        absent = [module for module in self.requires if not module_installed(module)]
         return f"{' and '.join(absent)}: {self.install}" if absent else None
 
     def load(self) -> ModuleType:

@@ -24,16 +24,6 @@ def available_providers() -> list[str]:
     return list(import_quietly("onnxruntime").get_available_providers())
 
 
-def _onnxruntime_may_have_cuda() -> bool:
-    """Whether the installed onnxruntime ships its CUDA provider library, found without importing it (the
-    import costs a tenth of the cold start, and a CPU-only build, the usual case, cannot have the provider)."""
-    spec = importlib.util.find_spec("onnxruntime")
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    return any(any((Path(location) / "capi").glob("*onnxruntime_providers_cuda*"))
-               for location in spec.submodule_search_locations)
-
-
 def gpu_ready() -> bool:
     """For ``auto``: whether the installed onnxruntime ships its CUDA provider library, found without importing it (the
     import costs a tenth of the cold start, and a CPU-only build, the usual case, cannot have the provider)."""

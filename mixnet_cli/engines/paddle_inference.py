@@ -113,15 +113,9 @@ class PaddleInferenceEngine(OneBatchAtATime):
 def gpu_ready() -> bool:
     """For ``auto``: whether a CUDA build of paddle is installed, with paddleclas (found without importing paddle,
     which takes a second: a CPU-only paddle, the usual case, cannot drive a GPU)."""
-    from importlib import metadata
+    from ..third_party import distribution_installed, paddle_missing
 
-    from ..third_party import paddle_missing
-
-    try:
-        metadata.version("paddlepaddle-gpu")
-    except metadata.PackageNotFoundError:
-        return False
-    return paddle_missing() is None
+    return distribution_installed("paddlepaddle-gpu") and paddle_missing() is None
 
 
 def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, threads: int | None) -> Engine:
