@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from _common import MODELS, arguments, log, machine, prepare_home, summary, write_json
+from _common import MODELS, arguments, fastest_ms, log, machine, prepare_home, summary, write_json
 
 import numpy as np
 
@@ -164,12 +164,7 @@ def measure(models: list[str], home: Path, rounds: int, threads: int) -> dict[st
                 shuffled = [v for v in variants if applies(v, batch)]
                 order.shuffle(shuffled)
                 for variant in shuffled:
-                    runs = []
-                    for _ in range(RUNS_PER_ROUND):
-                        start = time.perf_counter()
-                        variant.run(inputs[batch])
-                        runs.append((time.perf_counter() - start) * 1000.0)
-                    samples[variant.name][batch].append(min(runs))
+                    samples[variant.name][batch].append(fastest_ms(lambda: variant.run(inputs[batch]), RUNS_PER_ROUND))
                     if variant.family == "paddle":
                         time.sleep(0.3)  # let paddle's OpenMP threads stop spinning before the next one is timed
         rows = []

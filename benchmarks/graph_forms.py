@@ -56,7 +56,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Callable
 
-from _common import MODELS, ROOT, log, machine, summary, write_json
+from _common import MODELS, ROOT, fastest_ms, log, machine, summary, write_json
 
 import numpy as np
 
@@ -277,12 +277,7 @@ def measure_model(model: str, plan: Callable[[float, float], int], all_forms: bo
             shuffled = list(variants)
             order.shuffle(shuffled)
             for variant in shuffled:
-                runs = []
-                for _ in range(RUNS_PER_ROUND):
-                    start = time.perf_counter()
-                    variant.run(inputs[batch])
-                    runs.append((time.perf_counter() - start) * 1000.0)
-                samples[variant.key][batch].append(min(runs))
+                samples[variant.key][batch].append(fastest_ms(lambda: variant.run(inputs[batch]), RUNS_PER_ROUND))
         log(f"{model}: round {round_index + 1}/{rounds} ({time.perf_counter() - started:.0f} s, "
             f"load {os.getloadavg()[0]:.2f})")
 

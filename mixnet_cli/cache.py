@@ -189,14 +189,13 @@ def model_lock(spec: ModelSpec, *, wait: bool = True, on_wait: Any = None) -> It
 # --- what the cache holds ----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class CacheEntry:
-    """One file of the cache as ``mixnet cache list`` shows it.
+class CacheItem:
+    """One row of ``mixnet cache list``: a weights file (or partial download), or a folder of converted models."""
 
-    ``status`` is ``verified`` (matches its record), ``unverified`` (no record yet: checked in full on first use),
-    ``corrupt`` (no longer matches its record) or ``partial`` (an interrupted download the next run resumes).
-    """
-
-    model: str
+    model: str | None
+    kind: str  # weights, onnx, paddle-inference, openvino
+    # verified (matches its record), unverified (no record yet: checked in full on first use), corrupt (no longer
+    # matches its record), partial (an interrupted download the next run resumes); n/a for OpenVINO's own caches
     status: str
     size: int
     sha256: str | None
@@ -214,11 +213,11 @@ def _mtime_iso(path: Path) -> str:
     return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).replace(microsecond=0).isoformat()
 
 
-def list_entries(specs: Sequence[ModelSpec] | None = None) -> list[CacheEntry]:
+def list_entries(specs: Sequence[ModelSpec] | None = None) -> list[CacheItem]:
     """The weights files (and partial downloads) in the cache, each checked against its record."""
     from .download import read_partial_info
 
-    entries: list[CacheEntry] = []
+    entries: list[CacheItem] = []
     for spec in specs if specs is not None else load_manifest().models.values():
         path = weights_path(spec)
         try:
@@ -231,12 +230,12 @@ def list_entries(specs: Sequence[ModelSpec] | None = None) -> list[CacheEntry]:
                 else:
                     status = "verified" if (record.size, record.sha256) == (size, sha256) else "corrupt"
                     source, when = record.source, record.fetched_at
-                entries.append(CacheEntry(spec.name, status, size, sha256, source, when, path))
+                entries.append(CacheItem(spec.name, "weights", status, size, sha256, source, when, path))
             partial = partial_path(spec)
             if partial.is_file():
                 info = read_partial_info(partial)
-                entries.append(CacheEntry(
-                    spec.name, "partial", partial.stat().st_size, None, info.url if info else None,
+                entries.append(CacheItem(
+                    spec.name, "weights", "partial", partial.stat().st_size, None, info.url if info else None,
                     _mtime_iso(partial), partial,
                 ))
         except OSError as exc:
@@ -311,25 +310,6 @@ def _tree_size(path: Path) -> int:
 
 # --- the inventory ---------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class CacheItem:
-    """One row of ``mixnet cache list``: a weights file (or partial download), or a folder of converted models."""
-
-    model: str | None
-    kind: str  # weights, onnx, paddle-inference, openvino
-    status: str  # verified, unverified, corrupt, partial; n/a for OpenVINO's own caches
-    size: int
-    sha256: str | None
-    source: str | None
-    fetched_at: str | None
-    path: Path
-
-    def to_dict(self) -> dict[str, Any]:
-        row = asdict(self)
-        row["path"] = str(self.path)
-        return row
-
-
 def converted_items() -> list[CacheItem]:
     """Every folder of converted models, with the model it was made for, its size and whether its files still
     match its record (OpenVINO's folders hold its own caches: no record, status ``n/a``)."""
@@ -352,8 +332,7 @@ def converted_items() -> list[CacheItem]:
 def inventory() -> list[CacheItem]:
     """Everything the cache holds for people to see: weights files (each checked against its record), partial
     downloads, and converted models (named by the model of the weights they were made from)."""
-    rows = [CacheItem(e.model, "weights", e.status, e.size, e.sha256, e.source, e.fetched_at, e.path)
-            for e in list_entries()]
+    rows = list_entries()
     model_of = {row.sha256: row.model for row in rows if row.sha256}
     for item in converted_items():
         sha256 = item.path.name

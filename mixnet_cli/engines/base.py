@@ -55,21 +55,6 @@ class DeviceChoice:
     reason: str
 
 
-@dataclass(frozen=True)
-class EngineChoice:
-    """Which engine runs on which device, and why (``engine_auto``: chosen for the user, so a fallback is fine)."""
-
-    engine: str
-    device: str
-    engine_reason: str
-    device_reason: str
-    engine_auto: bool = False
-
-    @property
-    def device_choice(self) -> DeviceChoice:
-        return DeviceChoice(self.device, self.device_reason)
-
-
 class EngineFailed(EngineError):
     """The engine itself could not run a good model (not the model's fault): ``auto`` may try the next engine."""
 
