@@ -131,11 +131,13 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
 
 
 class _Retryable(Exception):
-    """A failure worth another attempt: network trouble, a timeout, HTTP 429 or 5xx."""
+    """A failure worth another attempt: network trouble, a timeout, HTTP 429 or 5xx. ``unreachable``: nothing
+    answered at all (connection refused, unknown host), which with another source to try is not worth a wait."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, retry_after: float | None = None, *, unreachable: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.unreachable = unreachable
 
 
 class _Restart(Exception):
@@ -175,12 +177,14 @@ def fetch_url(
     progress: bool | None = None,
     resume: bool = True,
     max_bytes: int | None = None,
+    retry_unreachable: bool = True,
 ) -> Downloaded:
     """Download ``url`` into the partial file ``destination`` and return its size and sha256.
 
     Continues an earlier partial download of the same URL when the server allows it (``resume=False`` starts
     from zero). Connection failures, timeouts, HTTP 429 and 5xx are retried ``MIXNET_RETRIES`` times with
-    exponential backoff; after the last, :class:`DownloadError` says what happened, and what arrived stays in
+    exponential backoff, except a server that does not answer at all (connection refused, unknown host) when
+    ``retry_unreachable`` is false (the caller has another source to try); after the last, :class:`DownloadError` says what happened, and what arrived stays in
     ``destination`` for the next run to resume. Other HTTP errors, an HTML page, or a body larger than
     ``max_bytes`` raise :class:`DownloadError` at once. Errors writing ``destination`` (a full disk) propagate
     as :class:`OSError`.
@@ -201,6 +205,8 @@ def fetch_url(
             notice(f"{url}: {exc}; starting the file again from the beginning")
         except _Retryable as exc:
             failures += 1
+            if exc.unreachable and not retry_unreachable:
+                raise DownloadError(str(exc)) from None  # another source is next: no waiting on a dead one
             if failures >= attempts:
                 kept = destination.stat().st_size if destination.exists() else 0
                 tail = (
@@ -233,7 +239,8 @@ def _attempt(url: str, destination: Path, *, label: str, progress: bool | None, 
     try:
         response = requests.get(url, stream=True, timeout=(timeout, timeout), headers=headers)
     except requests.RequestException as exc:
-        raise _Retryable(f"cannot reach {url} ({_reason(exc, timeout)})") from None
+        unreachable = isinstance(exc, requests.ConnectionError) and not isinstance(exc, requests.Timeout)
+        raise _Retryable(f"cannot reach {url} ({_reason(exc, timeout)})", unreachable=unreachable) from None
     with response:
         status = response.status_code
         if status == 429 or 500 <= status < 600:
@@ -347,5 +354,9 @@ def _reason(exc: Exception, timeout: float) -> str:
     if isinstance(exc, (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError)):
         return "connection closed early"
     if isinstance(exc, requests.ConnectionError):
+        if "refused" in text.lower():
+            return "connection refused"
+        if "resolve" in text.lower() or "name or service" in text.lower():
+            return "unknown host"
         return "connection failed"
     return type(exc).__name__

@@ -148,13 +148,14 @@ def _announce_wait(spec: ModelSpec):  # type: ignore[no-untyped-def]
 
 
 def _fetch_verified(
-    spec: ModelSpec, url: str, *, progress: bool | None, pinned: str | None
+    spec: ModelSpec, url: str, *, progress: bool | None, pinned: str | None, last_source: bool = True
 ) -> VerifiedWeights:
     partial = cache.partial_path(spec)
     for fresh in (False, True):
         try:
             fetched = fetch_url(
-                url, partial, label=spec.filename, progress=progress, resume=not fresh, max_bytes=_size_limit(spec)
+                url, partial, label=spec.filename, progress=progress, resume=not fresh, max_bytes=_size_limit(spec),
+                retry_unreachable=last_source,
             )
         except DownloadError:
             raise
@@ -212,7 +213,8 @@ def download_weights(
         urls = candidate_urls(spec, mirrors)
         for index, url in enumerate(urls):
             try:
-                return _fetch_verified(spec, url, progress=progress, pinned=pinned)
+                # A mirror that does not answer at all gives way to the next at once; the last is retried.
+                return _fetch_verified(spec, url, progress=progress, pinned=pinned, last_source=index + 1 == len(urls))
             except (DownloadError, WeightsError) as exc:
                 failures.append(exc)
                 if index + 1 < len(urls):

@@ -398,6 +398,41 @@ def test_the_next_mirror_is_tried_when_one_fails(server, servers, isolated_home,
     assert [r.path for r in server.requests[-2:]] == ["/missing" + PATH, PATH]
 
 
+def _closed_port_url() -> str:
+    """A URL on 127.0.0.1 where nothing listens: connections are refused at once."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def test_a_mirror_that_does_not_answer_gives_way_at_once_and_the_last_one_is_retried(
+        server, isolated_home, weights_bytes, monkeypatch):
+    import time
+
+    dead = _closed_port_url()
+    started = time.monotonic()
+    result = run("download", "S", "--mirror", dead, "--mirror", server.url)
+    elapsed = time.monotonic() - started
+    assert result.exit_code == 0, result.output
+    assert "connection refused" in result.stderr and "trying the next mirror" in result.stderr
+    assert "retrying" not in result.stderr  # no backoff on a mirror that is not there: the default waits 15 s
+    assert elapsed < 10, elapsed
+    assert_installed(isolated_home, weights_bytes)
+
+    # The last source (or the only one) still gets its retries: the network may be coming back.
+    run("cache", "rm", "S")
+    monkeypatch.setenv("MIXNET_RETRIES", "1")
+    monkeypatch.setenv("MIXNET_BACKOFF", "0")
+    result = run("download", "S", "--mirror", server.url, "--mirror", dead)
+    assert result.exit_code == 0  # the first mirror is good
+    only_dead = run("download", "M", "--mirror", dead)
+    assert_error(only_dead, "connection refused", "gave up after 2 attempts")
+    assert "retrying in 0s (attempt 2 of 2)" in only_dead.stderr
+
+
 def test_when_every_mirror_fails_one_line_names_each(servers, isolated_home, weights_bytes):
     first, second = FaultyServer({PATH: weights_bytes}), FaultyServer({})
     servers += [first, second]
