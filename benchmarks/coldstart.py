@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
                 if name == first_use:  # a cache holding only the weights, each round
                     fresh = Path(scratch) / f"first-{index}"
                     (fresh / "weights").mkdir(parents=True)
+                    # The weights as the cache holds them after `mixnet download`: the file and its record.
                     shutil.copy2(weights, fresh / "weights" / weights.name)
+                    shutil.copy2(weights.with_name(weights.name + ".json"), fresh / "weights" / (weights.name + ".json"))
                     run_env = {**env, "MIXNET_HOME": str(fresh)}
                 seconds, peak_kib, _ = run_process(command, run_env)
                 wall[name].append(seconds)
