@@ -452,6 +452,11 @@ def reference_logits(spec: ModelSpec, converted: ConvertedModel) -> np.ndarray:
     onnxruntime = import_quietly("onnxruntime")
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
+    # One thread, no spinning: on a first run this overlaps with OpenVINO's compile (engines/openvino.py), which
+    # should keep the other core.
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         (logits,) = session.run(None, {session.get_inputs()[0].name: validation_batch(spec.preprocessing.crop_size)})
