@@ -316,11 +316,11 @@ def render(results: Path, others: list[Path] | None = None) -> str:
         "# Benchmarks",
         "",
         "Measured by `python benchmarks/run_all.py` (one run: goals side by side on the same machine, variants "
-        "interleaved round by round, medians reported). Weights are the real architectures freshly initialised "
-        "and saved in the real `.pdparams` format (speed does not depend on their values; the classifier layer "
-        "is scaled so that probabilities are not flat and the same-model check means something), installed in "
-        "a temporary `MIXNET_HOME` and converted by mixnet itself. The machine is shared and noisy: compare "
-        "ratios, not absolute times.",
+        "interleaved round by round, medians reported). Weights are the tests' calibrated weights in the real "
+        "`.pdparams` format, with every parameter of the architecture (speed does not depend on their values; "
+        "they answer like trained weights, so the same-model check means something), installed in a temporary "
+        "`MIXNET_HOME` and converted by mixnet itself. The machine is shared and noisy: compare ratios, not "
+        "absolute times.",
         "",
         f"- Machine: {machine['cpu']} ({machine['cpu_flags']}), {machine['logical_cpus']} logical CPUs, "
         f"{machine['physical_cores_available']} physical cores available, {machine['memory']}",
