@@ -584,7 +584,12 @@ def test_an_interrupted_or_killed_download_resumes_on_the_next_run(how, server, 
     try:
         _wait_for(lambda: _size(partial) == 600_000, "the first 600000 bytes")
         process.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
-        _, stderr = process.communicate(timeout=60)
+        try:
+            _, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, stderr = process.communicate()
+            pytest.fail(f"still running 60 s after {how}; its stderr: {stderr[-2000:]!r}")
     finally:
         process.kill()
     if how == "ctrl-c":
