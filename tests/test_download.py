@@ -580,6 +580,9 @@ def test_an_interrupted_or_killed_download_resumes_on_the_next_run(how, server, 
     process = subprocess.Popen(
         _mixnet("download", "S", "--mirror", server.url), env=_env(isolated_home),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # As from a terminal: a shell that starts the test run in the background has SIGINT ignored, which the
+        # child would inherit (and then rightly ignore Ctrl-C).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         _wait_for(lambda: _size(partial) == 600_000, "the first 600000 bytes")
