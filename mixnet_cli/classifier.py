@@ -82,9 +82,9 @@ class Classifier:
 
     ``model`` accepts ``S``, ``MixNet_S``, ``mixnet_s``...; ``device`` is ``auto``, ``cpu``, ``gpu`` or
     ``gpu:N``. The weights are downloaded on first use (``mirrors``, ``offline`` as for ``mixnet download``).
-    ``engine`` is ``auto`` (the fastest installed for the device), ``onnxruntime``, ``paddle`` (Paddle
-    Inference) or ``dygraph`` (paddle eager mode, the reference); ``threads`` caps the CPU threads of a forward
-    pass (default: the physical cores).
+    ``engine`` is ``auto`` (the fastest installed for the device) or a name from :mod:`mixnet_cli.engines`
+    (``openvino``, ``onnxruntime``; ``paddle`` and ``dygraph`` with the [paddle] extra); ``threads`` caps the CPU
+    threads of a forward pass (default: the physical cores).
     """
 
     def __init__(

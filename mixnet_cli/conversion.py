@@ -3,7 +3,8 @@
 Layout under the cache root (the directory is named by the sha256 of the weights it was made from)::
 
     onnx/<weights sha256>/MixNet_S.onnx                  for OpenVINO and ONNX Runtime (written by mixnet itself)
-    onnx/<weights sha256>/record.json                    what it was made from, each file's sha256, the check
+    onnx/<weights sha256>/record.json                    what it was made from, each file's sha256
+    onnx/<weights sha256>/reference.json                 ONNX Runtime's logits on the test batch (first check)
     openvino/<weights sha256>/batch1.onnx ...            the same with a fixed batch size, for OpenVINO
     openvino/<weights sha256>/compiled/                  OpenVINO's compiled-model cache
     openvino/<weights sha256>/checked-openvino.json      OpenVINO's answers passed the check (per version)
@@ -12,9 +13,9 @@ Layout under the cache root (the directory is named by the sha256 of the weights
     paddle-inference/<weights sha256>/record.json
 
 The ONNX model is written in this process, in well under a second, from the verified state dict and the
-architecture description (:mod:`mixnet_cli.onnx_graph`): no paddle. Its record keeps the logits ONNX Runtime
-gives on a fixed test batch, which every other engine must reproduce before its answers are trusted (tests hold
-the graph itself to paddleclas's network). The Paddle Inference model needs paddle and paddleclas (the
+architecture description (:mod:`mixnet_cli.onnx_graph`): no paddle. The logits ONNX Runtime gives on a fixed
+test batch (:func:`reference_logits`, computed on the first check and kept beside the model) are what every other
+engine must reproduce before its answers are trusted (tests hold the graph itself to paddleclas's network). The Paddle Inference model needs paddle and paddleclas (the
 ``[paddle]`` extra) and is made in a child process (``python -m mixnet_cli.conversion``): paddle takes seconds
 to import, prints to stdout and sets environment variables, and none of that may reach the caller; its record
 keeps the logits of paddleclas's own network.
@@ -22,7 +23,7 @@ keeps the logits of paddleclas's own network.
 Using a cached model reads no paddle at all: the record is checked against the files (sizes and sha256), and
 a mismatch (or a model made by an older mixnet-cli) converts again. A conversion is moved into place in one
 rename; a failed one leaves nothing behind. This module runs no engine of mixnet's: engines
-(:mod:`mixnet_cli.engine`) run what it makes.
+(:mod:`mixnet_cli.engines`) run what it makes.
 """
 
 from __future__ import annotations
