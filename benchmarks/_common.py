@@ -159,7 +159,7 @@ def machine() -> dict[str, Any]:
                 memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
     except OSError:
         pass
-    from mixnet_cli.engine import physical_cores
+    from mixnet_cli.engines.base import physical_cores
 
     versions = {}
     for name in ("mixnet-cli", "openvino", "onnxruntime", "onnxruntime-gpu", "paddlepaddle", "paddlepaddle-gpu", "paddleclas",

@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = arguments(__doc__, rounds=15)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     args = parser.parse_args(argv)
-    from mixnet_cli.engine import physical_cores
+    from mixnet_cli.engines.base import physical_cores
 
     prepare_home(args.home, args.models)
     at_start = machine()

@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     import weightgen
 
     from mixnet_cli.architecture import architecture_of
-    from mixnet_cli.engine import physical_cores
+    from mixnet_cli.engines.base import physical_cores
     from mixnet_cli.onnx_graph import DEFAULT_FORM
 
     threads = physical_cores()

@@ -381,7 +381,9 @@ def plan_removal(specs: Sequence[ModelSpec]) -> DeletionPlan:
     converted from their weights (those recorded as made for the model, and the current weights')."""
     weights = {spec.name: model_files(spec) for spec in specs}
     names = {spec.name for spec in specs}
-    hashes = {item.path.name for item in converted_items() if item.model in names}
+    # The model a folder was made for is in its record: no need to hash its files as a listing does.
+    hashes = {directory.name for directory in _converted_folders_of(None)
+              if directory.is_dir() and (read_directory_record(directory) or {}).get("model") in names}
     for spec in specs:
         record = read_record(spec)
         if record is not None:

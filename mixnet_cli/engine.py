@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .engines import ENGINES, canonical_name, engine_names, ranked
-from .engines.base import DeviceChoice, Engine, EngineFailed, physical_cores  # noqa: F401 (the API's names)
+from .engines.base import DeviceChoice, Engine, EngineFailed
 from .errors import DeviceError, EngineError, MixnetError, UsageError
 from .manifest import ModelSpec
 
