@@ -17,10 +17,11 @@ from typing import Any, Iterable, Iterator, Sequence, Sized
 
 import numpy as np
 
+from . import settings
 from .engine import DeviceChoice, Engine, EngineChoice, choose_engine, create_engine
 from .postprocess import softmax
 from .errors import ImageError, MixnetError, UsageError
-from .inputs import InputItem
+from .inputs import InputItem, fetch_image_url, is_url
 from .labels import imagenet_labels
 from .manifest import ModelSpec, resolve_model
 from .preprocess import ImageInput, load_and_transform
@@ -71,7 +72,9 @@ class ClassificationResult:
 BULK_AFTER_IMAGES = 32
 
 
-def _input_name(image: ImageInput) -> str:
+def _input_name(image: ImageInput | InputItem) -> str:
+    if isinstance(image, InputItem):
+        return image.name
     if isinstance(image, (str, Path)):
         return str(image)
     return f"<{type(image).__name__}>"
@@ -84,7 +87,7 @@ class Classifier:
     ``gpu:N``. The weights are downloaded on first use (``mirrors``, ``offline`` as for ``mixnet download``).
     ``engine`` is ``auto`` (the fastest installed for the device) or a name from :mod:`mixnet_cli.engines`
     (``openvino``, ``onnxruntime``; ``paddle`` and ``dygraph`` with the [paddle] extra); ``threads`` caps the CPU
-    threads of a forward pass (default: the physical cores).
+    threads of a forward pass (default: ``OMP_NUM_THREADS`` when set, else the physical cores).
     """
 
     def __init__(
@@ -106,6 +109,8 @@ class Classifier:
         )
         self.engine: Engine
         self.engine_choice: EngineChoice
+        if threads is None:
+            threads = settings.cpu_threads()
         self.engine, self.engine_choice = create_engine(self.spec, self.weights, choice, threads=threads)
         self.device_choice: DeviceChoice = self.engine_choice.device_choice
         self.labels = imagenet_labels()
@@ -118,8 +123,17 @@ class Classifier:
     def model_name(self) -> str:
         return self.spec.name
 
-    def preprocess(self, image: ImageInput, name: str | None = None) -> np.ndarray:
-        """One image as the network's 3xSxS float32 input (PaddleClas's evaluation transform)."""
+    def preprocess(self, image: ImageInput | InputItem, name: str | None = None) -> np.ndarray:
+        """One image as the network's 3xSxS float32 input (PaddleClas's evaluation transform).
+
+        ``image`` is what the command line takes, resolved the same way: a path (``str`` or ``Path``), an
+        http(s) URL (downloaded with ``MIXNET_TIMEOUT``, ``MIXNET_RETRIES`` and ``MIXNET_URL_DEADLINE``), an
+        :class:`~mixnet_cli.inputs.InputItem`; or encoded bytes, a PIL image, an HxWx3 RGB (HxW grey, HxWx4 RGBA)
+        uint8 array. Raises :class:`~mixnet_cli.errors.ImageError` for anything wrong with it."""
+        if isinstance(image, InputItem):
+            image = image.load()
+        elif is_url(image):
+            image = fetch_image_url(image)  # type: ignore[arg-type]
         return load_and_transform(image, self.spec.preprocessing, name)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
@@ -139,11 +153,13 @@ class Classifier:
 
     def engine_for(self, count: int, batch_size: int) -> Engine:
         """The engine a job of ``count`` images runs on: more than :data:`BULK_AFTER_IMAGES` take the engine's
-        throughput mode (for OpenVINO, its streams; other engines are the same in both)."""
+        throughput mode (ONNX Runtime's one-thread sessions side by side, OpenVINO's streams; the paddle engines
+        are the same in both)."""
         return self.engine.throughput(batch_size) if count > BULK_AFTER_IMAGES else self.engine
 
-    def classify(self, image: ImageInput, *, topk: int = 5, name: str | None = None) -> ClassificationResult:
-        """Classify one image; an unreadable image raises its :class:`~mixnet_cli.errors.ImageError`."""
+    def classify(self, image: ImageInput | InputItem, *, topk: int = 5, name: str | None = None) -> ClassificationResult:
+        """Classify one image (any input :meth:`preprocess` takes, URLs included); an unreadable image raises its
+        :class:`~mixnet_cli.errors.ImageError`."""
         label = name or _input_name(image)
         _check_topk(topk, len(self.labels))
         return self._results(self.engine, [label], [self.preprocess(image, label)], topk)[0]
@@ -171,14 +187,14 @@ class Classifier:
             raise UsageError(f"decode workers must be at least 1, got {workers}")
 
         def prepare(item: ImageInput | tuple[str, ImageInput] | InputItem) -> tuple[str, np.ndarray | MixnetError]:
+            image: ImageInput | InputItem = item  # type: ignore[assignment]
             if isinstance(item, InputItem):
                 name = item.name
             else:
                 name, image = item if isinstance(item, tuple) else (_input_name(item), item)
             try:
-                if isinstance(item, InputItem):
-                    image = item.load()  # may fetch a URL: done here, in a decode thread
-                return name, self.preprocess(image, name)
+                # A URL is fetched here, in a decode thread, while the engine runs.
+                return name, self.preprocess(item if isinstance(item, InputItem) else image, name)
             except MixnetError as exc:
                 return name, exc
             except Exception as exc:  # noqa: BLE001 - whatever one input raises is that input's error, never the run's

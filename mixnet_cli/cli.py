@@ -121,6 +121,11 @@ def _complete_model(ctx: click.Context, param: click.Parameter, incomplete: str)
     return [name for name in names if name.lower().startswith(incomplete.lower())]
 
 
+def _complete_models(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion where several models, or ``all``, may be named."""
+    return _complete_model(ctx, param, incomplete) + (["all"] if "all".startswith(incomplete.lower()) else [])
+
+
 def output_options(func: F | None = None, *, json_help: str = "One JSON array (same as --format json).",
                    jsonl_help: str = "One JSON object per line, printed as each finishes.") -> Any:
     """The same output flags on every command that prints rows (``@output_options``, or with its own words for
@@ -142,10 +147,19 @@ def output_options(func: F | None = None, *, json_help: str = "One JSON array (s
     return decorate(func) if func is not None else decorate
 
 
+def _complete_device(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    return [name for name in ("auto", "cpu", "gpu", "gpu:0") if name.startswith(incomplete.lower())]
+
+
+def _complete_engine(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    return [name for name in engine_names() if name.startswith(incomplete.lower())]
+
+
 def device_option(func: F) -> F:
     return click.option(
         "--device",
         default=None,
+        shell_complete=_complete_device,
         metavar="auto|cpu|gpu|gpu:N",
         help="Where to run: a GPU when onnxruntime-gpu or a CUDA build of paddle is installed and sees one, else "
         "the CPU (default auto; MIXNET_DEVICE).",
@@ -156,11 +170,19 @@ def engine_option(func: F) -> F:
     return click.option(
         "--engine",
         default=None,
+        shell_complete=_complete_engine,
         metavar="|".join(engine_names()),
-        help="What runs the network: auto picks the fastest installed for the device (OpenVINO on the CPU, "
-        "ONNX Runtime with onnxruntime-gpu); "
+        help="What runs the network: auto picks the fastest installed for the device (ONNX Runtime on the CPU, "
+        "and on a GPU with onnxruntime-gpu); "
         + "; ".join(f"{info.name}: {info.summary} [{info.devices}]" for info in ENGINES.values())
         + " (default auto; MIXNET_ENGINE).",
+    )(func)
+
+
+def threads_option(func: F) -> F:
+    return click.option(
+        "--threads", type=click.IntRange(1, 1024), default=None,
+        help="CPU threads per forward pass (default: OMP_NUM_THREADS when set, else the physical cores).",
     )(func)
 
 
@@ -280,6 +302,7 @@ def main() -> None:
 # 4: the fastest batch for OpenVINO on the CPU, and the one that keeps decoding and inference overlapped on 2 cores
 # (BENCHMARKS.md); smaller last batches run padded on the same model.
 @click.option("-b", "--batch-size", default=4, show_default=True, type=click.IntRange(1, 1024), help="Images per forward pass.")
+@threads_option
 @network_options
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but the results (no progress, no per-image errors on stderr).")
 @click.option("-v", "--verbose", is_flag=True, help="Say on stderr which model, weights, device and engine ran.")
@@ -295,6 +318,7 @@ def classify(
     device: str | None,
     engine: str | None,
     batch_size: int,
+    threads: int | None,
     mirrors: tuple[str, ...],
     offline: bool | None,
     quiet: bool,
@@ -314,7 +338,7 @@ def classify(
     A failed image gets an error in its place (in JSON, an "error" object), the others are still classified,
     and the exit code is 1.
     """
-    from .classifier import Classifier
+    from .classifier import ClassificationResult, Classifier
     from .inputs import expand_inputs, read_list_file
     from .manifest import resolve_model
     from .output import write_classifications
@@ -335,8 +359,21 @@ def classify(
     click.get_current_context().with_resource(_interrupt_ends_at_once())
     # --quiet: not even the one-time notices (download progress, "converting ... (once)"); errors still raise.
     _messages(quiet)
+    if all(item.problem is not None for item in items):
+        # Nothing here can be classified (missing files, empty directories, globs matching nothing): say so now,
+        # not after a download and a conversion, and not a network error in its place when offline.
+        spec = resolve_model(model)
+        known = [ClassificationResult(input=item.name, model=spec.name, error=item.problem) for item in items]
+        with _open_output(output) as stream:
+            write_classifications((result.to_dict() for result in known), fmt, stream)
+        if not quiet:
+            for result in known:
+                click.echo(f"Error: {result.error}", err=True)
+            click.echo(f"Error: none of the {len(items)} input(s) can be classified; the model was not loaded",
+                       err=True)
+        sys.exit(1)
     classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None,
-                            offline=offline, progress=None if not quiet else False)
+                            offline=offline, progress=None if not quiet else False, threads=threads)
     if verbose and not quiet:
         weights = classifier.weights
         engine = classifier.engine_for(len(items), batch_size)
@@ -446,7 +483,7 @@ def _progress(total: int, *, enabled: bool) -> Any:
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)
-@click.argument("models", nargs=-1, required=True, metavar="MODEL...")
+@click.argument("models", nargs=-1, required=True, metavar="MODEL...", shell_complete=_complete_models)
 @click.option("--force", is_flag=True, help="Download again even if the cache holds a verified copy.")
 @click.option(
     "--sha256", "sha256", metavar="HEX", default=None,
@@ -481,7 +518,6 @@ def download(
     whole file, and every parameter name and shape of the architecture. An interrupted download resumes on
     the next run; several processes needing the same file share one download.
     """
-    from .cache import weights_path
     from .weights import ensure_weights, install_from_file, normalise_sha256
 
     specs = _specs(models)
@@ -495,11 +531,9 @@ def download(
         try:
             if from_path is not None:
                 weights = install_from_file(spec, from_path, sha256=pinned)
-                state = "installed"
             else:
-                already = weights_path(spec).is_file() and not force
                 weights = ensure_weights(spec, mirrors=mirrors or None, offline=offline, force=force, sha256=pinned)
-                state = "cached" if already else "downloaded"
+            state = "installed" if from_path is not None else weights.how
         except MixnetError as exc:
             if len(specs) == 1 or settings.debug():
                 raise
@@ -600,6 +634,7 @@ def doctor(fmt: str) -> None:
 @device_option
 @engine_option
 @click.option("-b", "--batch-size", default=4, show_default=True, type=click.IntRange(1, 1024), help="Images per forward pass.")
+@threads_option
 @network_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @user_errors
@@ -613,6 +648,7 @@ def evaluate_command(
     device: str | None,
     engine: str | None,
     batch_size: int,
+    threads: int | None,
     mirrors: tuple[str, ...],
     offline: bool | None,
     quiet: bool,
@@ -643,7 +679,8 @@ def evaluate_command(
     device_name, engine_name = _device_and_engine(device, engine)
     click.get_current_context().with_resource(_interrupt_ends_at_once())
     _messages(quiet)
-    classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None, offline=offline)
+    classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None, offline=offline,
+                            threads=threads)
     labels = imagenet_labels()
     stdout = click.get_text_stream("stdout")
 
@@ -718,7 +755,7 @@ def cache_list(fmt: str) -> None:
 
 
 @cache_group.command("path", context_settings=CONTEXT_SETTINGS)
-@click.argument("model", required=False)
+@click.argument("model", required=False, shell_complete=_complete_model)
 @user_errors
 def cache_path(model: str | None) -> None:
     """Print the cache directory, or with MODEL the path its weights file has (or will have).
@@ -734,7 +771,7 @@ def cache_path(model: str | None) -> None:
 
 
 @cache_group.command("rm", context_settings=CONTEXT_SETTINGS)
-@click.argument("models", nargs=-1, required=True, metavar="MODEL...")
+@click.argument("models", nargs=-1, required=True, metavar="MODEL...", shell_complete=_complete_models)
 @user_errors
 def cache_rm(models: tuple[str, ...]) -> None:
     """Delete the cached weights of MODEL (S, M, L or all), with their record, any partial download and the
@@ -786,7 +823,7 @@ def cache_clear(yes: bool) -> None:
               help="Batch size; repeat for several (default 1, 4 and 8).")
 @device_option
 @engine_option
-@click.option("--threads", type=click.IntRange(1, 1024), help="CPU threads per forward pass (default: the physical cores).")
+@threads_option
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(0, 10_000), help="Untimed runs first.")
 @click.option("--repeats", default=20, show_default=True, type=click.IntRange(1, 100_000), help="Timed runs per batch size.")
 @output_options
@@ -876,7 +913,7 @@ Input "x": float32 N x 3 x {size} x {size}, preprocessed as `mixnet classify` do
 
 
 @main.command(name="export", context_settings=CONTEXT_SETTINGS)
-@click.argument("model", metavar="MODEL")
+@click.argument("model", metavar="MODEL", shell_complete=_complete_model)
 @click.option("--format", "fmt", type=click.Choice(["paddle", "onnx"]), required=True,
               help="paddle: a Paddle inference model (inference.json + inference.pdiparams); onnx: an ONNX model.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),

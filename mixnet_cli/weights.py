@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 from urllib.parse import urlsplit
@@ -29,9 +29,14 @@ _HEX = frozenset("0123456789abcdef")
 
 @dataclass(frozen=True)
 class VerifiedWeights:
+    """Weights that passed every check, in the cache. ``how`` says where this call got them: ``cached`` (there
+    already), ``downloaded`` (by this process), ``downloaded by another mixnet process`` (this one waited for
+    it), ``installed`` (from a file the user gave)."""
+
     spec: ModelSpec
     path: Path
     record: cache.WeightsRecord
+    how: str = "cached"
 
 
 def candidate_urls(spec: ModelSpec, mirrors: Sequence[str] | None = None) -> list[str]:
@@ -109,7 +114,8 @@ def _install(spec: ModelSpec, tmp: Path, source: str, size: int, sha256: str) ->
     # a record without its file is ignored, so a crash between the two never yields an unverified file.
     os.replace(tmp, target)
     cache.write_record(spec, record)
-    return VerifiedWeights(spec=spec, path=target, record=record)
+    how = "installed" if source.startswith("file:") else "downloaded"
+    return VerifiedWeights(spec=spec, path=target, record=record, how=how)
 
 
 def _is_disk_full(exc: OSError) -> bool:
@@ -140,11 +146,16 @@ def _clean_leftovers(spec: ModelSpec) -> None:
         path.unlink(missing_ok=True)
 
 
-def _announce_wait(spec: ModelSpec):  # type: ignore[no-untyped-def]
-    def announce(lock: Path) -> None:
-        notice(f"waiting for another mixnet process downloading {spec.filename} (lock {lock})")
+class _WaitNotice:
+    """Says on stderr that this process waits for another's download, and remembers that it did."""
 
-    return announce
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.waited = False
+
+    def __call__(self, lock: Path) -> None:
+        self.waited = True
+        notice(f"waiting for another mixnet process downloading {self.spec.filename} (lock {lock})")
 
 
 def _fetch_verified(
@@ -201,13 +212,15 @@ def download_weights(
     cache.ensure_dir(cache.weights_dir())
     target = cache.weights_path(spec)
     before = _identity(target)
-    with cache.model_lock(spec, on_wait=_announce_wait(spec)):
+    wait = _WaitNotice(spec)
+    with cache.model_lock(spec, on_wait=wait):
         if not force or _identity(target) != before:
             # Installed by another process while this one waited (or a plain run that raced us to the lock).
             found = cached_weights(spec)
             if found is not None:
                 _check_pinned(found, pinned)
-                return found
+                changed = wait.waited or _identity(target) != before
+                return replace(found, how="downloaded by another mixnet process") if changed else found
         _clean_leftovers(spec)
         failures: list[MixnetError] = []
         urls = candidate_urls(spec, mirrors)
@@ -237,7 +250,7 @@ def install_from_file(spec: ModelSpec, source: Path | str, *, sha256: str | None
     if not path.is_file():
         raise UsageError(f"{path}: no such file; give a copy of {spec.url} (or the directory holding it)")
     cache.ensure_dir(cache.weights_dir())
-    with cache.model_lock(spec, on_wait=_announce_wait(spec)):
+    with cache.model_lock(spec, on_wait=_WaitNotice(spec)):
         _clean_leftovers(spec)
         tmp = cache.temporary_path(spec)
         try:
@@ -316,12 +329,20 @@ def ensure_weights(
     ``sha256`` pins the file: a cached or downloaded file with another checksum is refused.
     """
     pinned = normalise_sha256(sha256)
+    offline = settings.offline() if offline is None else offline
     if not force:
-        found = cached_weights(spec)
+        try:
+            found = cached_weights(spec)
+        except WeightsError as exc:
+            if offline:
+                raise
+            # A damaged cached file is replaced, not reported for the user to delete by hand.
+            notice(f"{exc.args[0].split(';')[0]}; downloading them again")
+            found, force = None, True
         if found is not None:
             _check_pinned(found, pinned)
             return found
-    if settings.offline() if offline is None else offline:
+    if offline:
         short = spec.short_name
         raise OfflineError(
             f"{spec.name} weights are not in the cache ({cache.weights_path(spec)}) and offline mode is on; "
