@@ -22,10 +22,10 @@ from .engine import DeviceChoice, Engine, EngineChoice, choose_engine, create_en
 from .postprocess import softmax
 from .errors import ImageError, MixnetError, UsageError
 from .inputs import InputItem, fetch_image_url, is_url
-from .labels import imagenet_labels
+from .labels import imagenet_labels, read_label_file
 from .manifest import ModelSpec, resolve_model
 from .preprocess import ImageInput, load_and_transform
-from .weights import VerifiedWeights, ensure_weights
+from .weights import VerifiedWeights, custom_weights, ensure_weights
 
 
 @dataclass(frozen=True)
@@ -83,16 +83,22 @@ def _input_name(image: ImageInput | InputItem) -> str:
 class Classifier:
     """One MixNet model, with its weights verified and loaded, ready to classify images.
 
-    ``model`` accepts ``S``, ``MixNet_S``, ``mixnet_s``...; ``device`` is ``auto``, ``cpu``, ``gpu`` or
-    ``gpu:N``. The weights are downloaded on first use (``mirrors``, ``offline`` as for ``mixnet download``).
-    ``engine`` is ``auto`` (the fastest installed for the device) or a name from :mod:`mixnet_cli.engines`
-    (``openvino``, ``onnxruntime``; ``paddle`` and ``dygraph`` with the [paddle] extra); ``threads`` caps the CPU
-    threads of a forward pass (default: ``OMP_NUM_THREADS`` when set, else the physical cores).
+    ``model`` accepts ``S``, ``MixNet_S``, ``mixnet_s``... (default MixNet_S); ``device`` is ``auto``, ``cpu``,
+    ``gpu`` or ``gpu:N``. The weights are downloaded on first use (``mirrors``, ``offline`` as for ``mixnet
+    download``). ``engine`` is ``auto`` (the fastest installed for the device) or a name from
+    :mod:`mixnet_cli.engines` (``onnxruntime``, ``openvino``; ``paddle`` and ``dygraph`` with the [paddle] extra);
+    ``threads`` caps the CPU threads of a forward pass (default: ``OMP_NUM_THREADS`` when set, else the physical
+    cores).
+
+    Your own fine-tuned MixNet: ``weights`` is its ``.pdparams`` file (any number of classes; the architecture is
+    detected from it unless ``model`` is given: :func:`~mixnet_cli.weights.custom_weights`), ``labels`` its class
+    names (PaddleClas's ``<id> <name>`` per line, or one name per line: :func:`~mixnet_cli.labels.read_label_file`).
+    Without ``labels``, 1000 classes are ImageNet's and other counts are named by their class id.
     """
 
     def __init__(
         self,
-        model: str = "MixNet_S",
+        model: str | None = None,
         *,
         device: str = "auto",
         mirrors: Sequence[str] | None = None,
@@ -100,20 +106,32 @@ class Classifier:
         progress: bool | None = None,
         engine: str = "auto",
         threads: int | None = None,
+        weights: str | Path | None = None,
+        labels: str | Path | None = None,
     ) -> None:
-        self.spec: ModelSpec = resolve_model(model)
+        named = resolve_model(model) if model is not None else None
         # Engine and device first: a missing GPU or engine is reported before any download.
         choice = choose_engine(engine, device)
-        self.weights: VerifiedWeights = ensure_weights(
-            self.spec, mirrors=mirrors, offline=offline, progress=progress
-        )
+        self.weights: VerifiedWeights
+        if weights is not None:
+            self.weights = custom_weights(weights, named)
+        else:
+            self.weights = ensure_weights(named or resolve_model("MixNet_S"), mirrors=mirrors, offline=offline,
+                                          progress=progress)
+        self.spec: ModelSpec = self.weights.spec
+        self.labels: tuple[str, ...]
+        if labels is not None:
+            self.labels = read_label_file(labels, self.spec.num_classes)
+        elif self.spec.num_classes == 1000:
+            self.labels = imagenet_labels()
+        else:
+            self.labels = tuple(str(class_id) for class_id in range(self.spec.num_classes))
         self.engine: Engine
         self.engine_choice: EngineChoice
         if threads is None:
             threads = settings.cpu_threads()
         self.engine, self.engine_choice = create_engine(self.spec, self.weights, choice, threads=threads)
         self.device_choice: DeviceChoice = self.engine_choice.device_choice
-        self.labels = imagenet_labels()
 
     def __repr__(self) -> str:
         return (f"Classifier(model={self.spec.name!r}, engine={self.engine.name!r}, "

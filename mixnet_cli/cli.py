@@ -179,6 +179,20 @@ def engine_option(func: F) -> F:
     )(func)
 
 
+def custom_weights_options(func: F) -> F:
+    """``--weights`` and ``--labels``: your own fine-tuned MixNet instead of a released one."""
+    func = click.option(
+        "--labels", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+        help="Class names for --weights: PaddleClas's class_id_map_file ('<id> <name>' per line) or one name per "
+        "line; their count must equal the weights' classes.",
+    )(func)
+    return click.option(
+        "--weights", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+        help="Your own fine-tuned MixNet (.pdparams saved by PaddleClas, any number of classes) instead of the "
+        "released weights; S, M or L is read from it unless -m says.",
+    )(func)
+
+
 def threads_option(func: F) -> F:
     return click.option(
         "--threads", type=click.IntRange(1, 1024), default=None,
@@ -281,8 +295,9 @@ def main() -> None:
 
 @main.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("images", nargs=-1, metavar="[IMAGE|DIR|GLOB|URL|-]...")
-@click.option("-m", "--model", default="MixNet_S", show_default=True, shell_complete=_complete_model,
-              help=f"Model: {_model_names_help()}.")
+@click.option("-m", "--model", default=None, shell_complete=_complete_model,
+              help=f"Model: {_model_names_help()} (default MixNet_S; with --weights, read from the file).")
+@custom_weights_options
 @click.option("-k", "--topk", default=5, show_default=True, type=click.IntRange(1, 1000), help="How many labels per image.")
 @output_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True, allow_dash=True), help="Write results to this file instead of stdout.")
@@ -309,7 +324,9 @@ def main() -> None:
 @user_errors
 def classify(
     images: tuple[str, ...],
-    model: str,
+    model: str | None,
+    weights: Path | None,
+    labels: Path | None,
     topk: int,
     fmt: str,
     output: str | None,
@@ -348,7 +365,8 @@ def classify(
     arguments = list(images) + (read_list_file(files_from) if files_from else [])
     if not arguments and not files_from:
         raise UsageError("no images given: name image files, directories, globs or URLs (or use --files-from)")
-    resolve_model(model)  # a bad name is a usage error before anything slow happens
+    if model is not None:
+        resolve_model(model)  # a bad name is a usage error before anything slow happens
     device_name, engine_name = _device_and_engine(device, engine)
     _check_output_path(output)
     items = expand_inputs(arguments, recursive=recursive)
@@ -362,7 +380,7 @@ def classify(
     if all(item.problem is not None for item in items):
         # Nothing here can be classified (missing files, empty directories, globs matching nothing): say so now,
         # not after a download and a conversion, and not a network error in its place when offline.
-        spec = resolve_model(model)
+        spec = resolve_model(model or "MixNet_S")
         known = [ClassificationResult(input=item.name, model=spec.name, error=item.problem) for item in items]
         with _open_output(output) as stream:
             write_classifications((result.to_dict() for result in known), fmt, stream)
@@ -373,7 +391,8 @@ def classify(
                        err=True)
         sys.exit(1)
     classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None,
-                            offline=offline, progress=None if not quiet else False, threads=threads)
+                            offline=offline, progress=None if not quiet else False, threads=threads,
+                            weights=weights, labels=labels)
     if verbose and not quiet:
         weights = classifier.weights
         engine = classifier.engine_for(len(items), batch_size)
@@ -626,8 +645,9 @@ def doctor(fmt: str) -> None:
               help="A PaddleClas list file: '<image path> <class id>' per line.")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path),
               help="Directory the list file's paths are relative to (default: DATASET, else the list's directory).")
-@click.option("-m", "--model", default="MixNet_S", show_default=True, shell_complete=_complete_model,
-              help=f"Model: {_model_names_help()}.")
+@click.option("-m", "--model", default=None, shell_complete=_complete_model,
+              help=f"Model: {_model_names_help()} (default MixNet_S; with --weights, read from the file).")
+@custom_weights_options
 @click.option("--limit", type=click.IntRange(1), help="Evaluate only N images, evenly spaced through the set.")
 @output_options(json_help="The summary as one JSON object.",
                 jsonl_help="One JSON line per misclassified image; summary on stderr.")
@@ -642,7 +662,9 @@ def evaluate_command(
     dataset: Path | None,
     list_file: Path | None,
     root: Path | None,
-    model: str,
+    model: str | None,
+    weights: Path | None,
+    labels: Path | None,
     limit: int | None,
     fmt: str,
     device: str | None,
@@ -664,14 +686,18 @@ def evaluate_command(
     """
     from .classifier import Classifier
     from .evaluate import evaluate, evenly_spaced, read_image_folder, read_labelled_list
-    from .labels import imagenet_labels, imagenet_synsets
+    from .labels import imagenet_synsets
     from .manifest import resolve_model
     from .output import write_rows
 
-    resolve_model(model)
+    if model is not None:
+        resolve_model(model)
     if list_file is not None:
         samples = read_labelled_list(list_file, root or dataset)
     elif dataset is not None:
+        if weights is not None:
+            raise UsageError("with --weights, give the labelled images as a list file (--list FILE): folders named "
+                             "by ImageNet synset id map to ImageNet's classes only")
         samples = read_image_folder(dataset, imagenet_synsets())
     else:
         raise UsageError("name an ImageFolder directory (sub-folders by synset id) or give --list FILE")
@@ -680,8 +706,12 @@ def evaluate_command(
     click.get_current_context().with_resource(_interrupt_ends_at_once())
     _messages(quiet)
     classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None, offline=offline,
-                            threads=threads)
-    labels = imagenet_labels()
+                            threads=threads, weights=weights, labels=labels)
+    class_names = classifier.labels
+    outside = next((s for s in samples if s.class_id >= len(class_names)), None)
+    if outside is not None:
+        raise UsageError(f"{outside.path} is labelled class {outside.class_id}, but the model has "
+                         f"{len(class_names)} classes (0-{len(class_names) - 1})")
     stdout = click.get_text_stream("stdout")
 
     from tqdm import tqdm
@@ -695,7 +725,7 @@ def evaluate_command(
             if fmt != "jsonl" or (result.ok and result.predictions[0].class_id == sample.class_id):
                 return
             row = result.to_dict()
-            row["expected"] = {"class_id": sample.class_id, "label": labels[sample.class_id]}
+            row["expected"] = {"class_id": sample.class_id, "label": class_names[sample.class_id]}
             stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
             stdout.flush()
 
@@ -902,25 +932,28 @@ _EXPORT_USAGE = {
   config = pi.Config("{dir}/inference.json", "{dir}/inference.pdiparams")
   predictor = pi.create_predictor(config)
 Input "x": float32 N x 3 x {size} x {size}, preprocessed as `mixnet classify` does (resize short side {resize}, centre crop {size},
-/255, mean {mean}, std {std}, RGB, CHW). Output: logits N x 1000 (apply softmax for probabilities).""",
+/255, mean {mean}, std {std}, RGB, CHW). Output: logits N x {classes} (apply softmax for probabilities).""",
     "onnx": """Use it with ONNX Runtime (or any ONNX runtime):
   import onnxruntime as ort
   session = ort.InferenceSession("{dir}/{name}.onnx")
   logits = session.run(None, {{"x": batch}})[0]
 Input "x": float32 N x 3 x {size} x {size}, preprocessed as `mixnet classify` does (resize short side {resize}, centre crop {size},
-/255, mean {mean}, std {std}, RGB, CHW). Output: logits N x 1000 (apply softmax for probabilities).""",
+/255, mean {mean}, std {std}, RGB, CHW). Output: logits N x {classes} (apply softmax for probabilities).""",
 }
 
 
 @main.command(name="export", context_settings=CONTEXT_SETTINGS)
-@click.argument("model", metavar="MODEL", shell_complete=_complete_model)
+@click.argument("model", metavar="MODEL", required=False, shell_complete=_complete_model)
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Export your own fine-tuned MixNet (.pdparams) instead of MODEL's released weights.")
 @click.option("--format", "fmt", type=click.Choice(["paddle", "onnx"]), required=True,
               help="paddle: a Paddle inference model (inference.json + inference.pdiparams); onnx: an ONNX model.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to write the model into (created if needed).")
 @network_options
 @user_errors
-def export_command(model: str, fmt: str, out_dir: Path, mirrors: tuple[str, ...], offline: bool | None) -> None:
+def export_command(model: str | None, weights: Path | None, fmt: str, out_dir: Path, mirrors: tuple[str, ...],
+                   offline: bool | None) -> None:
     """Export MODEL (S, M, L) for deployment: a Paddle inference model or an ONNX model.
 
     \b
@@ -934,11 +967,15 @@ def export_command(model: str, fmt: str, out_dir: Path, mirrors: tuple[str, ...]
     """
     from .export import export_to_directory
     from .manifest import resolve_model
-    from .weights import ensure_weights
+    from .weights import custom_weights, ensure_weights
 
-    spec = resolve_model(model)
-    weights = ensure_weights(spec, mirrors=mirrors or None, offline=offline)
-    written, check = export_to_directory(spec, weights.path, weights.record.sha256, fmt, out_dir)
+    if model is None and weights is None:
+        raise UsageError("name the MODEL to export (S, M or L), or give --weights FILE")
+    named = resolve_model(model) if model is not None else None
+    verified = custom_weights(weights, named) if weights is not None else \
+        ensure_weights(named, mirrors=mirrors or None, offline=offline)  # type: ignore[arg-type]
+    spec = verified.spec
+    written, check = export_to_directory(spec, verified.path, verified.record.sha256, fmt, out_dir)
     for path in written:
         click.echo(str(path))
     pre = spec.preprocessing
@@ -949,6 +986,6 @@ def export_command(model: str, fmt: str, out_dir: Path, mirrors: tuple[str, ...]
     )
     click.echo(
         _EXPORT_USAGE[fmt].format(dir=out_dir, name=spec.name, size=pre.crop_size, resize=pre.resize_short,
-                                  mean=list(pre.mean), std=list(pre.std)),
+                                  mean=list(pre.mean), std=list(pre.std), classes=spec.num_classes),
         err=True,
     )

@@ -101,9 +101,9 @@ def check_file(
         raise WeightsError(f"has sha256 {sha256}, not the pinned {pinned}")
     _sniff(path)
     state = read_state_dict(path)
-    from .architecture import architecture_of
+    from .architecture import architecture_for
 
-    architecture_of(spec.name).check_state_dict(state)
+    architecture_for(spec).check_state_dict(state)
     return state
 
 
@@ -374,3 +374,56 @@ def load_state(weights: VerifiedWeights) -> dict[str, np.ndarray]:
         return read_state_dict(data)
     except MixnetError as exc:
         raise WeightsError(f"{weights.path} {exc}; {_download_hint(weights.spec)}") from None
+
+
+def custom_weights(path: Path | str, model: ModelSpec | None = None) -> VerifiedWeights:
+    """Your own weights: a ``.pdparams`` file of MixNet_S, M or L fine-tuned on any number of classes, as PaddleClas
+    trains and saves them (``paddle.save(model.state_dict())``).
+
+    The file is read once, parsed by the safe loader, and checked against the architecture: ``model`` when given,
+    else the one of S, M, L whose every parameter name and shape it holds. The class count is the classifier's
+    (``output.bias``). The file stays where it is; what is built from it is cached under its sha256 like the
+    released weights' (``VerifiedWeights.spec`` carries the detected architecture and class count). Raises
+    :class:`WeightsError` naming the file when it is not MixNet weights (or not ``model``'s), and
+    :class:`UsageError` when it is missing or unreadable.
+    """
+    from .architecture import architecture_for
+    from .manifest import load_manifest
+
+    source = Path(path).expanduser()
+    try:
+        data = source.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"--weights {source}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"--weights {source}: is a directory; give the .pdparams file") from None
+    except OSError as exc:
+        raise UsageError(f"--weights {source}: cannot read ({exc.strerror or exc})") from None
+    try:
+        state = read_state_dict(data)
+    except MixnetError as exc:
+        raise WeightsError(f"{source} {exc}") from None
+    bias = state.get("output.bias")
+    if bias is None or bias.ndim != 1 or bias.shape[0] < 1:
+        raise WeightsError(f"{source} has no classifier (output.bias) of a MixNet; give the weights of a MixNet_S, "
+                           "MixNet_M or MixNet_L trained with PaddleClas")
+    num_classes = int(bias.shape[0])
+    candidates = [model] if model is not None else list(load_manifest().models.values())
+    problems = []
+    for base in candidates:
+        spec = replace(base, num_classes=num_classes, custom=True, url=source.resolve().as_uri(),
+                       sha256=None, size=len(data))
+        try:
+            architecture_for(spec).check_state_dict(state)
+        except WeightsError as exc:
+            problems.append(str(exc))
+            continue
+        sha256 = hashlib.sha256(data).hexdigest()
+        spec = replace(spec, sha256=sha256)
+        record = cache.WeightsRecord(model=spec.name, sha256=sha256, size=len(data), source=f"file:{source}",
+                                     fetched_at=cache.now_iso())
+        return VerifiedWeights(spec=spec, path=source, record=record, how="yours")
+    if model is not None:
+        raise WeightsError(f"{source} {problems[0]}; leave out --model to detect the architecture")
+    raise WeightsError(f"{source} holds none of MixNet_S, MixNet_M, MixNet_L with {num_classes} classes "
+                       f"({problems[0]})")
