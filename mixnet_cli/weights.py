@@ -82,6 +82,12 @@ def _sniff(path: Path) -> None:
         raise WeightsError("is a web page, not a weights file (a login or error page?)")
     if head.startswith((b"{", b"[")):
         raise WeightsError("is a JSON document (an error message?), not a weights file")
+    kinds = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"GIF8": "a GIF image",
+             b"PK\x03\x04": "a zip archive (extract the .pdparams file from it)",
+             b"\x1f\x8b": "a gzip archive (extract the .pdparams file from it)", b"%PDF": "a PDF document"}
+    for magic, kind in kinds.items():
+        if head.startswith(magic.lower()):
+            raise WeightsError(f"is {kind}, not a weights file")
 
 
 def check_file(
@@ -400,6 +406,7 @@ def custom_weights(path: Path | str, model: ModelSpec | None = None) -> Verified
     except OSError as exc:
         raise UsageError(f"--weights {source}: cannot read ({exc.strerror or exc})") from None
     try:
+        _sniff(source)
         state = read_state_dict(data)
     except MixnetError as exc:
         raise WeightsError(f"{source} {exc}") from None

@@ -150,3 +150,10 @@ def test_own_weights_give_paddleclas_answers(engine, fine_tuned, photos, isolate
     assert got.shape == (len(photos), 7)
     assert np.abs(got - want).max() <= 1e-4
     assert [list(np.argsort(-r, kind="stable")[:5]) for r in got] == [list(np.argsort(-r, kind="stable")[:5]) for r in want]
+
+
+def test_a_photo_given_as_weights_is_named_for_what_it_is(photos, isolated_home):
+    result = CliRunner().invoke(main, ["download", "S", "--from", str(photos[0])])
+    assert result.exit_code == 1 and "is a JPEG image, not a weights file" in result.stderr
+    code, _, stderr = _classify(str(photos[0]), "--weights", str(photos[0]))
+    assert code == 1 and "is a JPEG image, not a weights file" in stderr
