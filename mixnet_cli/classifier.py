@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, Sized
 
@@ -40,12 +40,14 @@ class Prediction:
 
 @dataclass(frozen=True)
 class ClassificationResult:
-    """The answer for one input: its predictions, or the error that stopped it (never both)."""
+    """The answer for one input: its predictions, or the error that stopped it (never both). ``features``: the
+    pooled ``1536`` float32 features the classifier read, for a classifier made with ``features=True``."""
 
     input: str
     model: str
     predictions: tuple[Prediction, ...] = ()
     error: MixnetError | None = field(default=None, compare=False)
+    features: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -58,11 +60,14 @@ class ClassificationResult:
                 "model": self.model,
                 "error": {"type": type(self.error).__name__, "message": str(self.error)},
             }
-        return {
+        row: dict[str, Any] = {
             "input": self.input,
             "model": self.model,
             "predictions": [p.to_dict() for p in self.predictions],
         }
+        if self.features is not None:
+            row["features"] = [float(value) for value in self.features]
+        return row
 
 
 
@@ -108,6 +113,7 @@ class Classifier:
         threads: int | None = None,
         weights: str | Path | None = None,
         labels: str | Path | None = None,
+        features: bool = False,
     ) -> None:
         named = resolve_model(model) if model is not None else None
         # Engine and device first: a missing GPU or engine is reported before any download.
@@ -130,7 +136,11 @@ class Classifier:
         self.engine_choice: EngineChoice
         if threads is None:
             threads = settings.cpu_threads()
-        self.engine, self.engine_choice = create_engine(self.spec, self.weights, choice, threads=threads)
+        self.features = features
+        if features:
+            self.engine, self.engine_choice = _features_engine(self.spec, self.weights, choice, threads)
+        else:
+            self.engine, self.engine_choice = create_engine(self.spec, self.weights, choice, threads=threads)
         self.device_choice: DeviceChoice = self.engine_choice.device_choice
 
     def __repr__(self) -> str:
@@ -159,14 +169,20 @@ class Classifier:
 
     def _results(self, engine: Engine, names: list[str], arrays: list[np.ndarray],
                  topk: int) -> list[ClassificationResult]:
-        probabilities = softmax(engine.run(np.stack(arrays)))
+        batch = np.stack(arrays)
+        if self.features:
+            logits, features = engine.run_with_features(batch)  # type: ignore[attr-defined]
+        else:
+            logits, features = engine.run(batch), None
+        probabilities = softmax(logits)
         results = []
-        for name, row in zip(names, probabilities):
+        for index, (name, row) in enumerate(zip(names, probabilities)):
             order = np.argsort(-row, kind="stable")[:topk]
             predictions = tuple(
                 Prediction(class_id=int(i), label=self.labels[int(i)], score=float(row[i])) for i in order
             )
-            results.append(ClassificationResult(input=name, model=self.spec.name, predictions=predictions))
+            results.append(ClassificationResult(input=name, model=self.spec.name, predictions=predictions,
+                                                features=None if features is None else features[index]))
         return results
 
     def engine_for(self, count: int, batch_size: int) -> Engine:
@@ -285,6 +301,22 @@ class Classifier:
             # A consumer that stops early (or an interrupt) leaves no decode running behind it.
             decoders.shutdown(wait=True, cancel_futures=True)
             runners.shutdown(wait=True, cancel_futures=True)
+
+
+def _features_engine(spec: ModelSpec, weights: VerifiedWeights, choice: EngineChoice,
+                     threads: int | None) -> tuple[Engine, EngineChoice]:
+    """ONNX Runtime on the model with a features output, built in memory (well under a second): features come
+    from mixnet's own graph, which only ONNX Runtime runs with its second output here."""
+    if choice.engine not in ("onnxruntime",) and not choice.engine_auto:
+        raise UsageError(f"features come from ONNX Runtime; leave out --engine {choice.engine} (or use onnxruntime)")
+    from .conversion import onnx_bytes
+    from .engines.onnxruntime import OnnxRuntimeEngine
+
+    device = choice.device if choice.engine == "onnxruntime" else "cpu"
+    engine = OnnxRuntimeEngine(onnx_bytes(spec, weights.path, features=True), device, threads,
+                               note="with the features output")
+    return engine, replace(choice, engine="onnxruntime", device=device,
+                           engine_reason="features come from ONNX Runtime")
 
 
 def _check_topk(topk: int, num_classes: int) -> None:

@@ -301,6 +301,12 @@ def main() -> None:
 @click.option("-k", "--topk", default=5, show_default=True, type=click.IntRange(1, 1000), help="How many labels per image.")
 @output_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True, allow_dash=True), help="Write results to this file instead of stdout.")
+@click.option("--embed", is_flag=True,
+              help="Also give each image's pooled features (1536 floats, what the classifier reads) in the JSON "
+              "objects, for retrieval and clustering (--json or --jsonl).")
+@click.option("--embed-npy", type=click.Path(dir_okay=False, writable=True, path_type=Path), metavar="FILE.npy",
+              help="Write every image's features to FILE.npy: float32, one row per input in order, NaN rows for "
+              "inputs that failed.")
 @click.option(
     "--files-from",
     metavar="FILE",
@@ -330,6 +336,8 @@ def classify(
     topk: int,
     fmt: str,
     output: str | None,
+    embed: bool,
+    embed_npy: Path | None,
     files_from: str | None,
     recursive: bool,
     device: str | None,
@@ -367,8 +375,12 @@ def classify(
         raise UsageError("no images given: name image files, directories, globs or URLs (or use --files-from)")
     if model is not None:
         resolve_model(model)  # a bad name is a usage error before anything slow happens
+    if embed and fmt not in ("json", "jsonl"):
+        raise UsageError("--embed puts the features in the JSON objects: add --json or --jsonl, or use --embed-npy FILE")
     device_name, engine_name = _device_and_engine(device, engine)
     _check_output_path(output)
+    if embed_npy is not None:
+        _check_output_path(str(embed_npy))
     items = expand_inputs(arguments, recursive=recursive)
     if not items:  # an empty --files-from list (`find` matched nothing): an empty result, not an error
         with _open_output(output) as stream:
@@ -392,7 +404,7 @@ def classify(
         sys.exit(1)
     classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None,
                             offline=offline, progress=None if not quiet else False, threads=threads,
-                            weights=weights, labels=labels)
+                            weights=weights, labels=labels, features=embed or embed_npy is not None)
     if verbose and not quiet:
         weights = classifier.weights
         engine = classifier.engine_for(len(items), batch_size)
@@ -404,6 +416,7 @@ def classify(
             err=True,
         )
     failures = 0
+    features: list[Any] = []
 
     def rows() -> Iterator[dict[str, Any]]:
         nonlocal failures
@@ -415,14 +428,43 @@ def classify(
                     failures += 1
                     if not quiet:
                         bar.write(f"Error: {result.error}", file=sys.stderr)
-                yield result.to_dict()
+                if embed_npy is not None:
+                    features.append(result.features)
+                row = result.to_dict()
+                if not embed:
+                    row.pop("features", None)
+                yield row
 
     with _open_output(output) as stream:
         write_classifications(rows(), fmt, stream)
+    if embed_npy is not None:
+        _write_features(embed_npy, features)
     if failures:
         if not quiet and len(items) > 1:
             click.echo(f"Error: {failures} of {len(items)} image(s) failed", err=True)
         sys.exit(1)
+
+
+def _write_features(path: Path, rows: list[Any]) -> None:
+    """The features as one float32 ``inputs x width`` .npy file, NaN rows for inputs that failed (so row i is
+    always input i), written atomically."""
+    import io
+
+    import numpy as np
+
+    from .files import write_bytes
+
+    width = next((len(row) for row in rows if row is not None), 0)
+    table = np.full((len(rows), width), np.nan, dtype=np.float32)
+    for index, row in enumerate(rows):
+        if row is not None:
+            table[index] = row
+    buffer = io.BytesIO()
+    np.save(buffer, table)
+    try:
+        write_bytes(path.expanduser(), buffer.getvalue())
+    except OSError as exc:
+        raise MixnetError(f"--embed-npy {path}: cannot write ({exc.strerror or exc}); choose another path") from None
 
 
 def _check_output_path(output: str | None) -> None:

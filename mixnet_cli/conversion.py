@@ -389,7 +389,7 @@ def check_engine(engine: Any, spec: ModelSpec, reference_logits: Any, *, whole_b
     return check
 
 
-def _onnx_model(spec: ModelSpec, weights_path: Path) -> Any:
+def _onnx_model(spec: ModelSpec, weights_path: Path, *, features: bool = False) -> Any:
     from .architecture import architecture_for
     from .onnx_graph import build_onnx
     from .pdparams import read_state_dict
@@ -397,13 +397,14 @@ def _onnx_model(spec: ModelSpec, weights_path: Path) -> Any:
     architecture = architecture_for(spec)
     state = read_state_dict(weights_path)
     architecture.check_state_dict(state)
-    return build_onnx(architecture, state, spec.preprocessing.crop_size, check=False)
+    return build_onnx(architecture, state, spec.preprocessing.crop_size, check=False, features=features)
 
 
-def onnx_bytes(spec: ModelSpec, weights_path: Path) -> bytes:
+def onnx_bytes(spec: ModelSpec, weights_path: Path, *, features: bool = False) -> bytes:
     """The ONNX model of these (verified) weights, serialised, built in memory: for a cache that cannot be
-    written. Raises :class:`WeightsError` when the file does not hold ``spec``'s parameters."""
-    return bytes(_onnx_model(spec, weights_path).SerializeToString())
+    written, and (``features``) the model that also outputs the pooled features. Raises :class:`WeightsError`
+    when the file does not hold ``spec``'s parameters."""
+    return bytes(_onnx_model(spec, weights_path, features=features).SerializeToString())
 
 
 def convert_onnx(spec: ModelSpec, weights_path: Path, out: Path, *, openvino_copy: Path | None = None) -> dict[str, Any]:
