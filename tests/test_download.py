@@ -460,7 +460,11 @@ def test_offline_with_nothing_cached_says_how_to_get_the_weights(server, isolate
     result = run("download", "S", "--offline", "--mirror", server.url)
     assert_error(result, "offline mode is on", "mixnet download S", "--from FILE")
     assert server.requests == []
-    result = run("classify", "--offline", "--mirror", server.url, str(isolated_home / "nothing.jpg"))
+    from PIL import Image
+
+    photo = isolated_home.parent / "photo.png"  # an image that exists: a missing one fails before any model
+    Image.new("RGB", (64, 48), (90, 160, 30)).save(photo)
+    result = run("classify", "--offline", "--mirror", server.url, str(photo))
     assert_error(result, "offline mode is on")
     assert server.requests == []
 
