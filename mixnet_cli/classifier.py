@@ -191,18 +191,19 @@ class Classifier:
         are the same in both)."""
         return self.engine.throughput(batch_size) if count > BULK_AFTER_IMAGES else self.engine
 
-    def classify(self, image: ImageInput | InputItem, *, topk: int = 5, name: str | None = None) -> ClassificationResult:
+    def classify(self, image: ImageInput | InputItem, *, topk: int | None = None,
+                 name: str | None = None) -> ClassificationResult:
         """Classify one image (any input :meth:`preprocess` takes, URLs included); an unreadable image raises its
         :class:`~mixnet_cli.errors.ImageError`."""
         label = name or _input_name(image)
-        _check_topk(topk, len(self.labels))
+        topk = _check_topk(topk, len(self.labels))
         return self._results(self.engine, [label], [self.preprocess(image, label)], topk)[0]
 
     def classify_many(
         self,
         images: Iterable[ImageInput | tuple[str, ImageInput] | InputItem],
         *,
-        topk: int = 5,
+        topk: int | None = None,
         batch_size: int = 4,
         workers: int = 2,
     ) -> Iterator[ClassificationResult]:
@@ -214,7 +215,7 @@ class Classifier:
         than :data:`BULK_AFTER_IMAGES` images (from the start when ``images`` has a length, else from there on),
         with as many batches in flight as it runs at once.
         """
-        _check_topk(topk, len(self.labels))
+        topk = _check_topk(topk, len(self.labels))
         if batch_size < 1:
             raise UsageError(f"batch size must be at least 1, got {batch_size}")
         if workers < 1:
@@ -319,6 +320,13 @@ def _features_engine(spec: ModelSpec, weights: VerifiedWeights, choice: EngineCh
                            engine_reason="features come from ONNX Runtime")
 
 
-def _check_topk(topk: int, num_classes: int) -> None:
+DEFAULT_TOPK = 5
+
+
+def _check_topk(topk: int | None, num_classes: int) -> int:
+    """``topk``, checked; None is the default, 5, or every class of a model with fewer."""
+    if topk is None:
+        return min(DEFAULT_TOPK, num_classes)
     if not 1 <= topk <= num_classes:
-        raise UsageError(f"top-k must be between 1 and {num_classes}, got {topk}")
+        raise UsageError(f"top-k must be between 1 and {num_classes} (the model's classes), got {topk}")
+    return topk

@@ -291,14 +291,21 @@ def main() -> None:
     Weights are downloaded on first use and cached (see `mixnet download --help`).
     """
     _messages()
+    if not settings.debug():
+        # Libraries' Python warnings (Pillow on odd files, among others) are not for the person at the terminal:
+        # each input's trouble is already its one-line error. MIXNET_DEBUG=1 shows them.
+        import warnings
+
+        warnings.simplefilter("ignore")
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)
-@click.argument("images", nargs=-1, metavar="[IMAGE|DIR|GLOB|URL|-]...")
+@click.argument("images", nargs=-1, metavar="[IMAGE|DIR|GLOB|URL|-]...", type=click.Path())
 @click.option("-m", "--model", default=None, shell_complete=_complete_model,
               help=f"Model: {_model_names_help()} (default MixNet_S; with --weights, read from the file).")
 @custom_weights_options
-@click.option("-k", "--topk", default=5, show_default=True, type=click.IntRange(1, 1000), help="How many labels per image.")
+@click.option("-k", "--topk", default=None, type=click.IntRange(1), metavar="N",
+              help="How many labels per image (default 5, or every class of a model with fewer).")
 @output_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True, allow_dash=True), help="Write results to this file instead of stdout.")
 @click.option("--embed", is_flag=True,
@@ -333,7 +340,7 @@ def classify(
     model: str | None,
     weights: Path | None,
     labels: Path | None,
-    topk: int,
+    topk: int | None,
     fmt: str,
     output: str | None,
     embed: bool,
@@ -375,6 +382,10 @@ def classify(
         raise UsageError("no images given: name image files, directories, globs or URLs (or use --files-from)")
     if model is not None:
         resolve_model(model)  # a bad name is a usage error before anything slow happens
+    if labels is not None and not labels.expanduser().is_file():
+        raise UsageError(f"--labels {labels}: no such file")
+    if weights is not None and not weights.expanduser().is_file():
+        raise UsageError(f"--weights {weights}: no such file")
     if embed and fmt not in ("json", "jsonl"):
         raise UsageError("--embed puts the features in the JSON objects: add --json or --jsonl, or use --embed-npy FILE")
     device_name, engine_name = _device_and_engine(device, engine)

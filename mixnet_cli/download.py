@@ -355,6 +355,29 @@ def fetch_bytes(url: str, *, max_bytes: int, deadline_s: float | None = None) ->
     """
     deadline = settings.url_deadline() if deadline_s is None else deadline_s
     end = time.monotonic() + deadline
+    # The fetch runs in a thread of its own, watched from here: a server can drip its status line and headers,
+    # each byte within the read timeout, and nothing inside requests would ever stop it. At the deadline this
+    # input fails; the thread is a daemon, so it can neither keep the process alive nor outlive it.
+    outcome: dict[str, Any] = {}
+
+    def fetch() -> None:
+        try:
+            outcome["data"] = _fetch_with_retries(url, max_bytes, end, deadline)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread as is
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=fetch, name="mixnet-url", daemon=True)
+    worker.start()
+    worker.join(max(0.0, end - time.monotonic()) + 0.5)
+    if worker.is_alive():
+        raise DeadlinePassed(f"{url}: not complete within {deadline:g} s (MIXNET_URL_DEADLINE sets the limit); "
+                             "check the URL or try again later")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["data"]
+
+
+def _fetch_with_retries(url: str, max_bytes: int, end: float, deadline: float) -> bytes:
     attempts = settings.download_retries() + 1
     failures = 0
     while True:
@@ -387,7 +410,12 @@ def _fetch_bytes_once(url: str, max_bytes: int, end: float, deadline: float) -> 
     # No single wait may outlast the deadline either.
     timeout = min(settings.download_timeout(), remaining)
     try:
-        response = session().get(url, stream=True, timeout=(timeout, timeout))
+        # identity: the body is read raw below (as for weights), so it must not come compressed.
+        response = session().get(url, stream=True, timeout=(timeout, timeout), headers={"Accept-Encoding": "identity"})
+    except (requests.TooManyRedirects, requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL,
+            requests.exceptions.MissingSchema) as exc:
+        # Not something that passes: no retry.
+        raise DownloadError(f"{url}: {type(exc).__name__} ({_first_line(exc)}); check the URL") from None
     except requests.RequestException as exc:
         if time.monotonic() >= end:
             raise past_deadline() from None
@@ -418,6 +446,11 @@ def _fetch_bytes_once(url: str, max_bytes: int, end: float, deadline: float) -> 
                 raise past_deadline() from None
             raise _Retryable(f"download of {url} broke off after {size} bytes ({_reason(exc, timeout)})") from None
     return b"".join(received)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]
 
 
 def _chunks(response: Any) -> Any:

@@ -116,7 +116,7 @@ def evaluate(
     items = [InputItem(str(s.path), (lambda p=s.path: p)) for s in sample_list]
     top1 = top5 = failed = 0
     started = time.perf_counter()
-    for result, sample in zip(classifier.classify_many(items, topk=5, batch_size=batch_size), sample_list):
+    for result, sample in zip(classifier.classify_many(items, batch_size=batch_size), sample_list):
         if not result.ok:
             failed += 1
         else:

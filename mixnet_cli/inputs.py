@@ -8,6 +8,7 @@ fails) is still an item: its loader raises the one-line error, and the run goes 
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator, Union
 
 from .preprocess import IMAGE_SUFFIXES, MAX_IMAGE_BYTES
-from .errors import ImageError, ImageNotFoundError, ImageTooLargeError, ImageUnreadableError, UsageError
+from .errors import ImageError, ImageNotFoundError, ImageTooLargeError, ImageUnreadableError, NotAnImageError, UsageError
 
 _GLOB_CHARS = frozenset("*?[")
 
@@ -85,7 +86,7 @@ def fetch_image_url(url: str, *, max_bytes: int = MAX_IMAGE_BYTES, deadline_s: f
         raise ImageTooLargeError(f"{exc} for images") from None
     except DownloadError as exc:
         message = str(exc)
-        raise ImageDownloadError(message if message.startswith(url) else f"{url}: {message}") from None
+        raise ImageDownloadError(message if url in message else f"{url}: {message}") from None
 
 
 def _read_stream(stream: BinaryIO, name: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
@@ -95,14 +96,24 @@ def _read_stream(stream: BinaryIO, name: str, max_bytes: int = MAX_IMAGE_BYTES) 
     return data
 
 
-def directory_images(directory: Path, recursive: bool = True) -> list[Path]:
-    """Image files under ``directory`` (by suffix), in a stable sorted order; hidden entries are skipped."""
+def directory_images(directory: Path, recursive: bool = True, *,
+                     unreadable: list[Path] | None = None) -> list[Path]:
+    """Image files under ``directory`` (by suffix, regular files only: never a FIFO, which would block the reader),
+    in a stable sorted order; hidden entries are skipped. Directories that cannot be listed are appended to
+    ``unreadable`` when a list is given (else skipped)."""
     found: list[Path] = []
-    for root, dirs, files in os.walk(directory, followlinks=False):
+
+    def listing_failed(error: OSError) -> None:
+        if unreadable is not None and error.filename is not None:
+            unreadable.append(Path(error.filename))
+
+    for root, dirs, files in os.walk(directory, followlinks=False, onerror=listing_failed):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
         for name in sorted(files):
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                found.append(Path(root) / name)
+                path = Path(root) / name
+                if path.is_file():
+                    found.append(path)
     return found
 
 
@@ -113,7 +124,11 @@ def _expand_one(argument: str, recursive: bool, stdin: BinaryIO | None) -> Itera
             raise UsageError(
                 "'-' reads an image from stdin, but stdin is a terminal; pipe one in: mixnet classify - < cat.jpg"
             )
-        data = _read_stream(source, "<stdin>")
+        try:
+            data = _read_stream(source, "-")
+        except ImageError as exc:  # too large: this input's error, in its row
+            yield _failed("-", exc)
+            return
         yield InputItem("-", lambda: data)
         return
     if is_url(argument):
@@ -122,7 +137,14 @@ def _expand_one(argument: str, recursive: bool, stdin: BinaryIO | None) -> Itera
     label = display_name(argument)
     path = Path(argument).expanduser()
     if path.is_dir():
-        images = directory_images(path, recursive)
+        unreadable: list[Path] = []
+        images = directory_images(path, recursive, unreadable=unreadable)
+        for directory in unreadable:
+            shown = display_name(str(directory))
+            yield _failed(shown, ImageUnreadableError(f"{shown}: directory cannot be read (permission denied?); "
+                                                      "check its permissions"))
+        if unreadable and not images:
+            return
         if not images:
             where = "or its sub-directories " if recursive else ""
             yield _failed(label, NoImagesError(
@@ -147,7 +169,29 @@ def _expand_one(argument: str, recursive: bool, stdin: BinaryIO | None) -> Itera
     if not os.path.lexists(path):
         yield _failed(label, ImageNotFoundError(f"{label}: no such file; check the path"))
         return
+    problem = _not_an_image_file(path, label)
+    if problem is not None:
+        yield _failed(label, problem)
+        return
     yield InputItem(label, _path_loader(path))
+
+
+def _not_an_image_file(path: Path, label: str) -> ImageError | None:
+    """What is wrong with ``path`` that shows without reading it: empty, a FIFO or socket (opening one would block
+    or fail), a symbolic-link loop. None when it looks readable (the decoder then has its say)."""
+    import stat
+
+    try:
+        info = path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return ImageNotFoundError(f"{label}: symbolic link loop; fix or remove the link")
+        return None  # the decoder reports it, with its own words
+    if stat.S_ISFIFO(info.st_mode) or stat.S_ISSOCK(info.st_mode):
+        return NotAnImageError(f"{label}: a named pipe or socket, not an image file; pass image files")
+    if stat.S_ISREG(info.st_mode) and info.st_size == 0:
+        return NotAnImageError(f"{label}: empty file (0 bytes); pass an image file")
+    return None
 
 
 def read_list_file(list_file: str, stdin: BinaryIO | None = None) -> list[str]:

@@ -62,12 +62,22 @@ def read_label_file(path: Path | str, num_classes: int) -> tuple[str, ...]:
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"--labels {source}: cannot read it as UTF-8 text ({exc})") from None
     lines = [line for line in text.splitlines() if line.strip()]
-    matches = [_ID_AND_NAME.match(line) for line in lines]
-    if lines and all(matches):
-        ids = [int(m.group(1)) for m in matches if m]
-        if sorted(ids) == list(range(len(ids))):
-            names = {int(m.group(1)): m.group(2) for m in matches if m}
-            lines = [names[i] for i in range(len(ids))]
+    numbered = [_ID_AND_NAME.match(line) for line in lines]
+    if lines and all(line.strip().split(maxsplit=1)[0].isdigit() for line in lines):
+        # Every line starts with a number: PaddleClas's "<id> <name>" layout, which must then be complete.
+        names: dict[int, str] = {}
+        for number, (line, match) in enumerate(zip(lines, numbered), start=1):
+            if match is None:
+                raise UsageError(f"--labels {source}: line {number} has an id but no name: {line.strip()!r}")
+            class_id = int(match.group(1))
+            if class_id in names:
+                raise UsageError(f"--labels {source}: class id {class_id} appears twice (line {number})")
+            names[class_id] = match.group(2)
+        if sorted(names) != list(range(len(names))):
+            missing = min(set(range(len(names))) - set(names))
+            raise UsageError(f"--labels {source}: ids must run from 0 to {len(names) - 1}, each once; {missing} "
+                             "is missing")
+        lines = [names[i] for i in range(len(names))]
     names_found = tuple(line.strip() for line in lines)
     if len(names_found) != num_classes:
         raise UsageError(f"--labels {source} names {len(names_found)} classes, but the weights have {num_classes}; "

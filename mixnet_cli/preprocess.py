@@ -18,6 +18,7 @@ so only cv2 itself gives PaddleClas's pixels exactly.
 from __future__ import annotations
 
 import io
+import stat
 import warnings
 from pathlib import Path
 from typing import Any, Union
@@ -84,6 +85,9 @@ def _read(source: str | Path | bytes, name: str) -> bytes:
     try:
         if path.is_dir():
             raise NotAnImageError(f"{name}: is a directory; pass image files")
+        if not stat.S_ISREG(path.stat().st_mode):
+            # A FIFO would block the open until a writer comes; a device would be read up to the size limit.
+            raise NotAnImageError(f"{name}: not a regular file (a pipe, socket or device); pass image files")
         with path.open("rb") as stream:
             data = stream.read(MAX_IMAGE_BYTES + 1)
     except FileNotFoundError:
@@ -162,7 +166,16 @@ def _decode_bytes(data: bytes, name: str) -> np.ndarray:
     if header is None:
         raise NotAnImageError(
             f"{name}: not an image file OpenCV or Pillow can read (JPEG, PNG, WebP, BMP, GIF, TIFF...)")
+    if header.format in _OPENCV_COMPLETE_FORMATS:
+        # libjpeg and libpng read every valid file of these formats: one they refuse is damaged (Pillow would fill
+        # a PNG's missing rows with black and say nothing), and PaddleClas could not read it either.
+        raise TruncatedImageError(f"{name}: {header.format} file is truncated or damaged (OpenCV cannot decode it); "
+                                  "re-download or re-export it")
     return _pillow_pixels(header, name)
+
+
+# Formats whose every valid file OpenCV decodes, in every version mixnet supports.
+_OPENCV_COMPLETE_FORMATS = frozenset({"JPEG", "MPO", "PNG"})
 
 
 def _cmyk_to_rgb_like_cv2(image: Image.Image) -> np.ndarray:
@@ -208,7 +221,9 @@ def _pillow_pixels(image: Image.Image, name: str) -> np.ndarray:
         text = str(exc).lower()
         if any(sign in text for sign in _TRUNCATION_SIGNS) or isinstance(exc, EOFError):
             raise TruncatedImageError(f"{name}: image file is truncated or corrupt; re-download or re-export it") from None
-        raise NotAnImageError(f"{name}: cannot decode ({_first_line(exc)}); check the file") from None
+        kind = f"{image.format} file" if image.format else "image"
+        raise TruncatedImageError(f"{name}: {kind} is damaged or truncated ({_first_line(exc)}); re-download or "
+                                  "re-export it") from None
 
 
 # How Pillow's decoders say that the data ended early.

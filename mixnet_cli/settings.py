@@ -110,8 +110,8 @@ def cpu_threads() -> int | None:
     value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     if not value:
         return None
-    if not value.isdigit() or int(value) < 1:
-        raise UsageError(f"environment variable OMP_NUM_THREADS={value!r} must be a whole number of 1 or more")
+    if not value.isdigit() or not 1 <= int(value) <= 1024:
+        raise UsageError(f"environment variable OMP_NUM_THREADS={value!r} must be a whole number from 1 to 1024")
     return int(value)
 
 

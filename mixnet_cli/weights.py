@@ -382,6 +382,14 @@ def load_state(weights: VerifiedWeights) -> dict[str, np.ndarray]:
         raise WeightsError(f"{weights.path} {exc}; {_download_hint(weights.spec)}") from None
 
 
+def _check_finite(state: dict[str, np.ndarray], source: Path) -> None:
+    """A training run that diverged saves NaN or infinite values: every answer from them would be NaN."""
+    for name, value in state.items():
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            raise WeightsError(f"{source} holds NaN or infinite values (in {name}); the training that made it "
+                               "diverged: use an earlier checkpoint")
+
+
 def custom_weights(path: Path | str, model: ModelSpec | None = None) -> VerifiedWeights:
     """Your own weights: a ``.pdparams`` file of MixNet_S, M or L fine-tuned on any number of classes, as PaddleClas
     trains and saves them (``paddle.save(model.state_dict())``).
@@ -410,6 +418,7 @@ def custom_weights(path: Path | str, model: ModelSpec | None = None) -> Verified
         state = read_state_dict(data)
     except MixnetError as exc:
         raise WeightsError(f"{source} {exc}") from None
+    _check_finite(state, source)
     bias = state.get("output.bias")
     if bias is None or bias.ndim != 1 or bias.shape[0] < 1:
         raise WeightsError(f"{source} has no classifier (output.bias) of a MixNet; give the weights of a MixNet_S, "

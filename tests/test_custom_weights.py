@@ -157,3 +157,33 @@ def test_a_photo_given_as_weights_is_named_for_what_it_is(photos, isolated_home)
     assert result.exit_code == 1 and "is a JPEG image, not a weights file" in result.stderr
     code, _, stderr = _classify(str(photos[0]), "--weights", str(photos[0]))
     assert code == 1 and "is a JPEG image, not a weights file" in stderr
+
+
+def test_few_classes_default_to_all_of_them_and_odd_files_are_refused(fine_tuned, tmp_path, photos, isolated_home,
+                                                                       monkeypatch):
+    from weightgen import save_pdparams
+
+    from mixnet_cli.labels import read_label_file
+    from mixnet_cli.pdparams import read_state_dict
+
+    state = read_state_dict(fine_tuned)
+    three = dict(state, **{"output.weight": state["output.weight"][:, :3].copy(),
+                           "output.bias": state["output.bias"][:3].copy()})
+    path = save_pdparams(three, tmp_path / "three.pdparams")
+    code, rows, stderr = _classify(str(photos[0]), "--weights", str(path))
+    assert code == 0, stderr
+    assert len(rows[0]["predictions"]) == 3  # the default top-5, capped at the model's classes
+    broken = dict(state)
+    broken["output.bias"] = state["output.bias"].copy()
+    broken["output.bias"][2] = np.nan
+    with pytest.raises(WeightsError, match="NaN or infinite"):
+        Classifier(weights=save_pdparams(broken, tmp_path / "diverged.pdparams"))
+    for text, problem in [("0 cat\n0 dog\n1 bird\n", "appears twice"), ("1 cat\n2 dog\n3 bird\n", "0 is missing"),
+                          ("0 cat\n1\n2 bird\n", "no name")]:
+        labels = tmp_path / "labels.txt"
+        labels.write_text(text)
+        with pytest.raises(UsageError, match=problem):
+            read_label_file(labels, 3)
+    monkeypatch.setenv("OMP_NUM_THREADS", "5000")
+    with pytest.raises(UsageError, match="1 to 1024"):
+        Classifier(weights=path)

@@ -289,3 +289,97 @@ def test_image_urls_take_the_size_cap_and_the_api_deadline(dripping_server):
         fetch_image_url(dripping_server, max_bytes=10)  # declared length over the cap: refused before the body
     with pytest.raises(ImageError, match="within 0.5 s"):
         fetch_image_url(dripping_server, deadline_s=0.5)
+
+
+# --- inputs that would block, and files OpenCV refuses --------------------------------------------------------------
+
+def test_a_named_pipe_is_an_error_never_a_hang(tmp_path, random_mirror):
+    import os
+
+    good = tmp_path / "photos" / "good.jpg"
+    good.parent.mkdir()
+    Image.fromarray(scene(np.random.default_rng(12), 120, 90)).save(good)
+    os.mkfifo(tmp_path / "photos" / "pipe.jpg")
+    os.mkfifo(tmp_path / "pipe.png")
+    # Given by name: an error row; inside a directory: not listed. Neither blocks the run.
+    result = CliRunner().invoke(main, ["classify", str(tmp_path / "pipe.png"), str(tmp_path / "photos"), "--jsonl"])
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.exit_code == 1
+    assert rows[0]["error"]["type"] == "NotAnImageError" and "named pipe" in rows[0]["error"]["message"]
+    assert [Path(row["input"]).name for row in rows[1:]] == ["good.jpg"] and "predictions" in rows[1]
+    with pytest.raises(NotAnImageError, match="not a regular file"):
+        decode(tmp_path / "pipe.png")  # the API, too, refuses before opening it
+
+
+def test_a_png_missing_rows_is_truncated_not_filled_with_black(corpus):
+    import struct
+    import zlib
+
+    rgb = scene(np.random.default_rng(13), 64, 48)
+    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(24))  # half the rows, each with filter byte 0
+    header = struct.pack(">IIBBBBB", 64, 48, 8, 2, 0, 0, 0)
+    png = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(raw))
+           + _png_chunk(b"IEND", b""))
+    with pytest.raises(TruncatedImageError, match="PNG file is truncated or damaged"):
+        decode(png, "half.png")
+
+
+class _SlowHeadersHandler(http.server.BaseHTTPRequestHandler):
+    """Drips the status line and headers, a byte at a time: never idle long enough for a read timeout."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path == "/loop":
+            self.send_response(302)
+            self.send_header("Location", "/loop")
+            self.end_headers()
+            return
+        head = b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-Slow-%d: %s\r\n" % (i, b"a" * 20) for i in range(200))
+        try:
+            for index in range(len(head)):
+                self.wfile.write(head[index:index + 1])
+                self.wfile.flush()
+                time.sleep(0.05)
+        except OSError:
+            pass
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_server_dripping_its_headers_is_cut_off_at_the_deadline_and_loops_are_not_retried():
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _SlowHeadersHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        started = time.monotonic()
+        with pytest.raises(ImageError, match="within 1 s"):
+            fetch_image_url(f"{base}/slow.png", deadline_s=1)
+        assert time.monotonic() - started < 10  # the headers alone would take 200+ s
+        started = time.monotonic()
+        with pytest.raises(ImageError, match="TooManyRedirects"):
+            fetch_image_url(f"{base}/loop", deadline_s=30)
+        assert time.monotonic() - started < 10  # no retries with backoff for what cannot pass
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_unreadable_folder_is_named_not_skipped(tmp_path, random_mirror):
+    import os
+
+    photos = tmp_path / "photos"
+    (photos / "locked").mkdir(parents=True)
+    Image.fromarray(scene(np.random.default_rng(14), 120, 90)).save(photos / "locked" / "inside.jpg")
+    Image.fromarray(scene(np.random.default_rng(15), 120, 90)).save(photos / "open.jpg")
+    os.chmod(photos / "locked", 0)
+    try:
+        if os.access(photos / "locked", os.R_OK):
+            pytest.skip("running as root: permissions do not stop reading here")
+        result = CliRunner().invoke(main, ["classify", str(photos), "--jsonl"])
+    finally:
+        os.chmod(photos / "locked", 0o755)
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.exit_code == 1
+    assert rows[0]["error"]["type"] == "ImageUnreadableError" and "locked" in rows[0]["input"]
+    assert "predictions" in rows[1]
