@@ -82,15 +82,18 @@ def _contain_paddle_import(module: str) -> ModuleType:
     # point HOME into our cache for the duration of the import.
     from .cache import engine_home
 
-    previous = os.environ.get("HOME")
+    # It also sets OMP_NUM_THREADS=1 for the whole process, which mixnet reads as the user's thread count: that
+    # variable is put back as it was too.
+    saved = {name: os.environ.get(name) for name in ("HOME", "OMP_NUM_THREADS")}
     os.environ["HOME"] = str(engine_home("paddle"))
     try:
         return importlib.import_module(module)
     finally:
-        if previous is None:
-            os.environ.pop("HOME", None)
-        else:
-            os.environ["HOME"] = previous
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def import_quietly(module: str) -> ModuleType:

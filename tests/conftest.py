@@ -13,6 +13,8 @@ import pytest
 MIXNET_VARIABLES = (
     "MIXNET_HOME", "MIXNET_MIRROR", "MIXNET_OFFLINE", "MIXNET_DEVICE", "MIXNET_ENGINE", "MIXNET_DEBUG", "MIXNET_TIMEOUT",
     "MIXNET_RETRIES", "MIXNET_BACKOFF", "MIXNET_BACKOFF_MAX", "MIXNET_URL_DEADLINE",
+    # Read as the default thread count; `import paddle` (in the reference tests) sets it to 1 for the process.
+    "OMP_NUM_THREADS",
 )
 
 
@@ -32,7 +34,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test gets its own empty cache and none of the user's MIXNET_* settings."""
+    """Every test gets its own empty cache and none of the user's MIXNET_* settings (nor OMP_NUM_THREADS)."""
     for name in MIXNET_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     home = tmp_path / "mixnet-home"
