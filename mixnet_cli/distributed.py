@@ -302,7 +302,10 @@ class MixnetPredictor:
         if data is not None:
             return InputItem(name, lambda: data)
         if path is None:
-            return InputItem(name, lambda: (_ for _ in ()).throw(ImageNotFoundError(f"{name}: no path given")))
+            def no_path() -> bytes:
+                raise ImageNotFoundError(f"{name}: the row has neither a path nor bytes")
+
+            return InputItem(name, no_path)
         text = path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else path
         if is_url(text):
             return InputItem(name, lambda: fetch_image_url(text))
@@ -489,10 +492,12 @@ def classify_dataset(
 
 @dataclass
 class OutputState:
-    """What an output directory already holds: ``inputs`` done (each once) and how many of them ``failed``."""
+    """What an output directory already holds: ``inputs`` done (each once), how many of them ``failed``, and the
+    ``models`` that classified them."""
 
     inputs: set[str] = field(default_factory=set)
     failed: int = 0
+    models: set[str] = field(default_factory=set)
 
 
 class ResultsDirectory:
@@ -554,9 +559,7 @@ class ResultsDirectory:
                                   "run with --resume again to redo its images") from None
             state.inputs.update(table.column("input").to_pylist())
             state.failed += table.num_rows - table.column("error").null_count
-            models = set(table.column("model").to_pylist())
-            if models:
-                self.model_in_output = models.pop()
+            state.models.update(table.column("model").unique().to_pylist())
         return state
 
     def write(self, table: "pyarrow.Table") -> None:
@@ -623,13 +626,14 @@ def run_job(
     address: str | None = None,
     rows_per_file: int = DEFAULT_ROWS_PER_FILE,
     on_error: Callable[[Mapping[str, Any]], None] | None = None,
-    on_rows: Callable[[int], None] | None = None,
     **options: Any,
 ) -> JobSummary:
     """Classify ``sources`` on Ray into the directory ``out`` (see :class:`ResultsDirectory`) and return the
     counts. ``resume`` skips the inputs already in ``out``; ``options`` go to :func:`classify_dataset`.
-    ``on_error`` sees each error row, ``on_rows`` each count of rows written. The output is checked before Ray
-    starts. Raises :class:`UsageError` (bad arguments, non-empty ``out`` without ``resume``), ``MixnetError``."""
+    ``on_error`` sees each error row as it arrives. The output is checked before Ray starts. Raises
+    :class:`UsageError` (bad arguments, non-empty ``out`` without ``resume``, results of another model in it),
+    :class:`MixnetError` (the job stopped: an actor crashed too often, the output could not be written; the parts
+    written so far stay, for ``resume``)."""
     from .manifest import resolve_model
 
     spec = resolve_model(model)
@@ -637,10 +641,10 @@ def run_job(
         raise UsageError(f"rows per file must be at least 1, got {rows_per_file}")
     directory = ResultsDirectory(out, jsonl=jsonl)
     state = directory.prepare(resume)
-    previous_model = getattr(directory, "model_in_output", None)
-    if previous_model and previous_model != spec.name:
-        raise UsageError(f"-o {out}: holds results of {previous_model}; resume with --model {previous_model} "
-                         "or choose another directory")
+    if state.models - {spec.name}:
+        other = sorted(state.models - {spec.name})[0]
+        raise UsageError(f"-o {out}: holds results of {other}; resume with --model {other} or choose another "
+                         "directory")
     summary = JobSummary(skipped=len(state.inputs), failed_before=state.failed)
     with ray_session(address) as ray:
         results = classify_dataset(list(sources), spec.name, skip_inputs=state.inputs, **options)
@@ -654,24 +658,28 @@ def run_job(
             if pending_rows:
                 pa = _import_pyarrow()
                 directory.write(pa.concat_tables(pending))
-                if on_rows:
-                    on_rows(pending_rows)
             pending, pending_rows, last_write = [], 0, time.monotonic()
 
-        for table in results.iter_batches(batch_size=None, batch_format="pyarrow"):
-            if table.num_rows == 0:
-                continue
-            table = table.cast(result_schema())
-            errors = table.filter(table.column("error").is_valid())
-            summary.images += table.num_rows
-            summary.failed += errors.num_rows
-            if on_error:
-                for row in errors.to_pylist():
-                    on_error(row)
-            pending.append(table)
-            pending_rows += table.num_rows
-            if pending_rows >= rows_per_file or time.monotonic() - last_write >= FLUSH_AFTER_S:
-                flush()
+        try:
+            for table in results.iter_batches(batch_size=None, batch_format="pyarrow"):
+                if table.num_rows == 0:
+                    continue
+                table = table.cast(result_schema())
+                errors = table.filter(table.column("error").is_valid())
+                summary.images += table.num_rows
+                summary.failed += errors.num_rows
+                if on_error:
+                    for row in errors.to_pylist():
+                        on_error(row)
+                pending.append(table)
+                pending_rows += table.num_rows
+                if pending_rows >= rows_per_file or time.monotonic() - last_write >= FLUSH_AFTER_S:
+                    flush()
+        except ray.exceptions.RayError as exc:
+            flush()  # what finished is kept: --resume goes on from there
+            last_line = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+            raise MixnetError(f"the Ray job stopped after {summary.images} image(s) ({type(exc).__name__}: "
+                              f"{last_line}); fix the cause and run again with --resume") from None
         flush()
         summary.seconds = time.perf_counter() - start
     return summary

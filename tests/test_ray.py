@@ -198,13 +198,12 @@ def _environment(home: Path) -> dict[str, str]:
 
 
 def _command(cluster: LocalCluster, source: Path, out: Path, *extra: str) -> list[str]:
-    return MIXNET + ["classify-dataset", str(source), "-o", str(out), "--address", cluster.address, "--offline",
-                     *extra]
+    return MIXNET + ["classify-dataset", str(source), "-o", str(out), "--address", cluster.address, *extra]
 
 
 def _run(cluster: LocalCluster, home: Path, source: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_command(cluster, source, out, *extra), env=_environment(home), capture_output=True,
-                          text=True, timeout=RUN_TIMEOUT_S)
+    return subprocess.run(_command(cluster, source, out, "--offline", *extra), env=_environment(home),
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
 
 
 def _rows(out: Path) -> list[dict[str, Any]]:
@@ -278,6 +277,18 @@ def test_non_empty_output_is_refused_before_ray_starts(tmp_path, image_set):
     assert [p.name for p in out.iterdir()] == ["part-earlier.parquet"], "never appended to"
 
 
+def test_local_commands_never_import_ray(image_set, calibrated_mirror):
+    code = (
+        "import sys\nfrom click.testing import CliRunner\nfrom mixnet_cli.cli import main\n"
+        "CliRunner().invoke(main, ['--help'])\nCliRunner().invoke(main, ['classify-dataset', '--help'])\n"
+        f"assert CliRunner().invoke(main, ['classify', {str(image_set / 'b' / 'img000.png')!r}]).exit_code == 0\n"
+        "print(','.join(m for m in ('ray', 'pyarrow') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""
+
+
 # --- on the cluster ------------------------------------------------------------------------------------------------
 
 
@@ -296,12 +307,16 @@ def test_results_equal_the_local_run(cluster, image_set, seeded_home, local_resu
     assert _parts(out) >= 2 and not list(out.glob(".*")), "only finished parts are left"
 
 
-def test_a_killed_actor_loses_and_duplicates_nothing(cluster, image_set, seeded_home, local_results, tmp_path):
+def test_a_killed_actor_loses_and_duplicates_nothing(cluster, image_set, local_results, tmp_path,
+                                                    calibrated_weights_dir, file_server):
+    """Two actors on a fresh cache: they download the weights once between them (the cache's file lock), one is
+    killed mid-job, and every input still comes out exactly once."""
     out = tmp_path / "out"
+    mirror = file_server(calibrated_weights_dir)
+    environment = {**_environment(tmp_path / "fresh-home"), "MIXNET_MIRROR": mirror.url}
     process = subprocess.Popen(_command(cluster, image_set, out, "--actors", "2", "--rows-per-file", "4",
                                         "--images-per-task", "4"),
-                               env=_environment(seeded_home), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: out.is_dir() and _parts(out) >= 1, process)
         actors = [pid for pid, command in cluster.processes().items() if command.startswith(ACTOR_TITLE)]
@@ -318,11 +333,13 @@ def test_a_killed_actor_loses_and_duplicates_nothing(cluster, image_set, seeded_
     assert process.returncode == 1, stderr
     assert _parts(out) > 1
     _assert_each_input_once_and_equal(_rows(out), local_results)
+    assert mirror.requests == ["/MixNet_S_pretrained.pdparams"], "one download for all the actors of the node"
 
 
 def test_a_killed_job_resumes_with_every_input_once(cluster, image_set, seeded_home, local_results, tmp_path):
     out = tmp_path / "out"
-    process = subprocess.Popen(_command(cluster, image_set, out, "--rows-per-file", "4", "--images-per-task", "4"),
+    process = subprocess.Popen(_command(cluster, image_set, out, "--offline", "--rows-per-file", "4",
+                                        "--images-per-task", "4"),
                                env=_environment(seeded_home), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     try:
