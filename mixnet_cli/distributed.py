@@ -197,7 +197,8 @@ def list_inputs(sources: Iterable[str], model_name: str, *, recursive: bool = Tr
             except MixnetError as exc:
                 failures.append(ClassificationResult(input=item.name, model=model_name, error=exc))
                 continue
-            rows.append({"input": item.name, "path": os.fsencode(target)})
+            # Absolute: actors on a running cluster do not share this process's working directory.
+            rows.append({"input": item.name, "path": os.fsencode(os.path.abspath(target))})
         local.clear()
 
     for source in sources:
@@ -530,9 +531,10 @@ class ResultsDirectory:
     def prepare(self, resume: bool) -> OutputState:
         """Check the directory and read what it holds. Without ``resume`` it must be empty or absent (never
         appended to: a re-run would duplicate rows); with it, unfinished temporary files and JSON lines parts
-        without their Parquet twin are removed, and the inputs of every part are read. Raises
-        :class:`UsageError` for a non-empty directory without ``resume``, a file in its place, or parts of
-        another model; :class:`MixnetError` for a part that cannot be read."""
+        without their Parquet twin are removed, the inputs of every part are read, and JSON lines are written
+        again if the directory has them (a resumed job keeps its formats). One job per directory at a time.
+        Raises :class:`UsageError` for a non-empty directory without ``resume``, a file in its place or a
+        directory that cannot be created; :class:`MixnetError` for a part that cannot be read."""
         pa = _import_pyarrow()
         entries = self._entries()
         if entries and not resume:
@@ -546,8 +548,13 @@ class ResultsDirectory:
                 name[:-len(".jsonl")] + ".parquet" not in names
             if (name.startswith(".") and name.endswith(".tmp")) or stale_jsonl:
                 self.filesystem.delete_file(entry.path)
+            elif name.startswith(PART_PREFIX) and name.endswith(".jsonl"):
+                self.jsonl = True
         if not entries:
-            self.filesystem.create_dir(self.root, recursive=True)
+            try:
+                self.filesystem.create_dir(self.root, recursive=True)
+            except OSError as exc:
+                raise UsageError(f"-o {self.out}: cannot create the directory ({exc}); choose another") from None
         for entry in entries:
             if not (entry.base_name.startswith(PART_PREFIX) and entry.base_name.endswith(".parquet")):
                 continue

@@ -277,6 +277,18 @@ def test_non_empty_output_is_refused_before_ray_starts(tmp_path, image_set):
     assert [p.name for p in out.iterdir()] == ["part-earlier.parquet"], "never appended to"
 
 
+@pytest.mark.parametrize("missing", [("ray", "ray.data"), ("pyarrow", "pyarrow.fs", "pyarrow.parquet")])
+def test_without_the_extra_the_command_says_what_to_install(tmp_path, image_set, monkeypatch, missing):
+    for name in missing:
+        monkeypatch.setitem(sys.modules, name, None)  # import then raises ImportError, as when not installed
+    result = CliRunner().invoke(main, ["classify-dataset", str(image_set), "-o", str(tmp_path / "out")],
+                                catch_exceptions=False)
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith('Error: the Ray route needs the [ray] extra: pip install '
+                                                   '"mixnet-cli[ray]"'), result.stderr
+
+
 def test_local_commands_never_import_ray(image_set, calibrated_mirror):
     code = (
         "import sys\nfrom click.testing import CliRunner\nfrom mixnet_cli.cli import main\n"
