@@ -397,7 +397,7 @@ def classify(
 @engine_option
 @click.option("-b", "--batch-size", default=4, show_default=True, type=click.IntRange(1, 1024), help="Images per forward pass.")
 @network_options
-@click.option("-q", "--quiet", is_flag=True, help="No per-image error lines and no progress bar; the summary stays.")
+@click.option("-q", "--quiet", is_flag=True, help="No per-image error lines on stderr; the summary stays.")
 @user_errors
 def classify_dataset(
     sources: tuple[str, ...],

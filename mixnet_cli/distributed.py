@@ -405,6 +405,8 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
     try:
         ray.init(address=address, **options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
+        if address is None:
+            raise EngineError(f"cannot start Ray on this machine ({exc})") from None
         raise UsageError(f"--address {address}: cannot connect to a Ray cluster ({exc}); start one with "
                          "`ray start --head` or check the address") from None
     # Ray Data logs every execution plan at INFO on the driver's stderr; the command prints its own summary.
