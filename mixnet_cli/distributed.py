@@ -383,6 +383,19 @@ def _node_cpus(ray: Any) -> list[float]:
     return [float(node.get("Resources", {}).get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
 
 
+def _starts_local_cluster(address: str | None) -> bool:
+    return not (address or os.environ.get("RAY_ADDRESS"))
+
+
+def _loopback_environment() -> None:
+    """For a cluster that lives as long as this process: every socket on loopback, no usage reports (unless
+    the user set these). Ray reads the first variable when it is imported, so this must run before (a program
+    that imported ray already must set it itself); unset, Ray takes the routable address even for node
+    127.0.0.1, and its servers listen on every interface."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
 @contextmanager
 def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> Iterator[Any]:
     """Connected to Ray for the duration: an already initialised session as it is; ``address`` (``auto``,
@@ -391,12 +404,8 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
     unless set) and stopped at the end. Yields the ``ray`` module."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     options: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if address is None:
-        # A cluster that lives as long as this command: every socket on loopback. Ray reads this variable when
-        # it is imported (so a program that imported it already must set it itself); with it unset, Ray takes
-        # the routable address even for node 127.0.0.1 and its servers listen on every interface.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if _starts_local_cluster(address):
+        _loopback_environment()
         options.update(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus)
     ray = _import_ray()
     if ray.is_initialized():
@@ -648,6 +657,9 @@ def run_job(
     spec = resolve_model(model)
     if rows_per_file < 1:
         raise UsageError(f"rows per file must be at least 1, got {rows_per_file}")
+    if _starts_local_cluster(address):
+        _loopback_environment()
+    _import_ray()  # without the extra, say so before anything else
     directory = ResultsDirectory(out, jsonl=jsonl)
     state = directory.prepare(resume)
     if state.models - {spec.name}:
@@ -655,6 +667,12 @@ def run_job(
         raise UsageError(f"-o {out}: holds results of {other}; resume with --model {other} or choose another "
                          "directory")
     summary = JobSummary(skipped=len(state.inputs), failed_before=state.failed)
+    if _starts_local_cluster(address):
+        # On this machine alone the driver's cache is the actors': get the weights here first, so that weights
+        # that cannot be had are one line before Ray starts, not an actor that dies and restarts three times.
+        from .weights import ensure_weights
+
+        ensure_weights(spec, mirrors=options.get("mirrors"), offline=options.get("offline"))
     with ray_session(address) as ray:
         results = classify_dataset(list(sources), spec.name, skip_inputs=state.inputs, **options)
         start = time.perf_counter()

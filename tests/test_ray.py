@@ -289,6 +289,15 @@ def test_without_the_extra_the_command_says_what_to_install(tmp_path, image_set,
                                                    '"mixnet-cli[ray]"'), result.stderr
 
 
+def test_weights_that_cannot_be_had_stop_a_local_job_before_ray_starts(tmp_path, image_set):
+    result = CliRunner().invoke(main, ["classify-dataset", str(image_set), "-o", str(tmp_path / "out"), "--offline"],
+                                catch_exceptions=False)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert "offline" in result.stderr and "mixnet download S" in result.stderr
+    assert not ray.is_initialized() and list((tmp_path / "out").iterdir()) == []
+
+
 def test_local_commands_never_import_ray(image_set, calibrated_mirror):
     code = (
         "import sys\nfrom click.testing import CliRunner\nfrom mixnet_cli.cli import main\n"
