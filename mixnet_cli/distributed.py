@@ -674,6 +674,9 @@ def run_job(
 
         ensure_weights(spec, mirrors=options.get("mirrors"), offline=options.get("offline"))
     with ray_session(address) as ray:
+        # Ray Data's default, said here because the job's exactness rests on it: a block that fails (after the
+        # retries) fails the job; a positive value would drop whole batches of good images without a row.
+        ray.data.DataContext.get_current().max_errored_blocks = 0
         results = classify_dataset(list(sources), spec.name, skip_inputs=state.inputs, **options)
         start = time.perf_counter()
         pending: list[Any] = []

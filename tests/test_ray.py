@@ -256,6 +256,16 @@ def test_predictor_gives_error_rows_and_never_raises(tmp_path, image_set, calibr
     assert from_bytes["input"] == "x.png" and from_bytes["predictions"] == rows[0]["predictions"]
 
 
+def test_uris_are_listed_with_the_same_filter_as_local_directories(image_set, tmp_path):
+    from mixnet_cli.distributed import list_inputs
+
+    local = list_inputs([str(image_set)], "MixNet_S")
+    remote = list_inputs([f"file://{image_set}", f"file://{tmp_path}/missing/"], "MixNet_S")
+    assert [row["input"] for row in remote.rows] == [f"file://{row['input']}" for row in local.rows]
+    assert len(local.rows) == GOOD_IMAGES + 3 and not any(".hidden" in row["input"] for row in local.rows)
+    assert [failure.error.__class__.__name__ for failure in remote.failures] == ["ImageNotFoundError"]
+
+
 def test_actor_plan_leaves_room_for_ray_tasks():
     assert plan_actors([2.0]) == plan_actors([2.0], actors=1)
     one = plan_actors([2.0])
