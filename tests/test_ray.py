@@ -411,6 +411,36 @@ def test_api_on_a_dataset_read_by_ray(cluster, image_set, seeded_home, local_res
         assert row["predictions"] == expected.get("predictions") and row["model"] == "MixNet_S"
 
 
+def test_without_an_address_the_command_runs_its_own_loopback_cluster_and_stops_it(image_set, seeded_home,
+                                                                                   local_results, tmp_path):
+    out = tmp_path / "out"
+    environment = {k: v for k, v in _environment(seeded_home).items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    process = subprocess.Popen(MIXNET + ["classify-dataset", str(image_set / "b"), "-o", str(out), "--offline"],
+                               env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: dict[int, str] = {}
+    addresses: set[str] = set()
+    try:
+        while process.poll() is None:  # the command's processes: its cluster, its actors
+            tree = _process_tree(process.pid)
+            seen.update(tree)
+            addresses |= _listening_addresses([process.pid, *tree])
+            time.sleep(0.2)
+        process.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1  # the truncated PNG
+    assert any(command.startswith(ACTOR_TITLE) for command in seen.values()), seen
+    assert addresses and addresses <= LOOPBACK, addresses
+    expected = {name: row for name, row in local_results.items() if "/b/" in name}
+    _assert_each_input_once_and_equal(_rows(out), expected)
+    deadline = time.monotonic() + 60
+    while (alive := {pid: command for pid, command in _process_tree(1).items() if seen.get(pid) == command}) and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert alive == {}, "left behind by the command"
+
+
 def test_the_cluster_leaves_no_process_behind(cluster):
     processes = cluster.processes()
     assert any("raylet" in command for command in processes.values()), processes
