@@ -1,0 +1,448 @@
+"""`mixnet classify-dataset` and the Ray API on a real Ray cluster of this machine: 2 CPUs on 127.0.0.1, started
+here and stopped at the end, checked to leave no process behind and to listen on loopback only.
+
+Each run of the command is a separate driver process (as a user runs it) with a time limit; the results are
+compared with `mixnet classify --jsonl` on the same files. Deselect with `-m "not ray"`; without the [ray] extra
+the module is skipped, saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+# Read by Ray when it is imported: on this machine every socket stays on loopback (with the node address
+# 127.0.0.1 given to ray.init); inherited by the drivers this module starts. No usage reports.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+try:
+    import pyarrow.parquet as pq
+    import ray
+    import ray.data
+except ImportError as exc:  # the [ray] extra is not installed (or cannot be: numpy 1.x beside paddleclas)
+    pytest.skip(f'needs the [ray] extra (pip install "mixnet-cli[ray]"): {exc}', allow_module_level=True)
+
+from mixnet_cli.cli import main
+from mixnet_cli.distributed import MixnetPredictor, plan_actors, result_schema
+
+pytestmark = pytest.mark.ray
+
+MIXNET = [sys.executable, "-m", "mixnet_cli"]
+ACTOR_TITLE = "ray::MapWorker(MapBatches(MixnetPredictor))"
+RUN_TIMEOUT_S = 300  # per run of the command: generous, this machine is shared and sometimes very busy
+GOOD_IMAGES = 60
+
+
+# --- the cluster and its processes ---------------------------------------------------------------------------------
+
+
+def _process_tree(root: int) -> dict[int, str]:
+    """Every live descendant of ``root`` (zombies excluded), with its command line."""
+    children: dict[int, list[int]] = defaultdict(list)
+    states: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        states[int(entry.name)] = fields[0]
+        children[int(fields[1])].append(int(entry.name))
+    found: dict[int, str] = {}
+    stack = list(children[root])
+    while stack:
+        pid = stack.pop()
+        stack.extend(children[pid])
+        if states.get(pid) == "Z":
+            continue
+        try:
+            found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+    return found
+
+
+def _listening_addresses(pids: Iterator[int] | list[int]) -> set[str]:
+    """The addresses the TCP sockets of ``pids`` listen on (from /proc/net/tcp and tcp6), as hex strings."""
+    listening: dict[str, str] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":  # LISTEN
+                listening[fields[9]] = fields[1].split(":")[0]
+    found = set()
+    for pid in pids:
+        try:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:
+            continue
+        for link in links:
+            if link.startswith("socket:[") and link[8:-1] in listening:
+                found.add(listening[link[8:-1]])
+    return found
+
+
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+
+
+class LocalCluster:
+    """A Ray cluster of this machine, started by this process (its driver) with 2 CPUs on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.temp_dir = tempfile.mkdtemp(prefix="mxray")  # short: Ray's socket paths must fit in 107 bytes
+        self._address_variable = os.environ.pop("RAY_ADDRESS", None)
+        context = ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
+                           _temp_dir=self.temp_dir, logging_level="warning")
+        self.address = context.address_info["gcs_address"]
+        self.seen: dict[int, str] = {}
+
+    def processes(self) -> dict[int, str]:
+        """The cluster's processes and our drivers (all descend from this one); remembered for the final check."""
+        tree = _process_tree(os.getpid())
+        self.seen.update(tree)
+        return tree
+
+    def stop(self) -> None:
+        self.processes()
+        if ray.is_initialized():
+            ray.shutdown()
+        if self._address_variable is not None:
+            os.environ["RAY_ADDRESS"] = self._address_variable
+
+    def left_behind(self, wait_s: float = 60.0) -> dict[int, str]:
+        deadline = time.monotonic() + wait_s
+        while True:
+            alive = {pid: cmd for pid, cmd in _process_tree(os.getpid()).items() if pid in self.seen}
+            if not alive or time.monotonic() > deadline:
+                return alive
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    started = LocalCluster()
+    yield started
+    started.stop()
+    import shutil
+
+    shutil.rmtree(started.temp_dir, ignore_errors=True)
+
+
+# --- the images and the reference ----------------------------------------------------------------------------------
+
+
+def _photo(path: Path, index: int) -> Path:
+    size = (96 + 8 * (index % 7), 80 + 6 * (index % 5))
+    image = Image.linear_gradient("L").resize(size).convert("RGB")
+    colour = ((37 * index) % 256, (91 * index) % 256, (53 * index) % 256)
+    image.paste(colour, (size[0] // 4, size[1] // 4, size[0] // 2 + index % 9, size[1] // 2))
+    image.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Good photos in two folders, with corrupt files among them (text named .jpg, a truncated JPEG, an empty
+    PNG), plus files the extension filter skips (notes.txt, a hidden .jpg)."""
+    root = tmp_path_factory.mktemp("ray-images")
+    for index in range(GOOD_IMAGES):
+        folder = root / ("a" if index % 2 else "b")
+        folder.mkdir(exist_ok=True)
+        _photo(folder / f"img{index:03d}.{'png' if index % 3 == 0 else 'jpg'}", index)
+    (root / "a" / "notes.jpg").write_text("not an image\n")
+    good = (root / "b" / "img000.png").read_bytes()
+    (root / "b" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "a" / "empty.png").write_bytes(b"")
+    (root / "a" / "readme.txt").write_text("skipped by the extension filter\n")
+    (root / "b" / ".hidden.jpg").write_bytes(good)
+    return root
+
+
+@pytest.fixture(scope="module")
+def seeded_home(tmp_path_factory: pytest.TempPathFactory, calibrated_server) -> Path:
+    """A cache holding MixNet_S's calibrated weights, for every driver and actor of this module (--offline)."""
+    home = tmp_path_factory.mktemp("ray-home")
+    environment = {**_environment(home), "MIXNET_MIRROR": calibrated_server.url}
+    subprocess.run(MIXNET + ["download", "S"], env=environment, check=True, capture_output=True, timeout=120)
+    return home
+
+
+@pytest.fixture(scope="module")
+def local_results(image_set: Path, seeded_home: Path) -> dict[str, dict[str, Any]]:
+    """`mixnet classify DIR --jsonl` on the same files: the reference, by input."""
+    run = subprocess.run(MIXNET + ["classify", str(image_set), "--jsonl", "--offline"], env=_environment(seeded_home),
+                         capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert run.returncode == 1, run.stderr  # the corrupt files
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    return {row["input"]: row for row in rows}
+
+
+def _environment(home: Path) -> dict[str, str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("MIXNET_", "RAY_ADDRESS"))}
+    environment.update(MIXNET_HOME=str(home), RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    return environment
+
+
+def _command(cluster: LocalCluster, source: Path, out: Path, *extra: str) -> list[str]:
+    return MIXNET + ["classify-dataset", str(source), "-o", str(out), "--address", cluster.address, *extra]
+
+
+def _run(cluster: LocalCluster, home: Path, source: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(cluster, source, out, "--offline", *extra), env=_environment(home),
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+
+
+def _rows(out: Path) -> list[dict[str, Any]]:
+    """Every row of every Parquet part in ``out``, as the CLI's JSON object (null fields dropped)."""
+    rows = []
+    for part in sorted(out.glob("*.parquet")):
+        table = pq.read_table(part)
+        assert table.schema.equals(result_schema()), table.schema
+        rows.extend({key: value for key, value in row.items() if value is not None} for row in table.to_pylist())
+    return rows
+
+
+def _parts(out: Path) -> int:
+    return len(list(out.glob("part-*.parquet")))
+
+
+def _assert_each_input_once_and_equal(rows: list[dict[str, Any]], local: dict[str, dict[str, Any]]) -> None:
+    counts = Counter(row["input"] for row in rows)
+    assert [name for name, count in counts.items() if count > 1] == [], "duplicated inputs"
+    assert set(counts) == set(local), "missing or extra inputs"
+    for row in rows:
+        assert row == local[row["input"]], row["input"]
+
+
+def _wait_for(condition: Any, process: subprocess.Popen, timeout_s: float = RUN_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert process.poll() is None, f"the job ended first: {process.stderr.read() if process.stderr else ''}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+# --- without a cluster ---------------------------------------------------------------------------------------------
+
+
+def test_predictor_gives_error_rows_and_never_raises(tmp_path, image_set, calibrated_mirror):
+    predictor = MixnetPredictor("S", threads=1)
+    good = image_set / "b" / "img000.png"
+    batch = {"path": [str(good), str(tmp_path / "missing.jpg"), str(image_set / "a" / "notes.jpg"),
+                      "file://" + str(good)]}
+    table = predictor(batch)
+    assert table.schema.equals(result_schema())
+    rows = table.to_pylist()
+    assert [row["input"] for row in rows] == batch["path"]
+    assert [row["error"]["type"] if row["error"] else None for row in rows] == [
+        None, "ImageNotFoundError", "NotAnImageError", None]
+    assert rows[0]["predictions"] == rows[3]["predictions"] and len(rows[0]["predictions"]) == 5
+    # Encoded bytes (as read_binary_files gives them): the path only names the image.
+    from_bytes = predictor({"path": ["x.png"], "bytes": [good.read_bytes()]}).to_pylist()[0]
+    assert from_bytes["input"] == "x.png" and from_bytes["predictions"] == rows[0]["predictions"]
+
+
+def test_uris_are_listed_with_the_same_filter_as_local_directories(image_set, tmp_path):
+    from mixnet_cli.distributed import list_inputs
+
+    local = list_inputs([str(image_set)], "MixNet_S")
+    remote = list_inputs([f"file://{image_set}", f"file://{tmp_path}/missing/"], "MixNet_S")
+    assert [row["input"] for row in remote.rows] == [f"file://{row['input']}" for row in local.rows]
+    assert len(local.rows) == GOOD_IMAGES + 3 and not any(".hidden" in row["input"] for row in local.rows)
+    assert [failure.error.__class__.__name__ for failure in remote.failures] == ["ImageNotFoundError"]
+
+
+def test_actor_plan_leaves_room_for_ray_tasks():
+    assert plan_actors([2.0]) == plan_actors([2.0], actors=1)
+    one = plan_actors([2.0])
+    assert (one.actors, one.cpus, one.threads) == (1, 1.5, 2)
+    two = plan_actors([2.0], actors=2)
+    assert two.actors * two.cpus <= 1.5 and two.threads == 1
+    assert plan_actors([8.0, 8.0, 4.0]).actors == 3
+    assert plan_actors([2.0], cpus_per_actor=0.5).cpus == 0.5
+
+
+def test_non_empty_output_is_refused_before_ray_starts(tmp_path, image_set):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "part-earlier.parquet").write_bytes(b"PAR1")
+    result = CliRunner().invoke(main, ["classify-dataset", str(image_set), "-o", str(out), "--address",
+                                       "127.0.0.1:1"], catch_exceptions=False)
+    assert result.exit_code == 2
+    assert "not empty" in result.stderr and "--resume" in result.stderr and "Traceback" not in result.stderr
+    assert [p.name for p in out.iterdir()] == ["part-earlier.parquet"], "never appended to"
+
+
+@pytest.mark.parametrize("missing", [("ray", "ray.data"), ("pyarrow", "pyarrow.fs", "pyarrow.parquet")])
+def test_without_the_extra_the_command_says_what_to_install(tmp_path, image_set, monkeypatch, missing):
+    for name in missing:
+        monkeypatch.setitem(sys.modules, name, None)  # import then raises ImportError, as when not installed
+    result = CliRunner().invoke(main, ["classify-dataset", str(image_set), "-o", str(tmp_path / "out")],
+                                catch_exceptions=False)
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith('Error: the Ray route needs the [ray] extra: pip install '
+                                                   '"mixnet-cli[ray]"'), result.stderr
+
+
+def test_weights_that_cannot_be_had_stop_a_local_job_before_ray_starts(tmp_path, image_set):
+    result = CliRunner().invoke(main, ["classify-dataset", str(image_set), "-o", str(tmp_path / "out"), "--offline"],
+                                catch_exceptions=False)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert "offline" in result.stderr and "mixnet download S" in result.stderr
+    assert not ray.is_initialized() and list((tmp_path / "out").iterdir()) == []
+
+
+def test_local_commands_never_import_ray(image_set, calibrated_mirror):
+    code = (
+        "import sys\nfrom click.testing import CliRunner\nfrom mixnet_cli.cli import main\n"
+        "CliRunner().invoke(main, ['--help'])\nCliRunner().invoke(main, ['classify-dataset', '--help'])\n"
+        f"assert CliRunner().invoke(main, ['classify', {str(image_set / 'b' / 'img000.png')!r}]).exit_code == 0\n"
+        "print(','.join(m for m in ('ray', 'pyarrow') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""
+
+
+# --- on the cluster ------------------------------------------------------------------------------------------------
+
+
+def test_results_equal_the_local_run(cluster, image_set, seeded_home, local_results, tmp_path):
+    out = tmp_path / "out"
+    run = _run(cluster, seeded_home, image_set, out, "--jsonl", "--rows-per-file", "25", "--images-per-task", "16")
+    assert run.returncode == 1, run.stderr  # three corrupt files
+    summary = run.stderr.strip().splitlines()
+    assert f"{GOOD_IMAGES + 3} image(s) classified" in summary[-2] and "3 failed" in summary[-2]
+    assert summary[-1].startswith("Error: 3 image(s) failed")
+    rows = _rows(out)
+    _assert_each_input_once_and_equal(rows, local_results)
+    assert {row["error"]["type"] for row in rows if "error" in row} == {"NotAnImageError", "TruncatedImageError"}
+    jsonl = [json.loads(line) for part in sorted(out.glob("*.jsonl")) for line in part.read_text().splitlines()]
+    assert sorted(jsonl, key=lambda r: r["input"]) == sorted(rows, key=lambda r: r["input"])
+    assert _parts(out) >= 2 and not list(out.glob(".*")), "only finished parts are left"
+
+
+def test_a_killed_actor_loses_and_duplicates_nothing(cluster, image_set, local_results, tmp_path,
+                                                    calibrated_weights_dir, file_server):
+    """Two actors on a fresh cache: they download the weights once between them (the cache's file lock), one is
+    killed mid-job, and every input still comes out exactly once."""
+    out = tmp_path / "out"
+    mirror = file_server(calibrated_weights_dir)
+    environment = {**_environment(tmp_path / "fresh-home"), "MIXNET_MIRROR": mirror.url}
+    process = subprocess.Popen(_command(cluster, image_set, out, "--actors", "2", "--rows-per-file", "4",
+                                        "--images-per-task", "4"),
+                               env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: out.is_dir() and _parts(out) >= 1, process)
+        actors = [pid for pid, command in cluster.processes().items() if command.startswith(ACTOR_TITLE)]
+        assert actors, "no actor process found"
+        # While the job runs, nothing of it listens beyond loopback (drivers, cluster and actors alike).
+        addresses = {pid: _listening_addresses([pid]) for pid in [os.getpid(), *cluster.processes()]}
+        assert {a for found in addresses.values() for a in found} <= LOOPBACK, {
+            f"{pid} {cluster.seen.get(pid, 'pytest')[:50]}": found - LOOPBACK for pid, found in addresses.items() if found - LOOPBACK}
+        os.kill(actors[0], signal.SIGKILL)
+        _, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1, stderr
+    assert _parts(out) > 1
+    _assert_each_input_once_and_equal(_rows(out), local_results)
+    assert mirror.requests == ["/MixNet_S_pretrained.pdparams"], "one download for all the actors of the node"
+
+
+def test_a_killed_job_resumes_with_every_input_once(cluster, image_set, seeded_home, local_results, tmp_path):
+    out = tmp_path / "out"
+    process = subprocess.Popen(_command(cluster, image_set, out, "--offline", "--rows-per-file", "4",
+                                        "--images-per-task", "4"),
+                               env=_environment(seeded_home), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        _wait_for(lambda: out.is_dir() and _parts(out) >= 2, process)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    done_before = len(_rows(out))
+    assert 0 < done_before < len(local_results), "killed before the end"
+
+    refused = _run(cluster, seeded_home, image_set, out)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+
+    resumed = _run(cluster, seeded_home, image_set, out, "--resume")
+    assert resumed.returncode == 1, resumed.stderr  # the corrupt files, whichever run classified them
+    assert f"{len(local_results) - done_before} image(s) classified" in resumed.stderr
+    assert f"{done_before} already in" in resumed.stderr
+    _assert_each_input_once_and_equal(_rows(out), local_results)
+
+    again = _run(cluster, seeded_home, image_set, out, "--resume")  # nothing left: no new part, same answer
+    assert again.returncode == 1 and "0 image(s) classified" in again.stderr
+    _assert_each_input_once_and_equal(_rows(out), local_results)
+
+
+def test_api_on_a_dataset_read_by_ray(cluster, image_set, seeded_home, local_results, monkeypatch):
+    from mixnet_cli.distributed import classify_dataset
+
+    monkeypatch.setenv("MIXNET_HOME", str(seeded_home))  # forwarded to the actors
+    # Read tasks ask for a fraction of a CPU: with whole CPUs they would wait behind the actor forever.
+    files = ray.data.read_binary_files(str(image_set / "b"), include_paths=True, num_cpus=0.25,
+                                       file_extensions=["png", "jpg"])
+    rows = classify_dataset(files, "S", offline=True).take_all()
+    assert len(rows) == len([name for name in local_results if "/b/" in name])
+    for row in rows:
+        expected = local_results[str(image_set / "b" / Path(row["input"]).name)]
+        assert row["predictions"] == expected.get("predictions") and row["model"] == "MixNet_S"
+
+
+def test_without_an_address_the_command_runs_its_own_loopback_cluster_and_stops_it(image_set, seeded_home,
+                                                                                   local_results, tmp_path):
+    out = tmp_path / "out"
+    environment = {k: v for k, v in _environment(seeded_home).items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    process = subprocess.Popen(MIXNET + ["classify-dataset", str(image_set / "b"), "-o", str(out), "--offline"],
+                               env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: dict[int, str] = {}
+    addresses: set[str] = set()
+    try:
+        while process.poll() is None:  # the command's processes: its cluster, its actors
+            tree = _process_tree(process.pid)
+            seen.update(tree)
+            addresses |= _listening_addresses([process.pid, *tree])
+            time.sleep(0.2)
+        process.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1  # the truncated PNG
+    assert any(command.startswith(ACTOR_TITLE) for command in seen.values()), seen
+    assert addresses and addresses <= LOOPBACK, addresses
+    expected = {name: row for name, row in local_results.items() if "/b/" in name}
+    _assert_each_input_once_and_equal(_rows(out), expected)
+    deadline = time.monotonic() + 60
+    while (alive := {pid: command for pid, command in _process_tree(1).items() if seen.get(pid) == command}) and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert alive == {}, "left behind by the command"
+
+
+def test_the_cluster_leaves_no_process_behind(cluster):
+    processes = cluster.processes()
+    assert any("raylet" in command for command in processes.values()), processes
+    cluster.stop()
+    assert cluster.left_behind() == {}
