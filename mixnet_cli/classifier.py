@@ -125,17 +125,23 @@ class Classifier:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.engine.run(batch)
 
+    def probabilities(self, arrays: Sequence[np.ndarray], engine: Engine | None = None) -> np.ndarray:
+        """Softmax probabilities (``N x 1000`` float32) of preprocessed images (each ``3 x S x S`` float32), in one
+        forward pass on ``engine`` (default: this classifier's latency-mode engine)."""
+        return softmax((engine or self.engine).run(np.stack(arrays)))
+
+    def result(self, name: str, probabilities: np.ndarray, topk: int) -> ClassificationResult:
+        """The result for one image from its row of :meth:`probabilities`: the ``topk`` classes, best first (ties
+        in class order)."""
+        order = np.argsort(-probabilities, kind="stable")[:topk]
+        predictions = tuple(
+            Prediction(class_id=int(i), label=self.labels[int(i)], score=float(probabilities[i])) for i in order
+        )
+        return ClassificationResult(input=name, model=self.spec.name, predictions=predictions)
+
     def _results(self, engine: Engine, names: list[str], arrays: list[np.ndarray],
                  topk: int) -> list[ClassificationResult]:
-        probabilities = softmax(engine.run(np.stack(arrays)))
-        results = []
-        for name, row in zip(names, probabilities):
-            order = np.argsort(-row, kind="stable")[:topk]
-            predictions = tuple(
-                Prediction(class_id=int(i), label=self.labels[int(i)], score=float(row[i])) for i in order
-            )
-            results.append(ClassificationResult(input=name, model=self.spec.name, predictions=predictions))
-        return results
+        return [self.result(name, row, topk) for name, row in zip(names, self.probabilities(arrays, engine))]
 
     def engine_for(self, count: int, batch_size: int) -> Engine:
         """The engine a job of ``count`` images runs on: more than :data:`BULK_AFTER_IMAGES` take the engine's
@@ -145,7 +151,7 @@ class Classifier:
     def classify(self, image: ImageInput, *, topk: int = 5, name: str | None = None) -> ClassificationResult:
         """Classify one image; an unreadable image raises its :class:`~mixnet_cli.errors.ImageError`."""
         label = name or _input_name(image)
-        _check_topk(topk, len(self.labels))
+        check_topk(topk, len(self.labels))
         return self._results(self.engine, [label], [self.preprocess(image, label)], topk)[0]
 
     def classify_many(
@@ -164,7 +170,7 @@ class Classifier:
         than :data:`BULK_AFTER_IMAGES` images (from the start when ``images`` has a length, else from there on),
         with as many batches in flight as it runs at once.
         """
-        _check_topk(topk, len(self.labels))
+        check_topk(topk, len(self.labels))
         if batch_size < 1:
             raise UsageError(f"batch size must be at least 1, got {batch_size}")
         if workers < 1:
@@ -250,6 +256,7 @@ class Classifier:
             runners.shutdown(wait=True, cancel_futures=True)
 
 
-def _check_topk(topk: int, num_classes: int) -> None:
+def check_topk(topk: int, num_classes: int) -> None:
+    """Raise :class:`UsageError` unless ``1 <= topk <= num_classes``."""
     if not 1 <= topk <= num_classes:
         raise UsageError(f"top-k must be between 1 and {num_classes}, got {topk}")

@@ -37,6 +37,41 @@ MAX_IMAGE_BYTES = 256 * 1024 * 1024
 _TURNED = frozenset(range(2, 9))
 
 
+def check_image_file(path: Path, name: str) -> None:
+    """Raise the :class:`ImageError` a file that cannot be an image gets before it is opened: missing, a
+    directory, empty, over :data:`MAX_IMAGE_BYTES`, unreadable."""
+    try:
+        if path.is_dir():
+            raise NotAnImageError(f"{name}: is a directory; pass image files")
+        size = path.stat().st_size
+        if size == 0:
+            raise NotAnImageError(f"{name}: empty file (0 bytes); pass an image file")
+        if size > MAX_IMAGE_BYTES:
+            raise ImageTooLargeError(f"{name}: {size} bytes is over the {MAX_IMAGE_BYTES}-byte limit for images")
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise ImageNotFoundError(f"{name}: broken symbolic link; fix or remove the link") from None
+        raise ImageNotFoundError(f"{name}: no such file; check the path") from None
+    except PermissionError:
+        raise ImageUnreadableError(f"{name}: permission denied; check the file's permissions") from None
+
+
+def read_image_bytes(source: Path | bytes, name: str) -> bytes:
+    """The encoded bytes of an image file (checked as :func:`check_image_file` does), or ``source`` itself when
+    it is bytes already: what a client sends to ``mixnet serve``."""
+    if isinstance(source, bytes):
+        return source
+    check_image_file(source, name)
+    try:
+        return source.read_bytes()
+    except FileNotFoundError:
+        raise ImageNotFoundError(f"{name}: no such file; check the path") from None
+    except PermissionError:
+        raise ImageUnreadableError(f"{name}: permission denied; check the file's permissions") from None
+    except OSError as exc:
+        raise ImageUnreadableError(f"{name}: cannot read ({exc}); check the file") from None
+
+
 def _open(source: str | Path | bytes, name: str) -> Image.Image:
     if isinstance(source, bytes):
         if not source:
@@ -44,20 +79,7 @@ def _open(source: str | Path | bytes, name: str) -> Image.Image:
         stream: io.BytesIO | Path = io.BytesIO(source)
     else:
         stream = Path(source)
-        try:
-            if stream.is_dir():
-                raise NotAnImageError(f"{name}: is a directory; pass image files")
-            size = stream.stat().st_size
-            if size == 0:
-                raise NotAnImageError(f"{name}: empty file (0 bytes); pass an image file")
-            if size > MAX_IMAGE_BYTES:
-                raise ImageTooLargeError(f"{name}: {size} bytes is over the {MAX_IMAGE_BYTES}-byte limit for images")
-        except FileNotFoundError:
-            if stream.is_symlink():
-                raise ImageNotFoundError(f"{name}: broken symbolic link; fix or remove the link") from None
-            raise ImageNotFoundError(f"{name}: no such file; check the path") from None
-        except PermissionError:
-            raise ImageUnreadableError(f"{name}: permission denied; check the file's permissions") from None
+        check_image_file(stream, name)
     try:
         with warnings.catch_warnings():
             # Pillow warns from MAX_IMAGE_PIXELS (89 MP) and refuses from twice that; we refuse at the same point
