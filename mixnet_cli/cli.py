@@ -388,7 +388,7 @@ def classify(
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
 @click.option("--max-batch-size", default=None, type=click.IntRange(1, 1024),
-              help="Most images in one forward pass (default 8).")
+              help="Most images in one forward pass (default 4).")
 @click.option("--max-wait-ms", default=None, type=click.FloatRange(0, 10_000),
               help="How long a batch waits for more images after its first (default 2).")
 @click.option("--max-queue", default=None, type=click.IntRange(1, 1_000_000),

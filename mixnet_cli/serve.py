@@ -38,9 +38,10 @@ if TYPE_CHECKING:
 
 SERVE_EXTRA = 'pip install "mixnet-cli[serve]"'
 DEFAULT_TOPK = 5
-# The batch sizes and wait measured in BENCHMARKS.md ("Serve"): on a 2-core CPU a batch of 8 gains little over 4
-# per image, and a wait of a few milliseconds gathers the requests that arrive together without slowing one alone.
-DEFAULT_MAX_BATCH_SIZE = 8
+# Measured in BENCHMARKS.md ("Serve", the batching options): on a 2-core CPU batches of 4 gave the most images/s
+# at 16 clients (8 and 16 were slower per image, as in `classify`, whose -b default is 4 for the same reason), and
+# a wait of 2 ms gathers the requests that arrive together without slowing one alone noticeably.
+DEFAULT_MAX_BATCH_SIZE = 4
 DEFAULT_MAX_WAIT_MS = 2.0
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_DEADLINE_S = 30.0
