@@ -440,11 +440,10 @@ def serve(
     accepting, finishes the requests in flight and exits 0.
     """
     from . import serve as service
-    from .errors import EngineError
 
     missing = service.serve_missing()
     if missing is not None:
-        raise EngineError(missing)
+        raise MixnetError(missing)
     names = [spec.name for spec in _specs(list(models) or ["S"])]
     device_name, engine_name = _device_and_engine(device, engine)
     defaults = service.ServeOptions()

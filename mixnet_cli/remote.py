@@ -31,6 +31,9 @@ def classify_remote(server: str, items: Iterable[InputItem], *, model: str, topk
 
     if batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
+    from .manifest import resolve_model
+
+    model_name = resolve_model(model).name  # a bad name fails here, before any request
     endpoint = server.rstrip("/") + "/v1/classify"
     session = requests.Session()
 
@@ -50,9 +53,6 @@ def classify_remote(server: str, items: Iterable[InputItem], *, model: str, topk
         answers = iter(_post(session, endpoint, files, model_name, topk, timeout) if files else [])
         return [entry if isinstance(entry, dict) else next(answers) for entry in prepared]
 
-    from .manifest import resolve_model
-
-    model_name = resolve_model(model).name
     pool = ThreadPoolExecutor(max_workers=REQUESTS_IN_FLIGHT, thread_name_prefix="mixnet-remote")
     in_flight: deque[Future[list[dict[str, Any]]]] = deque()
     try:

@@ -19,6 +19,7 @@ package (and ``mixnet --help``) works without the extra.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -34,6 +35,8 @@ from .batching import DynamicBatcher
 from .errors import ImageError, ImageTooLargeError, MixnetError, Overloaded, UsageError
 
 if TYPE_CHECKING:
+    import socket
+
     from .classifier import ClassificationResult, Classifier
 
 SERVE_EXTRA = 'pip install "mixnet-cli[serve]"'
@@ -187,12 +190,14 @@ _ENDPOINTS = ("/v1/classify", "/healthz", "/readyz", "/metrics", "/openapi.json"
 class Service:
     """The state behind the HTTP routes: options, loaded models, thread pools, metrics, readiness."""
 
-    def __init__(self, options: ServeOptions, on_load_failure: Callable[[BaseException], None] | None = None) -> None:
+    def __init__(self, options: ServeOptions, on_load_failure: Callable[[BaseException], None] | None = None,
+                 url: str = "") -> None:
         from .engines.base import physical_cores
         from .manifest import resolve_model
 
         options.check()
         self.options = options
+        self.url = url or _url(options.host, options.port)
         # Each model once, by its full name, in the order given; the first is a request's default.
         self.model_names = list(dict.fromkeys(resolve_model(name).name for name in options.models))
         self.models: dict[str, _LoadedModel] = {}
@@ -263,7 +268,7 @@ class Service:
             self.models[name] = _LoadedModel(classifier, batcher)
         self.ready = True
         self.metrics.ready.set(1)
-        _log.info("ready: %s on http://%s:%d", ", ".join(self.model_names), options.host, options.port)
+        _log.info("ready: %s on %s", ", ".join(self.model_names), self.url)
 
     def _failed(self, exc: BaseException) -> None:
         self.load_error = exc
@@ -462,7 +467,7 @@ def create_app(service: Service) -> Any:
     async def openapi(request: Any) -> Any:
         return JSONResponse(openapi_document(service))
 
-    @_lifespan_context
+    @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> Any:
         service.start_loading()
         yield
@@ -476,12 +481,6 @@ def create_app(service: Service) -> Any:
         Route("/openapi.json", openapi, methods=["GET"]),
     ], lifespan=lifespan)
     return _Observed(app, service)
-
-
-def _lifespan_context(function: Callable[[Any], Any]) -> Any:
-    import contextlib
-
-    return contextlib.asynccontextmanager(function)
 
 
 class _Observed:
@@ -523,8 +522,9 @@ class _Observed:
         client = scope.get("client") or ("-", 0)
         state = scope.get("state", {})
         if self.service.options.log_format == "json":
+            now = time.time()
             entry = {
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z",
                 "client": client[0], "method": scope.get("method"), "path": path,
                 "query": scope.get("query_string", b"").decode("latin-1"), "status": status,
                 "duration_ms": round(elapsed * 1000, 3), "model": state.get("model"), "images": state.get("images"),
@@ -604,16 +604,14 @@ def openapi_document(service: Service) -> dict[str, Any]:
 def run(options: ServeOptions) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting, finish the requests in flight and return.
 
-    Raises :class:`~mixnet_cli.errors.EngineError` when the ``[serve]`` extra is missing, and the error that
-    stopped a model from loading (the service then shuts down).
+    Raises :class:`~mixnet_cli.errors.MixnetError` when the ``[serve]`` extra is missing or the address cannot
+    be listened on, and the error that stopped a model from loading (the service then shuts down).
     """
     import sys
 
-    from .errors import EngineError
-
     missing = serve_missing()
     if missing is not None:
-        raise EngineError(missing)
+        raise MixnetError(missing)
     import uvicorn
 
     options.check()
@@ -624,29 +622,53 @@ def run(options: ServeOptions) -> None:
         access_log.setLevel(logging.INFO)
         access_log.propagate = False
 
+    # The socket first: an address in use is one line before anything loads, and port 0 gets its real number.
+    listener = listen(options.host, options.port)
+    host, port = listener.getsockname()[:2]
     server: Any = None
 
     def stop_on_failure(exc: BaseException) -> None:
         server.should_exit = True
 
-    service = Service(options, on_load_failure=stop_on_failure)
-    config = uvicorn.Config(create_app(service), host=options.host, port=options.port, log_level="warning",
+    service = Service(options, on_load_failure=stop_on_failure, url=_url(host, port))
+    config = uvicorn.Config(create_app(service), host=host, port=port, log_level="warning",
                             access_log=False, lifespan="on", server_header=False,
                             # In-flight requests end within their deadline; then the server stops anyway.
                             timeout_graceful_shutdown=int(math.ceil(options.deadline_s)) + 5)
     server = uvicorn.Server(config)
-    _log.info("listening on http://%s:%d (/readyz answers 200 once the models are loaded)", options.host, options.port)
+    _log.info("listening on %s (/readyz answers 200 once the models are loaded)", service.url)
     # uvicorn handles SIGTERM and SIGINT itself (stop accepting, finish requests in flight), then raises the
     # signal again for the handler that was there before: a no-op one, so that a clean stop exits 0.
     previous = {number: signal.signal(number, lambda *_: None) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server.run()
+        server.run(sockets=[listener])
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+        listener.close()
     if service.load_error is not None:
         raise service.load_error
-    if not server.started:
-        raise EngineError(f"could not listen on {options.host}:{options.port} (in use, or not an address of this "
-                          "machine); choose another with --host/--port")
     _log.info("stopped")
+
+
+def listen(host: str, port: int) -> "socket.socket":
+    """A TCP socket bound to ``host:port`` (0: any free port); :class:`MixnetError` when it cannot be."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as exc:
+        raise MixnetError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        raise MixnetError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port or "
+                          "--host") from None
+    return listener
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

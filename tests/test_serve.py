@@ -453,3 +453,16 @@ def test_the_batcher_batches_on_its_ladder_and_bounds_its_queue():
     results = asyncio.run(scenario())
     assert [float(row[0]) for row in results] == [2.0 * i for i in range(7)]
     assert sorted(sizes, reverse=True) == [4, 2, 1]
+
+
+@needs_serve
+def test_an_address_in_use_is_a_one_line_error_before_anything_loads(random_mirror):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["serve", "--port", str(port)], catch_exceptions=False)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"Error: cannot listen on 127.0.0.1:{port} (Address already in use); choose " \
+                                    "another --port or --host"
+    assert random_mirror.requests == []
