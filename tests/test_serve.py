@@ -189,10 +189,11 @@ def service(service_home: Path, mirror: GatedMirror, tmp_path_factory: pytest.Te
 @pytest.fixture(scope="module")
 def tiny_service(service: Any, service_home: Path, mirror: GatedMirror, tmp_path_factory: pytest.TempPathFactory
                  ) -> Iterator[ServerProcess]:
-    """A queue of 2 images and batches that wait 1.5 s for more: requests stay in flight long enough to watch."""
+    """A queue of 2 images and batches that wait 1.5 s for more: requests stay in flight long enough to watch.
+    It also fetches image URLs (--allow-urls)."""
     server = ServerProcess(service_home, mirror.url, tmp_path_factory.mktemp("serve-logs") / "tiny.log",
                            "--model", "S", "--max-batch-size", "4", "--max-wait-ms", "1500", "--max-queue", "2",
-                           "--no-access-log")
+                           "--no-access-log", "--allow-urls")
     try:
         server.wait_for("/readyz", 200)
         yield server
@@ -377,6 +378,21 @@ def test_classify_through_the_server_prints_what_a_local_run_prints(service, ser
     unknown = _local("classify", str(photos[0]), "--server", f"http://127.0.0.1:{_free_port()}",
                      home=service_home, monkeypatch=monkeypatch)
     assert unknown.exit_code == 1 and "cannot reach the service" in unknown.stderr
+
+
+@needs_serve
+def test_image_urls_are_fetched_only_when_allowed(tiny_service, service, photos, file_server):
+    main_server, _ = service
+    host = file_server(photos[0].parent)
+    url = f"{host.url}/{photos[0].name}"
+    fetched = tiny_service.post("?" + requests.compat.urlencode({"url": url, "topk": 3}))
+    assert fetched.status_code == 200
+    assert fetched.json() == {**main_server.post("?topk=3", data=photos[0].read_bytes()).json(), "input": url}
+    missing = tiny_service.post("?" + requests.compat.urlencode({"url": f"{host.url}/missing.jpg"}))
+    assert missing.status_code == 422 and missing.json()["error"]["type"] == "ImageDownloadError"
+    assert host.requests == [f"/{photos[0].name}", "/missing.jpg"]
+    refused = main_server.post("?" + requests.compat.urlencode({"url": url}))
+    assert refused.status_code == 400 and len(host.requests) == 2
 
 
 @needs_serve
