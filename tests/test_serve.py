@@ -482,3 +482,11 @@ def test_an_address_in_use_is_a_one_line_error_before_anything_loads(random_mirr
     assert result.stderr.strip() == f"Error: cannot listen on 127.0.0.1:{port} (Address already in use); choose " \
                                     "another --port or --host"
     assert random_mirror.requests == []
+
+
+@needs_serve
+def test_a_model_that_cannot_load_stops_the_service_with_its_error():
+    result = CliRunner().invoke(main, ["serve", "--port", "0", "--offline"], catch_exceptions=False)
+    assert result.exit_code == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: MixNet_S weights are not in the cache") and "offline" in last
