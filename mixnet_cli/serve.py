@@ -607,8 +607,6 @@ def run(options: ServeOptions) -> None:
     Raises :class:`~mixnet_cli.errors.MixnetError` when the ``[serve]`` extra is missing or the address cannot
     be listened on, and the error that stopped a model from loading (the service then shuts down).
     """
-    import sys
-
     missing = serve_missing()
     if missing is not None:
         raise MixnetError(missing)
@@ -616,11 +614,9 @@ def run(options: ServeOptions) -> None:
 
     options.check()
     if options.access_log and not access_log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        access_log.addHandler(handler)
+        access_log.addHandler(_AccessLines())
         access_log.setLevel(logging.INFO)
-        access_log.propagate = False
+        access_log.propagate = False  # the line alone, without the "mixnet: " of the library's notices
 
     # The socket first: an address in use is one line before anything loads, and port 0 gets its real number.
     listener = listen(options.host, options.port)
@@ -649,6 +645,19 @@ def run(options: ServeOptions) -> None:
     if service.load_error is not None:
         raise service.load_error
     _log.info("stopped")
+
+
+class _AccessLines(logging.Handler):
+    """Access log lines on whatever ``sys.stderr`` is when each is written, one per line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        import sys
+
+        try:
+            sys.stderr.write(record.getMessage() + "\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 (a log line must never take a request down)
+            self.handleError(record)
 
 
 def listen(host: str, port: int) -> "socket.socket":
