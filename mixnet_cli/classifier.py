@@ -19,7 +19,7 @@ import numpy as np
 
 from .engine import DeviceChoice, Engine, EngineChoice, choose_engine, create_engine
 from .postprocess import softmax
-from .errors import MixnetError, UsageError
+from .errors import ImageError, MixnetError, UsageError
 from .inputs import InputItem
 from .labels import imagenet_labels
 from .manifest import ModelSpec, resolve_model
@@ -187,6 +187,9 @@ class Classifier:
                 return name, self.preprocess(image, name)
             except MixnetError as exc:
                 return name, exc
+            except Exception as exc:  # noqa: BLE001 - whatever one input raises is that input's error, never the run's
+                text = (str(exc).strip().splitlines() or [""])[0][:200]
+                return name, ImageError(f"{name}: cannot read ({type(exc).__name__}: {text}); check the input")
 
         # A job known to be large starts in bulk mode; others switch once they prove large.
         engine = self.engine_for(len(images), batch_size) if isinstance(images, Sized) else self.engine

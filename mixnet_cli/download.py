@@ -18,6 +18,7 @@ import hashlib
 import json
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -237,7 +238,7 @@ def _attempt(url: str, destination: Path, *, label: str, progress: bool | None, 
         headers["If-Range"] = info.validator
     timeout = settings.download_timeout()
     try:
-        response = requests.get(url, stream=True, timeout=(timeout, timeout), headers=headers)
+        response = session().get(url, stream=True, timeout=(timeout, timeout), headers=headers)
     except requests.RequestException as exc:
         unreachable = isinstance(exc, requests.ConnectionError) and not isinstance(exc, requests.Timeout)
         raise _Retryable(f"cannot reach {url} ({_reason(exc, timeout)})", unreachable=unreachable) from None
@@ -320,6 +321,103 @@ def _attempt(url: str, destination: Path, *, label: str, progress: bool | None, 
     if total is not None and size != total:
         raise _Retryable(f"download of {url} broke off after {size} of {total} bytes (connection closed early)")
     return Downloaded(url=url, size=size, sha256=digest.hexdigest(), resumed_from=offset)
+
+
+_sessions = threading.local()
+
+
+def session() -> Any:
+    """This thread's ``requests.Session``: connections to a host are kept and reused between requests (a session
+    is not safe to share between threads, and the decode threads fetch image URLs side by side)."""
+    import requests
+
+    if getattr(_sessions, "session", None) is None:
+        _sessions.session = requests.Session()
+    return _sessions.session
+
+
+class ResponseTooLarge(DownloadError):
+    """The body is larger than the caller's limit."""
+
+
+class DeadlinePassed(DownloadError, TimeoutError):
+    """The whole fetch took longer than its deadline."""
+
+
+def fetch_bytes(url: str, *, max_bytes: int, deadline_s: float | None = None) -> bytes:
+    """Download ``url`` into memory (an image, not weights: nothing is written to disk) and return the body.
+
+    The weights' HTTP layer: the same session, ``MIXNET_TIMEOUT`` for each connect and read, ``MIXNET_RETRIES``
+    with backoff for failures that may pass (timeouts, dropped connections, HTTP 429 and 5xx). All of it within
+    ``deadline_s`` seconds (default ``MIXNET_URL_DEADLINE``): a server that sends a byte now and then, never
+    idle long enough for a read timeout, is cut off there. Raises :class:`DeadlinePassed` at the deadline,
+    :class:`ResponseTooLarge` past ``max_bytes`` (declared or received), :class:`DownloadError` otherwise.
+    """
+    deadline = settings.url_deadline() if deadline_s is None else deadline_s
+    end = time.monotonic() + deadline
+    attempts = settings.download_retries() + 1
+    failures = 0
+    while True:
+        try:
+            return _fetch_bytes_once(url, max_bytes, end, deadline)
+        except _Retryable as exc:
+            failures += 1
+            if failures >= attempts:
+                tries = "1 attempt" if attempts == 1 else f"{attempts} attempts"
+                raise DownloadError(f"{exc} (gave up after {tries}); check the URL or try again later") from None
+            delay = retry_delay(failures, exc.retry_after, settings.download_backoff(), settings.download_backoff_max())
+            if time.monotonic() + delay >= end:
+                raise DeadlinePassed(f"{exc}, and no time is left for another attempt within {deadline:g} s "
+                                     "(MIXNET_URL_DEADLINE)") from None
+            notice(f"{exc}; retrying in {delay:g}s (attempt {failures + 1} of {attempts})")
+            time.sleep(delay)
+
+
+def _fetch_bytes_once(url: str, max_bytes: int, end: float, deadline: float) -> bytes:
+    import requests
+    import urllib3
+
+    def past_deadline() -> DeadlinePassed:
+        return DeadlinePassed(f"{url}: not complete within {deadline:g} s (MIXNET_URL_DEADLINE sets the limit); "
+                              "check the URL or try again later")
+
+    remaining = end - time.monotonic()
+    if remaining <= 0:
+        raise past_deadline()
+    # No single wait may outlast the deadline either.
+    timeout = min(settings.download_timeout(), remaining)
+    try:
+        response = session().get(url, stream=True, timeout=(timeout, timeout))
+    except requests.RequestException as exc:
+        if time.monotonic() >= end:
+            raise past_deadline() from None
+        unreachable = isinstance(exc, requests.ConnectionError) and not isinstance(exc, requests.Timeout)
+        raise _Retryable(f"cannot reach {url} ({_reason(exc, timeout)})", unreachable=unreachable) from None
+    with response:
+        status = response.status_code
+        if status == 429 or 500 <= status < 600:
+            raise _Retryable(f"{url} answered HTTP {status} {response.reason or ''}".rstrip(),
+                             retry_after=parse_retry_after(response.headers.get("Retry-After")))
+        if status != 200:
+            raise DownloadError(f"{url}: server answered HTTP {status}; check the URL")
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > max_bytes:
+            raise ResponseTooLarge(f"{url}: {int(declared)} bytes is over the {max_bytes}-byte limit")
+        received: list[bytes] = []
+        size = 0
+        try:
+            for chunk in _chunks(response):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ResponseTooLarge(f"{url}: more than {max_bytes} bytes, over the limit")
+                received.append(chunk)
+                if time.monotonic() >= end:
+                    raise past_deadline()
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+            if time.monotonic() >= end:
+                raise past_deadline() from None
+            raise _Retryable(f"download of {url} broke off after {size} bytes ({_reason(exc, timeout)})") from None
+    return b"".join(received)
 
 
 def _chunks(response: Any) -> Any:

@@ -69,7 +69,7 @@ def require_engine(name: str) -> None:
 def choose_engine(engine: str = "auto", device: str = "auto") -> EngineChoice:
     """Settle engine and device together: ``auto`` is the fastest engine installed for the device.
 
-    The engines' ranks in :mod:`mixnet_cli.engines` order them: on the CPU OpenVINO, then ONNX Runtime, then
+    The engines' ranks in :mod:`mixnet_cli.engines` order them: on the CPU ONNX Runtime, then OpenVINO, then
     Paddle Inference; on a GPU ONNX Runtime with onnxruntime-gpu, then Paddle Inference with a CUDA build of
     paddle. Nothing here imports paddle unless a paddle engine, or a GPU only paddle could drive, is in
     question. A GPU asked for that no installed engine can drive is an error, never a silent fallback.

@@ -15,14 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator, Union
 
-from .preprocess import MAX_IMAGE_BYTES
+from .preprocess import IMAGE_SUFFIXES, MAX_IMAGE_BYTES
 from .errors import ImageError, ImageNotFoundError, ImageTooLargeError, ImageUnreadableError, UsageError
 
-IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff",
-     ".ppm", ".pgm", ".pbm", ".pnm", ".ico", ".tga"}
-)
-URL_TIMEOUT_S = 30.0
 _GLOB_CHARS = frozenset("*?[")
 
 ImageSource = Union[Path, bytes]
@@ -67,31 +62,20 @@ def is_url(argument: str) -> bool:
     return argument.lower().startswith(("http://", "https://"))
 
 
-def fetch_image_url(url: str, *, timeout: float = URL_TIMEOUT_S, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
-    """Download one image URL into memory, with a timeout and a size limit."""
-    import requests
+def fetch_image_url(url: str, *, max_bytes: int = MAX_IMAGE_BYTES, deadline_s: float | None = None) -> bytes:
+    """Download one image URL into memory through the weights' HTTP layer (:func:`mixnet_cli.download.fetch_bytes`:
+    its session, timeouts and retries), within ``deadline_s`` (default ``MIXNET_URL_DEADLINE``) and ``max_bytes``.
+    Raises :class:`ImageDownloadError` or :class:`ImageTooLargeError`, naming the URL."""
+    from .download import ResponseTooLarge, fetch_bytes
+    from .errors import DownloadError
 
     try:
-        with requests.get(url, stream=True, timeout=(timeout, timeout)) as response:
-            if response.status_code != 200:
-                raise ImageDownloadError(
-                    f"{url}: server answered HTTP {response.status_code}; check the URL"
-                )
-            declared = response.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > max_bytes:
-                raise ImageTooLargeError(f"{url}: {int(declared)} bytes is over the {max_bytes}-byte limit for images")
-            chunks: list[bytes] = []
-            size = 0
-            for chunk in response.iter_content(1 << 16):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise ImageTooLargeError(f"{url}: more than {max_bytes} bytes, over the limit for images")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except requests.Timeout:
-        raise ImageDownloadError(f"{url}: timed out after {timeout:g} s; check the URL or try again") from None
-    except requests.RequestException as exc:
-        raise ImageDownloadError(f"{url}: cannot download ({type(exc).__name__}); check the URL and network") from None
+        return fetch_bytes(url, max_bytes=max_bytes, deadline_s=deadline_s)
+    except ResponseTooLarge as exc:
+        raise ImageTooLargeError(f"{exc} for images") from None
+    except DownloadError as exc:
+        message = str(exc)
+        raise ImageDownloadError(message if message.startswith(url) else f"{url}: {message}") from None
 
 
 def _read_stream(stream: BinaryIO, name: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:

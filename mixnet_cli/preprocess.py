@@ -1,10 +1,18 @@
 """Images in, network input out: PaddleClas's MixNet evaluation pipeline, reproduced.
 
-PaddleClas decodes with ``cv2.imdecode(..., IMREAD_COLOR)``, resizes the short side with cv2's bilinear filter,
-centre-crops, scales and normalises. We decode with Pillow (more formats, and it reports truncated files where
-cv2 silently fills them with grey) and convert every image mode the way cv2's decoder does, so the pixels are the
-ones PaddleClas sees. The resize is cv2's own ``INTER_LINEAR``: Pillow's bilinear filter antialiases when it
-shrinks and cv2's does not, so only cv2 itself gives PaddleClas's pixels exactly (cv2 comes with paddleclas).
+PaddleClas decodes with ``cv2.imdecode(data, IMREAD_COLOR)`` and turns BGR into RGB, resizes the short side with
+cv2's bilinear filter, centre-crops, scales and normalises. mixnet decodes with that same call, so every file the
+installed OpenCV reads gives PaddleClas's pixels by construction, whatever its format, bit depth, colour model or
+EXIF orientation. Pillow serves for the rest:
+
+- reading the header first, so that a file whose header claims more than :data:`MAX_PIXELS` is refused before any
+  decoder allocates it;
+- telling a truncated JPEG from a whole one (OpenCV 4.6 fills the missing part with grey without a word);
+- decoding what OpenCV cannot (GIF, AVIF and animated WebP with OpenCV 4.6; ICO, TGA, PSD, QOI...), converting
+  its pixels the way OpenCV's decoders would where the format has an OpenCV counterpart.
+
+The resize is cv2's own ``INTER_LINEAR``: Pillow's bilinear filter antialiases when it shrinks and cv2's does not,
+so only cv2 itself gives PaddleClas's pixels exactly.
 """
 
 from __future__ import annotations
@@ -12,10 +20,10 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps
 
 from .errors import (
     ImageError,
@@ -29,83 +37,133 @@ from .manifest import Preprocessing
 
 ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
 
-# Pillow warns from 89 megapixels and refuses (DecompressionBombError) beyond twice that; the same limit here.
+# Pillow warns from 89 megapixels and refuses (DecompressionBombError) beyond twice that; the same limit here, for
+# the decoded image and for the resized one (an extreme strip, 1,000,000 x 1, would become 256,000,000 x 256).
 MAX_PIXELS = 2 * 89_478_485
 # Bigger than any photo a classifier needs; a guard against filling memory from a URL or a mistaken path.
 MAX_IMAGE_BYTES = 256 * 1024 * 1024
 # EXIF orientations that turn or mirror the image (1 is upright).
 _TURNED = frozenset(range(2, 9))
 
+# The file name extensions of every format the decoder reads, lower case: what a directory listing picks up.
+# OpenCV's (imgcodecs: JPEG, PNG, BMP, WebP, AVIF, TIFF, the PNM family, PFM, Sun raster, JPEG 2000, GIF) and
+# Pillow's still images (MPO, APNG, ICO, TGA, PSD, QOI, SGI, PCX, DDS, XBM, XPM...). Pillow formats that are not
+# pictures (.h5, .grib, .mpg: stubs it can only identify) or need outside tools (.eps, .wmf) are left out.
+# tests/test_decode.py writes a file for each extension it can and checks that it is listed and read.
+IMAGE_SUFFIXES = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo",
+    ".png", ".apng",
+    ".bmp", ".dib",
+    ".gif",
+    ".webp",
+    ".avif", ".avifs",
+    ".tif", ".tiff",
+    ".pbm", ".pgm", ".ppm", ".pnm", ".pxm", ".pfm",
+    ".sr", ".ras",
+    ".jp2", ".j2k", ".j2c", ".jpc", ".jpf", ".jpx",
+    ".ico", ".cur", ".icns",
+    ".tga", ".psd", ".qoi", ".sgi", ".pcx", ".dds", ".xbm", ".xpm",
+})
 
-def check_image_file(path: Path, name: str) -> None:
-    """Raise the :class:`ImageError` a file that cannot be an image gets before it is opened: missing, a
-    directory, empty, over :data:`MAX_IMAGE_BYTES`, unreadable."""
+
+def _cv2() -> Any:
+    from .third_party import import_cv2
+
+    return import_cv2(MAX_PIXELS)
+
+
+def read_image_bytes(source: str | Path | bytes, name: str) -> bytes:
+    """The encoded file, whole, with the checks that need no decoder (what ``classify --server`` sends).
+    Raises the input's :class:`ImageError`: missing, a directory, empty, over :data:`MAX_IMAGE_BYTES`."""
+    if isinstance(source, bytes):
+        if not source:
+            raise NotAnImageError(f"{name}: empty data; pass an image file")
+        if len(source) > MAX_IMAGE_BYTES:
+            raise ImageTooLargeError(f"{name}: {len(source)} bytes is over the {MAX_IMAGE_BYTES}-byte limit for images")
+        return source
+    path = Path(source)
     try:
         if path.is_dir():
             raise NotAnImageError(f"{name}: is a directory; pass image files")
-        size = path.stat().st_size
-        if size == 0:
-            raise NotAnImageError(f"{name}: empty file (0 bytes); pass an image file")
-        if size > MAX_IMAGE_BYTES:
-            raise ImageTooLargeError(f"{name}: {size} bytes is over the {MAX_IMAGE_BYTES}-byte limit for images")
+        with path.open("rb") as stream:
+            data = stream.read(MAX_IMAGE_BYTES + 1)
     except FileNotFoundError:
         if path.is_symlink():
             raise ImageNotFoundError(f"{name}: broken symbolic link; fix or remove the link") from None
         raise ImageNotFoundError(f"{name}: no such file; check the path") from None
     except PermissionError:
         raise ImageUnreadableError(f"{name}: permission denied; check the file's permissions") from None
-
-
-def read_image_bytes(source: Path | bytes, name: str) -> bytes:
-    """The encoded bytes of an image file (checked as :func:`check_image_file` does), or ``source`` itself when
-    it is bytes already: what a client sends to ``mixnet serve``."""
-    if isinstance(source, bytes):
-        return source
-    check_image_file(source, name)
-    try:
-        return source.read_bytes()
-    except FileNotFoundError:
-        raise ImageNotFoundError(f"{name}: no such file; check the path") from None
-    except PermissionError:
-        raise ImageUnreadableError(f"{name}: permission denied; check the file's permissions") from None
+    except IsADirectoryError:
+        raise NotAnImageError(f"{name}: is a directory; pass image files") from None
     except OSError as exc:
-        raise ImageUnreadableError(f"{name}: cannot read ({exc}); check the file") from None
+        raise ImageUnreadableError(f"{name}: cannot read ({exc.strerror or exc}); check the file") from None
+    if not data:
+        raise NotAnImageError(f"{name}: empty file (0 bytes); pass an image file")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageTooLargeError(f"{name}: more than {MAX_IMAGE_BYTES} bytes, over the limit for images")
+    return data
 
 
-def _open(source: str | Path | bytes, name: str) -> Image.Image:
-    if isinstance(source, bytes):
-        if not source:
-            raise NotAnImageError(f"{name}: empty data; pass an image file")
-        stream: io.BytesIO | Path = io.BytesIO(source)
-    else:
-        stream = Path(source)
-        check_image_file(stream, name)
+def _too_large(name: str, width: int, height: int) -> ImageTooLargeError:
+    return ImageTooLargeError(
+        f"{name}: {width}x{height} pixels is more than {MAX_PIXELS} (a possible decompression bomb); resize it first"
+    )
+
+
+def _open_header(data: bytes, name: str) -> Image.Image | None:
+    """Pillow's view of the file, header only (nothing decoded yet); None when Pillow does not know the format.
+    Raises :class:`ImageTooLargeError` when the header claims more than :data:`MAX_PIXELS` pixels."""
     try:
         with warnings.catch_warnings():
-            # Pillow warns from MAX_IMAGE_PIXELS (89 MP) and refuses from twice that; we refuse at the same point
-            # and let the images between through without the warning.
+            # Pillow warns from 89 MP and refuses from twice that; we refuse at the same point, silently below it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(stream)
-    except FileNotFoundError:
-        raise ImageNotFoundError(f"{name}: no such file; check the path") from None
-    except PermissionError:
-        raise ImageUnreadableError(f"{name}: permission denied; check the file's permissions") from None
+            image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
         raise ImageTooLargeError(
             f"{name}: image is larger than {MAX_PIXELS} pixels (a possible decompression bomb); resize it first"
         ) from None
-    except UnidentifiedImageError:
-        raise NotAnImageError(f"{name}: not an image file Pillow can read (JPEG, PNG, WebP, BMP, GIF, TIFF...)") from None
-    except OSError as exc:
-        raise ImageUnreadableError(f"{name}: cannot read ({exc}); check the file") from None
+    except Exception:  # unknown, or a header Pillow rejects (a bad CRC on an optional PNG chunk): OpenCV may read it
+        return None
     width, height = image.size
     if width * height > MAX_PIXELS:
-        raise ImageTooLargeError(
-            f"{name}: {width}x{height} pixels is more than {MAX_PIXELS} (a possible decompression bomb); resize it first"
-        )
-    if width < 1 or height < 1:
-        raise NotAnImageError(f"{name}: image has no pixels ({width}x{height})")
+        raise _too_large(name, width, height)
     return image
+
+
+def _check_jpeg_complete(data: bytes, header: Image.Image, name: str) -> None:
+    # OpenCV 4.6's libjpeg fills the missing end of a truncated JPEG with grey and returns an image. A whole file
+    # ends with the end-of-image marker (FF D9 cannot occur inside the compressed data, where FF is escaped), and
+    # a cut-short one cannot, so that is the common case settled for free. Others (a cut file, or one with bytes
+    # after its end marker) go to Pillow's decoder, which says "truncated"; at 1/8 scale, the DCT's own
+    # downscaling, it still reads every byte of the compressed data.
+    if data.rstrip(b"\x00")[-2:] == b"\xff\xd9":
+        return
+    width, height = header.size
+    try:
+        header.draft(None, (max(1, width // 8), max(1, height // 8)))
+        header.load()
+    except OSError as exc:
+        if "truncated" in str(exc):
+            raise TruncatedImageError(f"{name}: image file is truncated; re-download or re-export it") from None
+    except Exception:  # noqa: BLE001 - any other complaint of Pillow's: OpenCV read the file, as PaddleClas does
+        pass
+
+
+def _decode_bytes(data: bytes, name: str) -> np.ndarray:
+    header = _open_header(data, name)
+    cv2 = _cv2()
+    try:
+        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:
+        bgr = None  # a size over OpenCV's own limit, or a decoder's assertion: Pillow has its say below
+    if bgr is not None and bgr.size:
+        if header is not None and header.format in ("JPEG", "MPO"):
+            _check_jpeg_complete(data, header, name)
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    if header is None:
+        raise NotAnImageError(
+            f"{name}: not an image file OpenCV or Pillow can read (JPEG, PNG, WebP, BMP, GIF, TIFF...)")
+    return _pillow_pixels(header, name)
 
 
 def _cmyk_to_rgb_like_cv2(image: Image.Image) -> np.ndarray:
@@ -118,7 +176,8 @@ def _cmyk_to_rgb_like_cv2(image: Image.Image) -> np.ndarray:
 
 
 def _to_rgb_like_cv2(image: Image.Image) -> np.ndarray:
-    """An HxWx3 uint8 RGB array with the pixels ``cv2.imdecode(IMREAD_COLOR)`` would give (then BGR->RGB)."""
+    """An HxWx3 uint8 RGB array from a Pillow image, converted as OpenCV's decoders convert the same pixel
+    format: for images handed in as PIL images, and files only Pillow reads."""
     mode = image.mode
     if mode == "RGB":
         return np.asarray(image)
@@ -138,38 +197,59 @@ def _to_rgb_like_cv2(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def decode(source: ImageInput, name: str | None = None) -> np.ndarray:
-    """Decode an image (path, encoded bytes, PIL image or HxWx3 RGB uint8 array) to an HxWx3 uint8 RGB array.
-
-    EXIF orientation is applied; alpha is dropped; grey, palette, CMYK and 16-bit images become 8-bit RGB, all
-    as PaddleClas's cv2 decoder does. GIFs and other multi-frame files give their first frame.
-    """
-    label = name if name is not None else (str(source) if isinstance(source, (str, Path)) else "<image>")
-    if isinstance(source, np.ndarray):
-        return _from_array(source, label)
-    if isinstance(source, Image.Image):
-        image = source
-    elif isinstance(source, (str, Path, bytes)):
-        image = _open(source, label)
-    else:
-        raise NotAnImageError(
-            f"{label}: a {type(source).__name__} is not an image; pass a path, encoded bytes, a PIL image or an array"
-        )
+def _pillow_pixels(image: Image.Image, name: str) -> np.ndarray:
+    """Decode a Pillow image (its first frame), apply its EXIF orientation, and convert it to RGB."""
     try:
         image.load()
         if image.getexif().get(ExifTags.Base.Orientation, 1) in _TURNED:
             # Only then: for an upright image exif_transpose returns a copy, a tenth of the decode time.
             image = ImageOps.exif_transpose(image) or image
         return np.ascontiguousarray(_to_rgb_like_cv2(image))
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        text = str(exc).lower()
+        if any(sign in text for sign in _TRUNCATION_SIGNS) or isinstance(exc, EOFError):
+            raise TruncatedImageError(f"{name}: image file is truncated or corrupt; re-download or re-export it") from None
+        raise NotAnImageError(f"{name}: cannot decode ({_first_line(exc)}); check the file") from None
+
+
+# How Pillow's decoders say that the data ended early.
+_TRUNCATION_SIGNS = ("truncated", "broken data stream", "premature", "not enough", "unexpected end", "incomplete")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def decode(source: ImageInput, name: str | None = None) -> np.ndarray:
+    """Decode an image (path, encoded bytes, PIL image or HxWx3 RGB uint8 array) to an HxWx3 uint8 RGB array.
+
+    Files and bytes are decoded by ``cv2.imdecode(IMREAD_COLOR)``, exactly as PaddleClas does (EXIF orientation
+    applied, alpha dropped, grey, palette, CMYK and 16-bit images made 8-bit BGR by OpenCV's rules), then made
+    RGB; what the installed OpenCV cannot read is decoded by Pillow (the first frame of an animation). Raises an
+    :class:`~mixnet_cli.errors.ImageError` subclass for anything wrong with this input, whatever the library
+    underneath raised: missing, unreadable, empty, truncated, not an image, over :data:`MAX_PIXELS`.
+    """
+    label = name if name is not None else (str(source) if isinstance(source, (str, Path)) else "<image>")
+    try:
+        if isinstance(source, np.ndarray):
+            return _from_array(source, label)
+        if isinstance(source, Image.Image):
+            width, height = source.size
+            if width * height > MAX_PIXELS:
+                raise _too_large(label, width, height)
+            return _pillow_pixels(source, label)
+        if isinstance(source, (str, Path, bytes)):
+            return _decode_bytes(read_image_bytes(source, label), label)
+        raise NotAnImageError(
+            f"{label}: a {type(source).__name__} is not an image; pass a path, encoded bytes, a PIL image or an array"
+        )
     except ImageError:
         raise
-    except OSError as exc:
-        text = str(exc)
-        if "truncated" in text or "broken data stream" in text or "premature" in text.lower():
-            raise TruncatedImageError(f"{label}: image file is truncated or corrupt; re-download or re-export it") from None
-        raise NotAnImageError(f"{label}: cannot decode ({text}); check the file") from None
-    except (ValueError, SyntaxError, MemoryError) as exc:
-        raise NotAnImageError(f"{label}: cannot decode ({exc}); check the file") from None
+    except MemoryError:
+        raise ImageTooLargeError(f"{label}: not enough memory to decode this image; resize it first") from None
+    except Exception as exc:  # noqa: BLE001 - whatever a decoder raises for one input is that input's error
+        raise NotAnImageError(f"{label}: cannot decode ({type(exc).__name__}: {_first_line(exc)}); check the file") from None
 
 
 def _from_array(array: np.ndarray, label: str) -> np.ndarray:
@@ -179,16 +259,29 @@ def _from_array(array: np.ndarray, label: str) -> np.ndarray:
         raise NotAnImageError(
             f"{label}: arrays must be uint8 HxW (grey), HxWx3 (RGB) or HxWx4 (RGBA), got {array.shape} {array.dtype}"
         )
+    if array.shape[0] < 1 or array.shape[1] < 1:
+        raise NotAnImageError(f"{label}: image has no pixels ({array.shape[1]}x{array.shape[0]})")
     return np.ascontiguousarray(array[..., :3])
 
 
-def transform(rgb: np.ndarray, pre: Preprocessing) -> np.ndarray:
-    """PaddleClas's ResizeImage(resize_short) + CropImage + NormalizeImage + ToCHW on an RGB uint8 array."""
-    import cv2
-
-    height, width = rgb.shape[:2]
+def resized_size(width: int, height: int, pre: Preprocessing) -> tuple[int, int]:
+    """PaddleClas's ResizeImage(resize_short): the short side to ``pre.resize_short``, the long one in proportion."""
     percent = float(pre.resize_short) / min(width, height)
-    new_w, new_h = int(round(width * percent)), int(round(height * percent))
+    return int(round(width * percent)), int(round(height * percent))
+
+
+def transform(rgb: np.ndarray, pre: Preprocessing, name: str = "<image>") -> np.ndarray:
+    """PaddleClas's ResizeImage(resize_short) + CropImage + NormalizeImage + ToCHW on an HxWx3 RGB uint8 array:
+    a 3xSxS float32 array (S = ``pre.crop_size``). Raises :class:`ImageTooLargeError` when the resized image
+    would be over :data:`MAX_PIXELS` (an extreme aspect ratio)."""
+    cv2 = _cv2()
+    height, width = rgb.shape[:2]
+    new_w, new_h = resized_size(width, height, pre)
+    if new_w * new_h > MAX_PIXELS:
+        raise ImageTooLargeError(
+            f"{name}: {width}x{height} is too elongated: resizing its short side to {pre.resize_short} would make "
+            f"{new_w}x{new_h} pixels; crop it to a less extreme aspect ratio first"
+        )
     resized = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     top = (new_h - pre.crop_size) // 2
     left = (new_w - pre.crop_size) // 2
@@ -204,5 +297,15 @@ def transform(rgb: np.ndarray, pre: Preprocessing) -> np.ndarray:
 
 
 def load_and_transform(source: ImageInput, pre: Preprocessing, name: str | None = None) -> np.ndarray:
-    """decode() then transform(): one image to a 3xSxS float32 array."""
-    return transform(decode(source, name), pre)
+    """decode() then transform(): one image to a 3xSxS float32 array. Whatever goes wrong with this input is
+    raised as an :class:`~mixnet_cli.errors.ImageError` naming it."""
+    label = name if name is not None else (str(source) if isinstance(source, (str, Path)) else "<image>")
+    rgb = decode(source, label)
+    try:
+        return transform(rgb, pre, label)
+    except ImageError:
+        raise
+    except MemoryError:
+        raise ImageTooLargeError(f"{label}: not enough memory to resize this image; resize it first") from None
+    except Exception as exc:  # noqa: BLE001 - OpenCV's errors for one odd image end that image, not the run
+        raise NotAnImageError(f"{label}: cannot resize ({type(exc).__name__}: {_first_line(exc)}); check the file") from None

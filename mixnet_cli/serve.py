@@ -419,7 +419,7 @@ def create_app(service: Service) -> Any:
                                    {"Retry-After": "1"})
             request.state.model = name
             try:
-                return await asyncio.wait_for(answer(request, name, topk, url), deadline)
+                return await asyncio.wait_for(answer(request, name, topk, url, deadline), deadline)
             except asyncio.TimeoutError:
                 raise RequestError(504, "DeadlineExceeded",
                                    f"no answer within the deadline of {deadline:g} s; try again, or send fewer or "
@@ -429,14 +429,17 @@ def create_app(service: Service) -> Any:
         except Overloaded as exc:
             return error(RequestError(503, "Overloaded", str(exc), {"Retry-After": str(exc.retry_after)}))
 
-    async def answer(request: Any, name: str, topk: int, url: str | None) -> Any:
+    async def answer(request: Any, name: str, topk: int, url: str | None, deadline: float) -> Any:
         multipart = request.headers.get("content-type", "").startswith("multipart/form-data")
         body = await _read_body(request.stream(), service.options.max_body_bytes, request.headers.get("content-length"))
         images: list[tuple[str, Callable[[], bytes]]]
         if url is not None:
+            from . import settings
             from .inputs import fetch_image_url
 
-            images = [(url, lambda: fetch_image_url(url))]
+            # classify's fetcher (the weights' HTTP layer: timeouts, size cap), within the request's deadline too.
+            within = min(deadline, settings.url_deadline())
+            images = [(url, lambda: fetch_image_url(url, deadline_s=within))]
         elif multipart:
             images = [(filename, (lambda data=data: data)) for filename, data in await _form_images(request, body)]
         elif body:

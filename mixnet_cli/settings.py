@@ -102,6 +102,12 @@ def _number(name: str, default: float, minimum: float, strictly_above: bool = Fa
     return value
 
 
+def url_deadline() -> float:
+    """Seconds an image URL may take from the first connection to the last byte, retries included
+    (``MIXNET_URL_DEADLINE``, default 60): past it, that input fails and the run goes on."""
+    return _number("MIXNET_URL_DEADLINE", 60.0, 0.0, strictly_above=True)
+
+
 def download_retries() -> int:
     """How many times a failed download is retried (``MIXNET_RETRIES``, default 4; 0 disables retries).
 

@@ -129,3 +129,29 @@ def require_paddle(purpose: str) -> None:
         from .errors import EngineError
 
         raise EngineError(f"{purpose} needs the [paddle] extra; missing {missing}")
+
+
+def import_cv2(max_pixels: int) -> ModuleType:
+    """OpenCV, quiet, with its decoders limited to ``max_pixels`` pixels.
+
+    OpenCV's own log (``[ WARN:0@0.6] ... PNG input buffer is incomplete``) goes to stderr for every odd file it
+    meets; mixnet reports each input's trouble itself, in one line. ``OPENCV_IO_MAX_IMAGE_PIXELS`` (default 2^30)
+    is read by OpenCV on its first decode, so it is set, unless the user set it, before then: a header that
+    lies about its size is refused instead of allocated. libpng's own warnings (``libpng warning: ...``) are
+    printed by libpng itself and cannot be switched off from here.
+    """
+    if "cv2" not in sys.modules:
+        os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(max_pixels))
+    import cv2
+
+    global _cv2_quiet
+    if not _cv2_quiet:
+        try:
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+        except AttributeError:  # an OpenCV build without the logging module
+            pass
+        _cv2_quiet = True
+    return cv2
+
+
+_cv2_quiet = False

@@ -112,7 +112,8 @@ def test_engine_gives_reference_probabilities_and_top5(engine, converted_home, r
     assert np.abs(softmax(classifier.logits(batch[2:3])) - want[2:3]).max() <= 1e-4
     results = list(classifier.classify_many(pictures, batch_size=3))
     assert [[p.class_id for p in r.predictions] for r in results] == top5(want)
-    # The bulk sibling (OpenVINO's throughput mode) computes the same, from several threads at once.
+    # The bulk sibling (OpenVINO's streams, ONNX Runtime's one-thread session) computes the same, from several
+    # threads at once.
     bulk = classifier.engine.throughput()
     assert bulk.name == engine and bulk.parallel >= 1
     with ThreadPoolExecutor(max_workers=3) as pool:
@@ -132,11 +133,23 @@ def test_openvino_bulk_mode_runs_batches_side_by_side(converted_home, pictures, 
     assert bulk.parallel == 2 and "2 streams" in bulk.detail
 
 
-def test_auto_is_openvino_on_the_cpu_and_verbose_says_which_engine_ran(home_copy, pictures):
-    assert choose_engine("auto", "cpu").engine == "openvino"
+def test_onnxruntime_bulk_mode_runs_one_thread_batches_side_by_side(converted_home, monkeypatch):
+    monkeypatch.setenv("MIXNET_HOME", str(converted_home))
+    classifier = Classifier(MODEL, device="cpu", engine="onnxruntime", threads=2)
+    assert classifier.engine.parallel == 1 and "2 thread(s), latency mode" in classifier.engine.detail
+    bulk = classifier.engine.throughput()
+    assert bulk is not classifier.engine and bulk is classifier.engine.throughput() and bulk.throughput() is bulk
+    assert bulk.parallel == 2 and "2 batches at once, 1 thread each" in bulk.detail
+    # One thread has nothing to split: the engine is its own bulk mode.
+    single = Classifier(MODEL, device="cpu", engine="onnxruntime", threads=1).engine
+    assert single.throughput() is single and single.parallel == 1
+
+
+def test_auto_is_onnxruntime_on_the_cpu_and_verbose_says_which_engine_ran(home_copy, pictures):
+    assert choose_engine("auto", "cpu").engine == "onnxruntime"
     result = CliRunner().invoke(main, ["classify", str(pictures[0]), "--json", "-v"])
     assert result.exit_code == 0, result.output
-    assert "engine openvino (OpenVINO" in result.stderr and "f32" in result.stderr
+    assert "engine onnxruntime (CPUExecutionProvider" in result.stderr
     assert "converting" not in result.stderr
     assert len(json.loads(result.stdout)[0]["predictions"]) == 5
     assert "latency mode" in result.stderr
@@ -151,7 +164,7 @@ def test_a_large_job_runs_in_bulk_mode_with_the_same_answers(home_copy, pictures
         shutil.copy(pictures[index % len(pictures)], folder / f"{index:03d}.png")
     result = CliRunner().invoke(main, ["classify", str(folder), "--jsonl", "-v"])
     assert result.exit_code == 0, result.output
-    assert "streams" in result.stderr  # -v names the mode that ran
+    assert "batches at once" in result.stderr  # -v names the mode that ran
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [Path(row["input"]).name for row in rows] == sorted(p.name for p in folder.iterdir())
     single = CliRunner().invoke(main, ["classify", *(str(p) for p in pictures), "--jsonl"])
@@ -204,7 +217,7 @@ def test_cached_path_imports_no_paddle(engine, home_copy, pictures):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stderr
-    assert f"engine {'openvino' if engine == 'auto' else engine} (" in done.stderr
+    assert "engine onnxruntime (" in done.stderr
     assert json.loads(done.stdout)[0]["input"] == str(pictures[1])
 
 
@@ -227,9 +240,15 @@ def test_first_use_converts_once_installs_nothing_and_reconverts_a_corrupt_model
 
     [directory] = [p for p in (isolated_home / "onnx").iterdir() if p.is_dir()]
     assert directory.name == _sha256(isolated_home / "weights" / WEIGHTS_NAME)
-    assert sorted(p.name for p in directory.iterdir()) == ["MixNet_S.onnx", "record.json", "reference.json"]
+    # ONNX Runtime ran it: its own answers are the reference, so nothing was checked (or computed) twice.
+    assert sorted(p.name for p in directory.iterdir()) == ["MixNet_S.onnx", "record.json"]
     record = json.loads((directory / "record.json").read_text())
     assert record["files"]["MixNet_S.onnx"]["sha256"] == _sha256(directory / "MixNet_S.onnx")
+    with_openvino = runner.invoke(main, ["classify", str(pictures[0]), "--json", "--engine", "openvino"])
+    assert with_openvino.exit_code == 0, with_openvino.output
+    assert "converting" not in with_openvino.stderr
+    assert [p["class_id"] for p in json.loads(with_openvino.stdout)[0]["predictions"]] == \
+        [p["class_id"] for p in json.loads(first.stdout)[0]["predictions"]]
     # ONNX Runtime's logits on the test batch, for this very file; OpenVINO was held to them.
     reference = json.loads((directory / "reference.json").read_text())
     assert reference["model_sha256"] == record["files"]["MixNet_S.onnx"]["sha256"]
@@ -324,8 +343,9 @@ def test_a_cache_that_cannot_take_the_model_runs_it_from_memory_unless_openvino_
     auto = runner.invoke(main, ["classify", str(pictures[0]), "--json", "-v"])
     assert auto.exit_code == 0, auto.output
     assert "engine onnxruntime (" in auto.stderr and "built in memory" in auto.stderr
-    [warning] = [line for line in auto.stderr.splitlines() if line.startswith("Warning: ")]
-    assert "cannot" in warning and warning.endswith("using onnxruntime on cpu instead")
+    assert "Warning: " not in auto.stderr  # nothing failed: ONNX Runtime needs no file
+    bulk = Classifier(MODEL, engine="onnxruntime", threads=2).engine.throughput()
+    assert "built in memory" in bulk.detail
     explicit = runner.invoke(main, ["classify", str(pictures[0]), "--json", "--engine", "openvino"])
     assert explicit.exit_code == 1
     assert explicit.stderr.startswith("Error: ") and len(explicit.stderr.strip().splitlines()) == 1
@@ -342,7 +362,7 @@ def test_benchmark_reports_latency_rows(home_copy):
     rows = json.loads(result.stdout)
     assert [(r["model"], r["batch_size"]) for r in rows] == [("MixNet_S", 1), ("MixNet_S", 2)]
     for row in rows:
-        assert row["engine"] == "openvino" and row["device"] == "cpu" and row["threads"] == 1
+        assert row["engine"] == "onnxruntime" and row["device"] == "cpu" and row["threads"] == 1
         assert 0 < row["min_ms"] <= row["p10_ms"] <= row["median_ms"] <= row["p90_ms"] <= row["max_ms"]
         assert row["repeats"] == 3 and row["images_per_s"] > 0
     assert [r["paddleclas_v100_trt_ms"] for r in rows] == [SPEC.metrics.v100_trt_fp32_latency_ms["bs1"], None]
@@ -368,19 +388,19 @@ def test_measure_latency_times_the_engine(home_copy):
         measure_latency(classifier.engine, 0, 224)
 
 
-def test_openvino_is_checked_once_and_gives_way_to_onnxruntime_when_it_does_not_match(home_copy, pictures):
+def test_openvino_is_checked_once_and_refused_when_it_does_not_match(home_copy, pictures):
     [marker] = (home_copy / "openvino").glob("*/checked-openvino.json")
     assert json.loads(marker.read_text())["check"]["max_abs_probability_diff"] <= 1e-5
     marker.unlink()
-    # Reference logits that no engine gives: the check must fail, and auto falls back to ONNX Runtime.
+    # Reference logits that no engine gives: the check must fail.
     [reference_path] = (home_copy / "onnx").glob("*/reference.json")
     reference = json.loads(reference_path.read_text())
     reference["logits"] = (np.asarray(reference["logits"]) + 5.0 * np.eye(2, 1000)).tolist()
     reference_path.write_text(json.dumps(reference))
-    result = CliRunner().invoke(main, ["classify", str(pictures[0]), "--json", "-v"])
-    assert result.exit_code == 0, result.output
-    assert "Warning: " in result.stderr and "does not give the reference logits" in result.stderr
-    assert "engine onnxruntime (" in result.stderr
+    result = CliRunner().invoke(main, ["classify", str(pictures[0]), "--json", "--engine", "openvino"])
+    assert result.exit_code == 1 and result.stdout == ""
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("Error: ") and "does not give the reference logits" in line
     assert not marker.exists()
     with pytest.raises(EngineError, match="does not give the reference logits"):
         Classifier(MODEL, engine="openvino")

@@ -73,6 +73,40 @@ def test_a_registered_engine_runs_from_the_cli_and_the_api(counting_engine, cali
     assert unknown.exit_code == 2 and "counting" in unknown.stderr
 
 
+def test_auto_gives_way_to_the_next_engine_when_its_first_choice_fails(calibrated_mirror, tmp_path):
+    """An engine ranked first on the CPU that fails to start (here: this module's, refusing to build) hands over to
+    the next in the table, with one warning; asked for by name, its failure is the error."""
+    info = register(EngineInfo("refusing", (), "cpu", "an engine that never starts (an example)",
+                               "nothing to install", (), __name__ + "_refusing", cpu_rank=-1))
+    import sys
+    import types
+
+    from mixnet_cli.engines.base import EngineFailed
+
+    module = types.ModuleType(info.module)
+    module.resolve_device = resolve_device  # type: ignore[attr-defined]
+
+    def refuse(spec, weights, choice, threads):  # type: ignore[no-untyped-def]
+        raise EngineFailed("the refusing engine cannot start")
+
+    module.build = refuse  # type: ignore[attr-defined]
+    sys.modules[info.module] = module
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.linspace(0, 255, 240 * 320 * 3).reshape(240, 320, 3).astype(np.uint8)).save(photo)
+    try:
+        runner = CliRunner()
+        auto = runner.invoke(main, ["classify", str(photo), "--json", "-v"])
+        assert auto.exit_code == 0, auto.output
+        [warning] = [line for line in auto.stderr.splitlines() if line.startswith("Warning: ")]
+        assert warning == "Warning: the refusing engine cannot start; using onnxruntime on cpu instead"
+        assert "engine onnxruntime (" in auto.stderr
+        named = runner.invoke(main, ["classify", str(photo), "--json", "--engine", "refusing"])
+        assert named.exit_code == 1 and named.stderr.strip() == "Error: the refusing engine cannot start"
+    finally:
+        del ENGINES["refusing"]
+        del sys.modules[info.module]
+
+
 def test_engine_names_cannot_clash(counting_engine) -> None:
     with pytest.raises(ValueError, match="ort"):
         register(EngineInfo("other", ("ort",), "cpu", "", "", (), __name__))

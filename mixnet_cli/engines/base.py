@@ -31,15 +31,6 @@ class Engine(Protocol):
         ...
 
 
-class _OneBatchAtATime:
-    """For engines that run one batch at a time on all their threads, whatever the workload."""
-
-    parallel = 1
-
-    def throughput(self, batch_size: int = 1) -> "Engine":
-        return self  # type: ignore[return-value]
-
-
 class OneBatchAtATime:
     """For engines that run one batch at a time on all their threads, whatever the workload."""
 

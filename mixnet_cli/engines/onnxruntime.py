@@ -1,8 +1,10 @@
-"""The ``onnxruntime`` engine: ONNX Runtime on mixnet's ONNX graph; CUDA with onnxruntime-gpu."""
+"""The ``onnxruntime`` engine: ONNX Runtime on mixnet's ONNX graph, ``auto``'s first choice on the CPU (the
+quickest to start and, on the machines measured, the fastest: BENCHMARKS.md); CUDA with onnxruntime-gpu."""
 
 from __future__ import annotations
 
 import importlib.util
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,7 +12,7 @@ import numpy as np
 
 from ..errors import CacheError, DeviceError, EngineError
 from ..manifest import ModelSpec
-from .base import DeviceChoice, Engine, OneBatchAtATime, gpu_index, physical_cores
+from .base import DeviceChoice, Engine, gpu_index, physical_cores
 
 if TYPE_CHECKING:
     from ..engine import EngineChoice
@@ -55,15 +57,32 @@ def resolve_device(name: str, requested: str) -> DeviceChoice:
     return DeviceChoice(f"gpu:{gpu_index(name)}", "asked for this GPU")
 
 
-class OnnxRuntimeEngine(OneBatchAtATime):
-    """ONNX Runtime on a model converted by paddle2onnx; ``InferenceSession.run`` is safe from several threads."""
+class OnnxRuntimeEngine:
+    """ONNX Runtime on mixnet's ONNX graph (a file, or the serialised model); ``run`` is safe from several threads.
+
+    On the CPU the engine runs one batch at a time on all its threads: the quickest answer for one image.
+    :meth:`throughput` gives its sibling for bulk work: a session with one thread, run from ``threads`` threads at
+    once, so that each core computes a batch of its own and none waits for another's threads while the image
+    decoders take a core (BENCHMARKS.md, "Bulk"). Creating a session costs a tenth of a second or two, so the
+    sibling is made only when a job proves large.
+    """
 
     name = "onnxruntime"
 
-    def __init__(self, model: Path | bytes, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, model: Path | bytes, device: str = "cpu", threads: int | None = None, *,
+                 bulk: bool = False, note: str = "") -> None:
         from ..third_party import import_quietly
 
         onnxruntime = import_quietly("onnxruntime")
+        self.device = device
+        self.threads = (threads or physical_cores()) if device == "cpu" else None
+        self._model = model
+        self._bulk = bulk
+        self._note = note
+        self._sibling: OnnxRuntimeEngine | None = None
+        self._sibling_lock = threading.Lock()
+        # Bulk on the CPU: one thread per session call, as many calls at once as there are threads.
+        self.parallel = self.threads if (bulk and self.threads) else 1
         options = onnxruntime.SessionOptions()
         # A model cached by an older mixnet-cli carries unused constants that ONNX Runtime warns about on each load.
         options.log_severity_level = 3
@@ -71,9 +90,8 @@ class OnnxRuntimeEngine(OneBatchAtATime):
         # One convolution after another: parallel execution of the graph only adds scheduling here.
         options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
         options.inter_op_num_threads = 1
-        self.threads = (threads or physical_cores()) if device == "cpu" else None
         if self.threads is not None:
-            options.intra_op_num_threads = self.threads
+            options.intra_op_num_threads = 1 if bulk else self.threads
         # Spinning threads burn the cores the image decoders need, and collapse under any other load.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if device == "cpu":
@@ -92,13 +110,29 @@ class OnnxRuntimeEngine(OneBatchAtATime):
                 f"onnxruntime could not use CUDA on {device} (it offered {', '.join(active)}); check the CUDA and "
                 "cuDNN libraries onnxruntime-gpu needs, nvidia-smi, or use --device cpu"
             )
-        self.device = device
-        self.detail = f"{active[0]}, " + (f"{self.threads} thread(s)" if device == "cpu" else f"device {gpu_index(device)}")
+        if device != "cpu":
+            mode = f"device {gpu_index(device)}"
+        elif bulk:
+            mode = f"{self.parallel} batches at once, 1 thread each"
+        else:
+            mode = f"{self.threads} thread(s), latency mode"
+        self.detail = f"{active[0]}, {mode}" + (f", {note}" if note else "")
         self._input = self._session.get_inputs()[0].name
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         (logits,) = self._session.run(None, {self._input: np.ascontiguousarray(batch, dtype=np.float32)})
         return np.asarray(logits, dtype=np.float32)
+
+    def throughput(self, batch_size: int = 1) -> "OnnxRuntimeEngine":
+        """This engine for bulk work (made once): on the CPU with more than one thread, a one-thread session that
+        ``parallel`` threads run at once; otherwise (one thread, a GPU) the engine itself."""
+        if self._bulk or self.device != "cpu" or (self.threads or 1) < 2:
+            return self
+        with self._sibling_lock:
+            if self._sibling is None:
+                self._sibling = OnnxRuntimeEngine(self._model, self.device, self.threads, bulk=True,
+                                                  note=self._note)
+        return self._sibling
 
 
 def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, threads: int | None) -> Engine:
@@ -110,7 +144,6 @@ def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, thr
     try:
         converted = ensure_converted(spec, weights.path, weights.record.sha256, "onnx")
     except CacheError:
-        engine = OnnxRuntimeEngine(onnx_bytes(spec, weights.path), choice.device, threads)
-        engine.detail += ", network built in memory (the cache is read-only)"
-        return engine
+        return OnnxRuntimeEngine(onnx_bytes(spec, weights.path), choice.device, threads,
+                                 note="network built in memory (the cache is read-only)")
     return OnnxRuntimeEngine(converted.file(".onnx"), choice.device, threads)

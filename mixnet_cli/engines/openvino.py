@@ -1,4 +1,5 @@
-"""The ``openvino`` engine: OpenVINO on mixnet's ONNX graph, on the CPU, in f32 (the fastest there)."""
+"""The ``openvino`` engine: OpenVINO on mixnet's ONNX graph, on the CPU, in f32 (``auto``'s second choice there:
+BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def resolve_device(name: str, requested: str) -> DeviceChoice:
 
 
 class OpenVinoEngine:
-    """OpenVINO on the ONNX model converted by paddle2onnx, on the CPU, computing in f32.
+    """OpenVINO on mixnet's ONNX graph, on the CPU, computing in f32.
 
     f32 is asked for explicitly: on CPUs with bf16 units OpenVINO would otherwise compute in bf16, whose
     answers differ from paddle's in the third digit. Each batch size runs a model whose batch dimension is
