@@ -8,6 +8,7 @@ that cannot be read here gets its error in its place, as locally.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Iterator
@@ -35,22 +36,26 @@ def classify_remote(server: str, items: Iterable[InputItem], *, model: str, topk
 
     model_name = resolve_model(model).name  # a bad name fails here, before any request
     endpoint = server.rstrip("/") + "/v1/classify"
-    session = requests.Session()
+    sessions: list[Any] = []
+    local = threading.local()  # a requests session per sending thread (sessions are not meant to be shared)
 
     def read(item: InputItem) -> tuple[str, bytes] | dict[str, Any]:
+        from .classifier import ClassificationResult
         from .preprocess import read_image_bytes
 
         try:
             return item.name, read_image_bytes(item.load(), item.name)
-        except ImageError as exc:
-            return {"input": item.name, "model": model_name,
-                    "error": {"type": type(exc).__name__, "message": str(exc)}}
+        except ImageError as exc:  # as a local run reports it, in its place
+            return ClassificationResult(input=item.name, model=model_name, error=exc).to_dict()
 
     def send(batch: list[InputItem]) -> list[dict[str, Any]]:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+            sessions.append(local.session)
         prepared = [read(item) for item in batch]
         files = [("image", (entry[0], entry[1], "application/octet-stream")) for entry in prepared
                  if isinstance(entry, tuple)]
-        answers = iter(_post(session, endpoint, files, model_name, topk, timeout) if files else [])
+        answers = iter(_post(local.session, endpoint, files, model_name, topk, timeout) if files else [])
         return [entry if isinstance(entry, dict) else next(answers) for entry in prepared]
 
     pool = ThreadPoolExecutor(max_workers=REQUESTS_IN_FLIGHT, thread_name_prefix="mixnet-remote")
@@ -70,7 +75,8 @@ def classify_remote(server: str, items: Iterable[InputItem], *, model: str, topk
             yield from in_flight.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        session.close()
+        for session in sessions:
+            session.close()
 
 
 def _post(session: Any, endpoint: str, files: list[Any], model: str, topk: int, timeout: float) -> list[dict[str, Any]]:
