@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from serve import section as serve_section
+from serve import summary_rows as serve_summary
 
 FORWARD_TARGET = 1.15
 COLD_TARGET = 0.5
@@ -352,6 +353,7 @@ def render(results: Path, others: list[Path] | None = None) -> str:
         *([f"| 5. core install: venv size on Python {'/'.join(CORE_VENV_TARGET_PYTHONS)} | "
            f"{core_venv_target(installs)[0]} | ≤ {CORE_VENV_TARGET_MB} MB | {core_venv_target(installs)[1]} |"]
           if installs is not None else []),
+        *serve_summary(_load(results / "serve.json") if (results / "serve.json").exists() else None, verdict),
         "",
         "## 1. Forward pass (CPU)",
         "",
