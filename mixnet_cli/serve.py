@@ -29,7 +29,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from .batching import DynamicBatcher
 from .errors import ImageError, ImageTooLargeError, MixnetError, Overloaded, UsageError
@@ -318,16 +318,34 @@ class Service:
             raise RequestError(400, type(exc).__name__, str(exc)) from None
         return name, topk, deadline, url
 
+    @contextlib.contextmanager
+    def admitted(self, model_name: str) -> Iterator[Callable[[int], None]]:
+        """Room in the model's queue for one request: one image from the start, before its body is read (so a
+        flood is refused before it fills memory), as many as it holds through the function given (call it with
+        the count once known); all of it given back when the request ends, however it ends. Raises
+        :class:`Overloaded` when the queue has no room."""
+        batcher = self.models[model_name].batcher
+        batcher.admit(1)
+        held = 1
+
+        def hold(count: int) -> None:
+            nonlocal held
+            if count > held:
+                batcher.admit(count - held)
+                held = count
+
+        try:
+            yield hold
+        finally:
+            batcher.release(held)
+
     async def classify(self, model_name: str, topk: int, images: list[tuple[str, Callable[[], bytes]]]
                        ) -> list["ClassificationResult"]:
-        """Classify named images (each a loader of its encoded bytes, run in a decode thread) with one model.
-
-        Raises :class:`Overloaded` when the model's queue cannot take them all.
-        """
+        """Classify named images (each a loader of its encoded bytes, run in a decode thread) with one model,
+        room for them held with :meth:`admitted`. An image that cannot be read gets its error in its place."""
         from .classifier import ClassificationResult
 
         model = self.models[model_name]
-        model.batcher.admit(len(images))
         loop = asyncio.get_running_loop()
 
         def prepare(name: str, load: Callable[[], bytes]) -> Any:
@@ -340,8 +358,6 @@ class Service:
                 return model.classifier.result(name, row, topk)
             except ImageError as exc:
                 return ClassificationResult(input=name, model=model_name, error=exc)
-            finally:
-                model.batcher.release(1)
 
         return list(await asyncio.gather(*(one(name, load) for name, load in images)))
 
@@ -430,6 +446,11 @@ def create_app(service: Service) -> Any:
             return error(RequestError(503, "Overloaded", str(exc), {"Retry-After": str(exc.retry_after)}))
 
     async def answer(request: Any, name: str, topk: int, url: str | None, deadline: float) -> Any:
+        with service.admitted(name) as hold:
+            return await answer_admitted(request, name, topk, url, deadline, hold)
+
+    async def answer_admitted(request: Any, name: str, topk: int, url: str | None, deadline: float,
+                              hold: Callable[[int], None]) -> Any:
         multipart = request.headers.get("content-type", "").startswith("multipart/form-data")
         body = await _read_body(request.stream(), service.options.max_body_bytes, request.headers.get("content-length"))
         images: list[tuple[str, Callable[[], bytes]]]
@@ -448,6 +469,7 @@ def create_app(service: Service) -> Any:
             raise RequestError(400, "UsageError", "empty request: send an image as the body "
                                "(curl --data-binary @cat.jpg) or as multipart 'image' fields")
         request.state.images = len(images)
+        hold(len(images))
         results = await service.classify(name, topk, images)
         failed = [result.error for result in results if result.error is not None]
         status = image_error_status(failed[0]) if failed else 200
@@ -632,6 +654,9 @@ def run(options: ServeOptions) -> None:
     service = Service(options, on_load_failure=stop_on_failure, url=_url(host, port))
     config = uvicorn.Config(create_app(service), host=host, port=port, log_level="warning",
                             access_log=False, lifespan="on", server_header=False,
+                            # Connections beyond what the queues admit, plus room for probes and metrics, are
+                            # answered 503 by uvicorn at once: a flood of uploads cannot fill memory with bodies.
+                            limit_concurrency=options.max_queue * len(service.model_names) + 32,
                             # In-flight requests end within their deadline; then the server stops anyway.
                             timeout_graceful_shutdown=int(math.ceil(options.deadline_s)) + 5)
     server = uvicorn.Server(config)
