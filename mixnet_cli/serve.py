@@ -444,6 +444,10 @@ def create_app(service: Service) -> Any:
             return error(exc)
         except Overloaded as exc:
             return error(RequestError(503, "Overloaded", str(exc), {"Retry-After": str(exc.retry_after)}))
+        except Exception as exc:  # noqa: BLE001 (an engine failure, or a bug: one JSON line, not a traceback page)
+            _log.error("%s: %s", type(exc).__name__, exc)
+            return error(RequestError(500, type(exc).__name__, str(exc) if isinstance(exc, MixnetError) else
+                                      f"unexpected {type(exc).__name__}: {exc} (a bug; please report it)"))
 
     async def answer(request: Any, name: str, topk: int, url: str | None, deadline: float) -> Any:
         with service.admitted(name) as hold:
