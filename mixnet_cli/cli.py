@@ -283,7 +283,7 @@ def main() -> None:
 @network_options
 @click.option("--server", metavar="URL",
               help="Classify through a running `mixnet serve` at URL (http://127.0.0.1:8080) instead of loading the "
-              "model here; the output is the same.")
+              "model here; the output is the same (the service's own --device, --engine and weights apply).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but the results (no progress, no per-image errors on stderr).")
 @click.option("-v", "--verbose", is_flag=True, help="Say on stderr which model, weights, device and engine ran.")
 @user_errors
