@@ -51,12 +51,15 @@ class Service:
 
         self.url = f"http://127.0.0.1:{free_port()}"
         started = time.perf_counter()
+        # stderr to a file: a pipe nobody reads could fill and stall the service.
+        self.stderr = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
             [str(mixnet_executable()), "serve", "--model", model, "--port", self.url.rsplit(":", 1)[1],
-             "--no-access-log", *options], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             "--no-access-log", *options], env=env, stdout=subprocess.DEVNULL, stderr=self.stderr)
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"mixnet serve exited: {self.process.stderr.read().decode(errors='replace')}")
+                self.stderr.seek(0)
+                raise RuntimeError(f"mixnet serve exited: {self.stderr.read().decode(errors='replace')}")
             try:
                 if requests.get(self.url + "/readyz", timeout=5).status_code == 200:
                     break
@@ -68,6 +71,12 @@ class Service:
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=60)
+        self.stderr.seek(0)
+        errors = [line for line in self.stderr.read().decode(errors="replace").splitlines()
+                  if line.startswith(("Error", "Warning"))]
+        self.stderr.close()
+        if errors:
+            log("the service said: " + " | ".join(errors[-5:]))
 
 
 def load(url: str, bodies: list[bytes], clients: int) -> dict[str, Any]:
@@ -89,11 +98,15 @@ def load(url: str, bodies: list[bytes], clients: int) -> dict[str, Any]:
             if index is None:
                 return
             started = time.perf_counter()
-            response = session.post(url + "/v1/classify", data=bodies[index], timeout=120)
+            try:
+                status = session.post(url + "/v1/classify", data=bodies[index], timeout=120).status_code
+            except requests.ConnectionError:
+                status = 0  # counted, not retried: a reset is part of what a client sees
+                session = sessions.session = requests.Session()
             elapsed = time.perf_counter() - started
             with lock:
                 latencies.append(elapsed * 1000.0)
-                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                statuses[status] = statuses.get(status, 0) + 1
 
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=clients) as pool:
@@ -102,7 +115,7 @@ def load(url: str, bodies: list[bytes], clients: int) -> dict[str, Any]:
     wall = time.perf_counter() - started
     return {"clients": clients, "requests": len(bodies), "wall_s": wall, "images_per_s": len(bodies) / wall,
             "p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99),
-            "statuses": {str(k): v for k, v in sorted(statuses.items())}}
+            "statuses": {str(k) if k else "connection reset": v for k, v in sorted(statuses.items())}}
 
 
 def forward_ceiling(home: Path, model: str) -> dict[str, Any]:

@@ -84,11 +84,17 @@ def _post(session: Any, endpoint: str, files: list[Any], model: str, topk: int, 
 
     import requests
 
+    reset = False
     for attempt in range(OVERLOAD_RETRIES + 1):
         try:
             response = session.post(endpoint, params={"model": model, "topk": topk}, files=files,
                                      timeout=(10.0, timeout))
         except requests.ConnectionError:
+            if not reset:
+                # A kept-alive connection the service closed just as this request went out: classifying is
+                # safe to repeat, once, on a new connection.
+                reset = True
+                continue
             raise ServiceError(f"cannot reach the service at {endpoint}; is `mixnet serve` running there?") from None
         except requests.Timeout:
             raise ServiceError(f"{endpoint} did not answer within {timeout:g} s; try again") from None
