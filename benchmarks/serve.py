@@ -84,6 +84,7 @@ def load(url: str, bodies: list[bytes], clients: int) -> dict[str, Any]:
     import requests
 
     sessions = threading.local()
+    opened: list[Any] = []
     next_index = iter(range(len(bodies)))
     lock = threading.Lock()
     latencies: list[float] = []
@@ -92,6 +93,7 @@ def load(url: str, bodies: list[bytes], clients: int) -> dict[str, Any]:
     def client() -> None:
         session = getattr(sessions, "session", None) or requests.Session()
         sessions.session = session
+        opened.append(session)
         while True:
             with lock:
                 index = next(next_index, None)
@@ -103,6 +105,7 @@ def load(url: str, bodies: list[bytes], clients: int) -> dict[str, Any]:
             except requests.ConnectionError:
                 status = 0  # counted, not retried: a reset is part of what a client sees
                 session = sessions.session = requests.Session()
+                opened.append(session)
             elapsed = time.perf_counter() - started
             with lock:
                 latencies.append(elapsed * 1000.0)
@@ -113,6 +116,8 @@ def load(url: str, bodies: list[bytes], clients: int) -> dict[str, Any]:
         for future in [pool.submit(client) for _ in range(clients)]:
             future.result()
     wall = time.perf_counter() - started
+    for session in opened:  # each level starts from new connections
+        session.close()
     return {"clients": clients, "requests": len(bodies), "wall_s": wall, "images_per_s": len(bodies) / wall,
             "p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99),
             "statuses": {str(k) if k else "connection reset": v for k, v in sorted(statuses.items())}}
