@@ -697,11 +697,14 @@ def listen(host: str, port: int) -> "socket.socket":
     import socket
 
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        family, kind, protocol = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][:3]
     except socket.gaierror as exc:
         raise MixnetError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
-    listener = socket.socket(family, socket.SOCK_STREAM)
+    # The protocol named (IPPROTO_TCP, not 0): asyncio turns Nagle's algorithm off only on sockets that say they
+    # are TCP, and with it on, a response's headers and body, written apart, wait out a delayed ACK (40 ms).
+    listener = socket.socket(family, kind, protocol)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         listener.bind((host, port))
     except OSError as exc:
