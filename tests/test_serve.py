@@ -490,3 +490,15 @@ def test_a_model_that_cannot_load_stops_the_service_with_its_error():
     assert result.exit_code == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: MixNet_S weights are not in the cache") and "offline" in last
+
+
+def test_the_listening_socket_is_tcp_without_nagle():
+    from mixnet_cli.serve import listen
+
+    listener = listen("127.0.0.1", 0)
+    try:
+        # asyncio turns Nagle's algorithm off on accepted connections only when the socket says it is TCP.
+        assert listener.proto == socket.IPPROTO_TCP
+        assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        listener.close()
