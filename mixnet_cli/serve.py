@@ -41,9 +41,10 @@ if TYPE_CHECKING:
 
 SERVE_EXTRA = 'pip install "mixnet-cli[serve]"'
 DEFAULT_TOPK = 5
-# Measured in BENCHMARKS.md ("Serve", the batching options): on a 2-core CPU batches of 4 gave the most images/s
-# at 16 clients (8 and 16 were slower per image, as in `classify`, whose -b default is 4 for the same reason), and
-# a wait of 2 ms gathers the requests that arrive together without slowing one alone noticeably.
+# Measured in BENCHMARKS.md ("Serve", the batching options): on a 2-core CPU, 8 and 16 were slower than 4 at 16
+# clients in every run, and 1, 2 and 4 were within the noise of each other (a forward pass of 4 costs about 4 of
+# one there); 4 keeps batching where it pays (more cores, OpenVINO, a GPU) and is `classify`'s batch size. 2 ms of
+# waiting lets requests that arrive together share a pass and adds at most 2 ms to one alone.
 DEFAULT_MAX_BATCH_SIZE = 4
 DEFAULT_MAX_WAIT_MS = 2.0
 DEFAULT_MAX_QUEUE = 64
