@@ -62,9 +62,11 @@ def serve_missing() -> str | None:
     """The line that says what to install when the ``[serve]`` extra is missing (None: it is installed)."""
     from .third_party import module_installed
 
-    missing = [name for name, module in (("starlette", "starlette"), ("uvicorn", "uvicorn"),
-                                         ("python-multipart", "multipart"), ("prometheus-client", "prometheus_client"))
-               if not module_installed(module)]
+    # python-multipart is imported as python_multipart since 0.0.13, as multipart before.
+    missing = [name for name, modules in (("starlette", ("starlette",)), ("uvicorn", ("uvicorn",)),
+                                          ("python-multipart", ("python_multipart", "multipart")),
+                                          ("prometheus-client", ("prometheus_client",)))
+               if not any(module_installed(module) for module in modules)]
     if not missing:
         return None
     return f"mixnet serve needs the [serve] extra ({', '.join(missing)} missing): {SERVE_EXTRA}"
