@@ -23,9 +23,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ManifestError, WeightsError
+
+if TYPE_CHECKING:
+    from .manifest import ModelSpec
 
 BN_EPSILON = 1e-5
 FINAL_CHANNELS = 1536
@@ -302,6 +305,17 @@ def build_architecture(name: str, blocks: str, width_scale: float, num_classes: 
     final = _conv_bn("features.final_block", cin, FINAL_CHANNELS, 1, depthwise=False, stride=1,
                      activation="relu", first_kernel=1)
     return Architecture(name, stem, tuple(units), final, num_classes)
+
+
+def architecture_for(spec: "ModelSpec") -> Architecture:
+    """The architecture of ``spec``: its manifest entry's blocks and width, with ``spec.num_classes`` classes (a
+    fine-tuned file's own count)."""
+    return _cached_architecture(spec.name, spec.architecture.blocks, spec.architecture.width_scale, spec.num_classes)
+
+
+@lru_cache(maxsize=None)
+def _cached_architecture(name: str, blocks: str, width_scale: float, num_classes: int) -> Architecture:
+    return build_architecture(name, blocks, width_scale, num_classes)
 
 
 @lru_cache(maxsize=None)

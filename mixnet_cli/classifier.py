@@ -11,20 +11,21 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, Sized
 
 import numpy as np
 
+from . import settings
 from .engine import DeviceChoice, Engine, EngineChoice, choose_engine, create_engine
 from .postprocess import softmax
 from .errors import ImageError, MixnetError, UsageError
-from .inputs import InputItem
-from .labels import imagenet_labels
+from .inputs import InputItem, fetch_image_url, is_url
+from .labels import imagenet_labels, read_label_file
 from .manifest import ModelSpec, resolve_model
 from .preprocess import ImageInput, load_and_transform
-from .weights import VerifiedWeights, ensure_weights
+from .weights import VerifiedWeights, custom_weights, ensure_weights
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,14 @@ class Prediction:
 
 @dataclass(frozen=True)
 class ClassificationResult:
-    """The answer for one input: its predictions, or the error that stopped it (never both)."""
+    """The answer for one input: its predictions, or the error that stopped it (never both). ``features``: the
+    pooled ``1536`` float32 features the classifier read, for a classifier made with ``features=True``."""
 
     input: str
     model: str
     predictions: tuple[Prediction, ...] = ()
     error: MixnetError | None = field(default=None, compare=False)
+    features: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -57,11 +60,14 @@ class ClassificationResult:
                 "model": self.model,
                 "error": {"type": type(self.error).__name__, "message": str(self.error)},
             }
-        return {
+        row: dict[str, Any] = {
             "input": self.input,
             "model": self.model,
             "predictions": [p.to_dict() for p in self.predictions],
         }
+        if self.features is not None:
+            row["features"] = [float(value) for value in self.features]
+        return row
 
 
 
@@ -71,7 +77,9 @@ class ClassificationResult:
 BULK_AFTER_IMAGES = 32
 
 
-def _input_name(image: ImageInput) -> str:
+def _input_name(image: ImageInput | InputItem) -> str:
+    if isinstance(image, InputItem):
+        return image.name
     if isinstance(image, (str, Path)):
         return str(image)
     return f"<{type(image).__name__}>"
@@ -80,16 +88,22 @@ def _input_name(image: ImageInput) -> str:
 class Classifier:
     """One MixNet model, with its weights verified and loaded, ready to classify images.
 
-    ``model`` accepts ``S``, ``MixNet_S``, ``mixnet_s``...; ``device`` is ``auto``, ``cpu``, ``gpu`` or
-    ``gpu:N``. The weights are downloaded on first use (``mirrors``, ``offline`` as for ``mixnet download``).
-    ``engine`` is ``auto`` (the fastest installed for the device) or a name from :mod:`mixnet_cli.engines`
-    (``openvino``, ``onnxruntime``; ``paddle`` and ``dygraph`` with the [paddle] extra); ``threads`` caps the CPU
-    threads of a forward pass (default: the physical cores).
+    ``model`` accepts ``S``, ``MixNet_S``, ``mixnet_s``... (default MixNet_S); ``device`` is ``auto``, ``cpu``,
+    ``gpu`` or ``gpu:N``. The weights are downloaded on first use (``mirrors``, ``offline`` as for ``mixnet
+    download``). ``engine`` is ``auto`` (the fastest installed for the device) or a name from
+    :mod:`mixnet_cli.engines` (``onnxruntime``, ``openvino``; ``paddle`` and ``dygraph`` with the [paddle] extra);
+    ``threads`` caps the CPU threads of a forward pass (default: ``OMP_NUM_THREADS`` when set, else the physical
+    cores).
+
+    Your own fine-tuned MixNet: ``weights`` is its ``.pdparams`` file (any number of classes; the architecture is
+    detected from it unless ``model`` is given: :func:`~mixnet_cli.weights.custom_weights`), ``labels`` its class
+    names (PaddleClas's ``<id> <name>`` per line, or one name per line: :func:`~mixnet_cli.labels.read_label_file`).
+    Without ``labels``, 1000 classes are ImageNet's and other counts are named by their class id.
     """
 
     def __init__(
         self,
-        model: str = "MixNet_S",
+        model: str | None = None,
         *,
         device: str = "auto",
         mirrors: Sequence[str] | None = None,
@@ -97,18 +111,37 @@ class Classifier:
         progress: bool | None = None,
         engine: str = "auto",
         threads: int | None = None,
+        weights: str | Path | None = None,
+        labels: str | Path | None = None,
+        features: bool = False,
     ) -> None:
-        self.spec: ModelSpec = resolve_model(model)
+        named = resolve_model(model) if model is not None else None
         # Engine and device first: a missing GPU or engine is reported before any download.
         choice = choose_engine(engine, device)
-        self.weights: VerifiedWeights = ensure_weights(
-            self.spec, mirrors=mirrors, offline=offline, progress=progress
-        )
+        self.weights: VerifiedWeights
+        if weights is not None:
+            self.weights = custom_weights(weights, named)
+        else:
+            self.weights = ensure_weights(named or resolve_model("MixNet_S"), mirrors=mirrors, offline=offline,
+                                          progress=progress)
+        self.spec: ModelSpec = self.weights.spec
+        self.labels: tuple[str, ...]
+        if labels is not None:
+            self.labels = read_label_file(labels, self.spec.num_classes)
+        elif self.spec.num_classes == 1000:
+            self.labels = imagenet_labels()
+        else:
+            self.labels = tuple(str(class_id) for class_id in range(self.spec.num_classes))
         self.engine: Engine
         self.engine_choice: EngineChoice
-        self.engine, self.engine_choice = create_engine(self.spec, self.weights, choice, threads=threads)
+        if threads is None:
+            threads = settings.cpu_threads()
+        self.features = features
+        if features:
+            self.engine, self.engine_choice = _features_engine(self.spec, self.weights, choice, threads)
+        else:
+            self.engine, self.engine_choice = create_engine(self.spec, self.weights, choice, threads=threads)
         self.device_choice: DeviceChoice = self.engine_choice.device_choice
-        self.labels = imagenet_labels()
 
     def __repr__(self) -> str:
         return (f"Classifier(model={self.spec.name!r}, engine={self.engine.name!r}, "
@@ -118,8 +151,17 @@ class Classifier:
     def model_name(self) -> str:
         return self.spec.name
 
-    def preprocess(self, image: ImageInput, name: str | None = None) -> np.ndarray:
-        """One image as the network's 3xSxS float32 input (PaddleClas's evaluation transform)."""
+    def preprocess(self, image: ImageInput | InputItem, name: str | None = None) -> np.ndarray:
+        """One image as the network's 3xSxS float32 input (PaddleClas's evaluation transform).
+
+        ``image`` is what the command line takes, resolved the same way: a path (``str`` or ``Path``), an
+        http(s) URL (downloaded with ``MIXNET_TIMEOUT``, ``MIXNET_RETRIES`` and ``MIXNET_URL_DEADLINE``), an
+        :class:`~mixnet_cli.inputs.InputItem`; or encoded bytes, a PIL image, an HxWx3 RGB (HxW grey, HxWx4 RGBA)
+        uint8 array. Raises :class:`~mixnet_cli.errors.ImageError` for anything wrong with it."""
+        if isinstance(image, InputItem):
+            image = image.load()
+        elif is_url(image):
+            image = fetch_image_url(image)  # type: ignore[arg-type]
         return load_and_transform(image, self.spec.preprocessing, name)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
@@ -130,26 +172,35 @@ class Classifier:
         forward pass on ``engine`` (default: this classifier's latency-mode engine)."""
         return softmax((engine or self.engine).run(np.stack(arrays)))
 
-    def result(self, name: str, probabilities: np.ndarray, topk: int) -> ClassificationResult:
+    def result(self, name: str, probabilities: np.ndarray, topk: int,
+               features: np.ndarray | None = None) -> ClassificationResult:
         """The result for one image from its row of :meth:`probabilities`: the ``topk`` classes, best first (ties
-        in class order)."""
+        in class order), with its pooled ``features`` when given."""
         order = np.argsort(-probabilities, kind="stable")[:topk]
         predictions = tuple(
             Prediction(class_id=int(i), label=self.labels[int(i)], score=float(probabilities[i])) for i in order
         )
-        return ClassificationResult(input=name, model=self.spec.name, predictions=predictions)
+        return ClassificationResult(input=name, model=self.spec.name, predictions=predictions, features=features)
 
     def _results(self, engine: Engine, names: list[str], arrays: list[np.ndarray],
                  topk: int) -> list[ClassificationResult]:
-        return [self.result(name, row, topk) for name, row in zip(names, self.probabilities(arrays, engine))]
+        batch = np.stack(arrays)
+        if self.features:
+            logits, features = engine.run_with_features(batch)  # type: ignore[attr-defined]
+        else:
+            logits, features = engine.run(batch), None
+        return [self.result(name, row, topk, features=None if features is None else features[index])
+                for index, (name, row) in enumerate(zip(names, softmax(logits)))]
 
     def engine_for(self, count: int, batch_size: int) -> Engine:
         """The engine a job of ``count`` images runs on: more than :data:`BULK_AFTER_IMAGES` take the engine's
-        throughput mode (for OpenVINO, its streams; other engines are the same in both)."""
+        throughput mode (ONNX Runtime's one-thread sessions side by side, OpenVINO's streams; the paddle engines
+        are the same in both)."""
         return self.engine.throughput(batch_size) if count > BULK_AFTER_IMAGES else self.engine
 
-    def classify(self, image: ImageInput, *, topk: int = 5, name: str | None = None) -> ClassificationResult:
-        """Classify one image; an unreadable image raises its :class:`~mixnet_cli.errors.ImageError`."""
+    def classify(self, image: ImageInput | InputItem, *, topk: int = 5, name: str | None = None) -> ClassificationResult:
+        """Classify one image (any input :meth:`preprocess` takes, URLs included); an unreadable image raises its
+        :class:`~mixnet_cli.errors.ImageError`."""
         label = name or _input_name(image)
         check_topk(topk, len(self.labels))
         return self._results(self.engine, [label], [self.preprocess(image, label)], topk)[0]
@@ -177,14 +228,14 @@ class Classifier:
             raise UsageError(f"decode workers must be at least 1, got {workers}")
 
         def prepare(item: ImageInput | tuple[str, ImageInput] | InputItem) -> tuple[str, np.ndarray | MixnetError]:
+            image: ImageInput | InputItem = item  # type: ignore[assignment]
             if isinstance(item, InputItem):
                 name = item.name
             else:
                 name, image = item if isinstance(item, tuple) else (_input_name(item), item)
             try:
-                if isinstance(item, InputItem):
-                    image = item.load()  # may fetch a URL: done here, in a decode thread
-                return name, self.preprocess(image, name)
+                # A URL is fetched here, in a decode thread, while the engine runs.
+                return name, self.preprocess(item if isinstance(item, InputItem) else image, name)
             except MixnetError as exc:
                 return name, exc
             except Exception as exc:  # noqa: BLE001 - whatever one input raises is that input's error, never the run's
@@ -257,6 +308,22 @@ class Classifier:
             # A consumer that stops early (or an interrupt) leaves no decode running behind it.
             decoders.shutdown(wait=True, cancel_futures=True)
             runners.shutdown(wait=True, cancel_futures=True)
+
+
+def _features_engine(spec: ModelSpec, weights: VerifiedWeights, choice: EngineChoice,
+                     threads: int | None) -> tuple[Engine, EngineChoice]:
+    """ONNX Runtime on the model with a features output, built in memory (well under a second): features come
+    from mixnet's own graph, which only ONNX Runtime runs with its second output here."""
+    if choice.engine not in ("onnxruntime",) and not choice.engine_auto:
+        raise UsageError(f"features come from ONNX Runtime; leave out --engine {choice.engine} (or use onnxruntime)")
+    from .conversion import onnx_bytes
+    from .engines.onnxruntime import OnnxRuntimeEngine
+
+    device = choice.device if choice.engine == "onnxruntime" else "cpu"
+    engine = OnnxRuntimeEngine(onnx_bytes(spec, weights.path, features=True), device, threads,
+                               note="with the features output")
+    return engine, replace(choice, engine="onnxruntime", device=device,
+                           engine_reason="features come from ONNX Runtime")
 
 
 def check_topk(topk: int, num_classes: int) -> None:

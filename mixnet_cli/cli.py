@@ -121,6 +121,11 @@ def _complete_model(ctx: click.Context, param: click.Parameter, incomplete: str)
     return [name for name in names if name.lower().startswith(incomplete.lower())]
 
 
+def _complete_models(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion where several models, or ``all``, may be named."""
+    return _complete_model(ctx, param, incomplete) + (["all"] if "all".startswith(incomplete.lower()) else [])
+
+
 def output_options(func: F | None = None, *, json_help: str = "One JSON array (same as --format json).",
                    jsonl_help: str = "One JSON object per line, printed as each finishes.") -> Any:
     """The same output flags on every command that prints rows (``@output_options``, or with its own words for
@@ -142,10 +147,19 @@ def output_options(func: F | None = None, *, json_help: str = "One JSON array (s
     return decorate(func) if func is not None else decorate
 
 
+def _complete_device(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    return [name for name in ("auto", "cpu", "gpu", "gpu:0") if name.startswith(incomplete.lower())]
+
+
+def _complete_engine(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    return [name for name in engine_names() if name.startswith(incomplete.lower())]
+
+
 def device_option(func: F) -> F:
     return click.option(
         "--device",
         default=None,
+        shell_complete=_complete_device,
         metavar="auto|cpu|gpu|gpu:N",
         help="Where to run: a GPU when onnxruntime-gpu or a CUDA build of paddle is installed and sees one, else "
         "the CPU (default auto; MIXNET_DEVICE).",
@@ -156,11 +170,33 @@ def engine_option(func: F) -> F:
     return click.option(
         "--engine",
         default=None,
+        shell_complete=_complete_engine,
         metavar="|".join(engine_names()),
-        help="What runs the network: auto picks the fastest installed for the device (OpenVINO on the CPU, "
-        "ONNX Runtime with onnxruntime-gpu); "
+        help="What runs the network: auto picks the fastest installed for the device (ONNX Runtime on the CPU, "
+        "and on a GPU with onnxruntime-gpu); "
         + "; ".join(f"{info.name}: {info.summary} [{info.devices}]" for info in ENGINES.values())
         + " (default auto; MIXNET_ENGINE).",
+    )(func)
+
+
+def custom_weights_options(func: F) -> F:
+    """``--weights`` and ``--labels``: your own fine-tuned MixNet instead of a released one."""
+    func = click.option(
+        "--labels", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+        help="Class names for --weights: PaddleClas's class_id_map_file ('<id> <name>' per line) or one name per "
+        "line; their count must equal the weights' classes.",
+    )(func)
+    return click.option(
+        "--weights", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+        help="Your own fine-tuned MixNet (.pdparams saved by PaddleClas, any number of classes) instead of the "
+        "released weights; S, M or L is read from it unless -m says.",
+    )(func)
+
+
+def threads_option(func: F) -> F:
+    return click.option(
+        "--threads", type=click.IntRange(1, 1024), default=None,
+        help="CPU threads per forward pass (default: OMP_NUM_THREADS when set, else the physical cores).",
     )(func)
 
 
@@ -259,11 +295,18 @@ def main() -> None:
 
 @main.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("images", nargs=-1, metavar="[IMAGE|DIR|GLOB|URL|-]...")
-@click.option("-m", "--model", default="MixNet_S", show_default=True, shell_complete=_complete_model,
-              help=f"Model: {_model_names_help()}.")
+@click.option("-m", "--model", default=None, shell_complete=_complete_model,
+              help=f"Model: {_model_names_help()} (default MixNet_S; with --weights, read from the file).")
+@custom_weights_options
 @click.option("-k", "--topk", default=5, show_default=True, type=click.IntRange(1, 1000), help="How many labels per image.")
 @output_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True, allow_dash=True), help="Write results to this file instead of stdout.")
+@click.option("--embed", is_flag=True,
+              help="Also give each image's pooled features (1536 floats, what the classifier reads) in the JSON "
+              "objects, for retrieval and clustering (--json or --jsonl).")
+@click.option("--embed-npy", type=click.Path(dir_okay=False, writable=True, path_type=Path), metavar="FILE.npy",
+              help="Write every image's features to FILE.npy: float32, one row per input in order, NaN rows for "
+              "inputs that failed.")
 @click.option(
     "--files-from",
     metavar="FILE",
@@ -280,6 +323,7 @@ def main() -> None:
 # 4: the fastest batch for OpenVINO on the CPU, and the one that keeps decoding and inference overlapped on 2 cores
 # (BENCHMARKS.md); smaller last batches run padded on the same model.
 @click.option("-b", "--batch-size", default=4, show_default=True, type=click.IntRange(1, 1024), help="Images per forward pass.")
+@threads_option
 @network_options
 @click.option("--server", metavar="URL",
               help="Classify through a running `mixnet serve` at URL (http://127.0.0.1:8080) instead of loading the "
@@ -289,15 +333,20 @@ def main() -> None:
 @user_errors
 def classify(
     images: tuple[str, ...],
-    model: str,
+    model: str | None,
+    weights: Path | None,
+    labels: Path | None,
     topk: int,
     fmt: str,
     output: str | None,
+    embed: bool,
+    embed_npy: Path | None,
     files_from: str | None,
     recursive: bool,
     device: str | None,
     engine: str | None,
     batch_size: int,
+    threads: int | None,
     mirrors: tuple[str, ...],
     offline: bool | None,
     server: str | None,
@@ -319,7 +368,7 @@ def classify(
     A failed image gets an error in its place (in JSON, an "error" object), the others are still classified,
     and the exit code is 1.
     """
-    from .classifier import Classifier
+    from .classifier import ClassificationResult, Classifier
     from .inputs import expand_inputs, read_list_file
     from .manifest import resolve_model
     from .output import write_classifications
@@ -329,9 +378,17 @@ def classify(
     arguments = list(images) + (read_list_file(files_from) if files_from else [])
     if not arguments and not files_from:
         raise UsageError("no images given: name image files, directories, globs or URLs (or use --files-from)")
-    resolve_model(model)  # a bad name is a usage error before anything slow happens
+    if model is not None:
+        resolve_model(model)  # a bad name is a usage error before anything slow happens
+    if server is not None and (weights or labels or embed or embed_npy):
+        raise UsageError("--server classifies with the service's own models: --weights, --labels, --embed and "
+                         "--embed-npy work only without it")
+    if embed and fmt not in ("json", "jsonl"):
+        raise UsageError("--embed puts the features in the JSON objects: add --json or --jsonl, or use --embed-npy FILE")
     device_name, engine_name = _device_and_engine(device, engine)
     _check_output_path(output)
+    if embed_npy is not None:
+        _check_output_path(str(embed_npy))
     items = expand_inputs(arguments, recursive=recursive)
     if not items:  # an empty --files-from list (`find` matched nothing): an empty result, not an error
         with _open_output(output) as stream:
@@ -340,17 +397,35 @@ def classify(
     click.get_current_context().with_resource(_interrupt_ends_at_once())
     # --quiet: not even the one-time notices (download progress, "converting ... (once)"); errors still raise.
     _messages(quiet)
+    if all(item.problem is not None for item in items):
+        # Nothing here can be classified (missing files, empty directories, globs matching nothing): say so now,
+        # not after a download and a conversion, and not a network error in its place when offline.
+        spec = resolve_model(model or "MixNet_S")
+        known = [ClassificationResult(input=item.name, model=spec.name, error=item.problem) for item in items]
+        with _open_output(output) as stream:
+            write_classifications((result.to_dict() for result in known), fmt, stream)
+        if not quiet:
+            for result in known:
+                click.echo(f"Error: {result.error}", err=True)
+            click.echo(f"Error: none of the {len(items)} input(s) can be classified; the model was not loaded",
+                       err=True)
+        sys.exit(1)
+    results: Iterator[tuple[dict[str, Any], Any]]  # each input's object and its features (None: not asked for)
     if server is not None:
         from .remote import classify_remote
 
-        results = classify_remote(server, items, model=model, topk=topk, batch_size=batch_size)
+        if verbose and not quiet:
+            click.echo(f"model {model or 'MixNet_S'}, through the service at {server}, {len(items)} image(s)",
+                       err=True)
+        results = ((row, None) for row in classify_remote(server, items, model=model or "MixNet_S", topk=topk,
+                                                          batch_size=batch_size))
     else:
         classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None,
-                                offline=offline, progress=None if not quiet else False)
-        results = (result.to_dict() for result in classifier.classify_many(items, topk=topk, batch_size=batch_size))
-    if verbose and not quiet and server is not None:
-        click.echo(f"model {model}, through the service at {server}, {len(items)} image(s)", err=True)
-    elif verbose and not quiet:
+                                offline=offline, progress=None if not quiet else False, threads=threads,
+                                weights=weights, labels=labels, features=embed or embed_npy is not None)
+        results = ((result.to_dict(), result.features)
+                   for result in classifier.classify_many(items, topk=topk, batch_size=batch_size))
+    if verbose and not quiet and server is None:
         weights = classifier.weights
         engine = classifier.engine_for(len(items), batch_size)
         click.echo(
@@ -361,21 +436,28 @@ def classify(
             err=True,
         )
     failures = 0
+    features: list[Any] = []
 
     def rows() -> Iterator[dict[str, Any]]:
         nonlocal failures
         # A bar would interleave with results printed to the same terminal: only when they go elsewhere.
         with _progress(len(items), enabled=not quiet and (output not in (None, "-") or not sys.stdout.isatty())) as bar:
-            for row in results:
+            for row, row_features in results:
                 bar.update(1)
                 if "error" in row:
                     failures += 1
                     if not quiet:
                         bar.write(f"Error: {row['error']['message']}", file=sys.stderr)
+                if embed_npy is not None:
+                    features.append(row_features)
+                if not embed:
+                    row.pop("features", None)
                 yield row
 
     with _open_output(output) as stream:
         write_classifications(rows(), fmt, stream)
+    if embed_npy is not None:
+        _write_features(embed_npy, features)
     if failures:
         if not quiet and len(items) > 1:
             click.echo(f"Error: {failures} of {len(items)} image(s) failed", err=True)
@@ -461,6 +543,28 @@ def serve(
     service.run(options)
 
 
+def _write_features(path: Path, rows: list[Any]) -> None:
+    """The features as one float32 ``inputs x width`` .npy file, NaN rows for inputs that failed (so row i is
+    always input i), written atomically."""
+    import io
+
+    import numpy as np
+
+    from .files import write_bytes
+
+    width = next((len(row) for row in rows if row is not None), 0)
+    table = np.full((len(rows), width), np.nan, dtype=np.float32)
+    for index, row in enumerate(rows):
+        if row is not None:
+            table[index] = row
+    buffer = io.BytesIO()
+    np.save(buffer, table)
+    try:
+        write_bytes(path.expanduser(), buffer.getvalue())
+    except OSError as exc:
+        raise MixnetError(f"--embed-npy {path}: cannot write ({exc.strerror or exc}); choose another path") from None
+
+
 def _check_output_path(output: str | None) -> None:
     """Fail before any work when ``-o`` cannot be written, rather than after classifying everything."""
     if output in (None, "-"):
@@ -538,7 +642,7 @@ def _progress(total: int, *, enabled: bool) -> Any:
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)
-@click.argument("models", nargs=-1, required=True, metavar="MODEL...")
+@click.argument("models", nargs=-1, required=True, metavar="MODEL...", shell_complete=_complete_models)
 @click.option("--force", is_flag=True, help="Download again even if the cache holds a verified copy.")
 @click.option(
     "--sha256", "sha256", metavar="HEX", default=None,
@@ -573,7 +677,6 @@ def download(
     whole file, and every parameter name and shape of the architecture. An interrupted download resumes on
     the next run; several processes needing the same file share one download.
     """
-    from .cache import weights_path
     from .weights import ensure_weights, install_from_file, normalise_sha256
 
     specs = _specs(models)
@@ -587,11 +690,9 @@ def download(
         try:
             if from_path is not None:
                 weights = install_from_file(spec, from_path, sha256=pinned)
-                state = "installed"
             else:
-                already = weights_path(spec).is_file() and not force
                 weights = ensure_weights(spec, mirrors=mirrors or None, offline=offline, force=force, sha256=pinned)
-                state = "cached" if already else "downloaded"
+            state = "installed" if from_path is not None else weights.how
         except MixnetError as exc:
             if len(specs) == 1 or settings.debug():
                 raise
@@ -684,14 +785,16 @@ def doctor(fmt: str) -> None:
               help="A PaddleClas list file: '<image path> <class id>' per line.")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path),
               help="Directory the list file's paths are relative to (default: DATASET, else the list's directory).")
-@click.option("-m", "--model", default="MixNet_S", show_default=True, shell_complete=_complete_model,
-              help=f"Model: {_model_names_help()}.")
+@click.option("-m", "--model", default=None, shell_complete=_complete_model,
+              help=f"Model: {_model_names_help()} (default MixNet_S; with --weights, read from the file).")
+@custom_weights_options
 @click.option("--limit", type=click.IntRange(1), help="Evaluate only N images, evenly spaced through the set.")
 @output_options(json_help="The summary as one JSON object.",
                 jsonl_help="One JSON line per misclassified image; summary on stderr.")
 @device_option
 @engine_option
 @click.option("-b", "--batch-size", default=4, show_default=True, type=click.IntRange(1, 1024), help="Images per forward pass.")
+@threads_option
 @network_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @user_errors
@@ -699,12 +802,15 @@ def evaluate_command(
     dataset: Path | None,
     list_file: Path | None,
     root: Path | None,
-    model: str,
+    model: str | None,
+    weights: Path | None,
+    labels: Path | None,
     limit: int | None,
     fmt: str,
     device: str | None,
     engine: str | None,
     batch_size: int,
+    threads: int | None,
     mirrors: tuple[str, ...],
     offline: bool | None,
     quiet: bool,
@@ -720,14 +826,18 @@ def evaluate_command(
     """
     from .classifier import Classifier
     from .evaluate import evaluate, evenly_spaced, read_image_folder, read_labelled_list
-    from .labels import imagenet_labels, imagenet_synsets
+    from .labels import imagenet_synsets
     from .manifest import resolve_model
     from .output import write_rows
 
-    resolve_model(model)
+    if model is not None:
+        resolve_model(model)
     if list_file is not None:
         samples = read_labelled_list(list_file, root or dataset)
     elif dataset is not None:
+        if weights is not None:
+            raise UsageError("with --weights, give the labelled images as a list file (--list FILE): folders named "
+                             "by ImageNet synset id map to ImageNet's classes only")
         samples = read_image_folder(dataset, imagenet_synsets())
     else:
         raise UsageError("name an ImageFolder directory (sub-folders by synset id) or give --list FILE")
@@ -735,8 +845,13 @@ def evaluate_command(
     device_name, engine_name = _device_and_engine(device, engine)
     click.get_current_context().with_resource(_interrupt_ends_at_once())
     _messages(quiet)
-    classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None, offline=offline)
-    labels = imagenet_labels()
+    classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None, offline=offline,
+                            threads=threads, weights=weights, labels=labels)
+    class_names = classifier.labels
+    outside = next((s for s in samples if s.class_id >= len(class_names)), None)
+    if outside is not None:
+        raise UsageError(f"{outside.path} is labelled class {outside.class_id}, but the model has "
+                         f"{len(class_names)} classes (0-{len(class_names) - 1})")
     stdout = click.get_text_stream("stdout")
 
     from tqdm import tqdm
@@ -750,7 +865,7 @@ def evaluate_command(
             if fmt != "jsonl" or (result.ok and result.predictions[0].class_id == sample.class_id):
                 return
             row = result.to_dict()
-            row["expected"] = {"class_id": sample.class_id, "label": labels[sample.class_id]}
+            row["expected"] = {"class_id": sample.class_id, "label": class_names[sample.class_id]}
             stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
             stdout.flush()
 
@@ -810,7 +925,7 @@ def cache_list(fmt: str) -> None:
 
 
 @cache_group.command("path", context_settings=CONTEXT_SETTINGS)
-@click.argument("model", required=False)
+@click.argument("model", required=False, shell_complete=_complete_model)
 @user_errors
 def cache_path(model: str | None) -> None:
     """Print the cache directory, or with MODEL the path its weights file has (or will have).
@@ -826,7 +941,7 @@ def cache_path(model: str | None) -> None:
 
 
 @cache_group.command("rm", context_settings=CONTEXT_SETTINGS)
-@click.argument("models", nargs=-1, required=True, metavar="MODEL...")
+@click.argument("models", nargs=-1, required=True, metavar="MODEL...", shell_complete=_complete_models)
 @user_errors
 def cache_rm(models: tuple[str, ...]) -> None:
     """Delete the cached weights of MODEL (S, M, L or all), with their record, any partial download and the
@@ -878,7 +993,7 @@ def cache_clear(yes: bool) -> None:
               help="Batch size; repeat for several (default 1, 4 and 8).")
 @device_option
 @engine_option
-@click.option("--threads", type=click.IntRange(1, 1024), help="CPU threads per forward pass (default: the physical cores).")
+@threads_option
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(0, 10_000), help="Untimed runs first.")
 @click.option("--repeats", default=20, show_default=True, type=click.IntRange(1, 100_000), help="Timed runs per batch size.")
 @output_options
@@ -957,25 +1072,28 @@ _EXPORT_USAGE = {
   config = pi.Config("{dir}/inference.json", "{dir}/inference.pdiparams")
   predictor = pi.create_predictor(config)
 Input "x": float32 N x 3 x {size} x {size}, preprocessed as `mixnet classify` does (resize short side {resize}, centre crop {size},
-/255, mean {mean}, std {std}, RGB, CHW). Output: logits N x 1000 (apply softmax for probabilities).""",
+/255, mean {mean}, std {std}, RGB, CHW). Output: logits N x {classes} (apply softmax for probabilities).""",
     "onnx": """Use it with ONNX Runtime (or any ONNX runtime):
   import onnxruntime as ort
   session = ort.InferenceSession("{dir}/{name}.onnx")
   logits = session.run(None, {{"x": batch}})[0]
 Input "x": float32 N x 3 x {size} x {size}, preprocessed as `mixnet classify` does (resize short side {resize}, centre crop {size},
-/255, mean {mean}, std {std}, RGB, CHW). Output: logits N x 1000 (apply softmax for probabilities).""",
+/255, mean {mean}, std {std}, RGB, CHW). Output: logits N x {classes} (apply softmax for probabilities).""",
 }
 
 
 @main.command(name="export", context_settings=CONTEXT_SETTINGS)
-@click.argument("model", metavar="MODEL")
+@click.argument("model", metavar="MODEL", required=False, shell_complete=_complete_model)
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Export your own fine-tuned MixNet (.pdparams) instead of MODEL's released weights.")
 @click.option("--format", "fmt", type=click.Choice(["paddle", "onnx"]), required=True,
               help="paddle: a Paddle inference model (inference.json + inference.pdiparams); onnx: an ONNX model.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to write the model into (created if needed).")
 @network_options
 @user_errors
-def export_command(model: str, fmt: str, out_dir: Path, mirrors: tuple[str, ...], offline: bool | None) -> None:
+def export_command(model: str | None, weights: Path | None, fmt: str, out_dir: Path, mirrors: tuple[str, ...],
+                   offline: bool | None) -> None:
     """Export MODEL (S, M, L) for deployment: a Paddle inference model or an ONNX model.
 
     \b
@@ -989,11 +1107,15 @@ def export_command(model: str, fmt: str, out_dir: Path, mirrors: tuple[str, ...]
     """
     from .export import export_to_directory
     from .manifest import resolve_model
-    from .weights import ensure_weights
+    from .weights import custom_weights, ensure_weights
 
-    spec = resolve_model(model)
-    weights = ensure_weights(spec, mirrors=mirrors or None, offline=offline)
-    written, check = export_to_directory(spec, weights.path, weights.record.sha256, fmt, out_dir)
+    if model is None and weights is None:
+        raise UsageError("name the MODEL to export (S, M or L), or give --weights FILE")
+    named = resolve_model(model) if model is not None else None
+    verified = custom_weights(weights, named) if weights is not None else \
+        ensure_weights(named, mirrors=mirrors or None, offline=offline)  # type: ignore[arg-type]
+    spec = verified.spec
+    written, check = export_to_directory(spec, verified.path, verified.record.sha256, fmt, out_dir)
     for path in written:
         click.echo(str(path))
     pre = spec.preprocessing
@@ -1004,6 +1126,6 @@ def export_command(model: str, fmt: str, out_dir: Path, mirrors: tuple[str, ...]
     )
     click.echo(
         _EXPORT_USAGE[fmt].format(dir=out_dir, name=spec.name, size=pre.crop_size, resize=pre.resize_short,
-                                  mean=list(pre.mean), std=list(pre.std)),
+                                  mean=list(pre.mean), std=list(pre.std), classes=spec.num_classes),
         err=True,
     )

@@ -36,7 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -305,7 +305,7 @@ def _convert_in_child(spec: ModelSpec, weights_path: Path, fmt: str, out: Path) 
         "from mixnet_cli.conversion import _child_main; sys.exit(_child_main(sys.argv[1:]))"
     )
     command = [sys.executable, "-c", bootstrap, "--model", spec.name, "--weights", str(weights_path),
-               "--format", fmt, "--out", str(out)]
+               "--format", fmt, "--out", str(out), "--num-classes", str(spec.num_classes)]
     completed = subprocess.run(command, env=_child_environment(), stdin=subprocess.DEVNULL,
                                capture_output=True, text=True, errors="replace")
     log = (completed.stdout or "") + (completed.stderr or "")
@@ -389,21 +389,22 @@ def check_engine(engine: Any, spec: ModelSpec, reference_logits: Any, *, whole_b
     return check
 
 
-def _onnx_model(spec: ModelSpec, weights_path: Path) -> Any:
-    from .architecture import architecture_of
+def _onnx_model(spec: ModelSpec, weights_path: Path, *, features: bool = False) -> Any:
+    from .architecture import architecture_for
     from .onnx_graph import build_onnx
     from .pdparams import read_state_dict
 
-    architecture = architecture_of(spec.name)
+    architecture = architecture_for(spec)
     state = read_state_dict(weights_path)
     architecture.check_state_dict(state)
-    return build_onnx(architecture, state, spec.preprocessing.crop_size, check=False)
+    return build_onnx(architecture, state, spec.preprocessing.crop_size, check=False, features=features)
 
 
-def onnx_bytes(spec: ModelSpec, weights_path: Path) -> bytes:
+def onnx_bytes(spec: ModelSpec, weights_path: Path, *, features: bool = False) -> bytes:
     """The ONNX model of these (verified) weights, serialised, built in memory: for a cache that cannot be
-    written. Raises :class:`WeightsError` when the file does not hold ``spec``'s parameters."""
-    return bytes(_onnx_model(spec, weights_path).SerializeToString())
+    written, and (``features``) the model that also outputs the pooled features. Raises :class:`WeightsError`
+    when the file does not hold ``spec``'s parameters."""
+    return bytes(_onnx_model(spec, weights_path, features=features).SerializeToString())
 
 
 def convert_onnx(spec: ModelSpec, weights_path: Path, out: Path, *, openvino_copy: Path | None = None) -> dict[str, Any]:
@@ -444,7 +445,7 @@ def reference_logits(spec: ModelSpec, converted: ConvertedModel) -> np.ndarray:
     if saved is not None and saved.get("model_sha256") == model_sha256:
         try:
             logits = np.asarray(saved["logits"], dtype=np.float64)
-            if logits.shape == (len(validation_batch(spec.preprocessing.crop_size)), 1000):
+            if logits.shape == (len(validation_batch(spec.preprocessing.crop_size)), spec.num_classes):
                 return logits
         except (KeyError, TypeError, ValueError):
             pass
@@ -512,9 +513,13 @@ def _child_main(argv: Sequence[str]) -> int:
     parser.add_argument("--weights", required=True, type=Path)
     parser.add_argument("--format", required=True, choices=["paddle"])
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--num-classes", type=int, default=1000)
     args = parser.parse_args(argv)
     try:
-        report = convert_paddle(resolve_model(args.model), args.weights, args.out)
+        spec = resolve_model(args.model)
+        if args.num_classes != spec.num_classes:
+            spec = replace(spec, num_classes=args.num_classes, custom=True)
+        report = convert_paddle(spec, args.weights, args.out)
         (args.out / _REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     except MixnetError as exc:
         print(f"{_FAILURE_MARK}{exc}", file=sys.stderr, flush=True)

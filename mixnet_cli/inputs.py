@@ -25,8 +25,17 @@ ImageSource = Union[Path, bytes]
 
 @dataclass(frozen=True)
 class InputItem:
+    """One input: its display ``name``, and ``load`` returning the image (a path or encoded bytes) when called.
+    ``problem``: the error already known when the arguments were expanded (a missing file, an empty directory,
+    a glob matching nothing); ``load`` raises it."""
+
     name: str
     load: Callable[[], ImageSource]
+    problem: ImageError | None = None
+
+
+def _failed(name: str, error: ImageError) -> InputItem:
+    return InputItem(name, _fail(error), problem=error)
 
 
 class NoImagesError(ImageNotFoundError):
@@ -58,8 +67,9 @@ def _path_loader(path: Path) -> Callable[[], ImageSource]:
     return lambda: path
 
 
-def is_url(argument: str) -> bool:
-    return argument.lower().startswith(("http://", "https://"))
+def is_url(argument: object) -> bool:
+    """Whether ``argument`` is a string naming an http(s) URL."""
+    return isinstance(argument, str) and argument.lower().startswith(("http://", "https://"))
 
 
 def fetch_image_url(url: str, *, max_bytes: int = MAX_IMAGE_BYTES, deadline_s: float | None = None) -> bytes:
@@ -115,9 +125,9 @@ def _expand_one(argument: str, recursive: bool, stdin: BinaryIO | None) -> Itera
         images = directory_images(path, recursive)
         if not images:
             where = "or its sub-directories " if recursive else ""
-            yield InputItem(label, _fail(NoImagesError(
+            yield _failed(label, NoImagesError(
                 f"{label}: directory {where}has no image files ({', '.join(sorted(IMAGE_SUFFIXES)[:6])}...)"
-            )))
+            ))
         for image in images:
             yield InputItem(display_name(str(image)), _path_loader(image))
         return
@@ -125,14 +135,17 @@ def _expand_one(argument: str, recursive: bool, stdin: BinaryIO | None) -> Itera
         matches = sorted(glob.glob(argument, recursive=True))
         files = [Path(m) for m in matches if Path(m).suffix.lower() in IMAGE_SUFFIXES and Path(m).is_file()]
         if not files:
-            yield InputItem(label, _fail(NoImagesError(f"{label}: pattern matches no image files")))
+            yield _failed(label, NoImagesError(f"{label}: pattern matches no image files"))
         for image in files:
             yield InputItem(display_name(str(image)), _path_loader(image))
         return
     if path.is_symlink() and not path.exists():
-        yield InputItem(label, _fail(ImageNotFoundError(
+        yield _failed(label, ImageNotFoundError(
             f"{label}: broken symbolic link (to {display_name(os.readlink(path))}); fix or remove the link"
-        )))
+        ))
+        return
+    if not os.path.lexists(path):
+        yield _failed(label, ImageNotFoundError(f"{label}: no such file; check the path"))
         return
     yield InputItem(label, _path_loader(path))
 
@@ -167,7 +180,7 @@ def expand_inputs(
         try:
             items.extend(_expand_one(argument, recursive, stdin))
         except PermissionError:
-            items.append(InputItem(display_name(argument), _fail(ImageUnreadableError(
+            items.append(_failed(display_name(argument), ImageUnreadableError(
                 f"{display_name(argument)}: permission denied; check the permissions"
-            ))))
+            )))
     return items

@@ -59,6 +59,10 @@ class ModelSpec:
     preprocessing: Preprocessing
     metrics: Metrics
     source: str
+    # 1000 for the released models; a fine-tuned file's own count (its classifier's shape) otherwise.
+    num_classes: int = 1000
+    # A fine-tuned file the user gave (``--weights``): then ``url`` is that file's URI and the metrics are not its.
+    custom: bool = False
 
     @property
     def short_name(self) -> str:

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 INPUT_NAME = "x"
 OUTPUT_NAME = "logits"
+# The pooled features the classifier reads (N x 1536): a second output, only in models built with features=True.
+FEATURES_NAME = "features"
 BATCH_DIM = "N"
 # Opset 13 runs on every ONNX Runtime since 1.6 and every OpenVINO release since 2021, and has every operator
 # this graph needs.
@@ -178,12 +180,13 @@ def _squeeze_excite(graph: _Graph, x: str, se: SqueezeExcite) -> str:
 
 
 def build_onnx(architecture: Architecture, state: dict[str, np.ndarray], size: int = 224,
-               form: GraphForm = DEFAULT_FORM, *, check: bool = True) -> "onnx.ModelProto":
+               form: GraphForm = DEFAULT_FORM, *, check: bool = True, features: bool = False) -> "onnx.ModelProto":
     """The ONNX model of ``architecture`` with the parameters in ``state`` (checked names and shapes, any float
     dtype; computed in float32), for ``size x size`` inputs and any batch size. ``check`` runs ONNX's model
     checker on it (a twentieth of a second; the conversion skips it, since an engine runs the model and the
-    tests check every form). Raises ``KeyError`` for a parameter ``state`` lacks (callers check the state dict
-    first)."""
+    tests check every form). ``features`` adds a second output, ``features``: the pooled ``N x 1536`` float32
+    vector the classifier reads (paddleclas's ``features`` block, flattened). Raises ``KeyError`` for a parameter
+    ``state`` lacks (callers check the state dict first)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -204,6 +207,10 @@ def build_onnx(architecture: Architecture, state: dict[str, np.ndarray], size: i
 
     inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [BATCH_DIM, 3, size, size])]
     outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [BATCH_DIM, architecture.num_classes])]
+    if features:
+        graph.nodes.append(helper.make_node("Identity", [x], [FEATURES_NAME], name="features"))
+        outputs.append(helper.make_tensor_value_info(FEATURES_NAME, TensorProto.FLOAT,
+                                                     [BATCH_DIM, architecture.final.out_channels]))
     model = helper.make_model(
         helper.make_graph(graph.nodes, architecture.name, inputs, outputs, graph.initializers),
         opset_imports=[helper.make_opsetid("", OPSET)],

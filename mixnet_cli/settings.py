@@ -102,6 +102,19 @@ def _number(name: str, default: float, minimum: float, strictly_above: bool = Fa
     return value
 
 
+def cpu_threads() -> int | None:
+    """CPU threads per forward pass when neither ``--threads`` nor the API says: ``OMP_NUM_THREADS`` (the variable
+    every numerical library honours) when set to a positive whole number, else None (the engines take the
+    physical cores)."""
+    # OpenMP also takes a list for nested levels ("4,2"): the first is the one a forward pass uses.
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise UsageError(f"environment variable OMP_NUM_THREADS={value!r} must be a whole number of 1 or more")
+    return int(value)
+
+
 def url_deadline() -> float:
     """Seconds an image URL may take from the first connection to the last byte, retries included
     (``MIXNET_URL_DEADLINE``, default 60): past it, that input fails and the run goes on."""

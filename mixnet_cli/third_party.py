@@ -8,12 +8,48 @@ one place that imports them, and contains each of those.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from types import ModuleType
+from typing import Iterator
+
+
+def _writable(directory: "os.PathLike[str]") -> bool:
+    """Whether ``directory`` exists or can be made, and can be written."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(directory, os.W_OK)
+
+
+@contextlib.contextmanager
+def _stderr_without(word: str, *, unless: bool = False) -> Iterator[None]:
+    """Hold back the lines containing ``word`` that C++ libraries write to file descriptor 2 in this block (Python's
+    own ``sys.stderr`` is flushed first and works as usual); the other lines are written out after it. Only for a
+    short block in which no other thread writes to stderr (an import on the main thread)."""
+    if unless:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().splitlines(keepends=True) if word.encode() not in line]
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 def _contain_onnxruntime_import(module: str) -> ModuleType:
@@ -22,9 +58,13 @@ def _contain_onnxruntime_import(module: str) -> ModuleType:
     from .cache import engine_home
 
     previous = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(engine_home("onnxruntime"))
+    home = engine_home("onnxruntime")
+    os.environ["XDG_CACHE_HOME"] = str(home)
     try:
-        loaded = importlib.import_module(module)
+        # In a cache that cannot be written, ONNX Runtime prints a coloured warning that it cannot keep its
+        # telemetry id there; that line goes, anything else it prints on import stays.
+        with _stderr_without("telemetry", unless=_writable(home)):
+            loaded = importlib.import_module(module)
     finally:
         if previous is None:
             os.environ.pop("XDG_CACHE_HOME", None)

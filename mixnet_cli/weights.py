@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 from urllib.parse import urlsplit
@@ -29,9 +29,14 @@ _HEX = frozenset("0123456789abcdef")
 
 @dataclass(frozen=True)
 class VerifiedWeights:
+    """Weights that passed every check, in the cache. ``how`` says where this call got them: ``cached`` (there
+    already), ``downloaded`` (by this process), ``downloaded by another mixnet process`` (this one waited for
+    it), ``installed`` (from a file the user gave)."""
+
     spec: ModelSpec
     path: Path
     record: cache.WeightsRecord
+    how: str = "cached"
 
 
 def candidate_urls(spec: ModelSpec, mirrors: Sequence[str] | None = None) -> list[str]:
@@ -77,6 +82,12 @@ def _sniff(path: Path) -> None:
         raise WeightsError("is a web page, not a weights file (a login or error page?)")
     if head.startswith((b"{", b"[")):
         raise WeightsError("is a JSON document (an error message?), not a weights file")
+    kinds = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"GIF8": "a GIF image",
+             b"PK\x03\x04": "a zip archive (extract the .pdparams file from it)",
+             b"\x1f\x8b": "a gzip archive (extract the .pdparams file from it)", b"%PDF": "a PDF document"}
+    for magic, kind in kinds.items():
+        if head.startswith(magic.lower()):
+            raise WeightsError(f"is {kind}, not a weights file")
 
 
 def check_file(
@@ -96,9 +107,9 @@ def check_file(
         raise WeightsError(f"has sha256 {sha256}, not the pinned {pinned}")
     _sniff(path)
     state = read_state_dict(path)
-    from .architecture import architecture_of
+    from .architecture import architecture_for
 
-    architecture_of(spec.name).check_state_dict(state)
+    architecture_for(spec).check_state_dict(state)
     return state
 
 
@@ -109,7 +120,8 @@ def _install(spec: ModelSpec, tmp: Path, source: str, size: int, sha256: str) ->
     # a record without its file is ignored, so a crash between the two never yields an unverified file.
     os.replace(tmp, target)
     cache.write_record(spec, record)
-    return VerifiedWeights(spec=spec, path=target, record=record)
+    how = "installed" if source.startswith("file:") else "downloaded"
+    return VerifiedWeights(spec=spec, path=target, record=record, how=how)
 
 
 def _is_disk_full(exc: OSError) -> bool:
@@ -140,11 +152,16 @@ def _clean_leftovers(spec: ModelSpec) -> None:
         path.unlink(missing_ok=True)
 
 
-def _announce_wait(spec: ModelSpec):  # type: ignore[no-untyped-def]
-    def announce(lock: Path) -> None:
-        notice(f"waiting for another mixnet process downloading {spec.filename} (lock {lock})")
+class _WaitNotice:
+    """Says on stderr that this process waits for another's download, and remembers that it did."""
 
-    return announce
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.waited = False
+
+    def __call__(self, lock: Path) -> None:
+        self.waited = True
+        notice(f"waiting for another mixnet process downloading {self.spec.filename} (lock {lock})")
 
 
 def _fetch_verified(
@@ -201,13 +218,15 @@ def download_weights(
     cache.ensure_dir(cache.weights_dir())
     target = cache.weights_path(spec)
     before = _identity(target)
-    with cache.model_lock(spec, on_wait=_announce_wait(spec)):
+    wait = _WaitNotice(spec)
+    with cache.model_lock(spec, on_wait=wait):
         if not force or _identity(target) != before:
             # Installed by another process while this one waited (or a plain run that raced us to the lock).
             found = cached_weights(spec)
             if found is not None:
                 _check_pinned(found, pinned)
-                return found
+                changed = wait.waited or _identity(target) != before
+                return replace(found, how="downloaded by another mixnet process") if changed else found
         _clean_leftovers(spec)
         failures: list[MixnetError] = []
         urls = candidate_urls(spec, mirrors)
@@ -237,7 +256,7 @@ def install_from_file(spec: ModelSpec, source: Path | str, *, sha256: str | None
     if not path.is_file():
         raise UsageError(f"{path}: no such file; give a copy of {spec.url} (or the directory holding it)")
     cache.ensure_dir(cache.weights_dir())
-    with cache.model_lock(spec, on_wait=_announce_wait(spec)):
+    with cache.model_lock(spec, on_wait=_WaitNotice(spec)):
         _clean_leftovers(spec)
         tmp = cache.temporary_path(spec)
         try:
@@ -316,12 +335,20 @@ def ensure_weights(
     ``sha256`` pins the file: a cached or downloaded file with another checksum is refused.
     """
     pinned = normalise_sha256(sha256)
+    offline = settings.offline() if offline is None else offline
     if not force:
-        found = cached_weights(spec)
+        try:
+            found = cached_weights(spec)
+        except WeightsError as exc:
+            if offline:
+                raise
+            # A damaged cached file is replaced, not reported for the user to delete by hand.
+            notice(f"{exc.args[0].split(';')[0]}; downloading them again")
+            found, force = None, True
         if found is not None:
             _check_pinned(found, pinned)
             return found
-    if settings.offline() if offline is None else offline:
+    if offline:
         short = spec.short_name
         raise OfflineError(
             f"{spec.name} weights are not in the cache ({cache.weights_path(spec)}) and offline mode is on; "
@@ -353,3 +380,57 @@ def load_state(weights: VerifiedWeights) -> dict[str, np.ndarray]:
         return read_state_dict(data)
     except MixnetError as exc:
         raise WeightsError(f"{weights.path} {exc}; {_download_hint(weights.spec)}") from None
+
+
+def custom_weights(path: Path | str, model: ModelSpec | None = None) -> VerifiedWeights:
+    """Your own weights: a ``.pdparams`` file of MixNet_S, M or L fine-tuned on any number of classes, as PaddleClas
+    trains and saves them (``paddle.save(model.state_dict())``).
+
+    The file is read once, parsed by the safe loader, and checked against the architecture: ``model`` when given,
+    else the one of S, M, L whose every parameter name and shape it holds. The class count is the classifier's
+    (``output.bias``). The file stays where it is; what is built from it is cached under its sha256 like the
+    released weights' (``VerifiedWeights.spec`` carries the detected architecture and class count). Raises
+    :class:`WeightsError` naming the file when it is not MixNet weights (or not ``model``'s), and
+    :class:`UsageError` when it is missing or unreadable.
+    """
+    from .architecture import architecture_for
+    from .manifest import load_manifest
+
+    source = Path(path).expanduser()
+    try:
+        data = source.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"--weights {source}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"--weights {source}: is a directory; give the .pdparams file") from None
+    except OSError as exc:
+        raise UsageError(f"--weights {source}: cannot read ({exc.strerror or exc})") from None
+    try:
+        _sniff(source)
+        state = read_state_dict(data)
+    except MixnetError as exc:
+        raise WeightsError(f"{source} {exc}") from None
+    bias = state.get("output.bias")
+    if bias is None or bias.ndim != 1 or bias.shape[0] < 1:
+        raise WeightsError(f"{source} has no classifier (output.bias) of a MixNet; give the weights of a MixNet_S, "
+                           "MixNet_M or MixNet_L trained with PaddleClas")
+    num_classes = int(bias.shape[0])
+    candidates = [model] if model is not None else list(load_manifest().models.values())
+    problems = []
+    for base in candidates:
+        spec = replace(base, num_classes=num_classes, custom=True, url=source.resolve().as_uri(),
+                       sha256=None, size=len(data))
+        try:
+            architecture_for(spec).check_state_dict(state)
+        except WeightsError as exc:
+            problems.append(str(exc))
+            continue
+        sha256 = hashlib.sha256(data).hexdigest()
+        spec = replace(spec, sha256=sha256)
+        record = cache.WeightsRecord(model=spec.name, sha256=sha256, size=len(data), source=f"file:{source}",
+                                     fetched_at=cache.now_iso())
+        return VerifiedWeights(spec=spec, path=source, record=record, how="yours")
+    if model is not None:
+        raise WeightsError(f"{source} {problems[0]}; leave out --model to detect the architecture")
+    raise WeightsError(f"{source} holds none of MixNet_S, MixNet_M, MixNet_L with {num_classes} classes "
+                       f"({problems[0]})")

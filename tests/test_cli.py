@@ -443,3 +443,95 @@ def test_doctor_reports_the_setup_and_fails_on_a_broken_part(isolated_home, monk
     rows = json.loads(result.stdout)
     assert result.exit_code == 1
     assert any(row["check"] == "MixNet_S URL" and row["status"] == "fail" and row["hint"] for row in rows)
+
+
+def test_inputs_that_cannot_exist_fail_before_any_download(tmp_path, random_mirror, isolated_home):
+    empty = tmp_path / "empty-folder"
+    empty.mkdir()
+    args = [str(tmp_path / "typo.jpg"), str(empty), str(tmp_path / "nothing-*.png")]
+    for extra in ([], ["--offline"]):
+        result = _invoke("classify", *args, "--jsonl", *extra)
+        assert result.exit_code == 1
+        rows = [json.loads(line) for line in result.stdout.splitlines()]
+        assert [row["input"] for row in rows] == args
+        assert [row["error"]["type"] for row in rows] == ["ImageNotFoundError", "NoImagesError", "NoImagesError"]
+        assert "the model was not loaded" in result.stderr.splitlines()[-1]
+        assert "offline" not in result.stderr and "download" not in result.stderr
+    assert random_mirror.requests == []  # nothing was fetched
+    assert not (isolated_home / "weights").exists() or not any((isolated_home / "weights").iterdir())
+    # One input that can be classified among them: the model is loaded, and the others keep their errors.
+    good = _photo(tmp_path / "good.jpg")
+    mixed = _invoke("classify", str(good), *args, "--jsonl")
+    assert mixed.exit_code == 1
+    assert [("predictions" in json.loads(line)) for line in mixed.stdout.splitlines()] == [True, False, False, False]
+
+
+def test_the_api_takes_what_the_command_line_takes(tmp_path, random_mirror, file_server):
+    from mixnet_cli import Classifier
+    from mixnet_cli.inputs import expand_inputs
+
+    served = tmp_path / "served"
+    served.mkdir()
+    photo = _photo(served / "cat.png")
+    url = f"{file_server(served).url}/cat.png"
+    classifier = Classifier("S")
+    by_path = classifier.classify(photo)
+    assert classifier.classify(url).predictions == by_path.predictions
+    assert classifier.classify(url).input == url
+    assert classifier.classify(photo.read_bytes()).predictions == by_path.predictions
+    many = list(classifier.classify_many([url, str(photo), *expand_inputs([str(served)])]))
+    assert [r.input for r in many] == [url, str(photo), str(photo)]
+    assert all(r.predictions == by_path.predictions for r in many)
+
+
+def test_quiet_holds_back_onnxruntimes_telemetry_line_and_nothing_else(capfd):
+    from mixnet_cli.third_party import _stderr_without
+
+    with _stderr_without("telemetry"):
+        os.write(2, b"\x1b[0;93m[W:onnxruntime] Failed to persist telemetry device ID\x1b[m\nsomething else\n")
+    err = capfd.readouterr().err
+    assert "telemetry" not in err and "\x1b" not in err and err == "something else\n"
+    with _stderr_without("telemetry", unless=True):
+        os.write(2, b"telemetry kept when the cache can take its file\n")
+    assert "telemetry kept" in capfd.readouterr().err
+
+
+def test_quiet_on_a_read_only_cache_prints_nothing_but_results(tmp_path, random_mirror, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("MIXNET_HOME", str(home))
+    photo = _photo(tmp_path / "photo.jpg")
+    assert _invoke("download", "S").exit_code == 0
+    code = ("import sys\nfrom mixnet_cli.cli import main\n"
+            f"main(['classify', {str(photo)!r}, '--json', '-q', '--offline'])\n")
+    os.chmod(home, 0o555)
+    try:
+        if os.access(home, os.W_OK):
+            pytest.skip("running as root: a directory cannot be made read-only here")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "MIXNET_HOME": str(home)})
+    finally:
+        os.chmod(home, 0o755)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "" and json.loads(done.stdout)[0]["predictions"]
+
+
+def test_shell_completion_offers_models_engines_and_devices():
+    def complete(words: str) -> list[str]:
+        env = {"_MIXNET_COMPLETE": "bash_complete", "COMP_WORDS": f"mixnet {words}", "COMP_CWORD": str(len(words.split()) + (1 if words.endswith(" ") else 0))}
+        result = CliRunner().invoke(main, [], env=env, prog_name="mixnet")
+        return [line.split(",", 1)[1] for line in result.stdout.splitlines() if "," in line]
+
+    assert complete("classify --engine o") == ["onnxruntime", "openvino"]
+    assert complete("classify --device g") == ["gpu", "gpu:0"]
+    assert "MixNet_L" in complete("download ") and "all" in complete("download ")
+    assert complete("cache rm Mix") == ["MixNet_S", "MixNet_M", "MixNet_L"]
+
+
+def test_threads_come_from_the_flag_else_omp_num_threads(tmp_path, random_mirror, monkeypatch):
+    photo = str(_photo(tmp_path / "photo.jpg"))
+    flag = _invoke("classify", photo, "--threads", "1", "-v", "--json")
+    assert flag.exit_code == 0 and "1 thread(s)" in flag.stderr
+    monkeypatch.setenv("OMP_NUM_THREADS", "1,1")
+    assert "1 thread(s)" in _invoke("classify", photo, "-v", "--json").stderr
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")
+    assert "OMP_NUM_THREADS" in _one_line_error(_invoke("classify", photo, "--json"), exit_code=2)

@@ -460,7 +460,11 @@ def test_offline_with_nothing_cached_says_how_to_get_the_weights(server, isolate
     result = run("download", "S", "--offline", "--mirror", server.url)
     assert_error(result, "offline mode is on", "mixnet download S", "--from FILE")
     assert server.requests == []
-    result = run("classify", "--offline", "--mirror", server.url, str(isolated_home / "nothing.jpg"))
+    from PIL import Image
+
+    photo = isolated_home.parent / "photo.png"  # an image that exists: a missing one fails before any model
+    Image.new("RGB", (64, 48), (90, 160, 30)).save(photo)
+    result = run("classify", "--offline", "--mirror", server.url, str(photo))
     assert_error(result, "offline mode is on")
     assert server.requests == []
 
@@ -496,13 +500,18 @@ def test_force_downloads_again(server, isolated_home, weights_bytes):
     assert_installed(isolated_home, weights_bytes)
 
 
-def test_a_cached_file_that_changed_is_reported_and_force_repairs_it(server, isolated_home, weights_bytes):
+def test_a_cached_file_that_changed_is_downloaded_again_unless_offline(server, isolated_home, weights_bytes):
     assert download(server).exit_code == 0
     path = isolated_home / "weights" / FILE
     path.write_bytes(weights_bytes[:-1] + b"\x00")
-    assert_error(download(server), "are corrupt", "mixnet download S --force")
-    assert download(server, "--force").exit_code == 0
+    assert_error(download(server, "--offline"), "are corrupt", "mixnet download S --force")
+    repaired = download(server)
+    assert repaired.exit_code == 0, repaired.output
+    assert "are corrupt" in repaired.stderr and "downloading them again" in repaired.stderr
+    assert "MixNet_S: downloaded " in repaired.stderr
+    assert len(server.file_requests(PATH)) == 2
     assert_installed(isolated_home, weights_bytes)
+    assert "MixNet_S: cached " in download(server).stderr
 
 
 # --- full disk ---------------------------------------------------------------------------------------------------
@@ -651,5 +660,9 @@ def test_several_processes_needing_the_same_file_share_one_download(server, isol
         assert process.returncode == 0, f"{name}: {log.read_text()}"
         assert "Traceback" not in log.read_text()
     assert len(server.file_requests(PATH)) == 1, "one download served every process"
+    # Each says what it did: one downloaded, the others waited for it.
+    assert "MixNet_S: downloaded /" in running["first"][1].read_text()
+    for name in ("second", "third"):
+        assert "MixNet_S: downloaded by another mixnet process" in running[name][1].read_text()
     assert json.loads(outputs["classify"])[0]["input"] == str(image)
     assert_installed(isolated_home, weights_bytes)

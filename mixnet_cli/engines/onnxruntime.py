@@ -118,10 +118,21 @@ class OnnxRuntimeEngine:
             mode = f"{self.threads} thread(s), latency mode"
         self.detail = f"{active[0]}, {mode}" + (f", {note}" if note else "")
         self._input = self._session.get_inputs()[0].name
+        self._outputs = [output.name for output in self._session.get_outputs()]
+        self.has_features = len(self._outputs) > 1
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        (logits,) = self._session.run(None, {self._input: np.ascontiguousarray(batch, dtype=np.float32)})
+        (logits,) = self._session.run(self._outputs[:1], {self._input: np.ascontiguousarray(batch, dtype=np.float32)})
         return np.asarray(logits, dtype=np.float32)
+
+    def run_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (``N x classes``) and pooled features (``N x 1536``), float32, from one forward pass; for a
+        model built with features (:func:`mixnet_cli.conversion.onnx_bytes`)."""
+        if not self.has_features:
+            raise EngineError("this model has no features output; build it with features=True")
+        logits, features = self._session.run(self._outputs[:2],
+                                             {self._input: np.ascontiguousarray(batch, dtype=np.float32)})
+        return np.asarray(logits, dtype=np.float32), np.asarray(features, dtype=np.float32)
 
     def throughput(self, batch_size: int = 1) -> "OnnxRuntimeEngine":
         """This engine for bulk work (made once): on the CPU with more than one thread, a one-thread session that

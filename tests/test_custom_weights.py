@@ -1,0 +1,159 @@
+"""Your own fine-tuned MixNet: weights with any number of classes (here 7, made from the calibrated weights with a
+new classifier), the architecture read from the file, class names from a label file in either of PaddleClas's
+layouts; held to paddleclas's own network built with that class count."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from imagegen import scene
+from mixnet_cli import Classifier
+from mixnet_cli.cli import main
+from mixnet_cli.errors import UsageError, WeightsError
+from mixnet_cli.postprocess import softmax
+
+NAMES = ["daisy", "dandelion", "rose", "sunflower", "tulip", "lily of the valley", "orchid"]
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(calibrated_weights, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MixNet_S weights with a 7-class classifier (columns of the calibrated one, so pictures get different,
+    confident answers), saved as paddle.save writes them."""
+    from weightgen import save_pdparams
+
+    from mixnet_cli.pdparams import read_state_dict
+
+    state = read_state_dict(calibrated_weights("MixNet_S"))
+    columns = [3, 150, 281, 404, 530, 717, 951]
+    state["output.weight"] = np.ascontiguousarray(state["output.weight"][:, columns])
+    state["output.bias"] = np.ascontiguousarray(state["output.bias"][columns])
+    return save_pdparams(state, tmp_path_factory.mktemp("fine-tuned") / "flowers_mixnet_s.pdparams")
+
+
+@pytest.fixture(scope="module")
+def label_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    directory = tmp_path_factory.mktemp("labels")
+    id_map = directory / "flowers_label_list.txt"  # PaddleClas's class_id_map_file, ids out of order on purpose
+    id_map.write_text("".join(f"{i} {NAMES[i]}\n" for i in [1, 0, 2, 3, 4, 5, 6]))
+    plain = directory / "names.txt"
+    plain.write_text("\n".join(NAMES) + "\n\n")
+    short = directory / "six.txt"
+    short.write_text("\n".join(NAMES[:6]) + "\n")
+    return {"id_map": id_map, "plain": plain, "short": short}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    directory = tmp_path_factory.mktemp("flower-photos")
+    rng = np.random.default_rng(21)
+    paths = []
+    for index in range(5):
+        path = directory / f"photo{index}.jpg"
+        Image.fromarray(scene(rng, 320, 240)).save(path, quality=92)
+        paths.append(path)
+    return paths
+
+
+def _classify(*args: str) -> tuple[int, list[dict], str]:
+    result = CliRunner().invoke(main, ["classify", *args, "--json"])
+    return result.exit_code, (json.loads(result.stdout) if result.stdout.strip() else []), result.stderr
+
+
+def test_own_weights_and_labels_classify_with_their_classes(fine_tuned, label_files, photos, isolated_home):
+    code, rows, stderr = _classify(*map(str, photos), "--weights", str(fine_tuned), "--labels",
+                                   str(label_files["id_map"]), "-k", "7")
+    assert code == 0, stderr
+    for row in rows:
+        assert row["model"] == "MixNet_S"  # detected from the file's shapes
+        assert sorted(p["class_id"] for p in row["predictions"]) == list(range(7))
+        assert all(p["label"] == NAMES[p["class_id"]] for p in row["predictions"])
+        assert sum(p["score"] for p in row["predictions"]) == pytest.approx(1.0, abs=1e-5)
+    assert len({row["predictions"][0]["class_id"] for row in rows}) > 1, "the pictures should get different answers"
+    # Converted once and cached under the file's sha256, like the released weights.
+    import hashlib
+
+    sha256 = hashlib.sha256(fine_tuned.read_bytes()).hexdigest()
+    assert (isolated_home / "onnx" / sha256 / "MixNet_S.onnx").is_file()
+    # Either label layout gives the same names; without a file, classes are named by their id.
+    plain = _classify(str(photos[0]), "--weights", str(fine_tuned), "--labels", str(label_files["plain"]), "-k", "7")[1]
+    assert plain[0]["predictions"] == rows[0]["predictions"]
+    unnamed = _classify(str(photos[0]), "--weights", str(fine_tuned))[1]
+    assert [p["label"] for p in unnamed[0]["predictions"]] == [str(p["class_id"]) for p in unnamed[0]["predictions"]]
+    # The API takes the same.
+    api = Classifier(weights=fine_tuned, labels=label_files["id_map"])
+    assert api.spec.num_classes == 7 and api.labels == tuple(NAMES)
+    assert [p.to_dict() for p in api.classify(photos[0], topk=7).predictions] == rows[0]["predictions"]
+
+
+def test_a_mismatch_is_a_one_line_error_before_any_work(fine_tuned, label_files, photos, isolated_home, tmp_path):
+    code, _, stderr = _classify(str(photos[0]), "--weights", str(fine_tuned), "--labels", str(label_files["short"]))
+    assert code == 2 and "names 6 classes, but the weights have 7" in stderr and len(stderr.strip().splitlines()) == 1
+    code, _, stderr = _classify(str(photos[0]), "--weights", str(fine_tuned), "-m", "L")
+    assert code == 1 and "does not hold MixNet_L" in stderr and "leave out --model" in stderr
+    not_weights = tmp_path / "notes.pdparams"
+    not_weights.write_text("hello")
+    code, _, stderr = _classify(str(photos[0]), "--weights", str(not_weights))
+    assert code == 1 and str(not_weights) in stderr and len(stderr.strip().splitlines()) == 1
+    code, _, stderr = _classify(str(photos[0]), "--weights", str(tmp_path / "missing.pdparams"))
+    assert code == 2 and "no such file" in stderr
+    assert not (isolated_home / "onnx").exists(), "nothing was converted for a failed run"
+    with pytest.raises(UsageError):
+        Classifier(weights=fine_tuned, labels=label_files["short"])
+    with pytest.raises(WeightsError):
+        Classifier("M", weights=fine_tuned)
+
+
+def test_own_weights_export_with_their_class_count(fine_tuned, tmp_path, isolated_home):
+    import onnxruntime
+
+    result = CliRunner().invoke(main, ["export", "--weights", str(fine_tuned), "--format", "onnx", "-o",
+                                       str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    session = onnxruntime.InferenceSession(str(tmp_path / "out" / "MixNet_S.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"x": np.zeros((2, 3, 224, 224), np.float32)})[0]
+    assert logits.shape == (2, 7) and "N x 7" in result.stderr
+
+
+def test_eval_scores_own_weights_from_a_list(fine_tuned, label_files, photos, isolated_home, tmp_path):
+    answers = Classifier(weights=fine_tuned)
+    truth = [answers.classify(p).predictions[0].class_id for p in photos]
+    listing = tmp_path / "val.txt"
+    listing.write_text("".join(f"{p} {t}\n" for p, t in zip(photos, truth)))
+    result = CliRunner().invoke(main, ["eval", "--list", str(listing), "--root", "/", "--weights", str(fine_tuned),
+                                       "--labels", str(label_files["plain"]), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["top1"] == 100.0
+
+
+@pytest.mark.paddle
+@pytest.mark.parametrize("engine", ["auto", "dygraph", "paddle"])
+def test_own_weights_give_paddleclas_answers(engine, fine_tuned, photos, isolated_home):
+    from paddleclas_reference import paddleclas_decode, paddleclas_transform
+
+    import paddle
+    from paddleclas.ppcls.arch.backbone.model_zoo import mixnet
+
+    network = mixnet.MixNet_S(pretrained=False, class_num=7)
+    network.set_state_dict(paddle.load(str(fine_tuned)))
+    network.eval()
+    batch = np.stack([paddleclas_transform(paddleclas_decode(p)) for p in photos])
+    with paddle.no_grad():
+        want = paddle.nn.functional.softmax(network(paddle.to_tensor(batch)), axis=-1).numpy()
+    classifier = Classifier(weights=fine_tuned, engine=engine)
+    got = softmax(classifier.logits(np.stack([classifier.preprocess(p) for p in photos])))
+    assert got.shape == (len(photos), 7)
+    assert np.abs(got - want).max() <= 1e-4
+    assert [list(np.argsort(-r, kind="stable")[:5]) for r in got] == [list(np.argsort(-r, kind="stable")[:5]) for r in want]
+
+
+def test_a_photo_given_as_weights_is_named_for_what_it_is(photos, isolated_home):
+    result = CliRunner().invoke(main, ["download", "S", "--from", str(photos[0])])
+    assert result.exit_code == 1 and "is a JPEG image, not a weights file" in result.stderr
+    code, _, stderr = _classify(str(photos[0]), "--weights", str(photos[0]))
+    assert code == 1 and "is a JPEG image, not a weights file" in stderr
