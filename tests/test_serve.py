@@ -502,3 +502,12 @@ def test_the_listening_socket_is_tcp_without_nagle():
         assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     finally:
         listener.close()
+
+
+def test_server_mode_refuses_the_options_that_work_only_locally(tmp_path, random_mirror):
+    photo = _photo(tmp_path / "a.jpg", (64, 48), seed=1)
+    result = CliRunner().invoke(main, ["classify", str(photo), "--server", "http://127.0.0.1:9", "--embed", "--json"],
+                                catch_exceptions=False)
+    assert result.exit_code == 2
+    assert "--server classifies with the service's own models" in result.stderr
+    assert random_mirror.requests == []
