@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from serve import section as serve_section
+from serve import summary_rows as serve_summary
+
 FORWARD_TARGET = 1.15
 COLD_TARGET = 0.5
 BULK_TARGET = 0.75
@@ -307,6 +310,7 @@ def render(results: Path, others: list[Path] | None = None) -> str:
     bulk_lines, bulk_ratio, cli_ratio = bulk_section(bulk)
     installs = _load(results / "installs.json") if (results / "installs.json").exists() else None
     graph_lines = graph_forms_section(results) if (results / "graph_forms.md").exists() else []
+    serve_lines = serve_section(_load(results / "serve.json")) if (results / "serve.json").exists() else []
     versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
 
     def verdict(ok: bool) -> str:
@@ -349,6 +353,7 @@ def render(results: Path, others: list[Path] | None = None) -> str:
         *([f"| 5. core install: venv size on Python {'/'.join(CORE_VENV_TARGET_PYTHONS)} | "
            f"{core_venv_target(installs)[0]} | ≤ {CORE_VENV_TARGET_MB} MB | {core_venv_target(installs)[1]} |"]
           if installs is not None else []),
+        *serve_summary(_load(results / "serve.json") if (results / "serve.json").exists() else None, verdict),
         "",
         "## 1. Forward pass (CPU)",
         "",
@@ -371,6 +376,7 @@ def render(results: Path, others: list[Path] | None = None) -> str:
         "## 3. Bulk classification",
         "",
         *bulk_lines,
+        *serve_lines,
         *(installs_section(installs) if installs is not None else []),
         *graph_lines,
         *other_runs_section(others or []),

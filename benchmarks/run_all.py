@@ -3,9 +3,9 @@
     python benchmarks/run_all.py [--quick] [--keep DIR] [--installs]
 
 Makes a temporary MIXNET_HOME with random-initialised weights for S, M and L (the real file format; nothing
-is downloaded), lets mixnet convert them once, then runs forward.py, coldstart.py, bulk.py and graph_forms.py
-(its markdown kept as graph_forms.md) one after the other, each in its own process, and renders their results
-into BENCHMARKS.md (raw results under --keep). Takes about 25 minutes on 2 cores; --quick runs fewer rounds and
+is downloaded), lets mixnet convert them once, then runs forward.py, coldstart.py, bulk.py, graph_forms.py (its
+markdown kept as graph_forms.md) and, with the [serve] extra, serve.py, one after the other, each in its own
+process, and renders their results into BENCHMARKS.md (raw results under --keep). Takes about 25 minutes on 2 cores; --quick runs fewer rounds and
 only MixNet_S, for a smoke test of the scripts. --installs also runs installs.py (cold installs of the project
 into fresh venvs on Python 3.11, 3.12 and 3.13: needs the network and takes several minutes more).
 """
@@ -20,6 +20,12 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+
+
+def _serve_installed() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("starlette", "uvicorn", "prometheus_client"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
             (["graph_forms.py", "--json", str(results / "graph_forms.json"), *(["--quick"] if args.quick else [])],
              results / "graph_forms.md"),
         ]
+        if _serve_installed():  # the [serve] extra: `mixnet serve` against the command line
+            steps.append((["serve.py", "--home", str(home), "--out", str(results / "serve.json"),
+                           *([] if args.quick else ["--sweep"])], None))
         if args.installs:
             steps.append((["installs.py", "--out", str(results / "installs.json")], None))
         steps.append((["report.py", "--results", str(results), "--out", str(args.out)], None))

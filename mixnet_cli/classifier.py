@@ -167,6 +167,21 @@ class Classifier:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.engine.run(batch)
 
+    def probabilities(self, arrays: Sequence[np.ndarray], engine: Engine | None = None) -> np.ndarray:
+        """Softmax probabilities (``N x 1000`` float32) of preprocessed images (each ``3 x S x S`` float32), in one
+        forward pass on ``engine`` (default: this classifier's latency-mode engine)."""
+        return softmax((engine or self.engine).run(np.stack(arrays)))
+
+    def result(self, name: str, probabilities: np.ndarray, topk: int,
+               features: np.ndarray | None = None) -> ClassificationResult:
+        """The result for one image from its row of :meth:`probabilities`: the ``topk`` classes, best first (ties
+        in class order), with its pooled ``features`` when given."""
+        order = np.argsort(-probabilities, kind="stable")[:topk]
+        predictions = tuple(
+            Prediction(class_id=int(i), label=self.labels[int(i)], score=float(probabilities[i])) for i in order
+        )
+        return ClassificationResult(input=name, model=self.spec.name, predictions=predictions, features=features)
+
     def _results(self, engine: Engine, names: list[str], arrays: list[np.ndarray],
                  topk: int) -> list[ClassificationResult]:
         batch = np.stack(arrays)
@@ -174,16 +189,8 @@ class Classifier:
             logits, features = engine.run_with_features(batch)  # type: ignore[attr-defined]
         else:
             logits, features = engine.run(batch), None
-        probabilities = softmax(logits)
-        results = []
-        for index, (name, row) in enumerate(zip(names, probabilities)):
-            order = np.argsort(-row, kind="stable")[:topk]
-            predictions = tuple(
-                Prediction(class_id=int(i), label=self.labels[int(i)], score=float(row[i])) for i in order
-            )
-            results.append(ClassificationResult(input=name, model=self.spec.name, predictions=predictions,
-                                                features=None if features is None else features[index]))
-        return results
+        return [self.result(name, row, topk, features=None if features is None else features[index])
+                for index, (name, row) in enumerate(zip(names, softmax(logits)))]
 
     def engine_for(self, count: int, batch_size: int) -> Engine:
         """The engine a job of ``count`` images runs on: more than :data:`BULK_AFTER_IMAGES` take the engine's
@@ -196,7 +203,7 @@ class Classifier:
         """Classify one image (any input :meth:`preprocess` takes, URLs included); an unreadable image raises its
         :class:`~mixnet_cli.errors.ImageError`."""
         label = name or _input_name(image)
-        topk = _check_topk(topk, len(self.labels))
+        topk = check_topk(topk, len(self.labels))
         return self._results(self.engine, [label], [self.preprocess(image, label)], topk)[0]
 
     def classify_many(
@@ -215,7 +222,7 @@ class Classifier:
         than :data:`BULK_AFTER_IMAGES` images (from the start when ``images`` has a length, else from there on),
         with as many batches in flight as it runs at once.
         """
-        topk = _check_topk(topk, len(self.labels))
+        topk = check_topk(topk, len(self.labels))
         if batch_size < 1:
             raise UsageError(f"batch size must be at least 1, got {batch_size}")
         if workers < 1:
@@ -323,8 +330,9 @@ def _features_engine(spec: ModelSpec, weights: VerifiedWeights, choice: EngineCh
 DEFAULT_TOPK = 5
 
 
-def _check_topk(topk: int | None, num_classes: int) -> int:
-    """``topk``, checked; None is the default, 5, or every class of a model with fewer."""
+def check_topk(topk: int | None, num_classes: int) -> int:
+    """``topk``, checked (:class:`UsageError` unless ``1 <= topk <= num_classes``); None is the default: 5, or
+    every class of a model with fewer."""
     if topk is None:
         return min(DEFAULT_TOPK, num_classes)
     if not 1 <= topk <= num_classes:

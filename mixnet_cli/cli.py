@@ -332,6 +332,9 @@ def main() -> None:
 @click.option("-b", "--batch-size", default=4, show_default=True, type=click.IntRange(1, 1024), help="Images per forward pass.")
 @threads_option
 @network_options
+@click.option("--server", metavar="URL",
+              help="Classify through a running `mixnet serve` at URL (http://127.0.0.1:8080) instead of loading the "
+              "model here; the output is the same (the service's own --device, --engine and weights apply).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but the results (no progress, no per-image errors on stderr).")
 @click.option("-v", "--verbose", is_flag=True, help="Say on stderr which model, weights, device and engine ran.")
 @user_errors
@@ -353,6 +356,7 @@ def classify(
     threads: int | None,
     mirrors: tuple[str, ...],
     offline: bool | None,
+    server: str | None,
     quiet: bool,
     verbose: bool,
 ) -> None:
@@ -366,6 +370,7 @@ def classify(
       mixnet classify cat.jpg dog.png --model L --json
       mixnet classify photos/ --jsonl | jq -r '.predictions[0].label'
       find . -name '*.jpg' | mixnet classify --files-from - --csv
+      mixnet classify cat.jpg --server http://127.0.0.1:8080 --json
 
     A failed image gets an error in its place (in JSON, an "error" object), the others are still classified,
     and the exit code is 1.
@@ -386,6 +391,9 @@ def classify(
         raise UsageError(f"--labels {labels}: no such file")
     if weights is not None and not weights.expanduser().is_file():
         raise UsageError(f"--weights {weights}: no such file")
+    if server is not None and (weights or labels or embed or embed_npy):
+        raise UsageError("--server classifies with the service's own models: --weights, --labels, --embed and "
+                         "--embed-npy work only without it")
     if embed and fmt not in ("json", "jsonl"):
         raise UsageError("--embed puts the features in the JSON objects: add --json or --jsonl, or use --embed-npy FILE")
     device_name, engine_name = _device_and_engine(device, engine)
@@ -413,10 +421,22 @@ def classify(
             click.echo(f"Error: none of the {len(items)} input(s) can be classified; the model was not loaded",
                        err=True)
         sys.exit(1)
-    classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None,
-                            offline=offline, progress=None if not quiet else False, threads=threads,
-                            weights=weights, labels=labels, features=embed or embed_npy is not None)
-    if verbose and not quiet:
+    results: Iterator[tuple[dict[str, Any], Any]]  # each input's object and its features (None: not asked for)
+    if server is not None:
+        from .remote import classify_remote
+
+        if verbose and not quiet:
+            click.echo(f"model {model or 'MixNet_S'}, through the service at {server}, {len(items)} image(s)",
+                       err=True)
+        results = ((row, None) for row in classify_remote(server, items, model=model or "MixNet_S", topk=topk,
+                                                          batch_size=batch_size))
+    else:
+        classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None,
+                                offline=offline, progress=None if not quiet else False, threads=threads,
+                                weights=weights, labels=labels, features=embed or embed_npy is not None)
+        results = ((result.to_dict(), result.features)
+                   for result in classifier.classify_many(items, topk=topk, batch_size=batch_size))
+    if verbose and not quiet and server is None:
         weights = classifier.weights
         engine = classifier.engine_for(len(items), batch_size)
         click.echo(
@@ -433,15 +453,14 @@ def classify(
         nonlocal failures
         # A bar would interleave with results printed to the same terminal: only when they go elsewhere.
         with _progress(len(items), enabled=not quiet and (output not in (None, "-") or not sys.stdout.isatty())) as bar:
-            for result in classifier.classify_many(items, topk=topk, batch_size=batch_size):
+            for row, row_features in results:
                 bar.update(1)
-                if not result.ok:
+                if "error" in row:
                     failures += 1
                     if not quiet:
-                        bar.write(f"Error: {result.error}", file=sys.stderr)
+                        bar.write(f"Error: {row['error']['message']}", file=sys.stderr)
                 if embed_npy is not None:
-                    features.append(result.features)
-                row = result.to_dict()
+                    features.append(row_features)
                 if not embed:
                     row.pop("features", None)
                 yield row
@@ -454,6 +473,85 @@ def classify(
         if not quiet and len(items) > 1:
             click.echo(f"Error: {failures} of {len(items)} image(s) failed", err=True)
         sys.exit(1)
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
+@click.option("-m", "--model", "models", multiple=True, metavar="MODEL", shell_complete=_complete_model,
+              help="Model to serve: S, M, L or all; repeat for several (default S; the first is a request's default).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
+@click.option("--max-batch-size", default=None, type=click.IntRange(1, 1024),
+              help="Most images in one forward pass (default 4).")
+@click.option("--max-wait-ms", default=None, type=click.FloatRange(0, 10_000),
+              help="How long a batch waits for more images after its first (default 2).")
+@click.option("--max-queue", default=None, type=click.IntRange(1, 1_000_000),
+              help="Images per model admitted and not yet answered; beyond, 503 with Retry-After (default 64).")
+@click.option("--deadline", default=None, type=click.FloatRange(0.001, 3600),
+              help="Seconds a request may take before it is answered 504 (default 30).")
+@click.option("--max-body-mb", default=None, type=click.FloatRange(0.001, 4096),
+              help="Largest request body in MB (2^20 bytes); larger ones are answered 413 (default 32).")
+@click.option("--allow-urls", is_flag=True,
+              help="Let requests name an image URL (?url=...) that the service fetches; off by default.")
+@click.option("--workers", type=click.IntRange(1, 1024), help="Threads decoding images (default: the physical cores).")
+@click.option("--threads", type=click.IntRange(1, 1024), help="CPU threads per forward pass (default: the physical cores).")
+@device_option
+@engine_option
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="Access log on stderr: a line per request, as text or as a JSON object.")
+@click.option("--no-access-log", is_flag=True, help="No line per request.")
+@network_options
+@user_errors
+def serve(
+    models: tuple[str, ...],
+    host: str,
+    port: int,
+    max_batch_size: int | None,
+    max_wait_ms: float | None,
+    max_queue: int | None,
+    deadline: float | None,
+    max_body_mb: float | None,
+    allow_urls: bool,
+    workers: int | None,
+    threads: int | None,
+    device: str | None,
+    engine: str | None,
+    log_format: str,
+    no_access_log: bool,
+    mirrors: tuple[str, ...],
+    offline: bool | None,
+) -> None:
+    """Serve the models over HTTP, with dynamic batching, limits and metrics (needs the [serve] extra).
+
+    \b
+      mixnet serve --model S --model L --port 8080
+      curl --data-binary @cat.jpg 'http://127.0.0.1:8080/v1/classify?model=L&topk=3'
+      curl -F image=@cat.jpg -F image=@dog.png http://127.0.0.1:8080/v1/classify
+      mixnet classify cat.jpg --server http://127.0.0.1:8080 --json
+
+    Answers are the objects `mixnet classify --json` prints. Endpoints: POST /v1/classify, GET /healthz,
+    /readyz (503 until the models are loaded), /metrics (Prometheus), /openapi.json. SIGTERM or Ctrl-C stops
+    accepting, finishes the requests in flight and exits 0.
+    """
+    from . import serve as service
+
+    missing = service.serve_missing()
+    if missing is not None:
+        raise MixnetError(missing)
+    names = [spec.name for spec in _specs(list(models) or ["S"])]
+    device_name, engine_name = _device_and_engine(device, engine)
+    defaults = service.ServeOptions()
+    options = service.ServeOptions(
+        models=tuple(names), host=host, port=port,
+        max_batch_size=max_batch_size or defaults.max_batch_size,
+        max_wait_ms=defaults.max_wait_ms if max_wait_ms is None else max_wait_ms,
+        max_queue=max_queue or defaults.max_queue,
+        deadline_s=deadline or defaults.deadline_s,
+        max_body_bytes=int(max_body_mb * 1024 * 1024) if max_body_mb else defaults.max_body_bytes,
+        allow_urls=allow_urls, workers=workers, threads=threads, device=device_name, engine=engine_name,
+        mirrors=mirrors or None, offline=offline, log_format=log_format, access_log=not no_access_log,
+    )
+    _messages()
+    service.run(options)
 
 
 def _write_features(path: Path, rows: list[Any]) -> None:

@@ -82,3 +82,15 @@ class EngineError(MixnetError, RuntimeError):
 
 class CacheError(MixnetError, OSError):
     """The cache directory cannot be created or written."""
+
+
+class ServiceError(MixnetError, ConnectionError):
+    """A ``mixnet serve`` service could not be reached, or refused a request."""
+
+
+class Overloaded(MixnetError, RuntimeError):
+    """A service's queue is full: the caller should try again after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

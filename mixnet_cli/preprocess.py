@@ -73,8 +73,9 @@ def _cv2() -> Any:
     return import_cv2(MAX_PIXELS)
 
 
-def _read(source: str | Path | bytes, name: str) -> bytes:
-    """The encoded file, whole, with the checks that need no decoder."""
+def read_image_bytes(source: str | Path | bytes, name: str) -> bytes:
+    """The encoded file, whole, with the checks that need no decoder (what ``classify --server`` sends).
+    Raises the input's :class:`ImageError`: missing, a directory, empty, over :data:`MAX_IMAGE_BYTES`."""
     if isinstance(source, bytes):
         if not source:
             raise NotAnImageError(f"{name}: empty data; pass an image file")
@@ -254,7 +255,7 @@ def decode(source: ImageInput, name: str | None = None) -> np.ndarray:
                 raise _too_large(label, width, height)
             return _pillow_pixels(source, label)
         if isinstance(source, (str, Path, bytes)):
-            return _decode_bytes(_read(source, label), label)
+            return _decode_bytes(read_image_bytes(source, label), label)
         raise NotAnImageError(
             f"{label}: a {type(source).__name__} is not an image; pass a path, encoded bytes, a PIL image or an array"
         )

@@ -123,6 +123,20 @@ def write_test_images(directory: Path, seed: int = 1) -> dict[str, Path]:
     return paths
 
 
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header declares ``width`` x ``height``: enough for Pillow to judge its size before decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
 # --- the decode corpus: one file of each kind people's photos come in, written with Pillow, OpenCV or by hand ---
 
 def _png_chunk(kind: bytes, data: bytes, crc: int | None = None) -> bytes:

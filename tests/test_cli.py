@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from imagegen import png_header_only
 from mixnet_cli.cli import main
 
 
@@ -309,22 +310,8 @@ def test_help_does_not_import_paddle():
     assert done.stdout.strip() == ""
 
 
-def _png_header_only(path: Path, width: int, height: int) -> Path:
-    """A PNG whose header declares ``width`` x ``height``: enough for Pillow to judge its size before decoding."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
-    return path
-
-
 def test_decompression_bomb_and_huge_files_are_errors(tmp_path, random_mirror, monkeypatch):
-    bomb = _png_header_only(tmp_path / "bomb.png", 20_000, 10_000)
+    bomb = png_header_only(tmp_path / "bomb.png", 20_000, 10_000)
     good = _photo(tmp_path / "good.png")
     rows = json.loads(_invoke("classify", str(bomb), str(good), "--json").stdout)
     assert rows[0]["error"]["type"] == "ImageTooLargeError" and "decompression bomb" in rows[0]["error"]["message"]
@@ -361,7 +348,7 @@ def test_file_names_that_are_not_utf8_do_not_break_the_output(tmp_path, random_m
 
 
 def test_images_between_pillows_warning_and_its_limit_are_not_refused(tmp_path, random_mirror):
-    big = _png_header_only(tmp_path / "big.png", 10_000, 10_000)  # 100 MP: Pillow warns, but allows it
+    big = png_header_only(tmp_path / "big.png", 10_000, 10_000)  # 100 MP: Pillow warns, but allows it
     rows = json.loads(_invoke("classify", str(big), "--json").stdout)
     assert rows[0]["error"]["type"] != "ImageTooLargeError"  # it fails later, on its fake pixel data
 
