@@ -403,6 +403,8 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
     this machine alone is started on 127.0.0.1 (never the routable address, no dashboard, usage stats off
     unless set) and stopped at the end. Yields the ``ray`` module."""
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        _check_reachable(address)
     options: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     if _starts_local_cluster(address):
         _loopback_environment()
@@ -424,6 +426,29 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
         yield ray
     finally:
         ray.shutdown()
+
+
+# How long a cluster's address may take to accept a connection before the command gives up on it.
+CONNECT_TIMEOUT_S = 10.0
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in one line, within :data:`CONNECT_TIMEOUT_S`, when nothing accepts connections at ``address``
+    (``host:port`` or ``ray://host:port``): ``ray.init`` itself keeps retrying such an address for minutes.
+    ``auto`` is left to Ray, which finds the cluster of this machine or says there is none."""
+    import socket
+
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    host, _, port = target.rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        why = "timed out" if isinstance(exc, socket.timeout) else (exc.strerror or type(exc).__name__).lower()
+        raise UsageError(f"--address {address}: nothing answers there ({why}); start a cluster with "
+                         "`ray start --head` or check the address") from None
 
 
 def _forwarded_environment() -> dict[str, str]:

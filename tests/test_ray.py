@@ -37,6 +37,7 @@ except ImportError as exc:  # the [ray] extra is not installed (or cannot be: nu
 
 from mixnet_cli.cli import main
 from mixnet_cli.distributed import MixnetPredictor, plan_actors, result_schema
+from mixnet_cli.errors import UsageError
 
 pytestmark = pytest.mark.ray
 
@@ -446,3 +447,20 @@ def test_the_cluster_leaves_no_process_behind(cluster):
     assert any("raylet" in command for command in processes.values()), processes
     cluster.stop()
     assert cluster.left_behind() == {}
+
+
+def test_an_address_where_nothing_listens_is_one_line_at_once():
+    import socket
+    import time as clock
+
+    from mixnet_cli.distributed import _check_reachable
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = clock.monotonic()
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(UsageError, match="nothing answers there"):
+            _check_reachable(address)
+    assert clock.monotonic() - started < 5
+    _check_reachable("auto")  # left to Ray
