@@ -394,6 +394,10 @@ def _loopback_environment() -> None:
     127.0.0.1, and its servers listen on every interface."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray's token authentication would write a new token to ~/.ray/auth_token, outside mixnet's cache; a token in
+    # the environment serves this one cluster (its processes inherit it) and is written nowhere.
+    if not any(os.environ.get(name) for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 @contextmanager

@@ -415,7 +415,11 @@ def test_api_on_a_dataset_read_by_ray(cluster, image_set, seeded_home, local_res
 def test_without_an_address_the_command_runs_its_own_loopback_cluster_and_stops_it(image_set, seeded_home,
                                                                                    local_results, tmp_path):
     out = tmp_path / "out"
-    environment = {k: v for k, v in _environment(seeded_home).items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    environment = {k: v for k, v in _environment(seeded_home).items()
+                   if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    home = tmp_path / "user-home"  # Ray would put its auth token in ~/.ray: nothing may appear here
+    home.mkdir()
+    environment["HOME"] = str(home)
     process = subprocess.Popen(MIXNET + ["classify-dataset", str(image_set / "b"), "-o", str(out), "--offline"],
                                env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen: dict[int, str] = {}
@@ -440,6 +444,7 @@ def test_without_an_address_the_command_runs_its_own_loopback_cluster_and_stops_
             time.monotonic() < deadline:
         time.sleep(0.2)
     assert alive == {}, "left behind by the command"
+    assert list(home.iterdir()) == [], "written outside the cache"
 
 
 def test_the_cluster_leaves_no_process_behind(cluster):
