@@ -1096,6 +1096,8 @@ def cache_clear(yes: bool) -> None:
 @device_option
 @engine_option
 @threads_option
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Time your own fine-tuned MixNet (.pdparams) instead of the released weights.")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(0, 10_000), help="Untimed runs first.")
 @click.option("--repeats", default=20, show_default=True, type=click.IntRange(1, 100_000), help="Timed runs per batch size.")
 @output_options
@@ -1107,6 +1109,7 @@ def benchmark(
     device: str | None,
     engine: str | None,
     threads: int | None,
+    weights: Path | None,
     warmup: int,
     repeats: int,
     fmt: str,
@@ -1127,6 +1130,8 @@ def benchmark(
     from .engine import measure_latency
     from .output import write_rows
 
+    if weights is not None and len(models) > 1:
+        raise UsageError("--weights times one model: give at most one -m (or none, to read it from the file)")
     names = [spec.name for spec in _specs(list(models) or ["S"])]
     device_name, engine_name = _device_and_engine(device, engine)
     # Ascending: an engine may run a small batch on a model made for a larger one (OpenVINO pads up to 2x).
@@ -1134,8 +1139,12 @@ def benchmark(
 
     # Every model ready (downloaded, converted, loaded) before the first row: a model that cannot be had stops
     # the command before any output, rather than leaving a JSON array half-written.
-    classifiers = [Classifier(name, device=device_name, engine=engine_name, threads=threads, mirrors=mirrors or None,
-                              offline=offline) for name in dict.fromkeys(names)]
+    if weights is not None:
+        classifiers = [Classifier(models[0] if models else None, device=device_name, engine=engine_name,
+                                  threads=threads, weights=weights)]
+    else:
+        classifiers = [Classifier(name, device=device_name, engine=engine_name, threads=threads,
+                                  mirrors=mirrors or None, offline=offline) for name in dict.fromkeys(names)]
 
     def rows() -> Iterator[dict[str, Any]]:
         for classifier in classifiers:
@@ -1160,7 +1169,8 @@ def benchmark(
                     "warmup": warmup,
                     "repeats": repeats,
                     # PaddleClas's published figure for comparison (V100, TensorRT, FP32), where it has one.
-                    "paddleclas_v100_trt_ms": classifier.spec.metrics.v100_trt_fp32_latency_ms.get(f"bs{size}"),
+                    "paddleclas_v100_trt_ms": None if classifier.spec.custom else
+                    classifier.spec.metrics.v100_trt_fp32_latency_ms.get(f"bs{size}"),
                 }
 
     write_rows(rows(), fmt, click.get_text_stream("stdout"),

@@ -187,3 +187,11 @@ def test_few_classes_default_to_all_of_them_and_odd_files_are_refused(fine_tuned
     monkeypatch.setenv("OMP_NUM_THREADS", "5000")
     with pytest.raises(UsageError, match="1 to 1024"):
         Classifier(weights=path)
+
+
+def test_benchmark_times_own_weights(fine_tuned, isolated_home):
+    result = CliRunner().invoke(main, ["benchmark", "--weights", str(fine_tuned), "-b", "1", "--repeats", "2",
+                                       "--warmup", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.stdout)
+    assert row["model"] == "MixNet_S" and row["median_ms"] > 0 and row["paddleclas_v100_trt_ms"] is None
