@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 import click
 
 from . import settings
-from .errors import MixnetError, UsageError
+from .errors import DeviceError, MixnetError, UsageError
 from .engines import ENGINES, engine_names
 from .output import FORMATS
 
@@ -74,7 +74,12 @@ def user_errors(func: F) -> F:
                 raise
             if isinstance(exc, UsageError):
                 raise click.UsageError(str(exc)) from None
-            error = click.ClickException(str(exc))
+            message = str(exc)
+            context = click.get_current_context(silent=True)
+            variable = context.meta.get("mixnet.device_from") if context is not None else None
+            if isinstance(exc, DeviceError) and variable:
+                message += f" (the device came from the environment variable {variable})"
+            error = click.ClickException(message)
             error.exit_code = exc.exit_code
             raise error from None
         except BrokenPipeError:
@@ -212,6 +217,10 @@ def _device_and_engine(device: str | None, engine: str | None) -> tuple[str, str
     """``--device`` and ``--engine``: the flag, else MIXNET_DEVICE / MIXNET_ENGINE, else auto; all checked."""
     from .engine import check_device_name, check_engine_name
 
+    context = click.get_current_context(silent=True)
+    if context is not None and device is None and os.environ.get("MIXNET_DEVICE", "").strip():
+        # A device error later says where the device came from (user_errors reads this).
+        context.meta["mixnet.device_from"] = "MIXNET_DEVICE"
     return (settings.choose(device, "MIXNET_DEVICE", check_device_name, "auto"),
             settings.choose(engine, "MIXNET_ENGINE", check_engine_name, "auto"))
 

@@ -535,3 +535,17 @@ def test_threads_come_from_the_flag_else_omp_num_threads(tmp_path, random_mirror
     assert "1 thread(s)" in _invoke("classify", photo, "-v", "--json").stderr
     monkeypatch.setenv("OMP_NUM_THREADS", "many")
     assert "OMP_NUM_THREADS" in _one_line_error(_invoke("classify", photo, "--json"), exit_code=2)
+
+
+def test_a_device_from_the_environment_is_named_in_its_error(tmp_path, random_mirror, monkeypatch):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed here")
+    photo = str(_photo(tmp_path / "photo.jpg"))
+    monkeypatch.setenv("MIXNET_DEVICE", "gpu")
+    line = _one_line_error(_invoke("classify", photo, "--engine", "onnxruntime"))
+    assert "device 'gpu'" in line and "environment variable MIXNET_DEVICE" in line
+    monkeypatch.delenv("MIXNET_DEVICE")
+    assert "environment variable" not in _one_line_error(_invoke("classify", photo, "--engine", "onnxruntime",
+                                                                  "--device", "gpu"))
