@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, Sized
 
@@ -137,10 +137,8 @@ class Classifier:
         if threads is None:
             threads = settings.cpu_threads()
         self.features = features
-        if features:
-            self.engine, self.engine_choice = _features_engine(self.spec, self.weights, choice, threads)
-        else:
-            self.engine, self.engine_choice = create_engine(self.spec, self.weights, choice, threads=threads)
+        self.engine, self.engine_choice = create_engine(self.spec, self.weights, choice, threads=threads,
+                                                        features=features)
         self.device_choice: DeviceChoice = self.engine_choice.device_choice
 
     def __repr__(self) -> str:
@@ -309,22 +307,6 @@ class Classifier:
             # A consumer that stops early (or an interrupt) leaves no decode running behind it.
             decoders.shutdown(wait=True, cancel_futures=True)
             runners.shutdown(wait=True, cancel_futures=True)
-
-
-def _features_engine(spec: ModelSpec, weights: VerifiedWeights, choice: EngineChoice,
-                     threads: int | None) -> tuple[Engine, EngineChoice]:
-    """ONNX Runtime on the model with a features output, built in memory (well under a second): features come
-    from mixnet's own graph, which only ONNX Runtime runs with its second output here."""
-    if choice.engine not in ("onnxruntime",) and not choice.engine_auto:
-        raise UsageError(f"features come from ONNX Runtime; leave out --engine {choice.engine} (or use onnxruntime)")
-    from .conversion import onnx_bytes
-    from .engines.onnxruntime import OnnxRuntimeEngine
-
-    device = choice.device if choice.engine == "onnxruntime" else "cpu"
-    engine = OnnxRuntimeEngine(onnx_bytes(spec, weights.path, features=True), device, threads,
-                               note="with the features output")
-    return engine, replace(choice, engine="onnxruntime", device=device,
-                           engine_reason="features come from ONNX Runtime")
 
 
 DEFAULT_TOPK = 5

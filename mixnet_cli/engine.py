@@ -138,13 +138,17 @@ def _fallback(choice: EngineChoice, exc: MixnetError) -> EngineChoice | None:
 
 
 def create_engine(
-    spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, *, threads: int | None = None
+    spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, *, threads: int | None = None,
+    features: bool = False,
 ) -> tuple[Engine, EngineChoice]:
     """The engine ``choice`` names, on its device, for these verified weights; returns it with the final choice.
 
     An engine picked by ``auto`` that cannot start (a failed conversion or check, a GPU it cannot drive) gives
-    way, with a warning on stderr, to the next that can; one the user asked for raises instead.
+    way, with a warning on stderr, to the next that can; one the user asked for raises instead. ``features``:
+    an engine whose ``run_with_features`` also returns the pooled features (ONNX Runtime only).
     """
+    if features:
+        return _features_engine(spec, weights, choice, threads)
     try:
         require_engine(choice.engine)
         return ENGINES[choice.engine].load().build(spec, weights, choice, threads), choice
@@ -154,6 +158,19 @@ def create_engine(
             raise
         _log.warning("%s; using %s on %s instead", exc, fallback.engine, fallback.device)
         return create_engine(spec, weights, fallback, threads=threads)
+
+
+def _features_engine(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice,
+                     threads: int | None) -> tuple[Engine, EngineChoice]:
+    """The engine that also returns pooled features: ONNX Runtime on mixnet's graph with its second output (the
+    only engine that runs that graph with it), on ``choice``'s device when that is ONNX Runtime's, else the CPU."""
+    if choice.engine != "onnxruntime" and not choice.engine_auto:
+        raise UsageError(f"features come from ONNX Runtime; leave out --engine {choice.engine} (or use onnxruntime)")
+    require_engine("onnxruntime")
+    device = choice.device if choice.engine == "onnxruntime" else "cpu"
+    engine = ENGINES["onnxruntime"].load().build_with_features(spec, weights, device, threads)
+    return engine, replace(choice, engine="onnxruntime", device=device,
+                           engine_reason="features come from ONNX Runtime")
 
 
 @dataclass(frozen=True)

@@ -24,15 +24,13 @@ def _package_text(name: str) -> str:
 def imagenet_labels() -> tuple[str, ...]:
     """Class names indexed by class id, e.g. ``imagenet_labels()[281] == "tabby, tabby cat"``."""
     source = load_manifest().labels
-    names: dict[int, str] = {}
-    for line in _package_text(source.file).splitlines():
-        if not line.strip():
-            continue
-        class_id, _, name = line.partition(" ")
-        names[int(class_id)] = name.strip()
-    if sorted(names) != list(range(source.num_classes)):
+    try:
+        names = class_names(_package_text(source.file))
+    except ValueError as exc:
+        raise ManifestError(f"{source.file}: {exc}; reinstall mixnet-cli") from None
+    if len(names) != source.num_classes:
         raise ManifestError(f"{source.file} does not list classes 0..{source.num_classes - 1}; reinstall mixnet-cli")
-    return tuple(names[i] for i in range(source.num_classes))
+    return names
 
 
 @lru_cache(maxsize=1)
@@ -49,6 +47,28 @@ def imagenet_synsets() -> tuple[str, ...]:
 _ID_AND_NAME = re.compile(r"^\s*(\d+)\s+(\S.*?)\s*$")
 
 
+def class_names(text: str) -> tuple[str, ...]:
+    """Class names indexed by class id from a label file's text: PaddleClas's ``<id> <name>`` per line (every id
+    from 0 up once, in any order) when every line starts with a number, else one name per line in class order;
+    blank lines skipped. Raises ``ValueError`` saying which line or id is wrong."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not (lines and all(line.strip().split(maxsplit=1)[0].isdigit() for line in lines)):
+        return tuple(line.strip() for line in lines)
+    names: dict[int, str] = {}
+    for number, line in enumerate(lines, start=1):
+        match = _ID_AND_NAME.match(line)
+        if match is None:
+            raise ValueError(f"line {number} has an id but no name: {line.strip()!r}")
+        class_id = int(match.group(1))
+        if class_id in names:
+            raise ValueError(f"class id {class_id} appears twice (line {number})")
+        names[class_id] = match.group(2)
+    if sorted(names) != list(range(len(names))):
+        missing = min(set(range(len(names))) - set(names))
+        raise ValueError(f"ids must run from 0 to {len(names) - 1}, each once; {missing} is missing")
+    return tuple(names[i] for i in range(len(names)))
+
+
 def read_label_file(path: Path | str, num_classes: int) -> tuple[str, ...]:
     """Class names for your own weights, indexed by class id, from ``path``: PaddleClas's ``class_id_map_file``
     format (``<id> <name>`` per line, every id from 0 to ``num_classes - 1`` once, in any order) or one name per
@@ -61,24 +81,10 @@ def read_label_file(path: Path | str, num_classes: int) -> tuple[str, ...]:
         raise UsageError(f"--labels {source}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"--labels {source}: cannot read it as UTF-8 text ({exc})") from None
-    lines = [line for line in text.splitlines() if line.strip()]
-    numbered = [_ID_AND_NAME.match(line) for line in lines]
-    if lines and all(line.strip().split(maxsplit=1)[0].isdigit() for line in lines):
-        # Every line starts with a number: PaddleClas's "<id> <name>" layout, which must then be complete.
-        names: dict[int, str] = {}
-        for number, (line, match) in enumerate(zip(lines, numbered), start=1):
-            if match is None:
-                raise UsageError(f"--labels {source}: line {number} has an id but no name: {line.strip()!r}")
-            class_id = int(match.group(1))
-            if class_id in names:
-                raise UsageError(f"--labels {source}: class id {class_id} appears twice (line {number})")
-            names[class_id] = match.group(2)
-        if sorted(names) != list(range(len(names))):
-            missing = min(set(range(len(names))) - set(names))
-            raise UsageError(f"--labels {source}: ids must run from 0 to {len(names) - 1}, each once; {missing} "
-                             "is missing")
-        lines = [names[i] for i in range(len(names))]
-    names_found = tuple(line.strip() for line in lines)
+    try:
+        names_found = class_names(text)
+    except ValueError as exc:
+        raise UsageError(f"--labels {source}: {exc}") from None
     if len(names_found) != num_classes:
         raise UsageError(f"--labels {source} names {len(names_found)} classes, but the weights have {num_classes}; "
                          "give the label file these weights were trained with")

@@ -158,3 +158,12 @@ def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, thr
         return OnnxRuntimeEngine(onnx_bytes(spec, weights.path), choice.device, threads,
                                  note="network built in memory (the cache is read-only)")
     return OnnxRuntimeEngine(converted.file(".onnx"), choice.device, threads)
+
+
+def build_with_features(spec: ModelSpec, weights: "VerifiedWeights", device: str, threads: int | None) -> Engine:
+    """ONNX Runtime on the graph with a second output, the pooled features (``run_with_features``), built in
+    memory from the verified weights (well under a second; not cached)."""
+    from ..conversion import onnx_bytes
+
+    return OnnxRuntimeEngine(onnx_bytes(spec, weights.path, features=True), device, threads,
+                             note="with the features output")
