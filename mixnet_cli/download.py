@@ -347,8 +347,9 @@ class DeadlinePassed(DownloadError, TimeoutError):
 def fetch_bytes(url: str, *, max_bytes: int, deadline_s: float | None = None) -> bytes:
     """Download ``url`` into memory (an image, not weights: nothing is written to disk) and return the body.
 
-    The weights' HTTP layer: the same session, ``MIXNET_TIMEOUT`` for each connect and read, ``MIXNET_RETRIES``
-    with backoff for failures that may pass (timeouts, dropped connections, HTTP 429 and 5xx). All of it within
+    The weights' HTTP layer: the same requests code and retry rules (a session of its own per fetch, since each
+    runs in a watched thread of its own), ``MIXNET_TIMEOUT`` for each connect and read, ``MIXNET_RETRIES`` with
+    backoff for failures that may pass (timeouts, dropped connections, HTTP 429 and 5xx). All of it within
     ``deadline_s`` seconds (default ``MIXNET_URL_DEADLINE``): a server that sends a byte now and then, never
     idle long enough for a read timeout, is cut off there. Raises :class:`DeadlinePassed` at the deadline,
     :class:`ResponseTooLarge` past ``max_bytes`` (declared or received), :class:`DownloadError` otherwise.
