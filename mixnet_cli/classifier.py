@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, Sized
 
@@ -99,6 +99,10 @@ class Classifier:
     detected from it unless ``model`` is given: :func:`~mixnet_cli.weights.custom_weights`), ``labels`` its class
     names (PaddleClas's ``<id> <name>`` per line, or one name per line: :func:`~mixnet_cli.labels.read_label_file`).
     Without ``labels``, 1000 classes are ImageNet's and other counts are named by their class id.
+
+    For timing other arithmetic (``mixnet benchmark``): ``precision`` ``tf32``, ``bf16`` or ``fp16`` (engines
+    that offer it: ``torch``) and ``compile`` (``torch.compile``). Only fp32, the default, is held to the
+    reference; the others answer close to it, not within 1e-4.
     """
 
     def __init__(
@@ -114,10 +118,12 @@ class Classifier:
         weights: str | Path | None = None,
         labels: str | Path | None = None,
         features: bool = False,
+        precision: str = "fp32",
+        compile: bool = False,
     ) -> None:
         named = resolve_model(model) if model is not None else None
         # Engine and device first: a missing GPU or engine is reported before any download.
-        choice = choose_engine(engine, device)
+        choice = replace(choose_engine(engine, device, precision), compiled=compile)
         self.weights: VerifiedWeights
         if weights is not None:
             self.weights = custom_weights(weights, named)

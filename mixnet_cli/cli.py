@@ -1105,6 +1105,11 @@ def cache_clear(yes: bool) -> None:
 @device_option
 @engine_option
 @threads_option
+@click.option("--precision", "precisions", multiple=True, metavar="fp32|tf32|bf16|fp16",
+              help="Arithmetic to time; repeat for several (default fp32). Other than fp32 needs an engine that "
+              "offers it (torch); each row then says how far its answers are from the same engine's fp32.")
+@click.option("--compile", "compiled", is_flag=True,
+              help="Also time the network compiled (torch.compile; torch engine): each precision twice.")
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Time your own fine-tuned MixNet (.pdparams) instead of the released weights.")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(0, 10_000), help="Untimed runs first.")
@@ -1118,6 +1123,8 @@ def benchmark(
     device: str | None,
     engine: str | None,
     threads: int | None,
+    precisions: tuple[str, ...],
+    compiled: bool,
     weights: Path | None,
     warmup: int,
     repeats: int,
@@ -1131,34 +1138,55 @@ def benchmark(
       mixnet benchmark
       mixnet benchmark --model all --json
       mixnet benchmark -m L --engine paddle -b 1 --repeats 50
+      mixnet benchmark -m all --device gpu --precision fp32 --precision fp16
 
-    The input is a random batch (no image decoding), so this is the engine alone; weights are downloaded
-    first when they are not cached. Milliseconds are wall time per batch; p10/p90 show the spread.
+    The input is a random batch (no image decoding), host-to-device copy and the logits' way back included, so
+    this is the engine alone; weights are downloaded first when they are not cached. Milliseconds are wall time
+    per batch; p10/p90 show the spread. The last column is PaddleClas's published figure for the same model
+    (V100, TensorRT, FP32), for comparison.
     """
     from .classifier import Classifier
-    from .engine import measure_latency
+    from .conversion import validation_batch
+    from .engine import check_precision, measure_agreement, measure_latency
     from .output import write_rows
 
     if weights is not None and len(models) > 1:
         raise UsageError("--weights times one model: give at most one -m (or none, to read it from the file)")
     names = [spec.name for spec in _specs(list(models) or ["S"])]
     device_name, engine_name = _device_and_engine(device, engine)
+    arithmetic = list(dict.fromkeys(check_precision(p, engine_name) for p in precisions or ("fp32",)))
+    variants = [(p, False) for p in arithmetic] + ([(p, True) for p in arithmetic] if compiled else [])
     # Ascending: an engine may run a small batch on a model made for a larger one (OpenVINO pads up to 2x).
     sizes = sorted(set(batch_sizes or (1, 4, 8)))
 
+    def load(target: str | None, precision: str, compile: bool, *, on: Any = None) -> Classifier:
+        """The classifier timed for ``target``, or (``on``: an engine) its fp32 twin on the same engine and device."""
+        common: dict[str, Any] = dict(device=on.device if on else device_name, engine=on.name if on else engine_name,
+                                      threads=threads, precision=precision, compile=compile)
+        if weights is not None:
+            return Classifier(target, weights=weights, **common)
+        return Classifier(target, mirrors=mirrors or None, offline=offline, **common)
+
     # Every model ready (downloaded, converted, loaded) before the first row: a model that cannot be had stops
     # the command before any output, rather than leaving a JSON array half-written.
-    if weights is not None:
-        classifiers = [Classifier(models[0] if models else None, device=device_name, engine=engine_name,
-                                  threads=threads, weights=weights)]
-    else:
-        classifiers = [Classifier(name, device=device_name, engine=engine_name, threads=threads,
-                                  mirrors=mirrors or None, offline=offline) for name in dict.fromkeys(names)]
+    targets = [models[0] if models else None] if weights is not None else list(dict.fromkeys(names))
+    loaded = {(target, variant): load(target, *variant) for target in targets for variant in variants}
+    # A faster variant is compared with the same engine in plain fp32 (loaded for that when not timed).
+    references: dict[str | None, Classifier] = {}
+    if variants != [("fp32", False)]:
+        for target in targets:
+            references[target] = loaded.get((target, ("fp32", False))) or \
+                load(target, "fp32", False, on=loaded[(target, variants[0])].engine)
 
     def rows() -> Iterator[dict[str, Any]]:
-        for classifier in classifiers:
+        for (target, (precision, compile)), classifier in loaded.items():
             name = classifier.model_name
             runner = classifier.engine
+            reference = references.get(target)
+            agreement = None
+            if reference is not None and reference is not classifier:
+                agreement = measure_agreement(runner, reference.engine,
+                                              validation_batch(classifier.spec.preprocessing.crop_size, 16, seed=1))
             click.echo(f"timing {name} on {runner.name} ({runner.detail})...", err=True)
             for size in sizes:
                 latency = measure_latency(runner, size, classifier.spec.preprocessing.crop_size,
@@ -1168,6 +1196,8 @@ def benchmark(
                     "engine": runner.name,
                     "device": runner.device,
                     "threads": runner.threads,
+                    "precision": precision,
+                    "compiled": compile,
                     "batch_size": size,
                     "median_ms": round(latency.median_ms, 3),
                     "p10_ms": round(latency.p10_ms, 3),
@@ -1177,14 +1207,23 @@ def benchmark(
                     "images_per_s": round(latency.images_per_s, 2),
                     "warmup": warmup,
                     "repeats": repeats,
-                    # PaddleClas's published figure for comparison (V100, TensorRT, FP32), where it has one.
-                    "paddleclas_v100_trt_ms": None if classifier.spec.custom else
+                    # Against the same engine in fp32, on 16 random images (None: this is fp32).
+                    "max_prob_diff_vs_fp32": None if agreement is None else agreement.max_abs_probability_diff,
+                    "top1_agreement_vs_fp32": None if agreement is None else agreement.top1_agreement,
+                    "top5_agreement_vs_fp32": None if agreement is None else agreement.top5_agreement,
+                    "detail": runner.detail,
+                    # PaddleClas's published figure for the same network (V100, TensorRT, FP32), where it has one:
+                    # the architecture's cost, so your own weights with 1000 classes get it too.
+                    "paddleclas_v100_trt_ms": None if classifier.spec.num_classes != 1000 else
                     classifier.spec.metrics.v100_trt_fp32_latency_ms.get(f"bs{size}"),
                 }
 
-    write_rows(rows(), fmt, click.get_text_stream("stdout"),
-               headers=["model", "engine", "device", "threads", "batch_size", "median_ms", "p10_ms", "p90_ms",
-                        "images_per_s", "paddleclas_v100_trt_ms"])
+    headers = ["model", "engine", "device", "threads", "batch_size", "median_ms", "p10_ms", "p90_ms",
+               "images_per_s", "paddleclas_v100_trt_ms"]
+    if variants != [("fp32", False)]:
+        headers[4:4] = ["precision", "compiled"]
+        headers += ["max_prob_diff_vs_fp32", "top1_agreement_vs_fp32"]
+    write_rows(rows(), fmt, click.get_text_stream("stdout"), headers=headers)
 
 
 _EXPORT_USAGE = {

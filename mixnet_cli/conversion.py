@@ -449,6 +449,19 @@ def reference_logits(spec: ModelSpec, converted: ConvertedModel) -> np.ndarray:
                 return logits
         except (KeyError, TypeError, ValueError):
             pass
+    reference = onnx_runtime_logits(spec, model)
+    try:
+        files.write_text(converted.directory / _REFERENCE_FILE, json.dumps(
+            {"model_sha256": model_sha256, "reference": ONNX_REFERENCE, "logits": reference.tolist()}) + "\n")
+    except OSError:
+        pass
+    return reference
+
+
+def onnx_runtime_logits(spec: ModelSpec, model: Path | bytes) -> np.ndarray:
+    """ONNX Runtime's logits (CPU, float64 ``N x classes``) for ``model`` (a file, or a serialised graph built in
+    memory) on :func:`validation_batch`: the reference of the engines that run mixnet's own graph. Raises
+    :class:`EngineError` when ONNX Runtime cannot run it."""
     from .third_party import import_quietly
 
     onnxruntime = import_quietly("onnxruntime")
@@ -460,18 +473,14 @@ def reference_logits(spec: ModelSpec, converted: ConvertedModel) -> np.ndarray:
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        session = onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                               providers=["CPUExecutionProvider"])
         (logits,) = session.run(None, {session.get_inputs()[0].name: validation_batch(spec.preprocessing.crop_size)})
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise EngineError(f"ONNX Runtime cannot run {model} ({str(exc).splitlines()[0][:200]}); "
+        where = "the graph built in memory" if isinstance(model, bytes) else str(model)
+        raise EngineError(f"ONNX Runtime cannot run {where} ({str(exc).splitlines()[0][:200]}); "
                           f"run `mixnet cache rm {spec.short_name}` to convert it again") from None
-    reference = np.asarray(logits, dtype=np.float64)
-    try:
-        files.write_text(converted.directory / _REFERENCE_FILE, json.dumps(
-            {"model_sha256": model_sha256, "reference": ONNX_REFERENCE, "logits": reference.tolist()}) + "\n")
-    except OSError:
-        pass
-    return reference
+    return np.asarray(logits, dtype=np.float64)
 
 
 def convert_paddle(spec: ModelSpec, weights_path: Path, out: Path) -> dict[str, Any]:

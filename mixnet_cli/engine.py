@@ -39,6 +39,8 @@ class EngineChoice:
     engine_reason: str
     device_reason: str
     engine_auto: bool = False
+    precision: str = "fp32"  # the arithmetic (engines' ``precisions``); only fp32 is held to the reference
+    compiled: bool = False  # compile the network where the engine can (torch.compile; for benchmark)
 
     @property
     def device_choice(self) -> DeviceChoice:
@@ -66,42 +68,65 @@ def require_engine(name: str) -> None:
         raise EngineError(f"the {name} engine needs {missing}")
 
 
-def choose_engine(engine: str = "auto", device: str = "auto") -> EngineChoice:
-    """Settle engine and device together: ``auto`` is the fastest engine installed for the device.
+def choose_engine(engine: str = "auto", device: str = "auto", precision: str = "fp32") -> EngineChoice:
+    """Settle engine and device together: ``auto`` is the fastest engine installed for the device that offers
+    ``precision`` (``fp32``, the only one held to the reference, unless ``benchmark`` asks for another).
 
     The engines' ranks in :mod:`mixnet_cli.engines` order them: on the CPU ONNX Runtime, then OpenVINO, then
-    Paddle Inference; on a GPU ONNX Runtime with onnxruntime-gpu, then Paddle Inference with a CUDA build of
-    paddle. Nothing here imports paddle unless a paddle engine, or a GPU only paddle could drive, is in
-    question. A GPU asked for that no installed engine can drive is an error, never a silent fallback.
+    Paddle Inference; on a GPU PyTorch with CUDA, then ONNX Runtime with onnxruntime-gpu, then Paddle Inference
+    with a CUDA build of paddle. Nothing here imports paddle or torch unless an engine of theirs is asked for or
+    could drive the GPU. A GPU asked for that no installed engine can drive is an error naming what to install,
+    never a silent fallback; ``auto`` on a machine without one says why in its device reason (``-v``).
+    Raises :class:`UsageError` for unknown names, :class:`EngineError` and :class:`DeviceError`.
     """
     engine_name = check_engine_name(engine)
     device_name = check_device_name(device)
+    precision = check_precision(precision, engine_name)
     if engine_name != "auto":
         require_engine(engine_name)
         chosen = ENGINES[engine_name].load().resolve_device(device_name, device)
-        return EngineChoice(engine_name, chosen.device, f"asked for {engine_name}", chosen.reason)
+        return EngineChoice(engine_name, chosen.device, f"asked for {engine_name}", chosen.reason,
+                            precision=precision)
     if device_name == "cpu":
-        return _cpu_auto("asked for the CPU")
-    reason = "no CUDA build of onnxruntime, or of paddle with paddleclas, is installed"
-    for info in ranked("gpu"):
-        if info.missing() is not None or not info.load().gpu_ready():
+        return _cpu_auto("asked for the CPU", precision=precision)
+    problems = []
+    for info in ranked("gpu", precision):
+        missing = info.missing()
+        problem = f"{info.name} is not installed" if missing is not None else info.load().gpu_problem()
+        if problem is not None:
+            problems.append(problem)
             continue
         chosen = info.load().resolve_device(device_name, device)
         if chosen.device != "cpu":
             return EngineChoice(info.name, chosen.device, f"fastest installed engine for the GPU ({info.name})",
-                                chosen.reason, engine_auto=True)
-        reason = chosen.reason
+                                chosen.reason, engine_auto=True, precision=precision)
+        problems.append(chosen.reason)
     if device_name != "auto":
         raise DeviceError(
-            f"device '{device}' needs a CUDA engine: onnxruntime-gpu (pip uninstall onnxruntime && pip install "
-            "onnxruntime-gpu), or paddlepaddle-gpu with paddleclas; or use --device cpu"
+            f"device '{device}' needs an engine that drives a GPU, and none is installed here ({'; '.join(problems)}): "
+            "install a CUDA build of torch (pytorch.org), or onnxruntime-gpu (pip uninstall onnxruntime && pip "
+            "install onnxruntime-gpu), or paddlepaddle-gpu with paddleclas; or use --device cpu"
         )
-    return _cpu_auto(reason)
+    return _cpu_auto("no GPU engine: " + "; ".join(problems), precision=precision)
 
 
-def _cpu_auto(device_reason: str, after: str | None = None) -> EngineChoice:
+def check_precision(requested: str, engine: str = "auto") -> str:
+    """``requested`` (``fp32``, ``tf32``, ``bf16``, ``fp16``, any case) when ``engine`` offers it, or ``auto``
+    does through some engine; raises :class:`UsageError` otherwise."""
+    name = requested.strip().lower()
+    offered = ENGINES[engine].precisions if engine != "auto" else \
+        tuple(dict.fromkeys(p for info in ENGINES.values() for p in info.precisions))
+    if name not in offered:
+        who = f"the {engine} engine" if engine != "auto" else "the engines"
+        offers = [info.name for info in ENGINES.values() if name in info.precisions]
+        hint = f"; {name} needs --engine {' or '.join(offers)}" if offers else ""
+        raise UsageError(f"unknown precision '{requested}' for {who}: use {', '.join(offered)}{hint}")
+    return name
+
+
+def _cpu_auto(device_reason: str, after: str | None = None, precision: str = "fp32") -> EngineChoice:
     """The fastest engine installed for the CPU (after ``after``, the one that failed, when given)."""
-    candidates = ranked("cpu")
+    candidates = ranked("cpu", precision)
     if after is not None:
         names = [info.name for info in candidates]
         candidates = candidates[names.index(after) + 1:] if after in names else []
@@ -110,7 +135,11 @@ def _cpu_auto(device_reason: str, after: str | None = None) -> EngineChoice:
             why = "fastest installed engine for the CPU" if position == 0 and after is None else \
                 f"the next fastest engine for the CPU ({', '.join(i.name for i in candidates[:position]) or after} " \
                 "not available)"
-            return EngineChoice(info.name, "cpu", why, device_reason, engine_auto=True)
+            if precision != "fp32":
+                why += f" that offers {precision}"
+            return EngineChoice(info.name, "cpu", why, device_reason, engine_auto=True, precision=precision)
+    if precision != "fp32":
+        raise EngineError(f"no engine installed here runs {precision}: {ENGINES['torch'].install}")
     raise EngineError("no engine is installed for the CPU: pip install openvino onnxruntime (reinstall mixnet-cli)")
 
 
@@ -124,15 +153,15 @@ def _fallback(choice: EngineChoice, exc: MixnetError) -> EngineChoice | None:
     if not choice.engine_auto:
         return None
     if choice.device != "cpu" and isinstance(exc, DeviceError):
-        cpu = _cpu_auto(f"{choice.engine} could not use the GPU: {exc}")
+        cpu = _cpu_auto(f"{choice.engine} could not use the GPU: {exc}", precision=choice.precision)
         return replace(cpu, engine_reason=f"{cpu.engine_reason}; {choice.engine} could not use the GPU")
     if isinstance(exc, EngineFailed):  # the engine failed, not the model: the next engine may run it
         try:
-            following = _cpu_auto(choice.device_reason, after=choice.engine)
+            following = _cpu_auto(choice.device_reason, after=choice.engine, precision=choice.precision)
         except EngineError:
             return None
         return replace(following, engine_reason=f"{choice.engine} failed: {exc}")
-    if choice.engine != "dygraph" and ENGINES["dygraph"].missing() is None:
+    if choice.engine != "dygraph" and choice.precision == "fp32" and ENGINES["dygraph"].missing() is None:
         return replace(choice, engine="dygraph", engine_reason=f"{choice.engine} failed: {exc}")
     return None
 
@@ -207,3 +236,29 @@ def measure_latency(engine: Engine, batch_size: int, size: int, *, warmup: int =
     times.sort()
     deciles = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
     return Latency(batch_size, repeats, warmup, statistics.median(times), times[0], times[-1], deciles[0], deciles[-1])
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How close an engine's answers in a faster precision are to the same engine's in fp32, on one batch:
+    the largest probability difference, and the share of images whose top-1 label, and whose top-5 set, agree."""
+
+    images: int
+    max_abs_probability_diff: float
+    top1_agreement: float
+    top5_agreement: float
+
+
+def measure_agreement(engine: Engine, reference: Engine, batch: np.ndarray) -> Agreement:
+    """Compare ``engine``'s softmax with ``reference``'s (fp32) on a float32 ``N x 3 x S x S`` ``batch``."""
+    from .postprocess import softmax
+
+    got = softmax(np.asarray(engine.run(batch), dtype=np.float64))
+    expected = softmax(np.asarray(reference.run(batch), dtype=np.float64))
+    top5 = lambda p: np.sort(np.argsort(-p, axis=1)[:, :5], axis=1)  # noqa: E731
+    return Agreement(
+        images=len(batch),
+        max_abs_probability_diff=float(np.abs(got - expected).max()),
+        top1_agreement=float(np.mean(got.argmax(1) == expected.argmax(1))),
+        top5_agreement=float(np.mean(np.all(top5(got) == top5(expected), axis=1))),
+    )

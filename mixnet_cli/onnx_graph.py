@@ -107,39 +107,57 @@ def _padded_kernel(weight: np.ndarray, size: int) -> np.ndarray:
     return padded
 
 
-def _conv_bn(graph: _Graph, x: str, layer: ConvBN, form: GraphForm) -> str:
-    names = layer.conv_weight_names()
-    kernels = [graph.param(name) for name in names]
+@dataclass(frozen=True)
+class ConvPlan:
+    """How one :class:`ConvBN` layer runs as convolutions in a :class:`GraphForm`: ``convolutions`` holds
+    ``(weight, groups, kernel size)`` for each convolution; ``splits`` the input channels each takes, when the
+    input is split between them (None: one convolution on the whole input). Shared by every backend that builds
+    the network from the architecture (ONNX here, PyTorch in :mod:`mixnet_cli.torch_network`)."""
+
+    convolutions: list[tuple[np.ndarray, int, int]]
+    splits: tuple[int, ...] | None
+
+
+def conv_plan(layer: ConvBN, kernels: list[np.ndarray], form: GraphForm) -> ConvPlan:
+    """The convolutions of ``layer`` (its float32 kernels in :meth:`ConvBN.conv_weight_names` order) in ``form``."""
     parts = len(kernels)
+    equal_splits = len(set(layer.in_splits)) == 1 and len(set(layer.out_splits)) == 1
+    if parts == 1:
+        return ConvPlan([(kernels[0], layer.out_channels if layer.depthwise else 1, layer.kernels[0])], None)
+    if layer.depthwise and form.merge_depthwise:
+        size = max(layer.kernels)
+        return ConvPlan([(np.concatenate([_padded_kernel(w, size) for w in kernels]), layer.out_channels, size)], None)
+    if not layer.depthwise and form.group_pointwise and equal_splits:
+        return ConvPlan([(np.concatenate(kernels), parts, 1)], None)
+    return ConvPlan([(w, w.shape[0] if layer.depthwise else 1, k) for w, k in zip(kernels, layer.kernels)],
+                    layer.in_splits)
+
+
+def batch_norm_scale_shift(gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray,
+                           var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Batch norm as ``y * scale + shift`` (float32), for folding it into the convolution before it."""
+    scale = gamma / np.sqrt(var.astype(np.float64) + BN_EPSILON).astype(np.float32)
+    return scale, beta - mean * scale
+
+
+def _conv_bn(graph: _Graph, x: str, layer: ConvBN, form: GraphForm) -> str:
+    kernels = [graph.param(name) for name in layer.conv_weight_names()]
     gamma = graph.param(layer.bn_name("weight"))
     beta = graph.param(layer.bn_name("bias"))
     mean = graph.param(layer.bn_name("_mean"))
     var = graph.param(layer.bn_name("_variance"))
-    equal_splits = len(set(layer.in_splits)) == 1 and len(set(layer.out_splits)) == 1
-
-    # The convolutions, as (weight, group, kernel, input range) for one Conv each over its channel slice.
-    if parts == 1:
-        plan = [(kernels[0], layer.out_channels if layer.depthwise else 1, layer.kernels[0])]
-        merged = True
-    elif layer.depthwise and form.merge_depthwise:
-        size = max(layer.kernels)
-        plan = [(np.concatenate([_padded_kernel(w, size) for w in kernels]), layer.out_channels, size)]
-        merged = True
-    elif not layer.depthwise and form.group_pointwise and equal_splits:
-        plan = [(np.concatenate(kernels), parts, 1)]
-        merged = True
-    else:
-        plan = [(w, w.shape[0] if layer.depthwise else 1, k) for w, k in zip(kernels, layer.kernels)]
-        merged = False
+    planned = conv_plan(layer, kernels, form)
+    plan = planned.convolutions
+    merged = planned.splits is None
+    parts = len(plan)
 
     if form.fold_batch_norm:
-        scale = gamma / np.sqrt(var.astype(np.float64) + BN_EPSILON).astype(np.float32)
-        shift = beta - mean * scale
+        scale, shift = batch_norm_scale_shift(gamma, beta, mean, var)
     outputs = []
     if merged:
         inputs = [x]
     else:
-        split = graph.constant(graph.fresh(f"{layer.prefix}.split_sizes"), np.array(layer.in_splits, dtype=np.int64))
+        split = graph.constant(graph.fresh(f"{layer.prefix}.split_sizes"), np.array(planned.splits, dtype=np.int64))
         outs = [graph.fresh(f"{layer.prefix}.part") for _ in range(parts)]
         graph.nodes.append(graph._helper.make_node("Split", [x, split], outs, name=graph.fresh(f"{layer.prefix}.split"), axis=1))
         inputs = outs

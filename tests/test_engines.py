@@ -210,7 +210,7 @@ def test_cached_path_imports_no_paddle(engine, home_copy, pictures):
         "try:\n"
         f"    main(['classify', {str(pictures[1])!r}, '--json', '-v', '--engine', {engine!r}], standalone_mode=False)\n"
         "finally:\n"
-        "    heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('paddle', 'paddleclas', 'paddle2onnx'))\n"
+        "    heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('paddle', 'paddleclas', 'paddle2onnx', 'torch'))\n"
         "    print('HEAVY', heavy, file=sys.stderr)\n"
     )
     env = {**os.environ, "MIXNET_HOME": str(home_copy)}

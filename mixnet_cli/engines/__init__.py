@@ -3,7 +3,7 @@
 
 ``--engine``'s help and check, the errors that say what to install, ``doctor``, ``auto`` and
 :func:`mixnet_cli.engine.create_engine` read this table. Adding an engine is one new module here (with
-``resolve_device``, ``build`` and, if it can drive a GPU, ``gpu_ready``) and one :func:`register` line below.
+``resolve_device``, ``build`` and, if it can drive a GPU, ``gpu_problem``) and one :func:`register` line below.
 Nothing in this file imports more than the standard library, so ``mixnet --help`` stays fast; an engine's module
 is imported only when it is asked for.
 """
@@ -22,8 +22,10 @@ class EngineInfo:
     ``name`` is what ``--engine`` takes, ``aliases`` other names it answers to; ``devices`` says where it runs,
     ``summary`` what it is, ``install`` what to run when it is missing, ``requires`` the modules it needs.
     ``cpu_rank`` and ``gpu_rank`` order it for ``auto`` (lower first; None: ``auto`` never picks it there).
+    ``precisions`` are the arithmetic it offers (``--precision``; fp32 first, the only one held to the reference).
     ``module`` implements it: ``resolve_device(name, requested) -> DeviceChoice``, ``build(spec, weights,
-    choice, threads) -> Engine`` and, with a ``gpu_rank``, ``gpu_ready() -> bool`` (cheap: no heavy import).
+    choice, threads) -> Engine`` and, with a ``gpu_rank``, ``gpu_problem() -> str | None`` (why it cannot drive
+    a GPU here, None when it may; cheap: no heavy import).
     """
 
     name: str
@@ -35,6 +37,7 @@ class EngineInfo:
     module: str
     cpu_rank: int | None = None
     gpu_rank: int | None = None
+    precisions: tuple[str, ...] = ("fp32",)
 
     def missing(self) -> str | None:
         """What is not installed for this engine (None: it can run), found without importing anything."""
@@ -79,10 +82,11 @@ def canonical_name(requested: str) -> str | None:
     return "auto" if name == "auto" else None
 
 
-def ranked(device: str) -> list[EngineInfo]:
-    """The engines ``auto`` may pick for ``device`` (``cpu`` or ``gpu``), fastest first."""
+def ranked(device: str, precision: str = "fp32") -> list[EngineInfo]:
+    """The engines ``auto`` may pick for ``device`` (``cpu`` or ``gpu``) that offer ``precision``, fastest first."""
     key = "cpu_rank" if device == "cpu" else "gpu_rank"
-    return sorted((info for info in ENGINES.values() if getattr(info, key) is not None), key=lambda i: getattr(i, key))
+    return sorted((info for info in ENGINES.values() if getattr(info, key) is not None and precision in info.precisions),
+                  key=lambda i: getattr(i, key))
 
 
 # ONNX Runtime first on the CPU: it starts in a fifth of OpenVINO's first compile and ran the forward pass and
@@ -91,7 +95,7 @@ register(EngineInfo(
     "onnxruntime", ("ort", "onnx"), "cpu, gpu (with onnxruntime-gpu)",
     "ONNX Runtime on mixnet's ONNX graph, f32: the quickest to start and the fastest on the CPU "
     "(BENCHMARKS.md); CUDA with onnxruntime-gpu",
-    "pip install onnxruntime", ("onnxruntime",), "mixnet_cli.engines.onnxruntime", cpu_rank=0, gpu_rank=0))
+    "pip install onnxruntime", ("onnxruntime",), "mixnet_cli.engines.onnxruntime", cpu_rank=0, gpu_rank=1))
 register(EngineInfo(
     "openvino", ("ov",), "cpu",
     "OpenVINO on the same graph, f32, on the CPU (its compiled form cached after the first run)",
@@ -100,7 +104,16 @@ register(EngineInfo(
     "paddle", ("paddle-inference",), "cpu, gpu (with paddlepaddle-gpu)",
     "Paddle Inference on a paddle.jit.save model of paddleclas's network (oneDNN on the CPU; CUDA, TensorRT)",
     'pip install "mixnet-cli[paddle]"', ("paddle", "paddleclas"), "mixnet_cli.engines.paddle_inference",
-    cpu_rank=2, gpu_rank=1))
+    cpu_rank=2, gpu_rank=2))
+# PyTorch first on a GPU: the CUDA build most GPU machines already have, and the only engine here that replays the
+# whole forward pass as one CUDA graph (MixNet's hundred small kernels are launch-bound). Last on the CPU: ONNX
+# Runtime and OpenVINO are faster there; `auto` takes it on the CPU only for a precision the others lack.
+register(EngineInfo(
+    "torch", ("pytorch",), "cpu, gpu (with a CUDA build of torch)",
+    "PyTorch on mixnet's network built from the architecture (no converter); CUDA graphs on a GPU; fp32, and "
+    "tf32, bf16 or fp16 for benchmark",
+    'pip install "mixnet-cli[torch]" (for a GPU, a CUDA build of torch: see pytorch.org)', ("torch",),
+    "mixnet_cli.engines.pytorch", cpu_rank=3, gpu_rank=0, precisions=("fp32", "tf32", "bf16", "fp16")))
 register(EngineInfo(
     "dygraph", ("paddle-dygraph",), "cpu, gpu (with paddlepaddle-gpu)",
     "paddleclas's network run eagerly by paddle: the reference every other engine is checked against",

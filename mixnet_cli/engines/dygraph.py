@@ -41,7 +41,7 @@ class PaddleDygraphEngine(OneBatchAtATime):
 
 # The same devices as Paddle Inference: paddle's.
 resolve_device = paddle_inference.resolve_device
-gpu_ready = paddle_inference.gpu_ready
+gpu_problem = paddle_inference.gpu_problem
 
 
 def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, threads: int | None) -> Engine:

@@ -26,16 +26,19 @@ def available_providers() -> list[str]:
     return list(import_quietly("onnxruntime").get_available_providers())
 
 
-def gpu_ready() -> bool:
-    """For ``auto``: whether the installed onnxruntime ships its CUDA provider library, found without importing it (the
-    import costs a tenth of the cold start, and a CPU-only build, the usual case, cannot have the provider)."""
+def gpu_problem() -> str | None:
+    """For ``auto``: why ONNX Runtime cannot drive a GPU here (None: it may). The CUDA provider's library is looked
+    for without importing onnxruntime (the import costs a tenth of the cold start, and a CPU-only build, the usual
+    case, cannot have the provider)."""
     spec = importlib.util.find_spec("onnxruntime")
     if spec is None or not spec.submodule_search_locations:
-        return False
+        return "onnxruntime is not installed"
     if not any(any((Path(location) / "capi").glob("*onnxruntime_providers_cuda*"))
                for location in spec.submodule_search_locations):
-        return False
-    return "CUDAExecutionProvider" in available_providers()
+        return "onnxruntime is the CPU build (not onnxruntime-gpu)"
+    if "CUDAExecutionProvider" not in available_providers():
+        return "onnxruntime-gpu cannot load its CUDA provider (CUDA or cuDNN libraries missing)"
+    return None
 
 
 def resolve_device(name: str, requested: str) -> DeviceChoice:

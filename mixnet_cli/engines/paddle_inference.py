@@ -110,12 +110,14 @@ class PaddleInferenceEngine(OneBatchAtATime):
             return np.asarray(self._output.copy_to_cpu(), dtype=np.float32)
 
 
-def gpu_ready() -> bool:
-    """For ``auto``: whether a CUDA build of paddle is installed, with paddleclas (found without importing paddle,
-    which takes a second: a CPU-only paddle, the usual case, cannot drive a GPU)."""
+def gpu_problem() -> str | None:
+    """For ``auto``: why the paddle engines cannot drive a GPU here (None: they may), found without importing
+    paddle, which takes a second: a CPU-only paddle, the usual case, cannot drive a GPU."""
     from ..third_party import distribution_installed, paddle_missing
 
-    return distribution_installed("paddlepaddle-gpu") and paddle_missing() is None
+    if not distribution_installed("paddlepaddle-gpu"):
+        return "paddlepaddle-gpu is not installed"
+    return paddle_missing()
 
 
 def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, threads: int | None) -> Engine:
