@@ -1055,8 +1055,8 @@ def cache_path(model: str | None) -> None:
 @click.argument("models", nargs=-1, required=True, metavar="MODEL...", shell_complete=_complete_models)
 @user_errors
 def cache_rm(models: tuple[str, ...]) -> None:
-    """Delete the cached weights of MODEL (S, M, L or all), with their record, any partial download and the
-    models converted from them.
+    """Delete the cached weights of MODEL (S, M, L or all), with their record, any partial download, a lock file
+    a killed run left, and the models converted from them.
 
     \b
       mixnet cache rm S
@@ -1087,9 +1087,11 @@ def cache_clear(yes: bool) -> None:
     if not plan:
         click.echo(f"Nothing to delete in {cache_root()}.", err=True)
         return
+    counts = [f"{plan.weights_files} weights file(s)"] + ([f"{len(plan.locks)} lock file(s)"] if plan.locks else [])
+    counts.append(f"{len(plan.folders)} converted-model folder(s)")
     if not yes and not click.confirm(
-        f"Delete {plan.weights_files} weights file(s) and {len(plan.folders)} converted-model folder(s), "
-        f"{plan.size / 1e6:.1f} MB, from {cache_root()}?", default=False, err=True
+        f"Delete {', '.join(counts[:-1])} and {counts[-1]}, {plan.size / 1e6:.1f} MB, from {cache_root()}?",
+        default=False, err=True,
     ):
         click.echo("Nothing deleted.", err=True)
         sys.exit(1)
