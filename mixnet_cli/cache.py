@@ -7,7 +7,8 @@ Layout under the cache root (``MIXNET_HOME`` or the user cache directory)::
     weights/MixNet_S_pretrained.pdparams.json       its record: sha256, size, where it came from, when
     weights/MixNet_S_pretrained.pdparams.part       a download in progress (or interrupted: the next run resumes it)
     weights/MixNet_S_pretrained.pdparams.part.json  the URL and validator (ETag) that partial file came from
-    weights/MixNet_S_pretrained.pdparams.lock       held by the one process downloading or installing that file
+    weights/MixNet_S_pretrained.pdparams.lock       held by the one process downloading, installing or removing
+                                                      that file; there only while held (or left by a killed one)
     weights/.MixNet_S_pretrained.pdparams.*.tmp     a file being copied in or a record being written
     onnx/<weights sha256>/                          converted models (mixnet_cli.conversion), one folder per
     paddle-inference/<weights sha256>/                weights file, each with a record.json of its files
@@ -154,13 +155,16 @@ def model_lock(spec: ModelSpec, *, wait: bool = True, on_wait: Any = None) -> It
     """Hold the lock of ``spec``'s weights file: one process at a time downloads, installs or removes it.
 
     With ``wait=False`` a lock held elsewhere raises :class:`CacheError` at once; otherwise ``on_wait(path)`` is
-    called, then this blocks until it is free. The OS drops the lock of a process that dies, so a killed run
-    never leaves a stale lock.
+    called, then this blocks until it is free. A cache that cannot be written raises :class:`CacheError`. The lock
+    file is deleted when the holder lets go, after a success or a failure (:mod:`mixnet_cli.locks`); the OS drops
+    the lock of a process that dies, so a killed run leaves at most an unheld file, which the next holder deletes.
     """
-    from filelock import FileLock, Timeout
+    from filelock import Timeout
+
+    from .locks import file_lock
 
     path = lock_path(spec)
-    lock = FileLock(str(path))
+    lock = file_lock(path)
     try:
         try:
             lock.acquire(timeout=0)
@@ -344,11 +348,12 @@ def inventory() -> list[CacheItem]:
 
 @dataclass(frozen=True)
 class DeletionPlan:
-    """What a removal will delete: each model's weights files (deleted under that model's lock), converted
-    folders, and engine homes; with their total size in bytes."""
+    """What a removal will delete: each model's weights files (deleted under that model's lock), lock files,
+    converted folders, and engine homes; with the total size in bytes. Lock files are never weights files."""
 
     weights: dict[str, list[Path]]  # model name -> its files
-    locks: dict[str, Path]  # model name -> its lock file, deleted once nobody holds it (clear only)
+    # model name -> its lock file: one a killed process left (a held lock makes the removal fail instead)
+    locks: dict[str, Path]
     folders: list[Path]
     size: int
 
@@ -377,8 +382,9 @@ def _converted_folders_of(hashes: set[str] | None) -> list[Path]:
 
 
 def plan_removal(specs: Sequence[ModelSpec]) -> DeletionPlan:
-    """Deleting these models: their weights files, records, partial downloads, leftovers, and every folder
-    converted from their weights (those recorded as made for the model, and the current weights')."""
+    """Deleting these models: their weights files, records, partial downloads, leftovers, a lock file a killed
+    process left, and every folder converted from their weights (those recorded as made for the model, and the
+    current weights')."""
     weights = {spec.name: model_files(spec) for spec in specs}
     names = {spec.name for spec in specs}
     # The model a folder was made for is in its record: no need to hash its files as a listing does.
@@ -390,7 +396,11 @@ def plan_removal(specs: Sequence[ModelSpec]) -> DeletionPlan:
             hashes.add(record.sha256)
     folders = _converted_folders_of(hashes)
     size = sum(_tree_size(p) for paths in weights.values() for p in paths) + sum(_tree_size(p) for p in folders)
-    return DeletionPlan({k: v for k, v in weights.items() if v}, {}, folders, size)
+    return DeletionPlan({k: v for k, v in weights.items() if v}, _lock_files(specs), folders, size)
+
+
+def _lock_files(specs: Sequence[ModelSpec]) -> dict[str, Path]:
+    return {spec.name: lock_path(spec) for spec in specs if lock_path(spec).is_file()}
 
 
 def plan_clear() -> DeletionPlan:
@@ -398,10 +408,27 @@ def plan_clear() -> DeletionPlan:
     homes. Files of other names, and the cache root itself, are never touched."""
     specs = list(load_manifest().models.values())
     weights = {spec.name: model_files(spec) for spec in specs} if weights_dir().is_dir() else {}
-    locks = {spec.name: lock_path(spec) for spec in specs if lock_path(spec).is_file()}
+    locks = _lock_files(specs)
     folders = _converted_folders_of(None) + [path for name in ENGINE_HOMES if (path := engine_home(name)).is_dir()]
     size = sum(_tree_size(p) for paths in weights.values() for p in paths) + sum(_tree_size(p) for p in folders)
     return DeletionPlan({k: v for k, v in weights.items() if v}, locks, folders, size)
+
+
+def _let_go_of_unheld(path: Path) -> bool:
+    """Take the lock file at ``path`` if nobody holds it, and let go (which deletes it); whether it is gone."""
+    from filelock import Timeout
+
+    from .locks import file_lock
+
+    lock = file_lock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return False
+    except OSError as exc:
+        raise CacheError(f"cannot delete {path} ({exc.strerror or exc}); check the cache's permissions") from None
+    lock.release()
+    return not path.exists()
 
 
 def execute(plan: DeletionPlan) -> list[Path]:
@@ -412,14 +439,20 @@ def execute(plan: DeletionPlan) -> list[Path]:
     from .manifest import resolve_model
 
     removed: list[Path] = []
-    for name, paths in plan.weights.items():
+    for name in {**plan.weights, **plan.locks}:
         with model_lock(resolve_model(name), wait=False):
-            removed += _remove(paths)
-    for name, lock in plan.locks.items():
-        # Only once nobody holds it: a waiting process must keep sharing the same file.
-        with model_lock(resolve_model(name), wait=False):
-            removed += _remove([lock])
+            removed += _remove(plan.weights.get(name, []))
+        # Letting go of the lock deleted its file, a killed process's too; never deleted by name, which could
+        # split a process that waits on it from one that comes later (mixnet_cli.locks).
+        if name in plan.locks and not plan.locks[name].exists():
+            removed.append(plan.locks[name])
     for path in plan.folders:
+        if path.name.endswith(LOCK_SUFFIX):
+            # A conversion's lock: deleted by taking it and letting go, as the model's; one held now is left to
+            # its holder, which deletes it when done.
+            if _let_go_of_unheld(path):
+                removed.append(path)
+            continue
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:

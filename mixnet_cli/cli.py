@@ -401,8 +401,9 @@ def classify(
     if weights is not None and not weights.expanduser().is_file():
         raise UsageError(f"--weights {weights}: no such file")
     if server is not None and (weights or labels or embed or embed_npy):
-        raise UsageError("--server classifies with the service's own models: --weights, --labels, --embed and "
-                         "--embed-npy work only without it")
+        raise UsageError("--server classifies with the service's own models (to use your own weights there, start "
+                         "it with `mixnet serve --weights FILE --labels FILE`): --weights, --labels, --embed and "
+                         "--embed-npy work only without --server")
     if embed and fmt not in ("json", "jsonl"):
         raise UsageError("--embed puts the features in the JSON objects: add --json or --jsonl, or use --embed-npy FILE")
     device_name, engine_name = _device_and_engine(device, engine)
@@ -486,7 +487,16 @@ def classify(
 
 @main.command(context_settings=CONTEXT_SETTINGS)
 @click.option("-m", "--model", "models", multiple=True, metavar="MODEL", shell_complete=_complete_model,
-              help="Model to serve: S, M, L or all; repeat for several (default S; the first is a request's default).")
+              help="Model to serve: S, M, L or all; repeat for several (default S; the first is a request's default). "
+              "With --weights, the one architecture of that file (default: read from it).")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Serve your own fine-tuned MixNet (.pdparams saved by PaddleClas, any number of classes) instead "
+              "of the released weights, as the only model, named as classify names it (its architecture: "
+              "?model=MixNet_S, also the default). At most one -m with it: -m then names the file's architecture, "
+              "as for classify, so a second one would mean nothing; serve released models from another process.")
+@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Class names for --weights: PaddleClas's class_id_map_file ('<id> <name>' per line) or one name per "
+              "line; their count must equal the weights' classes.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
 @click.option("--max-batch-size", default=None, type=click.IntRange(1, 1024),
@@ -512,6 +522,8 @@ def classify(
 @user_errors
 def serve(
     models: tuple[str, ...],
+    weights: Path | None,
+    labels: Path | None,
     host: str,
     port: int,
     max_batch_size: int | None,
@@ -536,6 +548,7 @@ def serve(
       curl --data-binary @cat.jpg 'http://127.0.0.1:8080/v1/classify?model=L&topk=3'
       curl -F image=@cat.jpg -F image=@dog.png http://127.0.0.1:8080/v1/classify
       mixnet classify cat.jpg --server http://127.0.0.1:8080 --json
+      mixnet serve --weights best_model.pdparams --labels flowers_label_list.txt
 
     Answers are the objects `mixnet classify --json` prints. Endpoints: POST /v1/classify, GET /healthz,
     /readyz (503 until the models are loaded), /metrics (Prometheus), /openapi.json. SIGTERM or Ctrl-C stops
@@ -546,11 +559,12 @@ def serve(
     missing = service.serve_missing()
     if missing is not None:
         raise MixnetError(missing)
-    names = [spec.name for spec in _specs(list(models) or ["S"])]
+    # None named: MixNet_S, or with --weights the architecture read from the file (ServeOptions).
+    names = [spec.name for spec in _specs(models)] if models else []
     device_name, engine_name = _device_and_engine(device, engine)
     defaults = service.ServeOptions()
     options = service.ServeOptions(
-        models=tuple(names), host=host, port=port,
+        models=tuple(names), weights=weights, labels=labels, host=host, port=port,
         max_batch_size=max_batch_size or defaults.max_batch_size,
         max_wait_ms=defaults.max_wait_ms if max_wait_ms is None else max_wait_ms,
         max_queue=max_queue or defaults.max_queue,
@@ -1055,8 +1069,8 @@ def cache_path(model: str | None) -> None:
 @click.argument("models", nargs=-1, required=True, metavar="MODEL...", shell_complete=_complete_models)
 @user_errors
 def cache_rm(models: tuple[str, ...]) -> None:
-    """Delete the cached weights of MODEL (S, M, L or all), with their record, any partial download and the
-    models converted from them.
+    """Delete the cached weights of MODEL (S, M, L or all), with their record, any partial download, a lock file
+    a killed run left, and the models converted from them.
 
     \b
       mixnet cache rm S
@@ -1087,9 +1101,11 @@ def cache_clear(yes: bool) -> None:
     if not plan:
         click.echo(f"Nothing to delete in {cache_root()}.", err=True)
         return
+    counts = [f"{plan.weights_files} weights file(s)"] + ([f"{len(plan.locks)} lock file(s)"] if plan.locks else [])
+    counts.append(f"{len(plan.folders)} converted-model folder(s)")
     if not yes and not click.confirm(
-        f"Delete {plan.weights_files} weights file(s) and {len(plan.folders)} converted-model folder(s), "
-        f"{plan.size / 1e6:.1f} MB, from {cache_root()}?", default=False, err=True
+        f"Delete {', '.join(counts[:-1])} and {counts[-1]}, {plan.size / 1e6:.1f} MB, from {cache_root()}?",
+        default=False, err=True,
     ):
         click.echo("Nothing deleted.", err=True)
         sys.exit(1)

@@ -146,7 +146,7 @@ def ensure_converted(spec: ModelSpec, weights_path: Path, weights_sha256: str, f
     found = cached_model(spec, weights_sha256, fmt)
     if found is not None:
         return found
-    from filelock import FileLock
+    from .locks import file_lock
 
     kind = _format(fmt)
     if fmt == "paddle":
@@ -156,7 +156,7 @@ def ensure_converted(spec: ModelSpec, weights_path: Path, weights_sha256: str, f
     root = cache.ensure_dir(cache.converted_dir(fmt))
     final = root / weights_sha256
     try:
-        lock = FileLock(str(root / f".{weights_sha256}.lock"))
+        lock = file_lock(root / f".{weights_sha256}.lock")
         lock.acquire()
     except OSError as exc:
         from .errors import CacheError

@@ -12,6 +12,9 @@ parameter or a model not served (400, with the CLI's one-line message), bytes th
 The service never reads a local path: images arrive as bytes, or, only with ``allow_urls``, from http(s) URLs
 fetched with the deadline and size cap of ``classify``.
 
+Your own fine-tuned MixNet (``weights``, with ``labels``) is served alone, named as ``classify`` names it (its
+architecture: ``MixNet_S``...), with its own classes: ``topk`` and the answers' labels follow them.
+
 Starlette, uvicorn and prometheus_client are imported inside the functions that need them, so the rest of the
 package (and ``mixnet --help``) works without the extra.
 """
@@ -29,6 +32,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from .batching import DynamicBatcher
@@ -38,6 +42,7 @@ if TYPE_CHECKING:
     import socket
 
     from .classifier import ClassificationResult, Classifier
+    from .manifest import ModelSpec
 
 SERVE_EXTRA = 'pip install "mixnet-cli[serve]"'
 DEFAULT_TOPK = 5
@@ -76,13 +81,18 @@ def serve_missing() -> str | None:
 class ServeOptions:
     """What ``mixnet serve`` runs: models (the first is the default of a request), where it listens, its limits.
 
+    ``models`` are released models (none: MixNet_S). ``weights`` is your own fine-tuned MixNet (.pdparams), served
+    as the only model; ``models`` then names at most one, the architecture the file must be (none: read from it).
+    ``labels`` is a label file for the served classes (PaddleClas's ``<id> <name>`` per line, or one name per line).
     ``max_wait_ms`` is how long a batch waits for more images after its first; ``max_queue`` bounds the images
     admitted per model and not yet answered; ``deadline_s`` bounds each request (a request may ask for less with
     ``deadline_ms``); ``workers`` is the number of decode threads, ``threads`` the CPU threads of a forward pass
     (both default to the physical cores).
     """
 
-    models: tuple[str, ...] = ("MixNet_S",)
+    models: tuple[str, ...] = ()
+    weights: Path | None = None
+    labels: Path | None = None
     host: str = "127.0.0.1"
     port: int = 8080
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
@@ -102,8 +112,11 @@ class ServeOptions:
 
     def check(self) -> None:
         """Raise :class:`UsageError` for a value no service can run with."""
-        if not self.models:
-            raise UsageError("name at least one model to serve (--model S)")
+        if self.weights is not None and len(self.models) > 1:
+            # With --weights, --model names the file's architecture (as for classify): one file, one architecture.
+            raise UsageError(f"--weights {self.weights} is served alone: give at most one --model (its architecture, "
+                             "S, M or L), or none to read it from the file; serve released models from another "
+                             "process")
         if self.max_batch_size < 1 or self.max_queue < 1:
             raise UsageError("--max-batch-size and --max-queue must be at least 1")
         if self.max_wait_ms < 0 or not math.isfinite(self.max_wait_ms):
@@ -191,18 +204,21 @@ _ENDPOINTS = ("/v1/classify", "/healthz", "/readyz", "/metrics", "/openapi.json"
 
 
 class Service:
-    """The state behind the HTTP routes: options, loaded models, thread pools, metrics, readiness."""
+    """The state behind the HTTP routes: options, loaded models, thread pools, metrics, readiness.
+
+    Raises :class:`UsageError` for options no service can run with, and for your own weights or labels that
+    cannot be served (:class:`~mixnet_cli.errors.WeightsError` for a file that is not MixNet weights)."""
 
     def __init__(self, options: ServeOptions, on_load_failure: Callable[[BaseException], None] | None = None,
                  url: str = "") -> None:
         from .engines.base import physical_cores
-        from .manifest import resolve_model
 
         options.check()
         self.options = options
         self.url = url or _url(options.host, options.port)
+        self.specs = _served_specs(options)
         # Each model once, by its full name, in the order given; the first is a request's default.
-        self.model_names = list(dict.fromkeys(resolve_model(name).name for name in options.models))
+        self.model_names = list(self.specs)
         self.models: dict[str, _LoadedModel] = {}
         self.metrics = Metrics()
         self.ready = False
@@ -234,11 +250,11 @@ class Service:
         from .batching import batch_ladder
         from .classifier import Classifier
 
-        _log.info("loading %s...", name)
         options = self.options
+        _log.info("loading %s%s...", name, f" (your weights {options.weights})" if options.weights else "")
         classifier = Classifier(name, device=options.device, engine=options.engine, threads=options.threads,
                                 mirrors=list(options.mirrors) if options.mirrors else None, offline=options.offline,
-                                progress=False)
+                                progress=False, weights=options.weights, labels=options.labels)
         # Every batch size the batcher runs, once: OpenVINO compiles a model per size (cached on disk), which
         # belongs here rather than in a request's time.
         import numpy as np
@@ -297,11 +313,16 @@ class Service:
         try:
             requested = query.get("model")
             name = resolve_model(requested).name if requested else self.model_names[0]
+            if name not in self.model_names and self.options.weights is not None:
+                raise UsageError(f"model {name} is not served here; this service serves your own weights alone, as "
+                                 f"{self.model_names[0]}")
             if name not in self.model_names:
                 raise UsageError(f"model {name} is not served here; served: {', '.join(self.model_names)} "
                                  "(start the service with --model to add it)")
-            topk = _whole_number(query.get("topk"), "topk", DEFAULT_TOPK)
-            check_topk(topk, 1000)
+            raw_topk = query.get("topk")
+            # Default 5, or every class of a model with fewer, as for classify.
+            topk = check_topk(None if raw_topk in (None, "") else _whole_number(raw_topk, "topk", DEFAULT_TOPK),
+                              self.specs[name].num_classes)
             deadline = self.options.deadline_s
             if query.get("deadline_ms") is not None:
                 asked = _whole_number(query.get("deadline_ms"), "deadline_ms", 0)
@@ -363,6 +384,25 @@ class Service:
                 return ClassificationResult(input=name, model=model_name, error=exc)
 
         return list(await asyncio.gather(*(one(name, load) for name, load in images)))
+
+
+def _served_specs(options: ServeOptions) -> dict[str, "ModelSpec"]:
+    """The served models by name, in order. Your own weights are read and checked here, with their label file,
+    so that a wrong file is one line before the service starts (:class:`UsageError`, :class:`WeightsError`)."""
+    from .manifest import resolve_model
+
+    if options.weights is None:
+        specs = [resolve_model(name) for name in options.models or ("MixNet_S",)]
+    else:
+        from .weights import custom_weights
+
+        specs = [custom_weights(options.weights, resolve_model(options.models[0]) if options.models else None).spec]
+    if options.labels is not None:
+        from .labels import read_label_file
+
+        for spec in specs:
+            read_label_file(options.labels, spec.num_classes)
+    return {spec.name: spec for spec in specs}
 
 
 def _whole_number(raw: str | None, name: str, default: int) -> int:
@@ -572,6 +612,7 @@ def openapi_document(service: Service) -> dict[str, Any]:
     """The OpenAPI 3.1 description of the service's endpoints."""
     from . import __version__
 
+    classes = max(spec.num_classes for spec in service.specs.values())
     error = {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["type", "message"],
         "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}}}
@@ -582,7 +623,7 @@ def openapi_document(service: Service) -> dict[str, Any]:
             "input": {"type": "string", "description": "file name of the part, '-' for a raw body, or the URL"},
             "model": {"type": "string"},
             "predictions": {"type": "array", "items": {"type": "object", "properties": {
-                "class_id": {"type": "integer", "minimum": 0, "maximum": 999},
+                "class_id": {"type": "integer", "minimum": 0, "maximum": classes - 1},
                 "label": {"type": "string"}, "score": {"type": "number"}}}},
             "error": error["properties"]["error"],
         },
@@ -592,7 +633,9 @@ def openapi_document(service: Service) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "mixnet serve", "version": __version__,
-                 "description": "ImageNet-1k classification with PaddleClas's MixNet models."},
+                 "description": "ImageNet-1k classification with PaddleClas's MixNet models." if
+                 service.options.weights is None else
+                 f"Classification into {classes} classes with your own fine-tuned MixNet."},
         "paths": {
             "/v1/classify": {"post": {
                 "summary": "Classify one image (raw body) or several (multipart 'image' fields, answered as a list "
@@ -600,8 +643,8 @@ def openapi_document(service: Service) -> dict[str, Any]:
                 "parameters": [
                     {"name": "model", "in": "query", "schema": {"type": "string", "enum": service.model_names},
                      "description": f"default {service.model_names[0]}; S, M, L spellings are accepted"},
-                    {"name": "topk", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000,
-                                                                "default": DEFAULT_TOPK}},
+                    {"name": "topk", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": classes,
+                                                                "default": min(DEFAULT_TOPK, classes)}},
                     {"name": "deadline_ms", "in": "query", "schema": {"type": "integer", "minimum": 1},
                      "description": "a shorter deadline than the service's own"},
                     {"name": "url", "in": "query", "schema": {"type": "string"},
@@ -637,7 +680,9 @@ def run(options: ServeOptions) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting, finish the requests in flight and return.
 
     Raises :class:`~mixnet_cli.errors.MixnetError` when the ``[serve]`` extra is missing or the address cannot
-    be listened on, and the error that stopped a model from loading (the service then shuts down).
+    be listened on, :class:`~mixnet_cli.errors.UsageError` or :class:`~mixnet_cli.errors.WeightsError` for your
+    own weights or labels that cannot be served (before serving), and the error that stopped a model from loading
+    (the service then shuts down).
     """
     missing = serve_missing()
     if missing is not None:
@@ -658,7 +703,11 @@ def run(options: ServeOptions) -> None:
     def stop_on_failure(exc: BaseException) -> None:
         server.should_exit = True
 
-    service = Service(options, on_load_failure=stop_on_failure, url=_url(host, port))
+    try:
+        service = Service(options, on_load_failure=stop_on_failure, url=_url(host, port))
+    except BaseException:
+        listener.close()  # your own weights or labels refused: nothing was served
+        raise
     config = uvicorn.Config(create_app(service), host=host, port=port, log_level="warning",
                             access_log=False, lifespan="on", server_header=False,
                             # Connections beyond what the queues admit, plus room for probes and metrics, are

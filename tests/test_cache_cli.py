@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -82,7 +83,7 @@ def test_rm_deletes_one_models_files_and_nothing_else(cached, isolated_home):
     result = run("cache", "rm", "S")
     assert result.exit_code == 0, result.output
     assert "MixNet_S: removed 3 file(s)" in result.stderr
-    assert names(weights) <= {"my-notes.txt", FILE + ".lock"}
+    assert names(weights) == {"my-notes.txt"}  # its lock file went when `rm` let go of it
     assert "nothing cached" in run("cache", "rm", "S").stderr
     assert run("cache", "rm", "XL").exit_code == 2
 
@@ -110,12 +111,55 @@ def test_clear_asks_first_and_deletes_only_the_caches_own_files(cached, isolated
 
     yes = run("cache", "clear", input="y\n")
     assert yes.exit_code == 0, yes.output
-    assert "Delete 2 weights file(s)" in yes.stderr  # weights and record (its lock is not counted as one)
+    assert "Delete 2 weights file(s) and 0 converted-model folder(s)" in yes.stderr  # weights and record
     assert names(weights) == {"MixNet_S_pretrained.pdparams.bak"}
     assert all(path.read_text() == "not the cache's" for path in others)
 
     empty = run("cache", "clear")
     assert empty.exit_code == 0 and "Nothing to delete" in empty.stderr
+
+
+def test_a_lock_file_a_killed_process_left_is_deleted_and_never_counted_as_weights(cached, isolated_home):
+    lock = cached.parent / (FILE + ".lock")
+    killed = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from mixnet_cli.locks import file_lock;"
+         "held = file_lock(Path(sys.argv[1])); held.acquire(); print('held', flush=True); time.sleep(60)", str(lock)],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert killed.stdout.readline() == "held\n"
+    finally:
+        killed.kill()
+        killed.wait()
+    assert lock.is_file()
+    assert [row["path"] for row in json.loads(run("cache", "list", "--json").stdout)] == [str(cached)]
+
+    no = run("cache", "clear", input="n\n")
+    assert "Delete 2 weights file(s), 1 lock file(s) and 0 converted-model folder(s)" in no.stderr
+    assert lock.is_file()
+    assert run("cache", "rm", "M").stderr == "MixNet_M: nothing cached\n"
+    result = run("cache", "rm", "S")
+    assert result.exit_code == 0, result.output
+    assert "MixNet_S: removed 3 file(s)" in result.stderr  # weights, record, and the lock
+    assert not lock.exists()
+
+
+def test_clear_deletes_a_conversions_lock_file_only_when_nobody_holds_it(isolated_home):
+    from mixnet_cli.locks import file_lock
+
+    onnx = isolated_home / "onnx"
+    onnx.mkdir(parents=True)
+    stale, held = onnx / f".{'a' * 64}.lock", onnx / f".{'b' * 64}.lock"
+    stale.touch()
+    holder = file_lock(held)
+    holder.acquire()
+    try:
+        assert run("cache", "clear", "--yes").exit_code == 0
+        assert not stale.exists()
+        assert held.is_file(), "a converting process still holds it"
+    finally:
+        holder.release()
+    assert not held.exists()
 
 
 def test_clear_yes_does_not_ask_and_removes_the_empty_weights_directory(cached, isolated_home):
@@ -203,8 +247,8 @@ def test_converted_models_are_listed_and_removed_with_their_weights(tmp_path, ra
     assert {row["model"] for row in rows} == {"MixNet_S"}
     assert runner.invoke(main, ["cache", "rm", "S"]).exit_code == 0
     assert json.loads(runner.invoke(main, ["cache", "list", "--json"]).stdout) == []
-    leftovers = [p for p in isolated_home.rglob("*") if p.is_file() and not p.name.endswith(".lock")
-                 and "-home" not in str(p.relative_to(isolated_home))]
+    # No lock file either: the download's and the conversion's went with their holders.
+    leftovers = [p for p in isolated_home.rglob("*") if p.is_file() and "-home" not in str(p.relative_to(isolated_home))]
     assert leftovers == []
     assert runner.invoke(main, ["cache", "clear", "--yes"]).exit_code == 0
-    assert [p for p in isolated_home.rglob("*") if p.is_file() and not p.name.endswith(".lock")] == []
+    assert [p for p in isolated_home.rglob("*") if p.is_file()] == []

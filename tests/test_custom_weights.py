@@ -13,27 +13,20 @@ from click.testing import CliRunner
 from PIL import Image
 
 from imagegen import scene
+from weightgen import FINE_TUNED_CLASSES, make_fine_tuned_weights
 from mixnet_cli import Classifier
 from mixnet_cli.cli import main
 from mixnet_cli.errors import UsageError, WeightsError
 from mixnet_cli.postprocess import softmax
 
-NAMES = ["daisy", "dandelion", "rose", "sunflower", "tulip", "lily of the valley", "orchid"]
+NAMES = list(FINE_TUNED_CLASSES)
 
 
 @pytest.fixture(scope="module")
 def fine_tuned(calibrated_weights, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """MixNet_S weights with a 7-class classifier (columns of the calibrated one, so pictures get different,
-    confident answers), saved as paddle.save writes them."""
-    from weightgen import save_pdparams
-
-    from mixnet_cli.pdparams import read_state_dict
-
-    state = read_state_dict(calibrated_weights("MixNet_S"))
-    columns = [3, 150, 281, 404, 530, 717, 951]
-    state["output.weight"] = np.ascontiguousarray(state["output.weight"][:, columns])
-    state["output.bias"] = np.ascontiguousarray(state["output.bias"][columns])
-    return save_pdparams(state, tmp_path_factory.mktemp("fine-tuned") / "flowers_mixnet_s.pdparams")
+    """MixNet_S weights with a 7-class classifier (weightgen.make_fine_tuned_weights)."""
+    return make_fine_tuned_weights(calibrated_weights("MixNet_S"),
+                                   tmp_path_factory.mktemp("fine-tuned") / "flowers_mixnet_s.pdparams")
 
 
 @pytest.fixture(scope="module")

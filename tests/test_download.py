@@ -107,11 +107,13 @@ def assert_installed(home: Path, content: bytes) -> None:
     assert (home / "weights" / FILE).read_bytes() == content
     record = json.loads((home / "weights" / (FILE + ".json")).read_text())
     assert (record["sha256"], record["size"]) == (sha(content), len(content))
-    assert names(home) <= {FILE, FILE + ".json", LOCK}, names(home)
+    assert names(home) <= {FILE, FILE + ".json"}, names(home)  # the lock file went with its holder
 
 
-def assert_nothing_installed(home: Path, *, partial: bool = False) -> None:
-    allowed = {LOCK} | ({PARTIAL, PARTIAL_INFO} if partial else set())
+def assert_nothing_installed(home: Path, *, partial: bool = False, lock: bool = False) -> None:
+    """No weights file; only a partial download to resume if ``partial``, and no lock file unless ``lock`` (a
+    process killed while holding it cannot delete it)."""
+    allowed = ({PARTIAL, PARTIAL_INFO} if partial else set()) | ({LOCK} if lock else set())
     assert names(home) <= allowed, names(home)
 
 
@@ -259,6 +261,18 @@ def test_not_found_is_not_retried(server, isolated_home):
     assert_error(result, "HTTP 404", "/elsewhere/" + FILE)
     assert len(server.requests) == 1
     assert_nothing_installed(isolated_home)
+
+
+def test_the_lock_file_goes_with_its_holder_after_a_failure_and_after_a_success(server, isolated_home, weights_bytes):
+    lock = isolated_home / "weights" / LOCK
+    assert_error(run("download", "S", "--mirror", server.url + "/elsewhere"), "HTTP 404")
+    assert (isolated_home / "weights").is_dir() and not lock.exists()
+    server.faults.append(Fault(body=b"<!DOCTYPE html><html>Access denied</html>"))
+    assert_error(download(server), "is a web page", "deleted the download")
+    assert not lock.exists()
+    assert download(server).exit_code == 0
+    assert not lock.exists()
+    assert_installed(isolated_home, weights_bytes)
 
 
 def test_a_server_too_slow_to_answer_times_out(server, isolated_home, monkeypatch):
@@ -609,7 +623,9 @@ def test_an_interrupted_or_killed_download_resumes_on_the_next_run(how, server, 
         assert "Traceback" not in stderr
     else:
         assert process.returncode == -signal.SIGKILL
-    assert_nothing_installed(isolated_home, partial=True)
+    # Ctrl-C lets go of the lock, deleting its file; a killed process leaves it (unheld) for the next run to take.
+    assert_nothing_installed(isolated_home, partial=True, lock=how == "kill")
+    assert (isolated_home / "weights" / LOCK).exists() == (how == "kill")
     assert _size(partial) == 600_000
 
     server.gate.set()

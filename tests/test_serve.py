@@ -201,6 +201,34 @@ def tiny_service(service: Any, service_home: Path, mirror: GatedMirror, tmp_path
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def fine_tuned(calibrated_weights: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Your own MixNet_S fine-tuned on 7 classes (weightgen.make_fine_tuned_weights), and its label file in
+    PaddleClas's class_id_map_file layout."""
+    from weightgen import FINE_TUNED_CLASSES, make_fine_tuned_weights
+
+    directory = tmp_path_factory.mktemp("fine-tuned")
+    labels = directory / "flowers_label_list.txt"
+    labels.write_text("".join(f"{i} {name}\n" for i, name in enumerate(FINE_TUNED_CLASSES)))
+    return make_fine_tuned_weights(calibrated_weights("MixNet_S"), directory / "best_model.pdparams"), labels
+
+
+@pytest.fixture(scope="module")
+def custom_service(service_home: Path, mirror: GatedMirror, fine_tuned: tuple[Path, Path],
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server of your own weights and labels (nothing to download: the mirror is never asked)."""
+    if serve_missing() is not None:
+        pytest.skip(serve_missing() or "")
+    weights, labels = fine_tuned
+    server = ServerProcess(service_home, mirror.url, tmp_path_factory.mktemp("serve-logs") / "custom.log",
+                           "--weights", str(weights), "--labels", str(labels), "--no-access-log")
+    try:
+        server.wait_for("/readyz", 200)
+        yield server
+    finally:
+        server.stop()
+
+
 def _local(*args: str, home: Path, monkeypatch: pytest.MonkeyPatch, input: bytes | None = None) -> Any:
     monkeypatch.setenv("MIXNET_HOME", str(home))
     monkeypatch.setenv("MIXNET_OFFLINE", "1")
@@ -431,6 +459,71 @@ def test_sigterm_finishes_the_requests_in_flight_and_exits_0(tiny_service, photo
         requests.get(tiny_service.url + "/healthz", timeout=5)
 
 
+@needs_serve
+def test_own_weights_are_served_with_their_labels_and_answer_as_local_classify(custom_service, fine_tuned,
+                                                                              service_home, photos, monkeypatch):
+    from weightgen import FINE_TUNED_CLASSES
+
+    server = custom_service
+    weights, labels = fine_tuned
+    assert server.get("/healthz").status_code == 200
+    # Named as classify names it: the architecture read from the file.
+    assert server.get("/readyz").json() == {"status": "ready", "models": ["MixNet_S"]}
+    local = _local("classify", *map(str, photos), "--weights", str(weights), "--labels", str(labels), "-b", "1",
+                   "--json", home=service_home, monkeypatch=monkeypatch)
+    assert local.exit_code == 0, local.output
+    expected = json.loads(local.stdout)
+    for photo, row in zip(photos, expected):
+        assert len(row["predictions"]) == 5
+        assert all(p["label"] == FINE_TUNED_CLASSES[p["class_id"]] for p in row["predictions"])
+        for query in ("", "?model=MixNet_S", "?model=s&topk=5"):  # the default, and selected by name
+            response = server.post(query, data=photo.read_bytes())
+            assert response.status_code == 200, response.text
+            assert response.json() == {**row, "input": "-"}, query
+    assert len({row["predictions"][0]["class_id"] for row in expected}) > 1, "the photos should get different answers"
+
+    every = server.post("?topk=7", data=photos[0].read_bytes()).json()
+    assert sorted(p["class_id"] for p in every["predictions"]) == list(range(7))
+    for query, words in [("?topk=8", "top-k must be between 1 and 7"),
+                         ("?model=L", "model MixNet_L is not served here; this service serves your own weights "
+                                      "alone, as MixNet_S")]:
+        response = server.post(query, data=photos[0].read_bytes())
+        assert response.status_code == 400 and words in response.json()["error"]["message"], query
+    # classify --server takes the service's default: these weights, answering as a local run with them.
+    remote = _local("classify", *map(str, photos), "--server", server.url, "-b", "1", "--json",
+                    home=service_home, monkeypatch=monkeypatch)
+    assert remote.exit_code == 0, remote.output
+    assert json.loads(remote.stdout) == expected
+    metrics = server.get("/metrics").text
+    assert _metric(metrics, "mixnet_images_total", model="MixNet_S") >= 3 * len(photos) + 1
+    assert _metric(metrics, "mixnet_ready") == 1
+    document = server.get("/openapi.json").json()
+    schema = document["paths"]["/v1/classify"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert schema["oneOf"][0]["properties"]["predictions"]["items"]["properties"]["class_id"]["maximum"] == 6
+    assert "7 classes" in document["info"]["description"]
+
+
+@needs_serve
+def test_own_weights_that_cannot_be_served_are_one_line_before_anything_loads(fine_tuned, random_mirror, tmp_path,
+                                                                              isolated_home):
+    weights, _ = fine_tuned
+    six = tmp_path / "six.txt"
+    six.write_text("a\nb\nc\nd\ne\nf\n")
+    for arguments, code, words in [
+        (["--weights", str(weights), "-m", "S", "-m", "L"], 2, "is served alone: give at most one --model"),
+        (["--weights", str(weights), "-m", "all"], 2, "is served alone"),
+        (["--weights", str(tmp_path / "missing.pdparams")], 2, "missing.pdparams: no such file"),
+        (["--weights", str(weights), "--labels", str(six)], 2, "names 6 classes, but the weights have 7"),
+        (["--weights", str(weights), "-m", "L"], 1, "does not hold MixNet_L"),
+    ]:
+        result = CliRunner().invoke(main, ["serve", "--port", "0", *arguments], catch_exceptions=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == code, (arguments, result.stderr)
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and words in lines[0], (arguments, lines)
+    assert random_mirror.requests == []
+    assert not (isolated_home / "onnx").exists(), "nothing was converted"
+
+
 def test_serve_without_the_extra_says_what_to_install(monkeypatch):
     import mixnet_cli.third_party as third_party
 
@@ -510,4 +603,7 @@ def test_server_mode_refuses_the_options_that_work_only_locally(tmp_path, random
                                 catch_exceptions=False)
     assert result.exit_code == 2
     assert "--server classifies with the service's own models" in result.stderr
+    own = CliRunner().invoke(main, ["classify", str(photo), "--server", "http://127.0.0.1:9", "--weights", str(photo)],
+                             catch_exceptions=False)
+    assert own.exit_code == 2 and "start it with `mixnet serve --weights FILE --labels FILE`" in own.stderr
     assert random_mirror.requests == []

@@ -212,3 +212,20 @@ def make_calibrated_weights(model_name: str, path: Path, seed: int = 0, protocol
 def make_random_weights(model_name: str, path: Path, seed: int = 0) -> Path:
     """Freshly initialised ``model_name`` weights (answers near-uniform: for download and cache tests)."""
     return save_pdparams(random_state(model_name, seed), path)
+
+
+# The classes of the fine-tuned weights below, in class-id order, and the calibrated classifier's columns they keep.
+FINE_TUNED_CLASSES = ("daisy", "dandelion", "rose", "sunflower", "tulip", "lily of the valley", "orchid")
+FINE_TUNED_COLUMNS = (3, 150, 281, 404, 530, 717, 951)
+
+
+def make_fine_tuned_weights(calibrated: Path, path: Path) -> Path:
+    """Weights as fine-tuning with PaddleClas leaves them: the calibrated weights at ``calibrated`` with a 7-class
+    classifier (columns of theirs, so pictures get different, confident answers), saved as paddle.save writes."""
+    from mixnet_cli.pdparams import read_state_dict
+
+    state = read_state_dict(calibrated)
+    columns = list(FINE_TUNED_COLUMNS)
+    state["output.weight"] = np.ascontiguousarray(state["output.weight"][:, columns])
+    state["output.bias"] = np.ascontiguousarray(state["output.bias"][columns])
+    return save_pdparams(state, path)
