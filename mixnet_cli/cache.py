@@ -12,6 +12,7 @@ Layout under the cache root (``MIXNET_HOME`` or the user cache directory)::
     weights/.MixNet_S_pretrained.pdparams.*.tmp     a file being copied in or a record being written
     onnx/<weights sha256>/                          converted models (mixnet_cli.conversion), one folder per
     paddle-inference/<weights sha256>/                weights file, each with a record.json of its files
+    paddle-legacy/<weights sha256>/
     openvino/<weights sha256>/                      OpenVINO's fixed-batch copies and compiled models
     paddle-home/, onnxruntime-home/                 what paddle and ONNX Runtime write to "home" while mixnet
                                                       runs them (mixnet_cli.third_party)
@@ -38,7 +39,8 @@ RECORD_SUFFIX = ".json"
 PARTIAL_SUFFIX = ".part"
 LOCK_SUFFIX = ".lock"
 # Converted models by kind -> their folder under the root; each holds one folder per weights sha256.
-CONVERTED_FOLDERS = {"onnx": "onnx", "paddle": "paddle-inference", "openvino": "openvino"}
+CONVERTED_FOLDERS = {"onnx": "onnx", "paddle": "paddle-inference", "paddle-legacy": "paddle-legacy",
+                     "openvino": "openvino"}
 # Engines' own "home" files while mixnet runs them -> their folder under the root.
 ENGINE_HOMES = {"paddle": "paddle-home", "onnxruntime": "onnxruntime-home"}
 DIRECTORY_RECORD = "record.json"
@@ -53,8 +55,8 @@ def weights_dir() -> Path:
 
 
 def converted_dir(kind: str, weights_sha256: str | None = None) -> Path:
-    """The folder of ``kind``'s converted models (``onnx``, ``paddle``, ``openvino``), or of those made from
-    the weights with this sha256."""
+    """The folder of ``kind``'s converted models (``onnx``, ``paddle``, ``paddle-legacy``, ``openvino``), or of
+    those made from the weights with this sha256."""
     root = cache_root() / CONVERTED_FOLDERS[kind]
     return root if weights_sha256 is None else root / weights_sha256
 
@@ -197,7 +199,7 @@ class CacheItem:
     """One row of ``mixnet cache list``: a weights file (or partial download), or a folder of converted models."""
 
     model: str | None
-    kind: str  # weights, onnx, paddle-inference, openvino
+    kind: str  # weights, onnx, paddle-inference, paddle-legacy, openvino
     # verified (matches its record), unverified (no record yet: checked in full on first use), corrupt (no longer
     # matches its record), partial (an interrupted download the next run resumes); n/a for OpenVINO's own caches
     status: str

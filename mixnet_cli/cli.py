@@ -1243,12 +1243,19 @@ def benchmark(
 
 
 _EXPORT_USAGE = {
-    "paddle": """Use it with Paddle Inference (Python; the C++ API, Paddle Serving and Paddle Lite's opt take the same files):
+    "paddle": """Use it with Paddle Inference 3 (Python, or its C++ API with the same two files):
   import paddle.inference as pi
   config = pi.Config("{dir}/inference.json", "{dir}/inference.pdiparams")
   predictor = pi.create_predictor(config)
 Input "x": float32 N x 3 x {size} x {size}, preprocessed as `mixnet classify` does (resize short side {resize}, centre crop {size},
-/255, mean {mean}, std {std}, RGB, CHW). Output: logits N x {classes} (apply softmax for probabilities).""",
+/255, mean {mean}, std {std}, RGB, CHW). Output: logits N x {classes} (apply softmax for probabilities).
+PaddleClas's tools, Paddle Lite's opt and Paddle Inference before 3.0 read --format paddle-legacy instead.""",
+    "paddle-legacy": """Use it with PaddleClas's tools (on paddle 3, set FLAGS_enable_pir_api=0 for them), Paddle Lite or Paddle Inference:
+  paddleclas --inference_model_dir {dir} --infer_imgs cat.jpg --use_gpu False
+  paddle_lite_opt --model_file={dir}/inference.pdmodel --param_file={dir}/inference.pdiparams --valid_targets=arm --optimize_out={name}
+  pi.Config("{dir}/inference.pdmodel", "{dir}/inference.pdiparams")   # import paddle.inference as pi
+Input "x": float32 N x 3 x {size} x {size}, preprocessed as `mixnet classify` does (resize short side {resize}, centre crop {size},
+/255, mean {mean}, std {std}, RGB, CHW). Output: probabilities N x {classes} (a softmax last, as in PaddleClas's own exports).""",
     "onnx": """Use it with ONNX Runtime (or any ONNX runtime):
   import onnxruntime as ort
   session = ort.InferenceSession("{dir}/{name}.onnx")
@@ -1262,8 +1269,10 @@ Input "x": float32 N x 3 x {size} x {size}, preprocessed as `mixnet classify` do
 @click.argument("model", metavar="MODEL", required=False, shell_complete=_complete_model)
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Export your own fine-tuned MixNet (.pdparams) instead of MODEL's released weights.")
-@click.option("--format", "fmt", type=click.Choice(["paddle", "onnx"]), required=True,
-              help="paddle: a Paddle inference model (inference.json + inference.pdiparams); onnx: an ONNX model.")
+@click.option("--format", "fmt", type=click.Choice(["paddle", "paddle-legacy", "onnx"]), required=True,
+              help="paddle: a Paddle 3 inference model (inference.json + inference.pdiparams); paddle-legacy: the "
+                   "format PaddleClas's tools, Paddle Lite's opt and Paddle Inference < 3 read (inference.pdmodel + "
+                   "inference.pdiparams, softmax output); onnx: an ONNX model.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to write the model into (created if needed).")
 @network_options
@@ -1274,12 +1283,13 @@ def export_command(model: str | None, weights: Path | None, fmt: str, out_dir: P
 
     \b
       mixnet export S --format paddle -o mixnet_s_infer/
+      mixnet export S --format paddle-legacy -o MixNet_S_infer/
       mixnet export L --format onnx -o models/
 
-    The ONNX model is mixnet's own graph of the network (no paddle needed); the paddle format needs the
+    The ONNX model is mixnet's own graph of the network (no paddle needed); the paddle formats need the
     [paddle] extra. The export is checked before it is written: loaded back from the output directory and run
-    on a test batch, its logits must equal the reference's. Prints the files written (stdout) and how to use
-    them (stderr).
+    on a test batch, it must give the reference's logits (or, for paddle-legacy, whose output is probabilities,
+    their softmax). Prints the files written (stdout) and how to use them (stderr).
     """
     from .export import export_to_directory
     from .manifest import resolve_model
@@ -1295,9 +1305,11 @@ def export_command(model: str | None, weights: Path | None, fmt: str, out_dir: P
     for path in written:
         click.echo(str(path))
     pre = spec.preprocessing
+    logits = ("logit", check["max_abs_logit_diff"]) if "max_abs_logit_diff" in check else \
+        ("log-probability", check["max_abs_log_probability_diff"])
     click.echo(
         f"{spec.name} exported as {fmt} to {out_dir}: loaded back and checked against {check['reference'] or 'the reference'} "
-        f"(max logit difference {check['max_abs_logit_diff']:.2g}, probabilities {check['max_abs_probability_diff']:.2g}).",
+        f"(max {logits[0]} difference {logits[1]:.2g}, probabilities {check['max_abs_probability_diff']:.2g}).",
         err=True,
     )
     click.echo(

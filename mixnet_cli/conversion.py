@@ -11,12 +11,15 @@ Layout under the cache root (the directory is named by the sha256 of the weights
     paddle-inference/<weights sha256>/inference.json     for Paddle Inference (``paddle.jit.save``)
     paddle-inference/<weights sha256>/inference.pdiparams
     paddle-inference/<weights sha256>/record.json
+    paddle-legacy/<weights sha256>/inference.pdmodel     the legacy program (:mod:`mixnet_cli.paddle_program`), for
+    paddle-legacy/<weights sha256>/inference.pdiparams   PaddleClas's tools, Paddle Lite's opt, Paddle Inference < 3
+    paddle-legacy/<weights sha256>/record.json
 
 The ONNX model is written in this process, in well under a second, from the verified state dict and the
 architecture description (:mod:`mixnet_cli.onnx_graph`): no paddle. The logits ONNX Runtime gives on a fixed
 test batch (:func:`reference_logits`, computed on the first check and kept beside the model) are what every other
-engine must reproduce before its answers are trusted (tests hold the graph itself to paddleclas's network). The Paddle Inference model needs paddle and paddleclas (the
-``[paddle]`` extra) and is made in a child process (``python -m mixnet_cli.conversion``): paddle takes seconds
+engine must reproduce before its answers are trusted (tests hold the graph itself to paddleclas's network). The Paddle Inference models need paddle and paddleclas (the
+``[paddle]`` extra) and are made in a child process (``python -m mixnet_cli.conversion``): paddle takes seconds
 to import, prints to stdout and sets environment variables, and none of that may reach the caller; its record
 keeps the logits of paddleclas's own network.
 
@@ -62,14 +65,20 @@ _REPORT_NAME = "check.json"
 
 @dataclass(frozen=True)
 class ModelFormat:
-    name: str  # "onnx" or "paddle"
+    name: str  # "onnx", "paddle" or "paddle-legacy"
     directory: str  # below the cache root
     label: str  # for messages: what it is converted to
+    # What the model outputs: "logits", or "probabilities" (a softmax last, as PaddleClas's own inference models
+    # end, since its deploy post-processing reads probabilities).
+    outputs: str = "logits"
+    needs_paddle: bool = True  # made in a child process with the [paddle] extra
 
 
 FORMATS: dict[str, ModelFormat] = {
-    "onnx": ModelFormat("onnx", cache.CONVERTED_FOLDERS["onnx"], "ONNX"),
+    "onnx": ModelFormat("onnx", cache.CONVERTED_FOLDERS["onnx"], "ONNX", needs_paddle=False),
     "paddle": ModelFormat("paddle", cache.CONVERTED_FOLDERS["paddle"], "Paddle Inference"),
+    "paddle-legacy": ModelFormat("paddle-legacy", cache.CONVERTED_FOLDERS["paddle-legacy"],
+                                 "legacy Paddle Inference", outputs="probabilities"),
 }
 
 
@@ -149,10 +158,10 @@ def ensure_converted(spec: ModelSpec, weights_path: Path, weights_sha256: str, f
     from .locks import file_lock
 
     kind = _format(fmt)
-    if fmt == "paddle":
+    if kind.needs_paddle:
         from .third_party import require_paddle
 
-        require_paddle("the Paddle Inference model")
+        require_paddle(f"the {kind.label} model")
     root = cache.ensure_dir(cache.converted_dir(fmt))
     final = root / weights_sha256
     try:
@@ -353,6 +362,37 @@ def compare_logits(got: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     return {"max_abs_logit_diff": logit_diff, "max_abs_probability_diff": prob_diff, "logit_scale": scale}
 
 
+# A model that outputs probabilities is held to the reference logits through their logarithm, on every class whose
+# probability float32 still holds; float32 rounds a log-probability to about 1e-7, whatever the logits' scale, so
+# the allowance never falls below LOGIT_TOLERANCE.
+_SMALLEST_PROBABILITY = 1e-30
+
+
+def compare_probabilities(got: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """How far ``got`` (probabilities) is from the softmax of ``reference`` (logits): in probabilities, and in
+    log-probabilities (which differ from the logits by a constant per row) wherever the reference's probability is
+    above 1e-30. Raises :class:`EngineError` beyond the tolerances."""
+    if got.shape != reference.shape:
+        raise EngineError(f"the converted model gives probabilities of shape {got.shape}, expected {reference.shape}")
+    if not np.all(np.isfinite(got)) or got.min() < 0:
+        raise EngineError("the converted model gives probabilities that are negative or not finite")
+    shifted = reference - reference.max(axis=1, keepdims=True)
+    log_reference = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    kept = log_reference > np.log(_SMALLEST_PROBABILITY)
+    with np.errstate(divide="ignore"):
+        log_got = np.log(np.where(kept, got.astype(np.float64), 1.0))
+    log_diff = float(np.abs(log_got - np.where(kept, log_reference, 0.0)).max())
+    prob_diff = float(np.abs(got.astype(np.float64) - np.exp(log_reference)).max())
+    scale = float(np.abs(reference).max())
+    allowed = LOGIT_TOLERANCE * max(scale, 1.0)
+    if log_diff > allowed or prob_diff > PROBABILITY_TOLERANCE:
+        raise EngineError(
+            f"the model does not give the reference probabilities: their logarithms differ by up to {log_diff:.3g} "
+            f"(allowed {allowed:.3g}), probabilities by {prob_diff:.3g}"
+        )
+    return {"max_abs_log_probability_diff": log_diff, "max_abs_probability_diff": prob_diff, "logit_scale": scale}
+
+
 def _versions(*packages: str) -> dict[str, str]:
     from importlib import metadata
 
@@ -365,10 +405,12 @@ def _versions(*packages: str) -> dict[str, str]:
     return found
 
 
-def check_engine(engine: Any, spec: ModelSpec, reference_logits: Any, *, whole_batch: bool = True) -> dict[str, Any]:
+def check_engine(engine: Any, spec: ModelSpec, reference_logits: Any, *, whole_batch: bool = True,
+                 outputs: str = "logits") -> dict[str, Any]:
     """Run ``engine`` on the test batch and compare with the network's own logits (raises :class:`EngineError`).
 
     ``whole_batch=False`` runs the images one at a time only (for an engine whose batch size is fixed per model).
+    ``outputs="probabilities"``: the engine's model ends in a softmax (:func:`compare_probabilities`).
     """
     try:
         reference = np.asarray(reference_logits, dtype=np.float64)
@@ -376,12 +418,13 @@ def check_engine(engine: Any, spec: ModelSpec, reference_logits: Any, *, whole_b
             raise ValueError
     except (TypeError, ValueError):
         raise EngineError(f"there are no reference logits of {spec.name} to check against; convert again") from None
+    compare = compare_probabilities if outputs == "probabilities" else compare_logits
     batch = validation_batch(spec.preprocessing.crop_size, count=len(reference))
-    single = compare_logits(np.concatenate([engine.run(batch[i:i + 1]) for i in range(len(batch))]), reference)
+    single = compare(np.concatenate([engine.run(batch[i:i + 1]) for i in range(len(batch))]), reference)
     check: dict[str, Any] = dict(single)
     if whole_batch:
         # Two batch sizes: the batch dimension must have stayed dynamic through the conversion.
-        whole = compare_logits(engine.run(batch), reference)
+        whole = compare(engine.run(batch), reference)
         check = {key: max(whole[key], single[key]) for key in whole}
     sizes = f"{len(batch)} and 1" if whole_batch else "1"
     check["inputs"] = f"{len(batch)} uniform random images at batch size {sizes}"
@@ -488,19 +531,11 @@ def convert_paddle(spec: ModelSpec, weights_path: Path, out: Path) -> dict[str, 
     process; returns the conversion's report, whose ``reference_logits`` are paddleclas's network's on
     :func:`validation_batch`. Imports paddle and paddleclas: :func:`ensure_converted` runs this in a child
     process."""
-    from .third_party import import_quietly
-    from .paddle_network import load_network
     from .pdparams import read_state_dict
 
     state = read_state_dict(weights_path)
-    paddle = import_quietly("paddle")
-    paddle.set_device("cpu")
-    network = load_network(spec, state)
+    paddle, network, reference = _paddleclas_reference(spec, state)  # before to_static, which changes the network
     size = spec.preprocessing.crop_size
-    batch = validation_batch(size)
-    with paddle.no_grad():
-        # Before to_static, which replaces the network's forward in place.
-        reference = network(paddle.to_tensor(batch)).numpy().astype(np.float64)
     input_spec = paddle.static.InputSpec([None, 3, size, size], "float32", "x")
     static = paddle.jit.to_static(network, input_spec=[input_spec], full_graph=True)
     paddle.jit.save(static, str(out / "inference"))
@@ -509,6 +544,40 @@ def convert_paddle(spec: ModelSpec, weights_path: Path, out: Path) -> dict[str, 
         program = out / "inference.pdmodel"
     if not program.is_file() or not (out / "inference.pdiparams").is_file():
         raise EngineError("paddle.jit.save wrote no inference model")
+    return _paddle_report(reference)
+
+
+def convert_paddle_legacy(spec: ModelSpec, weights_path: Path, out: Path) -> dict[str, Any]:
+    """Write the legacy Paddle inference model (``inference.pdmodel`` + ``inference.pdiparams``, softmax last)
+    into ``out``, in this process, from the architecture description (:mod:`mixnet_cli.paddle_program`); returns
+    the conversion's report, whose ``reference_logits`` are paddleclas's network's on :func:`validation_batch`.
+    Imports paddle and paddleclas: :func:`ensure_converted` runs this in a child process."""
+    from .architecture import architecture_for
+    from .paddle_program import write_legacy_model
+    from .pdparams import read_state_dict
+
+    state = read_state_dict(weights_path)
+    _, _, reference = _paddleclas_reference(spec, state)  # checks the state dict against the architecture
+    written = write_legacy_model(architecture_for(spec), state, out / "inference", spec.preprocessing.crop_size)
+    if not all(path.is_file() for path in written):
+        raise EngineError("paddle.static.save_inference_model wrote no inference model")
+    return _paddle_report(reference)
+
+
+def _paddleclas_reference(spec: ModelSpec, state: dict[str, np.ndarray]) -> tuple[Any, Any, np.ndarray]:
+    """paddle, paddleclas's network loaded with ``state`` (checked), and its logits on :func:`validation_batch`."""
+    from .paddle_network import load_network
+    from .third_party import import_quietly
+
+    paddle = import_quietly("paddle")
+    paddle.set_device("cpu")
+    network = load_network(spec, state)
+    with paddle.no_grad():
+        reference = network(paddle.to_tensor(validation_batch(spec.preprocessing.crop_size))).numpy()
+    return paddle, network, reference.astype(np.float64)
+
+
+def _paddle_report(reference: np.ndarray) -> dict[str, Any]:
     return {
         "reference_logits": reference.tolist(),
         "reference": "paddleclas's dygraph network",
@@ -516,11 +585,14 @@ def convert_paddle(spec: ModelSpec, weights_path: Path, out: Path) -> dict[str, 
     }
 
 
+_CONVERTERS = {"paddle": convert_paddle, "paddle-legacy": convert_paddle_legacy}
+
+
 def _child_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m mixnet_cli.conversion", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--weights", required=True, type=Path)
-    parser.add_argument("--format", required=True, choices=["paddle"])
+    parser.add_argument("--format", required=True, choices=sorted(_CONVERTERS))
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--num-classes", type=int, default=1000)
     args = parser.parse_args(argv)
@@ -528,7 +600,7 @@ def _child_main(argv: Sequence[str]) -> int:
         spec = resolve_model(args.model)
         if args.num_classes != spec.num_classes:
             spec = replace(spec, num_classes=args.num_classes, custom=True)
-        report = convert_paddle(spec, args.weights, args.out)
+        report = _CONVERTERS[args.format](spec, args.weights, args.out)
         (args.out / _REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     except MixnetError as exc:
         print(f"{_FAILURE_MARK}{exc}", file=sys.stderr, flush=True)

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .conversion import RECORD_NAME, ConvertedModel, check_engine, ensure_converted, reference_logits
+from .conversion import FORMATS, RECORD_NAME, ConvertedModel, check_engine, ensure_converted, reference_logits
 from .errors import CacheError
 from .manifest import ModelSpec
 
@@ -39,11 +39,12 @@ def _engine_for(fmt: str, directory: Path, spec: ModelSpec) -> Any:
 
 def export_to_directory(spec: ModelSpec, weights_path: Path, weights_sha256: str, fmt: str,
                         out_dir: Path) -> tuple[list[Path], dict[str, Any]]:
-    """Write ``spec``'s model in ``fmt`` (``onnx`` or ``paddle``) into ``out_dir``; returns the files written
-    and the check (logit and probability differences from the reference).
+    """Write ``spec``'s model in ``fmt`` (``onnx``, ``paddle`` or ``paddle-legacy``) into ``out_dir``; returns
+    the files written and the check (probability differences from the reference, and logit differences, or
+    log-probability differences for a format that outputs probabilities).
 
-    Raises :class:`EngineError` when the conversion or the check fails (``paddle`` without the ``[paddle]``
-    extra included), :class:`CacheError` when ``out_dir`` cannot be written.
+    Raises :class:`EngineError` when the conversion or the check fails (a paddle format without the
+    ``[paddle]`` extra included), :class:`CacheError` when ``out_dir`` cannot be written.
     """
     converted = ensure_converted(spec, weights_path, weights_sha256, fmt)
     names = deployable_files(converted)
@@ -55,7 +56,8 @@ def export_to_directory(spec: ModelSpec, weights_path: Path, weights_sha256: str
     try:
         for name in names:
             shutil.copyfile(converted.directory / name, staging / name)
-        check = check_engine(_engine_for(fmt, staging, spec), spec, reference_logits(spec, converted))
+        check = check_engine(_engine_for(fmt, staging, spec), spec, reference_logits(spec, converted),
+                             outputs=FORMATS[fmt].outputs)
         check["reference"] = converted.record.get("reference", "")
         written = []
         for name in names:

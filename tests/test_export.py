@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +123,69 @@ def test_paddle_export_runs_in_paddle_inference_with_paddleclas_answers(tmp_path
     assert np.abs(probabilities - expected).max() < 1e-4
 
 
+_PADDLECLAS_ROW = re.compile(r"class_ids: \[([\d, ]+)\], scores: \[([\d., e-]+)\], .*filename: (\S+)$")
+
+
+@pytest.mark.paddle
+def test_paddle_legacy_export_gives_paddleclas_answers_in_paddleclas_own_cli(tmp_path, calibrated_mirror, test_images,
+                                                                              reference_inputs):
+    out = tmp_path / "MixNet_S_infer"
+    result = CliRunner().invoke(main, ["export", "S", "--format", "paddle-legacy", "-o", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [str(out / "inference.pdiparams"), str(out / "inference.pdmodel")]
+    assert sorted(p.name for p in out.iterdir()) == ["inference.pdiparams", "inference.pdmodel"]  # nothing else
+    assert "log-probability difference" in result.stderr and "paddleclas --inference_model_dir" in result.stderr
+
+    # PaddleClas's own command, in a process of its own, on the CPU with its default oneDNN: it reads
+    # inference.pdmodel (on paddle 3 only in the old IR, which FLAGS_enable_pir_api=0 selects) and prints its Topk
+    # post-processing of the model's output, which it takes for probabilities.
+    images = tmp_path / "images"
+    images.mkdir()
+    kinds = ("rgb_jpeg", "cmyk_jpeg", "wide_jpeg")  # the order of reference_inputs
+    for kind in kinds:
+        shutil.copyfile(test_images[kind], images / f"{kind}.jpg")
+    environment = dict(os.environ, FLAGS_enable_pir_api="0", HOME=str(tmp_path / "home"), GLOG_minloglevel="2")
+    completed = subprocess.run(
+        [sys.executable, "-m", "paddleclas.paddleclas", "--inference_model_dir", str(out), "--infer_imgs", str(images),
+         "--topk", "5", "--use_gpu", "False", "--cpu_num_threads", "2"],
+        env=environment, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+    )
+    log = completed.stdout + completed.stderr
+    assert completed.returncode == 0, log[-3000:]
+    rows = {Path(m.group(3)).stem: m for m in map(_PADDLECLAS_ROW.search, log.splitlines()) if m}
+    assert sorted(rows) == sorted(kinds), log[-3000:]
+
+    _, expected = reference_inputs
+    for kind, want in zip(kinds, expected):
+        class_ids = [int(v) for v in rows[kind].group(1).split(",")]
+        scores = np.array([float(v) for v in rows[kind].group(2).split(",")])
+        assert class_ids == list(want.argsort()[-5:][::-1])
+        assert np.abs(scores - want[class_ids]).max() < 1e-4  # printed to 5 decimals
+    assert len({rows[kind].group(1).split(",")[0] for kind in kinds}) > 1  # different pictures, different answers
+
+
+def test_a_probability_model_is_held_to_the_reference_logits():
+    """The check of a model that outputs probabilities (paddle-legacy) compares log-probabilities too: a logit
+    that is wrong where its probability is tiny fails it, although every probability is within 1e-5."""
+    from mixnet_cli.conversion import compare_probabilities
+    from mixnet_cli.errors import EngineError
+
+    logits = np.random.default_rng(0).normal(0, 8, (2, 1000))
+    probabilities = _softmax(logits).astype(np.float32)
+    check = compare_probabilities(probabilities, logits)
+    assert check["max_abs_log_probability_diff"] < 1e-5 and check["max_abs_probability_diff"] < 1e-7
+
+    wrong = logits.copy()
+    low = int(np.argmin(logits[0]))
+    wrong[0, low] += 5.0  # e^5 times the probability of a class that has almost none
+    assert np.abs(_softmax(wrong) - _softmax(logits)).max() < 1e-5
+    with pytest.raises(EngineError, match="the reference probabilities"):
+        compare_probabilities(_softmax(wrong).astype(np.float32), logits)
+    with pytest.raises(EngineError, match="shape"):
+        compare_probabilities(probabilities[:, :10], logits)
+
+
 def test_export_to_a_file_path_is_a_clear_error(tmp_path, random_mirror):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
@@ -129,4 +197,11 @@ def test_export_needs_a_known_model_and_format(tmp_path):
     result = CliRunner().invoke(main, ["export", "XL", "--format", "onnx", "-o", str(tmp_path)])
     assert result.exit_code == 2 and "unknown model 'XL'" in result.stderr
     result = CliRunner().invoke(main, ["export", "S", "--format", "tflite", "-o", str(tmp_path)])
-    assert result.exit_code == 2
+    assert result.exit_code == 2 and "'paddle-legacy'" in result.stderr
+
+
+def test_the_format_option_offers_every_conversion_format():
+    from mixnet_cli.conversion import FORMATS
+
+    option = next(param for param in main.commands["export"].params if param.name == "fmt")
+    assert sorted(option.type.choices) == sorted(FORMATS)
