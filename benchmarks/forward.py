@@ -85,8 +85,10 @@ def build_variants(model: str, home: Path, threads: int) -> tuple[list[Variant],
 
     default = Classifier(model, device="cpu")
     variants = [Variant(f"mixnet default ({default.engine.name})", "mixnet", default.engine.run, default.engine.detail)]
-    for engine in ("openvino", "onnxruntime", "paddle", "dygraph"):
-        if engine == default.engine.name:
+    from mixnet_cli.third_party import module_installed
+
+    for engine in ("openvino", "onnxruntime", "paddle", "torch", "dygraph"):
+        if engine == default.engine.name or (engine == "torch" and not module_installed("torch")):
             continue
         classifier = Classifier(model, device="cpu", engine=engine)
         variants.append(Variant(f"mixnet --engine {engine}", "paddle" if engine in ("paddle", "dygraph") else "mixnet",

@@ -41,7 +41,10 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-needs_gpu = pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU and a CUDA build of torch")
+def needs_gpu(test):  # type: ignore[no-untyped-def]
+    """Marked ``gpu`` (``pytest -m gpu`` selects them) and skipped, saying why, without a usable CUDA GPU."""
+    skip = pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU and a CUDA build of torch")
+    return pytest.mark.gpu(skip(test))
 
 
 def _assert_same_answer(result, reference_ids: list[int], reference: np.ndarray, what: str) -> None:  # type: ignore[no-untyped-def]
