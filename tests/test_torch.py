@@ -197,3 +197,28 @@ def test_gpu_answers_are_the_cpu_answers(model_name, calibrated_weights, calibra
 def test_auto_picks_the_gpu() -> None:
     choice = choose_engine("auto", "auto")
     assert choice.device.startswith("gpu:") and choice.engine_auto
+
+
+@needs_torch
+@pytest.mark.parametrize("api", ["allow_tf32", "fp32_precision"])
+def test_the_callers_tf32_settings_survive_a_run(api, calibrated_mirror) -> None:
+    """The engine turns TF32 off around its own calls only: a program's own setting, made with PyTorch's older
+    flags or its newer per-backend precision, reads back the same afterwards. PyTorch raises when the two kinds
+    are mixed, so an engine using the other kind would fail here."""
+    import torch
+
+    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
+    owners = [(matmul, api), (torch.backends.cudnn if api == "allow_tf32" else conv, api)]
+    if api == "fp32_precision" and not hasattr(matmul, api):
+        pytest.skip(f"torch {torch.__version__} has no fp32_precision settings")
+    value = True if api == "allow_tf32" else "tf32"
+    classifier = Classifier("S", engine="torch", device="cpu", progress=False)
+    before = [getattr(owner, name) for owner, name in owners]
+    try:
+        for owner, name in owners:
+            setattr(owner, name, value)
+        classifier.engine.run(validation_batch(224, 1))
+        assert [getattr(owner, name) for owner, name in owners] == [value, value]
+    finally:
+        for (owner, name), saved in zip(owners, before):
+            setattr(owner, name, saved)

@@ -153,14 +153,24 @@ class TorchEngine(OneBatchAtATime):
         Set around each call and put back after, so that a program using mixnet keeps its own settings."""
         torch = self._torch
         tf32 = self.precision == "tf32"
-        saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-        torch.backends.cudnn.allow_tf32 = tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        # PyTorch 2.9+ has per-backend fp32_precision settings, and raises when a program mixes them with the
+        # older allow_tf32 flags: use the newer where it exists (saving and restoring through it keeps either
+        # kind of the caller's own settings readable), the older elsewhere.
+        conv = getattr(torch.backends.cudnn, "conv", None)
+        if conv is not None and hasattr(conv, "fp32_precision"):
+            flags = [(conv, "fp32_precision", "tf32" if tf32 else "ieee"),
+                     (torch.backends.cuda.matmul, "fp32_precision", "tf32" if tf32 else "ieee")]
+        else:
+            flags = [(torch.backends.cudnn, "allow_tf32", tf32), (torch.backends.cuda.matmul, "allow_tf32", tf32)]
+        saved = [(owner, name, getattr(owner, name)) for owner, name, _ in flags]
+        for owner, name, value in flags:
+            setattr(owner, name, value)
         try:
             with torch.no_grad():
                 yield
         finally:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+            for owner, name, value in saved:
+                setattr(owner, name, value)
 
     def _graph_for(self, shape: tuple[int, ...]) -> tuple[Any, Any, Any, Any]:
         """The CUDA graph of one forward pass at this input shape, with its pinned host buffer, input and
