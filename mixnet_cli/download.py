@@ -411,7 +411,8 @@ def _fetch_bytes_once(url: str, max_bytes: int, end: float, deadline: float) -> 
     # No single wait may outlast the deadline either.
     timeout = min(settings.download_timeout(), remaining)
     try:
-        # identity: the body is read raw below (as for weights), so it must not come compressed.
+        # identity asked for, but some servers compress anyway: the body is decoded as it arrives (decode=True),
+        # and the size cap counts decoded bytes, so a small compressed body cannot grow past it.
         response = session().get(url, stream=True, timeout=(timeout, timeout), headers={"Accept-Encoding": "identity"})
     except (requests.TooManyRedirects, requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL,
             requests.exceptions.MissingSchema) as exc:
@@ -435,7 +436,7 @@ def _fetch_bytes_once(url: str, max_bytes: int, end: float, deadline: float) -> 
         received: list[bytes] = []
         size = 0
         try:
-            for chunk in _chunks(response):
+            for chunk in _chunks(response, decode=True):
                 size += len(chunk)
                 if size > max_bytes:
                     raise ResponseTooLarge(f"{url}: more than {max_bytes} bytes, over the limit")
@@ -454,15 +455,16 @@ def _first_line(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:200]
 
 
-def _chunks(response: Any) -> Any:
+def _chunks(response: Any, *, decode: bool = False) -> Any:
     """The body as it arrives. ``read1`` returns what one read got: ``iter_content`` waits to fill a whole chunk,
     and a timeout or dropped connection while it waits loses the bytes it had, which resuming then fetches
-    again."""
+    again. ``decode``: undo a ``Content-Encoding`` (gzip, deflate) the server applied; weights are read as sent,
+    byte ranges and all."""
     read1 = getattr(response.raw, "read1", None)
     if read1 is None:  # urllib3 1.x
-        yield from response.iter_content(_CHUNK)
+        yield from (response.iter_content(_CHUNK) if decode else response.raw.stream(_CHUNK, decode_content=False))
         return
-    while chunk := read1(_CHUNK):
+    while chunk := read1(_CHUNK, decode_content=decode):
         yield chunk
 
 

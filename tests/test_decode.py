@@ -291,6 +291,44 @@ def test_image_urls_take_the_size_cap_and_the_api_deadline(dripping_server):
         fetch_image_url(dripping_server, deadline_s=0.5)
 
 
+class _GzippingHandler(http.server.BaseHTTPRequestHandler):
+    """Answers with the PNG gzip-compressed (Content-Encoding: gzip), whatever the request's Accept-Encoding says:
+    some servers and CDNs do."""
+
+    body = b""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        import gzip
+
+        packed = gzip.compress(self.body)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(packed)))
+        self.end_headers()
+        self.wfile.write(packed)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_an_image_url_compressed_against_the_request_is_decoded(tmp_path):
+    """The bytes are the image's, not the gzip stream's; the size cap counts the decoded bytes."""
+    image = scene(np.random.default_rng(3), 64, 48)
+    _GzippingHandler.body = _png(image)
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _GzippingHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/packed.png"
+        assert fetch_image_url(url) == _GzippingHandler.body
+        with pytest.raises(ImageTooLargeError, match="limit"):
+            fetch_image_url(url, max_bytes=len(_GzippingHandler.body) - 1)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # --- inputs that would block, and files OpenCV refuses --------------------------------------------------------------
 
 def test_a_named_pipe_is_an_error_never_a_hang(tmp_path, random_mirror):
