@@ -15,7 +15,7 @@ from .third_party import distribution_installed
 # Distributions whose versions matter for a bug report, in the order shown; the core needs those in _CORE.
 _DISTRIBUTIONS = (
     "mixnet-cli", "numpy", "onnx", "openvino", "onnxruntime", "onnxruntime-gpu", "opencv-python",
-    "opencv-python-headless", "pillow", "paddlepaddle", "paddlepaddle-gpu", "paddleclas",
+    "opencv-python-headless", "pillow", "paddlepaddle", "paddlepaddle-gpu", "paddleclas", "torch",
 )
 _CORE = ("mixnet-cli", "numpy", "onnx", "pillow")
 _OPENCV = ("opencv-python", "opencv-python-headless")
@@ -84,6 +84,22 @@ def _paddle() -> Iterator[Check]:
         names = [paddle.device.cuda.get_device_name(i) for i in range(count)]
         yield Check("GPUs visible to paddle", ", ".join(names) or "none", "ok" if count else "warn",
                     "" if count else "check nvidia-smi and CUDA_VISIBLE_DEVICES")
+
+
+def _torch() -> Iterator[Check]:
+    if not distribution_installed("torch"):
+        return
+    from .third_party import import_quietly
+
+    torch = import_quietly("torch")
+    if torch.version.cuda is None:
+        yield Check("torch CUDA", f"CPU build ({torch.__version__})", "info")
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    yield Check("torch CUDA", f"CUDA {torch.version.cuda}", "info")
+    names = [torch.cuda.get_device_name(i) for i in range(count)]
+    yield Check("GPUs visible to torch", ", ".join(names) or "none", "ok" if count else "warn",
+                "" if count else "check nvidia-smi and CUDA_VISIBLE_DEVICES")
 
 
 def _engine() -> Iterator[Check]:
@@ -171,6 +187,7 @@ def run_checks() -> Iterator[Check]:
     yield from _versions()
     yield from _guarded("engines", _engines)
     yield from _guarded("paddle", _paddle)
+    yield from _guarded("torch", _torch)
     yield from _guarded("engine", _engine)
     yield from _guarded("paddleclas", _paddleclas)
     yield from _guarded("onnxruntime", _onnxruntime)
