@@ -715,7 +715,8 @@ def _interrupt_ends_at_once() -> Iterator[None]:
     """For commands that run engines: Ctrl-C ends the process at once. Results already written stay, a
     half-written ``-o`` file goes, and nothing waits for OpenVINO's threads, whose teardown from an interrupt
     could hang or abort the process. What the cache may hold then is what it was built to survive: a ``.part``
-    download that resumes, a conversion directory the next conversion removes."""
+    download that resumes, a conversion directory the next conversion removes; the files of the locks held are
+    deleted."""
     import signal
 
     def stop(signum: int, frame: object) -> None:
@@ -726,6 +727,9 @@ def _interrupt_ends_at_once() -> Iterator[None]:
         for path in list(UNFINISHED_OUTPUTS):
             with contextlib.suppress(OSError):
                 path.unlink()
+        from .locks import delete_held_lock_files
+
+        delete_held_lock_files()  # os._exit skips the releases
         os.write(2, b"Interrupted.\n")
         os._exit(130)
 

@@ -14,6 +14,7 @@ the soft lock both delete their file on release already.
 
 from __future__ import annotations
 
+import atexit
 import os
 from functools import cache
 from pathlib import Path
@@ -21,6 +22,25 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from filelock import BaseFileLock
+
+# The lock files this process holds. An exit that skips the releases (a download thread still running when the
+# interpreter ends, or Ctrl-C's os._exit) would leave them behind; the OS drops the locks themselves, and
+# deleting a file its holder holds is the release this module makes anyway.
+_HELD: set[str] = set()
+
+
+def delete_held_lock_files() -> None:
+    """Delete the files of the locks this process holds, for an exit that will not release them (run at
+    interpreter exit, and called before ``os._exit``)."""
+    for path in list(_HELD):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        _HELD.discard(path)
+
+
+atexit.register(delete_held_lock_files)
 
 
 def file_lock(path: Path) -> BaseFileLock:
@@ -56,8 +76,11 @@ def _lock_class() -> type[BaseFileLock]:
                 # Locked a file its holder has since deleted: whoever locks the path's file now also holds
                 # "the" lock. Let go; the next attempt opens what is at the path.
                 super()._release()
+            elif fd is not None and not self._soft():
+                _HELD.add(self.lock_file)
 
         def _release(self) -> None:
+            _HELD.discard(self.lock_file)
             fd = self._context.lock_file_fd
             if fd is not None and not self._soft() and _is_at(fd, self.lock_file):
                 try:

@@ -636,6 +636,38 @@ def test_an_interrupted_or_killed_download_resumes_on_the_next_run(how, server, 
     assert_installed(isolated_home, weights_bytes)
 
 
+@pytest.mark.parametrize("command", ["classify", "serve"])
+def test_ctrl_c_while_classify_or_serve_downloads_leaves_no_lock_file(command, server, isolated_home, tmp_path):
+    """classify ends at once on Ctrl-C (os._exit, no releases), and serve stops while its loader thread is still
+    downloading: both delete the files of the locks they hold on the way out; the partial download stays."""
+    if command == "serve":
+        from mixnet_cli.serve import serve_missing
+
+        if serve_missing() is not None:
+            pytest.skip(serve_missing())
+    from PIL import Image
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(photo)
+    server.faults.append(Fault(stall_after=600_000))
+    partial = isolated_home / "weights" / PARTIAL
+    args = ["classify", str(photo)] if command == "classify" else ["serve", "--port", "0"]
+    process = subprocess.Popen(
+        _mixnet(*args, "--mirror", server.url), env=_env(isolated_home), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        _wait_for(lambda: _size(partial) == 600_000, "the first 600000 bytes")
+        assert (isolated_home / "weights" / LOCK).exists()
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert "Traceback" not in stderr
+    assert process.returncode == (130 if command == "classify" else 0), stderr
+    assert_nothing_installed(isolated_home, partial=True)
+
+
 def test_several_processes_needing_the_same_file_share_one_download(server, isolated_home, weights_bytes, tmp_path):
     from PIL import Image
 
