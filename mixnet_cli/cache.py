@@ -42,7 +42,7 @@ LOCK_SUFFIX = ".lock"
 CONVERTED_FOLDERS = {"onnx": "onnx", "paddle": "paddle-inference", "paddle-legacy": "paddle-legacy",
                      "openvino": "openvino"}
 # Engines' own "home" files while mixnet runs them -> their folder under the root.
-ENGINE_HOMES = {"paddle": "paddle-home", "onnxruntime": "onnxruntime-home"}
+ENGINE_HOMES = {"paddle": "paddle-home", "onnxruntime": "onnxruntime-home", "torch": "torch-compile"}
 DIRECTORY_RECORD = "record.json"
 
 
@@ -62,7 +62,8 @@ def converted_dir(kind: str, weights_sha256: str | None = None) -> Path:
 
 
 def engine_home(engine: str) -> Path:
-    """Where ``engine`` (``paddle``, ``onnxruntime``) keeps what it would write under the user's home."""
+    """Where ``engine`` (``paddle``, ``onnxruntime``, ``torch``) keeps what it would write under the user's home or
+    /tmp (torch: ``torch.compile``'s Inductor and Triton caches)."""
     return cache_root() / ENGINE_HOMES[engine]
 
 

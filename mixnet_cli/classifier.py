@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, Sized
 
@@ -123,7 +123,7 @@ class Classifier:
     ) -> None:
         named = resolve_model(model) if model is not None else None
         # Engine and device first: a missing GPU or engine is reported before any download.
-        choice = replace(choose_engine(engine, device, precision), compiled=compile)
+        choice = choose_engine(engine, device, precision, compile)
         self.weights: VerifiedWeights
         if weights is not None:
             self.weights = custom_weights(weights, named)

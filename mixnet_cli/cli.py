@@ -1167,7 +1167,7 @@ def benchmark(
     """
     from .classifier import Classifier
     from .conversion import validation_batch
-    from .engine import check_precision, measure_agreement, measure_latency
+    from .engine import check_precision, choose_engine, measure_agreement, measure_latency
     from .output import write_rows
 
     if weights is not None and len(models) > 1:
@@ -1176,6 +1176,8 @@ def benchmark(
     device_name, engine_name = _device_and_engine(device, engine)
     arithmetic = list(dict.fromkeys(check_precision(p, engine_name) for p in precisions or ("fp32",)))
     variants = [(p, False) for p in arithmetic] + ([(p, True) for p in arithmetic] if compiled else [])
+    for precision, compile in variants:  # a combination no engine here runs is refused before any download
+        choose_engine(engine_name, device_name, precision, compile)
     # Ascending: an engine may run a small batch on a model made for a larger one (OpenVINO pads up to 2x).
     sizes = sorted(set(batch_sizes or (1, 4, 8)))
 

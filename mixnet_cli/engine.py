@@ -68,9 +68,11 @@ def require_engine(name: str) -> None:
         raise EngineError(f"the {name} engine needs {missing}")
 
 
-def choose_engine(engine: str = "auto", device: str = "auto", precision: str = "fp32") -> EngineChoice:
+def choose_engine(engine: str = "auto", device: str = "auto", precision: str = "fp32",
+                  compiled: bool = False) -> EngineChoice:
     """Settle engine and device together: ``auto`` is the fastest engine installed for the device that offers
-    ``precision`` (``fp32``, the only one held to the reference, unless ``benchmark`` asks for another).
+    ``precision`` (``fp32``, the only one held to the reference, unless ``benchmark`` asks for another) and, with
+    ``compiled`` (``benchmark --compile``), compiles the network.
 
     The engines' ranks in :mod:`mixnet_cli.engines` order them: on the CPU ONNX Runtime, then OpenVINO, then
     Paddle Inference; on a GPU PyTorch with CUDA, then ONNX Runtime with onnxruntime-gpu, then Paddle Inference
@@ -82,15 +84,26 @@ def choose_engine(engine: str = "auto", device: str = "auto", precision: str = "
     engine_name = check_engine_name(engine)
     device_name = check_device_name(device)
     precision = check_precision(precision, engine_name)
+    if compiled and not (ENGINES[engine_name].compiles if engine_name != "auto" else any(
+            info.compiles for info in ENGINES.values())):
+        compilers = " or ".join(info.name for info in ENGINES.values() if info.compiles)
+        raise UsageError(f"--compile needs an engine that compiles the network: --engine {compilers}")
+    choice = _choose(engine_name, device_name, device, precision, compiled)
+    if precision == "tf32" and choice.device == "cpu":
+        raise UsageError("--precision tf32 is a GPU's (tensor cores); on the CPU use fp32, bf16 or fp16")
+    return replace(choice, compiled=compiled)
+
+
+def _choose(engine_name: str, device_name: str, device: str, precision: str, compiled: bool) -> EngineChoice:
     if engine_name != "auto":
         require_engine(engine_name)
         chosen = ENGINES[engine_name].load().resolve_device(device_name, device)
         return EngineChoice(engine_name, chosen.device, f"asked for {engine_name}", chosen.reason,
                             precision=precision)
     if device_name == "cpu":
-        return _cpu_auto("asked for the CPU", precision=precision)
+        return _cpu_auto("asked for the CPU", precision=precision, compiled=compiled)
     problems = []
-    for info in ranked("gpu", precision):
+    for info in ranked("gpu", precision, compiled):
         missing = info.missing()
         problem = f"{info.name} is not installed" if missing is not None else info.load().gpu_problem()
         if problem is not None:
@@ -107,7 +120,7 @@ def choose_engine(engine: str = "auto", device: str = "auto", precision: str = "
             "install a CUDA build of torch (pytorch.org), or onnxruntime-gpu (pip uninstall onnxruntime && pip "
             "install onnxruntime-gpu), or paddlepaddle-gpu with paddleclas; or use --device cpu"
         )
-    return _cpu_auto("no GPU engine: " + "; ".join(problems), precision=precision)
+    return _cpu_auto("no GPU engine: " + "; ".join(problems), precision=precision, compiled=compiled)
 
 
 def check_precision(requested: str, engine: str = "auto") -> str:
@@ -124,9 +137,10 @@ def check_precision(requested: str, engine: str = "auto") -> str:
     return name
 
 
-def _cpu_auto(device_reason: str, after: str | None = None, precision: str = "fp32") -> EngineChoice:
+def _cpu_auto(device_reason: str, after: str | None = None, precision: str = "fp32",
+              compiled: bool = False) -> EngineChoice:
     """The fastest engine installed for the CPU (after ``after``, the one that failed, when given)."""
-    candidates = ranked("cpu", precision)
+    candidates = ranked("cpu", precision, compiled)
     if after is not None:
         names = [info.name for info in candidates]
         candidates = candidates[names.index(after) + 1:] if after in names else []
@@ -135,11 +149,12 @@ def _cpu_auto(device_reason: str, after: str | None = None, precision: str = "fp
             why = "fastest installed engine for the CPU" if position == 0 and after is None else \
                 f"the next fastest engine for the CPU ({', '.join(i.name for i in candidates[:position]) or after} " \
                 "not available)"
-            if precision != "fp32":
-                why += f" that offers {precision}"
+            if precision != "fp32" or compiled:
+                why += " that offers " + " and ".join([precision] + (["compiling"] if compiled else []))
             return EngineChoice(info.name, "cpu", why, device_reason, engine_auto=True, precision=precision)
-    if precision != "fp32":
-        raise EngineError(f"no engine installed here runs {precision}: {ENGINES['torch'].install}")
+    if precision != "fp32" or compiled:
+        raise EngineError(f"no engine installed here runs {precision}{' compiled' if compiled else ''}: "
+                          f"{ENGINES['torch'].install}")
     raise EngineError("no engine is installed for the CPU: pip install openvino onnxruntime (reinstall mixnet-cli)")
 
 
@@ -153,15 +168,18 @@ def _fallback(choice: EngineChoice, exc: MixnetError) -> EngineChoice | None:
     if not choice.engine_auto:
         return None
     if choice.device != "cpu" and isinstance(exc, DeviceError):
-        cpu = _cpu_auto(f"{choice.engine} could not use the GPU: {exc}", precision=choice.precision)
+        cpu = replace(_cpu_auto(f"{choice.engine} could not use the GPU: {exc}", precision=choice.precision,
+                                compiled=choice.compiled), compiled=choice.compiled)
         return replace(cpu, engine_reason=f"{cpu.engine_reason}; {choice.engine} could not use the GPU")
     if isinstance(exc, EngineFailed):  # the engine failed, not the model: the next engine may run it
         try:
-            following = _cpu_auto(choice.device_reason, after=choice.engine, precision=choice.precision)
+            following = replace(_cpu_auto(choice.device_reason, after=choice.engine, precision=choice.precision,
+                                          compiled=choice.compiled), compiled=choice.compiled)
         except EngineError:
             return None
         return replace(following, engine_reason=f"{choice.engine} failed: {exc}")
-    if choice.engine != "dygraph" and choice.precision == "fp32" and ENGINES["dygraph"].missing() is None:
+    if choice.engine != "dygraph" and choice.precision == "fp32" and not choice.compiled and \
+            ENGINES["dygraph"].missing() is None:
         return replace(choice, engine="dygraph", engine_reason=f"{choice.engine} failed: {exc}")
     return None
 

@@ -118,14 +118,25 @@ def test_a_precision_the_engine_lacks_is_a_usage_error() -> None:
 
 
 @needs_torch
-def test_tf32_on_the_cpu_is_refused(calibrated_mirror) -> None:
-    done = CliRunner().invoke(main, ["benchmark", "--engine", "torch", "--device", "cpu", "--precision", "tf32",
-                                     "--repeats", "1"])
-    assert done.exit_code == 1 and "tf32 is a GPU's" in done.stderr and "Traceback" not in done.output
+def test_tf32_on_the_cpu_and_compile_on_an_engine_that_cannot_are_usage_errors(calibrated_mirror,
+                                                                                isolated_home) -> None:
+    """Refused before anything is loaded (no download here: the mirror would serve one), exit 2."""
+    runner = CliRunner()
+    tf32 = runner.invoke(main, ["benchmark", "--engine", "torch", "--device", "cpu", "--precision", "tf32"])
+    assert tf32.exit_code == 2 and "tf32 is a GPU's" in tf32.stderr and "Traceback" not in tf32.output
+    compiled = runner.invoke(main, ["benchmark", "--engine", "openvino", "--compile"])
+    assert compiled.exit_code == 2 and "--compile needs an engine that compiles the network: --engine torch" \
+        in compiled.stderr
+    assert not list(isolated_home.rglob("*.pdparams"))
+    # auto with --compile settles on the engine that compiles.
+    assert choose_engine("auto", "cpu", "fp32", compiled=True).engine == "torch"
 
 
 @pytest.mark.skipif(_cuda_available(), reason="a GPU is usable here: the no-GPU errors cannot be seen")
 def test_device_gpu_without_a_gpu_engine_names_what_to_install(tmp_path) -> None:
+    """Also for an engine that runs on the CPU only: every way to a GPU is named."""
+    with pytest.raises(DeviceError, match="--engine torch"):
+        choose_engine("openvino", "gpu")
     from PIL import Image
 
     photo = tmp_path / "photo.png"
@@ -222,3 +233,13 @@ def test_the_callers_tf32_settings_survive_a_run(api, calibrated_mirror) -> None
     finally:
         for (owner, name), saved in zip(owners, before):
             setattr(owner, name, saved)
+
+
+def test_cache_clear_takes_torch_compile_caches(isolated_home) -> None:
+    """torch.compile's Inductor and Triton caches go under the cache (engines/pytorch.py), and go with it."""
+    inductor = isolated_home / "torch-compile" / "inductor" / "ab" / "kernel.py"
+    inductor.parent.mkdir(parents=True)
+    inductor.write_text("# a compiled kernel\n")
+    done = CliRunner().invoke(main, ["cache", "clear", "--yes"])
+    assert done.exit_code == 0, done.output
+    assert not (isolated_home / "torch-compile").exists()

@@ -22,7 +22,8 @@ class EngineInfo:
     ``name`` is what ``--engine`` takes, ``aliases`` other names it answers to; ``devices`` says where it runs,
     ``summary`` what it is, ``install`` what to run when it is missing, ``requires`` the modules it needs.
     ``cpu_rank`` and ``gpu_rank`` order it for ``auto`` (lower first; None: ``auto`` never picks it there).
-    ``precisions`` are the arithmetic it offers (``--precision``; fp32 first, the only one held to the reference).
+    ``precisions`` are the arithmetic it offers (``--precision``; fp32 first, the only one held to the reference);
+    ``compiles``: it can compile the network for ``benchmark --compile``.
     ``module`` implements it: ``resolve_device(name, requested) -> DeviceChoice``, ``build(spec, weights,
     choice, threads) -> Engine`` and, with a ``gpu_rank``, ``gpu_problem() -> str | None`` (why it cannot drive
     a GPU here, None when it may; cheap: no heavy import).
@@ -38,6 +39,7 @@ class EngineInfo:
     cpu_rank: int | None = None
     gpu_rank: int | None = None
     precisions: tuple[str, ...] = ("fp32",)
+    compiles: bool = False  # benchmark --compile: it can compile the network (torch.compile)
 
     def missing(self) -> str | None:
         """What is not installed for this engine (None: it can run), found without importing anything."""
@@ -82,11 +84,12 @@ def canonical_name(requested: str) -> str | None:
     return "auto" if name == "auto" else None
 
 
-def ranked(device: str, precision: str = "fp32") -> list[EngineInfo]:
-    """The engines ``auto`` may pick for ``device`` (``cpu`` or ``gpu``) that offer ``precision``, fastest first."""
+def ranked(device: str, precision: str = "fp32", compiled: bool = False) -> list[EngineInfo]:
+    """The engines ``auto`` may pick for ``device`` (``cpu`` or ``gpu``) that offer ``precision`` (and compile the
+    network, when ``compiled``), fastest first."""
     key = "cpu_rank" if device == "cpu" else "gpu_rank"
-    return sorted((info for info in ENGINES.values() if getattr(info, key) is not None and precision in info.precisions),
-                  key=lambda i: getattr(i, key))
+    return sorted((info for info in ENGINES.values() if getattr(info, key) is not None and precision in info.precisions
+                   and (info.compiles or not compiled)), key=lambda i: getattr(i, key))
 
 
 # ONNX Runtime first on the CPU: it starts in a fifth of OpenVINO's first compile and ran the forward pass and
@@ -113,7 +116,8 @@ register(EngineInfo(
     "PyTorch on mixnet's network built from the architecture (no converter); CUDA graphs on a GPU; fp32, and "
     "tf32, bf16 or fp16 for benchmark",
     'pip install "mixnet-cli[torch]" (for a GPU, a CUDA build of torch: see pytorch.org)', ("torch",),
-    "mixnet_cli.engines.pytorch", cpu_rank=3, gpu_rank=0, precisions=("fp32", "tf32", "bf16", "fp16")))
+    "mixnet_cli.engines.pytorch", cpu_rank=3, gpu_rank=0, precisions=("fp32", "tf32", "bf16", "fp16"),
+    compiles=True))
 register(EngineInfo(
     "dygraph", ("paddle-dygraph",), "cpu, gpu (with paddlepaddle-gpu)",
     "paddleclas's network run eagerly by paddle: the reference every other engine is checked against",

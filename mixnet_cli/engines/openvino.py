@@ -24,8 +24,9 @@ def resolve_device(name: str, requested: str) -> DeviceChoice:
     """Where OpenVINO runs: the CPU only; anything else is an error naming the GPU engines."""
     if name not in ("auto", "cpu"):
         raise DeviceError(
-            f"device '{requested}': the openvino engine runs on the CPU only; for a GPU use --engine onnxruntime "
-            "(with onnxruntime-gpu) or --engine paddle (with paddlepaddle-gpu)"
+            f"device '{requested}': the openvino engine runs on the CPU only; for a GPU use --engine torch (with a "
+            "CUDA build of torch), --engine onnxruntime (with onnxruntime-gpu) or --engine paddle (with "
+            "paddlepaddle-gpu)"
         )
     return DeviceChoice("cpu", "asked for the CPU" if name == "cpu" else "the openvino engine runs on the CPU")
 

@@ -216,7 +216,7 @@ def _compiled(torch: Any, network: Any, on_gpu: bool) -> Any:
     ~/.triton otherwise), unless the user has pointed them elsewhere."""
     from .. import cache
 
-    root = cache.cache_root() / "torch-compile"
+    root = cache.engine_home("torch")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
