@@ -225,6 +225,27 @@ def _device_and_engine(device: str | None, engine: str | None) -> tuple[str, str
             settings.choose(engine, "MIXNET_ENGINE", check_engine_name, "auto"))
 
 
+def _checked_mirrors(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """--mirror is checked as it is parsed, so a bad one is a usage error even when the weights are cached."""
+    from .weights import check_mirrors
+
+    try:
+        return tuple(check_mirrors(value))
+    except UsageError as exc:
+        raise click.UsageError(str(exc), ctx=ctx) from None
+
+
+def _checked_server(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--server is checked as it is parsed: requests would refuse a URL without http(s):// only at the first
+    request, with an exception that does not name the option."""
+    from .remote import check_server_url
+
+    try:
+        return None if value is None else check_server_url(value)
+    except UsageError as exc:
+        raise click.UsageError(str(exc), ctx=ctx) from None
+
+
 def network_options(func: F) -> F:
     func = click.option(
         "--offline",
@@ -237,6 +258,7 @@ def network_options(func: F) -> F:
         "mirrors",
         multiple=True,
         metavar="URL",
+        callback=_checked_mirrors,
         help="Fetch weights from URL/<file name> instead of PaddleClas's server; repeat to give fallbacks "
         "(also MIXNET_MIRROR).",
     )(func)
@@ -341,7 +363,7 @@ def main() -> None:
 @click.option("-b", "--batch-size", default=4, show_default=True, type=click.IntRange(1, 1024), help="Images per forward pass.")
 @threads_option
 @network_options
-@click.option("--server", metavar="URL",
+@click.option("--server", metavar="URL", callback=_checked_server,
               help="Classify through a running `mixnet serve` at URL (http://127.0.0.1:8080) instead of loading the "
               "model here; the output is the same (the service's own --device, --engine and weights apply).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but the results (no progress, no per-image errors on stderr).")

@@ -14,12 +14,11 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
-from urllib.parse import urlsplit
 
 import numpy as np
 
 from . import cache, files, settings
-from .download import discard_partial, fetch_url, info_path, notice
+from .download import check_http_url, discard_partial, fetch_url, info_path, notice
 from .errors import CacheError, DownloadError, MixnetError, OfflineError, UsageError, WeightsError
 from .manifest import ModelSpec
 from .pdparams import read_state_dict
@@ -39,14 +38,14 @@ class VerifiedWeights:
     how: str = "cached"
 
 
+def check_mirrors(mirrors: Sequence[str], source: str = "--mirror") -> list[str]:
+    """``mirrors`` when each is an http(s) URL prefix; else a :class:`UsageError` naming ``source`` and the bad one."""
+    return [check_http_url(mirror, source, "https://host/path") for mirror in mirrors]
+
+
 def candidate_urls(spec: ModelSpec, mirrors: Sequence[str] | None = None) -> list[str]:
     """The mirrors (flag, else ``MIXNET_MIRROR``) in order, each as ``<mirror>/<file name>``; else the manifest URL."""
-    chosen = list(mirrors) if mirrors else settings.mirrors()
-    for mirror in chosen:
-        parts = urlsplit(mirror)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            source = "--mirror" if mirrors else "MIXNET_MIRROR"
-            raise UsageError(f"{source} {mirror!r} is not an http(s) URL; give a prefix like https://host/path")
+    chosen = check_mirrors(mirrors) if mirrors else check_mirrors(settings.mirrors(), "MIXNET_MIRROR")
     if chosen:
         return [f"{mirror.rstrip('/')}/{spec.filename}" for mirror in chosen]
     return [spec.url]
