@@ -1313,13 +1313,14 @@ def export_command(model: str | None, weights: Path | None, fmt: str, out_dir: P
     on a test batch, it must give the reference's logits (or, for paddle-legacy, whose output is probabilities,
     their softmax). Prints the files written (stdout) and how to use them (stderr).
     """
-    from .export import export_to_directory
+    from .export import check_output_directory, export_to_directory
     from .manifest import resolve_model
     from .weights import custom_weights, ensure_weights
 
     if model is None and weights is None:
         raise UsageError("name the MODEL to export (S, M or L), or give --weights FILE")
     named = resolve_model(model) if model is not None else None
+    check_output_directory(out_dir)  # before any download or conversion
     verified = custom_weights(weights, named) if weights is not None else \
         ensure_weights(named, mirrors=mirrors or None, offline=offline)  # type: ignore[arg-type]
     spec = verified.spec
