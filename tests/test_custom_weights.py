@@ -5,6 +5,7 @@ layouts; held to paddleclas's own network built with that class count."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,22 @@ def test_a_photo_given_as_weights_is_named_for_what_it_is(photos, isolated_home)
     assert result.exit_code == 1 and "is a JPEG image, not a weights file" in result.stderr
     code, _, stderr = _classify(str(photos[0]), "--weights", str(photos[0]))
     assert code == 1 and "is a JPEG image, not a weights file" in stderr
+
+
+@pytest.mark.parametrize("content, says", [
+    (random.Random(0).randbytes(4096), "is not a pickled state dict (.pdparams): its first bytes are not a pickle's"),
+    (b"0 daisy\n1 rose\n2 tulip\n", "is a text file, not a pickled state dict (.pdparams)"),
+    (b"\x80\x04\xff" + bytes(64), "is damaged: it begins as a pickled state dict (.pdparams) but its data is malformed"),
+], ids=["random-bytes", "a-label-list", "a-damaged-pickle"])
+def test_a_file_that_is_not_weights_is_named_in_words_with_what_to_pass(content, says, tmp_path, photos,
+                                                                        isolated_home):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(content)
+    code, _, stderr = _classify(str(photos[0]), "--weights", str(path))
+    # The whole line: no exception names (KeyError: 255, IndexError: pop from empty list) from the unpickler.
+    assert code == 1 and stderr.strip().splitlines() == [
+        f"Error: {path} {says}; pass the .pdparams file PaddleClas's training saved "
+        "(e.g. output/MixNet_S/best_model.pdparams)"]
 
 
 def test_few_classes_default_to_all_of_them_and_odd_files_are_refused(fine_tuned, tmp_path, photos, isolated_home,
