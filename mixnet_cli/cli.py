@@ -1125,10 +1125,17 @@ def cache_clear(yes: bool) -> None:
         return
     counts = [f"{plan.weights_files} weights file(s)"] + ([f"{len(plan.locks)} lock file(s)"] if plan.locks else [])
     counts.append(f"{len(plan.folders)} converted-model folder(s)")
-    if not yes and not click.confirm(
-        f"Delete {', '.join(counts[:-1])} and {counts[-1]}, {plan.size / 1e6:.1f} MB, from {cache_root()}?",
-        default=False, err=True,
-    ):
+    question = f"Delete {', '.join(counts[:-1])} and {counts[-1]}, {plan.size / 1e6:.1f} MB, from {cache_root()}?"
+    try:
+        confirmed = yes or click.confirm(question, default=False, err=True)
+    except click.Abort:
+        if sys.stdin.isatty():
+            raise  # Ctrl-C or Ctrl-D at the prompt: the person stopped it
+        # stdin ended before an answer (a script, `< /dev/null`): click's bare "Aborted." would not say why.
+        click.echo("", err=True)  # end the prompt's line, so the error is a line of its own
+        raise UsageError("cache clear needs confirmation, and stdin ended without an answer (nothing was deleted); "
+                         "pass --yes to delete without asking") from None
+    if not confirmed:
         click.echo("Nothing deleted.", err=True)
         sys.exit(1)
     removed = execute(plan)

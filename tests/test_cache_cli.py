@@ -119,6 +119,18 @@ def test_clear_asks_first_and_deletes_only_the_caches_own_files(cached, isolated
     assert empty.exit_code == 0 and "Nothing to delete" in empty.stderr
 
 
+def test_clear_without_a_terminal_to_ask_says_to_pass_yes(cached):
+    completed = subprocess.run([sys.executable, "-m", "mixnet_cli", "cache", "clear"], stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, timeout=60,
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert completed.returncode == 2 and completed.stdout == ""
+    assert completed.stderr.splitlines()[-1] == (
+        "Error: cache clear needs confirmation, and stdin ended without an answer (nothing was deleted); pass --yes "
+        "to delete without asking (see `mixnet cache clear --help`)")
+    assert "Aborted" not in completed.stderr and "Traceback" not in completed.stderr
+    assert cached.is_file()
+
+
 def test_a_lock_file_a_killed_process_left_is_deleted_and_never_counted_as_weights(cached, isolated_home):
     lock = cached.parent / (FILE + ".lock")
     killed = subprocess.Popen(
