@@ -401,7 +401,7 @@ def _served_specs(options: ServeOptions) -> dict[str, "ModelSpec"]:
         from .labels import read_label_file
 
         for spec in specs:
-            read_label_file(options.labels, spec.num_classes)
+            read_label_file(options.labels, spec.num_classes, released=None if spec.custom else spec.name)
     return {spec.name: spec for spec in specs}
 
 

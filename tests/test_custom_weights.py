@@ -146,6 +146,21 @@ def test_own_weights_give_paddleclas_answers(engine, fine_tuned, photos, isolate
     assert [list(np.argsort(-r, kind="stable")[:5]) for r in got] == [list(np.argsort(-r, kind="stable")[:5]) for r in want]
 
 
+def test_labels_for_the_released_weights_are_counted_before_any_download(label_files, photos, tmp_path,
+                                                                          random_mirror):
+    says = (f"--labels {label_files['short']} names 6 classes, but MixNet_S's released weights have 1000; give a "
+            "label file of 1000 names, or your own weights with --weights")
+    code, _, stderr = _classify(str(photos[0]), "--labels", str(label_files["short"]))
+    assert code == 2 and stderr.strip().splitlines() == [f"Error: {says} (see `mixnet classify --help`)"]
+    listing = tmp_path / "val.txt"
+    listing.write_text(f"{photos[0]} 0\n")
+    result = CliRunner().invoke(main, ["eval", "--list", str(listing), "--labels", str(label_files["short"])])
+    assert result.exit_code == 2 and says in result.stderr
+    with pytest.raises(UsageError, match="names 6 classes, but MixNet_S's released weights have 1000"):
+        Classifier(labels=label_files["short"])
+    assert random_mirror.requests == [], "the label file is counted before the weights are fetched"
+
+
 def test_a_photo_given_as_weights_is_named_for_what_it_is(photos, isolated_home):
     result = CliRunner().invoke(main, ["download", "S", "--from", str(photos[0])])
     assert result.exit_code == 1 and "is a JPEG image, not a weights file" in result.stderr

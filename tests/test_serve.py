@@ -514,6 +514,7 @@ def test_own_weights_that_cannot_be_served_are_one_line_before_anything_loads(fi
         (["--weights", str(weights), "-m", "all"], 2, "is served alone"),
         (["--weights", str(tmp_path / "missing.pdparams")], 2, "missing.pdparams: no such file"),
         (["--weights", str(weights), "--labels", str(six)], 2, "names 6 classes, but the weights have 7"),
+        (["--labels", str(six)], 2, "names 6 classes, but MixNet_S's released weights have 1000"),
         (["--weights", str(weights), "-m", "L"], 1, "does not hold MixNet_L"),
     ]:
         result = CliRunner().invoke(main, ["serve", "--port", "0", *arguments], catch_exceptions=False)
