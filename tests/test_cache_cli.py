@@ -246,6 +246,21 @@ def test_a_read_only_cache_still_serves_what_it_holds(cached, isolated_home, rea
     assert (view / "weights" / FILE).is_file()
 
 
+def test_openvinos_folder_of_your_own_weights_is_listed_with_their_model(tmp_path, random_weights_dir, isolated_home):
+    from PIL import Image
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(image)
+    weights = random_weights_dir / FILE
+    # Your own weights are not in the cache: only the converted folders' records can say which model they hold.
+    assert run("classify", str(image), "--weights", str(weights), "--json").exit_code == 0
+    rows = json.loads(run("cache", "list", "--json").stdout)
+    assert {row["kind"] for row in rows} >= {"onnx", "openvino"}, rows
+    sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert all(row["model"] == "MixNet_S" and Path(row["path"]).name == sha256 for row in rows), rows
+    assert "MixNet_S  openvino" in run("cache", "list").stdout
+
+
 def test_converted_models_are_listed_and_removed_with_their_weights(tmp_path, random_mirror, isolated_home):
     from PIL import Image
 
