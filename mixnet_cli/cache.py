@@ -341,9 +341,14 @@ def inventory() -> list[CacheItem]:
     downloads, and converted models (named by the model of the weights they were made from)."""
     rows = list_entries()
     model_of = {row.sha256: row.model for row in rows if row.sha256}
-    for item in converted_items():
-        sha256 = item.path.name
-        rows.append(item if item.model else replace(item, model=model_of.get(sha256)))
+    converted = converted_items()
+    # OpenVINO's folders keep no record: their model is that of the weights they are named by, or, for weights
+    # not in the cache (your own, --weights), the one the record of a folder converted from the same weights names.
+    for item in converted:
+        if item.model:
+            model_of.setdefault(item.path.name, item.model)
+    for item in converted:
+        rows.append(item if item.model else replace(item, model=model_of.get(item.path.name)))
     return rows
 
 

@@ -125,14 +125,21 @@ class Classifier:
         # Engine and device first: a missing GPU or engine is reported before any download.
         choice = choose_engine(engine, device, precision, compile)
         self.weights: VerifiedWeights
+        names: tuple[str, ...] | None = None
         if weights is not None:
             self.weights = custom_weights(weights, named)
         else:
-            self.weights = ensure_weights(named or resolve_model("MixNet_S"), mirrors=mirrors, offline=offline,
-                                          progress=progress)
+            released = named or resolve_model("MixNet_S")
+            if labels is not None:
+                # The released weights' class count is the manifest's: a label file of another count is refused
+                # now, not after a download (with its retries, long when offline).
+                names = read_label_file(labels, released.num_classes, released=released.name)
+            self.weights = ensure_weights(released, mirrors=mirrors, offline=offline, progress=progress)
         self.spec: ModelSpec = self.weights.spec
         self.labels: tuple[str, ...]
-        if labels is not None:
+        if names is not None:
+            self.labels = names
+        elif labels is not None:
             self.labels = read_label_file(labels, self.spec.num_classes)
         elif self.spec.num_classes == 1000:
             self.labels = imagenet_labels()

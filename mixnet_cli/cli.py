@@ -225,6 +225,27 @@ def _device_and_engine(device: str | None, engine: str | None) -> tuple[str, str
             settings.choose(engine, "MIXNET_ENGINE", check_engine_name, "auto"))
 
 
+def _checked_mirrors(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """--mirror is checked as it is parsed, so a bad one is a usage error even when the weights are cached."""
+    from .weights import check_mirrors
+
+    try:
+        return tuple(check_mirrors(value))
+    except UsageError as exc:
+        raise click.UsageError(str(exc), ctx=ctx) from None
+
+
+def _checked_server(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--server is checked as it is parsed: requests would refuse a URL without http(s):// only at the first
+    request, with an exception that does not name the option."""
+    from .remote import check_server_url
+
+    try:
+        return None if value is None else check_server_url(value)
+    except UsageError as exc:
+        raise click.UsageError(str(exc), ctx=ctx) from None
+
+
 def network_options(func: F) -> F:
     func = click.option(
         "--offline",
@@ -237,6 +258,7 @@ def network_options(func: F) -> F:
         "mirrors",
         multiple=True,
         metavar="URL",
+        callback=_checked_mirrors,
         help="Fetch weights from URL/<file name> instead of PaddleClas's server; repeat to give fallbacks "
         "(also MIXNET_MIRROR).",
     )(func)
@@ -341,7 +363,7 @@ def main() -> None:
 @click.option("-b", "--batch-size", default=4, show_default=True, type=click.IntRange(1, 1024), help="Images per forward pass.")
 @threads_option
 @network_options
-@click.option("--server", metavar="URL",
+@click.option("--server", metavar="URL", callback=_checked_server,
               help="Classify through a running `mixnet serve` at URL (http://127.0.0.1:8080) instead of loading the "
               "model here; the output is the same (the service's own --device, --engine and weights apply).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but the results (no progress, no per-image errors on stderr).")
@@ -1107,10 +1129,17 @@ def cache_clear(yes: bool) -> None:
         return
     counts = [f"{plan.weights_files} weights file(s)"] + ([f"{len(plan.locks)} lock file(s)"] if plan.locks else [])
     counts.append(f"{len(plan.folders)} converted-model folder(s)")
-    if not yes and not click.confirm(
-        f"Delete {', '.join(counts[:-1])} and {counts[-1]}, {plan.size / 1e6:.1f} MB, from {cache_root()}?",
-        default=False, err=True,
-    ):
+    question = f"Delete {', '.join(counts[:-1])} and {counts[-1]}, {plan.size / 1e6:.1f} MB, from {cache_root()}?"
+    try:
+        confirmed = yes or click.confirm(question, default=False, err=True)
+    except click.Abort:
+        if sys.stdin.isatty():
+            raise  # Ctrl-C or Ctrl-D at the prompt: the person stopped it
+        # stdin ended before an answer (a script, `< /dev/null`): click's bare "Aborted." would not say why.
+        click.echo("", err=True)  # end the prompt's line, so the error is a line of its own
+        raise UsageError("cache clear needs confirmation, and stdin ended without an answer (nothing was deleted); "
+                         "pass --yes to delete without asking") from None
+    if not confirmed:
         click.echo("Nothing deleted.", err=True)
         sys.exit(1)
     removed = execute(plan)
@@ -1297,13 +1326,14 @@ def export_command(model: str | None, weights: Path | None, fmt: str, out_dir: P
     on a test batch, it must give the reference's logits (or, for paddle-legacy, whose output is probabilities,
     their softmax). Prints the files written (stdout) and how to use them (stderr).
     """
-    from .export import export_to_directory
+    from .export import check_output_directory, export_to_directory
     from .manifest import resolve_model
     from .weights import custom_weights, ensure_weights
 
     if model is None and weights is None:
         raise UsageError("name the MODEL to export (S, M or L), or give --weights FILE")
     named = resolve_model(model) if model is not None else None
+    check_output_directory(out_dir)  # before any download or conversion
     verified = custom_weights(weights, named) if weights is not None else \
         ensure_weights(named, mirrors=mirrors or None, offline=offline)  # type: ignore[arg-type]
     spec = verified.spec

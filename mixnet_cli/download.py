@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from . import files, settings
-from .errors import DownloadError
+from .errors import DownloadError, UsageError
 
 _CHUNK = 1 << 16
 INFO_SUFFIX = ".json"
@@ -51,6 +52,22 @@ _log = logging.getLogger(__name__)
 def notice(message: str) -> None:
     """A one-line message for the person waiting, logged at INFO (the CLI shows it on stderr unless -q)."""
     _log.info(message)
+
+
+def check_http_url(url: str, source: str, example: str) -> str:
+    """``url`` itself when it is an http:// or https:// URL with a host; else a :class:`UsageError` naming
+    ``source`` (the option or variable it came from) and showing a URL that would do (``example``, or ``url``
+    with http:// in front when it only lacks a scheme). requests would refuse it later with InvalidSchema or
+    MissingSchema, which say nothing of the option to fix."""
+    try:
+        parts = urlsplit(url.strip())
+        good = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # an unclosed IPv6 bracket, a port that is not a number
+        good = False
+    if good:
+        return url
+    hint = f"http://{url.strip()}" if url.strip() and "://" not in url else example
+    raise UsageError(f"{source} {url!r}: must be an http:// or https:// URL with a host; give one like {hint}")
 
 
 def info_path(partial: Path) -> Path:

@@ -8,14 +8,16 @@ half-written.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from .conversion import FORMATS, RECORD_NAME, ConvertedModel, check_engine, ensure_converted, reference_logits
-from .errors import CacheError
+from .errors import CacheError, UsageError
 from .manifest import ModelSpec
 
 
@@ -37,6 +39,58 @@ def _engine_for(fmt: str, directory: Path, spec: ModelSpec) -> Any:
     return PaddleInferenceEngine(program, directory / "inference.pdiparams", "cpu")
 
 
+def _kind(path: Path) -> str:
+    """What is at ``path``, in words, for a message saying it is in the way."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "a broken symbolic link"
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISREG, "a file"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")]
+    return next((words for test, words in kinds if test(mode)), "not a file")
+
+
+def check_output_directory(out_dir: Path) -> None:
+    """Raise :class:`UsageError` when ``out_dir`` can never hold an export: it is not a directory, the nearest of
+    its parents that exists is not one (nothing can be created under it), or that directory is not writable.
+    Called before the weights are fetched or anything converted, so a bad ``-o`` costs nothing."""
+    nearest = Path(os.path.abspath(out_dir))
+    while not os.path.lexists(nearest) and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        if nearest == Path(os.path.abspath(out_dir)):
+            raise UsageError(f"-o {out_dir} is {_kind(nearest)}, not a directory; give a directory to write the "
+                             "model into (it is created if needed)")
+        raise UsageError(f"-o {out_dir}: {nearest} is {_kind(nearest)}, not a directory, so nothing can be "
+                         "created under it; choose another -o")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise UsageError(f"-o {out_dir}: {nearest} is not writable; choose a writable directory with -o")
+
+
+def _check_targets(out_dir: Path, names: list[str]) -> None:
+    """Every file of the export can take its name: what is there already is a file (or a link) that a rename
+    replaces. Checked for all of them before the first rename, so an export is written whole or not at all."""
+    for name in names:
+        target = out_dir / name
+        try:
+            mode = os.lstat(target).st_mode
+        except FileNotFoundError:
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            raise UsageError(f"-o {out_dir}: {target} is {_kind(target)}, where the export writes its {name}; "
+                             "move it away or choose another -o")
+
+
+def _write_error(out_dir: Path, exc: OSError) -> CacheError:
+    """The one-line error for a write into ``out_dir`` that failed, with the advice that fits its cause."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CacheError(f"cannot write to {out_dir} ({reason}); free disk space or choose another -o")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return CacheError(f"cannot write to {out_dir} ({reason}); choose a writable directory with -o")
+    return CacheError(f"cannot write to {out_dir} ({reason}); choose another -o")
+
+
 def export_to_directory(spec: ModelSpec, weights_path: Path, weights_sha256: str, fmt: str,
                         out_dir: Path) -> tuple[list[Path], dict[str, Any]]:
     """Write ``spec``'s model in ``fmt`` (``onnx``, ``paddle`` or ``paddle-legacy``) into ``out_dir``; returns
@@ -44,27 +98,32 @@ def export_to_directory(spec: ModelSpec, weights_path: Path, weights_sha256: str
     log-probability differences for a format that outputs probabilities).
 
     Raises :class:`EngineError` when the conversion or the check fails (a paddle format without the
-    ``[paddle]`` extra included), :class:`CacheError` when ``out_dir`` cannot be written.
+    ``[paddle]`` extra included), :class:`UsageError` when ``out_dir`` is not a directory that can be written or
+    something other than a file stands where a file of the export goes, :class:`CacheError` when writing fails.
+    Either every file of the export takes its name or none does.
     """
+    check_output_directory(out_dir)
     converted = ensure_converted(spec, weights_path, weights_sha256, fmt)
     names = deployable_files(converted)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".mixnet-export-", dir=out_dir))
     except OSError as exc:
-        raise CacheError(f"cannot write to {out_dir} ({exc.strerror or exc}); choose a writable directory with -o") from None
+        raise _write_error(out_dir, exc) from None
     try:
         for name in names:
             shutil.copyfile(converted.directory / name, staging / name)
         check = check_engine(_engine_for(fmt, staging, spec), spec, reference_logits(spec, converted),
                              outputs=FORMATS[fmt].outputs)
         check["reference"] = converted.record.get("reference", "")
+        # After the check, which takes seconds: what is in the way is what the renames would meet.
+        _check_targets(out_dir, names)
         written = []
         for name in names:
             os.replace(staging / name, out_dir / name)
             written.append(out_dir / name)
         return written, check
     except OSError as exc:
-        raise CacheError(f"cannot write to {out_dir} ({exc.strerror or exc}); free disk space or choose another -o") from None
+        raise _write_error(out_dir, exc) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)

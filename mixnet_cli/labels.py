@@ -69,11 +69,12 @@ def class_names(text: str) -> tuple[str, ...]:
     return tuple(names[i] for i in range(len(names)))
 
 
-def read_label_file(path: Path | str, num_classes: int) -> tuple[str, ...]:
+def read_label_file(path: Path | str, num_classes: int, *, released: str | None = None) -> tuple[str, ...]:
     """Class names for your own weights, indexed by class id, from ``path``: PaddleClas's ``class_id_map_file``
     format (``<id> <name>`` per line, every id from 0 to ``num_classes - 1`` once, in any order) or one name per
     line in class order; blank lines are skipped. Raises :class:`UsageError` naming the file when it cannot be read
-    or its count is not ``num_classes`` (the weights' classes)."""
+    or its count is not ``num_classes`` (the weights' classes; ``released`` names the released model whose they
+    are, when the names are for it rather than for your own weights)."""
     source = Path(path).expanduser()
     try:
         text = source.read_text(encoding="utf-8-sig")
@@ -85,6 +86,9 @@ def read_label_file(path: Path | str, num_classes: int) -> tuple[str, ...]:
         names_found = class_names(text)
     except ValueError as exc:
         raise UsageError(f"--labels {source}: {exc}") from None
+    if len(names_found) != num_classes and released is not None:
+        raise UsageError(f"--labels {source} names {len(names_found)} classes, but {released}'s released weights have "
+                         f"{num_classes}; give a label file of {num_classes} names, or your own weights with --weights")
     if len(names_found) != num_classes:
         raise UsageError(f"--labels {source} names {len(names_found)} classes, but the weights have {num_classes}; "
                          "give the label file these weights were trained with")

@@ -39,6 +39,11 @@ _DTYPE_CODES = frozenset(
     {"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16"}
 )
 _MAX_DIMS = 32
+# What a weights file is, in the words of every message that says a file is not one.
+WHAT = "pickled state dict (.pdparams)"
+# The pickle protocols the files open with (PROTO and its number): paddle writes 2 to 4, Python's own 5.
+_PROTOCOLS = frozenset(bytes([n]) for n in range(2, pickle.HIGHEST_PROTOCOL + 1))
+_DAMAGED = f"is damaged: it begins as a {WHAT} but its data is malformed"
 
 try:  # numpy 2 spelling first: touching numpy.core warns there
     from numpy._core.multiarray import _reconstruct as _numpy_reconstruct
@@ -121,7 +126,7 @@ def _check_array_state(state: Any) -> None:
     if not isinstance(raw, bytes):
         raise UnsafeWeightsError("refuses an array whose data is not raw bytes (objects, not numbers)")
     if len(raw) != math.prod(shape) * dtype.itemsize:
-        raise WeightsError("is not a PaddlePaddle weights file (an array's data does not match its shape)")
+        raise WeightsError(f"is not a {WHAT}: an array's data does not match its shape")
 
 
 def _check_dtype_state(state: Any) -> None:
@@ -208,7 +213,7 @@ def _merge_split_arrays(raw: dict[str, Any]) -> dict[str, Any]:
     if not info:
         return raw
     if not isinstance(info, dict):
-        raise WeightsError(f"is not a PaddlePaddle weights file (malformed {_BIG_PARAM_KEY} entry)")
+        raise WeightsError(f"is not a {WHAT}: its index of split arrays ({_BIG_PARAM_KEY}) is malformed")
     for key, meta in info.items():
         try:
             parts = [raw.pop(part) for part in meta["slices"]]
@@ -216,10 +221,8 @@ def _merge_split_arrays(raw: dict[str, Any]) -> dict[str, Any]:
                 raise TypeError("slices are not arrays")
             merged = np.concatenate([p.ravel() for p in parts])
             raw[key] = merged.reshape(tuple(int(d) for d in meta["OriginShape"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise WeightsError(
-                f"is not a PaddlePaddle weights file (split array {key!r:.80} is malformed: {exc})"
-            ) from None
+        except (KeyError, TypeError, ValueError):
+            raise WeightsError(f"is not a {WHAT}: its split array {key!r:.80} is malformed") from None
     return raw
 
 
@@ -231,7 +234,11 @@ def read_state_dict(data: bytes | Path | str) -> dict[str, np.ndarray]:
     """
     payload = data if isinstance(data, bytes) else Path(data).read_bytes()
     if not payload:
-        raise WeightsError("is empty (0 bytes), not a PaddlePaddle weights file")
+        raise WeightsError(f"is empty (0 bytes), not a {WHAT}")
+    if payload[:1] != pickle.PROTO or payload[1:2] not in _PROTOCOLS:
+        # Every pickle paddle writes opens with its protocol: anything else is some other file, and the
+        # unpickler's complaint about it (an unknown opcode, an empty stack) would mean nothing to the reader.
+        raise WeightsError(f"is not a {WHAT}: its first bytes are not a pickle's")
     stream = io.BytesIO(payload)
     unpickler = _RestrictedUnpickler(stream)
     try:
@@ -239,28 +246,27 @@ def read_state_dict(data: bytes | Path | str) -> dict[str, np.ndarray]:
     except WeightsError:
         raise
     except RecursionError:
-        raise WeightsError("is not a PaddlePaddle weights file (nested too deeply)") from None
+        raise WeightsError(f"is not a {WHAT}: it is nested too deeply") from None
     except EOFError:
         raise WeightsError("is truncated (the file ends before its weights do)") from None
     except pickle.UnpicklingError as exc:
         if "truncated" in str(exc) or "exhausted" in str(exc):
             raise WeightsError("is truncated (the file ends before its weights do)") from None
-        raise WeightsError("is not a PaddlePaddle weights file (not a pickle of arrays)") from None
-    except Exception as exc:  # any parse failure means "not a weights file", whatever pickle raised
-        reason = str(exc).splitlines()[0][:120] if str(exc) else ""
-        raise WeightsError(f"is not a PaddlePaddle weights file ({type(exc).__name__}: {reason})") from None
+        raise WeightsError(_DAMAGED) from None
+    except Exception:  # noqa: BLE001 (whatever the unpickler raised on bad data, the file is damaged)
+        raise WeightsError(_DAMAGED) from None
     if stream.tell() != len(payload) or unpickler.frame_leftover():
-        raise WeightsError("is not a PaddlePaddle weights file (extra bytes follow the end of its data)")
+        raise WeightsError(f"is not a {WHAT}: extra bytes follow the end of its data")
     if not isinstance(raw, dict):
-        raise WeightsError(f"is not a PaddlePaddle weights file (holds a {type(raw).__name__}, not a dict)")
+        raise WeightsError(f"is not a {WHAT}: it holds one {type(raw).__name__}, not a dict of arrays")
     raw = dict(raw)
     raw.pop(_STRUCTURE_KEY, None)
     raw = _merge_split_arrays(raw)
     state: dict[str, np.ndarray] = {}
     for key, value in raw.items():
         if not isinstance(key, str) or not isinstance(value, np.ndarray):
-            raise WeightsError(f"is not a PaddlePaddle weights file (entry {key!r:.80} is not an array)")
+            raise WeightsError(f"is not a {WHAT}: its entry {key!r:.80} is not an array")
         state[key] = value
     if not state:
-        raise WeightsError("is not a PaddlePaddle weights file (it holds no parameters)")
+        raise WeightsError(f"is not a {WHAT}: it holds no parameters")
     return state

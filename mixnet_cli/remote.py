@@ -23,6 +23,13 @@ OVERLOAD_RETRIES = 5
 _STATUSES_WITH_RESULTS = (200, 413, 422)
 
 
+def check_server_url(server: str) -> str:
+    """``server`` when it is an http:// or https:// URL; else a :class:`~mixnet_cli.errors.UsageError` saying so."""
+    from .download import check_http_url
+
+    return check_http_url(server, "--server", "http://127.0.0.1:8080")
+
+
 def classify_remote(server: str, items: Iterable[InputItem], *, model: str, topk: int, batch_size: int = 4,
                     timeout: float = 60.0) -> Iterator[dict[str, Any]]:
     """The result objects (``ClassificationResult.to_dict()``) of ``items``, in input order, classified by the
@@ -35,6 +42,7 @@ def classify_remote(server: str, items: Iterable[InputItem], *, model: str, topk
     from .manifest import resolve_model
 
     model_name = resolve_model(model).name  # a bad name fails here, before any request
+    check_server_url(server)
     endpoint = server.rstrip("/") + "/v1/classify"
     sessions: list[Any] = []
     local = threading.local()  # a requests session per sending thread (sessions are not meant to be shared)

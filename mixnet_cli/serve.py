@@ -401,7 +401,7 @@ def _served_specs(options: ServeOptions) -> dict[str, "ModelSpec"]:
         from .labels import read_label_file
 
         for spec in specs:
-            read_label_file(options.labels, spec.num_classes)
+            read_label_file(options.labels, spec.num_classes, released=None if spec.custom else spec.name)
     return {spec.name: spec for spec in specs}
 
 
@@ -464,11 +464,25 @@ async def _form_images(request: Any, body: bytes) -> list[tuple[str, bytes]]:
 def create_app(service: Service) -> Any:
     """The Starlette application of ``service``: routes, access log and metrics."""
     from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
     def error(exc: RequestError) -> Any:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    async def routing_error(request: Any, exc: Any) -> Any:
+        """Starlette's router answers a path it lacks (404) or a method a route does not take (405) in plain
+        text: here they get the error object every other refusal has, saying what the service does answer."""
+        path = request.url.path
+        if exc.status_code == 404:
+            return error(RequestError(404, "NotFound", f"no endpoint {path}; this service answers POST /v1/classify "
+                                      "and GET /healthz, /readyz, /metrics, /openapi.json", exc.headers))
+        if exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            return error(RequestError(405, "MethodNotAllowed", f"{request.method} is not allowed on {path}; use "
+                                      f"{allowed or 'another method'}", exc.headers))
+        return error(RequestError(exc.status_code, "HTTPError", str(exc.detail), exc.headers))
 
     async def classify(request: Any) -> Any:
         try:
@@ -551,7 +565,7 @@ def create_app(service: Service) -> Any:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
-    ], lifespan=lifespan)
+    ], lifespan=lifespan, exception_handlers={HTTPException: routing_error})
     return _Observed(app, service)
 
 
@@ -658,6 +672,7 @@ def openapi_document(service: Service) -> dict[str, Any]:
                 "responses": {
                     "200": {"description": "every image classified", **results},
                     "400": {"description": "a bad parameter or a model not served", **json_error},
+                    "405": {"description": "a method other than POST", **json_error},
                     "413": {"description": "body over the size limit, or an image over the pixel limit",
                             **json_error},
                     "422": {"description": "an image that cannot be read (the body holds every image's object)",

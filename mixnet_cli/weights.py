@@ -14,17 +14,18 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
-from urllib.parse import urlsplit
 
 import numpy as np
 
 from . import cache, files, settings
-from .download import discard_partial, fetch_url, info_path, notice
+from .download import check_http_url, discard_partial, fetch_url, info_path, notice
 from .errors import CacheError, DownloadError, MixnetError, OfflineError, UsageError, WeightsError
 from .manifest import ModelSpec
-from .pdparams import read_state_dict
+from .pdparams import WHAT, read_state_dict
 
 _HEX = frozenset("0123456789abcdef")
+# What --weights wants, for messages about a file that is not it.
+_TRAINED_HINT = "pass the .pdparams file PaddleClas's training saved (e.g. output/MixNet_S/best_model.pdparams)"
 
 
 @dataclass(frozen=True)
@@ -39,14 +40,14 @@ class VerifiedWeights:
     how: str = "cached"
 
 
+def check_mirrors(mirrors: Sequence[str], source: str = "--mirror") -> list[str]:
+    """``mirrors`` when each is an http(s) URL prefix; else a :class:`UsageError` naming ``source`` and the bad one."""
+    return [check_http_url(mirror, source, "https://host/path") for mirror in mirrors]
+
+
 def candidate_urls(spec: ModelSpec, mirrors: Sequence[str] | None = None) -> list[str]:
     """The mirrors (flag, else ``MIXNET_MIRROR``) in order, each as ``<mirror>/<file name>``; else the manifest URL."""
-    chosen = list(mirrors) if mirrors else settings.mirrors()
-    for mirror in chosen:
-        parts = urlsplit(mirror)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            source = "--mirror" if mirrors else "MIXNET_MIRROR"
-            raise UsageError(f"{source} {mirror!r} is not an http(s) URL; give a prefix like https://host/path")
+    chosen = check_mirrors(mirrors) if mirrors else check_mirrors(settings.mirrors(), "MIXNET_MIRROR")
     if chosen:
         return [f"{mirror.rstrip('/')}/{spec.filename}" for mirror in chosen]
     return [spec.url]
@@ -74,10 +75,17 @@ def _size_limit(spec: ModelSpec) -> int:
     return int(spec.metrics.params_m * 1e6 * 8) + (16 << 20)
 
 
+def _is_text(head: bytes) -> bool:
+    """Whether ``head`` (a file's first bytes) reads as UTF-8 text: a character cut at the end is forgiven."""
+    text = head.decode("utf-8", "replace").rstrip("\ufffd")
+    return bool(text) and all(c.isprintable() or c in "\t\r\n" for c in text)
+
+
 def _sniff(path: Path) -> None:
     """Name the usual impostors before the parser says something less clear."""
     with open(path, "rb") as handle:
-        head = handle.read(512).lstrip().lower()
+        raw = handle.read(512)
+    head = raw.lstrip().lower()
     if head.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body")):
         raise WeightsError("is a web page, not a weights file (a login or error page?)")
     if head.startswith((b"{", b"[")):
@@ -88,6 +96,8 @@ def _sniff(path: Path) -> None:
     for magic, kind in kinds.items():
         if head.startswith(magic.lower()):
             raise WeightsError(f"is {kind}, not a weights file")
+    if _is_text(raw):  # a label list or a config given in its place: every weights file is binary
+        raise WeightsError(f"is a text file, not a {WHAT}")
 
 
 def check_file(
@@ -417,7 +427,7 @@ def custom_weights(path: Path | str, model: ModelSpec | None = None) -> Verified
         _sniff(source)
         state = read_state_dict(data)
     except MixnetError as exc:
-        raise WeightsError(f"{source} {exc}") from None
+        raise WeightsError(f"{source} {exc}; {_TRAINED_HINT}") from None
     _check_finite(state, source)
     bias = state.get("output.bias")
     if bias is None or bias.ndim != 1 or bias.shape[0] < 1:

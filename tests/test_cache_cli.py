@@ -119,6 +119,18 @@ def test_clear_asks_first_and_deletes_only_the_caches_own_files(cached, isolated
     assert empty.exit_code == 0 and "Nothing to delete" in empty.stderr
 
 
+def test_clear_without_a_terminal_to_ask_says_to_pass_yes(cached):
+    completed = subprocess.run([sys.executable, "-m", "mixnet_cli", "cache", "clear"], stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, timeout=60,
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert completed.returncode == 2 and completed.stdout == ""
+    assert completed.stderr.splitlines()[-1] == (
+        "Error: cache clear needs confirmation, and stdin ended without an answer (nothing was deleted); pass --yes "
+        "to delete without asking (see `mixnet cache clear --help`)")
+    assert "Aborted" not in completed.stderr and "Traceback" not in completed.stderr
+    assert cached.is_file()
+
+
 def test_a_lock_file_a_killed_process_left_is_deleted_and_never_counted_as_weights(cached, isolated_home):
     lock = cached.parent / (FILE + ".lock")
     killed = subprocess.Popen(
@@ -232,6 +244,21 @@ def test_a_read_only_cache_still_serves_what_it_holds(cached, isolated_home, rea
     removed = run("cache", "rm", "S")
     assert removed.exit_code == 1 and "Error: cannot" in removed.stderr
     assert (view / "weights" / FILE).is_file()
+
+
+def test_openvinos_folder_of_your_own_weights_is_listed_with_their_model(tmp_path, random_weights_dir, isolated_home):
+    from PIL import Image
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(image)
+    weights = random_weights_dir / FILE
+    # Your own weights are not in the cache: only the converted folders' records can say which model they hold.
+    assert run("classify", str(image), "--weights", str(weights), "--json").exit_code == 0
+    rows = json.loads(run("cache", "list", "--json").stdout)
+    assert {row["kind"] for row in rows} >= {"onnx", "openvino"}, rows
+    sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert all(row["model"] == "MixNet_S" and Path(row["path"]).name == sha256 for row in rows), rows
+    assert "MixNet_S  openvino" in run("cache", "list").stdout
 
 
 def test_converted_models_are_listed_and_removed_with_their_weights(tmp_path, random_mirror, isolated_home):

@@ -53,6 +53,23 @@ def test_unknown_model_is_a_usage_error_listing_valid_names(tmp_path, random_mir
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize("value, hint", [("127.0.0.1:8181", "http://127.0.0.1:8181"),
+                                         ("ftp://127.0.0.1:8181", "http://127.0.0.1:8080")])
+def test_a_server_that_is_not_an_http_url_is_a_usage_error(value, hint, tmp_path, random_mirror):
+    result = _invoke("classify", str(_photo(tmp_path / "a.png")), "--server", value)
+    line = _one_line_error(result, exit_code=2)
+    assert f"--server '{value}': must be an http:// or https:// URL" in line and f"like {hint}" in line
+    assert "InvalidSchema" not in line and "a bug" not in line
+    assert random_mirror.requests == [] and result.stdout == ""
+
+
+def test_a_mirror_that_is_not_an_http_url_is_refused_even_with_the_weights_cached(random_mirror):
+    assert _invoke("download", "S").exit_code == 0
+    result = _invoke("download", "S", "--mirror", "127.0.0.1:9")
+    line = _one_line_error(result, exit_code=2)
+    assert "--mirror '127.0.0.1:9': must be an http:// or https:// URL" in line and "like http://127.0.0.1:9" in line
+
+
 def test_version_and_help():
     from importlib.metadata import version
 

@@ -5,6 +5,7 @@ layouts; held to paddleclas's own network built with that class count."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -145,11 +146,42 @@ def test_own_weights_give_paddleclas_answers(engine, fine_tuned, photos, isolate
     assert [list(np.argsort(-r, kind="stable")[:5]) for r in got] == [list(np.argsort(-r, kind="stable")[:5]) for r in want]
 
 
+def test_labels_for_the_released_weights_are_counted_before_any_download(label_files, photos, tmp_path,
+                                                                          random_mirror):
+    says = (f"--labels {label_files['short']} names 6 classes, but MixNet_S's released weights have 1000; give a "
+            "label file of 1000 names, or your own weights with --weights")
+    code, _, stderr = _classify(str(photos[0]), "--labels", str(label_files["short"]))
+    assert code == 2 and stderr.strip().splitlines() == [f"Error: {says} (see `mixnet classify --help`)"]
+    listing = tmp_path / "val.txt"
+    listing.write_text(f"{photos[0]} 0\n")
+    result = CliRunner().invoke(main, ["eval", "--list", str(listing), "--labels", str(label_files["short"])])
+    assert result.exit_code == 2 and says in result.stderr
+    with pytest.raises(UsageError, match="names 6 classes, but MixNet_S's released weights have 1000"):
+        Classifier(labels=label_files["short"])
+    assert random_mirror.requests == [], "the label file is counted before the weights are fetched"
+
+
 def test_a_photo_given_as_weights_is_named_for_what_it_is(photos, isolated_home):
     result = CliRunner().invoke(main, ["download", "S", "--from", str(photos[0])])
     assert result.exit_code == 1 and "is a JPEG image, not a weights file" in result.stderr
     code, _, stderr = _classify(str(photos[0]), "--weights", str(photos[0]))
     assert code == 1 and "is a JPEG image, not a weights file" in stderr
+
+
+@pytest.mark.parametrize("content, says", [
+    (random.Random(0).randbytes(4096), "is not a pickled state dict (.pdparams): its first bytes are not a pickle's"),
+    (b"0 daisy\n1 rose\n2 tulip\n", "is a text file, not a pickled state dict (.pdparams)"),
+    (b"\x80\x04\xff" + bytes(64), "is damaged: it begins as a pickled state dict (.pdparams) but its data is malformed"),
+], ids=["random-bytes", "a-label-list", "a-damaged-pickle"])
+def test_a_file_that_is_not_weights_is_named_in_words_with_what_to_pass(content, says, tmp_path, photos,
+                                                                        isolated_home):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(content)
+    code, _, stderr = _classify(str(photos[0]), "--weights", str(path))
+    # The whole line: no exception names (KeyError: 255, IndexError: pop from empty list) from the unpickler.
+    assert code == 1 and stderr.strip().splitlines() == [
+        f"Error: {path} {says}; pass the .pdparams file PaddleClas's training saved "
+        "(e.g. output/MixNet_S/best_model.pdparams)"]
 
 
 def test_few_classes_default_to_all_of_them_and_odd_files_are_refused(fine_tuned, tmp_path, photos, isolated_home,

@@ -325,7 +325,7 @@ def _bad_bodies(weights: bytes) -> dict[str, tuple[bytes, str]]:
     return {
         "html-as-octet-stream": (b"<!DOCTYPE html><html><body>Access denied</body></html>", "is a web page"),
         "error-json": (b'{"code": "SignatureDoesNotMatch", "message": "expired"}', "is a JSON document"),
-        "random-bytes": (random.Random(0).randbytes(len(weights)), "is not a PaddlePaddle weights file"),
+        "random-bytes": (random.Random(0).randbytes(len(weights)), "is not a pickled state dict (.pdparams)"),
         "truncated": (weights[: len(weights) - 4096], "is truncated"),
         "padded": (weights + b"\x00" * 4096, "extra bytes follow the end of its data"),
         "other-model": (pickle.dumps({"fc.weight": state[sorted(state)[0]]}, protocol=4),

@@ -193,6 +193,53 @@ def test_export_to_a_file_path_is_a_clear_error(tmp_path, random_mirror):
     assert result.exit_code == 2 and "a-file" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("fmt, blocked", [
+    ("onnx", "MixNet_S.onnx"),
+    pytest.param("paddle-legacy", "inference.pdmodel", marks=pytest.mark.paddle),
+])
+def test_a_directory_where_an_exported_file_goes_stops_the_export_before_any_file_is_written(
+        fmt, blocked, tmp_path, random_weights_dir):
+    out = tmp_path / "out"
+    (out / blocked).mkdir(parents=True)
+    (out / blocked / "keep.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["export", "--weights", str(random_weights_dir / "MixNet_S_pretrained.pdparams"),
+                                       "--format", fmt, "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("Error: ") and "Traceback" not in result.stderr
+    assert f"{out / blocked} is a directory, where the export writes its {blocked}; move it away" in lines[-1]
+    assert "disk space" not in lines[-1]
+    # Not half an export: the other file (paddle-legacy's inference.pdiparams) was not written either.
+    assert [p.name for p in out.iterdir()] == [blocked] and (out / blocked / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("output, blocking, says", [
+    (os.devnull, os.devnull, "is a character device, not a directory; give a directory"),
+    ("{tmp}/a-file/sub", "{tmp}/a-file", "is a file, not a directory, so nothing can be created under it; choose another -o"),
+], ids=["a device", "a file as a parent"])
+def test_an_output_that_can_never_be_a_directory_is_a_usage_error_before_any_download(output, blocking, says, tmp_path,
+                                                                                     random_mirror):
+    (tmp_path / "a-file").write_text("x")
+    result = CliRunner().invoke(main, ["export", "S", "--format", "onnx", "-o", output.format(tmp=tmp_path)])
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("Error: -o ") and f"{blocking.format(tmp=tmp_path)} {says}" in line
+    assert "Traceback" not in result.stderr
+    assert random_mirror.requests == [], "a bad -o is found before the weights are fetched"
+    assert (tmp_path / "a-file").read_text() == "x"
+
+
+def test_free_disk_space_is_advised_only_when_the_disk_is_full(tmp_path):
+    import errno
+
+    from mixnet_cli.export import _write_error
+
+    full = str(_write_error(tmp_path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    assert full == f"cannot write to {tmp_path} (No space left on device); free disk space or choose another -o"
+    for code in (errno.EISDIR, errno.EIO, errno.EACCES):
+        assert "disk space" not in str(_write_error(tmp_path, OSError(code, os.strerror(code))))
+
+
 def test_export_needs_a_known_model_and_format(tmp_path):
     result = CliRunner().invoke(main, ["export", "XL", "--format", "onnx", "-o", str(tmp_path)])
     assert result.exit_code == 2 and "unknown model 'XL'" in result.stderr

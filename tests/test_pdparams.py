@@ -157,9 +157,10 @@ def _valid_bytes() -> bytes:
 @pytest.mark.parametrize(
     "payload, reason",
     [
-        (b"<!DOCTYPE html><html><body>Not found</body></html>", "not a PaddlePaddle weights file"),
-        (b'{"error": "AccessDenied", "message": "signature expired"}', "not a PaddlePaddle weights file"),
-        (bytes(range(256)) * 40, "not a PaddlePaddle weights file"),
+        (b"<!DOCTYPE html><html><body>Not found</body></html>", r"not a pickled state dict \(.pdparams\): its first"),
+        (b'{"error": "AccessDenied", "message": "signature expired"}', "not a pickled state dict"),
+        (bytes(range(256)) * 40, "not a pickled state dict"),
+        (b"\x80\x04\xff" + bytes(64), "is damaged: it begins as a pickled state dict"),
         (_valid_bytes()[:-7], "is truncated"),
         (_valid_bytes() + b"\x00" * 16, "extra bytes"),
         (_valid_bytes() + _valid_bytes(), "extra bytes"),
@@ -168,7 +169,7 @@ def _valid_bytes() -> bytes:
         (pickle.dumps({"w": [1.0, 2.0]}, protocol=4), "not an array"),
         (pickle.dumps({}, protocol=4), "no parameters"),
     ],
-    ids=["html", "error-json", "random", "truncated", "padded", "two-pickles", "empty", "list", "not-array", "empty-dict"],
+    ids=["html", "error-json", "random", "unknown-opcode", "truncated", "padded", "two-pickles", "empty", "list", "not-array", "empty-dict"],
 )
 def test_non_weights_are_rejected(payload, reason):
     with pytest.raises(WeightsError, match=reason) as caught:
@@ -232,10 +233,11 @@ def _hostile_payloads(marker: Path) -> dict[str, tuple[bytes, bool]]:
             True,
         ),
         "inside-a-state-dict": (pickle.dumps({**weights, "evil": _Call(os.system, touch)}, protocol=4), True),
-        # protocol 0: GLOBAL + INST, an opcode that calls what it names
-        "inst-opcode": (f"(S'{touch}'\nios\nsystem\n.".encode(), True),
+        # protocol 0's opcodes after a protocol 2 header (a bare protocol 0 pickle is refused before unpickling,
+        # below): GLOBAL + INST, an opcode that calls what it names
+        "inst-opcode": (f"\x80\x02(S'{touch}'\nios\nsystem\n.".encode("latin1"), True),
         # protocol 0 text form of the same REDUCE
-        "text-reduce": (f"cos\nsystem\n(S'{touch}'\ntR.".encode(), True),
+        "text-reduce": (f"\x80\x02cos\nsystem\n(S'{touch}'\ntR.".encode("latin1"), True),
         # dotted names resolve attributes of allowed modules in protocol 4
         "dotted-name": (_stack_global("numpy", "ndarray.__reduce__"), False),
         "dotted-name-globals": (_stack_global("numpy.core.multiarray", "_reconstruct.__globals__"), False),
@@ -273,6 +275,16 @@ def _hostile_payloads(marker: Path) -> dict[str, tuple[bytes, bool]]:
         "valid-then-hostile": (_valid_bytes() + pickle.dumps(_Call(os.system, touch), protocol=4), False),
     }
     return payloads
+
+
+def test_a_pickle_without_a_protocol_header_is_refused_before_unpickling(tmp_path):
+    """paddle writes protocols 2 to 4, which open with their number: a protocol 0 pickle is not weights, and its
+    opcodes never reach the unpickler."""
+    marker = tmp_path / "pwned"
+    payload = f"cos\nsystem\n(S'touch {marker}'\ntR.".encode()
+    with pytest.raises(WeightsError, match=r"not a pickled state dict \(.pdparams\): its first bytes are not a pickle's"):
+        read_state_dict(payload)
+    assert not marker.exists()
 
 
 def _stack_global(module: str, name: str) -> bytes:

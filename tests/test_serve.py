@@ -326,6 +326,22 @@ def test_bad_parameters_are_400_with_the_clis_message(service, photos, service_h
 
 
 @needs_serve
+def test_a_path_or_method_the_service_lacks_answers_the_json_error_object(service):
+    server, _ = service
+    get = server.get("/v1/classify")
+    assert get.status_code == 405 and get.headers["content-type"] == "application/json"
+    assert get.headers["allow"] == "POST"
+    assert get.json() == {"error": {"type": "MethodNotAllowed",
+                                    "message": "GET is not allowed on /v1/classify; use POST"}}
+    post = requests.post(server.url + "/healthz", timeout=30)
+    assert post.status_code == 405 and post.json()["error"]["message"].startswith("POST is not allowed on /healthz")
+    missing = server.get("/v2/classify")
+    assert missing.status_code == 404 and missing.json() == {"error": {"type": "NotFound", "message": (
+        "no endpoint /v2/classify; this service answers POST /v1/classify and GET /healthz, /readyz, /metrics, "
+        "/openapi.json")}}
+
+
+@needs_serve
 def test_not_an_image_is_422_with_the_clis_error_object(service, service_home, photos, monkeypatch):
     server, _ = service
     text = b"not an image at all\n"
@@ -514,6 +530,7 @@ def test_own_weights_that_cannot_be_served_are_one_line_before_anything_loads(fi
         (["--weights", str(weights), "-m", "all"], 2, "is served alone"),
         (["--weights", str(tmp_path / "missing.pdparams")], 2, "missing.pdparams: no such file"),
         (["--weights", str(weights), "--labels", str(six)], 2, "names 6 classes, but the weights have 7"),
+        (["--labels", str(six)], 2, "names 6 classes, but MixNet_S's released weights have 1000"),
         (["--weights", str(weights), "-m", "L"], 1, "does not hold MixNet_L"),
     ]:
         result = CliRunner().invoke(main, ["serve", "--port", "0", *arguments], catch_exceptions=False)
