@@ -29,6 +29,8 @@ import logging
 import math
 import os
 import secrets
+import shutil
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -410,26 +412,36 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
     if address is not None:
         _check_reachable(address)
     options: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if _starts_local_cluster(address):
-        _loopback_environment()
-        options.update(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus)
+    session_files: str | None = None
     ray = _import_ray()
     if ray.is_initialized():
         yield ray
         return
+    if _starts_local_cluster(address):
+        _loopback_environment()
+        # The cluster's session files (logs, sockets, spilled objects) in a folder of its own, deleted with it:
+        # Ray's default, /tmp/ray, keeps every session's. Short, under the system's temporary folder: Ray's
+        # Unix socket paths inside it must stay under the OS's 107-character limit.
+        session_files = tempfile.mkdtemp(prefix="mixnet-ray-")
+        options.update(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
+                       _temp_dir=session_files)
     try:
-        ray.init(address=address, **options)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        if address is None:
-            raise EngineError(f"cannot start Ray on this machine ({exc})") from None
-        raise UsageError(f"--address {address}: cannot connect to a Ray cluster ({exc}); start one with "
-                         "`ray start --head` or check the address") from None
-    # Ray Data logs every execution plan at INFO on the driver's stderr; the command prints its own summary.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    try:
-        yield ray
+        try:
+            ray.init(address=address, **options)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            if address is None:
+                raise EngineError(f"cannot start Ray on this machine ({exc})") from None
+            raise UsageError(f"--address {address}: cannot connect to a Ray cluster ({exc}); start one with "
+                             "`ray start --head` or check the address") from None
+        # Ray Data logs every execution plan at INFO on the driver's stderr; the command prints its own summary.
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
     finally:
-        ray.shutdown()
+        if session_files is not None:
+            shutil.rmtree(session_files, ignore_errors=True)
 
 
 # How long a cluster's address may take to accept a connection before the command gives up on it.

@@ -2,7 +2,8 @@
 
 Running ``mixnet`` must print nothing but its own output and write nothing outside its cache. On import,
 paddle warns about ccache and creates ``~/.cache/paddle/``, faiss (pulled in by paddleclas) logs at INFO, OpenVINO sends a usage event and writes
-``~/intel/``, and ONNX Runtime writes a device id and an event store under ``~/.cache/Microsoft/``. This is the
+``~/intel/``, and ONNX Runtime writes a device id and an event store under ``~/.cache/Microsoft/`` and a
+session file, ``.ses``, in the temporary folder. This is the
 one place that imports them, and contains each of those.
 """
 
@@ -57,19 +58,23 @@ def _contain_onnxruntime_import(module: str) -> ModuleType:
     # cache for the duration of the import, then turn its telemetry events off.
     from .cache import engine_home
 
-    previous = os.environ.get("XDG_CACHE_HOME")
+    # Its telemetry also writes a session file, ".ses", into the temporary folder (TMPDIR, else /tmp) as it
+    # loads: TMPDIR points into the same folder for the import too.
     home = engine_home("onnxruntime")
+    previous = {name: os.environ.get(name) for name in ("XDG_CACHE_HOME", "TMPDIR")}
     os.environ["XDG_CACHE_HOME"] = str(home)
+    os.environ["TMPDIR"] = str(home)
     try:
         # In a cache that cannot be written, ONNX Runtime prints a coloured warning that it cannot keep its
         # telemetry id there; that line goes, anything else it prints on import stays.
         with _stderr_without("telemetry", unless=_writable(home)):
             loaded = importlib.import_module(module)
     finally:
-        if previous is None:
-            os.environ.pop("XDG_CACHE_HOME", None)
-        else:
-            os.environ["XDG_CACHE_HOME"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     root = sys.modules["onnxruntime"]
     disable = getattr(root, "disable_telemetry_events", None)
     if disable is not None:

@@ -405,19 +405,23 @@ def test_files_from_skips_comments_and_may_be_empty(tmp_path, random_mirror):
 
 
 def test_a_first_run_writes_nothing_outside_the_cache(tmp_path, random_mirror):
-    """Download, conversion and every engine's import: the user's home and working directory stay untouched."""
-    home, work, cache = tmp_path / "home", tmp_path / "work", tmp_path / "cache"
+    """Download, conversion and every engine's import: the user's home, the working directory and the temporary
+    folder stay untouched (ONNX Runtime's telemetry writes a session file into the last as it loads)."""
+    home, work, cache, temporary = tmp_path / "home", tmp_path / "work", tmp_path / "cache", tmp_path / "tmp"
     home.mkdir()
     work.mkdir()
+    temporary.mkdir()
     image = _photo(tmp_path / "a.png")
-    env = {**os.environ, "HOME": str(home), "MIXNET_HOME": str(cache), "MIXNET_MIRROR": random_mirror.url}
+    env = {**os.environ, "HOME": str(home), "MIXNET_HOME": str(cache), "MIXNET_MIRROR": random_mirror.url,
+           "TMPDIR": str(temporary)}
     env.pop("XDG_CACHE_HOME", None)
-    for engine in ("auto", "onnxruntime"):
+    for engine in ("auto", "onnxruntime", "openvino"):
         done = subprocess.run([sys.executable, "-m", "mixnet_cli", "classify", str(image), "--engine", engine, "--json"],
                               cwd=work, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
     assert [p for p in home.rglob("*")] == []
     assert [p for p in work.rglob("*")] == []
+    assert [p for p in temporary.rglob("*")] == []
 
 
 def test_glob_patterns_expand_for_shells_that_do_not(tmp_path, random_mirror):

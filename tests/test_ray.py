@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -420,6 +421,10 @@ def test_without_an_address_the_command_runs_its_own_loopback_cluster_and_stops_
     home = tmp_path / "user-home"  # Ray would put its auth token in ~/.ray: nothing may appear here
     home.mkdir()
     environment["HOME"] = str(home)
+    # Ray keeps each session's files under the temporary folder (TMPDIR/ray): the cluster's must go with it.
+    # A short path: Ray's Unix sockets live inside it, and socket paths are limited to 107 characters.
+    temporary = Path(tempfile.mkdtemp(prefix="mxr", dir="/tmp"))
+    environment["TMPDIR"] = str(temporary)
     process = subprocess.Popen(MIXNET + ["classify-dataset", str(image_set / "b"), "-o", str(out), "--offline"],
                                env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen: dict[int, str] = {}
@@ -445,6 +450,9 @@ def test_without_an_address_the_command_runs_its_own_loopback_cluster_and_stops_
         time.sleep(0.2)
     assert alive == {}, "left behind by the command"
     assert list(home.iterdir()) == [], "written outside the cache"
+    left = [path.name for path in temporary.iterdir()]
+    shutil.rmtree(temporary, ignore_errors=True)
+    assert left == [], f"left in the temporary folder: {left}"
 
 
 def test_the_cluster_leaves_no_process_behind(cluster):
