@@ -132,17 +132,10 @@ def test_clear_without_a_terminal_to_ask_says_to_pass_yes(cached):
 
 
 def test_a_lock_file_a_killed_process_left_is_deleted_and_never_counted_as_weights(cached, isolated_home):
+    from test_locks import held_in_another_process, kill
+
     lock = cached.parent / (FILE + ".lock")
-    killed = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from mixnet_cli.locks import file_lock;"
-         "held = file_lock(Path(sys.argv[1])); held.acquire(); print('held', flush=True); time.sleep(60)", str(lock)],
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert killed.stdout.readline() == "held\n"
-    finally:
-        killed.kill()
-        killed.wait()
+    kill(held_in_another_process(lock))
     assert lock.is_file()
     assert [row["path"] for row in json.loads(run("cache", "list", "--json").stdout)] == [str(cached)]
 

@@ -85,22 +85,32 @@ def test_the_file_goes_when_the_holder_lets_go_and_is_made_again_by_the_next(tmp
     assert not path.exists()
 
 
-def test_a_file_left_by_a_killed_holder_is_taken_then_deleted(tmp_path: Path) -> None:
-    path = tmp_path / "x.lock"
+def held_in_another_process(path: Path) -> subprocess.Popen[str]:
+    """A process that holds the lock on ``path`` (returned once it does) until it is killed."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; from mixnet_cli.locks import file_lock;"
          "lock = file_lock(Path(sys.argv[1])); lock.acquire(); print('held', flush=True); time.sleep(60)", str(path)],
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, stdout=subprocess.PIPE, text=True,
     )
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    return holder
+
+
+def kill(process: subprocess.Popen[str]) -> None:
+    process.kill()
+    process.wait()
+
+
+def test_a_file_left_by_a_killed_holder_is_taken_then_deleted(tmp_path: Path) -> None:
+    path = tmp_path / "x.lock"
+    holder = held_in_another_process(path)
     try:
-        assert holder.stdout.readline() == "held\n"
         from filelock import Timeout
 
         with pytest.raises(Timeout):
             file_lock(path).acquire(timeout=0)
     finally:
-        holder.kill()
-        holder.wait()
+        kill(holder)
     assert path.is_file(), "a killed process cannot delete its lock file"
     with file_lock(path):
         pass
