@@ -63,10 +63,13 @@ def _cuda_build_version() -> str | None:
 
 
 def _nvidia_driver_present() -> bool:
-    """Whether this machine has an NVIDIA driver with a device, by its device files (Linux), importing nothing."""
+    """Whether this machine has an NVIDIA driver with a device, by its device files (Linux: ``/dev/nvidia0``...,
+    or WSL 2's ``/dev/dxg``), importing nothing. A CUDA build of torch is what ``pip install torch`` gives on
+    Linux, GPU or not, so its build alone says little."""
     if os.name != "posix" or not Path("/dev").is_dir():
         return True  # not Linux: let torch say
-    return any(Path("/dev").glob("nvidia[0-9]*")) or any(Path("/proc/driver/nvidia/gpus").glob("*"))
+    return (any(Path("/dev").glob("nvidia[0-9]*")) or Path("/dev/dxg").exists()
+            or any(Path("/proc/driver/nvidia/gpus").glob("*")))
 
 
 def gpu_problem() -> str | None:
