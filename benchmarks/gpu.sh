@@ -7,6 +7,7 @@
 #   python benchmarks/gpu_prepare.py --out .gpu-check
 # There, from the checkout's root, with .gpu-check beside it (results go to $OUT, else ./gpu-results):
 #   bash benchmarks/gpu.sh
+# At most 120 + 400 s: inside one 10-minute device command.
 # Without a GPU, GPU_CHECK_DEVICE=cpu GPU_CHECK_REPEATS=3 runs every step on the CPU (how it is tested).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,9 +19,10 @@ if compgen -G ".gpu-check/wheels/*.whl" >/dev/null; then
     "$python" -m pip install -q --no-index --no-deps --no-compile --target /tmp/mixnet-gpu-site .gpu-check/wheels/*.whl \
         && export PYTHONPATH="/tmp/mixnet-gpu-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export PYTHONUNBUFFERED=1
+# mixnet itself from this checkout, not installed: nothing is installed into the machine's Python.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1 || true
 # The GPU tests of the suite (fp32 on the GPU against ONNX Runtime on the CPU, S/M/L, batch 1/3/8; auto).
-timeout 300 "$python" -m pytest tests/test_torch.py -q -p no:cacheprovider -m gpu 2>&1 | tail -20 >"$out/pytest.txt"
-timeout 480 "$python" benchmarks/gpu_check.py --carry .gpu-check --out "$out" \
-    --device "${GPU_CHECK_DEVICE:-gpu}" --repeats "${GPU_CHECK_REPEATS:-200}" --compile-limit "${GPU_CHECK_COMPILE_LIMIT:-240}"
+timeout 120 "$python" -m pytest tests/test_torch.py -q -p no:cacheprovider -m gpu 2>&1 | tail -20 >"$out/pytest.txt"
+timeout 400 "$python" benchmarks/gpu_check.py --carry .gpu-check --out "$out" \
+    --device "${GPU_CHECK_DEVICE:-gpu}" --repeats "${GPU_CHECK_REPEATS:-200}" --compile-limit "${GPU_CHECK_COMPILE_LIMIT:-150}"
