@@ -192,7 +192,7 @@ def create_engine(
 
     An engine picked by ``auto`` that cannot start (a failed conversion or check, a GPU it cannot drive) gives
     way, with a warning on stderr, to the next that can; one the user asked for raises instead. ``features``:
-    an engine whose ``run_with_features`` also returns the pooled features (ONNX Runtime only).
+    an engine whose ``run_with_features`` also returns the pooled features (ONNX Runtime, or torch).
     """
     if features:
         return _features_engine(spec, weights, choice, threads)
@@ -209,10 +209,15 @@ def create_engine(
 
 def _features_engine(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice,
                      threads: int | None) -> tuple[Engine, EngineChoice]:
-    """The engine that also returns pooled features: ONNX Runtime on mixnet's graph with its second output (the
-    only engine that runs that graph with it), on ``choice``'s device when that is ONNX Runtime's, else the CPU."""
+    """The engine that also returns pooled features: the torch engine when it is the choice (on its device, a GPU
+    included), else ONNX Runtime on mixnet's graph with its second output, on ``choice``'s device when that is
+    ONNX Runtime's, else the CPU."""
+    if choice.engine == "torch":
+        require_engine("torch")
+        return ENGINES["torch"].load().build_with_features(spec, weights, choice, threads), choice
     if choice.engine != "onnxruntime" and not choice.engine_auto:
-        raise UsageError(f"features come from ONNX Runtime; leave out --engine {choice.engine} (or use onnxruntime)")
+        raise UsageError(f"features come from ONNX Runtime or torch; leave out --engine {choice.engine} (or use "
+                         "onnxruntime or torch)")
     require_engine("onnxruntime")
     device = choice.device if choice.engine == "onnxruntime" else "cpu"
     engine = ENGINES["onnxruntime"].load().build_with_features(spec, weights, device, threads)

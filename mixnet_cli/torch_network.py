@@ -129,6 +129,11 @@ class MixNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the pooled features they were computed from, from one pass."""
+        features = self.features(x)
+        return self.classifier(features), features
+
 
 def build_network(architecture: Architecture, state: dict[str, Any]) -> MixNet:
     """``architecture`` as a float32 ``torch.nn.Module`` on the CPU, in eval mode, with the parameters in

@@ -70,6 +70,25 @@ def test_torch_engine_gives_paddleclas_answers_on_the_cpu(model_name, calibrated
 
 
 @needs_torch
+def test_embed_on_the_torch_engine_gives_onnx_runtimes_features(calibrated_mirror, test_images, tmp_path) -> None:
+    """--embed with --engine torch: the same features and predictions as ONNX Runtime's graph gives (the features
+    are tested against paddleclas's own in test_embed.py)."""
+    images = [str(test_images[kind]) for kind in ("rgb_jpeg", "grey_png")]
+    runner = CliRunner()
+    rows = {}
+    for engine in ("torch", "onnxruntime"):
+        done = runner.invoke(main, ["classify", *images, "--engine", engine, "--device", "cpu", "--embed", "--json",
+                                    "-v"])
+        assert done.exit_code == 0, done.output
+        assert f"engine {engine} (" in done.stderr
+        rows[engine] = json.loads(done.stdout)
+    for mine, theirs in zip(rows["torch"], rows["onnxruntime"]):
+        got, expected = np.array(mine["features"]), np.array(theirs["features"])
+        assert got.shape == (1536,) and np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+        assert [p["class_id"] for p in mine["predictions"]] == [p["class_id"] for p in theirs["predictions"]]
+
+
+@needs_torch
 def test_faster_precisions_are_measured_against_fp32(calibrated_mirror) -> None:
     """bf16 and fp16 run (on the CPU here), answer close to fp32 but not within the reference's tolerance, and the
     agreement the benchmark reports is computed from both engines' answers."""
@@ -192,8 +211,8 @@ def test_gpu_detection_reads_the_torch_build_without_importing_it(tmp_path) -> N
 def test_gpu_answers_are_the_cpu_answers(model_name, calibrated_weights, calibrated_mirror, test_images) -> None:
     """fp32 on the GPU (CUDA graphs, TF32 off) within 1e-4 of ONNX Runtime on the CPU, same top-5, at several
     batch sizes (each its own captured graph)."""
-    gpu = Classifier(model_name, engine="torch", device="gpu", progress=False)
-    cpu = Classifier(model_name, engine="onnxruntime", device="cpu", progress=False)
+    gpu = Classifier(model_name, engine="torch", device="gpu", progress=False, features=True)
+    cpu = Classifier(model_name, engine="onnxruntime", device="cpu", progress=False, features=True)
     assert gpu.engine.device == "gpu:0" and "CUDA graphs" in gpu.engine.detail
     images = [test_images[kind] for kind in ("rgb_jpeg", "cmyk_jpeg", "exif6_jpeg", "grey16_png", "palette_png")]
     for batch_size in (1, 3, 8):
@@ -202,6 +221,8 @@ def test_gpu_answers_are_the_cpu_answers(model_name, calibrated_weights, calibra
         for got, expected in zip(on_gpu, on_cpu):
             assert [p.class_id for p in got.predictions] == [p.class_id for p in expected.predictions]
             assert max(abs(a.score - b.score) for a, b in zip(got.predictions, expected.predictions)) <= TOLERANCE
+            scale = np.abs(expected.features).max()
+            assert np.abs(got.features - expected.features).max() <= 1e-4 * scale
 
 
 @needs_gpu

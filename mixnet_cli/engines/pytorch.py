@@ -113,7 +113,7 @@ class TorchEngine(OneBatchAtATime):
     name = "torch"
 
     def __init__(self, network: Any, device: str = "cpu", threads: int | None = None, *, precision: str = "fp32",
-                 cuda_graphs: bool | None = None, compile: bool = False) -> None:
+                 cuda_graphs: bool | None = None, compile: bool = False, features: bool = False) -> None:
         torch = _torch()
         if precision not in PRECISIONS:
             raise EngineError(f"unknown precision '{precision}': use {', '.join(PRECISIONS)}")
@@ -134,9 +134,13 @@ class TorchEngine(OneBatchAtATime):
         # Channels-last: cuDNN's and oneDNN's depthwise and tensor-core kernels take NHWC without a transpose.
         self._format = torch.channels_last
         self._network = network.to(device=self._device, dtype=self._dtype, memory_format=self._format).eval()
-        self._compiled = compile
+        # What one pass computes: the logits, or (``features``) the logits and the pooled features, as a tuple.
+        self.has_features = features
+        self._forward = self._network.forward_with_features if features else self._network
         if compile:
-            self._network = _compiled(torch, self._network, on_gpu)
+            if features:
+                raise EngineError("the torch engine compiles the network for benchmark only, not with features")
+            self._forward = _compiled(torch, self._network, on_gpu)
         # CUDA graphs by default on a GPU; not on top of torch.compile, whose GPU mode captures its own.
         self._graphs_on = on_gpu and not compile and (cuda_graphs if cuda_graphs is not None else
                                                        os.environ.get("MIXNET_CUDA_GRAPHS", "1") != "0")
@@ -188,17 +192,18 @@ class TorchEngine(OneBatchAtATime):
         side.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(side):
             for _ in range(3):
-                self._network(static_input)
+                self._forward(static_input)
         torch.cuda.current_stream(self._device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_output = self._network(static_input)
+            static_output = self._forward(static_input)
         host = torch.empty(shape, dtype=torch.float32).pin_memory()
         entry = (graph, host, static_input, static_output)
         self._graphs[shape] = entry
         return entry
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def _outputs(self, batch: np.ndarray) -> tuple[Any, ...]:
+        """The pass's outputs on ``batch``, as float32 NumPy arrays (logits first)."""
         torch = self._torch
         data = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
         with self._lock, self._arithmetic():
@@ -207,11 +212,24 @@ class TorchEngine(OneBatchAtATime):
                 host.copy_(data)
                 static_input.copy_(host, non_blocking=True)  # converts to the network's dtype on the GPU
                 graph.replay()
-                logits = static_output
+                outputs = static_output
             else:
                 x = data.to(self._device).to(self._dtype).contiguous(memory_format=self._format)
-                logits = self._network(x)
-            return logits.float().cpu().numpy()
+                outputs = self._forward(x)
+            if not isinstance(outputs, tuple):
+                outputs = (outputs,)
+            return tuple(output.float().cpu().numpy() for output in outputs)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self._outputs(batch)[0]
+
+    def run_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (``N x classes``) and pooled features (``N x 1536``), float32, from one forward pass; for an
+        engine made with ``features=True``."""
+        if not self.has_features:
+            raise EngineError("this engine was made without features; build it with features=True")
+        logits, features = self._outputs(batch)
+        return logits, features
 
 
 def _compiled(torch: Any, network: Any, on_gpu: bool) -> Any:
@@ -239,7 +257,14 @@ def network_for(spec: ModelSpec, weights_path: Path) -> Any:
     return build_network(architecture_for(spec), read_state_dict(weights_path))
 
 
-def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, threads: int | None) -> Engine:
+def build_with_features(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice,
+                        threads: int | None) -> Engine:
+    """As :func:`build`, with ``run_with_features`` (logits and the pooled features from one pass)."""
+    return build(spec, weights, choice, threads, features=True)
+
+
+def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, threads: int | None, *,
+          features: bool = False) -> Engine:
     """PyTorch on the network built from these weights (a fifth of a second; nothing cached), in
     ``choice.precision``, compiled when ``choice.compiled``; in fp32 held to the reference logits (ONNX Runtime's on the CPU, on mixnet's graph) at each start. Raises
     :class:`~mixnet_cli.engines.base.EngineFailed` when torch itself cannot run it, :class:`DeviceError` when
@@ -249,7 +274,7 @@ def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, thr
 
     try:
         engine = TorchEngine(network_for(spec, weights.path), choice.device, threads, precision=choice.precision,
-                             compile=choice.compiled)
+                             compile=choice.compiled, features=features)
         if choice.precision == "fp32":
             try:
                 converted = ensure_converted(spec, weights.path, weights.record.sha256, "onnx")
