@@ -91,7 +91,7 @@ def choose_engine(engine: str = "auto", device: str = "auto", precision: str = "
     choice = _choose(engine_name, device_name, device, precision, compiled)
     if precision == "tf32" and choice.device == "cpu":
         raise UsageError("--precision tf32 is a GPU's (tensor cores); on the CPU use fp32, bf16 or fp16")
-    return replace(choice, compiled=compiled)
+    return choice
 
 
 def _choose(engine_name: str, device_name: str, device: str, precision: str, compiled: bool) -> EngineChoice:
@@ -99,7 +99,7 @@ def _choose(engine_name: str, device_name: str, device: str, precision: str, com
         require_engine(engine_name)
         chosen = ENGINES[engine_name].load().resolve_device(device_name, device)
         return EngineChoice(engine_name, chosen.device, f"asked for {engine_name}", chosen.reason,
-                            precision=precision)
+                            precision=precision, compiled=compiled)
     if device_name == "cpu":
         return _cpu_auto("asked for the CPU", precision=precision, compiled=compiled)
     problems = []
@@ -112,7 +112,7 @@ def _choose(engine_name: str, device_name: str, device: str, precision: str, com
         chosen = info.load().resolve_device(device_name, device)
         if chosen.device != "cpu":
             return EngineChoice(info.name, chosen.device, f"fastest installed engine for the GPU ({info.name})",
-                                chosen.reason, engine_auto=True, precision=precision)
+                                chosen.reason, engine_auto=True, precision=precision, compiled=compiled)
         problems.append(chosen.reason)
     if device_name != "auto":
         raise DeviceError(
@@ -151,10 +151,11 @@ def _cpu_auto(device_reason: str, after: str | None = None, precision: str = "fp
                 "not available)"
             if precision != "fp32" or compiled:
                 why += " that offers " + " and ".join([precision] + (["compiling"] if compiled else []))
-            return EngineChoice(info.name, "cpu", why, device_reason, engine_auto=True, precision=precision)
+            return EngineChoice(info.name, "cpu", why, device_reason, engine_auto=True, precision=precision,
+                                compiled=compiled)
     if precision != "fp32" or compiled:
-        raise EngineError(f"no engine installed here runs {precision}{' compiled' if compiled else ''}: "
-                          f"{ENGINES['torch'].install}")
+        installs = "; ".join(info.install for info in candidates) or "no engine offers it"
+        raise EngineError(f"no engine installed here runs {precision}{' compiled' if compiled else ''}: {installs}")
     raise EngineError("no engine is installed for the CPU: pip install openvino onnxruntime (reinstall mixnet-cli)")
 
 
@@ -168,13 +169,13 @@ def _fallback(choice: EngineChoice, exc: MixnetError) -> EngineChoice | None:
     if not choice.engine_auto:
         return None
     if choice.device != "cpu" and isinstance(exc, DeviceError):
-        cpu = replace(_cpu_auto(f"{choice.engine} could not use the GPU: {exc}", precision=choice.precision,
-                                compiled=choice.compiled), compiled=choice.compiled)
+        cpu = _cpu_auto(f"{choice.engine} could not use the GPU: {exc}", precision=choice.precision,
+                        compiled=choice.compiled)
         return replace(cpu, engine_reason=f"{cpu.engine_reason}; {choice.engine} could not use the GPU")
     if isinstance(exc, EngineFailed):  # the engine failed, not the model: the next engine may run it
         try:
-            following = replace(_cpu_auto(choice.device_reason, after=choice.engine, precision=choice.precision,
-                                          compiled=choice.compiled), compiled=choice.compiled)
+            following = _cpu_auto(choice.device_reason, after=choice.engine, precision=choice.precision,
+                                  compiled=choice.compiled)
         except EngineError:
             return None
         return replace(following, engine_reason=f"{choice.engine} failed: {exc}")
