@@ -56,9 +56,11 @@ RECORD_NAME = cache.DIRECTORY_RECORD
 RECORD_VERSION = 3
 # The converted model must give the network's logits to this fraction of their largest magnitude (relative, so
 # that it means the same for trained weights, whose logits reach 20, and fresh ones, whose logits are 1e-7), and
-# the same probabilities to this absolute error (tests hold every engine to 1e-4 on probabilities).
+# the same probabilities to this absolute error: the bound the tests hold every engine to, and no stricter, since
+# engines' kernels differ by CPU (OpenVINO's AVX-512 kernels move probabilities by ~2e-5 against ONNX Runtime on
+# random weights, which a 1e-5 bound refused on AVX-512 machines while AVX2 ones passed).
 LOGIT_TOLERANCE = 1e-4
-PROBABILITY_TOLERANCE = 1e-5
+PROBABILITY_TOLERANCE = 1e-4
 _FAILURE_MARK = "mixnet-export-failed: "
 _REPORT_NAME = "check.json"
 
@@ -345,6 +347,18 @@ def validation_batch(size: int, count: int = 2, seed: int = 0) -> np.ndarray:
     return rng.uniform(-2.1, 2.6, size=(count, 3, size, size)).astype(np.float32)
 
 
+def _check_bounds(what: str, difference: float, allowed: float, probability_difference: float) -> None:
+    """Raise :class:`EngineError` naming each bound that ``difference`` (in ``what``) or the probabilities passed."""
+    failed = []
+    if difference > allowed:
+        failed.append(f"its {what} differ from the reference by up to {difference:.3g} (allowed {allowed:.3g})")
+    if probability_difference > PROBABILITY_TOLERANCE:
+        failed.append(f"its probabilities differ by up to {probability_difference:.3g} "
+                      f"(allowed {PROBABILITY_TOLERANCE:.3g})")
+    if failed:
+        raise EngineError("the model does not give the reference answers: " + "; ".join(failed))
+
+
 def compare_logits(got: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     """How far ``got`` is from ``reference``; raises :class:`EngineError` beyond the tolerances."""
     if got.shape != reference.shape:
@@ -354,11 +368,7 @@ def compare_logits(got: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     logit_diff = float(np.abs(got.astype(np.float64) - reference).max())
     prob_diff = float(np.abs(softmax(got) - softmax(reference)).max())
     scale = float(np.abs(reference).max())
-    if logit_diff > LOGIT_TOLERANCE * scale + 1e-30 or prob_diff > PROBABILITY_TOLERANCE:
-        raise EngineError(
-            f"the model does not give the reference logits: they differ by up to {logit_diff:.3g} "
-            f"(allowed {LOGIT_TOLERANCE * scale:.3g}), probabilities by {prob_diff:.3g}"
-        )
+    _check_bounds("logits", logit_diff, LOGIT_TOLERANCE * scale + 1e-30, prob_diff)
     return {"max_abs_logit_diff": logit_diff, "max_abs_probability_diff": prob_diff, "logit_scale": scale}
 
 
@@ -385,11 +395,7 @@ def compare_probabilities(got: np.ndarray, reference: np.ndarray) -> dict[str, f
     prob_diff = float(np.abs(got.astype(np.float64) - np.exp(log_reference)).max())
     scale = float(np.abs(reference).max())
     allowed = LOGIT_TOLERANCE * max(scale, 1.0)
-    if log_diff > allowed or prob_diff > PROBABILITY_TOLERANCE:
-        raise EngineError(
-            f"the model does not give the reference probabilities: their logarithms differ by up to {log_diff:.3g} "
-            f"(allowed {allowed:.3g}), probabilities by {prob_diff:.3g}"
-        )
+    _check_bounds("log-probabilities", log_diff, allowed, prob_diff)
     return {"max_abs_log_probability_diff": log_diff, "max_abs_probability_diff": prob_diff, "logit_scale": scale}
 
 

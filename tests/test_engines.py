@@ -21,6 +21,12 @@ from PIL import Image
 from mixnet_cli import Classifier
 from mixnet_cli.classifier import softmax
 from mixnet_cli.cli import main
+from mixnet_cli.conversion import (
+    LOGIT_TOLERANCE,
+    PROBABILITY_TOLERANCE,
+    compare_logits,
+    compare_probabilities,
+)
 from mixnet_cli.engine import choose_engine, measure_latency
 from mixnet_cli.errors import CacheError, DeviceError, EngineError, UsageError
 from mixnet_cli.third_party import paddle_missing
@@ -254,7 +260,7 @@ def test_first_use_converts_once_installs_nothing_and_reconverts_a_corrupt_model
     assert reference["model_sha256"] == record["files"]["MixNet_S.onnx"]["sha256"]
     assert np.asarray(reference["logits"]).shape == (2, 1000)
     [marker] = (isolated_home / "openvino").glob("*/checked-openvino.json")
-    assert json.loads(marker.read_text())["check"]["max_abs_probability_diff"] <= 1e-5
+    assert json.loads(marker.read_text())["check"]["max_abs_probability_diff"] <= PROBABILITY_TOLERANCE
     assert not list((isolated_home / "onnx").glob("*.incomplete"))
 
     second = runner.invoke(main, ["classify", str(pictures[0]), "--json"])
@@ -390,7 +396,7 @@ def test_measure_latency_times_the_engine(home_copy):
 
 def test_openvino_is_checked_once_and_refused_when_it_does_not_match(home_copy, pictures):
     [marker] = (home_copy / "openvino").glob("*/checked-openvino.json")
-    assert json.loads(marker.read_text())["check"]["max_abs_probability_diff"] <= 1e-5
+    assert json.loads(marker.read_text())["check"]["max_abs_probability_diff"] <= PROBABILITY_TOLERANCE
     marker.unlink()
     # Reference logits that no engine gives: the check must fail.
     [reference_path] = (home_copy / "onnx").glob("*/reference.json")
@@ -400,9 +406,9 @@ def test_openvino_is_checked_once_and_refused_when_it_does_not_match(home_copy, 
     result = CliRunner().invoke(main, ["classify", str(pictures[0]), "--json", "--engine", "openvino"])
     assert result.exit_code == 1 and result.stdout == ""
     [line] = result.stderr.strip().splitlines()
-    assert line.startswith("Error: ") and "does not give the reference logits" in line
+    assert line.startswith("Error: ") and "does not give the reference answers: its logits differ" in line
     assert not marker.exists()
-    with pytest.raises(EngineError, match="does not give the reference logits"):
+    with pytest.raises(EngineError, match="its logits differ"):
         Classifier(MODEL, engine="openvino")
 
 
@@ -432,3 +438,50 @@ def test_openvino_fixes_the_batch_size_and_pads_last_batches(home_copy):
     for _ in range(2):
         assert np.abs(classifier.logits(batch[:3]) - whole[:3]).max() <= 1e-5 * scale
     assert sorted(p.name for p in directory.glob("batch*.onnx")) == ["batch1.onnx", "batch3.onnx", "batch4.onnx"]
+
+
+
+def _with_probability_moved(logits: np.ndarray, by: float) -> np.ndarray:
+    """``logits`` with class 0's probability in row 0 moved by ``by``: its logit shifted by the exact amount."""
+    p = float(softmax(logits)[0, 0])
+    target = p + by
+    moved = logits.astype(np.float64).copy()
+    moved[0, 0] += np.log(target / (1 - target) * (1 - p) / p)
+    return moved
+
+
+def test_the_conversion_check_holds_engines_to_the_tests_bounds():
+    """The self-check of every engine uses the bounds the tests hold engines to (1e-4 on probabilities): logits
+    moved just inside each bound pass, just outside it fail with a message naming the bound that failed."""
+    assert PROBABILITY_TOLERANCE == 1e-4  # tests/paddleclas_reference.py's TOLERANCE
+    # The logit bound (1e-4 of the largest logit): a class with no probability moved by 0.99 / 1.01 of it.
+    reference = np.zeros((2, 1000))
+    reference[:, 0] = 1000.0
+    inside, outside = reference.copy(), reference.copy()
+    inside[0, 5] += 0.99 * LOGIT_TOLERANCE * 1000.0
+    outside[0, 5] += 1.01 * LOGIT_TOLERANCE * 1000.0
+    assert compare_logits(inside, reference)["max_abs_logit_diff"] == pytest.approx(0.099)
+    with pytest.raises(EngineError) as failed:
+        compare_logits(outside, reference)
+    assert str(failed.value) == ("the model does not give the reference answers: its logits differ from the "
+                                 "reference by up to 0.101 (allowed 0.1)")
+
+    # The probability bound, where the logit bound (1e-3 for logits of 10) is looser than the move (~4e-4).
+    two_classes = np.zeros((2, 1000))
+    two_classes[:, :2] = 10.0
+    passed = compare_logits(_with_probability_moved(two_classes, 0.9 * PROBABILITY_TOLERANCE), two_classes)
+    assert passed["max_abs_probability_diff"] == pytest.approx(0.9 * PROBABILITY_TOLERANCE, rel=1e-3)
+    with pytest.raises(EngineError) as failed:
+        compare_logits(_with_probability_moved(two_classes, 1.1 * PROBABILITY_TOLERANCE), two_classes)
+    assert str(failed.value) == ("the model does not give the reference answers: its probabilities differ by "
+                                 "up to 0.00011 (allowed 0.0001)")
+    # Both passed: both named.
+    with pytest.raises(EngineError, match=r"its logits differ .*\(allowed 0\.001\); its probabilities differ"):
+        compare_logits(_with_probability_moved(two_classes, 0.01), two_classes)
+
+    # A model that outputs probabilities (paddle-legacy) is held to the same probability bound.
+    assert compare_probabilities(softmax(_with_probability_moved(two_classes, 0.9 * PROBABILITY_TOLERANCE)),
+                                 two_classes)["max_abs_probability_diff"] < PROBABILITY_TOLERANCE
+    with pytest.raises(EngineError, match=r"its probabilities differ by up to 0\.00011 \(allowed 0\.0001\)$"):
+        compare_probabilities(softmax(_with_probability_moved(two_classes, 1.1 * PROBABILITY_TOLERANCE)),
+                              two_classes)

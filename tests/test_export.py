@@ -180,7 +180,7 @@ def test_a_probability_model_is_held_to_the_reference_logits():
     low = int(np.argmin(logits[0]))
     wrong[0, low] += 5.0  # e^5 times the probability of a class that has almost none
     assert np.abs(_softmax(wrong) - _softmax(logits)).max() < 1e-5
-    with pytest.raises(EngineError, match="the reference probabilities"):
+    with pytest.raises(EngineError, match="its log-probabilities differ"):
         compare_probabilities(_softmax(wrong).astype(np.float32), logits)
     with pytest.raises(EngineError, match="shape"):
         compare_probabilities(probabilities[:, :10], logits)
