@@ -72,8 +72,8 @@ os.environ["MIXNET_HOME"] = {str(home)!r}
 sys.path.insert(0, {str(ROOT / "tests")!r})
 from weightgen import calibrated_state, save_pdparams
 from mixnet_cli import Classifier
-from mixnet_cli.third_party import paddle_missing
-from mixnet_cli.manifest import resolve_model
+from mixnet_cli.base.third_party import paddle_missing
+from mixnet_cli.base.manifest import resolve_model
 formats = {list(formats) if formats is not None else None!r} or (["onnxruntime"] + (["paddle"] if paddle_missing() is None else []))
 for index, name in enumerate({list(models)!r}):
     spec = resolve_model(name)

@@ -81,11 +81,11 @@ def build_variants(model: str, home: Path, threads: int) -> tuple[list[Variant],
     """The variants for ``model``, and the dygraph reference engine (for the fidelity check)."""
     os.environ["MIXNET_HOME"] = str(home)
     from mixnet_cli import Classifier
-    from mixnet_cli.conversion import cached_model
+    from mixnet_cli.engines.conversion import cached_model
 
     default = Classifier(model, device="cpu")
     variants = [Variant(f"mixnet default ({default.engine.name})", "mixnet", default.engine.run, default.engine.detail)]
-    from mixnet_cli.third_party import module_installed
+    from mixnet_cli.base.third_party import module_installed
 
     for engine in ("openvino", "onnxruntime", "paddle", "torch", "dygraph"):
         if engine == default.engine.name or (engine == "torch" and not module_installed("torch")):
@@ -142,7 +142,7 @@ def run_any(variant: Variant, batch: np.ndarray) -> np.ndarray:
 
 def measure(models: list[str], home: Path, rounds: int, threads: int) -> dict[str, Any]:
     from mixnet_cli.classifier import softmax
-    from mixnet_cli.conversion import validation_batch
+    from mixnet_cli.engines.conversion import validation_batch
 
     results: dict[str, Any] = {}
     for model in models:

@@ -1,7 +1,7 @@
 """Which way of writing MixNet's ONNX graph runs fastest: every GraphForm of mixnet's own graph against paddle2onnx's.
 
-mixnet writes the network's ONNX graph itself (:func:`mixnet_cli.onnx_graph.build_onnx`), in one of several
-equivalent forms (:class:`~mixnet_cli.onnx_graph.GraphForm`): mixed depthwise convolutions merged into one
+mixnet writes the network's ONNX graph itself (:func:`mixnet_cli.network.onnx_graph.build_onnx`), in one of several
+equivalent forms (:class:`~mixnet_cli.network.onnx_graph.GraphForm`): mixed depthwise convolutions merged into one
 (kernels zero-padded) or split per kernel size; mixed 1x1 convolutions as one grouped convolution or split;
 batch norm folded into the convolutions or kept as BatchNormalization nodes. This script builds, from the same
 random weights (tests/weightgen.py, ``wild=True``), every form for MixNet_S (all 8) and, to keep the run short,
@@ -135,7 +135,7 @@ class Variant:
 
 
 def forms_for(model: str, all_forms: bool) -> list[Any]:
-    from mixnet_cli.onnx_graph import GraphForm
+    from mixnet_cli.network.onnx_graph import GraphForm
 
     forms = [GraphForm(merge_depthwise=m, group_pointwise=g, fold_batch_norm=f)
              for m, g, f in itertools.product((True, False), repeat=3)]
@@ -220,8 +220,8 @@ def measure_model(model: str, plan: Callable[[float, float], int], all_forms: bo
     """Build, check and time every variant of ``model``; ``plan(setup_s, round_s)`` says how many rounds."""
     import onnx
 
-    from mixnet_cli.architecture import architecture_of
-    from mixnet_cli.onnx_graph import DEFAULT_FORM, build_onnx
+    from mixnet_cli.network.architecture import architecture_of
+    from mixnet_cli.network.onnx_graph import DEFAULT_FORM, build_onnx
 
     architecture = architecture_of(model)
     forms = forms_for(model, all_forms)
@@ -427,9 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "tests"))
     import weightgen
 
-    from mixnet_cli.architecture import architecture_of
+    from mixnet_cli.network.architecture import architecture_of
     from mixnet_cli.engines.base import physical_cores
-    from mixnet_cli.onnx_graph import DEFAULT_FORM
+    from mixnet_cli.network.onnx_graph import DEFAULT_FORM
 
     threads = physical_cores()
     at_start = machine()

@@ -106,7 +106,7 @@ def driver_work_ms(images: Path, model: str, scratch: Path) -> float:
     each) into a checked Arrow table written as one Parquet part, as :func:`run_job` does. Best of 3."""
     from mixnet_cli.classifier import ClassificationResult, Prediction
     from mixnet_cli.distributed import ResultsDirectory, list_inputs, result_row, result_schema, results_table
-    from mixnet_cli.manifest import resolve_model
+    from mixnet_cli.base.manifest import resolve_model
 
     name = resolve_model(model).name
     best = float("inf")

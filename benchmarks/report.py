@@ -250,7 +250,7 @@ def _default_form(results: Path) -> str:
     if root not in sys.path:
         sys.path.insert(0, root)
     try:
-        from mixnet_cli.onnx_graph import DEFAULT_FORM
+        from mixnet_cli.network.onnx_graph import DEFAULT_FORM
 
         return DEFAULT_FORM.label
     except ImportError:
@@ -270,7 +270,7 @@ def graph_forms_section(results: Path) -> list[str]:
         body.pop(0)
     return ["## Graph form: mixnet's ONNX graph against paddle2onnx's", "",
             f"mixnet writes MixNet's ONNX graph itself, by default in the form *{_default_form(results)}* "
-            "(`DEFAULT_FORM` in mixnet_cli/onnx_graph.py; *dw*/*bn* in the tables), and the tables below, from "
+            "(`DEFAULT_FORM` in mixnet_cli/network/onnx_graph.py; *dw*/*bn* in the tables), and the tables below, from "
             "`python benchmarks/graph_forms.py`, time every form against the graph paddle2onnx makes of "
             "paddleclas's network, side by side in one run.", "", *body, ""]
 

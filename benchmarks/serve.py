@@ -127,7 +127,7 @@ def forward_ceiling(home: Path, model: str) -> dict[str, Any]:
     """The forward pass alone, in this process, at batch 1, 4 and 8: the best images/s is the ceiling."""
     os.environ["MIXNET_HOME"] = str(home)
     from mixnet_cli import Classifier
-    from mixnet_cli.engine import measure_latency
+    from mixnet_cli.engines.choice import measure_latency
 
     classifier = Classifier(model, device="cpu")
     size = classifier.spec.preprocessing.crop_size

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
+from .base.errors import (
     DeviceError,
     DownloadError,
     ImageError,

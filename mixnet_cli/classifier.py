@@ -17,15 +17,15 @@ from typing import Any, Iterable, Iterator, Sequence, Sized
 
 import numpy as np
 
-from . import settings
-from .engine import DeviceChoice, Engine, EngineChoice, choose_engine, create_engine
-from .postprocess import softmax
-from .errors import ImageError, MixnetError, UsageError
-from .inputs import InputItem, fetch_image_url, is_url
-from .labels import imagenet_labels, read_label_file
-from .manifest import ModelSpec, resolve_model
-from .preprocess import ImageInput, load_and_transform
-from .weights import VerifiedWeights, custom_weights, ensure_weights
+from .base import settings
+from .engines.choice import DeviceChoice, Engine, EngineChoice, choose_engine, create_engine
+from .images.postprocess import softmax
+from .base.errors import ImageError, MixnetError, UsageError
+from .images.inputs import InputItem, fetch_image_url, is_url
+from .images.labels import imagenet_labels, read_label_file
+from .base.manifest import ModelSpec, resolve_model
+from .images.preprocess import ImageInput, load_and_transform
+from .weights.store import VerifiedWeights, custom_weights, ensure_weights
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,8 @@ class Classifier:
     cores).
 
     Your own fine-tuned MixNet: ``weights`` is its ``.pdparams`` file (any number of classes; the architecture is
-    detected from it unless ``model`` is given: :func:`~mixnet_cli.weights.custom_weights`), ``labels`` its class
-    names (PaddleClas's ``<id> <name>`` per line, or one name per line: :func:`~mixnet_cli.labels.read_label_file`).
+    detected from it unless ``model`` is given: :func:`~mixnet_cli.weights.store.custom_weights`), ``labels`` its class
+    names (PaddleClas's ``<id> <name>`` per line, or one name per line: :func:`~mixnet_cli.images.labels.read_label_file`).
     Without ``labels``, 1000 classes are ImageNet's and other counts are named by their class id.
 
     For timing other arithmetic (``mixnet benchmark``): ``precision`` ``tf32``, ``bf16`` or ``fp16`` (engines
@@ -167,8 +167,8 @@ class Classifier:
 
         ``image`` is what the command line takes, resolved the same way: a path (``str`` or ``Path``), an
         http(s) URL (downloaded with ``MIXNET_TIMEOUT``, ``MIXNET_RETRIES`` and ``MIXNET_URL_DEADLINE``), an
-        :class:`~mixnet_cli.inputs.InputItem`; or encoded bytes, a PIL image, an HxWx3 RGB (HxW grey, HxWx4 RGBA)
-        uint8 array. Raises :class:`~mixnet_cli.errors.ImageError` for anything wrong with it."""
+        :class:`~mixnet_cli.images.inputs.InputItem`; or encoded bytes, a PIL image, an HxWx3 RGB (HxW grey, HxWx4 RGBA)
+        uint8 array. Raises :class:`~mixnet_cli.base.errors.ImageError` for anything wrong with it."""
         if isinstance(image, InputItem):
             image = image.load()
         elif is_url(image):
@@ -212,7 +212,7 @@ class Classifier:
     def classify(self, image: ImageInput | InputItem, *, topk: int | None = None,
                  name: str | None = None) -> ClassificationResult:
         """Classify one image (any input :meth:`preprocess` takes, URLs included); an unreadable image raises its
-        :class:`~mixnet_cli.errors.ImageError`."""
+        :class:`~mixnet_cli.base.errors.ImageError`."""
         label = name or _input_name(image)
         topk = check_topk(topk, len(self.labels))
         return self._results(self.engine, [label], [self.preprocess(image, label)], topk)[0]
@@ -227,9 +227,9 @@ class Classifier:
     ) -> Iterator[ClassificationResult]:
         """Classify images in input order, in batches, decoding ahead in threads while the engine runs.
 
-        Items are images, ``(name, image)`` pairs or :class:`~mixnet_cli.inputs.InputItem`. A bad image yields a
+        Items are images, ``(name, image)`` pairs or :class:`~mixnet_cli.images.inputs.InputItem`. A bad image yields a
         result with ``error`` set and the rest go on; results are yielded in input order as soon as their batch
-        is done. The engine's throughput mode (:meth:`~mixnet_cli.engine.Engine.throughput`) runs jobs of more
+        is done. The engine's throughput mode (:meth:`~mixnet_cli.engines.choice.Engine.throughput`) runs jobs of more
         than :data:`BULK_AFTER_IMAGES` images (from the start when ``images`` has a length, else from there on),
         with as many batches in flight as it runs at once.
         """

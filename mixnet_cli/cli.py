@@ -1,6 +1,6 @@
 """The ``mixnet`` command: parse arguments, call the library, render its results. Nothing else lives here.
 
-Only this module imports click. Library errors (:class:`~mixnet_cli.errors.MixnetError`) become one-line
+Only this module imports click. Library errors (:class:`~mixnet_cli.base.errors.MixnetError`) become one-line
 ``Error: ...`` messages with exit code 1 (2 for usage errors); tracebacks only with ``MIXNET_DEBUG=1``.
 """
 
@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 
 import click
 
-from . import settings
-from .errors import DeviceError, MixnetError, UsageError
+from .base import settings
+from .base.errors import DeviceError, MixnetError, UsageError
 from .engines import ENGINES, engine_names
 from .output import FORMATS
 
 if TYPE_CHECKING:
-    from .manifest import ModelSpec
+    from .base.manifest import ModelSpec
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -120,7 +120,7 @@ def _model_names_help() -> str:
 
 def _complete_model(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
     """Shell completion for model names (the manifest is small and cheap to read)."""
-    from .manifest import load_manifest
+    from .base.manifest import load_manifest
 
     names = [name for spec in load_manifest().models.values() for name in (spec.short_name, spec.name)]
     return [name for name in names if name.lower().startswith(incomplete.lower())]
@@ -207,7 +207,7 @@ def threads_option(func: F) -> F:
 
 def _specs(names: Sequence[str]) -> list["ModelSpec"]:
     """The models named on the command line (``all`` for every one), each once, in order."""
-    from .manifest import model_names, resolve_model
+    from .base.manifest import model_names, resolve_model
 
     wanted = model_names() if any(n.strip().lower() == "all" for n in names) else [resolve_model(n).name for n in names]
     return [resolve_model(name) for name in dict.fromkeys(wanted)]
@@ -215,7 +215,7 @@ def _specs(names: Sequence[str]) -> list["ModelSpec"]:
 
 def _device_and_engine(device: str | None, engine: str | None) -> tuple[str, str]:
     """``--device`` and ``--engine``: the flag, else MIXNET_DEVICE / MIXNET_ENGINE, else auto; all checked."""
-    from .engine import check_device_name, check_engine_name
+    from .engines.choice import check_device_name, check_engine_name
 
     context = click.get_current_context(silent=True)
     if context is not None and device is None and os.environ.get("MIXNET_DEVICE", "").strip():
@@ -227,7 +227,7 @@ def _device_and_engine(device: str | None, engine: str | None) -> tuple[str, str
 
 def _checked_mirrors(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
     """--mirror is checked as it is parsed, so a bad one is a usage error even when the weights are cached."""
-    from .weights import check_mirrors
+    from .weights.store import check_mirrors
 
     try:
         return tuple(check_mirrors(value))
@@ -238,7 +238,7 @@ def _checked_mirrors(ctx: click.Context, param: click.Parameter, value: tuple[st
 def _checked_server(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """--server is checked as it is parsed: requests would refuse a URL without http(s):// only at the first
     request, with an exception that does not name the option."""
-    from .remote import check_server_url
+    from .service.remote import check_server_url
 
     try:
         return None if value is None else check_server_url(value)
@@ -407,8 +407,8 @@ def classify(
     and the exit code is 1.
     """
     from .classifier import ClassificationResult, Classifier
-    from .inputs import expand_inputs, read_list_file
-    from .manifest import resolve_model
+    from .images.inputs import expand_inputs, read_list_file
+    from .base.manifest import resolve_model
     from .output import write_classifications
 
     if files_from == "-" and "-" in images:
@@ -455,7 +455,7 @@ def classify(
         sys.exit(1)
     results: Iterator[tuple[dict[str, Any], Any]]  # each input's object and its features (None: not asked for)
     if server is not None:
-        from .remote import classify_remote
+        from .service.remote import classify_remote
 
         if verbose and not quiet:
             click.echo(f"model {model or 'MixNet_S'}, through the service at {server}, {len(items)} image(s)",
@@ -576,7 +576,7 @@ def serve(
     /readyz (503 until the models are loaded), /metrics (Prometheus), /openapi.json. SIGTERM or Ctrl-C stops
     accepting, finishes the requests in flight and exits 0.
     """
-    from . import serve as service
+    from .service import serve as service
 
     missing = service.serve_missing()
     if missing is not None:
@@ -606,7 +606,7 @@ def _write_features(path: Path, rows: list[Any]) -> None:
 
     import numpy as np
 
-    from .files import write_bytes
+    from .base.files import write_bytes
 
     width = next((len(row) for row in rows if row is not None), 0)
     table = np.full((len(rows), width), np.nan, dtype=np.float32)
@@ -687,7 +687,7 @@ def classify_dataset(
     is faster.
     """
     from .distributed import run_job
-    from .manifest import resolve_model
+    from .base.manifest import resolve_model
 
     resolve_model(model)
     device_name, engine_name = _device_and_engine(device, engine)
@@ -749,7 +749,7 @@ def _interrupt_ends_at_once() -> Iterator[None]:
         for path in list(UNFINISHED_OUTPUTS):
             with contextlib.suppress(OSError):
                 path.unlink()
-        from .locks import delete_held_lock_files
+        from .base.locks import delete_held_lock_files
 
         delete_held_lock_files()  # os._exit skips the releases
         os.write(2, b"Interrupted.\n")
@@ -828,7 +828,7 @@ def download(
     whole file, and every parameter name and shape of the architecture. An interrupted download resumes on
     the next run; several processes needing the same file share one download.
     """
-    from .weights import ensure_weights, install_from_file, normalise_sha256
+    from .weights.store import ensure_weights, install_from_file, normalise_sha256
 
     specs = _specs(models)
     pinned = normalise_sha256(sha256)
@@ -870,8 +870,8 @@ def models(fmt: str) -> None:
     Accuracy is ImageNet-1k validation top-1/top-5 (%), as published by PaddleClas; latency is PaddleClas's
     V100 TensorRT FP32 figure in ms at batch 1/4/8.
     """
-    from .cache import weights_path
-    from .manifest import load_manifest
+    from .base.cache import weights_path
+    from .base.manifest import load_manifest
     from .output import write_rows
 
     rows = []
@@ -977,8 +977,8 @@ def evaluate_command(
     """
     from .classifier import Classifier
     from .evaluate import evaluate, evenly_spaced, read_image_folder, read_labelled_list
-    from .labels import imagenet_synsets
-    from .manifest import resolve_model
+    from .images.labels import imagenet_synsets
+    from .base.manifest import resolve_model
     from .output import write_rows
 
     if model is not None:
@@ -1066,7 +1066,7 @@ def cache_list(fmt: str) -> None:
     on first use), corrupt (changed since: `mixnet download MODEL --force`), partial (an interrupted download;
     the next `mixnet download` resumes it).
     """
-    from .cache import cache_root, inventory
+    from .base.cache import cache_root, inventory
     from .output import write_rows
 
     rows = [item.to_dict() for item in inventory()]
@@ -1085,8 +1085,8 @@ def cache_path(model: str | None) -> None:
       mixnet cache path
       mixnet cache path S
     """
-    from .cache import cache_root, weights_path
-    from .manifest import resolve_model
+    from .base.cache import cache_root, weights_path
+    from .base.manifest import resolve_model
 
     click.echo(str(weights_path(resolve_model(model)) if model else cache_root()))
 
@@ -1101,7 +1101,7 @@ def cache_rm(models: tuple[str, ...]) -> None:
     \b
       mixnet cache rm S
     """
-    from .cache import execute, plan_removal
+    from .base.cache import execute, plan_removal
 
     for spec in _specs(models):
         removed = execute(plan_removal([spec]))
@@ -1121,7 +1121,7 @@ def cache_clear(yes: bool) -> None:
 
     Only the cache's own files are deleted: anything else under MIXNET_HOME stays.
     """
-    from .cache import cache_root, execute, plan_clear
+    from .base.cache import cache_root, execute, plan_clear
 
     plan = plan_clear()
     if not plan:
@@ -1195,8 +1195,8 @@ def benchmark(
     (V100, TensorRT, FP32), for comparison.
     """
     from .classifier import Classifier
-    from .conversion import validation_batch
-    from .engine import check_precision, choose_engine, measure_agreement, measure_latency
+    from .engines.conversion import validation_batch
+    from .engines.choice import check_precision, choose_engine, measure_agreement, measure_latency
     from .output import write_rows
 
     if weights is not None and len(models) > 1:
@@ -1327,8 +1327,8 @@ def export_command(model: str | None, weights: Path | None, fmt: str, out_dir: P
     their softmax). Prints the files written (stdout) and how to use them (stderr).
     """
     from .export import check_output_directory, export_to_directory
-    from .manifest import resolve_model
-    from .weights import custom_weights, ensure_weights
+    from .base.manifest import resolve_model
+    from .weights.store import custom_weights, ensure_weights
 
     if model is None and weights is None:
         raise UsageError("name the MODEL to export (S, M or L), or give --weights FILE")

@@ -39,9 +39,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from .errors import EngineError, ImageNotFoundError, ImageTooLargeError, ImageUnreadableError, MixnetError, UsageError
-from .inputs import IMAGE_SUFFIXES, InputItem, display_name, expand_inputs, fetch_image_url, is_url
-from .preprocess import MAX_IMAGE_BYTES
+from .base.errors import EngineError, ImageNotFoundError, ImageTooLargeError, ImageUnreadableError, MixnetError, UsageError
+from .images.inputs import IMAGE_SUFFIXES, InputItem, display_name, expand_inputs, fetch_image_url, is_url
+from .images.preprocess import MAX_IMAGE_BYTES
 
 if TYPE_CHECKING:
     import pyarrow
@@ -142,7 +142,7 @@ def _filesystem(uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
 
 def _list_uri(source: str, recursive: bool) -> list[str] | MixnetError:
     """The image files under a URI (by the suffixes of :data:`IMAGE_SUFFIXES`, sorted, hidden entries
-    skipped, as :func:`~mixnet_cli.inputs.directory_images` does locally), or the error for the source itself."""
+    skipped, as :func:`~mixnet_cli.images.inputs.directory_images` does locally), or the error for the source itself."""
     pa = _import_pyarrow()
     filesystem, path = _filesystem(source)
     try:
@@ -180,7 +180,7 @@ class InputListing:
 
 def list_inputs(sources: Iterable[str], model_name: str, *, recursive: bool = True) -> InputListing:
     """Expand ``sources`` as ``mixnet classify`` does (local files, directories, globs and http(s) URLs through
-    :func:`~mixnet_cli.inputs.expand_inputs`, so names and filters are the same) plus pyarrow URIs (listed with
+    :func:`~mixnet_cli.images.inputs.expand_inputs`, so names and filters are the same) plus pyarrow URIs (listed with
     the same extension filter). Local paths are carried as bytes (``os.fsencode``), so a name that is not UTF-8
     still opens."""
     from .classifier import ClassificationResult
@@ -280,7 +280,7 @@ class MixnetPredictor:
 
     def _read_uri(self, uri: str, name: str) -> bytes:
         """The bytes of one file through pyarrow (its filesystem made once per bucket or host), with
-        ``mixnet classify``'s size limit; errors as :class:`~mixnet_cli.errors.ImageError`."""
+        ``mixnet classify``'s size limit; errors as :class:`~mixnet_cli.base.errors.ImageError`."""
         parsed = urlparse(uri)
         key = f"{parsed.scheme}://{parsed.netloc}"
         # Object stores take "bucket/key"; filesystems with a host (hdfs://host:port/...) take the path alone.
@@ -497,7 +497,7 @@ def classify_dataset(
     fails rather than looping or dropping images), ``images_per_task`` images per actor call. Rows come in no
     particular order. Raises :class:`UsageError` for bad arguments, :class:`EngineError` without the extra."""
     ray = _import_ray()
-    from .manifest import resolve_model
+    from .base.manifest import resolve_model
 
     spec = resolve_model(model)
     if images_per_task < 1:
@@ -693,7 +693,7 @@ def run_job(
     :class:`UsageError` (bad arguments, non-empty ``out`` without ``resume``, results of another model in it),
     :class:`MixnetError` (the job stopped: an actor crashed too often, the output could not be written; the parts
     written so far stay, for ``resume``)."""
-    from .manifest import resolve_model
+    from .base.manifest import resolve_model
 
     spec = resolve_model(model)
     if rows_per_file < 1:
@@ -711,7 +711,7 @@ def run_job(
     if _starts_local_cluster(address):
         # On this machine alone the driver's cache is the actors': get the weights here first, so that weights
         # that cannot be had are one line before Ray starts, not an actor that dies and restarts three times.
-        from .weights import ensure_weights
+        from .weights.store import ensure_weights
 
         ensure_weights(spec, mirrors=options.get("mirrors"), offline=options.get("offline"))
     with ray_session(address) as ray:

@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from typing import Any, Callable, Iterator
 
-from . import settings
-from .third_party import distribution_installed
+from .base import settings
+from .base.third_party import distribution_installed
 
 # Distributions whose versions matter for a bug report, in the order shown; the core needs those in _CORE.
 _DISTRIBUTIONS = (
@@ -72,7 +72,7 @@ def _guarded(name: str, probe: Callable[[], Iterator[Check]]) -> Iterator[Check]
 
 
 def _paddle() -> Iterator[Check]:
-    from .third_party import import_quietly
+    from .base.third_party import import_quietly
 
     if not distribution_installed("paddlepaddle") and not distribution_installed("paddlepaddle-gpu"):
         return
@@ -89,7 +89,7 @@ def _paddle() -> Iterator[Check]:
 def _torch() -> Iterator[Check]:
     if not distribution_installed("torch"):
         return
-    from .third_party import import_quietly
+    from .base.third_party import import_quietly
 
     torch = import_quietly("torch")
     if torch.version.cuda is None:
@@ -103,7 +103,7 @@ def _torch() -> Iterator[Check]:
 
 
 def _engine() -> Iterator[Check]:
-    from .engine import choose_engine
+    from .engines.choice import choose_engine
 
     for variable, value in (("MIXNET_DEVICE", settings.device()), ("MIXNET_ENGINE", settings.engine())):
         if value:
@@ -114,8 +114,8 @@ def _engine() -> Iterator[Check]:
 
 
 def _paddleclas() -> Iterator[Check]:
-    from .third_party import import_quietly
-    from .manifest import load_manifest
+    from .base.third_party import import_quietly
+    from .base.manifest import load_manifest
 
     if not distribution_installed("paddleclas"):
         return
@@ -127,15 +127,15 @@ def _paddleclas() -> Iterator[Check]:
 def _onnxruntime() -> Iterator[Check]:
     if not distribution_installed("onnxruntime") and not distribution_installed("onnxruntime-gpu"):
         return
-    from .third_party import import_quietly
+    from .base.third_party import import_quietly
 
     onnxruntime = import_quietly("onnxruntime")
     yield Check("onnxruntime providers", ", ".join(onnxruntime.get_available_providers()), "info")
 
 
 def _cache() -> Iterator[Check]:
-    from .cache import cache_root, weights_path
-    from .manifest import load_manifest
+    from .base.cache import cache_root, weights_path
+    from .base.manifest import load_manifest
 
     root = cache_root()
     source = settings.home_source()
@@ -157,8 +157,8 @@ def _cache() -> Iterator[Check]:
 
 
 def _network() -> Iterator[Check]:
-    from .manifest import load_manifest
-    from .weights import candidate_urls
+    from .base.manifest import load_manifest
+    from .weights.store import candidate_urls
 
     offline = settings.offline()
     mirrors = settings.mirrors()

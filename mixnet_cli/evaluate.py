@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
-from .errors import UsageError
-from .inputs import InputItem, directory_images
+from .base.errors import UsageError
+from .images.inputs import InputItem, directory_images
 
 if TYPE_CHECKING:
     from .classifier import ClassificationResult, Classifier

@@ -1,7 +1,7 @@
 """``mixnet export``: a converted model written where the user asks, checked there before it takes its name.
 
-The files are the cached conversion (:mod:`mixnet_cli.conversion`), copied into a staging folder inside the
-output directory, loaded back from there by an engine (:mod:`mixnet_cli.engine`) and run on the test batch:
+The files are the cached conversion (:mod:`mixnet_cli.engines.conversion`), copied into a staging folder inside the
+output directory, loaded back from there by an engine (:mod:`mixnet_cli.engines.choice`) and run on the test batch:
 only copies that give the reference logits take their final names, so a failed export leaves nothing
 half-written.
 """
@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .conversion import FORMATS, RECORD_NAME, ConvertedModel, check_engine, ensure_converted, reference_logits
-from .errors import CacheError, UsageError
-from .manifest import ModelSpec
+from .engines.conversion import FORMATS, RECORD_NAME, ConvertedModel, check_engine, ensure_converted, reference_logits
+from .base.errors import CacheError, UsageError
+from .base.manifest import ModelSpec
 
 
 def deployable_files(converted: ConvertedModel) -> list[str]:

@@ -139,7 +139,7 @@ class AtomicOutput:
     files rename even when the block fails.)"""
 
     def __init__(self, path: Path) -> None:
-        from .files import temporary_path
+        from .base.files import temporary_path
 
         self.path = path
         self.temporary = temporary_path(path)

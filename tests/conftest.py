@@ -21,7 +21,7 @@ MIXNET_VARIABLES = (
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``paddle`` compare with paddleclas itself: without the [paddle] extra they are skipped, saying
     why (the core suite runs everything else)."""
-    from mixnet_cli.third_party import paddle_missing
+    from mixnet_cli.base.third_party import paddle_missing
 
     missing = paddle_missing()
     if missing is None:

@@ -108,5 +108,5 @@ def test_the_library_logs_its_notices_and_prints_nothing(random_mirror, caplog, 
     with caplog.at_level(logging.INFO, logger="mixnet_cli"):
         Classifier("S", device="cpu", progress=False)
     messages = [(record.name, record.getMessage()) for record in caplog.records]
-    assert ("mixnet_cli.conversion", "converting MixNet_S to ONNX (once)...") in messages
+    assert ("mixnet_cli.engines.conversion", "converting MixNet_S to ONNX (once)...") in messages
     assert capsys.readouterr() == ("", "")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from mixnet_cli.architecture import architecture_of, build_architecture, round_channels, split_channels
-from mixnet_cli.errors import ManifestError, WeightsError
-from mixnet_cli.manifest import load_manifest
+from mixnet_cli.network.architecture import architecture_of, build_architecture, round_channels, split_channels
+from mixnet_cli.base.errors import ManifestError, WeightsError
+from mixnet_cli.base.manifest import load_manifest
 
 # Counted on paddleclas 2.6.0 (sum of numel, paddle.flops); the same as PaddleClas's MixNet page (4.167 / 5.056 /
 # 7.384 M parameters, 252.977 / 357.119 / 579.017 MFLOPs; the page's 5.065 for M swaps two digits).
@@ -78,8 +78,8 @@ class _Shaped:
 def test_names_shapes_and_counts_equal_paddleclas(name: str) -> None:
     import paddle
 
-    from mixnet_cli.manifest import resolve_model
-    from mixnet_cli.paddle_network import build_network
+    from mixnet_cli.base.manifest import resolve_model
+    from mixnet_cli.network.paddle_network import build_network
 
     network = build_network(resolve_model(name))
     assert {key: tuple(value.shape) for key, value in network.state_dict().items()} == architecture_of(name).shapes()

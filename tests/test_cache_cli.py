@@ -150,7 +150,7 @@ def test_a_lock_file_a_killed_process_left_is_deleted_and_never_counted_as_weigh
 
 
 def test_clear_deletes_a_conversions_lock_file_only_when_nobody_holds_it(isolated_home):
-    from mixnet_cli.locks import file_lock
+    from mixnet_cli.base.locks import file_lock
 
     onnx = isolated_home / "onnx"
     onnx.mkdir(parents=True)

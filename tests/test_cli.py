@@ -334,9 +334,9 @@ def test_decompression_bomb_and_huge_files_are_errors(tmp_path, random_mirror, m
     assert rows[0]["error"]["type"] == "ImageTooLargeError" and "decompression bomb" in rows[0]["error"]["message"]
     assert "predictions" in rows[1]
 
-    import mixnet_cli.preprocess
+    import mixnet_cli.images.preprocess
 
-    monkeypatch.setattr(mixnet_cli.preprocess, "MAX_IMAGE_BYTES", good.stat().st_size - 1)
+    monkeypatch.setattr(mixnet_cli.images.preprocess, "MAX_IMAGE_BYTES", good.stat().st_size - 1)
     rows = json.loads(_invoke("classify", str(good), "--json").stdout)
     assert rows[0]["error"]["type"] == "ImageTooLargeError" and "limit" in rows[0]["error"]["message"]
 
@@ -445,7 +445,7 @@ def test_doctor_reports_the_setup_and_fails_on_a_broken_part(isolated_home, monk
     monkeypatch.setenv("MIXNET_OFFLINE", "1")
     result = _invoke("doctor", "--json")
     checks = {row["check"]: row for row in json.loads(result.stdout)}
-    from mixnet_cli.third_party import paddle_missing
+    from mixnet_cli.base.third_party import paddle_missing
 
     if paddle_missing() is None:
         assert checks["paddlepaddle"]["status"] == "ok" and checks["paddleclas"]["value"] == "2.6.0"
@@ -455,7 +455,7 @@ def test_doctor_reports_the_setup_and_fails_on_a_broken_part(isolated_home, monk
     assert checks["cache directory"]["value"].startswith(str(isolated_home))
     assert checks["cache writable"]["status"] == "ok"
     assert checks["device auto picks"]["value"].startswith(("cpu", "gpu"))
-    from mixnet_cli.third_party import module_installed
+    from mixnet_cli.base.third_party import module_installed
 
     if module_installed("torch"):
         assert checks["engine torch"]["value"] == "ready" and checks["torch CUDA"]["value"]
@@ -495,7 +495,7 @@ def test_inputs_that_cannot_exist_fail_before_any_download(tmp_path, random_mirr
 
 def test_the_api_takes_what_the_command_line_takes(tmp_path, random_mirror, file_server):
     from mixnet_cli import Classifier
-    from mixnet_cli.inputs import expand_inputs
+    from mixnet_cli.images.inputs import expand_inputs
 
     served = tmp_path / "served"
     served.mkdir()
@@ -512,7 +512,7 @@ def test_the_api_takes_what_the_command_line_takes(tmp_path, random_mirror, file
 
 
 def test_quiet_holds_back_onnxruntimes_telemetry_line_and_nothing_else(capfd):
-    from mixnet_cli.third_party import _stderr_without
+    from mixnet_cli.base.third_party import _stderr_without
 
     with _stderr_without("telemetry"):
         os.write(2, b"\x1b[0;93m[W:onnxruntime] Failed to persist telemetry device ID\x1b[m\nsomething else\n")

@@ -17,8 +17,8 @@ from imagegen import scene
 from weightgen import FINE_TUNED_CLASSES, make_fine_tuned_weights
 from mixnet_cli import Classifier
 from mixnet_cli.cli import main
-from mixnet_cli.errors import UsageError, WeightsError
-from mixnet_cli.postprocess import softmax
+from mixnet_cli.base.errors import UsageError, WeightsError
+from mixnet_cli.images.postprocess import softmax
 
 NAMES = list(FINE_TUNED_CLASSES)
 
@@ -188,8 +188,8 @@ def test_few_classes_default_to_all_of_them_and_odd_files_are_refused(fine_tuned
                                                                        monkeypatch):
     from weightgen import save_pdparams
 
-    from mixnet_cli.labels import read_label_file
-    from mixnet_cli.pdparams import read_state_dict
+    from mixnet_cli.images.labels import read_label_file
+    from mixnet_cli.weights.pdparams import read_state_dict
 
     state = read_state_dict(fine_tuned)
     three = dict(state, **{"output.weight": state["output.weight"][:, :3].copy(),

@@ -22,10 +22,10 @@ from PIL import Image
 from imagegen import DECODE_CORPUS_KINDS, _png_chunk, _with_png_chunk, scene, write_decode_corpus
 from mixnet_cli import Classifier
 from mixnet_cli.cli import main
-from mixnet_cli.errors import ImageError, ImageTooLargeError, NotAnImageError, TruncatedImageError
-from mixnet_cli.inputs import IMAGE_SUFFIXES, directory_images, fetch_image_url
-from mixnet_cli.manifest import resolve_model
-from mixnet_cli.preprocess import _to_rgb_like_cv2, decode, load_and_transform
+from mixnet_cli.base.errors import ImageError, ImageTooLargeError, NotAnImageError, TruncatedImageError
+from mixnet_cli.images.inputs import IMAGE_SUFFIXES, directory_images, fetch_image_url
+from mixnet_cli.base.manifest import resolve_model
+from mixnet_cli.images.preprocess import _to_rgb_like_cv2, decode, load_and_transform
 
 PREPROCESSING = resolve_model("MixNet_S").preprocessing
 

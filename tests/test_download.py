@@ -24,10 +24,10 @@ from click.testing import CliRunner, Result
 
 from faulty_server import Fault, FaultyServer
 from mixnet_cli.cli import main
-from mixnet_cli.download import parse_retry_after, retry_delay
-from mixnet_cli.errors import WeightsError
-from mixnet_cli.manifest import resolve_model
-from mixnet_cli.pdparams import read_state_dict
+from mixnet_cli.base.http import parse_retry_after, retry_delay
+from mixnet_cli.base.errors import WeightsError
+from mixnet_cli.base.manifest import resolve_model
+from mixnet_cli.weights.pdparams import read_state_dict
 
 FILE = "MixNet_S_pretrained.pdparams"
 PATH = "/" + FILE
@@ -381,7 +381,7 @@ def test_a_pinned_sha256_that_does_not_match_deletes_the_download(server, isolat
 
 
 def test_published_sha256_and_size_in_the_manifest_are_enforced(server, isolated_home, weights_bytes):
-    from mixnet_cli.weights import ensure_weights
+    from mixnet_cli.weights.store import ensure_weights
 
     spec = resolve_model("S")
     for bad in (dataclasses.replace(spec, sha256="f" * 64), dataclasses.replace(spec, size=len(weights_bytes) + 1)):
@@ -641,7 +641,7 @@ def test_ctrl_c_while_classify_or_serve_downloads_leaves_no_lock_file(command, s
     """classify ends at once on Ctrl-C (os._exit, no releases), and serve stops while its loader thread is still
     downloading: both delete the files of the locks they hold on the way out; the partial download stays."""
     if command == "serve":
-        from mixnet_cli.serve import serve_missing
+        from mixnet_cli.service.serve import serve_missing
 
         if serve_missing() is not None:
             pytest.skip(serve_missing())

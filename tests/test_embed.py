@@ -13,8 +13,8 @@ from PIL import Image
 
 from imagegen import scene
 from mixnet_cli.cli import main
-from mixnet_cli.pdparams import read_state_dict
-from mixnet_cli.postprocess import softmax
+from mixnet_cli.weights.pdparams import read_state_dict
+from mixnet_cli.images.postprocess import softmax
 
 
 @pytest.fixture

@@ -21,16 +21,16 @@ from PIL import Image
 from mixnet_cli import Classifier
 from mixnet_cli.classifier import softmax
 from mixnet_cli.cli import main
-from mixnet_cli.conversion import (
+from mixnet_cli.engines.conversion import (
     LOGIT_TOLERANCE,
     PROBABILITY_TOLERANCE,
     compare_logits,
     compare_probabilities,
 )
-from mixnet_cli.engine import choose_engine, measure_latency
-from mixnet_cli.errors import CacheError, DeviceError, EngineError, UsageError
-from mixnet_cli.third_party import paddle_missing
-from mixnet_cli.manifest import resolve_model
+from mixnet_cli.engines.choice import choose_engine, measure_latency
+from mixnet_cli.base.errors import CacheError, DeviceError, EngineError, UsageError
+from mixnet_cli.base.third_party import paddle_missing
+from mixnet_cli.base.manifest import resolve_model
 
 MODEL = "MixNet_S"
 WEIGHTS_NAME = "MixNet_S_pretrained.pdparams"
@@ -286,7 +286,7 @@ def _sha256(path: Path) -> str:
 def test_the_onnx_conversion_runs_in_process_without_paddle_or_any_installer(answer_weights, tmp_path, monkeypatch):
     """In this process, to watch it: no subprocess is started, paddle is not imported, and it takes well under
     a second of conversion work."""
-    from mixnet_cli import conversion
+    from mixnet_cli.engines import conversion
 
     started: list[object] = []
     real_popen_init = subprocess.Popen.__init__
@@ -312,7 +312,7 @@ def test_the_onnx_conversion_runs_in_process_without_paddle_or_any_installer(ans
 
 
 def test_a_failed_conversion_leaves_nothing_behind(isolated_home, tmp_path):
-    from mixnet_cli.conversion import ensure_converted
+    from mixnet_cli.engines.conversion import ensure_converted
 
     garbage = tmp_path / WEIGHTS_NAME
     garbage.write_bytes(b"this is not a pickle")
@@ -419,7 +419,7 @@ def test_openvino_runs_on_the_cpu_only():
 
 
 def test_openvino_fixes_the_batch_size_and_pads_last_batches(home_copy):
-    from mixnet_cli.conversion import validation_batch
+    from mixnet_cli.engines.conversion import validation_batch
 
     [directory] = (home_copy / "openvino").iterdir()
     for made in directory.glob("batch*.onnx"):  # other tests' sizes, copied with the cache

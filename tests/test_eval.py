@@ -13,9 +13,9 @@ from PIL import Image
 
 from imagegen import scenes
 from mixnet_cli.cli import main
-from mixnet_cli.labels import imagenet_synsets
-from mixnet_cli.manifest import resolve_model
-from mixnet_cli.third_party import paddle_missing
+from mixnet_cli.images.labels import imagenet_synsets
+from mixnet_cli.base.manifest import resolve_model
+from mixnet_cli.base.third_party import paddle_missing
 
 IMAGES = 12
 TOP1_HITS = 5  # labelled with PaddleClas's top-1 class
@@ -33,7 +33,7 @@ def _reference_top5(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         reference = PaddleClasReference("MixNet_S", weights)
         return lambda path: reference.answer(paddleclas_transform(paddleclas_decode(path)))[0]
     from mixnet_cli import Classifier
-    from mixnet_cli.weights import install_from_file
+    from mixnet_cli.weights.store import install_from_file
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MIXNET_HOME", str(tmp_path_factory.mktemp("reference-home")))

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from mixnet_cli.cli import main
-from mixnet_cli.third_party import paddle_missing
+from mixnet_cli.base.third_party import paddle_missing
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_onnx_export_gives_paddleclas_answers(onnx_export, reference_inputs):
 
 
 def test_paddle_export_without_paddle_names_the_extra(tmp_path, random_mirror, monkeypatch):
-    from mixnet_cli import third_party as imports
+    from mixnet_cli.base import third_party as imports
 
     if paddle_missing() is None:  # make it missing: find_spec is what the check reads
         real_find_spec = imports.importlib.util.find_spec
@@ -168,8 +168,8 @@ def test_paddle_legacy_export_gives_paddleclas_answers_in_paddleclas_own_cli(tmp
 def test_a_probability_model_is_held_to_the_reference_logits():
     """The check of a model that outputs probabilities (paddle-legacy) compares log-probabilities too: a logit
     that is wrong where its probability is tiny fails it, although every probability is within 1e-5."""
-    from mixnet_cli.conversion import compare_probabilities
-    from mixnet_cli.errors import EngineError
+    from mixnet_cli.engines.conversion import compare_probabilities
+    from mixnet_cli.base.errors import EngineError
 
     logits = np.random.default_rng(0).normal(0, 8, (2, 1000))
     probabilities = _softmax(logits).astype(np.float32)
@@ -248,7 +248,7 @@ def test_export_needs_a_known_model_and_format(tmp_path):
 
 
 def test_the_format_option_offers_every_conversion_format():
-    from mixnet_cli.conversion import FORMATS
+    from mixnet_cli.engines.conversion import FORMATS
 
     option = next(param for param in main.commands["export"].params if param.name == "fmt")
     assert sorted(option.type.choices) == sorted(FORMATS)

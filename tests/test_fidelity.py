@@ -20,8 +20,8 @@ from PIL import Image
 
 from mixnet_cli import Classifier
 from mixnet_cli.cli import main
-from mixnet_cli.manifest import resolve_model
-from mixnet_cli.preprocess import load_and_transform
+from mixnet_cli.base.manifest import resolve_model
+from mixnet_cli.images.preprocess import load_and_transform
 
 from paddleclas_reference import (  # noqa: E402  (a helper module beside the tests)
     CROP_SIZE,

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mixnet_cli.architecture import architecture_of
-from mixnet_cli.onnx_graph import DEFAULT_FORM, GraphForm, build_onnx
-from mixnet_cli.postprocess import softmax
+from mixnet_cli.network.architecture import architecture_of
+from mixnet_cli.network.onnx_graph import DEFAULT_FORM, GraphForm, build_onnx
+from mixnet_cli.images.postprocess import softmax
 
 # Relative to the largest logit. Fully random weights make a chaotic network that amplifies float32 rounding in
 # another order to about 1e-4 (1e-6 on the calibrated weights); any of the mistakes below moves logits by 1e-1 or
@@ -30,8 +30,8 @@ def _run_onnx(model, batch: np.ndarray) -> np.ndarray:  # type: ignore[no-untype
 def _dygraph(name: str, state: dict[str, np.ndarray], batch: np.ndarray) -> np.ndarray:
     import paddle
 
-    from mixnet_cli.manifest import resolve_model
-    from mixnet_cli.paddle_network import load_network
+    from mixnet_cli.base.manifest import resolve_model
+    from mixnet_cli.network.paddle_network import load_network
 
     network = load_network(resolve_model(name), state)
     with paddle.no_grad():
@@ -85,7 +85,7 @@ def test_random_weights_give_paddleclas_logits(name: str, batch_size: int) -> No
 @pytest.mark.paddle
 @pytest.mark.parametrize("name", ["MixNet_S", "MixNet_M", "MixNet_L"])
 def test_calibrated_weights_give_paddleclas_probabilities_and_top5(name: str, calibrated_weights) -> None:
-    from mixnet_cli.pdparams import read_state_dict
+    from mixnet_cli.weights.pdparams import read_state_dict
     from weightgen import calibration_batch
 
     state = read_state_dict(calibrated_weights(name))

@@ -1,5 +1,6 @@
-"""The package's modules import each other without cycles, lazily or not (ARCHITECTURE.md): read from their
-source with ast, so a function-level import counts as much as a module-level one."""
+"""The package's folders are its layers (ARCHITECTURE.md): a module never imports one of a higher layer, and no
+imports form a cycle, lazily or not: read from their source with ast, so a function-level import counts as much
+as a module-level one. Only the command line imports click, and `mixnet --help` imports no heavy library."""
 
 from __future__ import annotations
 
@@ -54,6 +55,57 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         if node not in state and (found := visit(node)):
             return found
     return None
+
+
+# Lowest first. A module may import its own layer and those below it, never one above.
+LAYERS = ("base", "images", "network", "weights", "engines", "api", "service", "cli")
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] in LAYERS:
+        return parts[1]
+    if module in ("mixnet_cli.cli", "mixnet_cli.__main__"):
+        return "cli"
+    return "api"  # the package itself and its top-level modules: Classifier, eval, export, doctor, ...
+
+
+def test_every_module_has_a_layer_folder_or_is_the_api() -> None:
+    graph = _graph()
+    top_level = sorted(name for name in graph if _layer(name) == "api")
+    assert top_level == ["mixnet_cli", "mixnet_cli.classifier", "mixnet_cli.distributed", "mixnet_cli.doctor",
+                         "mixnet_cli.evaluate", "mixnet_cli.export", "mixnet_cli.output"]
+    for folder in LAYERS:
+        if folder not in ("api", "cli"):
+            init = PACKAGE / folder / "__init__.py"
+            docstring = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8")))
+            assert docstring and "import" in docstring, f"{init}: say what the layer owns and what it may import"
+
+
+def test_no_module_imports_a_higher_layer() -> None:
+    upward = sorted(
+        f"{name} ({_layer(name)}) -> {target} ({_layer(target)})"
+        for name, targets in _graph().items() for target in targets
+        if LAYERS.index(_layer(target)) > LAYERS.index(_layer(name))
+    )
+    assert upward == []
+
+
+def test_the_layer_check_sees_an_upward_import() -> None:
+    assert LAYERS.index(_layer("mixnet_cli.base.cache")) < LAYERS.index(_layer("mixnet_cli.weights.download"))
+    assert _layer("mixnet_cli.service.serve") == "service" and _layer("mixnet_cli.classifier") == "api"
+
+
+def test_help_imports_no_heavy_library() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from click.testing import CliRunner; from mixnet_cli.cli import main; "
+            "result = CliRunner().invoke(main, ['--help']); assert result.exit_code == 0, result.output; "
+            "heavy = ('paddle', 'paddleclas', 'onnxruntime', 'openvino', 'torch', 'ray', 'onnx', 'cv2', 'numpy'); "
+            "print(sorted(m for m in heavy if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
 
 
 def test_no_import_cycles() -> None:

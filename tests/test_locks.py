@@ -1,4 +1,4 @@
-"""The cache's file lock (mixnet_cli.locks): one holder at a time, and no lock file left once the holder is done,
+"""The cache's file lock (mixnet_cli.base.locks): one holder at a time, and no lock file left once the holder is done,
 checked with real processes contending on one lock.
 
 The contention test fails for a lock that deletes its file on release without the inode check on acquiring, with
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mixnet_cli.locks import file_lock
+from mixnet_cli.base.locks import file_lock
 
 # Each worker takes the lock ROUNDS times and, holding it, appends "start <pid>" and "end <pid>" to a shared log
 # with a pause between: two holders at once show as interleaved lines. Polling every millisecond keeps waiters
@@ -24,7 +24,7 @@ from mixnet_cli.locks import file_lock
 WORKER = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    from mixnet_cli.locks import file_lock
+    from mixnet_cli.base.locks import file_lock
 
     lock_file, log, rounds, go = sys.argv[1:]
     while not os.path.exists(go):  # all start together
@@ -88,7 +88,7 @@ def test_the_file_goes_when_the_holder_lets_go_and_is_made_again_by_the_next(tmp
 def held_in_another_process(path: Path) -> subprocess.Popen[str]:
     """A process that holds the lock on ``path`` (returned once it does) until it is killed."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from mixnet_cli.locks import file_lock;"
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from mixnet_cli.base.locks import file_lock;"
          "lock = file_lock(Path(sys.argv[1])); lock.acquire(); print('held', flush=True); time.sleep(60)", str(path)],
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, stdout=subprocess.PIPE, text=True,
     )

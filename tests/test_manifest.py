@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mixnet_cli.errors import ManifestError, UnknownModelError
-from mixnet_cli.manifest import load_manifest, parse_manifest, resolve_model
+from mixnet_cli.base.errors import ManifestError, UnknownModelError
+from mixnet_cli.base.manifest import load_manifest, parse_manifest, resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,8 +24,8 @@ OPERATORS = {
 
 
 def _write(name: str, state: dict[str, np.ndarray], directory: Path) -> Path:
-    from mixnet_cli.architecture import architecture_of
-    from mixnet_cli.paddle_program import write_legacy_model
+    from mixnet_cli.network.architecture import architecture_of
+    from mixnet_cli.network.paddle_program import write_legacy_model
 
     program, params = write_legacy_model(architecture_of(name), state, directory / "inference")
     assert sorted(p.name for p in directory.iterdir()) == ["inference.pdiparams", "inference.pdmodel"]
@@ -51,8 +51,8 @@ def _run(directory: Path, batch: np.ndarray) -> np.ndarray:
 def _dygraph_logits(name: str, state: dict[str, np.ndarray], batch: np.ndarray) -> np.ndarray:
     import paddle
 
-    from mixnet_cli.manifest import resolve_model
-    from mixnet_cli.paddle_network import load_network
+    from mixnet_cli.base.manifest import resolve_model
+    from mixnet_cli.network.paddle_network import load_network
 
     with paddle.no_grad():
         return load_network(resolve_model(name), state)(paddle.to_tensor(batch)).numpy().astype(np.float64)
@@ -104,7 +104,7 @@ def test_random_weights_give_paddleclas_probabilities(name: str, tmp_path: Path)
 
 
 def test_calibrated_weights_give_paddleclas_top5(tmp_path: Path, calibrated_weights) -> None:
-    from mixnet_cli.pdparams import read_state_dict
+    from mixnet_cli.weights.pdparams import read_state_dict
     from weightgen import calibration_batch
 
     state = read_state_dict(calibrated_weights("MixNet_S"))

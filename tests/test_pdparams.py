@@ -17,15 +17,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mixnet_cli.errors import UnsafeWeightsError, WeightsError
-from mixnet_cli.pdparams import read_state_dict
+from mixnet_cli.base.errors import UnsafeWeightsError, WeightsError
+from mixnet_cli.weights.pdparams import read_state_dict
 
 
 @pytest.fixture(scope="module")
 def paddle_files(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     """A small layer's state dict written with protocols 2, 3 and 4: by paddle itself where it is installed,
     else as the test weights are written (``weightgen.save_pdparams``, shown to equal paddle's format below)."""
-    from mixnet_cli.third_party import paddle_missing
+    from mixnet_cli.base.third_party import paddle_missing
 
     directory = tmp_path_factory.mktemp("paddle-protocols")
     files = {}

@@ -38,7 +38,7 @@ except ImportError as exc:  # the [ray] extra is not installed (or cannot be: nu
 
 from mixnet_cli.cli import main
 from mixnet_cli.distributed import MixnetPredictor, plan_actors, result_schema
-from mixnet_cli.errors import UsageError
+from mixnet_cli.base.errors import UsageError
 
 pytestmark = pytest.mark.ray
 

@@ -31,7 +31,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from mixnet_cli.cli import main
-from mixnet_cli.serve import serve_missing
+from mixnet_cli.service.serve import serve_missing
 
 needs_serve = pytest.mark.skipif(serve_missing() is not None, reason=serve_missing() or "")
 START_TIMEOUT_S = 240.0
@@ -301,8 +301,8 @@ def test_concurrent_requests_run_as_one_batch(service, photos):
 
 @needs_serve
 def test_bad_parameters_are_400_with_the_clis_message(service, photos, service_home, monkeypatch):
-    from mixnet_cli.errors import UnknownModelError
-    from mixnet_cli.manifest import resolve_model
+    from mixnet_cli.base.errors import UnknownModelError
+    from mixnet_cli.base.manifest import resolve_model
 
     server, _ = service
     body = photos[0].read_bytes()
@@ -542,7 +542,7 @@ def test_own_weights_that_cannot_be_served_are_one_line_before_anything_loads(fi
 
 
 def test_serve_without_the_extra_says_what_to_install(monkeypatch):
-    import mixnet_cli.third_party as third_party
+    import mixnet_cli.base.third_party as third_party
 
     installed = third_party.module_installed
     monkeypatch.setattr(third_party, "module_installed", lambda name: name != "uvicorn" and installed(name))
@@ -555,8 +555,8 @@ def test_serve_without_the_extra_says_what_to_install(monkeypatch):
 def test_the_batcher_batches_on_its_ladder_and_bounds_its_queue():
     from concurrent.futures import ThreadPoolExecutor as Pool
 
-    from mixnet_cli.batching import DynamicBatcher, batch_ladder
-    from mixnet_cli.errors import Overloaded
+    from mixnet_cli.service.batching import DynamicBatcher, batch_ladder
+    from mixnet_cli.base.errors import Overloaded
 
     assert batch_ladder(8) == [1, 2, 4, 8] and batch_ladder(6) == [1, 2, 4, 6] and batch_ladder(1) == [1]
     sizes: list[int] = []
@@ -603,7 +603,7 @@ def test_a_model_that_cannot_load_stops_the_service_with_its_error():
 
 
 def test_the_listening_socket_is_tcp_without_nagle():
-    from mixnet_cli.serve import listen
+    from mixnet_cli.service.serve import listen
 
     listener = listen("127.0.0.1", 0)
     try:

@@ -17,10 +17,10 @@ from click.testing import CliRunner
 
 from mixnet_cli import Classifier
 from mixnet_cli.cli import main
-from mixnet_cli.conversion import validation_batch
-from mixnet_cli.engine import choose_engine
-from mixnet_cli.errors import DeviceError, UsageError
-from mixnet_cli.third_party import module_installed
+from mixnet_cli.engines.conversion import validation_batch
+from mixnet_cli.engines.choice import choose_engine
+from mixnet_cli.base.errors import DeviceError, UsageError
+from mixnet_cli.base.third_party import module_installed
 
 from paddleclas_reference import (  # noqa: E402  (a helper module beside the tests)
     TOLERANCE,
@@ -92,7 +92,7 @@ def test_embed_on_the_torch_engine_gives_onnx_runtimes_features(calibrated_mirro
 def test_faster_precisions_are_measured_against_fp32(calibrated_mirror) -> None:
     """bf16 and fp16 run (on the CPU here), answer close to fp32 but not within the reference's tolerance, and the
     agreement the benchmark reports is computed from both engines' answers."""
-    from mixnet_cli.engine import measure_agreement
+    from mixnet_cli.engines.choice import measure_agreement
 
     fp32 = Classifier("S", engine="torch", device="cpu", progress=False)
     batch = validation_batch(224, 4, seed=1)
@@ -186,7 +186,7 @@ def test_gpu_detection_reads_the_torch_build_without_importing_it(tmp_path) -> N
     code = textwrap.dedent("""
         import sys
         from mixnet_cli.engines.pytorch import gpu_problem
-        from mixnet_cli.engine import choose_engine
+        from mixnet_cli.engines.choice import choose_engine
         print(gpu_problem())
         print(choose_engine("auto", "auto").device_reason)
         print("torch" in sys.modules)

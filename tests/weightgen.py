@@ -71,7 +71,7 @@ def random_state(model_name: str, seed: int = 0, *, wild: bool = False) -> dict[
     ``wild=True`` also randomises what a fresh network has as constants (batch-norm statistics, scales and
     shifts, biases): for tests that must tell a transposed kernel or a swapped statistic from the right one.
     """
-    from mixnet_cli.architecture import architecture_of
+    from mixnet_cli.network.architecture import architecture_of
 
     rng = np.random.default_rng(seed)
     state: dict[str, np.ndarray] = {}
@@ -111,8 +111,8 @@ def _batch_statistics_graph(model_name: str, state: dict[str, np.ndarray]):  # t
     """
     from onnx import TensorProto, helper, numpy_helper
 
-    from mixnet_cli.architecture import architecture_of
-    from mixnet_cli.onnx_graph import GraphForm, build_onnx
+    from mixnet_cli.network.architecture import architecture_of
+    from mixnet_cli.network.onnx_graph import GraphForm, build_onnx
 
     model = build_onnx(architecture_of(model_name), state, form=GraphForm(fold_batch_norm=False))
     graph = model.graph
@@ -165,7 +165,7 @@ def calibrated_state(model_name: str, seed: int = 0) -> dict[str, np.ndarray]:
     """Parameters of ``model_name`` that answer like trained ones (see the module's docstring)."""
     import onnxruntime
 
-    from mixnet_cli.architecture import architecture_of
+    from mixnet_cli.network.architecture import architecture_of
 
     architecture = architecture_of(model_name)
     state = random_state(model_name, seed)
@@ -222,7 +222,7 @@ FINE_TUNED_COLUMNS = (3, 150, 281, 404, 530, 717, 951)
 def make_fine_tuned_weights(calibrated: Path, path: Path) -> Path:
     """Weights as fine-tuning with PaddleClas leaves them: the calibrated weights at ``calibrated`` with a 7-class
     classifier (columns of theirs, so pictures get different, confident answers), saved as paddle.save writes."""
-    from mixnet_cli.pdparams import read_state_dict
+    from mixnet_cli.weights.pdparams import read_state_dict
 
     state = read_state_dict(calibrated)
     columns = list(FINE_TUNED_COLUMNS)

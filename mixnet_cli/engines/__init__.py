@@ -1,8 +1,12 @@
-"""The engines, one module each, and the table of them: what each is, what it needs, where it runs, how
+"""The engines layer: choosing an engine and device (:mod:`.choice`), converting the network into what an engine
+runs and checking it (:mod:`.conversion`), and the engines, one module each, with the table of them. It imports
+:mod:`mixnet_cli.base`, :mod:`mixnet_cli.images`, :mod:`mixnet_cli.network` and :mod:`mixnet_cli.weights`.
+
+The table: what each is, what it needs, where it runs, how
 ``auto`` ranks it, and which module builds it.
 
 ``--engine``'s help and check, the errors that say what to install, ``doctor``, ``auto`` and
-:func:`mixnet_cli.engine.create_engine` read this table. Adding an engine is one new module here (with
+:func:`mixnet_cli.engines.choice.create_engine` read this table. Adding an engine is one new module here (with
 ``resolve_device``, ``build`` and, if it can drive a GPU, ``gpu_problem``) and one :func:`register` line below.
 Nothing in this file imports more than the standard library, so ``mixnet --help`` stays fast; an engine's module
 is imported only when it is asked for.
@@ -44,10 +48,10 @@ class EngineInfo:
     def missing(self) -> str | None:
         """What is not installed for this engine (None: it can run), found without importing anything."""
         if "paddleclas" in self.requires:
-            from ..third_party import paddle_missing
+            from ..base.third_party import paddle_missing
 
             return paddle_missing()
-        from ..third_party import module_installed
+        from ..base.third_party import module_installed
 
         absent = [module for module in self.requires if not module_installed(module)]
         return f"{' and '.join(absent)}: {self.install}" if absent else None

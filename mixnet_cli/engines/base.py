@@ -10,8 +10,8 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import EngineError
-from ..manifest import ModelSpec
+from ..base.errors import EngineError
+from ..base.manifest import ModelSpec
 
 
 class Engine(Protocol):
@@ -75,7 +75,7 @@ def check(engine: Engine, spec: ModelSpec, reference: np.ndarray, marks: Path | 
           *, whole_batch: bool = True) -> None:
     """Hold ``engine`` to the reference logits, and remember in ``marks`` that it passed at this ``version``
     (None, a read-only cache: it is checked every time). Raises :class:`EngineError` when it fails."""
-    from ..conversion import check_engine, mark_engine_checked
+    from .conversion import check_engine, mark_engine_checked
 
     result = check_engine(engine, spec, reference, whole_batch=whole_batch)
     if marks is not None:

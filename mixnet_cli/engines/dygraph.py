@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..manifest import ModelSpec
+from ..base.manifest import ModelSpec
 from . import paddle_inference
 from .base import Engine, OneBatchAtATime
 
 if TYPE_CHECKING:
-    from ..engine import EngineChoice
-    from ..weights import VerifiedWeights
+    from .choice import EngineChoice
+    from ..weights.store import VerifiedWeights
 
 
 class PaddleDygraphEngine(OneBatchAtATime):
@@ -22,8 +22,8 @@ class PaddleDygraphEngine(OneBatchAtATime):
     name = "dygraph"
 
     def __init__(self, spec: ModelSpec, state: dict[str, np.ndarray], device: str, threads: int | None = None) -> None:
-        from ..third_party import import_quietly
-        from ..paddle_network import load_network
+        from ..base.third_party import import_quietly
+        from ..network.paddle_network import load_network
 
         self._paddle = import_quietly("paddle")
         self._paddle.set_device(device)
@@ -46,6 +46,6 @@ gpu_problem = paddle_inference.gpu_problem
 
 def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, threads: int | None) -> Engine:
     """paddleclas's network with these weights, run eagerly: no conversion, nothing to check."""
-    from ..weights import load_state
+    from ..weights.store import load_state
 
     return PaddleDygraphEngine(spec, load_state(weights), choice.device, threads)

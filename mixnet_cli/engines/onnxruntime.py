@@ -10,18 +10,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import CacheError, DeviceError, EngineError
-from ..manifest import ModelSpec
+from ..base.errors import CacheError, DeviceError, EngineError
+from ..base.manifest import ModelSpec
 from .base import DeviceChoice, Engine, gpu_index, physical_cores
 
 if TYPE_CHECKING:
-    from ..engine import EngineChoice
-    from ..weights import VerifiedWeights
+    from .choice import EngineChoice
+    from ..weights.store import VerifiedWeights
 
 
 def available_providers() -> list[str]:
     """ONNX Runtime's execution providers (imports onnxruntime)."""
-    from ..third_party import import_quietly
+    from ..base.third_party import import_quietly
 
     return list(import_quietly("onnxruntime").get_available_providers())
 
@@ -74,7 +74,7 @@ class OnnxRuntimeEngine:
 
     def __init__(self, model: Path | bytes, device: str = "cpu", threads: int | None = None, *,
                  bulk: bool = False, note: str = "") -> None:
-        from ..third_party import import_quietly
+        from ..base.third_party import import_quietly
 
         onnxruntime = import_quietly("onnxruntime")
         self.device = device
@@ -130,7 +130,7 @@ class OnnxRuntimeEngine:
 
     def run_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Logits (``N x classes``) and pooled features (``N x 1536``), float32, from one forward pass; for a
-        model built with features (:func:`mixnet_cli.conversion.onnx_bytes`)."""
+        model built with features (:func:`mixnet_cli.engines.conversion.onnx_bytes`)."""
         if not self.has_features:
             raise EngineError("this model has no features output; build it with features=True")
         logits, features = self._session.run(self._outputs[:2],
@@ -153,7 +153,7 @@ def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, thr
     """ONNX Runtime on the cached ONNX model of these weights (converted first when needed). Its logits on the
     test batch are the reference, so there is nothing to check again. A cache that cannot take the model
     (read-only) gets it built in memory for this run."""
-    from ..conversion import ensure_converted, onnx_bytes
+    from .conversion import ensure_converted, onnx_bytes
 
     try:
         converted = ensure_converted(spec, weights.path, weights.record.sha256, "onnx")
@@ -166,7 +166,7 @@ def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, thr
 def build_with_features(spec: ModelSpec, weights: "VerifiedWeights", device: str, threads: int | None) -> Engine:
     """ONNX Runtime on the graph with a second output, the pooled features (``run_with_features``), built in
     memory from the verified weights (well under a second; not cached)."""
-    from ..conversion import onnx_bytes
+    from .conversion import onnx_bytes
 
     return OnnxRuntimeEngine(onnx_bytes(spec, weights.path, features=True), device, threads,
                              note="with the features output")

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import CacheError, DeviceError, EngineError, MixnetError
-from ..manifest import ModelSpec
+from ..base.errors import CacheError, DeviceError, EngineError, MixnetError
+from ..base.manifest import ModelSpec
 from .base import DeviceChoice, Engine, EngineFailed, check, physical_cores
 
 if TYPE_CHECKING:
-    from ..engine import EngineChoice
-    from ..weights import VerifiedWeights
+    from .choice import EngineChoice
+    from ..weights.store import VerifiedWeights
 
 
 def resolve_device(name: str, requested: str) -> DeviceChoice:
@@ -53,7 +53,7 @@ class OpenVinoEngine:
                  cache_dir: Path | None = None, *, bulk: bool = False, warm_size: int = 1, core: Any = None) -> None:
         if device != "cpu":
             raise DeviceError(f"the openvino engine runs on the CPU only, not on {device}; use --device cpu")
-        from ..third_party import import_quietly
+        from ..base.third_party import import_quietly
 
         openvino = import_quietly("openvino")
         self.device = device
@@ -130,7 +130,7 @@ class OpenVinoEngine:
                 # A last, partial batch: padding it onto a model already compiled costs less than compiling one
                 # for it. A size that keeps coming gets its own model.
                 return min(larger), self._idle[min(larger)]
-            from ..conversion import fixed_batch_onnx
+            from .conversion import fixed_batch_onnx
 
             try:
                 path = fixed_batch_onnx(self._model, self._cache_dir, size)
@@ -161,8 +161,8 @@ def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, thr
     """OpenVINO on the cached ONNX model of these weights (converted first when needed), checked once per
     OpenVINO version against ONNX Runtime's logits. Raises :class:`EngineFailed` when OpenVINO itself fails,
     or the cache cannot take the model."""
-    from .. import cache
-    from ..conversion import engine_checked, ensure_converted, openvino_dir, reference_logits
+    from ..base import cache
+    from .conversion import engine_checked, ensure_converted, openvino_dir, reference_logits
 
     try:
         converted = ensure_converted(spec, weights.path, weights.record.sha256, "onnx")
@@ -197,6 +197,6 @@ def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, thr
 
 def openvino_version() -> str:
     """The installed OpenVINO's version (``2026.4.1``), as its engine reports it."""
-    from ..third_party import import_quietly
+    from ..base.third_party import import_quietly
 
     return str(import_quietly("openvino").get_version()).split("-", 1)[0]

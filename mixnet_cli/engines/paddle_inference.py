@@ -9,18 +9,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import DeviceError, EngineError
-from ..manifest import ModelSpec
+from ..base.errors import DeviceError, EngineError
+from ..base.manifest import ModelSpec
 from .base import DeviceChoice, Engine, OneBatchAtATime, check, gpu_index, physical_cores
 
 if TYPE_CHECKING:
-    from ..engine import EngineChoice
-    from ..weights import VerifiedWeights
+    from .choice import EngineChoice
+    from ..weights.store import VerifiedWeights
 
 
 def paddle_cuda() -> tuple[bool, int]:
     """Whether paddle is built with CUDA, and how many GPUs it sees (imports paddle: about a second)."""
-    from ..third_party import import_quietly
+    from ..base.third_party import import_quietly
 
     paddle = import_quietly("paddle")
     compiled = bool(paddle.device.is_compiled_with_cuda())
@@ -57,7 +57,7 @@ class PaddleInferenceEngine(OneBatchAtATime):
     name = "paddle"
 
     def __init__(self, program: Path, params: Path, device: str = "cpu", threads: int | None = None) -> None:
-        from ..third_party import import_quietly
+        from ..base.third_party import import_quietly
 
         inference = import_quietly("paddle.inference")
         self.version = str(import_quietly("paddle").__version__)
@@ -113,7 +113,7 @@ class PaddleInferenceEngine(OneBatchAtATime):
 def gpu_problem() -> str | None:
     """For ``auto``: why the paddle engines cannot drive a GPU here (None: they may), found without importing
     paddle, which takes a second: a CPU-only paddle, the usual case, cannot drive a GPU."""
-    from ..third_party import distribution_installed, paddle_missing
+    from ..base.third_party import distribution_installed, paddle_missing
 
     if not distribution_installed("paddlepaddle-gpu"):
         return "paddlepaddle-gpu is not installed"
@@ -123,7 +123,7 @@ def gpu_problem() -> str | None:
 def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, threads: int | None) -> Engine:
     """Paddle Inference on a ``paddle.jit.save`` model of paddleclas's network (made once, in a child process),
     checked once per paddle version against that network's own logits."""
-    from ..conversion import engine_checked, ensure_converted, reference_logits
+    from .conversion import engine_checked, ensure_converted, reference_logits
 
     converted = ensure_converted(spec, weights.path, weights.record.sha256, "paddle")
     program = converted.files.get("inference.json") or converted.file(".pdmodel")

@@ -1,4 +1,4 @@
-"""The ``torch`` engine: mixnet's network as PyTorch modules (:mod:`mixnet_cli.torch_network`), on a CUDA GPU or
+"""The ``torch`` engine: mixnet's network as PyTorch modules (:mod:`mixnet_cli.network.torch_network`), on a CUDA GPU or
 the CPU. Needs ``torch`` (the ``[torch]`` extra, or the CUDA build many users have already).
 
 Why PyTorch for the GPU: onnxruntime-gpu and paddlepaddle-gpu are wheels of hundreds of megabytes with CUDA
@@ -28,20 +28,20 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from ..errors import DeviceError, EngineError, MixnetError
-from ..manifest import ModelSpec
+from ..base.errors import DeviceError, EngineError, MixnetError
+from ..base.manifest import ModelSpec
 from .base import DeviceChoice, Engine, OneBatchAtATime, check, gpu_index, physical_cores
 
 if TYPE_CHECKING:
-    from ..engine import EngineChoice
-    from ..weights import VerifiedWeights
+    from .choice import EngineChoice
+    from ..weights.store import VerifiedWeights
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 INSTALL_CUDA = "a CUDA build of PyTorch (pip install torch; see pytorch.org for the CUDA version)"
 
 
 def _torch() -> Any:
-    from ..third_party import import_quietly
+    from ..base.third_party import import_quietly
 
     return import_quietly("torch")
 
@@ -103,7 +103,7 @@ def resolve_device(name: str, requested: str) -> DeviceChoice:
 
 
 class TorchEngine(OneBatchAtATime):
-    """A :class:`~mixnet_cli.torch_network.MixNet` module run by PyTorch on ``device`` (``cpu`` or ``gpu:N``).
+    """A :class:`~mixnet_cli.network.torch_network.MixNet` module run by PyTorch on ``device`` (``cpu`` or ``gpu:N``).
 
     ``run`` takes float32 ``N x 3 x S x S`` and returns float32 ``N x classes`` logits, one batch at a time (a
     lock: a CUDA graph's buffers and torch's thread settings are shared). Raises :class:`EngineError` for a
@@ -235,7 +235,7 @@ class TorchEngine(OneBatchAtATime):
 def _compiled(torch: Any, network: Any, on_gpu: bool) -> Any:
     """``torch.compile`` of the network, its caches under mixnet's cache (Inductor and Triton write to /tmp and
     ~/.triton otherwise), unless the user has pointed them elsewhere."""
-    from .. import cache
+    from ..base import cache
 
     root = cache.engine_home("torch")
     try:
@@ -250,9 +250,9 @@ def _compiled(torch: Any, network: Any, on_gpu: bool) -> Any:
 
 def network_for(spec: ModelSpec, weights_path: Path) -> Any:
     """The float32 PyTorch network of these verified weights, on the CPU."""
-    from ..architecture import architecture_for
-    from ..pdparams import read_state_dict
-    from ..torch_network import build_network
+    from ..network.architecture import architecture_for
+    from ..weights.pdparams import read_state_dict
+    from ..network.torch_network import build_network
 
     return build_network(architecture_for(spec), read_state_dict(weights_path))
 
@@ -269,7 +269,7 @@ def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, thr
     ``choice.precision``, compiled when ``choice.compiled``; in fp32 held to the reference logits (ONNX Runtime's on the CPU, on mixnet's graph) at each start. Raises
     :class:`~mixnet_cli.engines.base.EngineFailed` when torch itself cannot run it, :class:`DeviceError` when
     the GPU cannot be used."""
-    from ..conversion import ensure_converted, onnx_bytes, onnx_runtime_logits, reference_logits
+    from .conversion import ensure_converted, onnx_bytes, onnx_runtime_logits, reference_logits
     from .base import EngineFailed
 
     try:

@@ -1,6 +1,6 @@
 """The MixNet architecture as data: every layer of MixNet_S, M and L, with its state-dict names and shapes.
 
-This is the one description of the network in mixnet-cli. The ONNX graph (:mod:`mixnet_cli.onnx_graph`), the
+This is the one description of the network in mixnet-cli. The ONNX graph (:mod:`mixnet_cli.network.onnx_graph`), the
 check that a weights file holds the right parameters, and the parameter and FLOP counts are all read from it;
 no paddle is needed. It transcribes PaddleClas 2.6.0's ``ppcls/arch/backbone/model_zoo/mixnet.py``
 (``get_mixnet``, ``MixNet``, ``MixUnit``, ``MixConv``), itself after the paper (arXiv 1907.09595):
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from .errors import ManifestError, WeightsError
+from ..base.errors import ManifestError, WeightsError
 
 if TYPE_CHECKING:
-    from .manifest import ModelSpec
+    from ..base.manifest import ModelSpec
 
 BN_EPSILON = 1e-5
 FINAL_CHANNELS = 1536
@@ -321,7 +321,7 @@ def _cached_architecture(name: str, blocks: str, width_scale: float, num_classes
 @lru_cache(maxsize=None)
 def architecture_of(model_name: str) -> Architecture:
     """The architecture of a model in the manifest (``MixNet_S``...). Raises :class:`ManifestError`."""
-    from .manifest import load_manifest
+    from ..base.manifest import load_manifest
 
     try:
         spec = load_manifest().models[model_name]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator, Union
 
 from .preprocess import IMAGE_SUFFIXES, MAX_IMAGE_BYTES
-from .errors import ImageError, ImageNotFoundError, ImageTooLargeError, ImageUnreadableError, NotAnImageError, UsageError
+from ..base.errors import ImageError, ImageNotFoundError, ImageTooLargeError, ImageUnreadableError, NotAnImageError, UsageError
 
 _GLOB_CHARS = frozenset("*?[")
 
@@ -74,11 +74,11 @@ def is_url(argument: object) -> bool:
 
 
 def fetch_image_url(url: str, *, max_bytes: int = MAX_IMAGE_BYTES, deadline_s: float | None = None) -> bytes:
-    """Download one image URL into memory through the weights' HTTP layer (:func:`mixnet_cli.download.fetch_bytes`:
+    """Download one image URL into memory through the one HTTP layer (:func:`mixnet_cli.base.http.fetch_bytes`:
     its session, timeouts and retries), within ``deadline_s`` (default ``MIXNET_URL_DEADLINE``) and ``max_bytes``.
     Raises :class:`ImageDownloadError` or :class:`ImageTooLargeError`, naming the URL."""
-    from .download import ResponseTooLarge, fetch_bytes
-    from .errors import DownloadError
+    from ..base.http import ResponseTooLarge, fetch_bytes
+    from ..base.errors import DownloadError
 
     try:
         return fetch_bytes(url, max_bytes=max_bytes, deadline_s=deadline_s)

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import UnsafeWeightsError, WeightsError
+from ..base.errors import UnsafeWeightsError, WeightsError
 
 # Keys paddle adds beside the parameters: name-mapping metadata and the index of big arrays split in pieces.
 _STRUCTURE_KEY = "StructuredToParameterName@@"

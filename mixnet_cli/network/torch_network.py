@@ -1,7 +1,7 @@
 """The MixNet network as PyTorch modules, built from the architecture description and a verified state dict.
 
-This is the ONNX graph of :mod:`mixnet_cli.onnx_graph` written as ``torch.nn`` modules, layer for layer and in
-the same form (the same :func:`~mixnet_cli.onnx_graph.conv_plan`): mixed depthwise convolutions merged into one
+This is the ONNX graph of :mod:`mixnet_cli.network.onnx_graph` written as ``torch.nn`` modules, layer for layer and in
+the same form (the same :func:`~mixnet_cli.network.onnx_graph.conv_plan`): mixed depthwise convolutions merged into one
 with zero-padded kernels, mixed 1x1 convolutions as one grouped convolution, and batch norm folded into the
 convolution before it (one kernel less per layer on a GPU; the same function up to float32 rounding). No paddle
 and no ONNX is involved; the engine in :mod:`mixnet_cli.engines.pytorch` runs it, on the CPU or with CUDA.
@@ -137,7 +137,7 @@ class MixNet(nn.Module):
 
 def build_network(architecture: Architecture, state: dict[str, Any]) -> MixNet:
     """``architecture`` as a float32 ``torch.nn.Module`` on the CPU, in eval mode, with the parameters in
-    ``state`` (names and shapes checked first). Raises :class:`~mixnet_cli.errors.WeightsError` when ``state``
+    ``state`` (names and shapes checked first). Raises :class:`~mixnet_cli.base.errors.WeightsError` when ``state``
     does not hold this architecture's parameters."""
     architecture.check_state_dict(state)
     return MixNet(architecture, state).eval()

@@ -11,15 +11,15 @@ Layout under the cache root (the directory is named by the sha256 of the weights
     paddle-inference/<weights sha256>/inference.json     for Paddle Inference (``paddle.jit.save``)
     paddle-inference/<weights sha256>/inference.pdiparams
     paddle-inference/<weights sha256>/record.json
-    paddle-legacy/<weights sha256>/inference.pdmodel     the legacy program (:mod:`mixnet_cli.paddle_program`), for
+    paddle-legacy/<weights sha256>/inference.pdmodel     the legacy program (:mod:`mixnet_cli.network.paddle_program`), for
     paddle-legacy/<weights sha256>/inference.pdiparams   PaddleClas's tools, Paddle Lite's opt, Paddle Inference < 3
     paddle-legacy/<weights sha256>/record.json
 
 The ONNX model is written in this process, in well under a second, from the verified state dict and the
-architecture description (:mod:`mixnet_cli.onnx_graph`): no paddle. The logits ONNX Runtime gives on a fixed
+architecture description (:mod:`mixnet_cli.network.onnx_graph`): no paddle. The logits ONNX Runtime gives on a fixed
 test batch (:func:`reference_logits`, computed on the first check and kept beside the model) are what every other
 engine must reproduce before its answers are trusted (tests hold the graph itself to paddleclas's network). The Paddle Inference models need paddle and paddleclas (the
-``[paddle]`` extra) and are made in a child process (``python -m mixnet_cli.conversion``): paddle takes seconds
+``[paddle]`` extra) and are made in a child process (``python -m mixnet_cli.engines.conversion``): paddle takes seconds
 to import, prints to stdout and sets environment variables, and none of that may reach the caller; its record
 keeps the logits of paddleclas's own network.
 
@@ -46,10 +46,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import cache, files, settings
-from .errors import EngineError, MixnetError
-from .manifest import ModelSpec, resolve_model
-from .postprocess import softmax
+from ..base import cache, files, settings
+from ..base.errors import EngineError, MixnetError
+from ..base.manifest import ModelSpec, resolve_model
+from ..images.postprocess import softmax
 
 RECORD_NAME = cache.DIRECTORY_RECORD
 # 3: the ONNX model is mixnet's own graph (2 was paddle2onnx's); an older record is converted again.
@@ -157,11 +157,11 @@ def ensure_converted(spec: ModelSpec, weights_path: Path, weights_sha256: str, f
     found = cached_model(spec, weights_sha256, fmt)
     if found is not None:
         return found
-    from .locks import file_lock
+    from ..base.locks import file_lock
 
     kind = _format(fmt)
     if kind.needs_paddle:
-        from .third_party import require_paddle
+        from ..base.third_party import require_paddle
 
         require_paddle(f"the {kind.label} model")
     root = cache.ensure_dir(cache.converted_dir(fmt))
@@ -170,7 +170,7 @@ def ensure_converted(spec: ModelSpec, weights_path: Path, weights_sha256: str, f
         lock = file_lock(root / f".{weights_sha256}.lock")
         lock.acquire()
     except OSError as exc:
-        from .errors import CacheError
+        from ..base.errors import CacheError
 
         raise CacheError(f"cannot lock {root} ({exc}); set MIXNET_HOME to a writable directory") from None
     try:
@@ -229,7 +229,7 @@ def ensure_converted(spec: ModelSpec, weights_path: Path, weights_sha256: str, f
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     except OSError as exc:
-        from .errors import CacheError
+        from ..base.errors import CacheError
 
         raise CacheError(
             f"cannot write the {kind.label} model under {root} ({exc.strerror or exc}); "
@@ -308,12 +308,12 @@ def _child_environment() -> dict[str, str]:
 
 
 def _convert_in_child(spec: ModelSpec, weights_path: Path, fmt: str, out: Path) -> dict[str, Any]:
-    package_parent = str(Path(__file__).resolve().parent.parent)
+    package_parent = str(Path(__file__).resolve().parents[2])  # the folder that holds mixnet_cli/
     # The current directory could hold another copy of the package; the one running now is the one to use.
     bootstrap = (
         "import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
         f"sys.path.append({package_parent!r}); "
-        "from mixnet_cli.conversion import _child_main; sys.exit(_child_main(sys.argv[1:]))"
+        "from mixnet_cli.engines.conversion import _child_main; sys.exit(_child_main(sys.argv[1:]))"
     )
     command = [sys.executable, "-c", bootstrap, "--model", spec.name, "--weights", str(weights_path),
                "--format", fmt, "--out", str(out), "--num-classes", str(spec.num_classes)]
@@ -439,9 +439,9 @@ def check_engine(engine: Any, spec: ModelSpec, reference_logits: Any, *, whole_b
 
 
 def _onnx_model(spec: ModelSpec, weights_path: Path, *, features: bool = False) -> Any:
-    from .architecture import architecture_for
-    from .onnx_graph import build_onnx
-    from .pdparams import read_state_dict
+    from ..network.architecture import architecture_for
+    from ..network.onnx_graph import build_onnx
+    from ..weights.pdparams import read_state_dict
 
     architecture = architecture_for(spec)
     state = read_state_dict(weights_path)
@@ -511,7 +511,7 @@ def onnx_runtime_logits(spec: ModelSpec, model: Path | bytes) -> np.ndarray:
     """ONNX Runtime's logits (CPU, float64 ``N x classes``) for ``model`` (a file, or a serialised graph built in
     memory) on :func:`validation_batch`: the reference of the engines that run mixnet's own graph. Raises
     :class:`EngineError` when ONNX Runtime cannot run it."""
-    from .third_party import import_quietly
+    from ..base.third_party import import_quietly
 
     onnxruntime = import_quietly("onnxruntime")
     options = onnxruntime.SessionOptions()
@@ -537,7 +537,7 @@ def convert_paddle(spec: ModelSpec, weights_path: Path, out: Path) -> dict[str, 
     process; returns the conversion's report, whose ``reference_logits`` are paddleclas's network's on
     :func:`validation_batch`. Imports paddle and paddleclas: :func:`ensure_converted` runs this in a child
     process."""
-    from .pdparams import read_state_dict
+    from ..weights.pdparams import read_state_dict
 
     state = read_state_dict(weights_path)
     paddle, network, reference = _paddleclas_reference(spec, state)  # before to_static, which changes the network
@@ -555,12 +555,12 @@ def convert_paddle(spec: ModelSpec, weights_path: Path, out: Path) -> dict[str, 
 
 def convert_paddle_legacy(spec: ModelSpec, weights_path: Path, out: Path) -> dict[str, Any]:
     """Write the legacy Paddle inference model (``inference.pdmodel`` + ``inference.pdiparams``, softmax last)
-    into ``out``, in this process, from the architecture description (:mod:`mixnet_cli.paddle_program`); returns
+    into ``out``, in this process, from the architecture description (:mod:`mixnet_cli.network.paddle_program`); returns
     the conversion's report, whose ``reference_logits`` are paddleclas's network's on :func:`validation_batch`.
     Imports paddle and paddleclas: :func:`ensure_converted` runs this in a child process."""
-    from .architecture import architecture_for
-    from .paddle_program import write_legacy_model
-    from .pdparams import read_state_dict
+    from ..network.architecture import architecture_for
+    from ..network.paddle_program import write_legacy_model
+    from ..weights.pdparams import read_state_dict
 
     state = read_state_dict(weights_path)
     _, _, reference = _paddleclas_reference(spec, state)  # checks the state dict against the architecture
@@ -572,8 +572,8 @@ def convert_paddle_legacy(spec: ModelSpec, weights_path: Path, out: Path) -> dic
 
 def _paddleclas_reference(spec: ModelSpec, state: dict[str, np.ndarray]) -> tuple[Any, Any, np.ndarray]:
     """paddle, paddleclas's network loaded with ``state`` (checked), and its logits on :func:`validation_batch`."""
-    from .paddle_network import load_network
-    from .third_party import import_quietly
+    from ..network.paddle_network import load_network
+    from ..base.third_party import import_quietly
 
     paddle = import_quietly("paddle")
     paddle.set_device("cpu")
@@ -595,7 +595,7 @@ _CONVERTERS = {"paddle": convert_paddle, "paddle-legacy": convert_paddle_legacy}
 
 
 def _child_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mixnet_cli.conversion", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m mixnet_cli.engines.conversion", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--weights", required=True, type=Path)
     parser.add_argument("--format", required=True, choices=sorted(_CONVERTERS))

@@ -26,7 +26,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
-from .errors import (
+from ..base.errors import (
     ImageError,
     ImageNotFoundError,
     ImageTooLargeError,
@@ -34,7 +34,7 @@ from .errors import (
     NotAnImageError,
     TruncatedImageError,
 )
-from .manifest import Preprocessing
+from ..base.manifest import Preprocessing
 
 ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
 
@@ -68,7 +68,7 @@ IMAGE_SUFFIXES = frozenset({
 
 
 def _cv2() -> Any:
-    from .third_party import import_cv2
+    from ..base.third_party import import_cv2
 
     return import_cv2(MAX_PIXELS)
 
@@ -242,7 +242,7 @@ def decode(source: ImageInput, name: str | None = None) -> np.ndarray:
     Files and bytes are decoded by ``cv2.imdecode(IMREAD_COLOR)``, exactly as PaddleClas does (EXIF orientation
     applied, alpha dropped, grey, palette, CMYK and 16-bit images made 8-bit BGR by OpenCV's rules), then made
     RGB; what the installed OpenCV cannot read is decoded by Pillow (the first frame of an animation). Raises an
-    :class:`~mixnet_cli.errors.ImageError` subclass for anything wrong with this input, whatever the library
+    :class:`~mixnet_cli.base.errors.ImageError` subclass for anything wrong with this input, whatever the library
     underneath raised: missing, unreadable, empty, truncated, not an image, over :data:`MAX_PIXELS`.
     """
     label = name if name is not None else (str(source) if isinstance(source, (str, Path)) else "<image>")
@@ -313,7 +313,7 @@ def transform(rgb: np.ndarray, pre: Preprocessing, name: str = "<image>") -> np.
 
 def load_and_transform(source: ImageInput, pre: Preprocessing, name: str | None = None) -> np.ndarray:
     """decode() then transform(): one image to a 3xSxS float32 array. Whatever goes wrong with this input is
-    raised as an :class:`~mixnet_cli.errors.ImageError` naming it."""
+    raised as an :class:`~mixnet_cli.base.errors.ImageError` naming it."""
     label = name if name is not None else (str(source) if isinstance(source, (str, Path)) else "<image>")
     rgb = decode(source, label)
     try:

@@ -17,10 +17,12 @@ from typing import Sequence
 
 import numpy as np
 
-from . import cache, files, settings
-from .download import check_http_url, discard_partial, fetch_url, info_path, notice
-from .errors import CacheError, DownloadError, MixnetError, OfflineError, UsageError, WeightsError
-from .manifest import ModelSpec
+from ..base import cache, files, settings
+from ..base.cache import discard_partial, info_path
+from ..base.http import check_http_url, notice
+from .download import fetch_url
+from ..base.errors import CacheError, DownloadError, MixnetError, OfflineError, UsageError, WeightsError
+from ..base.manifest import ModelSpec
 from .pdparams import WHAT, read_state_dict
 
 _HEX = frozenset("0123456789abcdef")
@@ -117,7 +119,7 @@ def check_file(
         raise WeightsError(f"has sha256 {sha256}, not the pinned {pinned}")
     _sniff(path)
     state = read_state_dict(path)
-    from .architecture import architecture_for
+    from ..network.architecture import architecture_for
 
     architecture_for(spec).check_state_dict(state)
     return state
@@ -411,8 +413,8 @@ def custom_weights(path: Path | str, model: ModelSpec | None = None) -> Verified
     :class:`WeightsError` naming the file when it is not MixNet weights (or not ``model``'s), and
     :class:`UsageError` when it is missing or unreadable.
     """
-    from .architecture import architecture_for
-    from .manifest import load_manifest
+    from ..network.architecture import architecture_for
+    from ..base.manifest import load_manifest
 
     source = Path(path).expanduser()
     try:

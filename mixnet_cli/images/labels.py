@@ -12,8 +12,8 @@ from importlib import resources
 import re
 from pathlib import Path
 
-from .errors import ManifestError, UsageError
-from .manifest import load_manifest
+from ..base.errors import ManifestError, UsageError
+from ..base.manifest import load_manifest
 
 
 def _package_text(name: str) -> str:

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .engines import ENGINES, canonical_name, engine_names, ranked
-from .engines.base import DeviceChoice, Engine, EngineFailed
-from .errors import DeviceError, EngineError, MixnetError, UsageError
-from .manifest import ModelSpec
+from . import ENGINES, canonical_name, engine_names, ranked
+from .base import DeviceChoice, Engine, EngineFailed
+from ..base.errors import DeviceError, EngineError, MixnetError, UsageError
+from ..base.manifest import ModelSpec
 
 if TYPE_CHECKING:
-    from .weights import VerifiedWeights
+    from ..weights.store import VerifiedWeights
 
 _log = logging.getLogger(__name__)
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|gpu|gpu:\d+)$")
@@ -275,7 +275,7 @@ class Agreement:
 
 def measure_agreement(engine: Engine, reference: Engine, batch: np.ndarray) -> Agreement:
     """Compare ``engine``'s softmax with ``reference``'s (fp32) on a float32 ``N x 3 x S x S`` ``batch``."""
-    from .postprocess import softmax
+    from ..images.postprocess import softmax
 
     got = softmax(np.asarray(engine.run(batch), dtype=np.float64))
     expected = softmax(np.asarray(reference.run(batch), dtype=np.float64))

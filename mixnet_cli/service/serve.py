@@ -4,7 +4,7 @@ Models are loaded (downloaded, converted, compiled for every batch size the batc
 server already answers ``/healthz``; ``/readyz`` says 503 until they are. ``POST /v1/classify`` takes one image
 as the raw body, or several as multipart ``image`` fields, and answers with the objects ``mixnet classify --json``
 prints (one object, or a list in request order). Each image is decoded in a thread of its own pool while the
-engine runs, and waits for its forward pass in its model's :class:`~mixnet_cli.batching.DynamicBatcher`.
+engine runs, and waits for its forward pass in its model's :class:`~mixnet_cli.service.batching.DynamicBatcher`.
 
 Limits, each answered at once: a full queue (503 with ``Retry-After``), a body over the size limit (413), an
 image over the pixel limit of ``classify`` (413), a request not answered within its deadline (504), a bad
@@ -36,13 +36,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from .batching import DynamicBatcher
-from .errors import ImageError, ImageTooLargeError, MixnetError, Overloaded, UsageError
+from ..base.errors import ImageError, ImageTooLargeError, MixnetError, Overloaded, UsageError
 
 if TYPE_CHECKING:
     import socket
 
-    from .classifier import ClassificationResult, Classifier
-    from .manifest import ModelSpec
+    from ..classifier import ClassificationResult, Classifier
+    from ..base.manifest import ModelSpec
 
 SERVE_EXTRA = 'pip install "mixnet-cli[serve]"'
 DEFAULT_TOPK = 5
@@ -65,7 +65,7 @@ access_log = logging.getLogger("mixnet_cli.access")
 
 def serve_missing() -> str | None:
     """The line that says what to install when the ``[serve]`` extra is missing (None: it is installed)."""
-    from .third_party import module_installed
+    from ..base.third_party import module_installed
 
     # python-multipart is imported as python_multipart since 0.0.13, as multipart before.
     missing = [name for name, modules in (("starlette", ("starlette",)), ("uvicorn", ("uvicorn",)),
@@ -207,11 +207,11 @@ class Service:
     """The state behind the HTTP routes: options, loaded models, thread pools, metrics, readiness.
 
     Raises :class:`UsageError` for options no service can run with, and for your own weights or labels that
-    cannot be served (:class:`~mixnet_cli.errors.WeightsError` for a file that is not MixNet weights)."""
+    cannot be served (:class:`~mixnet_cli.base.errors.WeightsError` for a file that is not MixNet weights)."""
 
     def __init__(self, options: ServeOptions, on_load_failure: Callable[[BaseException], None] | None = None,
                  url: str = "") -> None:
-        from .engines.base import physical_cores
+        from ..engines.base import physical_cores
 
         options.check()
         self.options = options
@@ -248,7 +248,7 @@ class Service:
 
     def _load(self, name: str) -> "Classifier":
         from .batching import batch_ladder
-        from .classifier import Classifier
+        from ..classifier import Classifier
 
         options = self.options
         _log.info("loading %s%s...", name, f" (your weights {options.weights})" if options.weights else "")
@@ -307,8 +307,8 @@ class Service:
     def parameters(self, query: Any) -> tuple[str, int, float, str | None]:
         """Model name, top-k, deadline (seconds) and URL from a request's query; :class:`RequestError` (400)
         with the CLI's message for a bad one."""
-        from .classifier import check_topk
-        from .manifest import resolve_model
+        from ..classifier import check_topk
+        from ..base.manifest import resolve_model
 
         try:
             requested = query.get("model")
@@ -331,7 +331,7 @@ class Service:
                 deadline = min(deadline, asked / 1000.0)
             url = query.get("url")
             if url is not None:
-                from .inputs import is_url
+                from ..images.inputs import is_url
 
                 if not self.options.allow_urls:
                     raise UsageError("fetching image URLs is off in this service; send the image's bytes instead "
@@ -367,7 +367,7 @@ class Service:
                        ) -> list["ClassificationResult"]:
         """Classify named images (each a loader of its encoded bytes, run in a decode thread) with one model,
         room for them held with :meth:`admitted`. An image that cannot be read gets its error in its place."""
-        from .classifier import ClassificationResult
+        from ..classifier import ClassificationResult
 
         model = self.models[model_name]
         loop = asyncio.get_running_loop()
@@ -389,16 +389,16 @@ class Service:
 def _served_specs(options: ServeOptions) -> dict[str, "ModelSpec"]:
     """The served models by name, in order. Your own weights are read and checked here, with their label file,
     so that a wrong file is one line before the service starts (:class:`UsageError`, :class:`WeightsError`)."""
-    from .manifest import resolve_model
+    from ..base.manifest import resolve_model
 
     if options.weights is None:
         specs = [resolve_model(name) for name in options.models or ("MixNet_S",)]
     else:
-        from .weights import custom_weights
+        from ..weights.store import custom_weights
 
         specs = [custom_weights(options.weights, resolve_model(options.models[0]) if options.models else None).spec]
     if options.labels is not None:
-        from .labels import read_label_file
+        from ..images.labels import read_label_file
 
         for spec in specs:
             read_label_file(options.labels, spec.num_classes, released=None if spec.custom else spec.name)
@@ -516,8 +516,8 @@ def create_app(service: Service) -> Any:
         body = await _read_body(request.stream(), service.options.max_body_bytes, request.headers.get("content-length"))
         images: list[tuple[str, Callable[[], bytes]]]
         if url is not None:
-            from . import settings
-            from .inputs import fetch_image_url
+            from ..base import settings
+            from ..images.inputs import fetch_image_url
 
             # classify's fetcher (the weights' HTTP layer: timeouts, size cap), within the request's deadline too.
             within = min(deadline, settings.url_deadline())
@@ -624,7 +624,7 @@ class _Observed:
 
 def openapi_document(service: Service) -> dict[str, Any]:
     """The OpenAPI 3.1 description of the service's endpoints."""
-    from . import __version__
+    from .. import __version__
 
     classes = max(spec.num_classes for spec in service.specs.values())
     error = {"type": "object", "required": ["error"], "properties": {"error": {
@@ -694,8 +694,8 @@ def openapi_document(service: Service) -> dict[str, Any]:
 def run(options: ServeOptions) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting, finish the requests in flight and return.
 
-    Raises :class:`~mixnet_cli.errors.MixnetError` when the ``[serve]`` extra is missing or the address cannot
-    be listened on, :class:`~mixnet_cli.errors.UsageError` or :class:`~mixnet_cli.errors.WeightsError` for your
+    Raises :class:`~mixnet_cli.base.errors.MixnetError` when the ``[serve]`` extra is missing or the address cannot
+    be listened on, :class:`~mixnet_cli.base.errors.UsageError` or :class:`~mixnet_cli.base.errors.WeightsError` for your
     own weights or labels that cannot be served (before serving), and the error that stopped a model from loading
     (the service then shuts down).
     """

@@ -41,7 +41,7 @@ class Metrics:
 @dataclass(frozen=True)
 class ArchitectureRef:
     """Which MixNet a model is: PaddleClas's block table (``s`` or ``m``) and width, read by
-    :mod:`mixnet_cli.architecture`; ``paddleclas`` names the same network in paddleclas (``module:function``), for
+    :mod:`mixnet_cli.network.architecture`; ``paddleclas`` names the same network in paddleclas (``module:function``), for
     the paddle engines and the tests that check mixnet's network against it."""
 
     blocks: str

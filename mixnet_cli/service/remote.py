@@ -13,8 +13,8 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Iterator
 
-from .errors import ImageError, ServiceError, UsageError
-from .inputs import InputItem
+from ..base.errors import ImageError, ServiceError, UsageError
+from ..images.inputs import InputItem
 
 # Requests in flight at once: enough to keep a service's batcher fed while the next batch is read and sent.
 REQUESTS_IN_FLIGHT = 4
@@ -24,8 +24,8 @@ _STATUSES_WITH_RESULTS = (200, 413, 422)
 
 
 def check_server_url(server: str) -> str:
-    """``server`` when it is an http:// or https:// URL; else a :class:`~mixnet_cli.errors.UsageError` saying so."""
-    from .download import check_http_url
+    """``server`` when it is an http:// or https:// URL; else a :class:`~mixnet_cli.base.errors.UsageError` saying so."""
+    from ..base.http import check_http_url
 
     return check_http_url(server, "--server", "http://127.0.0.1:8080")
 
@@ -34,12 +34,12 @@ def classify_remote(server: str, items: Iterable[InputItem], *, model: str, topk
                     timeout: float = 60.0) -> Iterator[dict[str, Any]]:
     """The result objects (``ClassificationResult.to_dict()``) of ``items``, in input order, classified by the
     service at ``server`` (``http://host:port``). Raises :class:`ServiceError` when it cannot be reached or
-    refuses a request, :class:`~mixnet_cli.errors.UsageError` for a bad model or top-k (its 400)."""
+    refuses a request, :class:`~mixnet_cli.base.errors.UsageError` for a bad model or top-k (its 400)."""
     import requests
 
     if batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
-    from .manifest import resolve_model
+    from ..base.manifest import resolve_model
 
     model_name = resolve_model(model).name  # a bad name fails here, before any request
     check_server_url(server)
@@ -48,8 +48,8 @@ def classify_remote(server: str, items: Iterable[InputItem], *, model: str, topk
     local = threading.local()  # a requests session per sending thread (sessions are not meant to be shared)
 
     def read(item: InputItem) -> tuple[str, bytes] | dict[str, Any]:
-        from .classifier import ClassificationResult
-        from .preprocess import read_image_bytes
+        from ..classifier import ClassificationResult
+        from ..images.preprocess import read_image_bytes
 
         try:
             return item.name, read_image_bytes(item.load(), item.name)

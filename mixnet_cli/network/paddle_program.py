@@ -7,7 +7,7 @@ only for a program built in the old IR, and paddleclas's network cannot be trace
 ``sigmoid``, ``multiply`` and ``matmul`` straight to C++ functions that take a dygraph tensor or a PIR value,
 never an old-IR ``Variable`` ("sigmoid(): argument must be Value, but got Variable"), whatever
 ``FLAGS_enable_pir_api`` or ``paddle.pir_utils.OldIrGuard`` say. So the program is written here, one old-IR
-operator at a time, from :mod:`mixnet_cli.architecture` (as :mod:`mixnet_cli.onnx_graph` writes the ONNX
+operator at a time, from :mod:`mixnet_cli.network.architecture` (as :mod:`mixnet_cli.network.onnx_graph` writes the ONNX
 graph), and paddle only serialises it (``paddle.static.save_inference_model``).
 
 The program is PaddleClas's exported inference model: input ``x`` (float32, ``N x 3 x 224 x 224``, normalised
@@ -156,7 +156,7 @@ def write_legacy_model(architecture: Architecture, state: dict[str, np.ndarray],
     duration only. Raises ``KeyError`` for a parameter ``state`` lacks (callers check the state dict first) and
     whatever paddle raises when it cannot write.
     """
-    from .third_party import import_quietly
+    from ..base.third_party import import_quietly
 
     paddle = import_quietly("paddle")
     pir_utils = import_quietly("paddle.pir_utils")

@@ -10,12 +10,12 @@ Layout under the cache root (``MIXNET_HOME`` or the user cache directory)::
     weights/MixNet_S_pretrained.pdparams.lock       held by the one process downloading, installing or removing
                                                       that file; there only while held (or left by a killed one)
     weights/.MixNet_S_pretrained.pdparams.*.tmp     a file being copied in or a record being written
-    onnx/<weights sha256>/                          converted models (mixnet_cli.conversion), one folder per
+    onnx/<weights sha256>/                          converted models (mixnet_cli.engines.conversion), one folder per
     paddle-inference/<weights sha256>/                weights file, each with a record.json of its files
     paddle-legacy/<weights sha256>/
     openvino/<weights sha256>/                      OpenVINO's fixed-batch copies and compiled models
     paddle-home/, onnxruntime-home/                 what paddle and ONNX Runtime write to "home" while mixnet
-                                                      runs them (mixnet_cli.third_party)
+                                                      runs them (mixnet_cli.base.third_party)
 
 Nothing but the exact weights name is ever loaded as weights. Removing and clearing touch only these names (a
 converted folder only when named by a sha256), so a cache root pointed at a directory that holds other files
@@ -80,6 +80,60 @@ def partial_path(spec: ModelSpec) -> Path:
     """Where a download in progress accumulates; never loaded as weights."""
     path = weights_path(spec)
     return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+# A partial download's record, beside it: the URL and the validator (strong ETag, else Last-Modified) of the
+# response its bytes came from, so that the next run can ask for the rest (weights.download writes it; the
+# inventory reads it to say what an interrupted download was).
+INFO_SUFFIX = ".json"
+
+
+def info_path(partial: Path) -> Path:
+    """Where the URL and validator of ``partial``'s bytes are kept."""
+    return partial.with_name(partial.name + INFO_SUFFIX)
+
+
+def discard_partial(partial: Path) -> None:
+    """Remove a partial file and its info (missing ones are fine)."""
+    partial.unlink(missing_ok=True)
+    info_path(partial).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class PartialInfo:
+    """The URL, validators and full size of the response a partial file's bytes came from."""
+
+    url: str
+    etag: str | None
+    last_modified: str | None
+    total: int | None
+
+    @property
+    def validator(self) -> str | None:
+        return self.etag or self.last_modified
+
+
+def read_partial_info(partial: Path) -> PartialInfo | None:
+    """Where ``partial``'s bytes came from, or None when that is not known (then they are not resumed)."""
+    try:
+        raw = json.loads(info_path(partial).read_text(encoding="utf-8"))
+        total = raw.get("total")
+        return PartialInfo(
+            url=str(raw["url"]),
+            etag=raw.get("etag") or None,
+            last_modified=raw.get("last_modified") or None,
+            total=int(total) if total is not None else None,
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def write_partial_info(partial: Path, info: PartialInfo) -> None:
+    files.write_text(
+        info_path(partial),
+        json.dumps({"url": info.url, "etag": info.etag, "last_modified": info.last_modified, "total": info.total})
+        + "\n",
+    )
 
 
 def lock_path(spec: ModelSpec) -> Path:
@@ -159,7 +213,7 @@ def model_lock(spec: ModelSpec, *, wait: bool = True, on_wait: Any = None) -> It
 
     With ``wait=False`` a lock held elsewhere raises :class:`CacheError` at once; otherwise ``on_wait(path)`` is
     called, then this blocks until it is free. A cache that cannot be written raises :class:`CacheError`. The lock
-    file is deleted when the holder lets go, after a success or a failure (:mod:`mixnet_cli.locks`); the OS drops
+    file is deleted when the holder lets go, after a success or a failure (:mod:`mixnet_cli.base.locks`); the OS drops
     the lock of a process that dies, so a killed run leaves at most an unheld file, which the next holder deletes.
     """
     from filelock import Timeout
@@ -222,7 +276,6 @@ def _mtime_iso(path: Path) -> str:
 
 def list_entries(specs: Sequence[ModelSpec] | None = None) -> list[CacheItem]:
     """The weights files (and partial downloads) in the cache, each checked against its record."""
-    from .download import read_partial_info
 
     entries: list[CacheItem] = []
     for spec in specs if specs is not None else load_manifest().models.values():
@@ -252,7 +305,6 @@ def list_entries(specs: Sequence[ModelSpec] | None = None) -> list[CacheItem]:
 
 def model_files(spec: ModelSpec) -> list[Path]:
     """Every file the cache keeps for ``spec`` (not its lock), present ones only."""
-    from .download import info_path
 
     partial = partial_path(spec)
     named = [weights_path(spec), record_path(spec), partial, info_path(partial)]
@@ -451,7 +503,7 @@ def execute(plan: DeletionPlan) -> list[Path]:
         with model_lock(resolve_model(name), wait=False):
             removed += _remove(plan.weights.get(name, []))
         # Letting go of the lock deleted its file, a killed process's too; never deleted by name, which could
-        # split a process that waits on it from one that comes later (mixnet_cli.locks).
+        # split a process that waits on it from one that comes later (mixnet_cli.base.locks).
         if name in plan.locks and not plan.locks[name].exists():
             removed.append(plan.locks[name])
     for path in plan.folders:

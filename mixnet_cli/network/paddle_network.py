@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .third_party import import_quietly
-from .manifest import ModelSpec
+from ..base.third_party import import_quietly
+from ..base.manifest import ModelSpec
 
 if TYPE_CHECKING:
     import paddle

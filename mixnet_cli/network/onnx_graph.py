@@ -1,6 +1,6 @@
 """The MixNet network as an ONNX graph, written straight from a verified state dict with the ``onnx`` package.
 
-No paddle is involved: the layers come from :mod:`mixnet_cli.architecture`, the numbers from the weights file.
+No paddle is involved: the layers come from :mod:`mixnet_cli.network.architecture`, the numbers from the weights file.
 The graph takes ``x`` (float32, ``N x 3 x 224 x 224``, normalised pixels) and gives ``logits`` (float32,
 ``N x 1000``, no softmax), like PaddleClas's dygraph network.
 
@@ -112,7 +112,7 @@ class ConvPlan:
     """How one :class:`ConvBN` layer runs as convolutions in a :class:`GraphForm`: ``convolutions`` holds
     ``(weight, groups, kernel size)`` for each convolution; ``splits`` the input channels each takes, when the
     input is split between them (None: one convolution on the whole input). Shared by every backend that builds
-    the network from the architecture (ONNX here, PyTorch in :mod:`mixnet_cli.torch_network`)."""
+    the network from the architecture (ONNX here, PyTorch in :mod:`mixnet_cli.network.torch_network`)."""
 
     convolutions: list[tuple[np.ndarray, int, int]]
     splits: tuple[int, ...] | None

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import Overloaded
+from ..base.errors import Overloaded
 
 
 def batch_ladder(max_batch_size: int) -> list[int]:
