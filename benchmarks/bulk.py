@@ -125,7 +125,7 @@ def _defaults() -> dict[str, int]:
     import inspect
 
     from mixnet_cli.classifier import Classifier
-    from mixnet_cli.cli import classify
+    from mixnet_cli.cli.classify import classify
 
     parameters = inspect.signature(Classifier.classify_many).parameters
     cli_batch = next(p.default for p in classify.params if p.name == "batch_size")

@@ -1,0 +1,366 @@
+"""What every command shares: the options that several commands take, the decorator that turns library
+errors into one-line messages and exit codes, output files, progress and interrupts."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
+
+import click
+
+from ..base import settings
+from ..base.errors import DeviceError, MixnetError, UsageError
+from ..engines import ENGINES, engine_names
+from ..output import FORMATS
+
+if TYPE_CHECKING:
+    from ..base.manifest import ModelSpec
+
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mixnet-cli")
+    except PackageNotFoundError:
+        from .. import __version__
+
+        return __version__
+
+
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+
+
+def _interrupted() -> None:
+    click.echo("Interrupted.", err=True)
+    sys.exit(130)
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def user_errors(func: F) -> F:
+    """Turn library errors into click errors: one line on stderr, the right exit code, no traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except MixnetError as exc:
+            if settings.debug():
+                raise
+            if isinstance(exc, UsageError):
+                raise click.UsageError(str(exc)) from None
+            message = str(exc)
+            context = click.get_current_context(silent=True)
+            variable = context.meta.get("mixnet.device_from") if context is not None else None
+            if isinstance(exc, DeviceError) and variable:
+                message += f" (the device came from the environment variable {variable})"
+            error = click.ClickException(message)
+            error.exit_code = exc.exit_code
+            raise error from None
+        except BrokenPipeError:
+            # The reader of our stdout went away (`| head`): stop quietly, as a shell tool killed by SIGPIPE would.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(141)
+        except KeyboardInterrupt:
+            if settings.debug():
+                raise
+            _interrupted()
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            raise
+        except OSError as exc:
+            if settings.debug():
+                raise
+            if exc.errno not in _OUTPUT_ERRNOS:
+                raise click.ClickException(f"unexpected {type(exc).__name__}: {exc} (a bug; rerun with "
+                                           "MIXNET_DEBUG=1 and report the traceback)") from None
+            # Library errors on the cache and inputs are MixnetErrors already: this is the results' destination.
+            raise click.ClickException(f"cannot write the results ({exc.strerror}); free space or write them "
+                                       "elsewhere (-o FILE)") from None
+        except Exception as exc:  # a bug: still one line, unless debugging
+            if settings.debug():
+                raise
+            if _caused_by_interrupt(exc):
+                _interrupted()  # e.g. numpy turns a Ctrl-C during its import into an ImportError
+            raise click.ClickException(
+                f"unexpected {type(exc).__name__}: {exc} (a bug; rerun with MIXNET_DEBUG=1 and report the traceback)"
+            ) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def model_names_help() -> str:
+    return "S, M, L (or MixNet_S, mixnet_m, ...)"
+
+
+def complete_model(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion for model names (the manifest is small and cheap to read)."""
+    from ..base.manifest import load_manifest
+
+    names = [name for spec in load_manifest().models.values() for name in (spec.short_name, spec.name)]
+    return [name for name in names if name.lower().startswith(incomplete.lower())]
+
+
+def complete_models(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion where several models, or ``all``, may be named."""
+    return complete_model(ctx, param, incomplete) + (["all"] if "all".startswith(incomplete.lower()) else [])
+
+
+def output_options(func: F | None = None, *, json_help: str = "One JSON array (same as --format json).",
+                   jsonl_help: str = "One JSON object per line, printed as each finishes.") -> Any:
+    """The same output flags on every command that prints rows (``@output_options``, or with its own words for
+    what JSON and JSON lines hold: ``@output_options(json_help=...)``)."""
+
+    def decorate(func: F) -> F:
+        func = click.option("--csv", "fmt", flag_value="csv", help="CSV with a header line (same as --format csv).")(func)
+        func = click.option("--jsonl", "fmt", flag_value="jsonl", help=jsonl_help)(func)
+        func = click.option("--json", "fmt", flag_value="json", help=json_help)(func)
+        return click.option(
+            "--format",
+            "fmt",
+            type=click.Choice(list(FORMATS)),
+            default="table",
+            show_default=True,
+            help="Output format.",
+        )(func)
+
+    return decorate(func) if func is not None else decorate
+
+
+def _complete_device(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    return [name for name in ("auto", "cpu", "gpu", "gpu:0") if name.startswith(incomplete.lower())]
+
+
+def _complete_engine(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    return [name for name in engine_names() if name.startswith(incomplete.lower())]
+
+
+def device_option(func: F) -> F:
+    return click.option(
+        "--device",
+        default=None,
+        shell_complete=_complete_device,
+        metavar="auto|cpu|gpu|gpu:N",
+        help="Where to run: a GPU when onnxruntime-gpu or a CUDA build of paddle is installed and sees one, else "
+        "the CPU (default auto; MIXNET_DEVICE).",
+    )(func)
+
+
+def engine_option(func: F) -> F:
+    return click.option(
+        "--engine",
+        default=None,
+        shell_complete=_complete_engine,
+        metavar="|".join(engine_names()),
+        help="What runs the network: auto picks the fastest installed for the device (ONNX Runtime on the CPU, "
+        "and on a GPU with onnxruntime-gpu); "
+        + "; ".join(f"{info.name}: {info.summary} [{info.devices}]" for info in ENGINES.values())
+        + " (default auto; MIXNET_ENGINE).",
+    )(func)
+
+
+def custom_weights_options(func: F) -> F:
+    """``--weights`` and ``--labels``: your own fine-tuned MixNet instead of a released one."""
+    func = click.option(
+        "--labels", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+        help="Class names for --weights: PaddleClas's class_id_map_file ('<id> <name>' per line) or one name per "
+        "line; their count must equal the weights' classes.",
+    )(func)
+    return click.option(
+        "--weights", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+        help="Your own fine-tuned MixNet (.pdparams saved by PaddleClas, any number of classes) instead of the "
+        "released weights; S, M or L is read from it unless -m says.",
+    )(func)
+
+
+def threads_option(func: F) -> F:
+    return click.option(
+        "--threads", type=click.IntRange(1, 1024), default=None,
+        help="CPU threads per forward pass (default: OMP_NUM_THREADS when set, else the physical cores).",
+    )(func)
+
+
+def specs_for(names: Sequence[str]) -> list["ModelSpec"]:
+    """The models named on the command line (``all`` for every one), each once, in order."""
+    from ..base.manifest import model_names, resolve_model
+
+    wanted = model_names() if any(n.strip().lower() == "all" for n in names) else [resolve_model(n).name for n in names]
+    return [resolve_model(name) for name in dict.fromkeys(wanted)]
+
+
+def device_and_engine(device: str | None, engine: str | None) -> tuple[str, str]:
+    """``--device`` and ``--engine``: the flag, else MIXNET_DEVICE / MIXNET_ENGINE, else auto; all checked."""
+    from ..engines.choice import check_device_name, check_engine_name
+
+    context = click.get_current_context(silent=True)
+    if context is not None and device is None and os.environ.get("MIXNET_DEVICE", "").strip():
+        # A device error later says where the device came from (user_errors reads this).
+        context.meta["mixnet.device_from"] = "MIXNET_DEVICE"
+    return (settings.choose(device, "MIXNET_DEVICE", check_device_name, "auto"),
+            settings.choose(engine, "MIXNET_ENGINE", check_engine_name, "auto"))
+
+
+def _checked_mirrors(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """--mirror is checked as it is parsed, so a bad one is a usage error even when the weights are cached."""
+    from ..weights.store import check_mirrors
+
+    try:
+        return tuple(check_mirrors(value))
+    except UsageError as exc:
+        raise click.UsageError(str(exc), ctx=ctx) from None
+
+
+def checked_server(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--server is checked as it is parsed: requests would refuse a URL without http(s):// only at the first
+    request, with an exception that does not name the option."""
+    from ..service.remote import check_server_url
+
+    try:
+        return None if value is None else check_server_url(value)
+    except UsageError as exc:
+        raise click.UsageError(str(exc), ctx=ctx) from None
+
+
+def network_options(func: F) -> F:
+    func = click.option(
+        "--offline",
+        is_flag=True,
+        default=None,
+        help="Never use the network; only cached weights (also MIXNET_OFFLINE=1).",
+    )(func)
+    func = click.option(
+        "--mirror",
+        "mirrors",
+        multiple=True,
+        metavar="URL",
+        callback=_checked_mirrors,
+        help="Fetch weights from URL/<file name> instead of PaddleClas's server; repeat to give fallbacks "
+        "(also MIXNET_MIRROR).",
+    )(func)
+    return func
+
+
+class _StderrHandler(logging.Handler):
+    """Library messages on whatever ``sys.stderr`` is when they are logged (tests swap it per command): notices as
+    ``mixnet: ...``, warnings as ``Warning: ...``, one line each."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "Warning: " if record.levelno >= logging.WARNING else "mixnet: "
+        try:
+            sys.stderr.write(prefix + record.getMessage() + "\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 (logging must never take the command down)
+            self.handleError(record)
+
+
+def show_messages(quiet: bool = False) -> None:
+    """Show the library's notices and warnings on stderr (only errors with ``quiet``, which raise anyway)."""
+    logger = logging.getLogger("mixnet_cli")
+    if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
+        logger.addHandler(_StderrHandler())
+    logger.setLevel(logging.ERROR if quiet else logging.INFO)
+
+
+def check_output_path(output: str | None) -> None:
+    """Fail before any work when ``-o`` cannot be written, rather than after classifying everything."""
+    if output in (None, "-"):
+        return
+    parent = Path(output).expanduser().resolve().parent
+    if not parent.is_dir():
+        raise UsageError(f"-o {output}: directory {parent} does not exist; create it or choose another path")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"-o {output}: directory {parent} is not writable; choose another path")
+
+
+def open_output(output: str | None) -> Any:
+    """stdout, or ``-o FILE`` via :class:`~mixnet_cli.output.AtomicOutput`."""
+    if output in (None, "-"):
+        return click.open_file("-", "w", encoding="utf-8")
+    from ..output import AtomicOutput
+
+    return AtomicOutput(Path(output).expanduser())
+
+
+@contextlib.contextmanager
+def interrupt_ends_at_once() -> Iterator[None]:
+    """For commands that run engines: Ctrl-C ends the process at once. Results already written stay, a
+    half-written ``-o`` file goes, and nothing waits for OpenVINO's threads, whose teardown from an interrupt
+    could hang or abort the process. What the cache may hold then is what it was built to survive: a ``.part``
+    download that resumes, a conversion directory the next conversion removes; the files of the locks held are
+    deleted."""
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        from ..output import UNFINISHED_OUTPUTS
+
+        for path in list(UNFINISHED_OUTPUTS):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        from ..base.locks import delete_held_lock_files
+
+        delete_held_lock_files()  # os._exit skips the releases
+        os.write(2, b"Interrupted.\n")
+        os._exit(130)
+
+    if settings.debug() or threading.current_thread() is not threading.main_thread():
+        yield  # a debugger wants the traceback; signal handlers belong to the main thread
+        return
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class _NoProgress:
+    """The part of a tqdm bar the commands use, for runs that show none (so tqdm is not even imported)."""
+
+    def __enter__(self) -> "_NoProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        return None
+
+    @staticmethod
+    def write(message: str, file: Any = None) -> None:
+        print(message, file=file or sys.stdout)
+
+
+def progress_bar(total: int, *, enabled: bool) -> Any:
+    """A tqdm bar on stderr for runs of more than a handful of images, when stderr is a terminal."""
+    show = enabled and total > 8 and sys.stderr.isatty()
+    if not show:
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", file=sys.stderr, leave=False, dynamic_ncols=True)
+
+

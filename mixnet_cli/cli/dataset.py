@@ -1,0 +1,113 @@
+"""``mixnet classify-dataset``: a dataset on a Ray cluster (:mod:`mixnet_cli.distributed`)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from .common import (
+    CONTEXT_SETTINGS,
+    complete_model,
+    device_and_engine,
+    device_option,
+    engine_option,
+    model_names_help,
+    network_options,
+    show_messages,
+    user_errors,
+)
+
+
+@click.command("classify-dataset", context_settings=CONTEXT_SETTINGS)
+@click.argument("sources", nargs=-1, required=True, metavar="SRC...")
+@click.option("-o", "--output", "out", required=True, metavar="DIR",
+              help="Directory for the results (local, or any URI pyarrow writes: s3://, gs://, hdfs://); created "
+              "if absent; must be empty unless --resume.")
+@click.option("-m", "--model", default="MixNet_S", show_default=True, shell_complete=complete_model,
+              help=f"Model: {model_names_help()}.")
+@click.option("-k", "--topk", default=5, show_default=True, type=click.IntRange(1, 1000), help="How many labels per image.")
+@click.option("--resume", is_flag=True, help="Skip the inputs already in DIR (after a killed or failed run) and add the rest.")
+@click.option("--jsonl", is_flag=True, help="Also write each part as JSON lines (the objects `mixnet classify --jsonl` prints).")
+@click.option("--address", metavar="auto|HOST:PORT|ray://...",
+              help="The Ray cluster to run on (default: RAY_ADDRESS, else a cluster of this machine alone, on 127.0.0.1, "
+              "for this run).")
+@click.option("--actors", type=click.IntRange(1), help="Most actors (model copies) at once (default: one per node).")
+@click.option("--cpus-per-actor", type=click.FloatRange(0, min_open=True),
+              help="CPUs each actor asks Ray for, fractions allowed; its engine runs that many threads, rounded up "
+              "(default: the cluster's CPUs less 0.5 per node, shared between the actors).")
+@click.option("--images-per-task", default=64, show_default=True, type=click.IntRange(1, 100_000),
+              help="Images per actor call (Ray's batch): what a killed actor redoes.")
+@click.option("--rows-per-file", default=10_000, show_default=True, type=click.IntRange(1),
+              help="Rows per output part: at most what a killed job redoes after --resume (a part is also written "
+              "every minute).")
+@click.option("--recursive/--no-recursive", default=True, show_default=True,
+              help="Look for images in sub-directories of a directory argument.")
+@device_option
+@engine_option
+@click.option("-b", "--batch-size", default=4, show_default=True, type=click.IntRange(1, 1024), help="Images per forward pass.")
+@network_options
+@click.option("-q", "--quiet", is_flag=True, help="No per-image error lines on stderr; the summary stays.")
+@user_errors
+def classify_dataset(
+    sources: tuple[str, ...],
+    out: str,
+    model: str,
+    topk: int,
+    resume: bool,
+    jsonl: bool,
+    address: str | None,
+    actors: int | None,
+    cpus_per_actor: float | None,
+    images_per_task: int,
+    rows_per_file: int,
+    recursive: bool,
+    device: str | None,
+    engine: str | None,
+    batch_size: int,
+    mirrors: tuple[str, ...],
+    offline: bool | None,
+    quiet: bool,
+) -> None:
+    """Classify a dataset on a Ray cluster into Parquet files ([ray] extra), resumably.
+
+    SRC: image files, directories, globs (as `mixnet classify` takes them, with the same extension filter) or
+    URIs pyarrow reads (s3://bucket/photos/, gs://..., hdfs://...). Each row is the object `mixnet classify
+    --jsonl` prints (input, model, predictions or error), with the same top-k ids and scores.
+
+    \b
+      mixnet classify-dataset photos/ -o results/ --model L
+      mixnet classify-dataset s3://bucket/photos/ -o s3://bucket/results/ --address auto --actors 8
+      mixnet classify-dataset photos/ -o results/ --resume      # after a killed run: the rest, each once
+
+    A missing or unreadable image is a row with an error; the summary on stderr counts them and the exit code
+    is 1. Without --address (or RAY_ADDRESS) Ray runs on this machine alone: for one machine, `mixnet classify`
+    is faster.
+    """
+    from ..distributed import run_job
+    from ..base.manifest import resolve_model
+
+    resolve_model(model)
+    device_name, engine_name = device_and_engine(device, engine)
+    show_messages(quiet)
+
+    def on_error(row: dict[str, Any]) -> None:
+        if not quiet:
+            click.echo(f"Error: {row['error']['message']}", err=True)
+
+    summary = run_job(
+        list(sources), out, model, resume=resume, jsonl=jsonl, address=address, rows_per_file=rows_per_file,
+        on_error=on_error, topk=topk, batch_size=batch_size, device=device_name, engine=engine_name,
+        mirrors=list(mirrors) or None, offline=offline, actors=actors, cpus_per_actor=cpus_per_actor,
+        images_per_task=images_per_task, recursive=recursive,
+    )
+    already = f"; {summary.skipped} already in {out}" if summary.skipped else ""
+    click.echo(f"{summary.images} image(s) classified in {summary.seconds:.1f} s ({summary.images_per_s:.1f} images/s), "
+               f"{summary.failed} failed{already}", err=True)
+    if summary.total_failed:
+        before = f" ({summary.failed_before} in earlier runs)" if summary.failed_before else ""
+        click.echo(f"Error: {summary.total_failed} image(s) failed{before}; their rows in {out} say why", err=True)
+        sys.exit(1)
+
+
