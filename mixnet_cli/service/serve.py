@@ -468,6 +468,8 @@ def create_app(service: Service) -> Any:
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
+    from .oip import routes as oip_routes
+
     def error(exc: RequestError) -> Any:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
@@ -565,6 +567,9 @@ def create_app(service: Service) -> Any:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
+        # The Open Inference Protocol v2, on the same models, batchers and limits.
+        *oip_routes(service, image_status=image_error_status, read_body=lambda request: _read_body(
+            request.stream(), service.options.max_body_bytes, request.headers.get("content-length"))),
     ], lifespan=lifespan, exception_handlers={HTTPException: routing_error})
     return _Observed(app, service)
 
@@ -597,7 +602,8 @@ class _Observed:
         finally:
             elapsed = time.perf_counter() - started
             path = scope.get("path", "")
-            endpoint = path if path in _ENDPOINTS else "other"
+            # A route may name its endpoint itself (the v2 ones: a template, not the model's name in the path).
+            endpoint = scope["state"].get("endpoint") or (path if path in _ENDPOINTS else "other")
             metrics = self.service.metrics
             metrics.requests.labels(endpoint, str(status)).inc()
             metrics.latency.labels(endpoint).observe(elapsed)
@@ -625,6 +631,7 @@ class _Observed:
 def openapi_document(service: Service) -> dict[str, Any]:
     """The OpenAPI 3.1 description of the service's endpoints."""
     from .. import __version__
+    from .oip import openapi_paths as oip_openapi_paths
 
     classes = max(spec.num_classes for spec in service.specs.values())
     error = {"type": "object", "required": ["error"], "properties": {"error": {
@@ -687,6 +694,7 @@ def openapi_document(service: Service) -> dict[str, Any]:
             "/metrics": {"get": {"summary": "Prometheus metrics (text format)", "responses": {
                 "200": {"description": "metrics", "content": {"text/plain": {}}}}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}},
+            **oip_openapi_paths(service),
         },
     }
 
