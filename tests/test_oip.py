@@ -166,6 +166,7 @@ def test_requests_the_protocol_cannot_read_are_refused_with_the_error_object(ser
         ({"inputs": [tensor], "outputs": [{"name": "logits"}]}, 400, "unknown output 'logits'"),
         ({"inputs": [tensor], "outputs": [{"name": "probabilities", "parameters": {"classification": 1001}}]},
          400, "between 1 and 1000"),
+        ({"inputs": [tensor], "parameters": {"timeout": 1}}, 504, "deadline of 1e-06 s"),  # Triton's, in µs
     ]
     for body, status, words in cases:
         response = infer(body)

@@ -67,12 +67,13 @@ class Host(Protocol):
     options: Any  # deadline_s: the service's deadline (seconds)
     specs: dict[str, Any]  # the served models' specs, by full name
     model_names: list[str]
+    models: dict[str, Any]  # the loaded models by name, each with its ``classifier``
     ready: bool
 
     def admitted(self, model_name: str) -> contextlib.AbstractContextManager[Callable[[int], None]]: ...
 
-    async def classify(self, model_name: str, topk: int,
-                       images: list[tuple[str, Callable[[], bytes]]]) -> list[Any]: ...
+    async def classify(self, model_name: str, topk: int, images: list[tuple[str, Callable[[], bytes]]],
+                       rows: bool = False) -> list[Any]: ...
 
 
 class ProtocolError(MixnetError):
@@ -260,30 +261,32 @@ def _requested_outputs(outputs: Any, binary_default: bool, num_classes: int) -> 
     return requested
 
 
-def encode_infer_response(model_name: str, request: InferRequest, results: list[Any]) -> tuple[bytes, dict[str, str]]:
-    """The body and headers answering ``request`` from each image's classification over every class (a
-    :class:`~mixnet_cli.classifier.ClassificationResult` whose predictions are all classes, best first)."""
+def encode_infer_response(model_name: str, request: InferRequest, probabilities: np.ndarray,
+                          top: Callable[[np.ndarray, int], Any]) -> tuple[bytes, dict[str, str]]:
+    """The body and headers answering ``request`` from the images' probabilities (``N x classes``, the float64
+    softmax ``classify`` ranks; answered as FP32);
+    ``top(row, k)`` ranks one row as ``classify`` does (a result whose ``predictions`` are the best ``k``)."""
     outputs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for requested in request.outputs:
         tensor: dict[str, Any] = {"name": OUTPUT_NAME}
         if requested.classification:
             # Triton's classification extension: "score:class_id:label", best first.
-            strings = [f"{p.score!r}:{p.class_id}:{p.label}" for result in results
-                       for p in result.predictions[:requested.classification]]
-            tensor.update(datatype="BYTES", shape=[len(results), requested.classification])
+            strings = [f"{p.score!r}:{p.class_id}:{p.label}" for row in probabilities
+                       for p in top(row, requested.classification).predictions]
+            tensor.update(datatype="BYTES", shape=[len(probabilities), requested.classification])
             if requested.binary:
                 blob = b"".join(_LENGTH_PREFIX.pack(len(encoded)) + encoded
                                 for encoded in (s.encode("utf-8") for s in strings))
             else:
                 tensor["data"] = strings
         else:
-            probabilities = _probability_rows(results)
-            tensor.update(datatype="FP32", shape=list(probabilities.shape))
+            values = probabilities.astype(np.float32)  # FP32 on the wire, as Triton's classifiers answer
+            tensor.update(datatype="FP32", shape=list(values.shape))
             if requested.binary:
-                blob = probabilities.tobytes()
+                blob = values.tobytes()
             else:
-                tensor["data"] = probabilities.ravel().tolist()
+                tensor["data"] = values.ravel().tolist()
         if requested.binary:
             tensor["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
@@ -296,15 +299,6 @@ def encode_infer_response(model_name: str, request: InferRequest, results: list[
     if not blobs:
         return header, {"content-type": "application/json"}
     return b"".join([header, *blobs]), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
-
-
-def _probability_rows(results: list[Any]) -> np.ndarray:
-    """``N x classes`` float32 from results over every class: each score is a float32 probability, so putting
-    them back in class order gives the softmax row exactly."""
-    rows = np.zeros((len(results), len(results[0].predictions)), dtype=np.float32)
-    for row, result in zip(rows, results):
-        row[[p.class_id for p in result.predictions]] = [p.score for p in result.predictions]
-    return rows
 
 
 def model_metadata(service: Host, name: str) -> dict[str, Any]:
@@ -390,8 +384,9 @@ def routes(service: Host, read_body: Callable[[Any], Awaitable[bytes]],
             try:
                 return await asyncio.wait_for(answer(request, name), deadline)
             except asyncio.TimeoutError:
-                raise ProtocolError(504, "no answer within the deadline; try again, or send fewer or smaller "
-                                    "images") from None
+                within = min(deadline, getattr(request.state, "timeout_s", deadline))
+                raise ProtocolError(504, f"no answer within the deadline of {within:g} s; try again, or send fewer "
+                                    "or smaller images") from None
         except ProtocolError as exc:
             return error(exc)
         except Overloaded as exc:
@@ -415,19 +410,21 @@ def routes(service: Host, read_body: Callable[[Any], Awaitable[bytes]],
             request.state.images = len(asked.images)
             hold(len(asked.images))
             images = [(f"image[{index}]", (lambda data=data: data)) for index, data in enumerate(asked.images)]
-            # Every class, best first: the classification extension's top k and, back in class order, the
-            # probabilities; one path for images, the one /v1/classify takes.
-            classify = service.classify(name, classes, images)
+            # The path /v1/classify's images take (decode pool, the model's batcher), answering rows.
+            classify = service.classify(name, 0, images, rows=True)
             if asked.timeout_s is None:
                 results = await classify
             else:  # Triton's timeout counts from the request's arrival, as the service's deadline does
+                request.state.timeout_s = asked.timeout_s
                 left = asked.timeout_s - (asyncio.get_running_loop().time() - started)
                 results = await asyncio.wait_for(classify, max(left, 0.0))
-            failed = [result.error for result in results if result.error is not None]
+            failed = [result.error for result in results if not isinstance(result, np.ndarray)]
             if failed:
                 raise ProtocolError(image_status(failed[0]), f"{failed[0]} (an inference answers every image "
                                     "or none: send the others again without it)")
-            content, headers = encode_infer_response(name, asked, results)
+            classifier = service.models[name].classifier
+            content, headers = encode_infer_response(name, asked, np.stack(results),
+                                                     lambda row, k: classifier.result("", row, k))
             return Response(content, headers=headers)
 
     async def elsewhere(request: Request) -> Any:

@@ -363,10 +363,12 @@ class Service:
         finally:
             batcher.release(held)
 
-    async def classify(self, model_name: str, topk: int, images: list[tuple[str, Callable[[], bytes]]]
-                       ) -> list["ClassificationResult"]:
+    async def classify(self, model_name: str, topk: int, images: list[tuple[str, Callable[[], bytes]]],
+                       rows: bool = False) -> list[Any]:
         """Classify named images (each a loader of its encoded bytes, run in a decode thread) with one model,
-        room for them held with :meth:`admitted`. An image that cannot be read gets its error in its place."""
+        room for them held with :meth:`admitted`: a :class:`ClassificationResult` each (with ``rows``, each
+        image's row of probabilities instead, ``classes`` float64: the v2 protocol's output). An image that cannot
+        be read gets its error in its place."""
         from ..classifier import ClassificationResult
 
         model = self.models[model_name]
@@ -375,11 +377,11 @@ class Service:
         def prepare(name: str, load: Callable[[], bytes]) -> Any:
             return model.classifier.preprocess(load(), name)
 
-        async def one(name: str, load: Callable[[], bytes]) -> ClassificationResult:
+        async def one(name: str, load: Callable[[], bytes]) -> Any:
             try:
                 array = await loop.run_in_executor(self.decoders, prepare, name, load)
                 row = await model.batcher.submit(array)
-                return model.classifier.result(name, row, topk)
+                return row if rows else model.classifier.result(name, row, topk)
             except ImageError as exc:
                 return ClassificationResult(input=name, model=model_name, error=exc)
 
