@@ -237,7 +237,7 @@ def _requested_outputs(outputs: Any, binary_default: bool, num_classes: int) -> 
         name = output.get("name")
         if name == "features":
             raise ProtocolError(400, "output 'features' is not offered by this service (pooled features come from "
-                                "the ONNX Runtime or torch engines: use `mixnet classify --features` or the Python "
+                                "the ONNX Runtime or torch engines: use `mixnet classify --embed` or the Python "
                                 "API); request 'probabilities'")
         if name != OUTPUT_NAME:
             raise ProtocolError(400, f"unknown output {name!r}; this model has one output, '{OUTPUT_NAME}'")
