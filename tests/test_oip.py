@@ -186,3 +186,19 @@ def test_requests_the_protocol_cannot_read_are_refused_with_the_error_object(ser
                                             timeout=30), 404)]:
         assert response.status_code == status and set(response.json()) == {"error"}, response.text
     assert infer({"inputs": [tensor], "id": "42"}).json()["id"] == "42"
+
+
+@needs_serve
+def test_many_images_in_one_request_answer_each_in_its_place(client, photos):
+    """Bodies and answers this large are read and written off the event loop (thresholds in oip.py)."""
+    from mixnet_cli.service import oip
+
+    order = [photos[index % len(photos)] for index in range(3 * oip._ENCODE_OFF_LOOP_IMAGES // 2)]
+    data = np.array([base64.b64encode(photo.read_bytes()) for photo in order], dtype=np.object_)
+    assert sum(len(item) for item in data) > oip._PARSE_OFF_LOOP_BYTES
+    rows = _infer(client, data, False).as_numpy("probabilities")
+    alone = {photo: _infer(client, data[i:i + 1], False).as_numpy("probabilities")[0]
+             for i, photo in enumerate(order[:len(photos)])}
+    assert rows.shape == (len(order), 1000)
+    for photo, row in zip(order, rows):
+        assert row == pytest.approx(alone[photo], rel=1e-4, abs=1e-6)

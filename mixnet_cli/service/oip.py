@@ -55,6 +55,7 @@ EXTENSIONS = ("classification", "binary_tensor_data")
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # A JSON body this large (base64 of a few photos and up) is parsed in a thread, so the event loop keeps answering.
 _PARSE_OFF_LOOP_BYTES = 256 * 1024
+_ENCODE_OFF_LOOP_IMAGES = 8
 _LENGTH_PREFIX = struct.Struct("<I")
 
 _log = logging.getLogger(__name__)
@@ -423,8 +424,10 @@ def routes(service: Host, read_body: Callable[[Any], Awaitable[bytes]],
                 raise ProtocolError(image_status(failed[0]), f"{failed[0]} (an inference answers every image "
                                     "or none: send the others again without it)")
             classifier = service.models[name].classifier
-            content, headers = encode_infer_response(name, asked, np.stack(results),
-                                                     lambda row, k: classifier.result("", row, k))
+            encode: Callable[[], tuple[bytes, dict[str, str]]] = lambda: encode_infer_response(  # noqa: E731
+                name, asked, np.stack(results), lambda row, k: classifier.result("", row, k))
+            # Rows of probabilities in JSON take about a millisecond per image to write: many, off the event loop.
+            content, headers = await asyncio.to_thread(encode) if len(results) > _ENCODE_OFF_LOOP_IMAGES else encode()
             return Response(content, headers=headers)
 
     async def elsewhere(request: Request) -> Any:
