@@ -45,7 +45,8 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(home: Path, calibrated_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     process = ServerProcess(home, calibrated_server.url, tmp_path_factory.mktemp("oip-logs") / "serve.log",
-                            "--model", "S", "--max-body-mb", "1", "--no-access-log")
+                            "--model", "S", "--max-body-mb", "1", "--max-queue", "24", "--max-batch-size", "2",
+                            "--no-access-log")
     try:
         process.wait_for("/readyz", 200)
         yield process
@@ -84,12 +85,17 @@ def _infer(client: Any, data: np.ndarray, binary: bool, class_count: int = 0) ->
 @needs_serve
 def test_health_and_metadata_as_tritonclient_reads_them(server, client):
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
-    assert client.get_server_metadata()["extensions"] == ["classification", "binary_tensor_data"]
+    assert client.get_server_metadata()["extensions"] == ["classification", "binary_tensor_data",
+                                                          "model_configuration"]
     assert client.get_model_metadata(MODEL) == {
         "name": MODEL, "platform": "mixnet-cli",
         "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
         "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 1000]}],
     }
+    # What perf_analyzer reads beside the metadata: the most images per request, and the service's batching.
+    config = client.get_model_config(MODEL)
+    assert config["max_batch_size"] == 24 and config["dynamic_batching"]["preferred_batch_size"] == [1, 2]
+    assert [tensor["name"] for tensor in config["input"] + config["output"]] == ["image", "probabilities"]
     # Short names are /v1's; v2 names models in full, and a model not served is not ready.
     assert not client.is_model_ready("S") and not client.is_model_ready("MixNet_L")
     for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{MODEL}/ready"):

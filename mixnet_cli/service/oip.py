@@ -4,9 +4,10 @@ queue, the decode pool, the model's batcher), through :class:`~mixnet_cli.servic
 
 What a client meets (the names are the protocol's):
 
-- ``GET /v2`` (server metadata: name, version, the extensions ``classification`` and ``binary_tensor_data``),
-  ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}`` (model metadata), ``/v2/models/{name}/ready``,
-  ``POST /v2/models/{name}/infer``. Models are named by their full names (``MixNet_S``...). Health answers are
+- ``GET /v2`` (server metadata: name, version, the extensions ``classification``, ``binary_tensor_data`` and
+  ``model_configuration``), ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}`` (model metadata),
+  ``/v2/models/{name}/ready``, ``/v2/models/{name}/config`` (Triton's model configuration, which ``perf_analyzer``
+  reads: ``max_batch_size`` is the most images a request may carry), ``POST /v2/models/{name}/infer``. Models are named by their full names (``MixNet_S``...). Health answers are
   200 or 503 (with ``Retry-After``) with an empty body; the protocol says "4xx" for false, but a load balancer
   reads any status from 400 up as not ready, and 503 is what ``/readyz`` answers.
 - One input, ``image``: datatype ``BYTES``, shape ``[N]`` (``[N, 1]`` too), N encoded image files. In JSON, each
@@ -51,7 +52,7 @@ from ..base.errors import MixnetError, Overloaded, UsageError
 PUBLIC_PATHS = ("/v2/health/live", "/v2/health/ready")
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
-EXTENSIONS = ("classification", "binary_tensor_data")
+EXTENSIONS = ("classification", "binary_tensor_data", "model_configuration")
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # A JSON body this large (base64 of a few photos and up) is parsed in a thread, so the event loop keeps answering.
 _PARSE_OFF_LOOP_BYTES = 256 * 1024
@@ -65,7 +66,7 @@ class Host(Protocol):
     """What the v2 routes use of the service that mounts them (:class:`~mixnet_cli.service.serve.Service`, which
     imports this module: the routes know it by this shape alone, so the two never import each other)."""
 
-    options: Any  # deadline_s: the service's deadline (seconds)
+    options: Any  # deadline_s, max_queue, max_batch_size, max_wait_ms: ServeOptions
     specs: dict[str, Any]  # the served models' specs, by full name
     model_names: list[str]
     models: dict[str, Any]  # the loaded models by name, each with its ``classifier``
@@ -313,6 +314,25 @@ def model_metadata(service: Host, name: str) -> dict[str, Any]:
     }
 
 
+def model_config(service: Host, name: str) -> dict[str, Any]:
+    """Triton's model configuration (its ``model_configuration`` extension), which ``perf_analyzer`` reads beside
+    the metadata: ``max_batch_size`` is the most images one request may carry (the model's queue), and the
+    dynamic batching is the service's own."""
+    from .batching import batch_ladder
+
+    options = service.options
+    return {
+        "name": name,
+        "platform": "mixnet-cli",
+        "max_batch_size": options.max_queue,
+        # Each element is one encoded file: clients may send shape [N] or, in Triton's habit, [N, 1].
+        "input": [{"name": INPUT_NAME, "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}}],
+        "output": [{"name": OUTPUT_NAME, "data_type": "TYPE_FP32", "dims": [service.specs[name].num_classes]}],
+        "dynamic_batching": {"preferred_batch_size": batch_ladder(options.max_batch_size),
+                             "max_queue_delay_microseconds": round(options.max_wait_ms * 1000)},
+    }
+
+
 def routes(service: Host, read_body: Callable[[Any], Awaitable[bytes]],
            image_status: Callable[[MixnetError], int]) -> list[Any]:
     """The v2 routes of ``service``, to mount on its application beside ``/v1``. ``read_body(request)`` reads a
@@ -362,6 +382,12 @@ def routes(service: Host, read_body: Callable[[Any], Awaitable[bytes]],
     async def metadata(request: Request) -> Any:
         try:
             return JSONResponse(model_metadata(service, served(request, "/v2/models/{name}")))
+        except ProtocolError as exc:
+            return error(exc)
+
+    async def config(request: Request) -> Any:
+        try:
+            return JSONResponse(model_config(service, served(request, "/v2/models/{name}/config")))
         except ProtocolError as exc:
             return error(exc)
 
@@ -439,7 +465,7 @@ def routes(service: Host, read_body: Callable[[Any], Awaitable[bytes]],
             return error(ProtocolError(405, f"{request.method} is not allowed on {request.url.path}; use "
                                        f"{', '.join(allowed)}", {"Allow": ", ".join(allowed)}))
         return error(ProtocolError(404, f"no endpoint {request.url.path}; v2 answers GET /v2, /v2/health/live, "
-                                   "/v2/health/ready, /v2/models/{name}, /v2/models/{name}/ready and POST "
+                                   "/v2/health/ready, /v2/models/{name}, /v2/models/{name}/ready, /v2/models/{name}/config and POST "
                                    "/v2/models/{name}/infer"))
 
     v2 = [
@@ -448,6 +474,7 @@ def routes(service: Host, read_body: Callable[[Any], Awaitable[bytes]],
         Route("/v2/health/ready", ready, methods=["GET"]),
         Route("/v2/models/{name}", metadata, methods=["GET"]),
         Route("/v2/models/{name}/ready", model_ready, methods=["GET"]),
+        Route("/v2/models/{name}/config", config, methods=["GET"]),
         Route("/v2/models/{name}/infer", infer, methods=["POST"]),
     ]
     return [*v2, Route("/v2/{rest:path}", elsewhere,
@@ -476,6 +503,10 @@ def openapi_paths(service: Host) -> dict[str, Any]:
             "responses": {"200": {"description": "metadata"}, "404": {"description": "not served", **error}}}},
         "/v2/models/{name}/ready": {"get": {"summary": "The model is loaded", "parameters": [model],
                                             "responses": {**health, "404": {"description": "not served", **error}}}},
+        "/v2/models/{name}/config": {"get": {
+            "summary": "Triton's model configuration: max_batch_size (the most images per request), dynamic batching",
+            "parameters": [model],
+            "responses": {"200": {"description": "configuration"}, "404": {"description": "not served", **error}}}},
         "/v2/models/{name}/infer": {"post": {
             "summary": "Classify N images: input 'image', BYTES [N] (base64 in JSON, raw with the binary-data "
                        "extension); output 'probabilities' FP32 [N, classes], or with parameters.classification "
