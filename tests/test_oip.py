@@ -208,3 +208,26 @@ def test_many_images_in_one_request_answer_each_in_its_place(client, photos):
     assert rows.shape == (len(order), 1000)
     for photo, row in zip(order, rows):
         assert row == pytest.approx(alone[photo], rel=1e-4, abs=1e-6)
+
+
+def test_the_request_forms_tritonclient_and_triton_habits_send():
+    """Read in-process: shape [N, 1] with data nested per image, and binary tensors after the JSON."""
+    from mixnet_cli.service.oip import ProtocolError, parse_infer_request
+
+    files = [b"\xff\xd8first", b"\x89PNGsecond"]
+    nested = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2, 1],
+                          "data": [[base64.b64encode(f).decode()] for f in files]}]}
+    parsed = parse_infer_request(json.dumps(nested).encode(), None, 1000)
+    assert parsed.images == files and parsed.outputs[0].binary is False and parsed.timeout_s is None
+    tensor = b"".join(len(f).to_bytes(4, "little") + f for f in files)
+    header = json.dumps({"id": "a", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [2],
+                                                "parameters": {"binary_data_size": len(tensor)}}],
+                         "parameters": {"binary_data_output": True, "timeout": 2500}}).encode()
+    parsed = parse_infer_request(header + tensor, str(len(header)), 1000)
+    assert (parsed.id, parsed.images, parsed.outputs[0].binary, parsed.timeout_s) == ("a", files, True, 0.0025)
+    for body, length, words in [(header + tensor + b"x", str(len(header)), "1 bytes of binary data follow"),
+                                (header + tensor, str(len(header) + len(tensor) + 1), "byte length of the JSON"),
+                                (header + tensor, None, f"{'Inference-Header-Content-Length'} header")]:
+        with pytest.raises(ProtocolError, match=words) as refused:
+            parse_infer_request(body, length, 1000)
+        assert refused.value.status == 400
