@@ -7,9 +7,10 @@ What a client meets (the names are the protocol's):
 - ``GET /v2`` (server metadata: name, version, the extensions ``classification``, ``binary_tensor_data`` and
   ``model_configuration``), ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}`` (model metadata),
   ``/v2/models/{name}/ready``, ``/v2/models/{name}/config`` (Triton's model configuration, which ``perf_analyzer``
-  reads: ``max_batch_size`` is the most images a request may carry), ``POST /v2/models/{name}/infer``. Models are named by their full names (``MixNet_S``...). Health answers are
-  200 or 503 (with ``Retry-After``) with an empty body; the protocol says "4xx" for false, but a load balancer
-  reads any status from 400 up as not ready, and 503 is what ``/readyz`` answers.
+  reads: ``max_batch_size`` is the most images a request may carry), ``POST /v2/models/{name}/infer``. Models
+  are named by their full names (``MixNet_S``...); one version each, so the ``/versions/{v}`` paths are not
+  offered. Health answers are 200 or 503 (with ``Retry-After``) with an empty body; the protocol says "4xx" for
+  false, but a load balancer reads any status from 400 up as not ready, and 503 is what ``/readyz`` answers.
 - One input, ``image``: datatype ``BYTES``, shape ``[N]`` (``[N, 1]`` too), N encoded image files. In JSON, each
   element of ``data`` is the file in base64 (JSON strings cannot carry arbitrary bytes; KServe's and TorchServe's
   v2 image examples send base64 the same way); with the binary-data extension (``Inference-Header-Content-Length``),
@@ -24,8 +25,9 @@ What a client meets (the names are the protocol's):
 - Errors are the protocol's ``{"error": "<message>"}``. The protocol has no per-image error inside an answer: an
   inference either answers every image or fails as a whole, so one unreadable image fails the request (422, 413
   over a size or pixel limit, as ``/v1`` answers that image), its message naming it (``image[2]: ...``). A request
-  the protocol cannot read is 400; a model not served 404; a method a path does not take 405; not ready or a full
-  queue 503 (``Retry-After``); past the deadline 504. Triton's ``timeout`` request parameter (microseconds) can
+  the protocol cannot read is 400; a model not served 404; a method a path does not take 405; a body over the
+  service's limit 413; a compressed body (``Content-Encoding``) 415; not ready or a full queue 503
+  (``Retry-After``); past the deadline 504. Triton's ``timeout`` request parameter (microseconds) can
   shorten the service's deadline; other request parameters are free-form in the protocol and ignored.
 
 Tokens: every route here needs what the rest of the service needs except :data:`PUBLIC_PATHS`, the health
@@ -465,8 +467,8 @@ def routes(service: Host, read_body: Callable[[Any], Awaitable[bytes]],
             return error(ProtocolError(405, f"{request.method} is not allowed on {request.url.path}; use "
                                        f"{', '.join(allowed)}", {"Allow": ", ".join(allowed)}))
         return error(ProtocolError(404, f"no endpoint {request.url.path}; v2 answers GET /v2, /v2/health/live, "
-                                   "/v2/health/ready, /v2/models/{name}, /v2/models/{name}/ready, /v2/models/{name}/config and POST "
-                                   "/v2/models/{name}/infer"))
+                                   "/v2/health/ready, /v2/models/{name}, /v2/models/{name}/ready, "
+                                   "/v2/models/{name}/config and POST /v2/models/{name}/infer"))
 
     v2 = [
         Route("/v2", server_metadata, methods=["GET"]),
