@@ -335,9 +335,9 @@ def test_a_path_or_method_the_service_lacks_answers_the_json_error_object(servic
                                     "message": "GET is not allowed on /v1/classify; use POST"}}
     post = requests.post(server.url + "/healthz", timeout=30)
     assert post.status_code == 405 and post.json()["error"]["message"].startswith("POST is not allowed on /healthz")
-    missing = server.get("/v2/classify")
+    missing = server.get("/v1/predict")  # (under /v2, the Open Inference Protocol's own error: tests/test_oip.py)
     assert missing.status_code == 404 and missing.json() == {"error": {"type": "NotFound", "message": (
-        "no endpoint /v2/classify; this service answers POST /v1/classify and GET /healthz, /readyz, /metrics, "
+        "no endpoint /v1/predict; this service answers POST /v1/classify and GET /healthz, /readyz, /metrics, "
         "/openapi.json")}}
 
 

@@ -363,10 +363,12 @@ class Service:
         finally:
             batcher.release(held)
 
-    async def classify(self, model_name: str, topk: int, images: list[tuple[str, Callable[[], bytes]]]
-                       ) -> list["ClassificationResult"]:
+    async def classify(self, model_name: str, topk: int, images: list[tuple[str, Callable[[], bytes]]],
+                       rows: bool = False) -> list[Any]:
         """Classify named images (each a loader of its encoded bytes, run in a decode thread) with one model,
-        room for them held with :meth:`admitted`. An image that cannot be read gets its error in its place."""
+        room for them held with :meth:`admitted`: a :class:`ClassificationResult` each (with ``rows``, each
+        image's row of probabilities instead, ``classes`` float64: the v2 protocol's output). An image that cannot
+        be read gets its error in its place."""
         from ..classifier import ClassificationResult
 
         model = self.models[model_name]
@@ -375,11 +377,11 @@ class Service:
         def prepare(name: str, load: Callable[[], bytes]) -> Any:
             return model.classifier.preprocess(load(), name)
 
-        async def one(name: str, load: Callable[[], bytes]) -> ClassificationResult:
+        async def one(name: str, load: Callable[[], bytes]) -> Any:
             try:
                 array = await loop.run_in_executor(self.decoders, prepare, name, load)
                 row = await model.batcher.submit(array)
-                return model.classifier.result(name, row, topk)
+                return row if rows else model.classifier.result(name, row, topk)
             except ImageError as exc:
                 return ClassificationResult(input=name, model=model_name, error=exc)
 
@@ -467,6 +469,8 @@ def create_app(service: Service) -> Any:
     from starlette.exceptions import HTTPException
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
+
+    from .oip import routes as oip_routes
 
     def error(exc: RequestError) -> Any:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
@@ -565,6 +569,9 @@ def create_app(service: Service) -> Any:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
+        # The Open Inference Protocol v2, on the same models, batchers and limits.
+        *oip_routes(service, image_status=image_error_status, read_body=lambda request: _read_body(
+            request.stream(), service.options.max_body_bytes, request.headers.get("content-length"))),
     ], lifespan=lifespan, exception_handlers={HTTPException: routing_error})
     return _Observed(app, service)
 
@@ -597,7 +604,8 @@ class _Observed:
         finally:
             elapsed = time.perf_counter() - started
             path = scope.get("path", "")
-            endpoint = path if path in _ENDPOINTS else "other"
+            # A route may name its endpoint itself (the v2 ones: a template, not the model's name in the path).
+            endpoint = scope["state"].get("endpoint") or (path if path in _ENDPOINTS else "other")
             metrics = self.service.metrics
             metrics.requests.labels(endpoint, str(status)).inc()
             metrics.latency.labels(endpoint).observe(elapsed)
@@ -625,6 +633,7 @@ class _Observed:
 def openapi_document(service: Service) -> dict[str, Any]:
     """The OpenAPI 3.1 description of the service's endpoints."""
     from .. import __version__
+    from .oip import openapi_paths as oip_openapi_paths
 
     classes = max(spec.num_classes for spec in service.specs.values())
     error = {"type": "object", "required": ["error"], "properties": {"error": {
@@ -687,6 +696,7 @@ def openapi_document(service: Service) -> dict[str, Any]:
             "/metrics": {"get": {"summary": "Prometheus metrics (text format)", "responses": {
                 "200": {"description": "metrics", "content": {"text/plain": {}}}}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}},
+            **oip_openapi_paths(service),
         },
     }
 
