@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Sequence, TypeVar
 
 import click
 
@@ -44,7 +44,7 @@ def _version() -> str:
 _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
 
 
-def _interrupted() -> None:
+def _interrupted() -> NoReturn:
     click.echo("Interrupted.", err=True)
     sys.exit(130)
 
@@ -324,7 +324,9 @@ def interrupt_ends_at_once() -> Iterator[None]:
         from ..base.locks import delete_held_lock_files
 
         delete_held_lock_files()  # os._exit skips the releases
-        os.write(2, b"Interrupted.\n")
+        from ..base.third_party import stderr_fileno
+
+        os.write(stderr_fileno(), b"Interrupted.\n")
         os._exit(130)
 
     if settings.debug() or threading.current_thread() is not threading.main_thread():
