@@ -576,3 +576,20 @@ def test_a_device_from_the_environment_is_named_in_its_error(tmp_path, random_mi
     monkeypatch.delenv("MIXNET_DEVICE")
     assert "environment variable" not in _one_line_error(_invoke("classify", photo, "--engine", "onnxruntime",
                                                                   "--device", "gpu"))
+
+
+@pytest.mark.parametrize("how", ["directory", "glob"])
+def test_a_broken_link_in_a_directory_or_glob_gets_its_error_row(how, tmp_path, random_mirror):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _photo(folder / "a.png")
+    (folder / "b.jpg").symlink_to(tmp_path / "gone.jpg")
+    (folder / "c.txt").symlink_to(tmp_path / "gone.txt")  # not an image's name: not listed, as before
+    result = _invoke("classify", str(folder) if how == "directory" else str(folder / "*"), "--json")
+    assert result.exit_code == 1, result.output
+    rows = json.loads(result.stdout)
+    assert [Path(row["input"]).name for row in rows] == ["a.png", "b.jpg"]
+    assert "predictions" in rows[0]
+    assert rows[1]["error"]["type"] == "ImageNotFoundError"
+    assert rows[1]["error"]["message"] == f"{folder / 'b.jpg'}: broken symbolic link (to {tmp_path / 'gone.jpg'}); fix or remove the link"
+    assert f"Error: {rows[1]['error']['message']}" in result.stderr
