@@ -593,3 +593,15 @@ def test_a_broken_link_in_a_directory_or_glob_gets_its_error_row(how, tmp_path, 
     assert rows[1]["error"]["type"] == "ImageNotFoundError"
     assert rows[1]["error"]["message"] == f"{folder / 'b.jpg'}: broken symbolic link (to {tmp_path / 'gone.jpg'}); fix or remove the link"
     assert f"Error: {rows[1]['error']['message']}" in result.stderr
+
+
+@pytest.mark.parametrize("option", ["-o", "--embed-npy"])
+def test_an_output_in_a_directory_that_takes_no_files_is_a_one_line_usage_error(option, tmp_path, random_mirror):
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    target = "/proc/results.json" if option == "-o" else "/proc/features.npy"
+    result = _invoke("classify", str(_photo(tmp_path / "a.png")), option, target)
+    line = _one_line_error(result, exit_code=2)
+    assert line.startswith(f"Error: {option} {target}: cannot write a file in /proc (") and "choose another path" in line
+    assert "a bug" not in line and result.stdout == ""
+    assert random_mirror.requests == [], "found before the model loads"

@@ -131,7 +131,7 @@ def classify(
     device_name, engine_name = device_and_engine(device, engine)
     check_output_path(output)
     if embed_npy is not None:
-        check_output_path(str(embed_npy))
+        check_output_path(str(embed_npy), "--embed-npy")
     items = expand_inputs(arguments, recursive=recursive)
     if not items:  # an empty --files-from list (`find` matched nothing): an empty result, not an error
         with open_output(output) as stream:

@@ -284,15 +284,23 @@ def show_messages(quiet: bool = False) -> None:
     logger.setLevel(logging.ERROR if quiet else logging.INFO)
 
 
-def check_output_path(output: str | None) -> None:
-    """Fail before any work when ``-o`` cannot be written, rather than after classifying everything."""
+def check_output_path(output: str | None, option: str = "-o") -> None:
+    """Fail before any work when ``-o`` cannot be written, rather than after classifying everything: a file is
+    created and removed in its directory, which finds what permissions alone do not (``/proc``, a read-only
+    mount, a full quota)."""
+    import tempfile
+
     if output in (None, "-"):
         return
     parent = Path(output).expanduser().resolve().parent
     if not parent.is_dir():
-        raise UsageError(f"-o {output}: directory {parent} does not exist; create it or choose another path")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"-o {output}: directory {parent} is not writable; choose another path")
+        raise UsageError(f"{option} {output}: directory {parent} does not exist; create it or choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=parent, prefix=".mixnet-probe-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{option} {output}: cannot write a file in {parent} ({exc.strerror or exc}); choose "
+                         "another path") from None
 
 
 def open_output(output: str | None) -> Any:
@@ -301,7 +309,10 @@ def open_output(output: str | None) -> Any:
         return click.open_file("-", "w", encoding="utf-8")
     from ..output import AtomicOutput
 
-    return AtomicOutput(Path(output).expanduser())
+    try:
+        return AtomicOutput(Path(output).expanduser())
+    except OSError as exc:  # the directory changed since check_output_path
+        raise MixnetError(f"-o {output}: cannot write ({exc.strerror or exc}); choose another path") from None
 
 
 @contextlib.contextmanager
