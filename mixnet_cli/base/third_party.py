@@ -186,20 +186,21 @@ _SYSTEM_PACKAGES = {"libGL.so": "libgl1", "libgthread-2.0.so": "libglib2.0-0", "
                     "libSM.so": "libsm6", "libXext.so": "libxext6", "libXrender.so": "libxrender1"}
 
 
-def opencv_load_problem(exc: ImportError) -> str:
-    """The one-line message for an OpenCV that is installed but cannot load, naming the library the dynamic loader
-    missed (``libGL.so.1: cannot open shared object file``) and the two fixes: the system package, or the
-    headless wheel, which links no GUI library."""
+def opencv_load_problem(exc: ImportError) -> tuple[str, str]:
+    """What is wrong with an OpenCV that is installed but cannot load, and what to do, from its ImportError: the
+    library the dynamic loader missed (``libGL.so.1: cannot open shared object file``) and the two fixes, the
+    system package or the headless wheel, which links no GUI library."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     found = re.search(r"([\w.+-]+\.so(?:\.[\d.]+)?)\b", text)
     library = os.path.basename(found.group(1)) if found else None
     package = next((name for prefix, name in _SYSTEM_PACKAGES.items() if library and library.startswith(prefix)),
                    None)
-    what = f"the system library {library} is missing ({text})" if library else text
+    state = "is missing" if "cannot open shared object" in text else "cannot be loaded"
+    what = f"the system library {library} {state} ({text})" if library else text
     system_fix = (f"install it (Debian/Ubuntu: apt-get install {package}), or " if package
                   else "install the system library it names, or ")
-    return (f"OpenCV (cv2) cannot load: {what}; {system_fix}switch to the headless OpenCV, which needs no GUI "
-            "libraries: pip uninstall -y opencv-python && pip install opencv-python-headless")
+    return what, (f"{system_fix}switch to the headless OpenCV, which needs no GUI libraries: "
+                  "pip uninstall -y opencv-python && pip install opencv-python-headless")
 
 
 def import_cv2(max_pixels: int) -> ModuleType:
@@ -226,7 +227,8 @@ def import_cv2(max_pixels: int) -> ModuleType:
         if isinstance(exc, ModuleNotFoundError) and exc.name == "cv2":
             raise LibraryError("OpenCV (cv2) is not installed: reinstall mixnet-cli "
                                "(or pip install opencv-python-headless)") from None
-        raise LibraryError(opencv_load_problem(exc)) from None
+        what, fix = opencv_load_problem(exc)
+        raise LibraryError(f"OpenCV (cv2) cannot load: {what}; {fix}") from None
 
     global _cv2_quiet
     if not _cv2_quiet:
