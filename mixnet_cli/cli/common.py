@@ -17,7 +17,7 @@ import click
 
 from ..base import settings
 from ..base.errors import DeviceError, MixnetError, UsageError
-from ..engines import ENGINES, engine_names
+from ..engines import ENGINES, engine_names, ranked
 from ..output import FORMATS
 
 if TYPE_CHECKING:
@@ -158,14 +158,32 @@ def _complete_engine(ctx: click.Context, param: click.Parameter, incomplete: str
     return [name for name in engine_names() if name.startswith(incomplete.lower())]
 
 
+def gpu_engines_help() -> str:
+    """What makes ``auto`` pick a GPU, in ``auto``'s order, from the table of engines: "a CUDA build of torch,
+    onnxruntime-gpu or a CUDA build of paddle"."""
+    import re
+
+    needs = []
+    for info in ranked("gpu"):
+        found = re.search(r"gpu \(with (.+?)\)", info.devices)
+        needs.append(found.group(1) if found else info.name)
+    return ", ".join(needs[:-1]) + " or " + needs[-1] if len(needs) > 1 else "".join(needs)
+
+
+def auto_engines_help() -> str:
+    """``auto``'s order of engines on each device, from the table of engines."""
+    return (f"on the CPU {', '.join(info.name for info in ranked('cpu'))}; "
+            f"on a GPU {', '.join(info.name for info in ranked('gpu'))}")
+
+
 def device_option(func: F) -> F:
     return click.option(
         "--device",
         default=None,
         shell_complete=_complete_device,
         metavar="auto|cpu|gpu|gpu:N",
-        help="Where to run: a GPU when onnxruntime-gpu or a CUDA build of paddle is installed and sees one, else "
-        "the CPU (default auto; MIXNET_DEVICE).",
+        help=f"Where to run: a GPU when {gpu_engines_help()} is installed and sees one, else the CPU (default "
+        "auto; MIXNET_DEVICE).",
     )(func)
 
 
@@ -175,8 +193,8 @@ def engine_option(func: F) -> F:
         default=None,
         shell_complete=_complete_engine,
         metavar="|".join(engine_names()),
-        help="What runs the network: auto picks the fastest installed for the device (ONNX Runtime on the CPU, "
-        "and on a GPU with onnxruntime-gpu); "
+        help=f"What runs the network: auto picks the first installed that runs on the device, fastest first "
+        f"({auto_engines_help()}); "
         + "; ".join(f"{info.name}: {info.summary} [{info.devices}]" for info in ENGINES.values())
         + " (default auto; MIXNET_ENGINE).",
     )(func)
