@@ -605,3 +605,14 @@ def test_an_output_in_a_directory_that_takes_no_files_is_a_one_line_usage_error(
     assert line.startswith(f"Error: {option} {target}: cannot write a file in /proc (") and "choose another path" in line
     assert "a bug" not in line and result.stdout == ""
     assert random_mirror.requests == [], "found before the model loads"
+
+
+def test_a_root_log_handler_added_by_a_library_does_not_repeat_the_notices(tmp_path, random_mirror):
+    # paddleclas gives the root logger a handler as it loads (the paddle engine imports it): the one-time notice
+    # of the conversion was then printed twice, once in paddle's format.
+    program = ("import logging, sys; logging.basicConfig(format='ROOT %(message)s'); "
+               "sys.argv = ['mixnet'] + sys.argv[1:]; from mixnet_cli.cli import main; main()")
+    result = subprocess.run([sys.executable, "-c", program, "classify", str(_photo(tmp_path / "a.png")), "-k", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["mixnet: converting MixNet_S to ONNX (once)..."]

@@ -299,6 +299,9 @@ def show_messages(quiet: bool = False) -> None:
     logger = logging.getLogger("mixnet_cli")
     if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
         logger.addHandler(_StderrHandler())
+    # Said here alone: a library that gives the root logger a handler as it loads (paddleclas, under the paddle
+    # engine) would print each notice a second time, in its own format.
+    logger.propagate = False
     logger.setLevel(logging.ERROR if quiet else logging.INFO)
 
 
