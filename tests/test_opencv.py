@@ -124,11 +124,12 @@ def test_decoders_own_warnings_stay_off_stderr(quiet, tmp_path, random_mirror):
     _png_with_an_invalid_gamma(tmp_path / "gamma.png")
     (tmp_path / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)  # libpng: an error; OpenCV: a warning
     (tmp_path / "notes.jpg").write_text("not an image\n")
-    result = _mixnet("classify", "gamma.png", "cut.png", "notes.jpg", "--jsonl", *(["-q"] if quiet else []),
-                     cwd=tmp_path)
+    (tmp_path / "header.bmp").write_bytes(b"BM" + bytes(20))  # OpenCV 4.6: "imdecode_(''): can't read header: ..."
+    result = _mixnet("classify", "gamma.png", "cut.png", "notes.jpg", "header.bmp", "--jsonl",
+                     *(["-q"] if quiet else []), cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     assert [line.split('"input": ')[1].split(",")[0] for line in result.stdout.splitlines()] == [
-        '"gamma.png"', '"cut.png"', '"notes.jpg"']
+        '"gamma.png"', '"cut.png"', '"notes.jpg"', '"header.bmp"']
     assert '"predictions"' in result.stdout.splitlines()[0], "the picture itself is fine"
     if quiet:
         assert result.stderr == ""
@@ -136,4 +137,4 @@ def test_decoders_own_warnings_stay_off_stderr(quiet, tmp_path, random_mirror):
         # mixnet's own lines only: the one-time notice of the conversion, and the errors
         errors = [line for line in result.stderr.splitlines() if not line.startswith("mixnet: converting ")]
         assert [line for line in errors if not line.startswith("Error: ")] == [], result.stderr
-        assert len(errors) == 3  # cut.png, notes.jpg, "2 of 3 image(s) failed"
+        assert len(errors) == 4  # cut.png, notes.jpg, header.bmp, "3 of 4 image(s) failed"
