@@ -32,7 +32,7 @@ if _LOADING_HANDLER:
 import click  # noqa: E402 (after the handler above, like everything below)
 
 from ..base import settings  # noqa: E402
-from .common import CONTEXT_SETTINGS, _interrupted, show_messages  # noqa: E402
+from .common import CONTEXT_SETTINGS, interrupted, show_messages  # noqa: E402
 
 
 class _OneLineErrors(click.Group):
@@ -54,7 +54,7 @@ class _OneLineErrors(click.Group):
             sys.exit(exc.exit_code)
         except click.Abort as exc:
             if isinstance(exc.__cause__, KeyboardInterrupt):
-                _interrupted()
+                interrupted()
             click.echo("Aborted.", err=True)
             sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
@@ -67,7 +67,7 @@ class _OneLineErrors(click.Group):
         except KeyboardInterrupt:
             if settings.debug():
                 raise
-            _interrupted()
+            interrupted()
 
 
 @click.group(name="mixnet", cls=_OneLineErrors, context_settings=CONTEXT_SETTINGS)

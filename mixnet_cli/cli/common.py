@@ -44,7 +44,8 @@ def _version() -> str:
 _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
 
 
-def _interrupted() -> NoReturn:
+def interrupted() -> NoReturn:
+    """Say "Interrupted." and exit 130, as a command stopped by Ctrl-C does."""
     click.echo("Interrupted.", err=True)
     sys.exit(130)
 
@@ -88,7 +89,7 @@ def user_errors(func: F) -> F:
         except KeyboardInterrupt:
             if settings.debug():
                 raise
-            _interrupted()
+            interrupted()
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
         except OSError as exc:
@@ -104,7 +105,7 @@ def user_errors(func: F) -> F:
             if settings.debug():
                 raise
             if _caused_by_interrupt(exc):
-                _interrupted()  # e.g. numpy turns a Ctrl-C during its import into an ImportError
+                interrupted()  # e.g. numpy turns a Ctrl-C during its import into an ImportError
             raise click.ClickException(
                 f"unexpected {type(exc).__name__}: {exc} (a bug; rerun with MIXNET_DEBUG=1 and report the traceback)"
             ) from None

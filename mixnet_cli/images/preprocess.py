@@ -36,6 +36,7 @@ from ..base.errors import (
     TruncatedImageError,
 )
 from ..base.manifest import Preprocessing
+from ..base.third_party import native_stderr_silenced
 
 ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
 
@@ -163,8 +164,6 @@ def _check_jpeg_complete(data: bytes, header: Image.Image, name: str) -> None:
 def _decode_bytes(data: bytes, name: str) -> np.ndarray:
     header = _open_header(data, name)
     cv2 = _cv2()
-    from ..base.third_party import native_stderr_silenced
-
     try:
         with native_stderr_silenced():  # libpng's and libjpeg's own warnings: this input's error says it
             bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
