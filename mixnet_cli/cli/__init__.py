@@ -53,7 +53,7 @@ class _OneLineErrors(click.Group):
             exc.show()
             sys.exit(exc.exit_code)
         except click.Abort as exc:
-            if isinstance(exc.__cause__, KeyboardInterrupt):
+            if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):  # not Ctrl-D at a prompt
                 interrupted()
             click.echo("Aborted.", err=True)
             sys.exit(1)
