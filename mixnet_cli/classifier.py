@@ -24,7 +24,7 @@ from .base.errors import ImageError, MixnetError, UsageError
 from .images.inputs import InputItem, fetch_image_url, is_url
 from .images.labels import imagenet_labels, read_label_file
 from .base.manifest import ModelSpec, resolve_model
-from .images.preprocess import ImageInput, load_and_transform
+from .images.preprocess import ImageInput, load_and_transform, require_opencv
 from .weights.store import VerifiedWeights, custom_weights, ensure_weights
 
 
@@ -121,6 +121,9 @@ class Classifier:
         precision: str = "fp32",
         compile: bool = False,
     ) -> None:
+        # OpenCV decodes and resizes every image: one that cannot load (opencv-python without the system's
+        # libGL.so.1) is named now, with its fix, not blamed on each image after the model was loaded.
+        require_opencv()
         named = resolve_model(model) if model is not None else None
         # Engine and device first: a missing GPU or engine is reported before any download.
         choice = choose_engine(engine, device, precision, compile)

@@ -54,6 +54,24 @@ def _versions() -> Iterator[Check]:
                     "then reinstall mixnet-cli")
 
 
+def _opencv() -> Iterator[Check]:
+    """OpenCV imported, as every classification needs it: an installed one that cannot load (opencv-python
+    without the system's libGL.so.1) fails here, with its fix."""
+    if not any(distribution_installed(name) for name in _OPENCV):
+        return  # the versions' row says it is not installed
+    from .base.third_party import import_cv2, opencv_load_problem
+    from .images.preprocess import MAX_PIXELS
+
+    try:
+        cv2 = import_cv2(MAX_PIXELS)
+    except ImportError as exc:  # LibraryError is one; its cause is the loader's message
+        cause = exc.__cause__ or exc.__context__
+        what, fix = opencv_load_problem(cause if isinstance(cause, ImportError) else exc)
+        yield Check("OpenCV loads", f"no: {what}", "fail", fix)
+        return
+    yield Check("OpenCV loads", f"yes (cv2 {cv2.__version__})", "ok")
+
+
 def _engines() -> Iterator[Check]:
     from .engines import ENGINES
 
@@ -185,6 +203,7 @@ def _network() -> Iterator[Check]:
 def run_checks() -> Iterator[Check]:
     """Every check, in order; each one is independent, so a broken part does not hide the others."""
     yield from _versions()
+    yield from _guarded("OpenCV", _opencv)
     yield from _guarded("engines", _engines)
     yield from _guarded("paddle", _paddle)
     yield from _guarded("torch", _torch)

@@ -103,7 +103,9 @@ def test_the_library_logs_its_notices_and_prints_nothing(random_mirror, caplog, 
     """Library code logs (``mixnet_cli.*`` loggers); only the CLI decides what reaches stderr."""
     import logging
 
-    monkeypatch.setattr(logging.getLogger("mixnet_cli"), "handlers", [])  # as in a program that never ran the CLI
+    # As in a program that never ran the CLI (which gives the logger its own handler, alone: no propagation).
+    monkeypatch.setattr(logging.getLogger("mixnet_cli"), "handlers", [])
+    monkeypatch.setattr(logging.getLogger("mixnet_cli"), "propagate", True)
 
     with caplog.at_level(logging.INFO, logger="mixnet_cli"):
         Classifier("S", device="cpu", progress=False)

@@ -576,3 +576,43 @@ def test_a_device_from_the_environment_is_named_in_its_error(tmp_path, random_mi
     monkeypatch.delenv("MIXNET_DEVICE")
     assert "environment variable" not in _one_line_error(_invoke("classify", photo, "--engine", "onnxruntime",
                                                                   "--device", "gpu"))
+
+
+@pytest.mark.parametrize("how", ["directory", "glob"])
+def test_a_broken_link_in_a_directory_or_glob_gets_its_error_row(how, tmp_path, random_mirror):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _photo(folder / "a.png")
+    (folder / "b.jpg").symlink_to(tmp_path / "gone.jpg")
+    (folder / "c.txt").symlink_to(tmp_path / "gone.txt")  # not an image's name: not listed, as before
+    result = _invoke("classify", str(folder) if how == "directory" else str(folder / "*"), "--json")
+    assert result.exit_code == 1, result.output
+    rows = json.loads(result.stdout)
+    assert [Path(row["input"]).name for row in rows] == ["a.png", "b.jpg"]
+    assert "predictions" in rows[0]
+    assert rows[1]["error"]["type"] == "ImageNotFoundError"
+    assert rows[1]["error"]["message"] == f"{folder / 'b.jpg'}: broken symbolic link (to {tmp_path / 'gone.jpg'}); fix or remove the link"
+    assert f"Error: {rows[1]['error']['message']}" in result.stderr
+
+
+@pytest.mark.parametrize("option", ["-o", "--embed-npy"])
+def test_an_output_in_a_directory_that_takes_no_files_is_a_one_line_usage_error(option, tmp_path, random_mirror):
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    target = "/proc/results.json" if option == "-o" else "/proc/features.npy"
+    result = _invoke("classify", str(_photo(tmp_path / "a.png")), option, target)
+    line = _one_line_error(result, exit_code=2)
+    assert line.startswith(f"Error: {option} {target}: cannot write a file in /proc (") and "choose another path" in line
+    assert "a bug" not in line and result.stdout == ""
+    assert random_mirror.requests == [], "found before the model loads"
+
+
+def test_a_root_log_handler_added_by_a_library_does_not_repeat_the_notices(tmp_path, random_mirror):
+    # paddleclas gives the root logger a handler as it loads (the paddle engine imports it): the one-time notice
+    # of the conversion was then printed twice, once in paddle's format.
+    program = ("import logging, sys; logging.basicConfig(format='ROOT %(message)s'); "
+               "sys.argv = ['mixnet'] + sys.argv[1:]; from mixnet_cli.cli import main; main()")
+    result = subprocess.run([sys.executable, "-c", program, "classify", str(_photo(tmp_path / "a.png")), "-k", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["mixnet: converting MixNet_S to ONNX (once)..."]

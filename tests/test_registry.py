@@ -112,3 +112,24 @@ def test_engine_names_cannot_clash(counting_engine) -> None:
         register(EngineInfo("other", ("ort",), "cpu", "", "", (), __name__))
     with pytest.raises(ValueError, match="auto"):
         register(EngineInfo("auto", (), "cpu", "", "", (), __name__))
+
+
+def test_help_and_readme_describe_auto_as_the_table_ranks_the_engines():
+    from pathlib import Path
+
+    from mixnet_cli.engines import ranked
+
+    cpu = ", ".join(info.name for info in ranked("cpu"))
+    gpu = ", ".join(info.name for info in ranked("gpu"))
+    assert cpu.startswith("onnxruntime, openvino") and gpu.startswith("torch")
+    text = " ".join(CliRunner().invoke(main, ["classify", "--help"]).output.split())
+    assert f"on the CPU {cpu}; on a GPU {gpu}" in text
+    assert "a GPU when a CUDA build of torch, onnxruntime-gpu or paddlepaddle-gpu is installed" in text
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    engine_row = next(line for line in readme.splitlines() if line.startswith("| `--engine auto"))
+    device_row = next(line for line in readme.splitlines() if line.startswith("| `--device auto"))
+    assert f"on the CPU {cpu}; on a GPU {gpu}" in engine_row
+    assert all(f"\\|{name}" in engine_row.split("`")[1] for name in ENGINES), "every engine is offered"
+    assert "a CUDA build of torch, onnxruntime-gpu or paddlepaddle-gpu" in device_row
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    assert "OpenVINO (the default on the CPU)" not in pyproject

@@ -80,6 +80,10 @@ class EngineError(MixnetError, RuntimeError):
     """An inference engine is not installed, or a model could not be converted for it (or failed its check)."""
 
 
+class LibraryError(MixnetError, ImportError):
+    """A library mixnet needs is installed but cannot load (OpenCV without a system library it links)."""
+
+
 class CacheError(MixnetError, OSError):
     """The cache directory cannot be created or written."""
 

@@ -13,8 +13,10 @@ import contextlib
 import importlib
 import logging
 import os
+import re
 import sys
 import tempfile
+import threading
 import warnings
 from types import ModuleType
 from typing import Iterator
@@ -179,18 +181,54 @@ def require_paddle(purpose: str) -> None:
         raise EngineError(f"{purpose} needs the [paddle] extra; missing {missing}")
 
 
-def import_cv2(max_pixels: int) -> ModuleType:
-    """OpenCV, quiet, with its decoders limited to ``max_pixels`` pixels.
+# What to install for a system library that OpenCV's GUI build (opencv-python) links and slim containers lack.
+_SYSTEM_PACKAGES = {"libGL.so": "libgl1", "libgthread-2.0.so": "libglib2.0-0", "libglib-2.0.so": "libglib2.0-0",
+                    "libSM.so": "libsm6", "libXext.so": "libxext6", "libXrender.so": "libxrender1"}
 
-    OpenCV's own log (``[ WARN:0@0.6] ... PNG input buffer is incomplete``) goes to stderr for every odd file it
-    meets; mixnet reports each input's trouble itself, in one line. ``OPENCV_IO_MAX_IMAGE_PIXELS`` (default 2^30)
-    is read by OpenCV on its first decode, so it is set, unless the user set it, before then: a header that
-    lies about its size is refused instead of allocated. libpng's own warnings (``libpng warning: ...``) are
-    printed by libpng itself and cannot be switched off from here.
+
+def opencv_load_problem(exc: ImportError) -> tuple[str, str]:
+    """What is wrong with an OpenCV that is installed but cannot load, and what to do, from its ImportError: the
+    library the dynamic loader missed (``libGL.so.1: cannot open shared object file``) and the two fixes, the
+    system package or the headless wheel, which links no GUI library."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    found = re.search(r"([\w.+-]+\.so(?:\.[\d.]+)?)\b", text)
+    library = os.path.basename(found.group(1)) if found else None
+    package = next((name for prefix, name in _SYSTEM_PACKAGES.items() if library and library.startswith(prefix)),
+                   None)
+    state = "is missing" if "cannot open shared object" in text else "cannot be loaded"
+    what = f"the system library {library} {state} ({text})" if library else text
+    system_fix = (f"install it (Debian/Ubuntu: apt-get install {package}), or " if package
+                  else "install the system library it names, or ")
+    return what, (f"{system_fix}switch to the headless OpenCV, which needs no GUI libraries: "
+                  "pip uninstall -y opencv-python && pip install opencv-python-headless")
+
+
+def import_cv2(max_pixels: int) -> ModuleType:
+    """OpenCV, quiet, with its decoders limited to ``max_pixels`` pixels. Raises
+    :class:`~mixnet_cli.base.errors.LibraryError` naming the missing system library and its fix when cv2 is
+    installed but cannot load (``opencv-python`` on a machine without ``libGL.so.1``).
+
+    OpenCV's own log (``[ WARN:0@0.6] ... PNG input buffer is incomplete``, ``imdecode_(''): can't read header``)
+    goes to stderr for every odd file it meets; mixnet reports each input's trouble itself, in one line.
+    ``OPENCV_LOG_LEVEL`` is set before the first import (messages logged while OpenCV loads are covered too) and
+    the level is set again through ``cv2.utils.logging`` (the variable is read once; a user's own setting wins
+    for the first, not the second). ``OPENCV_IO_MAX_IMAGE_PIXELS`` (default 2^30) is read by OpenCV on its first
+    decode, so it is set, unless the user set it, before then: a header that lies about its size is refused
+    instead of allocated.
     """
     if "cv2" not in sys.modules:
         os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(max_pixels))
-    import cv2
+        os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")
+    try:
+        import cv2
+    except ImportError as exc:
+        from .errors import LibraryError
+
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "cv2":
+            raise LibraryError("OpenCV (cv2) is not installed: reinstall mixnet-cli "
+                               "(or pip install opencv-python-headless)") from None
+        what, fix = opencv_load_problem(exc)
+        raise LibraryError(f"OpenCV (cv2) cannot load: {what}; {fix}") from None
 
     global _cv2_quiet
     if not _cv2_quiet:
@@ -203,3 +241,70 @@ def import_cv2(max_pixels: int) -> ModuleType:
 
 
 _cv2_quiet = False
+
+
+# C libraries write their own messages to file descriptor 2 themselves: libpng ("libpng warning: gAMA: invalid",
+# "libpng error: ..."), libjpeg ("Corrupt JPEG data: ..."), bundled statically inside OpenCV, where no handler of
+# theirs can be reached from Python. Each input's trouble is already its one-line error, so while a decoder runs,
+# descriptor 2 points to /dev/null. That is safe with the decode threads only because Python's own stderr
+# (sys.stderr: mixnet's messages, logging, progress bars) was first moved to a duplicate of descriptor 2 by
+# separate_native_stderr(): redirecting descriptor 2 then silences native writes alone, never a line of mixnet's.
+# The redirection holds while any thread decodes (a count under a lock), so native messages of other threads in
+# those moments go too; MIXNET_DEBUG=1 keeps them all. (The alternatives: a filtering thread reading a pipe
+# would lose what is in the pipe when the process dies, exactly the messages that matter then; stripping
+# ancillary PNG chunks first would change what OpenCV decodes and still leave libjpeg's and critical chunks' noise.)
+_native_stderr_lock = threading.Lock()
+_native_stderr_users = 0
+_native_stderr_saved: int | None = None
+
+
+def separate_native_stderr() -> None:
+    """Move ``sys.stderr`` to its own duplicate of descriptor 2, so that :func:`native_stderr_silenced` can point
+    descriptor 2 elsewhere without touching Python's output. For the command line (a process of its own); does
+    nothing when ``sys.stderr`` is not descriptor 2 (captured by a test runner) or with MIXNET_DEBUG=1."""
+    global _native_stderr_saved
+    from . import settings
+
+    if _native_stderr_saved is not None or settings.debug():
+        return
+    try:
+        if sys.stderr is None or sys.stderr.fileno() != 2:
+            return
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return
+    sys.stderr.flush()
+    duplicate = os.dup(2)
+    os.set_inheritable(duplicate, False)
+    sys.stderr = open(duplicate, "w", encoding=sys.stderr.encoding, errors=sys.stderr.errors,  # noqa: SIM115
+                      buffering=1, closefd=False)
+    _native_stderr_saved = duplicate
+
+
+def stderr_fileno() -> int:
+    """The descriptor Python's stderr writes to (2, or its duplicate after :func:`separate_native_stderr`): for
+    messages written with ``os.write`` from a signal handler."""
+    return _native_stderr_saved if _native_stderr_saved is not None else 2
+
+
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """While the block runs, C libraries' own writes to descriptor 2 go to /dev/null (only after
+    :func:`separate_native_stderr`; otherwise nothing changes). Safe to enter from several threads at once."""
+    global _native_stderr_users
+    saved = _native_stderr_saved
+    if saved is None:
+        yield
+        return
+    with _native_stderr_lock:
+        if _native_stderr_users == 0:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+        _native_stderr_users += 1
+    try:
+        yield
+    finally:
+        with _native_stderr_lock:
+            _native_stderr_users -= 1
+            if _native_stderr_users == 0:
+                os.dup2(saved, 2)

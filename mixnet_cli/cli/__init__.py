@@ -8,13 +8,31 @@ usage errors); tracebacks only with ``MIXNET_DEBUG=1``.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 from typing import Any
 
-import click
 
-from ..base import settings
-from .common import CONTEXT_SETTINGS, show_messages
+def _interrupted_while_loading(signum: int, frame: object) -> None:
+    os.write(2, b"Interrupted.\n")
+    os._exit(130)
+
+
+# A Ctrl-C while the command line's modules load (a few tenths of a second on a busy machine) would print a
+# KeyboardInterrupt traceback from inside some import: it ends the process as a later one does. Only where SIGINT
+# has Python's default handler (a shell that starts a job in the background ignores it), and only until the end of
+# this module, when the default handler is put back.
+_LOADING_HANDLER = (threading.current_thread() is threading.main_thread()
+                    and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+if _LOADING_HANDLER:
+    signal.signal(signal.SIGINT, _interrupted_while_loading)
+
+import click  # noqa: E402 (after the handler above, like everything below)
+
+from ..base import settings  # noqa: E402
+from .common import CONTEXT_SETTINGS, interrupted, show_messages  # noqa: E402
 
 
 class _OneLineErrors(click.Group):
@@ -34,10 +52,22 @@ class _OneLineErrors(click.Group):
         except click.ClickException as exc:
             exc.show()
             sys.exit(exc.exit_code)
-        except click.Abort:
+        except click.Abort as exc:
+            if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):  # not Ctrl-D at a prompt
+                interrupted()
             click.echo("Aborted.", err=True)
             sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        # click turns a Ctrl-C outside the commands' own handling (while the group's callback or a command's
+        # imports run) into Abort, printing "Aborted." and exiting 1: here it is "Interrupted." and 130, as later.
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            if settings.debug():
+                raise
+            interrupted()
 
 
 @click.group(name="mixnet", cls=_OneLineErrors, context_settings=CONTEXT_SETTINGS)
@@ -54,6 +84,11 @@ def main() -> None:
     """
     show_messages()
     if not settings.debug():
+        # Python's stderr on its own descriptor, so that C libraries' writes to descriptor 2 (libpng's warnings)
+        # can be silenced while images decode without ever losing a line of mixnet's (base/third_party.py).
+        from ..base.third_party import separate_native_stderr
+
+        separate_native_stderr()
         # Libraries' Python warnings (Pillow on odd files, among others) are not for the person at the terminal:
         # each input's trouble is already its one-line error. MIXNET_DEBUG=1 shows them.
         import warnings
@@ -73,3 +108,5 @@ def _register() -> None:
 
 
 _register()
+if _LOADING_HANDLER and signal.getsignal(signal.SIGINT) is _interrupted_while_loading:
+    signal.signal(signal.SIGINT, signal.default_int_handler)

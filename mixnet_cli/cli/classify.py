@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -13,7 +13,7 @@ from .common import (
     CONTEXT_SETTINGS,
     check_output_path,
     checked_server,
-    complete_model,
+    complete_models,
     custom_weights_options,
     device_and_engine,
     device_option,
@@ -25,6 +25,7 @@ from .common import (
     output_options,
     progress_bar,
     show_messages,
+    specs_for,
     threads_option,
     user_errors,
 )
@@ -32,8 +33,9 @@ from .common import (
 
 @click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("images", nargs=-1, metavar="[IMAGE|DIR|GLOB|URL|-]...", type=click.Path())
-@click.option("-m", "--model", default=None, shell_complete=complete_model,
-              help=f"Model: {model_names_help()} (default MixNet_S; with --weights, read from the file).")
+@click.option("-m", "--model", "models", multiple=True, metavar="MODEL", shell_complete=complete_models,
+              help=f"Model: {model_names_help()}, or all; repeat for several: each image gets one result per model, "
+              "model by model (default MixNet_S; with --weights, the one architecture of that file, read from it).")
 @custom_weights_options
 @click.option("-k", "--topk", default=None, type=click.IntRange(1), metavar="N",
               help="How many labels per image (default 5, or every class of a model with fewer).")
@@ -71,7 +73,7 @@ from .common import (
 @user_errors
 def classify(
     images: tuple[str, ...],
-    model: str | None,
+    models: tuple[str, ...],
     weights: Path | None,
     labels: Path | None,
     topk: int | None,
@@ -99,6 +101,7 @@ def classify(
     \b
       mixnet classify cat.jpg
       mixnet classify cat.jpg dog.png --model L --json
+      mixnet classify photos/ -m S -m L --csv
       mixnet classify photos/ --jsonl | jq -r '.predictions[0].label'
       find . -name '*.jpg' | mixnet classify --files-from - --csv
       mixnet classify cat.jpg --server http://127.0.0.1:8080 --json
@@ -116,8 +119,15 @@ def classify(
     arguments = list(images) + (read_list_file(files_from) if files_from else [])
     if not arguments and not files_from:
         raise UsageError("no images given: name image files, directories, globs or URLs (or use --files-from)")
-    if model is not None:
-        resolve_model(model)  # a bad name is a usage error before anything slow happens
+    # Every model named, each once, in order (a bad name is a usage error before anything slow happens); None:
+    # the default, MixNet_S, or with --weights the architecture read from the file.
+    model_names: list[str | None] = [spec.name for spec in specs_for(models)] if models else [None]
+    if weights is not None and len(model_names) > 1:
+        raise UsageError(f"--weights {weights} is one model: give at most one --model (its architecture, "
+                         "read from the file when none is given)")
+    if embed_npy is not None and len(model_names) > 1:
+        raise UsageError("--embed-npy writes one row per image, so it takes one model: give one --model, or use "
+                         "--embed with --jsonl (each object names its model)")
     if labels is not None and not labels.expanduser().is_file():
         raise UsageError(f"--labels {labels}: no such file")
     if weights is not None and not weights.expanduser().is_file():
@@ -131,7 +141,7 @@ def classify(
     device_name, engine_name = device_and_engine(device, engine)
     check_output_path(output)
     if embed_npy is not None:
-        check_output_path(str(embed_npy))
+        check_output_path(str(embed_npy), "--embed-npy")
     items = expand_inputs(arguments, recursive=recursive)
     if not items:  # an empty --files-from list (`find` matched nothing): an empty result, not an error
         with open_output(output) as stream:
@@ -143,53 +153,49 @@ def classify(
     if all(item.problem is not None for item in items):
         # Nothing here can be classified (missing files, empty directories, globs matching nothing): say so now,
         # not after a download and a conversion, and not a network error in its place when offline.
-        spec = resolve_model(model or "MixNet_S")
-        known = [ClassificationResult(input=item.name, model=spec.name, error=item.problem) for item in items]
+        known = [ClassificationResult(input=item.name, model=resolve_model(model or "MixNet_S").name,
+                                      error=item.problem) for model in model_names for item in items]
         with open_output(output) as stream:
             write_classifications((result.to_dict() for result in known), fmt, stream)
         if not quiet:
-            for result in known:
+            for result in known[:len(items)]:  # the same for every model: once
                 click.echo(f"Error: {result.error}", err=True)
             click.echo(f"Error: none of the {len(items)} input(s) can be classified; the model was not loaded",
                        err=True)
         sys.exit(1)
-    results: Iterator[tuple[dict[str, Any], Any]]  # each input's object and its features (None: not asked for)
-    if server is not None:
-        from ..service.remote import classify_remote
 
-        if verbose and not quiet:
-            click.echo(f"model {model or 'MixNet_S'}, through the service at {server}, {len(items)} image(s)",
-                       err=True)
-        results = ((row, None) for row in classify_remote(server, items, model=model or "MixNet_S", topk=topk,
-                                                          batch_size=batch_size))
-    else:
-        classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None,
-                                offline=offline, progress=None if not quiet else False, threads=threads,
-                                weights=weights, labels=labels, features=embed or embed_npy is not None)
-        results = ((result.to_dict(), result.features)
-                   for result in classifier.classify_many(items, topk=topk, batch_size=batch_size))
-    if verbose and not quiet and server is None:
-        weights = classifier.weights
-        engine = classifier.engine_for(len(items), batch_size)
-        click.echo(
-            f"model {classifier.model_name}, weights {weights.path} (sha256 {weights.record.sha256[:12]}), "
-            f"device {classifier.device_choice.device} ({classifier.device_choice.reason}), "
-            f"engine {engine.name} ({engine.detail}; {classifier.engine_choice.engine_reason}), "
-            f"{len(items)} image(s)",
-            err=True,
-        )
+    def load(model: str | None) -> Classifier:
+        return Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None, offline=offline,
+                          progress=None if not quiet else False, threads=threads, weights=weights, labels=labels,
+                          features=embed or embed_npy is not None)
+
+    # Each input's object and its features (None: not asked for), model after model: one model is loaded at a
+    # time, and its results stream out as they come. The first is loaded now, so that what stops a run (an
+    # engine missing, weights that cannot be fetched) stops it before any output.
+    if server is None and weights is None and len(model_names) > 1:
+        # The other models' weights too, before any output: a run that cannot finish stops now, not half-way.
+        from ..weights.store import ensure_weights
+
+        for later in model_names[1:]:
+            ensure_weights(resolve_model(later or "MixNet_S"), mirrors=mirrors or None, offline=offline,
+                           progress=None if not quiet else False)
+    results = _results_of_each_model(model_names, items, server=server, topk=topk, batch_size=batch_size,
+                                     verbose=verbose and not quiet, load=load,
+                                     loaded=[load(model_names[0])] if server is None else [])
     failures = 0
     features: list[Any] = []
+    told: set[str] = set()  # an image's error is the same for every model: said once
 
     def rows() -> Iterator[dict[str, Any]]:
         nonlocal failures
         # A bar would interleave with results printed to the same terminal: only when they go elsewhere.
-        with progress_bar(len(items), enabled=not quiet and (output not in (None, "-") or not sys.stdout.isatty())) as bar:
+        with progress_bar(len(items) * len(model_names), enabled=not quiet and (output not in (None, "-") or not sys.stdout.isatty())) as bar:
             for row, row_features in results:
                 bar.update(1)
                 if "error" in row:
                     failures += 1
-                    if not quiet:
+                    if not quiet and row["error"]["message"] not in told:
+                        told.add(row["error"]["message"])
                         bar.write(f"Error: {row['error']['message']}", file=sys.stderr)
                 if embed_npy is not None:
                     features.append(row_features)
@@ -202,9 +208,44 @@ def classify(
     if embed_npy is not None:
         _write_features(embed_npy, features)
     if failures:
-        if not quiet and len(items) > 1:
-            click.echo(f"Error: {failures} of {len(items)} image(s) failed", err=True)
+        total = len(items) * len(model_names)
+        if not quiet and total > 1:
+            what = ("image(s)" if len(model_names) == 1
+                    else f"results ({len(items)} image(s), {len(model_names)} models)")
+            click.echo(f"Error: {failures} of {total} {what} failed", err=True)
         sys.exit(1)
+
+
+def _results_of_each_model(model_names: list[str | None], items: list[Any], *, server: str | None, topk: int | None,
+                           batch_size: int, verbose: bool, load: Callable[[str | None], Any],
+                           loaded: list[Any]) -> Iterator[tuple[dict[str, Any], Any]]:
+    """Every input's object and features for each model in turn, through the service at ``server`` or a
+    :class:`~mixnet_cli.classifier.Classifier`: ``loaded`` holds the first model's, already made, ``load`` makes
+    the others (one at a time: the next is loaded when the previous one's results are out)."""
+    for model in model_names:
+        if server is not None:
+            from ..service.remote import classify_remote
+
+            if verbose:
+                click.echo(f"model {model or 'MixNet_S'}, through the service at {server}, {len(items)} image(s)",
+                           err=True)
+            yield from ((row, None) for row in classify_remote(server, items, model=model or "MixNet_S", topk=topk,
+                                                               batch_size=batch_size))
+            continue
+        classifier = loaded.pop() if loaded else load(model)
+        if verbose:
+            weights = classifier.weights
+            engine = classifier.engine_for(len(items), batch_size)
+            click.echo(
+                f"model {classifier.model_name}, weights {weights.path} (sha256 {weights.record.sha256[:12]}), "
+                f"device {classifier.device_choice.device} ({classifier.device_choice.reason}), "
+                f"engine {engine.name} ({engine.detail}; {classifier.engine_choice.engine_reason}), "
+                f"{len(items)} image(s)",
+                err=True,
+            )
+        yield from ((result.to_dict(), result.features)
+                    for result in classifier.classify_many(items, topk=topk, batch_size=batch_size))
+        del classifier  # its engine's memory goes before the next model loads
 
 
 def _write_features(path: Path, rows: list[Any]) -> None:

@@ -11,13 +11,13 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Sequence, TypeVar
 
 import click
 
 from ..base import settings
 from ..base.errors import DeviceError, MixnetError, UsageError
-from ..engines import ENGINES, engine_names
+from ..engines import ENGINES, engine_names, ranked
 from ..output import FORMATS
 
 if TYPE_CHECKING:
@@ -44,7 +44,8 @@ def _version() -> str:
 _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
 
 
-def _interrupted() -> None:
+def interrupted() -> NoReturn:
+    """Say "Interrupted." and exit 130, as a command stopped by Ctrl-C does."""
     click.echo("Interrupted.", err=True)
     sys.exit(130)
 
@@ -88,7 +89,7 @@ def user_errors(func: F) -> F:
         except KeyboardInterrupt:
             if settings.debug():
                 raise
-            _interrupted()
+            interrupted()
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
         except OSError as exc:
@@ -104,7 +105,7 @@ def user_errors(func: F) -> F:
             if settings.debug():
                 raise
             if _caused_by_interrupt(exc):
-                _interrupted()  # e.g. numpy turns a Ctrl-C during its import into an ImportError
+                interrupted()  # e.g. numpy turns a Ctrl-C during its import into an ImportError
             raise click.ClickException(
                 f"unexpected {type(exc).__name__}: {exc} (a bug; rerun with MIXNET_DEBUG=1 and report the traceback)"
             ) from None
@@ -158,14 +159,32 @@ def _complete_engine(ctx: click.Context, param: click.Parameter, incomplete: str
     return [name for name in engine_names() if name.startswith(incomplete.lower())]
 
 
+def gpu_engines_help() -> str:
+    """What makes ``auto`` pick a GPU, in ``auto``'s order, from the table of engines: "a CUDA build of torch,
+    onnxruntime-gpu or a CUDA build of paddle"."""
+    import re
+
+    needs = []
+    for info in ranked("gpu"):
+        found = re.search(r"gpu \(with (.+?)\)", info.devices)
+        needs.append(found.group(1) if found else info.name)
+    return ", ".join(needs[:-1]) + " or " + needs[-1] if len(needs) > 1 else "".join(needs)
+
+
+def auto_engines_help() -> str:
+    """``auto``'s order of engines on each device, from the table of engines."""
+    return (f"on the CPU {', '.join(info.name for info in ranked('cpu'))}; "
+            f"on a GPU {', '.join(info.name for info in ranked('gpu'))}")
+
+
 def device_option(func: F) -> F:
     return click.option(
         "--device",
         default=None,
         shell_complete=_complete_device,
         metavar="auto|cpu|gpu|gpu:N",
-        help="Where to run: a GPU when onnxruntime-gpu or a CUDA build of paddle is installed and sees one, else "
-        "the CPU (default auto; MIXNET_DEVICE).",
+        help=f"Where to run: a GPU when {gpu_engines_help()} is installed and sees one, else the CPU (default "
+        "auto; MIXNET_DEVICE).",
     )(func)
 
 
@@ -175,8 +194,8 @@ def engine_option(func: F) -> F:
         default=None,
         shell_complete=_complete_engine,
         metavar="|".join(engine_names()),
-        help="What runs the network: auto picks the fastest installed for the device (ONNX Runtime on the CPU, "
-        "and on a GPU with onnxruntime-gpu); "
+        help=f"What runs the network: auto picks the first installed that runs on the device, fastest first "
+        f"({auto_engines_help()}); "
         + "; ".join(f"{info.name}: {info.summary} [{info.devices}]" for info in ENGINES.values())
         + " (default auto; MIXNET_ENGINE).",
     )(func)
@@ -281,18 +300,29 @@ def show_messages(quiet: bool = False) -> None:
     logger = logging.getLogger("mixnet_cli")
     if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
         logger.addHandler(_StderrHandler())
+    # Said here alone: a library that gives the root logger a handler as it loads (paddleclas, under the paddle
+    # engine) would print each notice a second time, in its own format.
+    logger.propagate = False
     logger.setLevel(logging.ERROR if quiet else logging.INFO)
 
 
-def check_output_path(output: str | None) -> None:
-    """Fail before any work when ``-o`` cannot be written, rather than after classifying everything."""
+def check_output_path(output: str | None, option: str = "-o") -> None:
+    """Fail before any work when ``-o`` cannot be written, rather than after classifying everything: a file is
+    created and removed in its directory, which finds what permissions alone do not (``/proc``, a read-only
+    mount, a full quota)."""
+    import tempfile
+
     if output in (None, "-"):
         return
     parent = Path(output).expanduser().resolve().parent
     if not parent.is_dir():
-        raise UsageError(f"-o {output}: directory {parent} does not exist; create it or choose another path")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"-o {output}: directory {parent} is not writable; choose another path")
+        raise UsageError(f"{option} {output}: directory {parent} does not exist; create it or choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=parent, prefix=".mixnet-probe-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{option} {output}: cannot write a file in {parent} ({exc.strerror or exc}); choose "
+                         "another path") from None
 
 
 def open_output(output: str | None) -> Any:
@@ -301,7 +331,10 @@ def open_output(output: str | None) -> Any:
         return click.open_file("-", "w", encoding="utf-8")
     from ..output import AtomicOutput
 
-    return AtomicOutput(Path(output).expanduser())
+    try:
+        return AtomicOutput(Path(output).expanduser())
+    except OSError as exc:  # the directory changed since check_output_path
+        raise MixnetError(f"-o {output}: cannot write ({exc.strerror or exc}); choose another path") from None
 
 
 @contextlib.contextmanager
@@ -324,7 +357,9 @@ def interrupt_ends_at_once() -> Iterator[None]:
         from ..base.locks import delete_held_lock_files
 
         delete_held_lock_files()  # os._exit skips the releases
-        os.write(2, b"Interrupted.\n")
+        from ..base.third_party import stderr_fileno
+
+        os.write(stderr_fileno(), b"Interrupted.\n")
         os._exit(130)
 
     if settings.debug() or threading.current_thread() is not threading.main_thread():

@@ -244,10 +244,11 @@ _EXPORT_USAGE = {
   predictor = pi.create_predictor(config)
 Input "x": float32 N x 3 x {size} x {size}, preprocessed as `mixnet classify` does (resize short side {resize}, centre crop {size},
 /255, mean {mean}, std {std}, RGB, CHW). Output: logits N x {classes} (apply softmax for probabilities).
-PaddleClas's tools, Paddle Lite's opt and Paddle Inference before 3.0 read --format paddle-legacy instead.""",
-    "paddle-legacy": """Use it with PaddleClas's tools (on paddle 3, set FLAGS_enable_pir_api=0 for them), Paddle Lite or Paddle Inference:
-  paddleclas --inference_model_dir {dir} --infer_imgs cat.jpg --use_gpu False
-  paddle_lite_opt --model_file={dir}/inference.pdmodel --param_file={dir}/inference.pdiparams --valid_targets=arm --optimize_out={name}
+Not with config.enable_memory_optim(): paddle 3.3.1 fails on this format then (a paddle bug), and PaddleClas's tools
+and C++ demo call it. They, Paddle Lite's opt and Paddle Inference before 3.0 read --format paddle-legacy instead.""",
+    "paddle-legacy": """Use it with PaddleClas's tools (on paddle 3 with FLAGS_enable_pir_api=0, its old IR), Paddle Lite or Paddle Inference:
+  FLAGS_enable_pir_api=0 paddleclas --inference_model_dir {dir} --infer_imgs cat.jpg --use_gpu False
+  paddle_lite_opt --model_file={dir}/inference.pdmodel --param_file={dir}/inference.pdiparams --optimize_out={lite_name} --valid_targets=x86
   pi.Config("{dir}/inference.pdmodel", "{dir}/inference.pdiparams")   # import paddle.inference as pi
 Input "x": float32 N x 3 x {size} x {size}, preprocessed as `mixnet classify` does (resize short side {resize}, centre crop {size},
 /255, mean {mean}, std {std}, RGB, CHW). Output: probabilities N x {classes} (a softmax last, as in PaddleClas's own exports).""",
@@ -265,9 +266,10 @@ Input "x": float32 N x 3 x {size} x {size}, preprocessed as `mixnet classify` do
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Export your own fine-tuned MixNet (.pdparams) instead of MODEL's released weights.")
 @click.option("--format", "fmt", type=click.Choice(["paddle", "paddle-legacy", "onnx"]), required=True,
-              help="paddle: a Paddle 3 inference model (inference.json + inference.pdiparams); paddle-legacy: the "
-                   "format PaddleClas's tools, Paddle Lite's opt and Paddle Inference < 3 read (inference.pdmodel + "
-                   "inference.pdiparams, softmax output); onnx: an ONNX model.")
+              help="paddle: a Paddle 3 inference model (inference.json + inference.pdiparams), for Paddle Inference 3 "
+                   "clients that do not call enable_memory_optim() (paddle 3.3.1 fails on it then; PaddleClas's tools "
+                   "do call it); paddle-legacy: the format PaddleClas's tools, Paddle Lite's opt and Paddle Inference "
+                   "< 3 read (inference.pdmodel + inference.pdiparams, softmax output); onnx: an ONNX model.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to write the model into (created if needed).")
 @network_options
@@ -309,7 +311,7 @@ def export_command(model: str | None, weights: Path | None, fmt: str, out_dir: P
         err=True,
     )
     click.echo(
-        _EXPORT_USAGE[fmt].format(dir=out_dir, name=spec.name, size=pre.crop_size, resize=pre.resize_short,
+        _EXPORT_USAGE[fmt].format(dir=out_dir, name=spec.name, lite_name=spec.name.lower(), size=pre.crop_size, resize=pre.resize_short,
                                   mean=list(pre.mean), std=list(pre.std), classes=spec.num_classes),
         err=True,
     )

@@ -99,8 +99,9 @@ def _read_stream(stream: BinaryIO, name: str, max_bytes: int = MAX_IMAGE_BYTES) 
 def directory_images(directory: Path, recursive: bool = True, *,
                      unreadable: list[Path] | None = None) -> list[Path]:
     """Image files under ``directory`` (by suffix, regular files only: never a FIFO, which would block the reader),
-    in a stable sorted order; hidden entries are skipped. Directories that cannot be listed are appended to
-    ``unreadable`` when a list is given (else skipped)."""
+    in a stable sorted order; hidden entries are skipped. A broken symbolic link with an image's name is listed
+    too (reading it gives its error: a photo that is not there is not silently left out). Directories that cannot
+    be listed are appended to ``unreadable`` when a list is given (else skipped)."""
     found: list[Path] = []
 
     def listing_failed(error: OSError) -> None:
@@ -112,7 +113,7 @@ def directory_images(directory: Path, recursive: bool = True, *,
         for name in sorted(files):
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
                 path = Path(root) / name
-                if path.is_file():
+                if path.is_file() or (path.is_symlink() and not path.exists()):
                     found.append(path)
     return found
 
@@ -151,20 +152,22 @@ def _expand_one(argument: str, recursive: bool, stdin: BinaryIO | None) -> Itera
                 f"{label}: directory {where}has no image files ({', '.join(sorted(IMAGE_SUFFIXES)[:6])}...)"
             ))
         for image in images:
-            yield InputItem(display_name(str(image)), _path_loader(image))
+            shown = display_name(str(image))
+            yield _broken_link(image, shown) or InputItem(shown, _path_loader(image))
         return
     if not os.path.lexists(path) and _GLOB_CHARS & set(argument):
         matches = sorted(glob.glob(argument, recursive=True))
-        files = [Path(m) for m in matches if Path(m).suffix.lower() in IMAGE_SUFFIXES and Path(m).is_file()]
+        files = [Path(m) for m in matches if Path(m).suffix.lower() in IMAGE_SUFFIXES
+                 and (Path(m).is_file() or (Path(m).is_symlink() and not Path(m).exists()))]
         if not files:
             yield _failed(label, NoImagesError(f"{label}: pattern matches no image files"))
         for image in files:
-            yield InputItem(display_name(str(image)), _path_loader(image))
+            shown = display_name(str(image))
+            yield _broken_link(image, shown) or InputItem(shown, _path_loader(image))
         return
-    if path.is_symlink() and not path.exists():
-        yield _failed(label, ImageNotFoundError(
-            f"{label}: broken symbolic link (to {display_name(os.readlink(path))}); fix or remove the link"
-        ))
+    broken = _broken_link(path, label)
+    if broken is not None:
+        yield broken
         return
     if not os.path.lexists(path):
         yield _failed(label, ImageNotFoundError(f"{label}: no such file; check the path"))
@@ -174,6 +177,14 @@ def _expand_one(argument: str, recursive: bool, stdin: BinaryIO | None) -> Itera
         yield _failed(label, problem)
         return
     yield InputItem(label, _path_loader(path))
+
+
+def _broken_link(path: Path, label: str) -> InputItem | None:
+    """The failed item of a symbolic link whose target is missing (None for anything else)."""
+    if not (path.is_symlink() and not path.exists()):
+        return None
+    return _failed(label, ImageNotFoundError(
+        f"{label}: broken symbolic link (to {display_name(os.readlink(path))}); fix or remove the link"))
 
 
 def _not_an_image_file(path: Path, label: str) -> ImageError | None:

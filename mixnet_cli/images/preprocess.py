@@ -31,10 +31,12 @@ from ..base.errors import (
     ImageNotFoundError,
     ImageTooLargeError,
     ImageUnreadableError,
+    LibraryError,
     NotAnImageError,
     TruncatedImageError,
 )
 from ..base.manifest import Preprocessing
+from ..base.third_party import native_stderr_silenced
 
 ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
 
@@ -71,6 +73,12 @@ def _cv2() -> Any:
     from ..base.third_party import import_cv2
 
     return import_cv2(MAX_PIXELS)
+
+
+def require_opencv() -> None:
+    """Load OpenCV now. Raises :class:`~mixnet_cli.base.errors.LibraryError` naming the missing system library
+    and the fix when it is installed but cannot load (``opencv-python`` without ``libGL.so.1``)."""
+    _cv2()
 
 
 def read_image_bytes(source: str | Path | bytes, name: str) -> bytes:
@@ -157,7 +165,8 @@ def _decode_bytes(data: bytes, name: str) -> np.ndarray:
     header = _open_header(data, name)
     cv2 = _cv2()
     try:
-        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        with native_stderr_silenced():  # libpng's and libjpeg's own warnings: this input's error says it
+            bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     except cv2.error:
         bgr = None  # a size over OpenCV's own limit, or a decoder's assertion: Pillow has its say below
     if bgr is not None and bgr.size:
@@ -259,7 +268,7 @@ def decode(source: ImageInput, name: str | None = None) -> np.ndarray:
         raise NotAnImageError(
             f"{label}: a {type(source).__name__} is not an image; pass a path, encoded bytes, a PIL image or an array"
         )
-    except ImageError:
+    except (ImageError, LibraryError):  # LibraryError: OpenCV cannot load, which is no image's fault
         raise
     except MemoryError:
         raise ImageTooLargeError(f"{label}: not enough memory to decode this image; resize it first") from None
@@ -318,7 +327,7 @@ def load_and_transform(source: ImageInput, pre: Preprocessing, name: str | None 
     rgb = decode(source, label)
     try:
         return transform(rgb, pre, label)
-    except ImageError:
+    except (ImageError, LibraryError):
         raise
     except MemoryError:
         raise ImageTooLargeError(f"{label}: not enough memory to resize this image; resize it first") from None
