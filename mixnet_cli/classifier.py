@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from .images.labels import imagenet_labels, read_label_file
 from .base.manifest import ModelSpec, resolve_model
 from .images.preprocess import ImageInput, load_and_transform
 from .weights.store import VerifiedWeights, custom_weights, ensure_weights
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -325,11 +328,16 @@ class Classifier:
 DEFAULT_TOPK = 5
 
 
-def check_topk(topk: int | None, num_classes: int) -> int:
-    """``topk``, checked (:class:`UsageError` unless ``1 <= topk <= num_classes``); None is the default: 5, or
-    every class of a model with fewer."""
+def check_topk(topk: int | None, num_classes: int, *, clamp: bool = True) -> int:
+    """``topk``, checked: :class:`UsageError` when it is below 1; above ``num_classes``, every class, with a
+    notice (as timm and transformers do; ``clamp=False`` makes it a :class:`UsageError` too, for the service,
+    which answers a request that asks for more with a 400). None is the default: 5, or every class of a model
+    with fewer."""
     if topk is None:
         return min(DEFAULT_TOPK, num_classes)
+    if clamp and topk > num_classes:
+        _log.info(f"top-k {topk} is more than the model's {num_classes} classes: giving all {num_classes}")
+        return num_classes
     if not 1 <= topk <= num_classes:
         raise UsageError(f"top-k must be between 1 and {num_classes} (the model's classes), got {topk}")
     return topk

@@ -37,8 +37,10 @@ from .common import (
 @custom_weights_options
 @click.option("-k", "--topk", default=None, type=click.IntRange(1), metavar="N",
               help="How many labels per image (default 5, or every class of a model with fewer).")
-@output_options
-@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True, allow_dash=True), help="Write results to this file instead of stdout.")
+@output_options(output_file=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True, allow_dash=True),
+              help="Write results to this file instead of stdout, in the format its extension names (.json, .jsonl, "
+              ".csv) unless a format flag says otherwise.")
 @click.option("--embed", is_flag=True,
               help="Also give each image's pooled features (1536 floats, what the classifier reads) in the JSON "
               "objects, for retrieval and clustering (--json or --jsonl).")

@@ -48,9 +48,13 @@ class EngineChoice:
 
 
 def check_device_name(requested: str) -> str:
+    """``requested`` as ``auto``, ``cpu``, ``gpu`` or ``gpu:N``; torch's spelling (``cuda``, ``cuda:1``) is taken as
+    the GPU it names. :class:`UsageError` for anything else."""
     name = requested.strip().lower()
+    if name == "cuda" or name.startswith("cuda:"):
+        name = "gpu" + name[len("cuda"):]
     if not _DEVICE_PATTERN.match(name):
-        raise UsageError(f"unknown device '{requested}': use auto, cpu, gpu or gpu:N (N a GPU index)")
+        raise UsageError(f"unknown device '{requested}': use auto, cpu, gpu or gpu:N (N a GPU index; cuda and cuda:N mean the same)")
     return name
 
 

@@ -322,7 +322,7 @@ class Service:
             raw_topk = query.get("topk")
             # Default 5, or every class of a model with fewer, as for classify.
             topk = check_topk(None if raw_topk in (None, "") else _whole_number(raw_topk, "topk", DEFAULT_TOPK),
-                              self.specs[name].num_classes)
+                              self.specs[name].num_classes, clamp=False)
             deadline = self.options.deadline_s
             if query.get("deadline_ms") is not None:
                 asked = _whole_number(query.get("deadline_ms"), "deadline_ms", 0)
