@@ -23,7 +23,8 @@ from typing import Any
 from ..base import settings
 from ..base.cache import PartialInfo, discard_partial, read_partial_info, write_partial_info
 from ..base.errors import DownloadError
-from ..base.http import Retryable, failure_reason, notice, parse_retry_after, read_chunks, retry_delay, session
+from ..base.http import (Retryable, failure_reason, host_not_found, notice, parse_retry_after, read_chunks,
+                         retry_delay, session, unknown_host)
 
 # A server answering at the wrong offset is sent a plain request; one that keeps doing it is broken.
 _MAX_RESTARTS = 2
@@ -90,8 +91,8 @@ def fetch_url(
 
     Continues an earlier partial download of the same URL when the server allows it (``resume=False`` starts
     from zero). Connection failures, timeouts, HTTP 429 and 5xx are retried ``MIXNET_RETRIES`` times with
-    exponential backoff, except a server that does not answer at all (connection refused, unknown host) when
-    ``retry_unreachable`` is false (the caller has another source to try); after the last, :class:`DownloadError` says what happened, and what arrived stays in
+    exponential backoff, except a host name that does not resolve (:class:`UnknownHostError` at once), and a
+    server that does not answer at all (connection refused) when ``retry_unreachable`` is false (the caller has another source to try); after the last, :class:`DownloadError` says what happened, and what arrived stays in
     ``destination`` for the next run to resume. Other HTTP errors, an HTML page, or a body larger than
     ``max_bytes`` raise :class:`DownloadError` at once. Errors writing ``destination`` (a full disk) propagate
     as :class:`OSError`.
@@ -146,6 +147,8 @@ def _attempt(url: str, destination: Path, *, label: str, progress: bool | None, 
     try:
         response = session().get(url, stream=True, timeout=(timeout, timeout), headers=headers)
     except requests.RequestException as exc:
+        if host_not_found(exc):
+            raise unknown_host(url) from None  # no retry: a name that does not resolve does not in 16 s either
         unreachable = isinstance(exc, requests.ConnectionError) and not isinstance(exc, requests.Timeout)
         raise Retryable(f"cannot reach {url} ({failure_reason(exc, timeout)})", unreachable=unreachable) from None
     with response:

@@ -21,7 +21,8 @@ from ..base import cache, files, settings
 from ..base.cache import discard_partial, info_path
 from ..base.http import check_http_url, notice
 from .download import fetch_url
-from ..base.errors import CacheError, DownloadError, MixnetError, OfflineError, UsageError, WeightsError
+from ..base.errors import (CacheError, DownloadError, MixnetError, OfflineError, UnknownHostError, UsageError,
+                           WeightsError)
 from ..base.manifest import ModelSpec
 from .pdparams import WHAT, read_state_dict
 
@@ -250,9 +251,20 @@ def download_weights(
                 failures.append(exc)
                 if index + 1 < len(urls):
                     notice(f"{exc}; trying the next mirror")
+    hint = _no_network_hint(spec) if any(isinstance(failure, UnknownHostError) for failure in failures) else ""
     if len(failures) == 1:
+        if hint:
+            raise UnknownHostError(f"{failures[0]}{hint}")
         raise failures[0]
-    raise DownloadError(f"no source gave valid {spec.name} weights: " + " | ".join(map(str, failures)))
+    error = UnknownHostError if hint else DownloadError
+    raise error(f"no source gave valid {spec.name} weights: " + " | ".join(map(str, failures)) + hint)
+
+
+def _no_network_hint(spec: ModelSpec) -> str:
+    """What to do when a weights host does not resolve: another source, or the file from elsewhere."""
+    return (f"; give a mirror that resolves (--mirror URL or MIXNET_MIRROR), or fetch {spec.url} elsewhere, run "
+            f"`mixnet download {spec.short_name} --from FILE`, and set MIXNET_OFFLINE=1 to keep mixnet off the "
+            "network")
 
 
 def install_from_file(spec: ModelSpec, source: Path | str, *, sha256: str | None = None) -> VerifiedWeights:
