@@ -152,6 +152,24 @@ def test_a_connection_that_keeps_dropping_gives_up_then_the_next_run_resumes(ser
     assert_installed(isolated_home, weights_bytes)
 
 
+def test_a_download_says_so_in_one_line_without_a_terminal_and_so_does_a_resumed_one(server, isolated_home,
+                                                                                      weights_bytes):
+    """CliRunner's stderr is not a terminal (no progress bar): the one notice line is all a log shows."""
+    megabytes = f"{len(weights_bytes) / 1e6:.1f} MB"
+    server.faults.append(Fault(drop_after=300_000))
+    result = run("download", "S", "--mirror", server.url)
+    assert result.exit_code == 0, result.output
+    url = f"{server.url}{PATH}"
+    notices = [line for line in result.stderr.splitlines() if line.startswith("mixnet: ") and "weights" in line]
+    assert notices[0] == f"mixnet: downloading MixNet_S weights ({megabytes}) from {url}"
+    assert f"mixnet: resuming the download of MixNet_S weights at 0.3 of {megabytes} from {url}" in notices
+    assert "MixNet_S: downloaded (resumed) /" in result.stderr
+
+    # Cached: no download line at all.
+    again = run("download", "S", "--mirror", server.url)
+    assert again.exit_code == 0 and "downloading" not in again.stderr and "MixNet_S: cached /" in again.stderr
+
+
 def test_a_server_that_ignores_range_restarts_the_file_from_zero(server, isolated_home, weights_bytes):
     server.faults += [Fault(drop_after=200_000), Fault(ignore_range=True)]
     result = download(server)

@@ -86,3 +86,16 @@ def test_a_top_k_above_the_classes_gives_every_class_with_a_notice(tmp_path, ran
     assert len(json.loads(result.stdout)[0]["predictions"]) == 1000
     notices = [line for line in result.stderr.splitlines() if "top-k" in line]
     assert notices == ["mixnet: top-k 5000 is more than the model's 1000 classes: giving all 1000"]
+
+
+def test_a_first_run_says_it_downloads_and_verbose_says_where_the_weights_came_from(tmp_path, random_mirror):
+    image = str(_photo(tmp_path / "a.png"))
+    first = _invoke("classify", image, "-v")
+    assert first.exit_code == 0, first.output
+    size = (random_mirror.directory / "MixNet_S_pretrained.pdparams").stat().st_size
+    assert (f"mixnet: downloading MixNet_S weights ({size / 1e6:.1f} MB) from "
+            f"{random_mirror.url}/MixNet_S_pretrained.pdparams") in first.stderr.splitlines()
+    assert "(downloaded now, sha256 " in first.stderr
+    second = _invoke("classify", image, "-v")
+    assert "downloading" not in second.stderr and "(found in the cache, sha256 " in second.stderr
+    assert "downloading" not in _invoke("classify", image, "-q").stderr

@@ -69,7 +69,9 @@ from .common import (
               help="Classify through a running `mixnet serve` at URL (http://127.0.0.1:8080) instead of loading the "
               "model here; the output is the same (the service's own --device, --engine and weights apply).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but the results (no progress, no per-image errors on stderr).")
-@click.option("-v", "--verbose", is_flag=True, help="Say on stderr which model, weights, device and engine ran.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Say on stderr which model, weights (and whether they were downloaded now, resumed or found in "
+              "the cache), device and engine ran.")
 @user_errors
 def classify(
     images: tuple[str, ...],
@@ -174,7 +176,8 @@ def classify(
         weights = classifier.weights
         engine = classifier.engine_for(len(items), batch_size)
         click.echo(
-            f"model {classifier.model_name}, weights {weights.path} (sha256 {weights.record.sha256[:12]}), "
+            f"model {classifier.model_name}, weights {weights.path} ({_WEIGHTS_HOW.get(weights.how, weights.how)}, "
+            f"sha256 {weights.record.sha256[:12]}), "
             f"device {classifier.device_choice.device} ({classifier.device_choice.reason}), "
             f"engine {engine.name} ({engine.detail}; {classifier.engine_choice.engine_reason}), "
             f"{len(items)} image(s)",
@@ -207,6 +210,13 @@ def classify(
         if not quiet and len(items) > 1:
             click.echo(f"Error: {failures} of {len(items)} image(s) failed", err=True)
         sys.exit(1)
+
+
+# What -v says of where the weights came from (VerifiedWeights.how).
+_WEIGHTS_HOW = {"cached": "found in the cache", "downloaded": "downloaded now",
+                "downloaded (resumed)": "downloaded now, resuming an earlier partial download",
+                "downloaded by another mixnet process": "downloaded by another mixnet process",
+                "yours": "your file, used where it is"}
 
 
 def _write_features(path: Path, rows: list[Any]) -> None:

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..base import settings
 from ..base.cache import PartialInfo, discard_partial, read_partial_info, write_partial_info
@@ -86,6 +86,7 @@ def fetch_url(
     resume: bool = True,
     max_bytes: int | None = None,
     retry_unreachable: bool = True,
+    on_start: Callable[[int | None, int], None] | None = None,
 ) -> Downloaded:
     """Download ``url`` into the partial file ``destination`` and return its size and sha256.
 
@@ -96,6 +97,9 @@ def fetch_url(
     ``destination`` for the next run to resume. Other HTTP errors, an HTML page, or a body larger than
     ``max_bytes`` raise :class:`DownloadError` at once. Errors writing ``destination`` (a full disk) propagate
     as :class:`OSError`.
+
+    ``on_start(total, kept)`` is called when a response's body is about to be read, with the file's whole size in
+    bytes (None when the server does not say) and how many bytes of an earlier attempt are kept (0: from the start).
     """
     if not resume:
         discard_partial(destination)
@@ -104,7 +108,7 @@ def fetch_url(
     restarts = 0
     while True:
         try:
-            return _attempt(url, destination, label=label, progress=progress, max_bytes=max_bytes)
+            return _attempt(url, destination, label=label, progress=progress, max_bytes=max_bytes, on_start=on_start)
         except _Restart as exc:
             discard_partial(destination)
             restarts += 1
@@ -128,7 +132,8 @@ def fetch_url(
             time.sleep(delay)
 
 
-def _attempt(url: str, destination: Path, *, label: str, progress: bool | None, max_bytes: int | None) -> Downloaded:
+def _attempt(url: str, destination: Path, *, label: str, progress: bool | None, max_bytes: int | None,
+             on_start: Callable[[int | None, int], None] | None = None) -> Downloaded:
     import requests
     import urllib3
 
@@ -202,6 +207,8 @@ def _attempt(url: str, destination: Path, *, label: str, progress: bool | None, 
             raise DownloadError(
                 f"{url} is {total} bytes, far more than these weights can be; check the mirror URL"
             )
+        if on_start is not None:
+            on_start(total, offset)
         if mode == "wb":
             # Written before the first byte, so an interrupted download can always be continued.
             write_partial_info(destination, PartialInfo(url=url, etag=etag, last_modified=last_modified, total=total))

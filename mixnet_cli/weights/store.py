@@ -34,8 +34,9 @@ _TRAINED_HINT = "pass the .pdparams file PaddleClas's training saved (e.g. outpu
 @dataclass(frozen=True)
 class VerifiedWeights:
     """Weights that passed every check, in the cache. ``how`` says where this call got them: ``cached`` (there
-    already), ``downloaded`` (by this process), ``downloaded by another mixnet process`` (this one waited for
-    it), ``installed`` (from a file the user gave)."""
+    already), ``downloaded`` (by this process), ``downloaded (resumed)`` (by this process, continuing a partial
+    download), ``downloaded by another mixnet process`` (this one waited for it), ``installed`` (from a file the
+    user gave), ``yours`` (``--weights``, used where it is)."""
 
     spec: ModelSpec
     path: Path
@@ -181,11 +182,23 @@ def _fetch_verified(
     spec: ModelSpec, url: str, *, progress: bool | None, pinned: str | None, last_source: bool = True
 ) -> VerifiedWeights:
     partial = cache.partial_path(spec)
+    said: list[str] = []
+
+    def say_start(total: int | None, kept: int) -> None:
+        # One line, whether or not stderr is a terminal (where the progress bar shows): a CI log or `2>log` says
+        # where a first run's wait went, as the conversion's notice does. Again only when what happens changes.
+        size = f"{total / 1e6:.1f} MB" if total else "size not given"
+        line = (f"resuming the download of {spec.name} weights at {kept / 1e6:.1f} of {size} from {url}" if kept
+                else f"downloading {spec.name} weights ({size}) from {url}")
+        if not said or said[-1].split(" ", 1)[0] != line.split(" ", 1)[0]:
+            notice(line)
+        said.append(line)
+
     for fresh in (False, True):
         try:
             fetched = fetch_url(
                 url, partial, label=spec.filename, progress=progress, resume=not fresh, max_bytes=_size_limit(spec),
-                retry_unreachable=last_source,
+                retry_unreachable=last_source, on_start=say_start,
             )
         except DownloadError:
             raise
@@ -205,7 +218,8 @@ def _fetch_verified(
             discard_partial(partial)
             raise _write_error(partial, exc) from None
         try:
-            return _install(spec, partial, url, fetched.size, fetched.sha256)
+            installed = _install(spec, partial, url, fetched.size, fetched.sha256)
+            return replace(installed, how="downloaded (resumed)") if fetched.resumed_from else installed
         except OSError as exc:
             discard_partial(partial)
             raise _write_error(cache.weights_path(spec), exc) from None
