@@ -99,3 +99,23 @@ def test_a_first_run_says_it_downloads_and_verbose_says_where_the_weights_came_f
     second = _invoke("classify", image, "-v")
     assert "downloading" not in second.stderr and "(found in the cache, sha256 " in second.stderr
     assert "downloading" not in _invoke("classify", image, "-q").stderr
+
+
+def test_doctor_fits_80_columns_off_a_terminal_with_hints_on_their_own_line(isolated_home, monkeypatch):
+    monkeypatch.setenv("MIXNET_MIRROR", "http://127.0.0.1:9")  # the discard port: the URL checks fail, with hints
+    result = _invoke("doctor")
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["check", "status", "value"]
+    assert max(map(len, lines)) <= 80, max(lines, key=len)
+    rows = json.loads(_invoke("doctor", "--json").stdout)
+    for row in rows:  # every check is there, with its status beside it
+        assert any(line.startswith(row["check"]) and row["status"] in line.split() for line in lines), row
+    hints = [index for index, line in enumerate(lines) if line.lstrip().startswith("hint: ")]
+    assert len(hints) == sum(1 for row in rows if row["hint"]) > 0
+    column = lines[0].index("value")
+    for index in hints:
+        assert lines[index][:column].strip() == ""  # nothing else on a hint's line
+    url_row = next(i for i, line in enumerate(lines) if line.startswith("MixNet_S URL"))
+    words = " ".join(line.strip() for line in lines[url_row:url_row + 4])
+    assert "hint: no network?" in words

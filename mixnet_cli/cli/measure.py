@@ -42,9 +42,11 @@ def doctor(fmt: str) -> None:
     \b
       mixnet doctor
       mixnet doctor --json
+
+    The table fits the terminal's width (80 columns when stdout is not a terminal); a hint is on a line of its own.
     """
     from ..doctor import run_checks
-    from ..output import write_rows
+    from ..output import checks_table, write_rows
 
     failed = 0
 
@@ -54,7 +56,14 @@ def doctor(fmt: str) -> None:
             failed += check.status == "fail"
             yield check.to_dict()
 
-    write_rows(rows(), fmt, click.get_text_stream("stdout"), headers=["check", "value", "status", "hint"])
+    stdout = click.get_text_stream("stdout")
+    if fmt == "table":
+        import shutil
+
+        width = shutil.get_terminal_size((80, 24)).columns if stdout.isatty() else 80
+        checks_table(rows(), stdout, width)
+    else:
+        write_rows(rows(), fmt, stdout, headers=["check", "value", "status", "hint"])
     if failed:
         sys.exit(1)
 
