@@ -52,7 +52,10 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 
-RAY_MISSING_HINT = 'the Ray route needs the [ray] extra: pip install "mixnet-cli[ray]"'
+def _ray_missing_hint() -> str:
+    from .base.third_party import install_hint
+
+    return f"the Ray route needs the [ray] extra: {install_hint('ray')}"
 
 # Images per call of an actor (one Ray task): big enough that the per-task overhead (milliseconds) is small
 # against the work (about 64 x 25 ms on one core), small enough that a killed actor loses little and the driver
@@ -80,7 +83,7 @@ def _import_ray() -> Any:
         import ray
         import ray.data  # noqa: F401 (fails beside numpy 1.x: pyarrow needs numpy 2)
     except ImportError as exc:
-        raise EngineError(f"{RAY_MISSING_HINT} ({exc})") from None
+        raise EngineError(f"{_ray_missing_hint()} ({exc})") from None
     return ray
 
 
@@ -90,7 +93,7 @@ def _import_pyarrow() -> Any:
         import pyarrow.fs  # noqa: F401
         import pyarrow.parquet  # noqa: F401
     except ImportError as exc:
-        raise EngineError(f"{RAY_MISSING_HINT} ({exc})") from None
+        raise EngineError(f"{_ray_missing_hint()} ({exc})") from None
     return pyarrow
 
 

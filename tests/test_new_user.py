@@ -119,3 +119,42 @@ def test_doctor_fits_80_columns_off_a_terminal_with_hints_on_their_own_line(isol
     url_row = next(i for i, line in enumerate(lines) if line.startswith("MixNet_S URL"))
     words = " ".join(line.strip() for line in lines[url_row:url_row + 4])
     assert "hint: no network?" in words
+
+
+def test_install_lines_name_where_this_copy_came_from():
+    """PEP 610's direct_url.json, as pip writes it for each way of installing."""
+    from mixnet_cli.base.third_party import install_command
+
+    assert install_command("serve", direct_url={"url": "file:///src/mixnet%20cli", "dir_info": {}}) == \
+        'pip install "/src/mixnet cli[serve]"'
+    assert install_command("ray", direct_url={"url": "file:///src/mixnet-cli", "dir_info": {"editable": True}}) == \
+        'pip install -e "/src/mixnet-cli[ray]"'
+    assert install_command("serve", direct_url={"url": "https://example.org/mixnet-cli.git",
+                                                "vcs_info": {"vcs": "git", "commit_id": "3fa2c1d"}}) == \
+        'pip install "mixnet-cli[serve] @ git+https://example.org/mixnet-cli.git@3fa2c1d"'
+    assert install_command("torch", direct_url={"url": "file:///tmp/mixnet_cli-0.1.0-py3-none-any.whl",
+                                                "archive_info": {}}) == \
+        'pip install "mixnet-cli[torch] @ file:///tmp/mixnet_cli-0.1.0-py3-none-any.whl"'
+    assert install_command("serve") == 'pip install "mixnet-cli[serve]"'  # from an index: the index form
+    assert install_command("serve", installed=False, checkout=Path("/src/co")) == 'pip install "/src/co[serve]"'
+    both = install_command("serve", installed=False)
+    assert '"/path/to/mixnet-cli[serve]"' in both and '"mixnet-cli[serve]" from an index' in both
+
+
+def test_this_copys_install_line_and_doctors_torch_advice(isolated_home, monkeypatch):
+    import importlib.metadata
+
+    from mixnet_cli.base.third_party import install_hint
+
+    direct = importlib.metadata.distribution("mixnet-cli").read_text("direct_url.json")
+    if direct and '"dir_info"' in direct:  # a checkout, as the tests install it: its path, not the index form
+        assert json.loads(direct)["url"].split("://", 1)[1] in install_hint("serve")
+        assert 'mixnet-cli[serve]"' not in install_hint("serve")
+    monkeypatch.setenv("MIXNET_OFFLINE", "1")
+    checks = {row["check"]: row for row in json.loads(_invoke("doctor", "--json").stdout)}
+    torch_hint = checks["engine torch"]["hint"]
+    if checks["engine torch"]["value"] != "ready" and not Path("/dev/nvidiactl").exists():
+        assert install_hint("torch") in torch_hint and "CUDA wheels" in torch_hint
+        assert "ONNX Runtime (the default) is faster" in torch_hint
+    for row in checks.values():
+        assert 'install "mixnet-cli' not in row["hint"] or not direct or '"dir_info"' not in direct

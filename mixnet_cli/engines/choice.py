@@ -158,7 +158,7 @@ def _cpu_auto(device_reason: str, after: str | None = None, precision: str = "fp
             return EngineChoice(info.name, "cpu", why, device_reason, engine_auto=True, precision=precision,
                                 compiled=compiled)
     if precision != "fp32" or compiled:
-        installs = "; ".join(info.install for info in candidates) or "no engine offers it"
+        installs = "; ".join(info.install_line() for info in candidates) or "no engine offers it"
         raise EngineError(f"no engine installed here runs {precision}{' compiled' if compiled else ''}: {installs}")
     raise EngineError("no engine is installed for the CPU: pip install openvino onnxruntime (reinstall mixnet-cli)")
 

@@ -44,7 +44,6 @@ if TYPE_CHECKING:
     from ..classifier import ClassificationResult, Classifier
     from ..base.manifest import ModelSpec
 
-SERVE_EXTRA = 'pip install "mixnet-cli[serve]"'
 DEFAULT_TOPK = 5
 # Measured in BENCHMARKS.md ("Serve", the batching options): on a 2-core CPU, 8 and 16 were slower than 4 at 16
 # clients in every run, and 1, 2 and 4 were within the noise of each other (a forward pass of 4 costs about 4 of
@@ -65,7 +64,7 @@ access_log = logging.getLogger("mixnet_cli.access")
 
 def serve_missing() -> str | None:
     """The line that says what to install when the ``[serve]`` extra is missing (None: it is installed)."""
-    from ..base.third_party import module_installed
+    from ..base.third_party import install_hint, module_installed
 
     # python-multipart is imported as python_multipart since 0.0.13, as multipart before.
     missing = [name for name, modules in (("starlette", ("starlette",)), ("uvicorn", ("uvicorn",)),
@@ -74,7 +73,7 @@ def serve_missing() -> str | None:
                if not any(module_installed(module) for module in modules)]
     if not missing:
         return None
-    return f"mixnet serve needs the [serve] extra ({', '.join(missing)} missing): {SERVE_EXTRA}"
+    return f"mixnet serve needs the [serve] extra ({', '.join(missing)} missing): {install_hint('serve')}"
 
 
 @dataclass(frozen=True)
