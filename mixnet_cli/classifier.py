@@ -51,6 +51,9 @@ class ClassificationResult:
     predictions: tuple[Prediction, ...] = ()
     error: MixnetError | None = field(default=None, compare=False)
     features: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # The network the model is (MixNet_S...): the model's own name unless it is a fine-tune (``model`` is then the
+    # weights' name, my_flowers-3fa2c1d).
+    architecture: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -61,11 +64,13 @@ class ClassificationResult:
             return {
                 "input": self.input,
                 "model": self.model,
+                "architecture": self.architecture or self.model,
                 "error": {"type": type(self.error).__name__, "message": str(self.error)},
             }
         row: dict[str, Any] = {
             "input": self.input,
             "model": self.model,
+            "architecture": self.architecture or self.model,
             "predictions": [p.to_dict() for p in self.predictions],
         }
         if self.features is not None:
@@ -158,11 +163,17 @@ class Classifier:
         self.device_choice: DeviceChoice = self.engine_choice.device_choice
 
     def __repr__(self) -> str:
-        return (f"Classifier(model={self.spec.name!r}, engine={self.engine.name!r}, "
+        return (f"Classifier(model={self.spec.display_name!r}, engine={self.engine.name!r}, "
                 f"device={self.device_choice.device!r}, weights={str(self.weights.path)!r})")
 
     @property
     def model_name(self) -> str:
+        """What results call the model: ``MixNet_S``, or a fine-tune's name from its file (``my_flowers-3fa2c1d``)."""
+        return self.spec.display_name
+
+    @property
+    def architecture(self) -> str:
+        """The network: ``MixNet_S``, ``MixNet_M`` or ``MixNet_L``, fine-tuned or not."""
         return self.spec.name
 
     def preprocess(self, image: ImageInput | InputItem, name: str | None = None) -> np.ndarray:
@@ -194,7 +205,8 @@ class Classifier:
         predictions = tuple(
             Prediction(class_id=int(i), label=self.labels[int(i)], score=float(probabilities[i])) for i in order
         )
-        return ClassificationResult(input=name, model=self.spec.name, predictions=predictions, features=features)
+        return ClassificationResult(input=name, model=self.spec.display_name, predictions=predictions,
+                                    features=features, architecture=self.spec.name)
 
     def _results(self, engine: Engine, names: list[str], arrays: list[np.ndarray],
                  topk: int) -> list[ClassificationResult]:
@@ -297,7 +309,8 @@ class Classifier:
                     if isinstance(prepared, MixnetError):
                         if arrays:  # keep input order: what came before the failed image goes first
                             submit_batch()
-                        outputs.append(ClassificationResult(input=name, model=self.spec.name, error=prepared))
+                        outputs.append(ClassificationResult(input=name, model=self.spec.display_name, error=prepared,
+                                                             architecture=self.spec.name))
                     else:
                         names.append(name)
                         arrays.append(prepared)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, TextIO
 
 FORMATS = ("table", "json", "jsonl", "csv")
-CLASSIFICATION_CSV_COLUMNS = ("input", "model", "rank", "class_id", "label", "score", "error")
+CLASSIFICATION_CSV_COLUMNS = ("input", "model", "architecture", "rank", "class_id", "label", "score", "error")
 
 
 def write_json_array(rows: Iterable[dict[str, Any]], stream: TextIO) -> int:
@@ -88,7 +88,10 @@ def classification_tables(rows: Iterable[dict[str, Any]], stream: TextIO) -> int
     for row in rows:
         if count:
             stream.write("\n")
-        header = f"{row['input']}  ({row['model']})"
+        architecture = row.get("architecture") or row["model"]
+        # A fine-tune is named by its weights; its architecture beside it.
+        named = row["model"] if architecture == row["model"] else f"{row['model']}, {architecture}"
+        header = f"{row['input']}  ({named})"
         if "error" in row:
             stream.write(f"{header}\n  error: {row['error']['message']}\n")
         else:
@@ -121,10 +124,12 @@ def write_csv(rows: Iterable[dict[str, Any]], columns: Sequence[str], stream: Te
 def _classification_csv_rows(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     for row in rows:
         if "error" in row:
-            yield {"input": row["input"], "model": row["model"], "error": row["error"]["message"]}
+            yield {"input": row["input"], "model": row["model"], "architecture": row.get("architecture"),
+                   "error": row["error"]["message"]}
             continue
         for rank, prediction in enumerate(row["predictions"], start=1):
-            yield {"input": row["input"], "model": row["model"], "rank": rank, **prediction}
+            yield {"input": row["input"], "model": row["model"], "architecture": row.get("architecture"), "rank": rank,
+                   **prediction}
 
 
 def write_classifications(rows: Iterable[dict[str, Any]], fmt: str, stream: TextIO) -> int:

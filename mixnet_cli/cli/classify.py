@@ -148,7 +148,8 @@ def classify(
         # Nothing here can be classified (missing files, empty directories, globs matching nothing): say so now,
         # not after a download and a conversion, and not a network error in its place when offline.
         spec = resolve_model(model or "MixNet_S")
-        known = [ClassificationResult(input=item.name, model=spec.name, error=item.problem) for item in items]
+        known = [ClassificationResult(input=item.name, model=spec.name, error=item.problem,
+                                      architecture=spec.name) for item in items]
         with open_output(output) as stream:
             write_classifications((result.to_dict() for result in known), fmt, stream)
         if not quiet:
@@ -176,7 +177,9 @@ def classify(
         weights = classifier.weights
         engine = classifier.engine_for(len(items), batch_size)
         click.echo(
-            f"model {classifier.model_name}, weights {weights.path} ({_WEIGHTS_HOW.get(weights.how, weights.how)}, "
+            f"model {classifier.model_name}"
+            + (f" ({classifier.architecture})" if classifier.architecture != classifier.model_name else "")
+            + f", weights {weights.path} ({_WEIGHTS_HOW.get(weights.how, weights.how)}, "
             f"sha256 {weights.record.sha256[:12]}), "
             f"device {classifier.device_choice.device} ({classifier.device_choice.reason}), "
             f"engine {engine.name} ({engine.detail}; {classifier.engine_choice.engine_reason}), "

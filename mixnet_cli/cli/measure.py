@@ -165,7 +165,7 @@ def evaluate_command(
     if fmt == "json":
         stdout.write(json.dumps(summary.to_dict()) + "\n")
     else:
-        row = {"model": summary.model, "images": summary.images, "failed": summary.failed,
+        row = {"model": summary.model, "architecture": summary.architecture or summary.model, "images": summary.images, "failed": summary.failed,
                "top1 %": f"{summary.top1 * 100:.2f}", "top5 %": f"{summary.top5 * 100:.2f}",
                "images/s": f"{summary.images_per_s:.1f}"}
         # With JSON lines on stdout (the mistakes), the summary table goes to stderr.
@@ -273,6 +273,7 @@ def benchmark(
                                           warmup=warmup, repeats=repeats)
                 yield {
                     "model": name,
+                    "architecture": classifier.architecture,
                     "engine": runner.name,
                     "device": runner.device,
                     "threads": runner.threads,

@@ -140,14 +140,16 @@ def cache_group() -> None:
     """
 
 
-_CACHE_COLUMNS = ["model", "kind", "status", "size", "sha256", "source", "fetched_at"]
+_CACHE_COLUMNS = ["model", "architecture", "kind", "status", "size", "sha256", "source", "fetched_at"]
 
 
 @cache_group.command("list", context_settings=CONTEXT_SETTINGS)
 @output_options
 @user_errors
 def cache_list(fmt: str) -> None:
-    """List the cached weights (and the models converted from them): model, kind, status, size, sha256, source, when.
+    """List the cached weights (and the models converted from them): model, architecture, kind, status, size,
+    sha256, source, when. A model converted from your own weights (--weights) is named by them
+    (my_flowers-3fa2c1d: the file's stem and its sha256's first digits).
 
     \b
       mixnet cache list

@@ -269,7 +269,7 @@ class Service:
         self._inference = ThreadPoolExecutor(max_workers=sum(c.engine.parallel for c in classifiers),
                                              thread_name_prefix="mixnet-infer")
         for classifier in classifiers:
-            name = classifier.model_name
+            name = classifier.architecture  # the name the service knows it by (its --model)
 
             def on_batch(size: int, seconds: float, name: str = name) -> None:
                 self.metrics.batch_size.labels(name).observe(size)
@@ -380,7 +380,8 @@ class Service:
                 row = await model.batcher.submit(array)
                 return model.classifier.result(name, row, topk)
             except ImageError as exc:
-                return ClassificationResult(input=name, model=model_name, error=exc)
+                return ClassificationResult(input=name, model=model.classifier.model_name, error=exc,
+                                            architecture=model.classifier.architecture)
 
         return list(await asyncio.gather(*(one(name, load) for name, load in images)))
 

@@ -428,6 +428,13 @@ def _check_finite(state: dict[str, np.ndarray], source: Path) -> None:
                                "diverged: use an earlier checkpoint")
 
 
+def custom_weights_name(path: Path, sha256: str) -> str:
+    """A fine-tune's name in results: its file's stem and the first 7 hex digits of its sha256
+    (``my_flowers-3fa2c1d``), so that two fine-tunes of one architecture, or two epochs saved under the same file
+    name, can be told apart."""
+    return f"{path.stem}-{sha256[:7]}"
+
+
 def custom_weights(path: Path | str, model: ModelSpec | None = None) -> VerifiedWeights:
     """Your own weights: a ``.pdparams`` file of MixNet_S, M or L fine-tuned on any number of classes, as PaddleClas
     trains and saves them (``paddle.save(model.state_dict())``).
@@ -435,7 +442,8 @@ def custom_weights(path: Path | str, model: ModelSpec | None = None) -> Verified
     The file is read once, parsed by the safe loader, and checked against the architecture: ``model`` when given,
     else the one of S, M, L whose every parameter name and shape it holds. The class count is the classifier's
     (``output.bias``). The file stays where it is; what is built from it is cached under its sha256 like the
-    released weights' (``VerifiedWeights.spec`` carries the detected architecture and class count). Raises
+    released weights' (``VerifiedWeights.spec`` carries the detected architecture and class count, and the name
+    results give it, :func:`custom_weights_name`). Raises
     :class:`WeightsError` naming the file when it is not MixNet weights (or not ``model``'s), and
     :class:`UsageError` when it is missing or unreadable.
     """
@@ -473,7 +481,7 @@ def custom_weights(path: Path | str, model: ModelSpec | None = None) -> Verified
             problems.append(str(exc))
             continue
         sha256 = hashlib.sha256(data).hexdigest()
-        spec = replace(spec, sha256=sha256)
+        spec = replace(spec, sha256=sha256, weights_name=custom_weights_name(source, sha256))
         record = cache.WeightsRecord(model=spec.name, sha256=sha256, size=len(data), source=f"file:{source}",
                                      fetched_at=cache.now_iso())
         return VerifiedWeights(spec=spec, path=source, record=record, how="yours")
