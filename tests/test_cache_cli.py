@@ -253,7 +253,8 @@ def test_openvinos_folder_of_your_own_weights_is_listed_with_their_model(tmp_pat
     # Named by the weights (file stem, sha256 prefix), their architecture beside.
     assert all((row["model"], row["architecture"]) == (f"MixNet_S_pretrained-{sha256[:7]}", "MixNet_S")
                and Path(row["path"]).name == sha256 for row in rows), rows
-    assert "MixNet_S  openvino" in run("cache", "list").stdout
+    assert [f"MixNet_S_pretrained-{sha256[:7]}", "MixNet_S", "openvino"] in \
+        [line.split()[:3] for line in run("cache", "list").stdout.splitlines()]
 
 
 def test_converted_models_are_listed_and_removed_with_their_weights(tmp_path, random_mirror, isolated_home):
