@@ -10,8 +10,8 @@ results equal to ``mixnet classify`` and a job that can be killed and resumed.
                                      batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=4))
 
 Each result row is the JSON object ``mixnet classify`` prints (:meth:`ClassificationResult.to_dict`) in the
-Arrow schema :data:`RESULT_SCHEMA`: ``input``, ``model``, ``predictions`` (a list of {class_id, label, score},
-null for a failed image) and ``error`` ({type, message}, null for a classified one).
+Arrow schema :data:`RESULT_SCHEMA`: ``input``, ``model``, ``architecture``, ``predictions`` (a list of
+{class_id, label, score}, null for a failed image) and ``error`` ({type, message}, null for a classified one).
 
 The files are read inside the actors, in the classifier's decode threads, so a missing or unreadable file is an
 error row like any bad image instead of a failed read task, and no read task competes with the actors for CPUs.
@@ -106,6 +106,7 @@ def result_schema() -> "pyarrow.Schema":
     return pa.schema([
         pa.field("input", pa.string(), nullable=False),
         pa.field("model", pa.string(), nullable=False),
+        pa.field("architecture", pa.string(), nullable=False),
         pa.field("predictions", pa.list_(prediction)),
         pa.field("error", error),
     ])
@@ -114,7 +115,8 @@ def result_schema() -> "pyarrow.Schema":
 def result_row(result: "ClassificationResult") -> dict[str, Any]:
     """One result as a row of :func:`result_schema`: :meth:`ClassificationResult.to_dict` with both keys."""
     row = result.to_dict()
-    return {"input": row["input"], "model": row["model"], "predictions": row.get("predictions"),
+    return {"input": row["input"], "model": row["model"], "architecture": row["architecture"],
+            "predictions": row.get("predictions"),
             "error": row.get("error")}
 
 

@@ -128,8 +128,8 @@ def _classification_csv_rows(rows: Iterable[dict[str, Any]]) -> Iterator[dict[st
                    "error": row["error"]["message"]}
             continue
         for rank, prediction in enumerate(row["predictions"], start=1):
-            yield {"input": row["input"], "model": row["model"], "architecture": row.get("architecture"), "rank": rank,
-                   **prediction}
+            yield {"input": row["input"], "model": row["model"], "architecture": row.get("architecture"),
+                   "rank": rank, **prediction}
 
 
 def write_classifications(rows: Iterable[dict[str, Any]], fmt: str, stream: TextIO) -> int:
