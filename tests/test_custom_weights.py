@@ -258,7 +258,17 @@ def test_two_fine_tunes_are_told_apart_everywhere_and_keep_their_architecture(fi
     assert {(row["model"], row["architecture"]) for row in listed if row["kind"] == "onnx"} == \
         {(name, "MixNet_S") for name in names}
 
-    # eval: a folder per class id, named as PaddleClas's ImageFolder has them for a fine-tune.
+    # export: the ONNX file's metadata names it so, with its own labels.
+    import onnx
+
+    exported = CliRunner().invoke(main, ["export", "--weights", str(other), "--labels", str(label_files["plain"]),
+                                         "-o", str(tmp_path / "deploy")])
+    assert exported.exit_code == 0, exported.output
+    metadata = {entry.key: entry.value for entry in onnx.load(str(tmp_path / "deploy" / "MixNet_S.onnx")).metadata_props}
+    assert (metadata["model_name"], metadata["architecture"]) == (names[1], "MixNet_S")
+    assert json.loads(metadata["labels"]) == NAMES and metadata["num_classes"] == "7"
+
+    # eval, from a list file.
     listing = tmp_path / "val.txt"
     listing.write_text("".join(f"{photo} {index % 7}\n" for index, photo in enumerate(photos)))
     summary = CliRunner().invoke(main, ["eval", "--list", str(listing), "--weights", str(other), "--json"])
