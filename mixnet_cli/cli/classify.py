@@ -36,7 +36,8 @@ from .common import (
               help=f"Model: {model_names_help()} (default MixNet_S; with --weights, read from the file).")
 @custom_weights_options
 @click.option("-k", "--topk", default=None, type=click.IntRange(1), metavar="N",
-              help="How many labels per image (default 5, or every class of a model with fewer).")
+              help="How many labels per image (default 5, or every class of a model with fewer; more than the model's "
+              "classes gives them all, with a notice).")
 @output_options(output_file=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True, allow_dash=True),
               help="Write results to this file instead of stdout, in the format its extension names (.json, .jsonl, "

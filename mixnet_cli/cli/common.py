@@ -198,7 +198,7 @@ def device_option(func: F) -> F:
         shell_complete=_complete_device,
         metavar="auto|cpu|gpu|gpu:N",
         help="Where to run: a GPU when onnxruntime-gpu or a CUDA build of paddle is installed and sees one, else "
-        "the CPU (default auto; MIXNET_DEVICE).",
+        "the CPU (default auto; MIXNET_DEVICE). cuda and cuda:N mean gpu and gpu:N.",
     )(func)
 
 
