@@ -342,7 +342,8 @@ def test_decompression_bomb_and_huge_files_are_errors(tmp_path, random_mirror, m
 
 
 def test_usage_errors_are_one_line_too(tmp_path):
-    for args in (["classify", "a.jpg", "--format", "xml"], ["nope"], ["download"], ["export", "S", "-o", str(tmp_path)]):
+    for args in (["classify", "a.jpg", "--format", "xml"], ["nope"], ["download"],
+                 ["export", "S", "--format", "tflite", "-o", str(tmp_path)]):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 2
         lines = [line for line in result.stderr.splitlines() if line.strip()]

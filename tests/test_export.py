@@ -98,6 +98,7 @@ def test_paddle_export_without_paddle_names_the_extra(tmp_path, random_mirror, m
     assert result.stderr.startswith("Error: ") and len(result.stderr.strip().splitlines()) == 1
     assert "paddleclas" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+    assert random_mirror.requests == [], "a missing extra is named before the weights are fetched"
 
 
 @pytest.mark.paddle

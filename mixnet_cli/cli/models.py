@@ -298,6 +298,8 @@ def export_command(model: str | None, weights: Path | None, labels: Path | None,
     on a test batch, it must give the reference's logits (or, for paddle-legacy, whose output is probabilities,
     their softmax). Prints the files written (stdout) and how to use them (stderr).
     """
+    from ..base.third_party import require_paddle
+    from ..engines.conversion import FORMATS
     from ..export import check_output_directory, export_to_directory
     from ..base.manifest import resolve_model
     from ..images.labels import imagenet_labels, read_label_file
@@ -312,6 +314,8 @@ def export_command(model: str | None, weights: Path | None, labels: Path | None,
             "outputs probabilities already)" if fmt == "paddle-legacy" else "outputs logits)"))
     named = resolve_model(model) if model is not None else None
     check_output_directory(out_dir)  # before any download or conversion
+    if FORMATS[fmt].needs_paddle:
+        require_paddle(f"the {FORMATS[fmt].label} model")  # and a missing extra before the weights are fetched
     verified = custom_weights(weights, named) if weights is not None else \
         ensure_weights(named, mirrors=mirrors or None, offline=offline)  # type: ignore[arg-type]
     spec = verified.spec
