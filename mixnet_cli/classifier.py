@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from .images.labels import imagenet_labels, read_label_file
 from .base.manifest import ModelSpec, resolve_model
 from .images.preprocess import ImageInput, load_and_transform, require_opencv
 from .weights.store import VerifiedWeights, custom_weights, ensure_weights
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,9 @@ class ClassificationResult:
     predictions: tuple[Prediction, ...] = ()
     error: MixnetError | None = field(default=None, compare=False)
     features: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # The network the model is (MixNet_S...): the model's own name unless it is a fine-tune (``model`` is then the
+    # weights' name, my_flowers-3fa2c1d).
+    architecture: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -58,11 +64,13 @@ class ClassificationResult:
             return {
                 "input": self.input,
                 "model": self.model,
+                "architecture": self.architecture or self.model,
                 "error": {"type": type(self.error).__name__, "message": str(self.error)},
             }
         row: dict[str, Any] = {
             "input": self.input,
             "model": self.model,
+            "architecture": self.architecture or self.model,
             "predictions": [p.to_dict() for p in self.predictions],
         }
         if self.features is not None:
@@ -158,11 +166,17 @@ class Classifier:
         self.device_choice: DeviceChoice = self.engine_choice.device_choice
 
     def __repr__(self) -> str:
-        return (f"Classifier(model={self.spec.name!r}, engine={self.engine.name!r}, "
+        return (f"Classifier(model={self.spec.display_name!r}, engine={self.engine.name!r}, "
                 f"device={self.device_choice.device!r}, weights={str(self.weights.path)!r})")
 
     @property
     def model_name(self) -> str:
+        """What results call the model: ``MixNet_S``, or a fine-tune's name from its file (``my_flowers-3fa2c1d``)."""
+        return self.spec.display_name
+
+    @property
+    def architecture(self) -> str:
+        """The network: ``MixNet_S``, ``MixNet_M`` or ``MixNet_L``, fine-tuned or not."""
         return self.spec.name
 
     def preprocess(self, image: ImageInput | InputItem, name: str | None = None) -> np.ndarray:
@@ -194,7 +208,8 @@ class Classifier:
         predictions = tuple(
             Prediction(class_id=int(i), label=self.labels[int(i)], score=float(probabilities[i])) for i in order
         )
-        return ClassificationResult(input=name, model=self.spec.name, predictions=predictions, features=features)
+        return ClassificationResult(input=name, model=self.spec.display_name, predictions=predictions,
+                                    features=features, architecture=self.spec.name)
 
     def _results(self, engine: Engine, names: list[str], arrays: list[np.ndarray],
                  topk: int) -> list[ClassificationResult]:
@@ -297,7 +312,8 @@ class Classifier:
                     if isinstance(prepared, MixnetError):
                         if arrays:  # keep input order: what came before the failed image goes first
                             submit_batch()
-                        outputs.append(ClassificationResult(input=name, model=self.spec.name, error=prepared))
+                        outputs.append(ClassificationResult(input=name, model=self.spec.display_name, error=prepared,
+                                                             architecture=self.spec.name))
                     else:
                         names.append(name)
                         arrays.append(prepared)
@@ -328,11 +344,16 @@ class Classifier:
 DEFAULT_TOPK = 5
 
 
-def check_topk(topk: int | None, num_classes: int) -> int:
-    """``topk``, checked (:class:`UsageError` unless ``1 <= topk <= num_classes``); None is the default: 5, or
-    every class of a model with fewer."""
+def check_topk(topk: int | None, num_classes: int, *, clamp: bool = True) -> int:
+    """``topk``, checked: :class:`UsageError` when it is below 1; above ``num_classes``, every class, with a
+    notice (as timm and transformers do; ``clamp=False`` makes it a :class:`UsageError` too, for the service,
+    which answers a request that asks for more with a 400). None is the default: 5, or every class of a model
+    with fewer."""
     if topk is None:
         return min(DEFAULT_TOPK, num_classes)
+    if clamp and topk > num_classes:
+        _log.info(f"top-k {topk} is more than the model's {num_classes} classes: giving all {num_classes}")
+        return num_classes
     if not 1 <= topk <= num_classes:
         raise UsageError(f"top-k must be between 1 and {num_classes} (the model's classes), got {topk}")
     return topk

@@ -10,8 +10,8 @@ results equal to ``mixnet classify`` and a job that can be killed and resumed.
                                      batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=4))
 
 Each result row is the JSON object ``mixnet classify`` prints (:meth:`ClassificationResult.to_dict`) in the
-Arrow schema :data:`RESULT_SCHEMA`: ``input``, ``model``, ``predictions`` (a list of {class_id, label, score},
-null for a failed image) and ``error`` ({type, message}, null for a classified one).
+Arrow schema :data:`RESULT_SCHEMA`: ``input``, ``model``, ``architecture``, ``predictions`` (a list of
+{class_id, label, score}, null for a failed image) and ``error`` ({type, message}, null for a classified one).
 
 The files are read inside the actors, in the classifier's decode threads, so a missing or unreadable file is an
 error row like any bad image instead of a failed read task, and no read task competes with the actors for CPUs.
@@ -52,7 +52,10 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 
-RAY_MISSING_HINT = 'the Ray route needs the [ray] extra: pip install "mixnet-cli[ray]"'
+def _ray_missing_hint() -> str:
+    from .base.third_party import install_hint
+
+    return f"the Ray route needs the [ray] extra: {install_hint('ray')}"
 
 # Images per call of an actor (one Ray task): big enough that the per-task overhead (milliseconds) is small
 # against the work (about 64 x 25 ms on one core), small enough that a killed actor loses little and the driver
@@ -80,7 +83,7 @@ def _import_ray() -> Any:
         import ray
         import ray.data  # noqa: F401 (fails beside numpy 1.x: pyarrow needs numpy 2)
     except ImportError as exc:
-        raise EngineError(f"{RAY_MISSING_HINT} ({exc})") from None
+        raise EngineError(f"{_ray_missing_hint()} ({exc})") from None
     return ray
 
 
@@ -90,7 +93,7 @@ def _import_pyarrow() -> Any:
         import pyarrow.fs  # noqa: F401
         import pyarrow.parquet  # noqa: F401
     except ImportError as exc:
-        raise EngineError(f"{RAY_MISSING_HINT} ({exc})") from None
+        raise EngineError(f"{_ray_missing_hint()} ({exc})") from None
     return pyarrow
 
 
@@ -103,6 +106,7 @@ def result_schema() -> "pyarrow.Schema":
     return pa.schema([
         pa.field("input", pa.string(), nullable=False),
         pa.field("model", pa.string(), nullable=False),
+        pa.field("architecture", pa.string(), nullable=False),
         pa.field("predictions", pa.list_(prediction)),
         pa.field("error", error),
     ])
@@ -111,7 +115,8 @@ def result_schema() -> "pyarrow.Schema":
 def result_row(result: "ClassificationResult") -> dict[str, Any]:
     """One result as a row of :func:`result_schema`: :meth:`ClassificationResult.to_dict` with both keys."""
     row = result.to_dict()
-    return {"input": row["input"], "model": row["model"], "predictions": row.get("predictions"),
+    return {"input": row["input"], "model": row["model"], "architecture": row["architecture"],
+            "predictions": row.get("predictions"),
             "error": row.get("error")}
 
 

@@ -10,7 +10,7 @@ from importlib import metadata
 from typing import Any, Callable, Iterator
 
 from .base import settings
-from .base.third_party import distribution_installed
+from .base.third_party import distribution_installed, install_hint
 
 # Distributions whose versions matter for a bug report, in the order shown; the core needs those in _CORE.
 _DISTRIBUTIONS = (
@@ -41,11 +41,11 @@ def _versions() -> Iterator[Check]:
             yield Check(name, metadata.version(name), "ok")
         except metadata.PackageNotFoundError:
             if name in _CORE:
-                yield Check(name, "not installed", "fail", "reinstall mixnet-cli: pip install mixnet-cli")
+                yield Check(name, "not installed", "fail", f"reinstall mixnet-cli: {install_hint()}")
             elif name in ("paddlepaddle-gpu", "onnxruntime-gpu") or (name in _OPENCV and opencv):
                 continue
             elif name in _OPENCV:
-                yield Check(name, "not installed", "fail", "reinstall mixnet-cli: pip install mixnet-cli")
+                yield Check(name, "not installed", "fail", f"reinstall mixnet-cli: {install_hint()}")
             else:
                 yield Check(name, "not installed", "info")
     if len(opencv) > 1:
@@ -78,7 +78,7 @@ def _engines() -> Iterator[Check]:
     for info in ENGINES.values():
         missing = info.missing()
         yield Check(f"engine {info.name}", "ready" if missing is None else f"needs {missing}",
-                    "ok" if missing is None else "info", "" if missing is None else info.install)
+                    "ok" if missing is None else "info", "" if missing is None else info.install_line())
 
 
 def _guarded(name: str, probe: Callable[[], Iterator[Check]]) -> Iterator[Check]:
@@ -86,7 +86,7 @@ def _guarded(name: str, probe: Callable[[], Iterator[Check]]) -> Iterator[Check]
         yield from probe()
     except Exception as exc:  # the point of doctor is to report broken installs, not crash on them
         yield Check(name, f"{type(exc).__name__}: {exc}".splitlines()[0][:200], "fail",
-                    "reinstall in a fresh virtual environment: pip install mixnet-cli")
+                    f"reinstall in a fresh virtual environment: {install_hint()}")
 
 
 def _paddle() -> Iterator[Check]:

@@ -34,11 +34,13 @@ class EvalSummary:
     top5: float
     images_per_s: float
     seconds: float
+    architecture: str | None = None  # the network, when ``model`` is a fine-tune's name
 
     def to_dict(self) -> dict[str, object]:
         """Accuracy in percent, as PaddleClas publishes it (and as ``mixnet models`` shows it)."""
         return {
             "model": self.model,
+            "architecture": self.architecture or self.model,
             "images": self.images,
             "failed": self.failed,
             "top1": round(self.top1 * 100, 4),
@@ -129,6 +131,7 @@ def evaluate(
     scored = len(sample_list) - failed
     return EvalSummary(
         model=classifier.model_name,
+        architecture=classifier.architecture,
         images=scored,
         failed=failed,
         top1=top1 / scored if scored else 0.0,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, TextIO
 
 FORMATS = ("table", "json", "jsonl", "csv")
-CLASSIFICATION_CSV_COLUMNS = ("input", "model", "rank", "class_id", "label", "score", "error")
+CLASSIFICATION_CSV_COLUMNS = ("input", "model", "architecture", "rank", "class_id", "label", "score", "error")
 
 
 def write_json_array(rows: Iterable[dict[str, Any]], stream: TextIO) -> int:
@@ -52,13 +52,46 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: s
     return "\n".join(lines)
 
 
+def checks_table(rows: Iterable[dict[str, Any]], stream: TextIO, width: int) -> int:
+    """``doctor``'s checks for people, within ``width`` columns: check, status and value side by side, the value
+    wrapped under itself, and a hint on its own line below its check (rows have ``check``, ``value``,
+    ``status``, ``hint``). Rows are written as they come, so a slow check shows the ones before it."""
+    import textwrap
+
+    check_width, status_width = 22, 6  # the longest check name and status the checks have (wider ones push)
+    count = 0
+    for row in rows:
+        if count == 0:
+            stream.write(f"{'check'.ljust(check_width)}  {'status'.ljust(status_width)}  value\n")
+        name = str(row["check"])
+        indent = check_width + status_width + 4
+        room = max(20, width - indent)
+        value = textwrap.wrap(str(row["value"]), room, break_on_hyphens=False) or [""]
+        first = f"{name.ljust(check_width)}  {str(row['status']).ljust(status_width)}  "
+        if len(first) > indent:  # a long check name: its value starts on the next line
+            stream.write(first.rstrip() + "\n")
+            first = ""
+        stream.write(first.ljust(indent) + value[0] + "\n")
+        for line in value[1:]:
+            stream.write(" " * indent + line + "\n")
+        if row.get("hint"):
+            for line in textwrap.wrap(f"hint: {row['hint']}", max(20, width - indent - 2), break_on_hyphens=False):
+                stream.write(" " * (indent + 2) + line + "\n")
+        stream.flush()
+        count += 1
+    return count
+
+
 def classification_tables(rows: Iterable[dict[str, Any]], stream: TextIO) -> int:
     """Human-readable output of classification results: a small top-k table per input."""
     count = 0
     for row in rows:
         if count:
             stream.write("\n")
-        header = f"{row['input']}  ({row['model']})"
+        architecture = row.get("architecture") or row["model"]
+        # A fine-tune is named by its weights; its architecture beside it.
+        named = row["model"] if architecture == row["model"] else f"{row['model']}, {architecture}"
+        header = f"{row['input']}  ({named})"
         if "error" in row:
             stream.write(f"{header}\n  error: {row['error']['message']}\n")
         else:
@@ -91,10 +124,12 @@ def write_csv(rows: Iterable[dict[str, Any]], columns: Sequence[str], stream: Te
 def _classification_csv_rows(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     for row in rows:
         if "error" in row:
-            yield {"input": row["input"], "model": row["model"], "error": row["error"]["message"]}
+            yield {"input": row["input"], "model": row["model"], "architecture": row.get("architecture"),
+                   "error": row["error"]["message"]}
             continue
         for rank, prediction in enumerate(row["predictions"], start=1):
-            yield {"input": row["input"], "model": row["model"], "rank": rank, **prediction}
+            yield {"input": row["input"], "model": row["model"], "architecture": row.get("architecture"),
+                   "rank": rank, **prediction}
 
 
 def write_classifications(rows: Iterable[dict[str, Any]], fmt: str, stream: TextIO) -> int:

@@ -46,12 +46,12 @@ def test_list_shows_each_file_with_its_checksum_source_and_status(cached, random
     digest = hashlib.sha256(cached.read_bytes()).hexdigest()
     rows = json.loads(run("cache", "list", "--json").stdout)
     assert rows == [{
-        "kind": "weights", "model": "MixNet_S", "status": "verified", "size": cached.stat().st_size, "sha256": digest,
+        "kind": "weights", "model": "MixNet_S", "architecture": "MixNet_S", "status": "verified", "size": cached.stat().st_size, "sha256": digest,
         "source": f"{random_mirror.url}/{FILE}", "fetched_at": rows[0]["fetched_at"], "path": str(cached),
     }]
     table = run("cache", "list").stdout.splitlines()
-    assert table[0].split() == ["model", "kind", "status", "size", "sha256", "source", "fetched_at"]
-    assert table[1].split()[:5] == ["MixNet_S", "weights", "verified", str(cached.stat().st_size), digest]
+    assert table[0].split() == ["model", "architecture", "kind", "status", "size", "sha256", "source", "fetched_at"]
+    assert table[1].split()[:6] == ["MixNet_S", "MixNet_S", "weights", "verified", str(cached.stat().st_size), digest]
     assert json.loads(run("cache", "list", "--jsonl").stdout) == rows[0]
 
     # a partial download and a changed file are shown for what they are
@@ -250,8 +250,11 @@ def test_openvinos_folder_of_your_own_weights_is_listed_with_their_model(tmp_pat
     rows = json.loads(run("cache", "list", "--json").stdout)
     assert {row["kind"] for row in rows} >= {"onnx", "openvino"}, rows
     sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert all(row["model"] == "MixNet_S" and Path(row["path"]).name == sha256 for row in rows), rows
-    assert "MixNet_S  openvino" in run("cache", "list").stdout
+    # Named by the weights (file stem, sha256 prefix), their architecture beside.
+    assert all((row["model"], row["architecture"]) == (f"MixNet_S_pretrained-{sha256[:7]}", "MixNet_S")
+               and Path(row["path"]).name == sha256 for row in rows), rows
+    assert [f"MixNet_S_pretrained-{sha256[:7]}", "MixNet_S", "openvino"] in \
+        [line.split()[:3] for line in run("cache", "list").stdout.splitlines()]
 
 
 def test_converted_models_are_listed_and_removed_with_their_weights(tmp_path, random_mirror, isolated_home):

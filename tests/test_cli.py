@@ -342,7 +342,8 @@ def test_decompression_bomb_and_huge_files_are_errors(tmp_path, random_mirror, m
 
 
 def test_usage_errors_are_one_line_too(tmp_path):
-    for args in (["classify", "a.jpg", "--format", "xml"], ["nope"], ["download"], ["export", "S", "-o", str(tmp_path)]):
+    for args in (["classify", "a.jpg", "--format", "xml"], ["nope"], ["download"],
+                 ["export", "S", "--format", "tflite", "-o", str(tmp_path)]):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 2
         lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -460,7 +461,9 @@ def test_doctor_reports_the_setup_and_fails_on_a_broken_part(isolated_home, monk
     if module_installed("torch"):
         assert checks["engine torch"]["value"] == "ready" and checks["torch CUDA"]["value"]
     else:  # an extra: named with what to install, not a failure
-        assert checks["torch"]["value"] == "not installed" and "mixnet-cli[torch]" in checks["engine torch"]["hint"]
+        from mixnet_cli.base.third_party import install_hint
+
+        assert checks["torch"]["value"] == "not installed" and install_hint("torch") in checks["engine torch"]["hint"]
     assert "engine auto picks" in checks and checks["weights URLs"]["value"] == "not checked (offline)"
     assert result.exit_code == 0, [row for row in checks.values() if row["status"] == "fail"]
 

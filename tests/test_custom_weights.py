@@ -63,8 +63,11 @@ def test_own_weights_and_labels_classify_with_their_classes(fine_tuned, label_fi
     code, rows, stderr = _classify(*map(str, photos), "--weights", str(fine_tuned), "--labels",
                                    str(label_files["id_map"]), "-k", "7")
     assert code == 0, stderr
+    import hashlib
+
+    name = f"flowers_mixnet_s-{hashlib.sha256(fine_tuned.read_bytes()).hexdigest()[:7]}"
     for row in rows:
-        assert row["model"] == "MixNet_S"  # detected from the file's shapes
+        assert row["model"] == name and row["architecture"] == "MixNet_S"  # detected from the file's shapes
         assert sorted(p["class_id"] for p in row["predictions"]) == list(range(7))
         assert all(p["label"] == NAMES[p["class_id"]] for p in row["predictions"])
         assert sum(p["score"] for p in row["predictions"]) == pytest.approx(1.0, abs=1e-5)
@@ -219,4 +222,55 @@ def test_benchmark_times_own_weights(fine_tuned, isolated_home):
                                        "--warmup", "0", "--json"])
     assert result.exit_code == 0, result.output
     [row] = json.loads(result.stdout)
-    assert row["model"] == "MixNet_S" and row["median_ms"] > 0 and row["paddleclas_v100_trt_ms"] is None
+    assert row["model"].startswith("flowers_mixnet_s-") and row["architecture"] == "MixNet_S" and row["median_ms"] > 0 and row["paddleclas_v100_trt_ms"] is None
+
+
+def test_two_fine_tunes_are_told_apart_everywhere_and_keep_their_architecture(fine_tuned, label_files, photos,
+                                                                              isolated_home, tmp_path):
+    """Named by the weights (file stem and the first 7 hex digits of their sha256) in classify's JSON, CSV and
+    table, eval's summary and `cache list`; the architecture in a field of its own."""
+    import csv
+    import hashlib
+    import io
+    import pickle
+
+    from mixnet_cli.weights.pdparams import read_state_dict
+
+    state = read_state_dict(fine_tuned.read_bytes())
+    state["output.bias"] = state["output.bias"] + 0.5  # another fine-tune, saved under the same file name
+    other = tmp_path / "epoch9" / fine_tuned.name
+    other.parent.mkdir()
+    other.write_bytes(pickle.dumps(state, protocol=4))
+    names = [f"flowers_mixnet_s-{hashlib.sha256(p.read_bytes()).hexdigest()[:7]}" for p in (fine_tuned, other)]
+    assert names[0] != names[1]
+
+    image = str(photos[0])
+    for weights, name in zip((fine_tuned, other), names):
+        [row] = _classify(image, "--weights", str(weights))[1]
+        assert (row["model"], row["architecture"]) == (name, "MixNet_S")
+    table = CliRunner().invoke(main, ["classify", image, "--weights", str(fine_tuned)]).stdout
+    assert table.startswith(f"{image}  ({names[0]}, MixNet_S)\n")
+    rows = list(csv.DictReader(io.StringIO(CliRunner().invoke(
+        main, ["classify", image, "--weights", str(other), "--csv"]).stdout)))
+    assert {(row["model"], row["architecture"]) for row in rows} == {(names[1], "MixNet_S")}
+
+    listed = json.loads(CliRunner().invoke(main, ["cache", "list", "--json"]).stdout)
+    assert {(row["model"], row["architecture"]) for row in listed if row["kind"] == "onnx"} == \
+        {(name, "MixNet_S") for name in names}
+
+    # export: the ONNX file's metadata names it so, with its own labels.
+    import onnx
+
+    exported = CliRunner().invoke(main, ["export", "--weights", str(other), "--labels", str(label_files["plain"]),
+                                         "-o", str(tmp_path / "deploy")])
+    assert exported.exit_code == 0, exported.output
+    metadata = {entry.key: entry.value for entry in onnx.load(str(tmp_path / "deploy" / "MixNet_S.onnx")).metadata_props}
+    assert (metadata["model_name"], metadata["architecture"]) == (names[1], "MixNet_S")
+    assert json.loads(metadata["labels"]) == NAMES and metadata["num_classes"] == "7"
+
+    # eval, from a list file.
+    listing = tmp_path / "val.txt"
+    listing.write_text("".join(f"{photo} {index % 7}\n" for index, photo in enumerate(photos)))
+    summary = CliRunner().invoke(main, ["eval", "--list", str(listing), "--weights", str(other), "--json"])
+    assert summary.exit_code == 0, summary.output
+    assert (json.loads(summary.stdout)["model"], json.loads(summary.stdout)["architecture"]) == (names[1], "MixNet_S")

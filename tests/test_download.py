@@ -152,6 +152,24 @@ def test_a_connection_that_keeps_dropping_gives_up_then_the_next_run_resumes(ser
     assert_installed(isolated_home, weights_bytes)
 
 
+def test_a_download_says_so_in_one_line_without_a_terminal_and_so_does_a_resumed_one(server, isolated_home,
+                                                                                      weights_bytes):
+    """CliRunner's stderr is not a terminal (no progress bar): the one notice line is all a log shows."""
+    megabytes = f"{len(weights_bytes) / 1e6:.1f} MB"
+    server.faults.append(Fault(drop_after=300_000))
+    result = run("download", "S", "--mirror", server.url)
+    assert result.exit_code == 0, result.output
+    url = f"{server.url}{PATH}"
+    notices = [line for line in result.stderr.splitlines() if line.startswith("mixnet: ") and "weights" in line]
+    assert notices[0] == f"mixnet: downloading MixNet_S weights ({megabytes}) from {url}"
+    assert f"mixnet: resuming the download of MixNet_S weights at 0.3 of {megabytes} from {url}" in notices
+    assert "MixNet_S: downloaded (resumed) /" in result.stderr
+
+    # Cached: no download line at all.
+    again = run("download", "S", "--mirror", server.url)
+    assert again.exit_code == 0 and "downloading" not in again.stderr and "MixNet_S: cached /" in again.stderr
+
+
 def test_a_server_that_ignores_range_restarts_the_file_from_zero(server, isolated_home, weights_bytes):
     server.faults += [Fault(drop_after=200_000), Fault(ignore_range=True)]
     result = download(server)
@@ -445,6 +463,58 @@ def test_a_mirror_that_does_not_answer_gives_way_at_once_and_the_last_one_is_ret
     only_dead = run("download", "M", "--mirror", dead)
     assert_error(only_dead, "connection refused", "gave up after 2 attempts")
     assert "retrying in 0s (attempt 2 of 2)" in only_dead.stderr
+
+
+def _unresolvable_host() -> str:
+    """A host under .invalid (RFC 6761: never resolves); skip where this machine's resolver is slow to say so."""
+    import socket
+
+    host = "weights.mixnet.invalid"
+    started = time.monotonic()
+    try:
+        socket.getaddrinfo(host, 80)
+    except socket.gaierror:
+        pass
+    if time.monotonic() - started > 0.3:
+        pytest.skip("this machine's resolver takes long to fail a .invalid name")
+    return host
+
+
+def test_an_unknown_host_is_not_retried_and_the_error_says_what_to_do(server, isolated_home, weights_bytes,
+                                                                     monkeypatch):
+    monkeypatch.setenv("MIXNET_RETRIES", "5")  # the default: with its backoff, 16 s of waiting on a dead name
+    monkeypatch.setenv("MIXNET_BACKOFF", "1")
+    monkeypatch.setenv("MIXNET_BACKOFF_MAX", "8")
+    unknown = f"http://{_unresolvable_host()}"
+    started = time.monotonic()
+    result = run("download", "S", "--mirror", unknown)
+    elapsed = time.monotonic() - started
+    line = assert_error(result, f"unknown host {unknown[7:]}", "--mirror URL", "MIXNET_OFFLINE=1",
+                        "`mixnet download S --from FILE`")
+    assert "retrying" not in result.stderr and "gave up after" not in line
+    assert elapsed < 1, elapsed
+    assert_nothing_installed(isolated_home)
+
+    # With a mirror after it, the next one is tried at once.
+    started = time.monotonic()
+    result = run("download", "S", "--mirror", unknown, "--mirror", server.url)
+    assert result.exit_code == 0, result.output
+    assert "unknown host" in result.stderr and "trying the next mirror" in result.stderr
+    assert "retrying" not in result.stderr and time.monotonic() - started < 5
+    assert_installed(isolated_home, weights_bytes)
+
+
+def test_an_image_url_on_an_unknown_host_fails_at_once(monkeypatch):
+    from mixnet_cli.base.errors import UnknownHostError
+    from mixnet_cli.base.http import fetch_bytes
+
+    monkeypatch.setenv("MIXNET_RETRIES", "5")
+    monkeypatch.setenv("MIXNET_BACKOFF", "1")
+    url = f"http://{_unresolvable_host()}/cat.jpg"
+    started = time.monotonic()
+    with pytest.raises(UnknownHostError, match="unknown host weights.mixnet.invalid"):
+        fetch_bytes(url, max_bytes=1 << 20)
+    assert time.monotonic() - started < 1
 
 
 def test_when_every_mirror_fails_one_line_names_each(servers, isolated_home, weights_bytes):

@@ -99,6 +99,7 @@ def test_paddle_export_without_paddle_names_the_extra(tmp_path, random_mirror, m
     assert result.stderr.startswith("Error: ") and len(result.stderr.strip().splitlines()) == 1
     assert "paddleclas" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+    assert random_mirror.requests == [], "a missing extra is named before the weights are fetched"
 
 
 @pytest.mark.paddle
@@ -268,3 +269,50 @@ def test_where_the_pir_format_is_offered_its_memory_optim_failure_is_said():
     assert "enable_memory_optim()" in row and "need `paddle-legacy`" in row
     legacy = next(line for line in readme.splitlines() if line.startswith("| `paddle-legacy` |"))
     assert "Paddle Serving is untried" in legacy
+
+
+def test_export_defaults_to_onnx_that_describes_itself_and_with_softmax_gives_probabilities(
+        onnx_export, calibrated_mirror, tmp_path):
+    """Without --format the export is ONNX; the file carries its labels, preprocessing and name in metadata_props;
+    --with-softmax ends it in a softmax that ONNX Runtime runs to the softmax of the plain export's logits."""
+    import json
+
+    import onnx
+    import onnxruntime
+
+    from mixnet_cli.base.manifest import resolve_model
+    from mixnet_cli.images.labels import imagenet_labels
+
+    _, plain_dir = onnx_export
+    out = tmp_path / "softmax"
+    result = CliRunner().invoke(main, ["export", "S", "--with-softmax", "-o", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [str(out / "MixNet_S.onnx")]
+    assert "with a softmax" in result.stderr and "Output: probabilities N x 1000" in result.stderr
+
+    spec = resolve_model("S")
+    for directory, output in ((plain_dir, "logits"), (out, "probabilities")):
+        model = onnx.load(str(directory / "MixNet_S.onnx"))
+        metadata = {entry.key: entry.value for entry in model.metadata_props}
+        assert metadata["model_name"] == "MixNet_S" and metadata["architecture"] == "MixNet_S"
+        assert metadata["output"] == output and [v.name for v in model.graph.output] == [output]
+        assert json.loads(metadata["labels"]) == list(imagenet_labels()) and metadata["num_classes"] == "1000"
+        pre = json.loads(metadata["preprocessing"])
+        assert pre == {"resize_short": spec.preprocessing.resize_short, "crop_size": spec.preprocessing.crop_size,
+                       "interpolation": spec.preprocessing.interpolation, "color_order": "RGB",
+                       "scale": spec.preprocessing.scale, "mean": list(spec.preprocessing.mean),
+                       "std": list(spec.preprocessing.std), "layout": "NCHW", "dtype": "float32"}
+
+    batch = np.random.default_rng(1).uniform(-2, 2, (2, 3, 224, 224)).astype(np.float32)
+    run = lambda path: onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"x": batch})[0]
+    logits = run(plain_dir / "MixNet_S.onnx")
+    probabilities = run(out / "MixNet_S.onnx")
+    assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+    assert np.abs(probabilities - _softmax(logits.astype(np.float64))).max() < 1e-6
+
+
+def test_with_softmax_is_for_onnx_alone(tmp_path, random_mirror):
+    result = CliRunner().invoke(main, ["export", "S", "--format", "paddle-legacy", "--with-softmax", "-o", str(tmp_path)])
+    assert result.exit_code == 2 and "--with-softmax is for --format onnx" in result.stderr
+    assert "probabilities already" in result.stderr and random_mirror.requests == []

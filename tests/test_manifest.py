@@ -71,5 +71,9 @@ def test_a_published_checksum_is_accepted():
 def test_unknown_name_lists_the_valid_ones():
     with pytest.raises(UnknownModelError) as caught:
         resolve_model("mixnet_xl")
-    assert str(caught.value) == "unknown model 'mixnet_xl': choose one of S (MixNet_S), M (MixNet_M), L (MixNet_L)"
+    assert str(caught.value) == ("unknown model 'mixnet_xl': did you mean MixNet_L? choose one of S (MixNet_S), "
+                                 "M (MixNet_M), L (MixNet_L)")
+    with pytest.raises(UnknownModelError) as caught:
+        resolve_model("resnet50")  # nothing close: no guess
+    assert str(caught.value) == "unknown model 'resnet50': choose one of S (MixNet_S), M (MixNet_M), L (MixNet_L)"
     assert resolve_model(" l ").name == "MixNet_L"

@@ -297,8 +297,10 @@ def test_without_the_extra_the_command_says_what_to_install(tmp_path, image_set,
                                 catch_exceptions=False)
     assert result.exit_code == 1, result.output
     lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith('Error: the Ray route needs the [ray] extra: pip install '
-                                                   '"mixnet-cli[ray]"'), result.stderr
+    from mixnet_cli.base.third_party import install_hint
+
+    assert len(lines) == 1 and lines[0].startswith(f"Error: the Ray route needs the [ray] extra: {install_hint('ray')}"), \
+        result.stderr
 
 
 def test_weights_that_cannot_be_had_stop_a_local_job_before_ray_starts(tmp_path, image_set):

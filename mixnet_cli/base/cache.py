@@ -263,11 +263,14 @@ class CacheItem:
     source: str | None
     fetched_at: str | None
     path: Path
+    # The network (MixNet_S...): ``model`` itself for released weights; for a model converted from a fine-tune,
+    # ``model`` is the fine-tune's name (my_flowers-3fa2c1d) and this its architecture.
+    architecture: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         row = asdict(self)
         row["path"] = str(self.path)
-        return row
+        return {"model": row.pop("model"), "architecture": row.pop("architecture") or self.model, **row}
 
 
 def _mtime_iso(path: Path) -> str:
@@ -379,12 +382,14 @@ def converted_items() -> list[CacheItem]:
             continue
         for directory in sorted(p for p in root.iterdir() if p.is_dir() and _is_sha256(p.name)):
             record = read_directory_record(directory)
-            model = record.get("model") if record else None
+            architecture = record.get("model") if record else None
+            model = (record.get("weights_name") or architecture) if record else None
             status = "n/a"
             if kind != "openvino":
                 status = "verified" if directory_problem(directory, record) is None else "corrupt"
             items.append(CacheItem(model if isinstance(model, str) else None, folder, status, _tree_size(directory),
-                                   None, f"converted from weights {directory.name[:12]}", None, directory))
+                                   None, f"converted from weights {directory.name[:12]}", None, directory,
+                                   architecture if isinstance(architecture, str) else None))
     return items
 
 
@@ -392,15 +397,16 @@ def inventory() -> list[CacheItem]:
     """Everything the cache holds for people to see: weights files (each checked against its record), partial
     downloads, and converted models (named by the model of the weights they were made from)."""
     rows = list_entries()
-    model_of = {row.sha256: row.model for row in rows if row.sha256}
+    model_of = {row.sha256: (row.model, row.architecture) for row in rows if row.sha256}
     converted = converted_items()
     # OpenVINO's folders keep no record: their model is that of the weights they are named by, or, for weights
     # not in the cache (your own, --weights), the one the record of a folder converted from the same weights names.
     for item in converted:
         if item.model:
-            model_of.setdefault(item.path.name, item.model)
+            model_of.setdefault(item.path.name, (item.model, item.architecture))
     for item in converted:
-        rows.append(item if item.model else replace(item, model=model_of.get(item.path.name)))
+        model, architecture = model_of.get(item.path.name, (None, None))
+        rows.append(item if item.model else replace(item, model=model, architecture=architecture))
     return rows
 
 

@@ -60,6 +60,10 @@ class DownloadError(MixnetError, ConnectionError):
     """Weights could not be fetched: network down, server error, timeout."""
 
 
+class UnknownHostError(DownloadError):
+    """A URL's host name does not resolve: not a failure that passes with a retry (a typo, no DNS, no network)."""
+
+
 class OfflineError(DownloadError):
     """A download was needed but offline mode forbids the network."""
 

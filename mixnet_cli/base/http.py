@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import settings
-from .errors import DownloadError, UsageError
+from .errors import DownloadError, UnknownHostError, UsageError
 
 _CHUNK = 1 << 16
 
@@ -67,7 +67,8 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
 
 class Retryable(Exception):
     """A failure worth another attempt: network trouble, a timeout, HTTP 429 or 5xx. ``unreachable``: nothing
-    answered at all (connection refused, unknown host), which with another source to try is not worth a wait."""
+    answered at all (connection refused), which with another source to try is not worth a wait. (A host name that
+    does not resolve is no Retryable: :func:`unknown_host`.)"""
 
     def __init__(self, message: str, retry_after: float | None = None, *, unreachable: bool = False) -> None:
         super().__init__(message)
@@ -101,7 +102,8 @@ def fetch_bytes(url: str, *, max_bytes: int, deadline_s: float | None = None) ->
 
     The weights' HTTP layer: the same requests code and retry rules (a session of its own per fetch, since each
     runs in a watched thread of its own), ``MIXNET_TIMEOUT`` for each connect and read, ``MIXNET_RETRIES`` with
-    backoff for failures that may pass (timeouts, dropped connections, HTTP 429 and 5xx). All of it within
+    backoff for failures that may pass (timeouts, dropped connections, HTTP 429 and 5xx; not a host name that
+    does not resolve, :class:`UnknownHostError` at once). All of it within
     ``deadline_s`` seconds (default ``MIXNET_URL_DEADLINE``): a server that sends a byte now and then, never
     idle long enough for a read timeout, is cut off there. Raises :class:`DeadlinePassed` at the deadline,
     :class:`ResponseTooLarge` past ``max_bytes`` (declared or received), :class:`DownloadError` otherwise.
@@ -173,6 +175,8 @@ def _fetch_bytes_once(url: str, max_bytes: int, end: float, deadline: float) -> 
     except requests.RequestException as exc:
         if time.monotonic() >= end:
             raise past_deadline() from None
+        if host_not_found(exc):
+            raise unknown_host(url) from None
         unreachable = isinstance(exc, requests.ConnectionError) and not isinstance(exc, requests.Timeout)
         raise Retryable(f"cannot reach {url} ({failure_reason(exc, timeout)})", unreachable=unreachable) from None
     with response:
@@ -200,6 +204,35 @@ def _fetch_bytes_once(url: str, max_bytes: int, end: float, deadline: float) -> 
                 raise past_deadline() from None
             raise Retryable(f"download of {url} broke off after {size} bytes ({failure_reason(exc, timeout)})") from None
     return b"".join(received)
+
+
+def host_not_found(exc: BaseException) -> bool:
+    """Whether ``exc`` (a requests or urllib3 error) is a failure to resolve the host name: a name that does not
+    exist (``.invalid``, a typo) or a resolver that cannot be reached at all (no network). Neither passes in the
+    seconds a retry waits, so it is not retried."""
+    import socket
+
+    seen: set[int] = set()
+    pending: list[Any] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, socket.gaierror) or type(current).__name__ == "NameResolutionError":
+            return True
+        if isinstance(current, BaseException):
+            # requests wraps urllib3's MaxRetryError (its reason the resolution error) in its first argument.
+            pending += [current.__cause__, current.__context__, getattr(current, "reason", None),
+                        *[arg for arg in current.args if isinstance(arg, BaseException)]]
+    return False
+
+
+def unknown_host(url: str) -> UnknownHostError:
+    """The error for ``url`` whose host does not resolve, said once and not retried."""
+    host = urlsplit(url).hostname or url
+    return UnknownHostError(f"cannot reach {url} (unknown host {host}: the name does not resolve; check its "
+                            "spelling and the network)")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -63,6 +63,15 @@ class ModelSpec:
     num_classes: int = 1000
     # A fine-tuned file the user gave (``--weights``): then ``url`` is that file's URI and the metrics are not its.
     custom: bool = False
+    # A fine-tuned file's own name, from the file: its stem and the first 7 hex digits of its sha256
+    # (``my_flowers-3fa2c1d``), so two fine-tunes of one architecture can be told apart. None for released weights.
+    weights_name: str | None = None
+
+    @property
+    def display_name(self) -> str:
+        """What results call this model: the released model's name (``MixNet_S``), or a fine-tune's
+        ``weights_name``; ``name`` stays the architecture's."""
+        return self.weights_name or self.name
 
     @property
     def short_name(self) -> str:
@@ -208,4 +217,16 @@ def resolve_model(name: str) -> ModelSpec:
     valid = ", ".join(
         f"{spec.short_name} ({spec.name})" for spec in manifest.models.values()
     )
-    raise UnknownModelError(f"unknown model '{name}': choose one of {valid}")
+    guess = _closest_model(wanted, manifest)
+    hint = f"did you mean {guess}? " if guess else ""
+    raise UnknownModelError(f"unknown model '{name}': {hint}choose one of {valid}")
+
+
+def _closest_model(wanted: str, manifest: Manifest) -> str | None:
+    """The model name ``wanted`` most likely misspells (``mixnetl``, ``mixnet_x_l``, ``mixnet-ss``), or None.
+    Full names only: a one-letter name is close to any other one-letter name."""
+    import difflib
+
+    squashed = {spec.name.lower().replace("_", ""): spec.name for spec in manifest.models.values()}
+    match = difflib.get_close_matches(wanted.replace("_", ""), list(squashed), n=1, cutoff=0.75)
+    return squashed[match[0]] if match else None

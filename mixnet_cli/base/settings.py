@@ -124,7 +124,8 @@ def url_deadline() -> float:
 def download_retries() -> int:
     """How many times a failed download is retried (``MIXNET_RETRIES``, default 4; 0 disables retries).
 
-    Retried: connection failures, timeouts, HTTP 429 and 5xx. Each retry resumes where the last one stopped.
+    Retried: connection failures, timeouts, HTTP 429 and 5xx (not a host name that does not resolve). Each retry
+    resumes where the last one stopped.
     """
     return int(_number("MIXNET_RETRIES", 4, 0))
 

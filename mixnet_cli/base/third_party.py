@@ -18,8 +18,9 @@ import sys
 import tempfile
 import threading
 import warnings
+from pathlib import Path
 from types import ModuleType
-from typing import Iterator
+from typing import Any, Iterator
 
 
 def _writable(directory: "os.PathLike[str]") -> bool:
@@ -137,7 +138,62 @@ def _skip_openvino_converter(module: str) -> ModuleType:
             del sys.modules["openvino.tools.ovc"]
 
 
-PADDLE_EXTRA = 'pip install "mixnet-cli[paddle]"'
+def install_command(extra: str | None = None, *, direct_url: dict[str, Any] | None = None, installed: bool = True,
+                    checkout: Path | None = None) -> str:
+    """The ``pip install`` line that gives mixnet-cli with ``extra`` from where this copy came (PEP 610's
+    ``direct_url.json``, ``direct_url``): its checkout directory (``-e`` if it was editable), the Git URL and commit,
+    or the wheel or archive URL. Installed without one (from an index), the index form; not installed at all (run
+    from a checkout on ``PYTHONPATH``), that ``checkout``; knowing neither, both forms."""
+    from urllib.parse import unquote, urlsplit
+
+    suffix = f"[{extra}]" if extra else ""
+    if direct_url and direct_url.get("url"):
+        url = str(direct_url["url"])
+        if "dir_info" in direct_url and url.startswith("file:"):
+            editable = "-e " if direct_url["dir_info"].get("editable") else ""
+            return f'pip install {editable}"{unquote(urlsplit(url).path)}{suffix}"'
+        if "vcs_info" in direct_url:
+            vcs = direct_url["vcs_info"]
+            commit = f"@{vcs['commit_id']}" if vcs.get("commit_id") else ""
+            return f'pip install "mixnet-cli{suffix} @ {vcs.get("vcs", "git")}+{url}{commit}"'
+        return f'pip install "mixnet-cli{suffix} @ {url}"'
+    if installed:
+        return f'pip install "mixnet-cli{suffix}"'
+    if checkout is not None:
+        return f'pip install "{checkout}{suffix}"'
+    return f'pip install "/path/to/mixnet-cli{suffix}" (a checkout), or pip install "mixnet-cli{suffix}" from an index that has it'
+
+
+def install_hint(extra: str | None = None) -> str:
+    """:func:`install_command` for this copy of mixnet-cli (its metadata read, nothing imported)."""
+    import json
+    from importlib import metadata
+
+    try:
+        distribution = metadata.distribution("mixnet-cli")
+    except metadata.PackageNotFoundError:
+        root = Path(__file__).resolve().parents[2]
+        return install_command(extra, installed=False,
+                               checkout=root if (root / "pyproject.toml").is_file() else None)
+    try:
+        direct_url = json.loads(distribution.read_text("direct_url.json") or "null")
+    except (OSError, ValueError):
+        direct_url = None
+    return install_command(extra, direct_url=direct_url if isinstance(direct_url, dict) else None)
+
+
+def torch_install_hint() -> str:
+    """How to get the torch engine, and, where no NVIDIA GPU is visible, why a CPU is better served without it:
+    torch from PyPI brings its CUDA wheels (gigabytes), and ONNX Runtime, the default, is faster on a CPU."""
+    if Path("/dev/nvidiactl").exists() or sys.platform == "win32":
+        return f"{install_hint('torch')} (for a GPU, a CUDA build of torch: see pytorch.org)"
+    return (f"not needed on a CPU: ONNX Runtime (the default) is faster there; {install_hint('torch')} pulls "
+            "torch's CUDA wheels, gigabytes, on Linux (for its CPU build, first: pip install torch --index-url "
+            "https://download.pytorch.org/whl/cpu)")
+
+
+def paddle_install_hint() -> str:
+    return install_hint("paddle")
 
 
 def module_installed(module: str) -> bool:
@@ -168,8 +224,8 @@ def paddle_missing() -> str | None:
     what = " and ".join(missing)
     if "paddleclas" in missing and sys.version_info >= (3, 12):
         return (f"{what}, which need Python 3.10 or 3.11 (paddleclas 2.6.0 pins numpy 1.24.4, which has no wheels "
-                f"for Python 3.12+): in a Python 3.11 environment, {PADDLE_EXTRA}")
-    return f"{what}: {PADDLE_EXTRA}"
+                f"for Python 3.12+): in a Python 3.11 environment, {paddle_install_hint()}")
+    return f"{what}: {paddle_install_hint()}"
 
 
 def require_paddle(purpose: str) -> None:

@@ -38,9 +38,12 @@ from .common import (
               "model by model (default MixNet_S; with --weights, the one architecture of that file, read from it).")
 @custom_weights_options
 @click.option("-k", "--topk", default=None, type=click.IntRange(1), metavar="N",
-              help="How many labels per image (default 5, or every class of a model with fewer).")
-@output_options
-@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True, allow_dash=True), help="Write results to this file instead of stdout.")
+              help="How many labels per image (default 5, or every class of a model with fewer; more than the model's "
+              "classes gives them all, with a notice).")
+@output_options(output_file=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True, allow_dash=True),
+              help="Write results to this file instead of stdout, in the format its extension names (.json, .jsonl, "
+              ".csv) unless a format flag says otherwise.")
 @click.option("--embed", is_flag=True,
               help="Also give each image's pooled features (1536 floats, what the classifier reads) in the JSON "
               "objects, for retrieval and clustering (--json or --jsonl).")
@@ -69,7 +72,9 @@ from .common import (
               help="Classify through a running `mixnet serve` at URL (http://127.0.0.1:8080) instead of loading the "
               "model here; the output is the same (the service's own --device, --engine and weights apply).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but the results (no progress, no per-image errors on stderr).")
-@click.option("-v", "--verbose", is_flag=True, help="Say on stderr which model, weights, device and engine ran.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Say on stderr which model, weights (and whether they were downloaded now, resumed or found in "
+              "the cache), device and engine ran.")
 @user_errors
 def classify(
     images: tuple[str, ...],
@@ -153,8 +158,8 @@ def classify(
     if all(item.problem is not None for item in items):
         # Nothing here can be classified (missing files, empty directories, globs matching nothing): say so now,
         # not after a download and a conversion, and not a network error in its place when offline.
-        known = [ClassificationResult(input=item.name, model=resolve_model(model or "MixNet_S").name,
-                                      error=item.problem) for model in model_names for item in items]
+        known = [ClassificationResult(input=item.name, model=spec.name, error=item.problem, architecture=spec.name)
+                 for spec in (resolve_model(model or "MixNet_S") for model in model_names) for item in items]
         with open_output(output) as stream:
             write_classifications((result.to_dict() for result in known), fmt, stream)
         if not quiet:
@@ -216,6 +221,13 @@ def classify(
         sys.exit(1)
 
 
+# What -v says of where the weights came from (VerifiedWeights.how).
+_WEIGHTS_HOW = {"cached": "found in the cache", "downloaded": "downloaded now",
+                "downloaded (resumed)": "downloaded now, resuming an earlier partial download",
+                "downloaded by another mixnet process": "downloaded by another mixnet process",
+                "yours": "your file, used where it is"}
+
+
 def _results_of_each_model(model_names: list[str | None], items: list[Any], *, server: str | None, topk: int | None,
                            batch_size: int, verbose: bool, load: Callable[[str | None], Any],
                            loaded: list[Any]) -> Iterator[tuple[dict[str, Any], Any]]:
@@ -237,7 +249,10 @@ def _results_of_each_model(model_names: list[str | None], items: list[Any], *, s
             weights = classifier.weights
             engine = classifier.engine_for(len(items), batch_size)
             click.echo(
-                f"model {classifier.model_name}, weights {weights.path} (sha256 {weights.record.sha256[:12]}), "
+                f"model {classifier.model_name}"
+                + (f" ({classifier.architecture})" if classifier.architecture != classifier.model_name else "")
+                + f", weights {weights.path} ({_WEIGHTS_HOW.get(weights.how, weights.how)}, "
+                f"sha256 {weights.record.sha256[:12]}), "
                 f"device {classifier.device_choice.device} ({classifier.device_choice.reason}), "
                 f"engine {engine.name} ({engine.detail}; {classifier.engine_choice.engine_reason}), "
                 f"{len(items)} image(s)",

@@ -130,23 +130,56 @@ def complete_models(ctx: click.Context, param: click.Parameter, incomplete: str)
     return complete_model(ctx, param, incomplete) + (["all"] if "all".startswith(incomplete.lower()) else [])
 
 
+# The format a results file's extension names, when no format flag says otherwise (-o results.csv).
+FORMAT_BY_EXTENSION = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}
+
+
+def output_format(chosen: Sequence[str], output: str | None) -> str:
+    """The output format from the format flags given (``--format X``, ``--json``, ``--jsonl``, ``--csv``) and
+    ``-o``: the flags when they agree, else the extension of ``-o`` when it is a known one (``.json``, ``.jsonl``,
+    ``.csv``), else ``table``. Two different formats asked for are a :class:`UsageError`."""
+    wanted = list(dict.fromkeys(chosen))
+    if len(wanted) > 1:
+        raise UsageError(f"{' and '.join('--' + name for name in wanted)} ask for different output formats: "
+                         "give one")
+    if wanted:
+        return wanted[0]
+    if output not in (None, "-"):
+        return FORMAT_BY_EXTENSION.get(Path(str(output)).suffix.lower(), "table")
+    return "table"
+
+
 def output_options(func: F | None = None, *, json_help: str = "One JSON array (same as --format json).",
-                   jsonl_help: str = "One JSON object per line, printed as each finishes.") -> Any:
+                   jsonl_help: str = "One JSON object per line, printed as each finishes.",
+                   output_file: bool = False) -> Any:
     """The same output flags on every command that prints rows (``@output_options``, or with its own words for
-    what JSON and JSON lines hold: ``@output_options(json_help=...)``)."""
+    what JSON and JSON lines hold: ``@output_options(json_help=...)``). The command receives ``fmt``: what the
+    flags ask for (two different ones are a usage error), else, for a command with ``-o``, the format its
+    extension names, else ``table`` (:func:`output_format`). ``output_file``: the command has ``-o FILE``
+    (its help says so)."""
 
     def decorate(func: F) -> F:
-        func = click.option("--csv", "fmt", flag_value="csv", help="CSV with a header line (same as --format csv).")(func)
-        func = click.option("--jsonl", "fmt", flag_value="jsonl", help=jsonl_help)(func)
-        func = click.option("--json", "fmt", flag_value="json", help=json_help)(func)
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            flags = [kwargs.pop("fmt_format")] + [name for name in FORMATS if kwargs.pop(f"fmt_{name}", False)]
+            try:
+                kwargs["fmt"] = output_format([flag for flag in flags if flag], kwargs.get("output"))
+            except UsageError as exc:
+                raise click.UsageError(str(exc)) from None
+            return func(*args, **kwargs)
+
+        wrapped: Any = wrapper
+        wrapped = click.option("--csv", "fmt_csv", is_flag=True, help="CSV with a header line (same as --format csv).")(wrapped)
+        wrapped = click.option("--jsonl", "fmt_jsonl", is_flag=True, help=jsonl_help)(wrapped)
+        wrapped = click.option("--json", "fmt_json", is_flag=True, help=json_help)(wrapped)
         return click.option(
             "--format",
-            "fmt",
+            "fmt_format",
             type=click.Choice(list(FORMATS)),
-            default="table",
-            show_default=True,
-            help="Output format.",
-        )(func)
+            default=None,
+            help="Output format (default table, or with -o the one its extension names: .json, .jsonl, .csv)."
+            if output_file else "Output format (default table).",
+        )(wrapped)
 
     return decorate(func) if func is not None else decorate
 
@@ -184,7 +217,7 @@ def device_option(func: F) -> F:
         shell_complete=_complete_device,
         metavar="auto|cpu|gpu|gpu:N",
         help=f"Where to run: a GPU when {gpu_engines_help()} is installed and sees one, else the CPU (default "
-        "auto; MIXNET_DEVICE).",
+        "auto; MIXNET_DEVICE). cuda and cuda:N mean gpu and gpu:N.",
     )(func)
 
 

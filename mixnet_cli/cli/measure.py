@@ -42,9 +42,11 @@ def doctor(fmt: str) -> None:
     \b
       mixnet doctor
       mixnet doctor --json
+
+    The table fits the terminal's width (80 columns when stdout is not a terminal); a hint is on a line of its own.
     """
     from ..doctor import run_checks
-    from ..output import write_rows
+    from ..output import checks_table, write_rows
 
     failed = 0
 
@@ -54,7 +56,14 @@ def doctor(fmt: str) -> None:
             failed += check.status == "fail"
             yield check.to_dict()
 
-    write_rows(rows(), fmt, click.get_text_stream("stdout"), headers=["check", "value", "status", "hint"])
+    stdout = click.get_text_stream("stdout")
+    if fmt == "table":
+        import shutil
+
+        width = shutil.get_terminal_size((80, 24)).columns if stdout.isatty() else 80
+        checks_table(rows(), stdout, width)
+    else:
+        write_rows(rows(), fmt, stdout, headers=["check", "value", "status", "hint"])
     if failed:
         sys.exit(1)
 
@@ -156,7 +165,7 @@ def evaluate_command(
     if fmt == "json":
         stdout.write(json.dumps(summary.to_dict()) + "\n")
     else:
-        row = {"model": summary.model, "images": summary.images, "failed": summary.failed,
+        row = {"model": summary.model, "architecture": summary.architecture or summary.model, "images": summary.images, "failed": summary.failed,
                "top1 %": f"{summary.top1 * 100:.2f}", "top5 %": f"{summary.top5 * 100:.2f}",
                "images/s": f"{summary.images_per_s:.1f}"}
         # With JSON lines on stdout (the mistakes), the summary table goes to stderr.
@@ -264,6 +273,7 @@ def benchmark(
                                           warmup=warmup, repeats=repeats)
                 yield {
                     "model": name,
+                    "architecture": classifier.architecture,
                     "engine": runner.name,
                     "device": runner.device,
                     "threads": runner.threads,

@@ -140,14 +140,16 @@ def cache_group() -> None:
     """
 
 
-_CACHE_COLUMNS = ["model", "kind", "status", "size", "sha256", "source", "fetched_at"]
+_CACHE_COLUMNS = ["model", "architecture", "kind", "status", "size", "sha256", "source", "fetched_at"]
 
 
 @cache_group.command("list", context_settings=CONTEXT_SETTINGS)
 @output_options
 @user_errors
 def cache_list(fmt: str) -> None:
-    """List the cached weights (and the models converted from them): model, kind, status, size, sha256, source, when.
+    """List the cached weights (and the models converted from them): model, architecture, kind, status, size,
+    sha256, source, when. A model converted from your own weights (--weights) is named by them
+    (my_flowers-3fa2c1d: the file's stem and its sha256's first digits).
 
     \b
       mixnet cache list
@@ -255,9 +257,10 @@ Input "x": float32 N x 3 x {size} x {size}, preprocessed as `mixnet classify` do
     "onnx": """Use it with ONNX Runtime (or any ONNX runtime):
   import onnxruntime as ort
   session = ort.InferenceSession("{dir}/{name}.onnx")
-  logits = session.run(None, {{"x": batch}})[0]
+  {output} = session.run(None, {{"x": batch}})[0]
 Input "x": float32 N x 3 x {size} x {size}, preprocessed as `mixnet classify` does (resize short side {resize}, centre crop {size},
-/255, mean {mean}, std {std}, RGB, CHW). Output: logits N x {classes} (apply softmax for probabilities).""",
+/255, mean {mean}, std {std}, RGB, CHW). Output: {output_words}.
+The file describes itself: onnx.load("{dir}/{name}.onnx").metadata_props holds model_name, labels and preprocessing.""",
 }
 
 
@@ -265,53 +268,78 @@ Input "x": float32 N x 3 x {size} x {size}, preprocessed as `mixnet classify` do
 @click.argument("model", metavar="MODEL", required=False, shell_complete=complete_model)
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Export your own fine-tuned MixNet (.pdparams) instead of MODEL's released weights.")
-@click.option("--format", "fmt", type=click.Choice(["paddle", "paddle-legacy", "onnx"]), required=True,
-              help="paddle: a Paddle 3 inference model (inference.json + inference.pdiparams), for Paddle Inference 3 "
-                   "clients that do not call enable_memory_optim() (paddle 3.3.1 fails on it then; PaddleClas's tools "
-                   "do call it); paddle-legacy: the format PaddleClas's tools, Paddle Lite's opt and Paddle Inference "
-                   "< 3 read (inference.pdmodel + inference.pdiparams, softmax output); onnx: an ONNX model.")
+@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Class names for --weights, written into the ONNX model's metadata (as for classify; default: "
+              "ImageNet's for 1000 classes, else the class ids).")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "paddle", "paddle-legacy"]), default="onnx",
+              show_default=True,
+              help="onnx: an ONNX model that carries its labels and preprocessing in its metadata; paddle: a Paddle 3 "
+                   "inference model (inference.json + inference.pdiparams); paddle-legacy: the format PaddleClas's "
+                   "tools, Paddle Lite's opt and Paddle Inference < 3 read (inference.pdmodel + inference.pdiparams, "
+                   "softmax output).")
+@click.option("--with-softmax", is_flag=True,
+              help="ONNX only: end the model in a softmax, so that it outputs probabilities (for tools that print "
+              "its output as scores, such as PaddleClas's ONNX mode) instead of logits.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to write the model into (created if needed).")
 @network_options
 @user_errors
-def export_command(model: str | None, weights: Path | None, fmt: str, out_dir: Path, mirrors: tuple[str, ...],
-                   offline: bool | None) -> None:
-    """Export MODEL (S, M, L) for deployment: a Paddle inference model or an ONNX model.
+def export_command(model: str | None, weights: Path | None, labels: Path | None, fmt: str, with_softmax: bool,
+                   out_dir: Path, mirrors: tuple[str, ...], offline: bool | None) -> None:
+    """Export MODEL (S, M, L) for deployment: an ONNX model (the default) or a Paddle inference model.
 
     \b
+      mixnet export L -o models/
+      mixnet export S --with-softmax -o models/
       mixnet export S --format paddle -o mixnet_s_infer/
       mixnet export S --format paddle-legacy -o MixNet_S_infer/
-      mixnet export L --format onnx -o models/
 
     The ONNX model is mixnet's own graph of the network (no paddle needed); the paddle formats need the
     [paddle] extra. The export is checked before it is written: loaded back from the output directory and run
     on a test batch, it must give the reference's logits (or, for paddle-legacy, whose output is probabilities,
     their softmax). Prints the files written (stdout) and how to use them (stderr).
     """
+    from ..base.third_party import require_paddle
+    from ..engines.conversion import FORMATS
     from ..export import check_output_directory, export_to_directory
     from ..base.manifest import resolve_model
+    from ..images.labels import imagenet_labels, read_label_file
     from ..weights.store import custom_weights, ensure_weights
 
     if model is None and weights is None:
         raise UsageError("name the MODEL to export (S, M or L), or give --weights FILE")
+    if labels is not None and weights is None:
+        raise UsageError("--labels names the classes of --weights; the released models' are ImageNet's")
+    if with_softmax and fmt != "onnx":
+        raise UsageError(f"--with-softmax is for --format onnx (--format {fmt} " + (
+            "outputs probabilities already)" if fmt == "paddle-legacy" else "outputs logits)"))
     named = resolve_model(model) if model is not None else None
     check_output_directory(out_dir)  # before any download or conversion
+    if FORMATS[fmt].needs_paddle:
+        require_paddle(f"the {FORMATS[fmt].label} model")  # and a missing extra before the weights are fetched
     verified = custom_weights(weights, named) if weights is not None else \
         ensure_weights(named, mirrors=mirrors or None, offline=offline)  # type: ignore[arg-type]
     spec = verified.spec
-    written, check = export_to_directory(spec, verified.path, verified.record.sha256, fmt, out_dir)
+    names = read_label_file(labels, spec.num_classes) if labels is not None else \
+        imagenet_labels() if spec.num_classes == 1000 else None
+    written, check = export_to_directory(spec, verified.path, verified.record.sha256, fmt, out_dir, labels=names,
+                                         with_softmax=with_softmax)
     for path in written:
         click.echo(str(path))
     pre = spec.preprocessing
     logits = ("logit", check["max_abs_logit_diff"]) if "max_abs_logit_diff" in check else \
         ("log-probability", check["max_abs_log_probability_diff"])
     click.echo(
-        f"{spec.name} exported as {fmt} to {out_dir}: loaded back and checked against {check['reference'] or 'the reference'} "
+        f"{spec.display_name} exported as {fmt}{' with a softmax' if with_softmax else ''} to {out_dir}: loaded back and checked against {check['reference'] or 'the reference'} "
         f"(max {logits[0]} difference {logits[1]:.2g}, probabilities {check['max_abs_probability_diff']:.2g}).",
         err=True,
     )
     click.echo(
         _EXPORT_USAGE[fmt].format(dir=out_dir, name=spec.name, lite_name=spec.name.lower(), size=pre.crop_size, resize=pre.resize_short,
-                                  mean=list(pre.mean), std=list(pre.std), classes=spec.num_classes),
+                                  mean=list(pre.mean), std=list(pre.std), classes=spec.num_classes,
+                                  output="probabilities" if with_softmax else "logits",
+                                  output_words=f"probabilities N x {spec.num_classes} (a softmax last)" if with_softmax
+                                  else f"logits N x {spec.num_classes} (apply softmax for probabilities, or export "
+                                  "--with-softmax)"),
         err=True,
     )

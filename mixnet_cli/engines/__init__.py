@@ -24,7 +24,9 @@ class EngineInfo:
     """What an engine is, for people and for checks.
 
     ``name`` is what ``--engine`` takes, ``aliases`` other names it answers to; ``devices`` says where it runs,
-    ``summary`` what it is, ``install`` what to run when it is missing, ``requires`` the modules it needs.
+    ``summary`` what it is, ``install`` what to run when it is missing (``extra``: mixnet-cli's extra that brings
+    it, whose install line depends on where mixnet-cli came from: :meth:`install_line`), ``requires`` the modules
+    it needs.
     ``cpu_rank`` and ``gpu_rank`` order it for ``auto`` (lower first; None: ``auto`` never picks it there).
     ``precisions`` are the arithmetic it offers (``--precision``; fp32 first, the only one held to the reference);
     ``compiles``: it can compile the network for ``benchmark --compile``.
@@ -44,6 +46,16 @@ class EngineInfo:
     gpu_rank: int | None = None
     precisions: tuple[str, ...] = ("fp32",)
     compiles: bool = False  # benchmark --compile: it can compile the network (torch.compile)
+    extra: str | None = None
+
+    def install_line(self) -> str:
+        """What to run to get this engine: ``install``, or the install line of mixnet-cli's ``extra`` for this copy
+        (torch's says, on a machine without an NVIDIA GPU, that ONNX Runtime is faster on a CPU)."""
+        from ..base.third_party import install_hint, torch_install_hint
+
+        if self.extra == "torch":
+            return torch_install_hint()
+        return install_hint(self.extra) if self.extra else self.install
 
     def missing(self) -> str | None:
         """What is not installed for this engine (None: it can run), found without importing anything."""
@@ -54,7 +66,7 @@ class EngineInfo:
         from ..base.third_party import module_installed
 
         absent = [module for module in self.requires if not module_installed(module)]
-        return f"{' and '.join(absent)}: {self.install}" if absent else None
+        return f"{' and '.join(absent)}: {self.install_line()}" if absent else None
 
     def load(self) -> ModuleType:
         """The module that builds this engine (imported on first use)."""
@@ -110,8 +122,7 @@ register(EngineInfo(
 register(EngineInfo(
     "paddle", ("paddle-inference",), "cpu, gpu (with paddlepaddle-gpu)",
     "Paddle Inference on a paddle.jit.save model of paddleclas's network (oneDNN on the CPU; CUDA, TensorRT)",
-    'pip install "mixnet-cli[paddle]"', ("paddle", "paddleclas"), "mixnet_cli.engines.paddle_inference",
-    cpu_rank=2, gpu_rank=2))
+    "", ("paddle", "paddleclas"), "mixnet_cli.engines.paddle_inference", cpu_rank=2, gpu_rank=2, extra="paddle"))
 # PyTorch first on a GPU: the CUDA build most GPU machines already have, and the only engine here that replays the
 # whole forward pass as one CUDA graph (MixNet's hundred small kernels are launch-bound). Last on the CPU: ONNX
 # Runtime and OpenVINO are faster there; `auto` takes it on the CPU only for a precision the others lack.
@@ -119,10 +130,9 @@ register(EngineInfo(
     "torch", ("pytorch",), "cpu, gpu (with a CUDA build of torch)",
     "PyTorch on mixnet's network built from the architecture (no converter); CUDA graphs on a GPU; fp32, and "
     "tf32, bf16 or fp16 for benchmark",
-    'pip install "mixnet-cli[torch]" (for a GPU, a CUDA build of torch: see pytorch.org)', ("torch",),
-    "mixnet_cli.engines.pytorch", cpu_rank=3, gpu_rank=0, precisions=("fp32", "tf32", "bf16", "fp16"),
-    compiles=True))
+    "", ("torch",), "mixnet_cli.engines.pytorch", cpu_rank=3, gpu_rank=0,
+    precisions=("fp32", "tf32", "bf16", "fp16"), compiles=True, extra="torch"))
 register(EngineInfo(
     "dygraph", ("paddle-dygraph",), "cpu, gpu (with paddlepaddle-gpu)",
     "paddleclas's network run eagerly by paddle: the reference every other engine is checked against",
-    'pip install "mixnet-cli[paddle]"', ("paddle", "paddleclas"), "mixnet_cli.engines.dygraph"))
+    "", ("paddle", "paddleclas"), "mixnet_cli.engines.dygraph", extra="paddle"))

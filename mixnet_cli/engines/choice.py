@@ -48,9 +48,13 @@ class EngineChoice:
 
 
 def check_device_name(requested: str) -> str:
+    """``requested`` as ``auto``, ``cpu``, ``gpu`` or ``gpu:N``; torch's spelling (``cuda``, ``cuda:1``) is taken as
+    the GPU it names. :class:`UsageError` for anything else."""
     name = requested.strip().lower()
+    if name == "cuda" or name.startswith("cuda:"):
+        name = "gpu" + name[len("cuda"):]
     if not _DEVICE_PATTERN.match(name):
-        raise UsageError(f"unknown device '{requested}': use auto, cpu, gpu or gpu:N (N a GPU index)")
+        raise UsageError(f"unknown device '{requested}': use auto, cpu, gpu or gpu:N (N a GPU index; cuda and cuda:N mean the same)")
     return name
 
 
@@ -154,7 +158,7 @@ def _cpu_auto(device_reason: str, after: str | None = None, precision: str = "fp
             return EngineChoice(info.name, "cpu", why, device_reason, engine_auto=True, precision=precision,
                                 compiled=compiled)
     if precision != "fp32" or compiled:
-        installs = "; ".join(info.install for info in candidates) or "no engine offers it"
+        installs = "; ".join(info.install_line() for info in candidates) or "no engine offers it"
         raise EngineError(f"no engine installed here runs {precision}{' compiled' if compiled else ''}: {installs}")
     raise EngineError("no engine is installed for the CPU: pip install openvino onnxruntime (reinstall mixnet-cli)")
 

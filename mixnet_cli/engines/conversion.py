@@ -214,6 +214,8 @@ def ensure_converted(spec: ModelSpec, weights_path: Path, weights_sha256: str, f
                 "record_version": RECORD_VERSION,
                 "format": fmt,
                 "model": spec.name,
+                # A fine-tune's own name (None: released weights), for `cache list`.
+                "weights_name": spec.weights_name,
                 "weights_sha256": weights_sha256,
                 "files": file_entries,
                 # Every engine that runs these files is held to the reference logits (reference_logits())

@@ -173,7 +173,7 @@ def _image_input(tensor: dict[str, Any], binary: memoryview) -> tuple[list[bytes
             or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape) or shape[0] < 1):
         raise ProtocolError(400, f"input '{INPUT_NAME}' must have shape [N] (N images, N >= 1), got {shape!r}")
     count = shape[0]
-    parameters = _object(tensor.get("parameters"), f"inputs[0].parameters")
+    parameters = _object(tensor.get("parameters"), "inputs[0].parameters")
     size = parameters.get("binary_data_size")
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= len(binary):

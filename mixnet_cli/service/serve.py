@@ -41,10 +41,9 @@ from ..base.errors import ImageError, ImageTooLargeError, MixnetError, Overloade
 if TYPE_CHECKING:
     import socket
 
-    from ..classifier import ClassificationResult, Classifier
+    from ..classifier import Classifier
     from ..base.manifest import ModelSpec
 
-SERVE_EXTRA = 'pip install "mixnet-cli[serve]"'
 DEFAULT_TOPK = 5
 # Measured in BENCHMARKS.md ("Serve", the batching options): on a 2-core CPU, 8 and 16 were slower than 4 at 16
 # clients in every run, and 1, 2 and 4 were within the noise of each other (a forward pass of 4 costs about 4 of
@@ -65,7 +64,7 @@ access_log = logging.getLogger("mixnet_cli.access")
 
 def serve_missing() -> str | None:
     """The line that says what to install when the ``[serve]`` extra is missing (None: it is installed)."""
-    from ..base.third_party import module_installed
+    from ..base.third_party import install_hint, module_installed
 
     # python-multipart is imported as python_multipart since 0.0.13, as multipart before.
     missing = [name for name, modules in (("starlette", ("starlette",)), ("uvicorn", ("uvicorn",)),
@@ -74,7 +73,7 @@ def serve_missing() -> str | None:
                if not any(module_installed(module) for module in modules)]
     if not missing:
         return None
-    return f"mixnet serve needs the [serve] extra ({', '.join(missing)} missing): {SERVE_EXTRA}"
+    return f"mixnet serve needs the [serve] extra ({', '.join(missing)} missing): {install_hint('serve')}"
 
 
 @dataclass(frozen=True)
@@ -270,7 +269,7 @@ class Service:
         self._inference = ThreadPoolExecutor(max_workers=sum(c.engine.parallel for c in classifiers),
                                              thread_name_prefix="mixnet-infer")
         for classifier in classifiers:
-            name = classifier.model_name
+            name = classifier.architecture  # the name the service knows it by (its --model)
 
             def on_batch(size: int, seconds: float, name: str = name) -> None:
                 self.metrics.batch_size.labels(name).observe(size)
@@ -322,7 +321,7 @@ class Service:
             raw_topk = query.get("topk")
             # Default 5, or every class of a model with fewer, as for classify.
             topk = check_topk(None if raw_topk in (None, "") else _whole_number(raw_topk, "topk", DEFAULT_TOPK),
-                              self.specs[name].num_classes)
+                              self.specs[name].num_classes, clamp=False)
             deadline = self.options.deadline_s
             if query.get("deadline_ms") is not None:
                 asked = _whole_number(query.get("deadline_ms"), "deadline_ms", 0)
@@ -383,7 +382,8 @@ class Service:
                 row = await model.batcher.submit(array)
                 return row if rows else model.classifier.result(name, row, topk)
             except ImageError as exc:
-                return ClassificationResult(input=name, model=model_name, error=exc)
+                return ClassificationResult(input=name, model=model.classifier.model_name, error=exc,
+                                            architecture=model.classifier.architecture)
 
         return list(await asyncio.gather(*(one(name, load) for name, load in images)))
 

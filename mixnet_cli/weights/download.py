@@ -18,12 +18,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..base import settings
 from ..base.cache import PartialInfo, discard_partial, read_partial_info, write_partial_info
 from ..base.errors import DownloadError
-from ..base.http import Retryable, failure_reason, notice, parse_retry_after, read_chunks, retry_delay, session
+from ..base.http import (Retryable, failure_reason, host_not_found, notice, parse_retry_after, read_chunks,
+                         retry_delay, session, unknown_host)
 
 # A server answering at the wrong offset is sent a plain request; one that keeps doing it is broken.
 _MAX_RESTARTS = 2
@@ -85,16 +86,20 @@ def fetch_url(
     resume: bool = True,
     max_bytes: int | None = None,
     retry_unreachable: bool = True,
+    on_start: Callable[[int | None, int], None] | None = None,
 ) -> Downloaded:
     """Download ``url`` into the partial file ``destination`` and return its size and sha256.
 
     Continues an earlier partial download of the same URL when the server allows it (``resume=False`` starts
     from zero). Connection failures, timeouts, HTTP 429 and 5xx are retried ``MIXNET_RETRIES`` times with
-    exponential backoff, except a server that does not answer at all (connection refused, unknown host) when
-    ``retry_unreachable`` is false (the caller has another source to try); after the last, :class:`DownloadError` says what happened, and what arrived stays in
+    exponential backoff, except a host name that does not resolve (:class:`UnknownHostError` at once), and a
+    server that does not answer at all (connection refused) when ``retry_unreachable`` is false (the caller has another source to try); after the last, :class:`DownloadError` says what happened, and what arrived stays in
     ``destination`` for the next run to resume. Other HTTP errors, an HTML page, or a body larger than
     ``max_bytes`` raise :class:`DownloadError` at once. Errors writing ``destination`` (a full disk) propagate
     as :class:`OSError`.
+
+    ``on_start(total, kept)`` is called when a response's body is about to be read, with the file's whole size in
+    bytes (None when the server does not say) and how many bytes of an earlier attempt are kept (0: from the start).
     """
     if not resume:
         discard_partial(destination)
@@ -103,7 +108,7 @@ def fetch_url(
     restarts = 0
     while True:
         try:
-            return _attempt(url, destination, label=label, progress=progress, max_bytes=max_bytes)
+            return _attempt(url, destination, label=label, progress=progress, max_bytes=max_bytes, on_start=on_start)
         except _Restart as exc:
             discard_partial(destination)
             restarts += 1
@@ -127,7 +132,8 @@ def fetch_url(
             time.sleep(delay)
 
 
-def _attempt(url: str, destination: Path, *, label: str, progress: bool | None, max_bytes: int | None) -> Downloaded:
+def _attempt(url: str, destination: Path, *, label: str, progress: bool | None, max_bytes: int | None,
+             on_start: Callable[[int | None, int], None] | None = None) -> Downloaded:
     import requests
     import urllib3
 
@@ -146,6 +152,8 @@ def _attempt(url: str, destination: Path, *, label: str, progress: bool | None, 
     try:
         response = session().get(url, stream=True, timeout=(timeout, timeout), headers=headers)
     except requests.RequestException as exc:
+        if host_not_found(exc):
+            raise unknown_host(url) from None  # no retry: a name that does not resolve does not in 16 s either
         unreachable = isinstance(exc, requests.ConnectionError) and not isinstance(exc, requests.Timeout)
         raise Retryable(f"cannot reach {url} ({failure_reason(exc, timeout)})", unreachable=unreachable) from None
     with response:
@@ -199,6 +207,8 @@ def _attempt(url: str, destination: Path, *, label: str, progress: bool | None, 
             raise DownloadError(
                 f"{url} is {total} bytes, far more than these weights can be; check the mirror URL"
             )
+        if on_start is not None:
+            on_start(total, offset)
         if mode == "wb":
             # Written before the first byte, so an interrupted download can always be continued.
             write_partial_info(destination, PartialInfo(url=url, etag=etag, last_modified=last_modified, total=total))

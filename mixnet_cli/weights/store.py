@@ -21,7 +21,8 @@ from ..base import cache, files, settings
 from ..base.cache import discard_partial, info_path
 from ..base.http import check_http_url, notice
 from .download import fetch_url
-from ..base.errors import CacheError, DownloadError, MixnetError, OfflineError, UsageError, WeightsError
+from ..base.errors import (CacheError, DownloadError, MixnetError, OfflineError, UnknownHostError, UsageError,
+                           WeightsError)
 from ..base.manifest import ModelSpec
 from .pdparams import WHAT, read_state_dict
 
@@ -33,8 +34,9 @@ _TRAINED_HINT = "pass the .pdparams file PaddleClas's training saved (e.g. outpu
 @dataclass(frozen=True)
 class VerifiedWeights:
     """Weights that passed every check, in the cache. ``how`` says where this call got them: ``cached`` (there
-    already), ``downloaded`` (by this process), ``downloaded by another mixnet process`` (this one waited for
-    it), ``installed`` (from a file the user gave)."""
+    already), ``downloaded`` (by this process), ``downloaded (resumed)`` (by this process, continuing a partial
+    download), ``downloaded by another mixnet process`` (this one waited for it), ``installed`` (from a file the
+    user gave), ``yours`` (``--weights``, used where it is)."""
 
     spec: ModelSpec
     path: Path
@@ -180,11 +182,23 @@ def _fetch_verified(
     spec: ModelSpec, url: str, *, progress: bool | None, pinned: str | None, last_source: bool = True
 ) -> VerifiedWeights:
     partial = cache.partial_path(spec)
+    said: list[str] = []
+
+    def say_start(total: int | None, kept: int) -> None:
+        # One line, whether or not stderr is a terminal (where the progress bar shows): a CI log or `2>log` says
+        # where a first run's wait went, as the conversion's notice does. Again only when what happens changes.
+        size = f"{total / 1e6:.1f} MB" if total else "size not given"
+        line = (f"resuming the download of {spec.name} weights at {kept / 1e6:.1f} of {size} from {url}" if kept
+                else f"downloading {spec.name} weights ({size}) from {url}")
+        if not said or said[-1].split(" ", 1)[0] != line.split(" ", 1)[0]:
+            notice(line)
+        said.append(line)
+
     for fresh in (False, True):
         try:
             fetched = fetch_url(
                 url, partial, label=spec.filename, progress=progress, resume=not fresh, max_bytes=_size_limit(spec),
-                retry_unreachable=last_source,
+                retry_unreachable=last_source, on_start=say_start,
             )
         except DownloadError:
             raise
@@ -204,7 +218,8 @@ def _fetch_verified(
             discard_partial(partial)
             raise _write_error(partial, exc) from None
         try:
-            return _install(spec, partial, url, fetched.size, fetched.sha256)
+            installed = _install(spec, partial, url, fetched.size, fetched.sha256)
+            return replace(installed, how="downloaded (resumed)") if fetched.resumed_from else installed
         except OSError as exc:
             discard_partial(partial)
             raise _write_error(cache.weights_path(spec), exc) from None
@@ -250,9 +265,20 @@ def download_weights(
                 failures.append(exc)
                 if index + 1 < len(urls):
                     notice(f"{exc}; trying the next mirror")
+    hint = _no_network_hint(spec) if any(isinstance(failure, UnknownHostError) for failure in failures) else ""
     if len(failures) == 1:
+        if hint:
+            raise UnknownHostError(f"{failures[0]}{hint}")
         raise failures[0]
-    raise DownloadError(f"no source gave valid {spec.name} weights: " + " | ".join(map(str, failures)))
+    error = UnknownHostError if hint else DownloadError
+    raise error(f"no source gave valid {spec.name} weights: " + " | ".join(map(str, failures)) + hint)
+
+
+def _no_network_hint(spec: ModelSpec) -> str:
+    """What to do when a weights host does not resolve: another source, or the file from elsewhere."""
+    return (f"; give a mirror that resolves (--mirror URL or MIXNET_MIRROR), or fetch {spec.url} elsewhere, run "
+            f"`mixnet download {spec.short_name} --from FILE`, and set MIXNET_OFFLINE=1 to keep mixnet off the "
+            "network")
 
 
 def install_from_file(spec: ModelSpec, source: Path | str, *, sha256: str | None = None) -> VerifiedWeights:
@@ -402,6 +428,13 @@ def _check_finite(state: dict[str, np.ndarray], source: Path) -> None:
                                "diverged: use an earlier checkpoint")
 
 
+def custom_weights_name(path: Path, sha256: str) -> str:
+    """A fine-tune's name in results: its file's stem and the first 7 hex digits of its sha256
+    (``my_flowers-3fa2c1d``), so that two fine-tunes of one architecture, or two epochs saved under the same file
+    name, can be told apart."""
+    return f"{path.stem}-{sha256[:7]}"
+
+
 def custom_weights(path: Path | str, model: ModelSpec | None = None) -> VerifiedWeights:
     """Your own weights: a ``.pdparams`` file of MixNet_S, M or L fine-tuned on any number of classes, as PaddleClas
     trains and saves them (``paddle.save(model.state_dict())``).
@@ -409,7 +442,8 @@ def custom_weights(path: Path | str, model: ModelSpec | None = None) -> Verified
     The file is read once, parsed by the safe loader, and checked against the architecture: ``model`` when given,
     else the one of S, M, L whose every parameter name and shape it holds. The class count is the classifier's
     (``output.bias``). The file stays where it is; what is built from it is cached under its sha256 like the
-    released weights' (``VerifiedWeights.spec`` carries the detected architecture and class count). Raises
+    released weights' (``VerifiedWeights.spec`` carries the detected architecture and class count, and the name
+    results give it, :func:`custom_weights_name`). Raises
     :class:`WeightsError` naming the file when it is not MixNet weights (or not ``model``'s), and
     :class:`UsageError` when it is missing or unreadable.
     """
@@ -447,7 +481,7 @@ def custom_weights(path: Path | str, model: ModelSpec | None = None) -> Verified
             problems.append(str(exc))
             continue
         sha256 = hashlib.sha256(data).hexdigest()
-        spec = replace(spec, sha256=sha256)
+        spec = replace(spec, sha256=sha256, weights_name=custom_weights_name(source, sha256))
         record = cache.WeightsRecord(model=spec.name, sha256=sha256, size=len(data), source=f"file:{source}",
                                      fetched_at=cache.now_iso())
         return VerifiedWeights(spec=spec, path=source, record=record, how="yours")
