@@ -618,4 +618,7 @@ def test_a_root_log_handler_added_by_a_library_does_not_repeat_the_notices(tmp_p
     result = subprocess.run([sys.executable, "-c", program, "classify", str(_photo(tmp_path / "a.png")), "-k", "1"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stderr.splitlines() == ["mixnet: converting MixNet_S to ONNX (once)..."]
+    assert result.stderr.splitlines() == [
+        f"mixnet: downloading MixNet_S weights (16.7 MB) from {random_mirror.url}/MixNet_S_pretrained.pdparams",
+        "mixnet: converting MixNet_S to ONNX (once)...",
+    ]
