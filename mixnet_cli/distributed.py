@@ -1173,14 +1173,24 @@ class ResultsDirectory:
                 parquet = pa.parquet.ParquetFile(entry.path, filesystem=self.filesystem)
                 names = parquet.schema_arrow.names
                 key_column = "key" if "key" in names else "input"  # parts of earlier versions: no key column
-                for batch in parquet.iter_batches(columns=[key_column, "model", "error"], batch_size=65_536):
+                # The model and the failures from the file's metadata when it has them: only the keys are read.
+                model = (parquet.schema_arrow.metadata or {}).get(f"{METADATA_PREFIX}model".encode())
+                failed = _failed_from_statistics(parquet.metadata)
+                extra = ([] if model else ["model"]) + ([] if failed is not None else ["error"])
+                if model:
+                    state.models.add(model.decode())
+                if failed is not None:
+                    state.failed += failed
+                for batch in parquet.iter_batches(columns=[key_column, *extra], batch_size=65_536):
                     keys = batch.column(0).to_pylist()
                     if key_column == "input":
                         keys = [canonical_key(key) for key in keys]
                     hashes.append(np.fromiter((key_hash(key) for key in keys), dtype=np.uint64, count=len(keys)))
                     state.rows += batch.num_rows
-                    state.failed += batch.num_rows - batch.column(2).null_count
-                    state.models.update(batch.column(1).unique().to_pylist())
+                    if "error" in extra:
+                        state.failed += batch.num_rows - batch.column(extra.index("error") + 1).null_count
+                    if "model" in extra:
+                        state.models.update(batch.column(extra.index("model") + 1).unique().to_pylist())
             except (pa.ArrowException, OSError) as exc:
                 raise MixnetError(f"{entry.path}: cannot read this part of the results ({exc}); move it away and "
                                   "run with --resume again to redo its images") from None
@@ -1238,6 +1248,23 @@ class ResultsDirectory:
             except OSError:
                 pass
             raise
+
+
+def _failed_from_statistics(metadata: Any) -> int | None:
+    """The error rows of a Parquet file from its row groups' statistics (rows less the nulls of ``error.type``,
+    which is null exactly where ``error`` is), or None when a row group has no null count."""
+    schema = metadata.schema
+    column = next((index for index in range(len(schema)) if schema.column(index).path == "error.type"), None)
+    if column is None:
+        return None
+    failed = 0
+    for group in range(metadata.num_row_groups):
+        row_group = metadata.row_group(group)
+        statistics = row_group.column(column).statistics
+        if statistics is None or not statistics.has_null_count:
+            return None
+        failed += row_group.num_rows - statistics.null_count
+    return failed
 
 
 def _jsonl_text(table: "pyarrow.Table") -> bytes:
