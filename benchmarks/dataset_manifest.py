@@ -83,31 +83,45 @@ print(count, time.perf_counter() - started, before, resource.getrusage(resource.
 
 
 def done_set(rows: int, work: Path) -> dict[str, float]:
-    code = f"""
-import resource, time, pyarrow as pa, pyarrow.parquet as pq
-from mixnet_cli.distributed import ResultsDirectory, result_schema
-out = {str(work / "resume")!r}
-import os; os.makedirs(out, exist_ok=True)
+    """An output of ``rows`` rows (10 parts) written by one process, its done set read by a fresh one (what
+    ``--resume`` does before Ray starts): seconds, the set's own bytes, and the reader's peak memory above a
+    process that only imported the same libraries."""
+    out = work / "resume"
+    write = f"""
+import os, pyarrow as pa, pyarrow.parquet as pq
+from mixnet_cli.distributed import result_schema
+os.makedirs({str(out)!r}, exist_ok=True)
 keys = [f"/data/photos/{{i // 1000:04d}}/{{i:08d}}.jpg" for i in range({rows})]
 table = pa.table({{"input": keys, "key": keys, "model": ["MixNet_S"] * len(keys),
                   "predictions": pa.nulls(len(keys), result_schema().field("predictions").type),
                   "error": pa.nulls(len(keys), result_schema().field("error").type)}}, schema=result_schema())
+table = table.replace_schema_metadata({{"mixnet.model": "MixNet_S"}})
 for part in range(10):
-    pq.write_table(table.slice(part * len(keys) // 10, len(keys) // 10), f"{{out}}/part-x-{{part:06d}}.parquet")
-del table, keys
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-started = time.perf_counter()
-directory = ResultsDirectory(out)
-state = directory.open(resume=True)
-seconds = time.perf_counter() - started
-directory.close()
-print(len(state.done), seconds, state.done.nbytes, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    pq.write_table(table.slice(part * len(keys) // 10, len(keys) // 10), f"{str(out)}/part-x-{{part:06d}}.parquet")
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    count, seconds, nbytes, before, after = done.stdout.split()
+    read = f"""
+import resource, sys, time, numpy, pyarrow.parquet
+from mixnet_cli.distributed import ResultsDirectory
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if sys.argv[1] == "read":
+    started = time.perf_counter()
+    directory = ResultsDirectory({str(out)!r})
+    state = directory.open(resume=True)
+    seconds = time.perf_counter() - started
+    directory.close()
+    print(len(state.done), seconds, state.done.nbytes, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+else:
+    print(before)
+"""
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", write], check=True, env=environment)
+    baseline = int(subprocess.run([sys.executable, "-c", read, "baseline"], capture_output=True, text=True,
+                                  check=True, env=environment).stdout)
+    done = subprocess.run([sys.executable, "-c", read, "read"], capture_output=True, text=True, check=True,
+                          env=environment)
+    count, seconds, nbytes, peak = done.stdout.split()
     return {"rows": int(count), "seconds": float(seconds), "done_set_mib": int(nbytes) / 2**20,
-            "peak_growth_mib": (int(after) - int(before)) / 1024}
+            "peak_above_imports_mib": (int(peak) - baseline) / 1024}
 
 
 def main() -> None:
