@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -436,7 +437,7 @@ def test_results_equal_the_local_run_in_one_dataset_that_one_job_owns(cluster, i
 
     out = tmp_path / "out"
     first = subprocess.Popen(_command(cluster, image_set, out, "--offline", "--jsonl", "--rows-per-file", "25",
-                                      "--images-per-task", "16"),
+                                      "--images-per-task", "16", "--progress-every", "0.5"),
                              env=_environment(seeded_home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: (out / ".mixnet-job.json").is_file(), first)
@@ -457,6 +458,10 @@ def test_results_equal_the_local_run_in_one_dataset_that_one_job_owns(cluster, i
     assert f"{GOOD_IMAGES + 3} image(s) classified" in summary[-2] and "3 failed" in summary[-2]
     assert "images/s over the whole job, of which" in summary[-2] and "s start-up" in summary[-2]
     assert summary[-1].startswith("Error: 3 image(s) failed")
+    progress = [line for line in summary if line.startswith("progress: ")]
+    assert progress and all(re.fullmatch(r"progress: \d+ row\(s\) done, [\d.]+ rows/s, \d+ failed(, about "
+                                          r"\d+m\d\ds left)?", line) for line in progress), progress
+    assert any(line.endswith("s left") for line in progress), progress  # all listed: the count is known
     rows = _rows(out)
     _assert_each_input_once_and_equal(rows, local_results)
     assert {row["error"]["type"] for row in rows if "error" in row} == {"NotAnImageError", "TruncatedImageError"}

@@ -73,6 +73,8 @@ def _duration(seconds: float) -> str:
 @engine_option
 @click.option("-b", "--batch-size", default=4, show_default=True, type=click.IntRange(1, 1024), help="Images per forward pass.")
 @network_options
+@click.option("--progress-every", default=10.0, show_default=True, type=click.FloatRange(0.1), metavar="SECONDS",
+              help="Seconds between progress lines on stderr (rows done, rows/s, failures, time left once known).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress and no per-image error lines on stderr; the summary stays.")
 @user_errors
 def classify_dataset(
@@ -100,6 +102,7 @@ def classify_dataset(
     batch_size: int,
     mirrors: tuple[str, ...],
     offline: bool | None,
+    progress_every: float,
     quiet: bool,
 ) -> None:
     """Classify a dataset on a Ray cluster into one Parquet dataset ([ray] extra), resumably.
@@ -143,7 +146,7 @@ def classify_dataset(
     summary = run_job(
         list(sources), out, model, resume=resume, retry_failed=retry_failed, jsonl=jsonl, address=address,
         rows_per_file=rows_per_file, files_from=files_from, files_from_column=files_from_column, fail_fast=fail_fast,
-        on_error=on_error, on_progress=on_progress, topk=topk, batch_size=batch_size, device=device_name,
+        on_error=on_error, on_progress=on_progress, progress_every_s=progress_every, topk=topk, batch_size=batch_size, device=device_name,
         engine=engine_name, mirrors=list(mirrors) or None, offline=offline, actors=actors,
         cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, images_per_task=images_per_task,
         recursive=recursive, weights=str(weights) if weights else None, labels=str(labels) if labels else None,
