@@ -14,7 +14,6 @@ of an output of 1,000,000 rows (`--resume`: time, memory).
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import sys
 import tempfile

@@ -347,7 +347,7 @@ def _manifest_entries(files_from: str, column: str | None, stdin: BinaryIO | Non
     """The entries of a manifest, lazily: a text file (one path or URI a line; blank lines and ``#`` comments
     skipped; ``-`` for stdin), or the column ``column`` of a Parquet or CSV file (read a batch at a time)."""
     pa = _import_pyarrow()
-    if files_from != "-" and (column is not None or files_from.lower().endswith(_MANIFEST_TABLE_SUFFIXES)):
+    if _is_table_manifest(files_from, column):
         column = column or "path"
         try:
             if files_from.lower().endswith(".csv"):
@@ -383,14 +383,37 @@ def _manifest_row(entry: str) -> InputRow:
     return _local_row(entry, os.path.expanduser(entry))
 
 
-def check_manifest(files_from: str | None) -> None:
-    """Fail before anything starts when ``--files-from`` names no readable file."""
+def _is_table_manifest(files_from: str, column: str | None) -> bool:
+    return files_from != "-" and (column is not None or files_from.lower().endswith(_MANIFEST_TABLE_SUFFIXES))
+
+
+def check_manifest(files_from: str | None, column: str | None = None) -> None:
+    """Fail before anything starts when ``--files-from`` names no readable file, or a Parquet or CSV file without
+    the column (only its schema or header is read)."""
     if files_from is None or files_from == "-":
+        if column is not None and files_from == "-":
+            raise UsageError("--files-from-column names a column of a Parquet or CSV file; stdin is read as text")
         return
-    if not os.path.isfile(os.path.expanduser(files_from)):
+    path = os.path.expanduser(files_from)
+    if not os.path.isfile(path):
         raise UsageError(f"--files-from {files_from}: no such file")
-    if not os.access(os.path.expanduser(files_from), os.R_OK):
+    if not os.access(path, os.R_OK):
         raise UsageError(f"--files-from {files_from}: permission denied")
+    if not _is_table_manifest(files_from, column):
+        return
+    pa = _import_pyarrow()
+    column = column or "path"
+    try:
+        if files_from.lower().endswith(".csv"):
+            names = next(iter(pa.csv.open_csv(path))).schema.names
+        else:
+            names = pa.parquet.read_schema(path).names
+    except (pa.ArrowException, OSError, StopIteration) as exc:
+        raise UsageError(f"--files-from {files_from}: cannot read it as {'CSV' if path.lower().endswith('.csv') else 'Parquet'} "
+                         f"({exc}); give a text file with one path a line, or a Parquet or CSV file") from None
+    if column not in names:
+        raise UsageError(f"--files-from {files_from}: no column {column!r} (it has {', '.join(names[:8])}); name "
+                         "the column of paths with --files-from-column")
 
 
 def iter_inputs(
@@ -1420,7 +1443,10 @@ def run_job(
         raise UsageError(f"--labels {labels}: no such file")
     if weights is not None and not Path(weights).expanduser().is_file():
         raise UsageError(f"--weights {weights}: no such file")
-    check_manifest(files_from)
+    check_manifest(files_from, files_from_column)
+    if "-" in sources:
+        raise UsageError("classify-dataset reads files, not stdin: name files, directories or URIs (or a list of "
+                         "them with --files-from -)")
     if files_from is None and not sources:
         raise UsageError("no inputs: name files, directories, globs or URIs, or a list of them with --files-from")
     spec = _job_model(model, weights)

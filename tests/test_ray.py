@@ -257,6 +257,32 @@ def test_canonical_keys_are_one_spelling_per_input(tmp_path, monkeypatch):
     assert canonical_key(f"file://{tmp_path}/photos//b.jpg") == f"{tmp_path}/photos/b.jpg"
 
 
+def test_manifests_are_read_lazily_as_text_parquet_or_csv(tmp_path, monkeypatch):
+    import io
+
+    import pyarrow
+
+    from mixnet_cli.distributed import check_manifest, iter_inputs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "list.txt").write_text("# photos\nphotos/a.jpg\n\n  s3://bucket/b.jpg  \n")
+    pq.write_table(pyarrow.table({"uri": ["photos/a.jpg", "s3://bucket/b.jpg"]}), tmp_path / "list.parquet")
+    (tmp_path / "list.csv").write_text("id,uri\n1,photos/a.jpg\n2,s3://bucket/b.jpg\n")
+    expected = [("photos/a.jpg", f"{tmp_path}/photos/a.jpg"), ("s3://bucket/b.jpg", "s3://bucket/b.jpg")]
+    for manifest, column in (("list.txt", None), ("list.parquet", "uri"), ("list.csv", "uri")):
+        check_manifest(manifest, column)
+        rows = iter_inputs([], files_from=manifest, files_from_column=column)
+        assert next(rows)[:2] == expected[0]  # a generator: nothing read beyond what is asked for
+        assert [row[:2] for row in rows] == expected[1:]
+    stdin = io.BytesIO(b"photos/a.jpg\ns3://bucket/b.jpg\n")
+    assert [row[:2] for row in iter_inputs([], files_from="-", stdin=stdin)] == expected
+    with pytest.raises(UsageError, match=r"no column 'path' \(it has uri\); name the column of paths with "
+                                         r"--files-from-column"):
+        check_manifest("list.parquet")
+    with pytest.raises(UsageError, match="list.missing: no such file"):
+        check_manifest("list.missing")
+
+
 def test_the_done_set_holds_eight_bytes_per_key():
     from mixnet_cli.distributed import DoneSet, key_hash
 
