@@ -50,14 +50,15 @@ def main() -> None:
     count = sum(1 for _ in images.rglob("*") if _.is_file())
     manifest = work / "manifest.txt"
     manifest.write_text("".join(f"{path}\n" for path in sorted(images.rglob("*")) if path.is_file()))
-    env = {**os.environ, "MIXNET_HOME": str(home), "PYTHONPATH": str(ROOT), "SPARK_LOCAL_IP": "127.0.0.1",
-           "PYSPARK_PYTHON": sys.executable}
-    env.pop("RAY_ADDRESS", None)
     mixnet = [sys.executable, "-m", "mixnet_cli"]
     temp_dir = tempfile.mkdtemp(prefix="mxb")
     context = ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, _temp_dir=temp_dir,
                        logging_level="warning")
     address = context.address_info["gcs_address"]
+    # After ray.init: it puts the cluster's token in this environment, which the drivers need to connect.
+    env = {**os.environ, "MIXNET_HOME": str(home), "PYTHONPATH": str(ROOT), "SPARK_LOCAL_IP": "127.0.0.1",
+           "PYSPARK_PYTHON": sys.executable}
+    own = {key: value for key, value in env.items() if not key.startswith("RAY_AUTH") and key != "RAY_ADDRESS"}
     results: dict[str, Any] = {"machine": machine(), "images": count, "runs": {}}
     try:
         for round_ in range(options.rounds):
@@ -75,7 +76,7 @@ def main() -> None:
             }
             for name, command in routes.items():
                 log(f"round {round_ + 1}: {name}")
-                result = measure(command, env)
+                result = measure(command, env if "running" in name else own)
                 found = re.search(r"of which ([\d.]+) s start-up", " ".join(result["stderr_tail"]))
                 result["startup_s"] = float(found.group(1)) if found else None
                 results["runs"].setdefault(name, []).append(result)

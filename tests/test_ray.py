@@ -613,18 +613,31 @@ def test_resume_under_another_spelling_adds_nothing_and_retry_failed_replaces_er
 
 
 def test_a_streamed_manifest_gives_the_same_rows_and_a_job_failing_the_same_way_stops_early(
-        cluster, image_set, seeded_home, local_results, tmp_path):
+        cluster, image_set, seeded_home, local_results, tmp_path, calibrated_weights_dir):
+    """A Parquet manifest, with your own weights and labels (--weights, --labels: here the same weights file under
+    its own name, and labels of our own): the rows of `mixnet classify`, with those labels."""
     import pyarrow
 
     files = sorted(name for name, row in local_results.items() if Path(name).is_file())
     manifest = tmp_path / "manifest.parquet"
     pq.write_table(pyarrow.table({"uri": files}), manifest)
+    weights = tmp_path / "my-weights.pdparams"
+    shutil.copyfile(calibrated_weights_dir / "MixNet_S_pretrained.pdparams", weights)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"thing {index}\n" for index in range(1000)))
     out = tmp_path / "out"
     run = subprocess.run(MIXNET + ["classify-dataset", "--files-from", str(manifest), "--files-from-column", "uri",
-                                   "-o", str(out), "--address", cluster.address, "--offline", "-q"],
+                                   "-o", str(out), "--address", cluster.address, "--offline", "-q",
+                                   "--weights", str(weights), "--labels", str(labels)],
                          env=_environment(seeded_home), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert run.returncode == 1, run.stderr  # the corrupt files
-    _assert_each_input_once_and_equal(_rows(out), {name: local_results[name] for name in files})
+    expected = {}
+    for name in files:
+        row = dict(local_results[name])
+        if "predictions" in row:
+            row["predictions"] = [{**p, "label": f"thing {p['class_id']}"} for p in row["predictions"]]
+        expected[name] = row
+    _assert_each_input_once_and_equal(_rows(out), expected)
 
     # Every input fails the same way (here: not there): the job stops after --fail-fast of them, in one line,
     # keeping the parts written.

@@ -39,8 +39,8 @@ def _duration(seconds: float) -> str:
 @custom_weights_options
 @click.option("-k", "--topk", default=5, show_default=True, type=click.IntRange(1, 1000), help="How many labels per image.")
 @click.option("--files-from", metavar="FILE",
-              help="Also classify the files or URIs listed in FILE, read as the job goes: a text file with one a line "
-              "('-' reads stdin), or a Parquet or CSV file with a column of them (--files-from-column).")
+              help="Also classify the files or URIs listed in FILE, read as the job goes: a text file with one path "
+              "or URI a line ('-' reads stdin), or a Parquet or CSV file with a column of them (--files-from-column).")
 @click.option("--files-from-column", metavar="NAME",
               help="The column of a Parquet or CSV --files-from that holds the paths (default: path).")
 @click.option("--resume", is_flag=True, help="Skip the inputs already in DIR (after a killed or failed run) and add the rest.")
