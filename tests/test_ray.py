@@ -587,7 +587,7 @@ def test_resume_under_another_spelling_adds_nothing_and_retry_failed_replaces_er
                               env={**_environment(seeded_home), "PYTHONPATH": str(Path(__file__).parents[1])},
                               cwd=cwd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
 
-    first = run(tmp_path, "photos", "out")
+    first = run(tmp_path, "photos", "out", "--jsonl")
     assert first.returncode == 1 and f"{count} image(s) classified" in first.stderr, first.stderr
     out = tmp_path / "out"
     table = pq.read_table(out)
@@ -610,6 +610,9 @@ def test_resume_under_another_spelling_adds_nothing_and_retry_failed_replaces_er
     rows = pq.read_table(out).to_pylist()
     assert len(rows) == count == len({row["key"] for row in rows}), "one row per input"
     assert all(row["error"] is None and row["predictions"] for row in rows)
+    jsonl = [json.loads(line) for part in (out / "_jsonl").glob("part-*.jsonl") for line in part.read_text().splitlines()]
+    assert sorted(jsonl, key=lambda row: row["key"]) == sorted(
+        ({k: v for k, v in row.items() if v is not None} for row in rows), key=lambda row: row["key"])
 
 
 def test_a_streamed_manifest_gives_the_same_rows_and_a_job_failing_the_same_way_stops_early(
