@@ -1483,16 +1483,14 @@ def run_job(
                       "labels": labels}
             pool = [predictor.remote(**kwargs) for _ in range(plan.actors)]
             described = pool[0].describe.remote()
-            try:
-                _stream(ray, pool, described, directory, state, summary, started, started_at,
-                        iter_inputs(sources, files_from=files_from, files_from_column=files_from_column,
-                                    recursive=recursive, stdin=stdin),
-                        spec_name=spec.name, topk=topk, rows_per_file=rows_per_file, images_per_task=images_per_task,
-                        fail_fast=fail_fast, on_error=on_error, on_progress=on_progress,
-                        progress_every_s=progress_every_s)
-            finally:
-                for actor in pool:
-                    ray.kill(actor)
+            # The actors belong to this driver: they end with its session (ray.shutdown), on any cluster; killing
+            # them here first would only make Ray retry their queued calls and say so.
+            _stream(ray, pool, described, directory, state, summary, started, started_at,
+                    iter_inputs(sources, files_from=files_from, files_from_column=files_from_column,
+                                recursive=recursive, stdin=stdin),
+                    spec_name=spec.name, topk=topk, rows_per_file=rows_per_file, images_per_task=images_per_task,
+                    fail_fast=fail_fast, on_error=on_error, on_progress=on_progress,
+                    progress_every_s=progress_every_s)
     finally:
         directory.close()
     summary.seconds = time.perf_counter() - started
