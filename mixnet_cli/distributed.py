@@ -1344,6 +1344,16 @@ class JobProgress:
     skipped: int
 
 
+def job_progress(summary: JobSummary, elapsed_s: float, listed: int, listed_all: bool) -> JobProgress:
+    """Where a job stands: ``summary``'s counts so far, ``elapsed_s`` since its first result, ``listed`` inputs
+    handed out (or written as listing errors) so far, ``listed_all`` once the inputs are exhausted. The rate counts
+    from the first result (the start-up is the summary's); the time left is known only once everything is listed."""
+    rate = summary.images / elapsed_s if elapsed_s > 0 else 0.0
+    eta = (listed - summary.images) / rate if listed_all and rate > 0 else None
+    return JobProgress(done=summary.images, failed=summary.failed, rows_per_s=rate, eta_s=eta,
+                       skipped=summary.skipped)
+
+
 class _FailFast:
     """Whether the first ``limit`` rows of a job all failed with the same error (its type and its message with
     the input's name taken out); 0 turns it off. Once a row differs it stays quiet."""
@@ -1559,11 +1569,7 @@ def _stream(ray: Any, pool: list[Any], described: Any, directory: ResultsDirecto
             return
         last_progress = time.monotonic()
         elapsed = time.perf_counter() - first_result if first_result is not None else 0.0
-        rate = summary.images / elapsed if elapsed > 0 else 0.0
-        remaining = listed - summary.images
-        eta = remaining / rate if listed_all and rate > 0 else None
-        on_progress(JobProgress(done=summary.images, failed=summary.failed, rows_per_s=rate, eta_s=eta,
-                                skipped=summary.skipped))
+        on_progress(job_progress(summary, elapsed, listed, listed_all))
 
     try:
         while True:
