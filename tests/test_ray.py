@@ -283,6 +283,24 @@ def test_manifests_are_read_lazily_as_text_parquet_or_csv(tmp_path, monkeypatch)
         check_manifest("list.missing")
 
 
+def test_a_uri_prefix_is_listed_level_by_level_like_a_local_directory(tmp_path):
+    from mixnet_cli.distributed import iter_inputs
+
+    for relative in ("b.jpg", "a/c.png", "a/deeper/d.webp", ".hidden/e.jpg", "a/.f.jpg", "notes.txt"):
+        (tmp_path / "bucket" / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "bucket" / relative).write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    prefix = f"file://{tmp_path}/bucket"
+    rows = list(iter_inputs([prefix + "/"]))
+    assert sorted(row.input for row in rows) == [f"{prefix}/a/c.png", f"{prefix}/a/deeper/d.webp", f"{prefix}/b.jpg"]
+    assert all(row.error is None and row.path == row.input.encode() for row in rows)
+    assert [row.input for row in iter_inputs([prefix], recursive=False)] == [f"{prefix}/b.jpg"]
+    (failed,) = iter_inputs([f"file://{tmp_path}/empty"])
+    assert failed.path is None and "has no image files" in str(failed.error)
+    (missing,) = iter_inputs([f"file://{tmp_path}/nowhere"])
+    assert "no such file or directory" in str(missing.error)
+
+
 def test_the_done_set_holds_eight_bytes_per_key():
     from mixnet_cli.distributed import DoneSet, key_hash
 
