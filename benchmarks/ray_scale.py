@@ -118,8 +118,9 @@ def driver_work_ms(images: Path, model: str, scratch: Path) -> float:
         table = results_table(rows).cast(result_schema())
         table.filter(table.column("error").is_valid())
         directory = ResultsDirectory(str(scratch / f"driver-{attempt}"))
-        directory.prepare(resume=False)
+        directory.open(resume=False)
         directory.write(table)
+        directory.close()
         best = min(best, (time.process_time() - start) * 1000 / len(rows))
     return best
 
@@ -199,12 +200,14 @@ def main(argv: list[str] | None = None) -> int:
                     runs.setdefault(name, []).append(result)
                     log(f"  {result}")
     results["runs"] = runs
-    # The Ray run's own rate, from its summary line (from the first row asked for to the last: no start-up).
+    # The Ray run's rate after its start-up, from its summary line: images / (whole job - start-up).
     steady = []
     for run in runs[f"ray {count}"]:
-        found = re.search(r"\(([\d.]+) images/s\)", " ".join(run["stderr_tail"]))
+        found = re.search(r"(\d+) image\(s\) classified in ([\d.]+) s \([\d.]+ images/s over the whole job, of "
+                          r"which ([\d.]+) s start-up\)", " ".join(run["stderr_tail"]))
         if found:
-            steady.append(float(found.group(1)))
+            images, seconds, startup = int(found.group(1)), float(found.group(2)), float(found.group(3))
+            steady.append(images / (seconds - startup) if seconds > startup else 0.0)
     results["ray_steady_images_per_s"] = steady
     results["derived"] = derive(runs, count, args.small, steady, results["driver_work_ms_per_image"])
     write_json(args.out, results)

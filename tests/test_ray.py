@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -43,7 +44,7 @@ from mixnet_cli.base.errors import UsageError
 pytestmark = pytest.mark.ray
 
 MIXNET = [sys.executable, "-m", "mixnet_cli"]
-ACTOR_TITLE = "ray::MapWorker(MapBatches(MixnetPredictor))"
+ACTOR_TITLE = "ray::MixnetPredictor"
 RUN_TIMEOUT_S = 300  # per run of the command: generous, this machine is shared and sometimes very busy
 GOOD_IMAGES = 60
 
@@ -209,12 +210,15 @@ def _run(cluster: LocalCluster, home: Path, source: Path, out: Path, *extra: str
 
 
 def _rows(out: Path) -> list[dict[str, Any]]:
-    """Every row of every Parquet part in ``out``, as the CLI's JSON object (null fields dropped)."""
+    """Every row of every Parquet part in ``out``, as the CLI's JSON object (null fields and the key dropped,
+    the key checked to be the input's absolute path)."""
     rows = []
     for part in sorted(out.glob("*.parquet")):
         table = pq.read_table(part)
         assert table.schema.equals(result_schema()), table.schema
-        rows.extend({key: value for key, value in row.items() if value is not None} for row in table.to_pylist())
+        for row in table.to_pylist():
+            assert row.pop("key") == os.path.normpath(os.path.abspath(row["input"])), row
+            rows.append({key: value for key, value in row.items() if value is not None})
     return rows
 
 
@@ -239,6 +243,157 @@ def _wait_for(condition: Any, process: subprocess.Popen, timeout_s: float = RUN_
 
 
 # --- without a cluster ---------------------------------------------------------------------------------------------
+
+
+def test_canonical_keys_are_one_spelling_per_input(tmp_path, monkeypatch):
+    from mixnet_cli.distributed import canonical_key
+
+    monkeypatch.chdir(tmp_path)
+    assert canonical_key("photos/./a/../b.jpg") == canonical_key(f"{tmp_path}//photos/b.jpg") == \
+        f"{tmp_path}/photos/b.jpg"
+    assert canonical_key("s3://bucket//photos/./x/../b.jpg") == "s3://bucket/photos/b.jpg"
+    assert canonical_key("S3://bucket/Photos/b.jpg") == "s3://bucket/Photos/b.jpg"  # keys keep their case
+    assert canonical_key("HTTPS://Example.COM/a//b.jpg?size=2") == "https://example.com/a/b.jpg?size=2"
+    assert canonical_key(f"file://{tmp_path}/photos//b.jpg") == f"{tmp_path}/photos/b.jpg"
+
+
+def test_manifests_are_read_lazily_as_text_parquet_or_csv(tmp_path, monkeypatch):
+    import io
+
+    import pyarrow
+
+    from mixnet_cli.distributed import check_manifest, iter_inputs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "list.txt").write_text("# photos\nphotos/a.jpg\n\n  s3://bucket/b.jpg  \n")
+    pq.write_table(pyarrow.table({"uri": ["photos/a.jpg", "s3://bucket/b.jpg"]}), tmp_path / "list.parquet")
+    (tmp_path / "list.csv").write_text("id,uri\n1,photos/a.jpg\n2,s3://bucket/b.jpg\n")
+    expected = [("photos/a.jpg", f"{tmp_path}/photos/a.jpg"), ("s3://bucket/b.jpg", "s3://bucket/b.jpg")]
+    for manifest, column in (("list.txt", None), ("list.parquet", "uri"), ("list.csv", "uri")):
+        check_manifest(manifest, column)
+        rows = iter_inputs([], files_from=manifest, files_from_column=column)
+        assert next(rows)[:2] == expected[0]  # a generator: nothing read beyond what is asked for
+        assert [row[:2] for row in rows] == expected[1:]
+    stdin = io.BytesIO(b"photos/a.jpg\ns3://bucket/b.jpg\n")
+    assert [row[:2] for row in iter_inputs([], files_from="-", stdin=stdin)] == expected
+    with pytest.raises(UsageError, match=r"no column 'path' \(it has uri\); name the column of paths with "
+                                         r"--files-from-column"):
+        check_manifest("list.parquet")
+    with pytest.raises(UsageError, match="list.missing: no such file"):
+        check_manifest("list.missing")
+
+
+def test_a_uri_prefix_is_listed_level_by_level_like_a_local_directory(tmp_path):
+    from mixnet_cli.distributed import iter_inputs
+
+    for relative in ("b.jpg", "a/c.png", "a/deeper/d.webp", ".hidden/e.jpg", "a/.f.jpg", "notes.txt"):
+        (tmp_path / "bucket" / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "bucket" / relative).write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    prefix = f"file://{tmp_path}/bucket"
+    rows = list(iter_inputs([prefix + "/"]))
+    assert sorted(row.input for row in rows) == [f"{prefix}/a/c.png", f"{prefix}/a/deeper/d.webp", f"{prefix}/b.jpg"]
+    assert all(row.error is None and row.path == row.input.encode() for row in rows)
+    assert [row.input for row in iter_inputs([prefix], recursive=False)] == [f"{prefix}/b.jpg"]
+    (failed,) = iter_inputs([f"file://{tmp_path}/empty"])
+    assert failed.path is None and "has no image files" in str(failed.error)
+    (missing,) = iter_inputs([f"file://{tmp_path}/nowhere"])
+    assert "no such file or directory" in str(missing.error)
+
+
+def test_the_done_set_holds_eight_bytes_per_key():
+    from mixnet_cli.distributed import DoneSet, key_hash
+
+    keys = [f"/data/photos/{index:07d}.jpg" for index in range(10_000)]
+    done = DoneSet(key_hash(key) for key in keys[::2])
+    assert done.contains(keys[:6]) == [True, False, True, False, True, False]
+    assert len(done) == 5_000 and done.nbytes == 8 * 5_000
+    assert DoneSet().contains(["/a.jpg"]) == [False]
+
+
+def test_gpu_planning_arithmetic():
+    # GPUs asked for: one actor per GPU by default, per share with fractions, CPUs shared between them.
+    assert plan_actors([8.0, 8.0], cluster_gpus=8, device="gpu") == plan_actors([8.0, 8.0], cluster_gpus=8, device="gpu:1")
+    plan = plan_actors([8.0, 8.0], cluster_gpus=8, device="gpu")
+    assert (plan.actors, plan.gpus, plan.cpus, plan.device) == (8, 1.0, 1.75, "gpu")
+    plan = plan_actors([8.0, 8.0], cluster_gpus=8, device="gpu", gpus_per_actor=0.5)
+    assert (plan.actors, plan.gpus, plan.cpus) == (16, 0.5, 0.75)
+    assert plan_actors([8.0], cluster_gpus=2, device="gpu", actors=1).actors == 1
+    # auto: GPUs are used only when the cluster has them, and then each actor is given its share by Ray.
+    assert plan_actors([8.0], cluster_gpus=2, device="auto").gpus == 1.0
+    plan = plan_actors([8.0, 8.0], cluster_gpus=0, device="auto")
+    assert (plan.actors, plan.gpus, plan.device) == (2, 0.0, "cpu")
+    with pytest.raises(UsageError, match="the Ray cluster has no GPU"):
+        plan_actors([8.0], cluster_gpus=0, device="gpu")
+    with pytest.raises(UsageError, match="more than the cluster's 1 GPU"):
+        plan_actors([8.0], cluster_gpus=1, device="gpu", gpus_per_actor=2)
+    with pytest.raises(UsageError, match="--gpus-per-actor needs GPUs"):
+        plan_actors([8.0], device="cpu", gpus_per_actor=0.5)
+
+
+def test_an_actor_opens_the_gpu_ray_assigned_it():
+    from mixnet_cli.distributed import actor_device
+
+    # Ray narrows CUDA_VISIBLE_DEVICES to the assigned GPU: inside the actor it is number 0, whatever N was asked.
+    assert actor_device("gpu:1", ["3"], "3") == "gpu:0"
+    assert actor_device("gpu", ["2", "5"], "2,5") == "gpu:0"
+    assert actor_device("gpu", ["5"], None) == "gpu:5"  # Ray told not to set CUDA_VISIBLE_DEVICES
+    assert actor_device("auto", [], "") == "cpu"  # no GPU accounted for: never one of someone else's
+    assert actor_device("cpu", ["0"], "0") == "cpu"
+    assert actor_device("auto", None, None) == "auto"  # outside Ray: as asked
+
+
+def test_progress_gives_the_time_left_once_every_input_is_listed():
+    from mixnet_cli.distributed import JobSummary, job_progress
+
+    summary = JobSummary(images=300, failed=2, skipped=40)
+    still_listing = job_progress(summary, 10.0, 1_000, listed_all=False)
+    assert (still_listing.done, still_listing.failed, still_listing.rows_per_s, still_listing.eta_s) == (300, 2, 30.0, None)
+    assert job_progress(summary, 10.0, 1_000, listed_all=True).eta_s == pytest.approx(700 / 30)
+    assert job_progress(JobSummary(), 0.0, 64, listed_all=True).eta_s is None  # no result yet: no rate
+
+
+def test_fail_fast_needs_the_same_error_for_every_first_input():
+    from mixnet_cli.distributed import _FailFast
+
+    def missing(name: str) -> tuple[str, dict[str, str]]:
+        return name, {"type": "ImageNotFoundError", "message": f"{name}: no such file; check the path"}
+
+    stop = _FailFast(3)
+    assert stop.add([missing("s3://b/one.jpg"), missing("s3://b/two.jpg")]) is None
+    assert stop.add([missing("s3://b/three.jpg")]) == "s3://b/one.jpg: no such file; check the path"
+    mixed = _FailFast(3)
+    assert mixed.add([missing("a.jpg"), ("b.jpg", None), missing("c.jpg"), missing("d.jpg")]) is None
+    assert not mixed.active and _FailFast(0).add([missing("a.jpg")]) is None
+
+
+def test_one_job_per_output_folder_local_and_on_object_storage(tmp_path):
+    from mixnet_cli.distributed import ResultsDirectory
+
+    first = ResultsDirectory(str(tmp_path / "out"))
+    first.open(resume=False)
+    with pytest.raises(UsageError, match=rf"another classify-dataset job is writing there \(run {first.run}, pid "
+                                         rf"{os.getpid()} on "):
+        ResultsDirectory(str(tmp_path / "out")).open(resume=True)
+    first.close()
+    ResultsDirectory(str(tmp_path / "out")).open(resume=True)  # released: the next job may write
+
+    # A URI (pyarrow's filesystem, as for s3://): a record with a heartbeat; a stale one is taken over.
+    uri = f"file://{tmp_path}/remote"
+    holder = ResultsDirectory(uri, heartbeat_s=0.2, stale_after_s=2.0)
+    holder.open(resume=False)
+    time.sleep(0.5)  # a few heartbeats
+    with pytest.raises(UsageError, match=rf"\(run {holder.run}, "):
+        ResultsDirectory(uri, heartbeat_s=0.2, stale_after_s=2.0).open(resume=True)
+    holder.lock._stop.set()  # the holder dies without releasing: its heartbeat stops
+    holder.lock._thread.join()
+    time.sleep(2.5)
+    taker = ResultsDirectory(uri, heartbeat_s=0.2, stale_after_s=2.0)
+    taker.open(resume=True)
+    time.sleep(0.5)
+    assert json.loads((tmp_path / "remote" / ".mixnet-job.json").read_text())["run"] == taker.run
+    taker.close()
+    assert not (tmp_path / "remote" / ".mixnet-job.json").exists()
 
 
 def test_predictor_gives_error_rows_and_never_raises(tmp_path, image_set, calibrated_mirror):
@@ -327,19 +482,63 @@ def test_local_commands_never_import_ray(image_set, calibrated_mirror):
 # --- on the cluster ------------------------------------------------------------------------------------------------
 
 
-def test_results_equal_the_local_run(cluster, image_set, seeded_home, local_results, tmp_path):
+def test_results_equal_the_local_run_in_one_dataset_that_one_job_owns(cluster, image_set, seeded_home,
+                                                                     local_results, tmp_path, calibrated_weights_dir):
+    """The rows equal `mixnet classify`'s; the folder is one Parquet dataset (JSON lines in _jsonl/) that pandas
+    and pyarrow read as a folder, each part carrying its provenance; a second job into it is refused in one line
+    naming the running one."""
+    import hashlib
+
+    import pandas
+
     out = tmp_path / "out"
-    run = _run(cluster, seeded_home, image_set, out, "--jsonl", "--rows-per-file", "25", "--images-per-task", "16")
-    assert run.returncode == 1, run.stderr  # three corrupt files
-    summary = run.stderr.strip().splitlines()
+    first = subprocess.Popen(_command(cluster, image_set, out, "--offline", "--jsonl", "--rows-per-file", "25",
+                                      "--images-per-task", "16", "--progress-every", "0.5"),
+                             env=_environment(seeded_home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: (out / ".mixnet-job.json").is_file(), first)
+        holder = json.loads((out / ".mixnet-job.json").read_text())
+        second = _run(cluster, seeded_home, image_set, out, "--resume")
+        _, stderr = first.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert second.returncode == 2, second.stderr
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"Error: -o {out}: another classify-dataset job is writing there (run {holder['run']}, pid {first.pid} on "
+        f"{holder['host']}, started {holder['started_at']}); wait for it to finish, or choose another directory"), lines
+
+    assert first.returncode == 1, stderr  # three corrupt files
+    summary = stderr.strip().splitlines()
     assert f"{GOOD_IMAGES + 3} image(s) classified" in summary[-2] and "3 failed" in summary[-2]
+    assert "images/s over the whole job, of which" in summary[-2] and "s start-up" in summary[-2]
     assert summary[-1].startswith("Error: 3 image(s) failed")
+    progress = [line for line in summary if line.startswith("progress: ")]
+    assert progress and all(re.fullmatch(r"progress: \d+ row\(s\) done, [\d.]+ rows/s, \d+ failed(, about "
+                                          r"\d+m\d\ds left)?", line) for line in progress), progress
     rows = _rows(out)
     _assert_each_input_once_and_equal(rows, local_results)
     assert {row["error"]["type"] for row in rows if "error" in row} == {"NotAnImageError", "TruncatedImageError"}
-    jsonl = [json.loads(line) for part in sorted(out.glob("*.jsonl")) for line in part.read_text().splitlines()]
+    jsonl = [json.loads(line) for part in sorted((out / "_jsonl").glob("part-*.jsonl"))
+             for line in part.read_text().splitlines()]
+    assert all(row.pop("key") for row in jsonl)
     assert sorted(jsonl, key=lambda r: r["input"]) == sorted(rows, key=lambda r: r["input"])
-    assert _parts(out) >= 2 and not list(out.glob(".*")), "only finished parts are left"
+    assert _parts(out) >= 2 and not list(out.glob(".*")), "only finished parts are left, and no lock"
+
+    # One dataset, read as a folder.
+    assert len(pandas.read_parquet(out)) == len(rows) == pq.read_table(out).num_rows
+    weights_sha256 = hashlib.sha256((calibrated_weights_dir / "MixNet_S_pretrained.pdparams").read_bytes()).hexdigest()
+    for part in out.glob("part-*.parquet"):
+        metadata = {key.decode(): value.decode() for key, value in pq.read_schema(part).metadata.items()
+                    if key.startswith(b"mixnet.")}
+        assert set(metadata) == {f"mixnet.{name}" for name in ("version", "model", "weights_sha256", "engine",
+                                                                 "precision", "device", "topk", "run_id",
+                                                                 "started_at")}, metadata
+        assert metadata["mixnet.model"] == "MixNet_S" and metadata["mixnet.topk"] == "5"
+        assert metadata["mixnet.run_id"] == holder["run"] and metadata["mixnet.started_at"][:4].isdigit()
+        assert metadata["mixnet.device"] == "cpu" and metadata["mixnet.precision"] == "fp32"
+        assert metadata["mixnet.weights_sha256"] == weights_sha256
 
 
 def test_a_killed_actor_loses_and_duplicates_nothing(cluster, image_set, local_results, tmp_path,
@@ -399,6 +598,105 @@ def test_a_killed_job_resumes_with_every_input_once(cluster, image_set, seeded_h
     again = _run(cluster, seeded_home, image_set, out, "--resume")  # nothing left: no new part, same answer
     assert again.returncode == 1 and "0 image(s) classified" in again.stderr
     _assert_each_input_once_and_equal(_rows(out), local_results)
+
+
+def test_resume_under_another_spelling_adds_nothing_and_retry_failed_replaces_error_rows(
+        cluster, image_set, seeded_home, local_results, tmp_path):
+    """Run from the folder above with relative names, resume from / with absolute, redundant ones: nothing is
+    classified twice. A file fixed after its error row is not seen by --resume (README says so); --retry-failed
+    classifies it again and replaces its row."""
+    photos = tmp_path / "photos"
+    shutil.copytree(image_set / "b", photos)
+    (photos / "truncated.png").write_bytes((image_set / "b" / "truncated.png").read_bytes())
+    count = len(list(photos.glob("*.png"))) + len(list(photos.glob("img*.jpg")))
+
+    def run(cwd: Path, source: str, out: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(MIXNET + ["classify-dataset", source, "-o", out, "--address", cluster.address,
+                                        "--offline", "--rows-per-file", "8", *extra],
+                              env={**_environment(seeded_home), "PYTHONPATH": str(Path(__file__).parents[1])},
+                              cwd=cwd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+
+    first = run(tmp_path, "photos", "out", "--jsonl")
+    assert first.returncode == 1 and f"{count} image(s) classified" in first.stderr, first.stderr
+    out = tmp_path / "out"
+    table = pq.read_table(out)
+    assert sorted(table.column("input").to_pylist()) == sorted(f"photos/{p.name}" for p in photos.iterdir()
+                                                               if not p.name.startswith("."))
+    assert sorted(table.column("key").to_pylist()) == sorted(str(photos / p) for p in table.column("input").to_pylist()
+                                                             for p in [Path(p).name])
+
+    again = run(Path("/"), f"{tmp_path}/./photos/", f"{tmp_path}//out/", "--resume")
+    assert again.returncode == 1 and "0 image(s) classified" in again.stderr and f"{count} already in" in again.stderr
+    assert pq.read_table(out).num_rows == count
+
+    _photo(photos / "truncated.png", 5)  # fixed: --resume does not look at files already done
+    unchanged = run(tmp_path, "photos", "out", "--resume")
+    assert unchanged.returncode == 1 and "0 image(s) classified" in unchanged.stderr
+
+    retried = run(tmp_path, "photos", "out", "--resume", "--retry-failed")
+    assert retried.returncode == 0, retried.stderr
+    assert "1 image(s) classified" in retried.stderr and "0 failed" in retried.stderr
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == count == len({row["key"] for row in rows}), "one row per input"
+    assert all(row["error"] is None and row["predictions"] for row in rows)
+    jsonl = [json.loads(line) for part in (out / "_jsonl").glob("part-*.jsonl") for line in part.read_text().splitlines()]
+    assert sorted(jsonl, key=lambda row: row["key"]) == sorted(
+        ({k: v for k, v in row.items() if v is not None} for row in rows), key=lambda row: row["key"])
+
+
+def test_a_streamed_manifest_gives_the_same_rows_and_a_job_failing_the_same_way_stops_early(
+        cluster, image_set, seeded_home, local_results, tmp_path, calibrated_weights_dir):
+    """A Parquet manifest, with your own weights and labels (--weights, --labels: here the same weights file under
+    its own name, and labels of our own): the rows of `mixnet classify`, with those labels."""
+    import pyarrow
+
+    files = sorted(name for name, row in local_results.items() if Path(name).is_file())
+    manifest = tmp_path / "manifest.parquet"
+    pq.write_table(pyarrow.table({"uri": files}), manifest)
+    weights = tmp_path / "my-weights.pdparams"
+    shutil.copyfile(calibrated_weights_dir / "MixNet_S_pretrained.pdparams", weights)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"thing {index}\n" for index in range(1000)))
+    out = tmp_path / "out"
+    run = subprocess.run(MIXNET + ["classify-dataset", "--files-from", str(manifest), "--files-from-column", "uri",
+                                   "-o", str(out), "--address", cluster.address, "--offline", "-q",
+                                   "--weights", str(weights), "--labels", str(labels)],
+                         env=_environment(seeded_home), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert run.returncode == 1, run.stderr  # the corrupt files
+    expected = {}
+    for name in files:
+        row = dict(local_results[name])
+        if "predictions" in row:
+            row["predictions"] = [{**p, "label": f"thing {p['class_id']}"} for p in row["predictions"]]
+        expected[name] = row
+    _assert_each_input_once_and_equal(_rows(out), expected)
+
+    # Every input fails the same way (here: not there): the job stops after --fail-fast of them, in one line,
+    # keeping the parts written.
+    missing = "".join(f"{tmp_path}/gone/{index:03d}.jpg\n" for index in range(200))
+    stopped_out = tmp_path / "stopped"
+    stopped = subprocess.run(MIXNET + ["classify-dataset", "--files-from", "-", "-o", str(stopped_out), "--address",
+                                       cluster.address, "--offline", "-q", "--fail-fast", "6", "--images-per-task",
+                                       "2", "--rows-per-file", "2"],
+                             input=missing, env=_environment(seeded_home), capture_output=True, text=True,
+                             timeout=RUN_TIMEOUT_S)
+    assert stopped.returncode == 1, stopped.stderr
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: the first 6 inputs all failed the same way, so the job stopped: ") and \
+        "no such file" in last, stopped.stderr
+    written = pq.read_table(stopped_out).num_rows
+    assert 6 <= written < 200
+
+
+def test_device_gpu_on_a_cluster_without_one_is_one_line_before_any_actor(cluster, image_set, seeded_home, tmp_path):
+    started = time.monotonic()
+    run = _run(cluster, seeded_home, image_set, tmp_path / "out", "--device", "gpu")
+    assert run.returncode == 2, run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == [line for line in run.stderr.splitlines() if "Error" in line]
+    assert len(errors) == 1 and "the Ray cluster has no GPU" in errors[0], run.stderr
+    assert time.monotonic() - started < 60
+    assert not any(command.startswith(ACTOR_TITLE) for command in cluster.processes().values())
 
 
 def test_api_on_a_dataset_read_by_ray(cluster, image_set, seeded_home, local_results, monkeypatch):

@@ -1,0 +1,82 @@
+"""The Spark route (`mixnet_cli.distributed.spark_classify_batches` in `mapInArrow`) on a local[2] Spark with its
+JVM bound to 127.0.0.1: the same rows as `mixnet classify --jsonl` (and so as `classify-dataset`). Needs pyspark
+(the [spark] extra) and a Java runtime; skipped, saying which is missing, without them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+try:
+    import pyarrow  # noqa: F401
+    import pyspark  # noqa: F401
+except ImportError as exc:
+    pytest.skip(f'needs the [spark] extra (pip install "mixnet-cli[spark]"): {exc}', allow_module_level=True)
+if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+    pytest.skip("needs a Java runtime for Spark (java on PATH or JAVA_HOME)", allow_module_level=True)
+
+pytestmark = [pytest.mark.spark, pytest.mark.slow]
+
+MIXNET = [sys.executable, "-m", "mixnet_cli"]
+
+
+def _environment(home: Path) -> dict[str, str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MIXNET_")}
+    environment["MIXNET_HOME"] = str(home)
+    return environment
+
+
+def test_map_in_arrow_gives_the_rows_of_classify(tmp_path, calibrated_server):
+    from pyspark.sql import SparkSession
+
+    from mixnet_cli.distributed import SPARK_SCHEMA, canonical_key, spark_classify_batches
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(12):
+        size = (96 + 8 * (index % 7), 80 + 6 * (index % 5))
+        image = Image.linear_gradient("L").resize(size).convert("RGB")
+        image.paste(((37 * index) % 256, (91 * index) % 256, 40), (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2))
+        image.save(photos / f"img{index:02d}.{'png' if index % 3 == 0 else 'jpg'}")
+    (photos / "notes.jpg").write_text("not an image\n")
+    home = tmp_path / "home"
+    subprocess.run(MIXNET + ["download", "S"], env={**_environment(home), "MIXNET_MIRROR": calibrated_server.url},
+                   check=True, capture_output=True, timeout=120)
+    local = subprocess.run(MIXNET + ["classify", str(photos), "--jsonl", "--offline"], env=_environment(home),
+                           capture_output=True, text=True, timeout=300)
+    expected = {row["input"]: row for row in map(json.loads, local.stdout.splitlines())}
+    assert len(expected) == 13 and local.returncode == 1  # the text file named .jpg
+
+    # The Python workers inherit the driver's environment: the seeded cache, and loopback only.
+    saved = {name: os.environ.get(name) for name in ("MIXNET_HOME", "SPARK_LOCAL_IP", "PYSPARK_PYTHON")}
+    os.environ.update(MIXNET_HOME=str(home), SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable)
+    spark = (SparkSession.builder.master("local[2]").appName("mixnet-test")
+             .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
+             .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "2")
+             .config("spark.local.dir", str(tmp_path / "spark")).getOrCreate())
+    try:
+        paths = spark.createDataFrame([(name,) for name in sorted(expected)], "path string").repartition(2)
+        rows = paths.mapInArrow(spark_classify_batches("S", offline=True, threads=1), SPARK_SCHEMA).collect()
+    finally:
+        spark.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    got: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        row_dict = row.asDict(recursive=True)
+        assert row_dict.pop("key") == canonical_key(row_dict["input"])
+        got[row_dict["input"]] = {key: value for key, value in row_dict.items() if value is not None}
+    assert len(rows) == len(got) == len(expected)
+    assert got == expected
