@@ -188,15 +188,17 @@ def _fallback(choice: EngineChoice, exc: MixnetError) -> EngineChoice | None:
 def create_engine(
     spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, *, threads: int | None = None,
     features: bool = False,
+    feature_map: bool = False,
 ) -> tuple[Engine, EngineChoice]:
     """The engine ``choice`` names, on its device, for these verified weights; returns it with the final choice.
 
     An engine picked by ``auto`` that cannot start (a failed conversion or check, a GPU it cannot drive) gives
     way, with a warning on stderr, to the next that can; one the user asked for raises instead. ``features``:
-    an engine whose ``run_with_features`` also returns the pooled features (ONNX Runtime, or torch).
+    an engine whose ``run_with_features`` also returns the pooled features (ONNX Runtime, or torch);
+    ``feature_map``: one whose ``run_with_feature_map`` also returns the final feature map (the same two).
     """
-    if features:
-        return _features_engine(spec, weights, choice, threads)
+    if features or feature_map:
+        return _extra_output_engine(spec, weights, choice, threads, "feature map" if feature_map else "features")
     try:
         require_engine(choice.engine)
         return ENGINES[choice.engine].load().build(spec, weights, choice, threads), choice
@@ -208,22 +210,31 @@ def create_engine(
         return create_engine(spec, weights, fallback, threads=threads)
 
 
-def _features_engine(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice,
-                     threads: int | None) -> tuple[Engine, EngineChoice]:
-    """The engine that also returns pooled features: the torch engine when it is the choice (on its device, a GPU
-    included), else ONNX Runtime on mixnet's graph with its second output, on ``choice``'s device when that is
-    ONNX Runtime's, else the CPU."""
+# Engines that can give more than the logits from the same forward pass, and how each builds that model. The
+# others (OpenVINO's fixed-batch compiled models, the paddle engines' saved programs) give the logits only.
+# Each: the engine module's builder, and how messages name the output.
+_EXTRA_OUTPUTS = {"features": ("build_with_features", "features come"),
+                  "feature map": ("build_with_feature_map", "class activation maps (the feature map) come")}
+
+
+def _extra_output_engine(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice,
+                         threads: int | None, output: str) -> tuple[Engine, EngineChoice]:
+    """The engine that also returns ``output`` (``features``: the pooled features; ``feature map``: the final
+    feature map): the torch engine when it is the choice (on its device, a GPU included), else ONNX Runtime on
+    mixnet's graph with that extra output, on ``choice``'s device when that is ONNX Runtime's, else the CPU. An
+    engine the user named that cannot give it is a :class:`UsageError` saying which can."""
+    builder, they_come = _EXTRA_OUTPUTS[output]
     if choice.engine == "torch":
         require_engine("torch")
-        return ENGINES["torch"].load().build_with_features(spec, weights, choice, threads), choice
+        return getattr(ENGINES["torch"].load(), builder)(spec, weights, choice, threads), choice
     if choice.engine != "onnxruntime" and not choice.engine_auto:
-        raise UsageError(f"features come from ONNX Runtime or torch; leave out --engine {choice.engine} (or use "
-                         "onnxruntime or torch)")
+        raise UsageError(f"{they_come} from ONNX Runtime or torch, not {choice.engine}; leave out --engine "
+                         f"{choice.engine} (or use onnxruntime or torch)")
     require_engine("onnxruntime")
     device = choice.device if choice.engine == "onnxruntime" else "cpu"
-    engine = ENGINES["onnxruntime"].load().build_with_features(spec, weights, device, threads)
+    engine = getattr(ENGINES["onnxruntime"].load(), builder)(spec, weights, device, threads)
     return engine, replace(choice, engine="onnxruntime", device=device,
-                           engine_reason="features come from ONNX Runtime")
+                           engine_reason=f"{they_come} from ONNX Runtime")
 
 
 @dataclass(frozen=True)
