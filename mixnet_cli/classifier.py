@@ -63,6 +63,7 @@ class ClassificationResult:
     cam_label: str | None = None
     photo: np.ndarray | None = field(default=None, compare=False, repr=False)
     preprocessing: Preprocessing | None = field(default=None, compare=False, repr=False)
+    cam_file: str | None = None  # where its picture was written (``mixnet classify --cam``)
 
     @property
     def ok(self) -> bool:
@@ -85,6 +86,15 @@ class ClassificationResult:
         if self.cam is not None:
             row["cam"] = {"class_id": self.cam_class, "label": self.cam_label,
                           "grid": [[float(value) for value in line] for line in self.cam]}
+            if self.photo is not None and self.preprocessing is not None:
+                from .images.preprocess import crop_region
+
+                height, width = self.photo.shape[:2]
+                # Where the grid lies on the photo, for drawing it there (the service's page does).
+                row["cam"]["photo_size"] = [width, height]
+                row["cam"]["crop"] = [float(edge) for edge in crop_region(width, height, self.preprocessing)]
+            if self.cam_file is not None:
+                row["cam"]["file"] = self.cam_file
         return row
 
     def _with_cam(self) -> tuple[np.ndarray, np.ndarray, Preprocessing]:

@@ -12,6 +12,10 @@ crop is dimmed, since the network never saw it.
 from __future__ import annotations
 
 import io
+import os
+import re
+from pathlib import Path, PurePosixPath
+from typing import Sequence
 
 import numpy as np
 
@@ -126,3 +130,44 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(rgb)).save(buffer, format="PNG", compress_level=6)
     return buffer.getvalue()
+
+
+OVERLAY_SUFFIX = ".cam.png"
+
+
+def _stem(input_name: str) -> str:
+    """The stem a picture of ``input_name`` is named after: a file's name without its extension, a URL's last
+    path segment (characters other than letters, digits, ``.``, ``_``, ``-`` made ``_``), ``stdin`` for ``-``."""
+    from urllib.parse import urlsplit
+
+    if input_name == "-":
+        return "stdin"
+    if "://" in input_name:
+        segment = urlsplit(input_name).path.rstrip("/").rsplit("/", 1)[-1]
+        stem = re.sub(r"[^A-Za-z0-9._-]", "_", PurePosixPath(segment).stem).strip("._")
+        return stem or "image"
+    return Path(input_name).stem or "image"
+
+
+def overlay_paths(input_names: Sequence[str], directory: Path) -> list[Path]:
+    """Where the pictures of these inputs go, one path per name in order: ``directory/<stem>.cam.png``, the stem
+    from the input's name; a stem met before (case aside) gets ``-2``, ``-3``... in input order, and a path that
+    is one of the inputs themselves gets the next number, so no input is ever overwritten."""
+    inputs = set()
+    for name in input_names:
+        if name != "-" and "://" not in name:
+            inputs.add(os.path.normcase(str(Path(name).expanduser().resolve())))
+    taken: set[str] = set()
+    paths = []
+    for name in input_names:
+        stem = _stem(name)
+        number = 1
+        while True:
+            candidate = directory / f"{stem if number == 1 else f'{stem}-{number}'}{OVERLAY_SUFFIX}"
+            key = os.path.normcase(str(candidate.expanduser().resolve())).casefold()
+            if key not in taken and os.path.normcase(str(candidate.expanduser().resolve())) not in inputs:
+                break
+            number += 1
+        taken.add(key)
+        paths.append(candidate)
+    return paths
