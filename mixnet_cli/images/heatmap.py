@@ -1,9 +1,10 @@
 """Class activation maps drawn over the photo: the 7 x 7 map placed on the part of the photo the network saw.
 
 The network sees a centre crop of the photo resized (:func:`~mixnet_cli.images.preprocess.crop_region`), so the map
-goes there, through the same resize and crop taken backwards: each of its cells covers ``crop_size / 7`` pixels of
-the crop, its value at the cell's centre. Between centres it is interpolated with a cubic kernel (smooth, no
-blocks), evaluated at each photo pixel's own centre, so the geometry holds at any photo size and aspect ratio. The
+goes there, through the same resize and crop taken backwards: cell ``j`` of the map holds the value at the centre
+of its receptive field, pixel ``32 j`` of the crop (why: the comment above ``_axis``). Between centres it is interpolated
+with a cubic kernel (smooth, no blocks; held constant past the last centre), evaluated at each photo pixel's own
+centre, so the geometry holds at any photo size and aspect ratio. The
 picture is the photo with the map over the crop in a perceptually uniform colour map (inferno: equal steps in value
 look like equal steps in colour, and it reads in grey), normalised per image, no legend; the photo outside the
 crop is dimmed, since the network never saw it.
@@ -54,6 +55,13 @@ ALPHA_RANGE = 0.4
 MAX_OVERLAY_SIDE = 1600
 
 
+# Where each cell of the map sits on the crop: at its receptive field's centre. Every stride-2 layer of MixNet pads
+# symmetrically ((k - 1) / 2), so its output j is centred on its input 2j; after the five of them, cell j of the
+# 7 x 7 map is centred on pixel 32j of the crop, not on 32j + 15.5 (the middle of the j-th block of 32 pixels, where
+# a plain resize of the map would put it). Placed by the blocks' middles, the maximum of a map lands half a cell to
+# the right of and below the object that made it (tests/test_cam.py finds it inside a square only this way).
+
+
 def _cubic(distance: np.ndarray) -> np.ndarray:
     """Keys's cubic convolution kernel (a = -0.5, Catmull-Rom): interpolates, continuous slope."""
     x = np.abs(distance)
@@ -70,7 +78,7 @@ def _axis(length: int, out_length: int, resized: int, offset: int, pre: Preproce
     in_resized = (photo + 0.5) * (resized / length) - 0.5  # cv2's resize: centres map proportionally
     in_crop = in_resized - offset
     inside = (in_crop >= -0.5) & (in_crop < pre.crop_size - 0.5)
-    cell = (in_crop + 0.5) * (cells / pre.crop_size) - 0.5  # cell centres at 0 .. cells - 1
+    cell = in_crop * (cells / pre.crop_size)  # cell j centred on crop pixel 32j (above)
     base = np.floor(cell).astype(np.int64)
     weights = np.zeros((out_length, cells))
     rows = np.arange(out_length)
