@@ -78,7 +78,9 @@ def _axis(length: int, out_length: int, resized: int, offset: int, pre: Preproce
     in_resized = (photo + 0.5) * (resized / length) - 0.5  # cv2's resize: centres map proportionally
     in_crop = in_resized - offset
     inside = (in_crop >= -0.5) & (in_crop < pre.crop_size - 0.5)
-    cell = in_crop * (cells / pre.crop_size)  # cell j centred on crop pixel 32j (above)
+    # Cell j centred on crop pixel 32j (above); held at the outer cells' values past their centres (a cubic would
+    # carry the slope on and overshoot there).
+    cell = np.clip(in_crop * (cells / pre.crop_size), 0, cells - 1)
     base = np.floor(cell).astype(np.int64)
     weights = np.zeros((out_length, cells))
     rows = np.arange(out_length)
