@@ -14,7 +14,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 from imagegen import scene
-from weightgen import FINE_TUNED_CLASSES, make_fine_tuned_weights, save_pdparams
+from weightgen import (
+    FINE_TUNED_CLASSES,
+    make_fine_tuned_weights,
+    make_square_weights,
+    random_square,
+    square_photo,
+)
 from mixnet_cli import Classifier
 from mixnet_cli.base.errors import UsageError
 from mixnet_cli.base.manifest import resolve_model
@@ -107,55 +113,12 @@ def test_engines_without_maps_say_so_in_one_line(calibrated_weights):
 
 # -- where the map lies ----------------------------------------------------------------------------------------
 
-BACKGROUND = (90, 140, 90)
-SQUARE = (230, 40, 40)
-
-
-def square_photo(width: int, height: int, box: tuple[int, int, int, int] | None) -> np.ndarray:
-    photo = np.empty((height, width, 3), dtype=np.uint8)
-    photo[:] = BACKGROUND
-    if box is not None:
-        left, top, right, bottom = box
-        photo[top:bottom, left:right] = SQUARE
-    return photo
-
-
-def random_square(rng: np.random.Generator, width: int, height: int, side: int,
-                  reach_in_crop: int = 112) -> tuple[int, int, int, int]:
-    """A square inside the centre crop, at most ``reach_in_crop`` crop pixels from its centre."""
-    reach = int(reach_in_crop * min(width, height) / 256)
-    left = int(rng.integers(width // 2 - reach, width // 2 + reach - side))
-    top = int(rng.integers(height // 2 - reach, height // 2 + reach - side))
-    return left, top, left + side, top + side
-
-
 @pytest.fixture(scope="module")
 def square_weights(calibrated_weights, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The calibrated MixNet_S with a 2-class classifier (0: flat background, 1: a red square on it), fitted by
-    ridge regression on the pooled features of generated photos of each."""
-    from mixnet_cli.weights.pdparams import read_state_dict
-
-    calibrated = calibrated_weights("MixNet_S")
-    extractor = Classifier(weights=calibrated, features=True)
-    rng = np.random.default_rng(5)
-    features, targets = [], []
-    for index in range(24):
-        has_square = index % 2 == 0
-        side = int(rng.integers(40, 70))
-        photo = square_photo(320, 240, random_square(rng, 320, 240, side) if has_square else None)
-        features.append(extractor.classify(photo).features)
-        targets.append(1.0 if has_square else -1.0)
-    x = np.asarray(features, dtype=np.float64)
-    y = np.asarray(targets)
-    mean = x.mean(axis=0)
-    centred = x - mean
-    ridge = 0.1 * np.trace(centred.T @ centred) / x.shape[1]
-    direction = np.linalg.solve(centred.T @ centred + ridge * np.eye(x.shape[1]), centred.T @ (y - y.mean()))
-    gain = 4.0 / np.abs(centred @ direction).mean()
-    state = read_state_dict(calibrated)
-    state["output.weight"] = np.stack([-direction, direction], axis=1).astype(np.float32) * np.float32(gain)
-    state["output.bias"] = (np.array([1.0, -1.0]) * (mean @ direction) * gain).astype(np.float32)
-    return save_pdparams(state, tmp_path_factory.mktemp("square-weights") / "square.pdparams")
+    """The calibrated MixNet_S with a 2-class classifier (0: flat background, 1: a red square on it), fitted on
+    the pooled features of generated photos of each (weightgen.make_square_weights)."""
+    return make_square_weights(calibrated_weights("MixNet_S"),
+                               tmp_path_factory.mktemp("square-weights") / "square.pdparams")
 
 
 def test_the_map_peaks_inside_the_square(square_weights):
