@@ -77,7 +77,8 @@ def assert_maps_are_exact(classifier: Classifier, photos: list[Path]) -> None:
 
 
 ENGINES_WITH_MAPS = ["onnxruntime", pytest.param("torch", marks=needs_torch)]
-MODELS = ["MixNet_S", pytest.param("MixNet_M", marks=pytest.mark.slow), pytest.param("MixNet_L", marks=pytest.mark.slow)]
+MODELS = ["MixNet_S", pytest.param("MixNet_M", marks=pytest.mark.slow),
+          pytest.param("MixNet_L", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("engine", ENGINES_WITH_MAPS)

@@ -14,7 +14,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import pytest
-import requests
 from PIL import Image
 
 from imagegen import scene
@@ -113,7 +112,8 @@ def test_the_page_in_a_browser(service: ServerProcess, photo: Path, tmp_path: Pa
     answer = service.post("?cam=1", data=photo.read_bytes()).json()
     with sync_playwright() as playwright, tempfile.TemporaryDirectory() as profile:
         browser = playwright.chromium.launch_persistent_context(
-            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, viewport={"width": 1000, "height": 700})
+            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1000, "height": 700})
         try:
             page = browser.new_page()
             problems: list[str] = []
@@ -136,7 +136,10 @@ def test_the_page_in_a_browser(service: ServerProcess, photo: Path, tmp_path: Pa
             width, height, corner, middle = page.evaluate("""() => {
                 const canvas = document.querySelector(".result canvas");
                 const pixels = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
-                const at = (x, y) => Array.from(pixels.slice((y * canvas.width + x) * 4, (y * canvas.width + x) * 4 + 3));
+                const at = (x, y) => {
+                    const start = (y * canvas.width + x) * 4;
+                    return Array.from(pixels.slice(start, start + 3));
+                };
                 return [canvas.width, canvas.height, at(2, 2), at(160, 120)];
             }""")
             assert (width, height) == (320, 240)

@@ -2,12 +2,12 @@
 
 The network sees a centre crop of the photo resized (:func:`~mixnet_cli.images.preprocess.crop_region`), so the map
 goes there, through the same resize and crop taken backwards: cell ``j`` of the map holds the value at the centre
-of its receptive field, pixel ``32 j`` of the crop (why: the comment above ``_axis``). Between centres it is interpolated
-with a cubic kernel (smooth, no blocks; held constant past the last centre), evaluated at each photo pixel's own
-centre, so the geometry holds at any photo size and aspect ratio. The
-picture is the photo with the map over the crop in a perceptually uniform colour map (inferno: equal steps in value
-look like equal steps in colour, and it reads in grey), normalised per image, no legend; the photo outside the
-crop is dimmed, since the network never saw it.
+of its receptive field, pixel ``32 j`` of the crop (why: the comment above ``_axis``). Between centres it is
+interpolated with a cubic kernel (smooth, no blocks; held constant past the outer centres), evaluated at each photo
+pixel's own centre, so the geometry holds at any photo size and aspect ratio. The picture is the photo with the map
+over the crop in a perceptually uniform colour map (inferno: equal steps in value look like equal steps in colour,
+and it reads in grey), normalised per image, no legend; the photo outside the crop is dimmed, since the network
+never saw it.
 """
 
 from __future__ import annotations
