@@ -258,3 +258,30 @@ def test_cam_class_and_usage_errors(tmp_path, calibrated_weights, photos):
         assert refused.exit_code == 2
         assert refused.stderr.count("\n") == 1 and "ONNX Runtime or torch" in refused.stderr
         assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+@pytest.mark.paddle
+@pytest.mark.parametrize("engine", ENGINES_WITH_MAPS)
+def test_feature_map_is_paddleclas_final_block(engine, calibrated_weights, photos):
+    """The map's input is paddleclas's own: the output of its network's ``final_block`` (the last 1x1 convolution,
+    batch norm and ReLU), before ``final_pool``."""
+    import paddle
+    from paddleclas.ppcls.arch.backbone.model_zoo import mixnet
+    from paddleclas_reference import paddleclas_decode, paddleclas_transform
+
+    weights = calibrated_weights("MixNet_S")
+    network = mixnet.MixNet_S(pretrained=False, class_num=1000)
+    network.set_state_dict(paddle.load(str(weights)))
+    network.eval()
+    batch = np.stack([paddleclas_transform(paddleclas_decode(path)) for path in photos])
+    with paddle.no_grad():
+        x = paddle.to_tensor(batch)
+        for name, layer in network.features.named_children():
+            if name == "final_pool":
+                break
+            x = layer(x)
+    want = x.numpy()
+    classifier = Classifier(weights=weights, engine=engine, cam=True)
+    _, got = classifier.cam_engine().run_with_feature_map(batch)
+    assert got.shape == want.shape == (len(photos), 1536, 7, 7)
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
