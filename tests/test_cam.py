@@ -252,6 +252,13 @@ def test_cam_class_and_usage_errors(tmp_path, calibrated_weights, photos):
     outside = CliRunner().invoke(main, ["classify", str(photos[0]), "--weights", weights, "--cam", str(tmp_path),
                                         "--cam-class", "1000"])
     assert outside.exit_code == 2 and "classes 0 to 999" in outside.stderr
+    remote = CliRunner().invoke(main, ["classify", str(photos[0]), "--server", "http://127.0.0.1:9", "--cam",
+                                       str(tmp_path / "r")])
+    assert remote.exit_code == 2 and "?cam=1" in remote.stderr
+    a_file = tmp_path / "not-a-directory"
+    a_file.write_text("x")
+    blocked = CliRunner().invoke(main, ["classify", str(photos[0]), "--weights", weights, "--cam", str(a_file)])
+    assert blocked.exit_code == 2 and "not-a-directory" in blocked.stderr and a_file.read_text() == "x"
     if ENGINES["openvino"].missing() is None:
         refused = CliRunner().invoke(main, ["classify", str(photos[0]), "--weights", weights, "--engine", "openvino",
                                             "--cam", str(tmp_path / "o")])
