@@ -156,7 +156,7 @@ class Classifier:
     reference; the others answer close to it, not within 1e-4.
 
     Class activation maps (``classify(..., cam=True)``) come from an engine whose forward pass also gives the final
-    feature map (ONNX Runtime or torch), made on first use; ``cam=True`` here makes it at once (an engine named in
+    feature map (the same kind of engine, except Paddle Inference), made on first use; ``cam=True`` here makes it at once (an engine named in
     ``engine`` that cannot give the map is then a :class:`UsageError` now, not at the first image).
     """
 
@@ -206,27 +206,29 @@ class Classifier:
         if threads is None:
             threads = settings.cpu_threads()
         self.features = features
-        self.engine, self.engine_choice = create_engine(self.spec, self.weights, choice, threads=threads,
-                                                        features=features)
-        self.device_choice: DeviceChoice = self.engine_choice.device_choice
         self._threads = threads
         self._cam_engine: Engine | None = None
         self._cam_columns: tuple[np.ndarray, np.ndarray] | None = None
         self._cam_lock = threading.Lock()
-        if cam:
-            self.cam_engine()
+        if cam:  # first: an engine that cannot give the maps is refused before any conversion
+            self._make_cam_engine(choice)
+        self.engine, self.engine_choice = create_engine(self.spec, self.weights, choice, threads=threads,
+                                                        features=features)
+        self.device_choice: DeviceChoice = self.engine_choice.device_choice
 
     def cam_engine(self) -> Engine:
         """The engine whose forward pass gives the logits and the final feature map (``run_with_feature_map``),
-        made once: torch when this classifier runs torch, else ONNX Runtime (on its device when it is the engine,
-        else the CPU). Raises :class:`UsageError` when the engine the user named cannot give the map."""
+        made once: this classifier's engine on the graph (or network) with that output, when it can give it (ONNX
+        Runtime, OpenVINO, torch, dygraph), else ONNX Runtime on the CPU. Raises :class:`UsageError` when the engine the user named cannot give the map."""
+        return self._make_cam_engine(self.engine_choice)
+
+    def _make_cam_engine(self, choice: EngineChoice) -> Engine:
         with self._cam_lock:
             if self._cam_engine is None:
                 from .network.architecture import architecture_for
                 from .weights.pdparams import read_state_dict
 
-                engine, _ = create_engine(self.spec, self.weights, self.engine_choice, threads=self._threads,
-                                          feature_map=True)
+                engine, _ = create_engine(self.spec, self.weights, choice, threads=self._threads, feature_map=True)
                 architecture = architecture_for(self.spec)
                 state = read_state_dict(self.weights.path)
                 self._cam_columns = (np.asarray(state[architecture.classifier_weight], dtype=np.float32),

@@ -31,6 +31,7 @@ from mixnet_cli.images.preprocess import crop_region, transform
 
 PRE = resolve_model("MixNet_S").preprocessing
 needs_torch = pytest.mark.skipif(ENGINES["torch"].missing() is not None, reason="needs torch (the [torch] extra)")
+needs_openvino = pytest.mark.skipif(ENGINES["openvino"].missing() is not None, reason="needs openvino")
 # Within a few float32 roundings of the size of the terms summed (sum_k |W[k, c] F_k| + |b_c|).
 FLOAT32_ROUNDINGS = 4 * float(np.finfo(np.float32).eps)
 
@@ -76,7 +77,10 @@ def assert_maps_are_exact(classifier: Classifier, photos: list[Path]) -> None:
         assert not np.allclose(chosen.cam, result.cam)
 
 
-ENGINES_WITH_MAPS = ["onnxruntime", pytest.param("torch", marks=needs_torch)]
+# Every engine that gives the feature map: mixnet's graph (ONNX Runtime, OpenVINO), its torch network, and
+# paddleclas's own network (dygraph). Paddle Inference runs a saved program that ends in the logits.
+ENGINES_WITH_MAPS = ["onnxruntime", pytest.param("openvino", marks=needs_openvino),
+                     pytest.param("torch", marks=needs_torch), pytest.param("dygraph", marks=pytest.mark.paddle)]
 MODELS = ["MixNet_S", pytest.param("MixNet_M", marks=pytest.mark.slow),
           pytest.param("MixNet_L", marks=pytest.mark.slow)]
 
@@ -100,16 +104,13 @@ def test_fine_tuned_maps_have_its_classes(engine, calibrated_weights, photos, tm
         classifier.classify(photos[0], cam_class=len(FINE_TUNED_CLASSES))
 
 
+@pytest.mark.paddle
 def test_engines_without_maps_say_so_in_one_line(calibrated_weights):
-    if ENGINES["openvino"].missing() is not None:
-        pytest.skip("needs openvino")
     with pytest.raises(UsageError) as refused:
-        Classifier(weights=calibrated_weights("MixNet_S"), engine="openvino", cam=True)
+        Classifier(weights=calibrated_weights("MixNet_S"), engine="paddle", cam=True)
     message = str(refused.value)
-    assert "\n" not in message and "ONNX Runtime or torch" in message and "openvino" in message
-    # Chosen by auto, OpenVINO gives way to ONNX Runtime for the maps; the plain engine stays as chosen.
-    classifier = Classifier(weights=calibrated_weights("MixNet_S"))
-    assert classifier.cam_engine().name in ("onnxruntime", "torch")
+    assert "\n" not in message and message.startswith("--engine paddle gives no class activation maps")
+    assert "use --engine onnxruntime, openvino" in message
 
 
 # -- where the map lies ----------------------------------------------------------------------------------------
@@ -259,11 +260,11 @@ def test_cam_class_and_usage_errors(tmp_path, calibrated_weights, photos):
     a_file.write_text("x")
     blocked = CliRunner().invoke(main, ["classify", str(photos[0]), "--weights", weights, "--cam", str(a_file)])
     assert blocked.exit_code == 2 and "not-a-directory" in blocked.stderr and a_file.read_text() == "x"
-    if ENGINES["openvino"].missing() is None:
-        refused = CliRunner().invoke(main, ["classify", str(photos[0]), "--weights", weights, "--engine", "openvino",
+    if ENGINES["paddle"].missing() is None:
+        refused = CliRunner().invoke(main, ["classify", str(photos[0]), "--weights", weights, "--engine", "paddle",
                                             "--cam", str(tmp_path / "o")])
         assert refused.exit_code == 2
-        assert refused.stderr.count("\n") == 1 and "ONNX Runtime or torch" in refused.stderr
+        assert refused.stderr.count("\n") == 1 and "gives no class activation maps" in refused.stderr
         assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 

@@ -38,6 +38,23 @@ class PaddleDygraphEngine(OneBatchAtATime):
             logits = self._network(paddle.to_tensor(np.ascontiguousarray(batch, dtype=np.float32)))
         return np.asarray(logits.numpy(), dtype=np.float32)
 
+    def run_with_feature_map(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (``N x classes``) and paddleclas's own final feature map (``N x 1536 x 7 x 7``: its
+        ``final_block``'s output, before ``final_pool``), float32, from one pass through its layers in order."""
+        paddle = self._paddle
+        network = self._network
+        with paddle.no_grad():
+            x = paddle.to_tensor(np.ascontiguousarray(batch, dtype=np.float32))
+            feature_map = None
+            for name, layer in network.features.named_children():
+                if name == "final_pool":
+                    feature_map = x
+                x = layer(x)
+            logits = network.output(x.reshape(shape=[x.shape[0], -1]))
+        assert feature_map is not None, "paddleclas's MixNet ends its features with final_pool"
+        return (np.asarray(logits.numpy(), dtype=np.float32),
+                np.asarray(feature_map.numpy(), dtype=np.float32))
+
 
 # The same devices as Paddle Inference: paddle's.
 resolve_device = paddle_inference.resolve_device
@@ -49,3 +66,9 @@ def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, thr
     from ..weights.store import load_state
 
     return PaddleDygraphEngine(spec, load_state(weights), choice.device, threads)
+
+
+def build_with_feature_map(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice,
+                           threads: int | None) -> Engine:
+    """The same engine: paddleclas's network gives its feature map on request (``run_with_feature_map``)."""
+    return build(spec, weights, choice, threads)

@@ -179,20 +179,22 @@ def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, thr
     return OnnxRuntimeEngine(converted.file(".onnx"), choice.device, threads)
 
 
-def build_with_features(spec: ModelSpec, weights: "VerifiedWeights", device: str, threads: int | None) -> Engine:
+def build_with_features(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice,
+                        threads: int | None) -> Engine:
     """ONNX Runtime on the graph with a second output, the pooled features (``run_with_features``), built in
     memory from the verified weights (well under a second; not cached)."""
     from .conversion import onnx_bytes
 
-    return OnnxRuntimeEngine(onnx_bytes(spec, weights.path, features=True), device, threads,
+    return OnnxRuntimeEngine(onnx_bytes(spec, weights.path, features=True), choice.device, threads,
                              note="with the features output")
 
 
-def build_with_feature_map(spec: ModelSpec, weights: "VerifiedWeights", device: str, threads: int | None) -> Engine:
+def build_with_feature_map(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice,
+                           threads: int | None) -> Engine:
     """ONNX Runtime on the graph with the final feature map as a second output (``run_with_feature_map``, for
     class activation maps), built in memory from the verified weights like the features one (well under a
     second; not cached)."""
     from .conversion import onnx_bytes
 
-    return OnnxRuntimeEngine(onnx_bytes(spec, weights.path, feature_map=True), device, threads,
+    return OnnxRuntimeEngine(onnx_bytes(spec, weights.path, feature_map=True), choice.device, threads,
                              note="with the feature map output")
