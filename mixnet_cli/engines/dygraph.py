@@ -3,6 +3,7 @@ checked against. Needs the [paddle] extra; its devices are paddle's."""
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,10 +32,13 @@ class PaddleDygraphEngine(OneBatchAtATime):
         self.threads = None  # paddle's own default
         self.detail = "paddle eager mode, " + ("CPU" if device == "cpu" else "CUDA")
         self._network = load_network(spec, state)
+        # One pass at a time: the service runs class activation maps from several threads, and an eager paddle
+        # network is not documented as safe to call from more than one.
+        self._lock = threading.Lock()
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         paddle = self._paddle
-        with paddle.no_grad():
+        with self._lock, paddle.no_grad():
             logits = self._network(paddle.to_tensor(np.ascontiguousarray(batch, dtype=np.float32)))
         return np.asarray(logits.numpy(), dtype=np.float32)
 
@@ -43,7 +47,7 @@ class PaddleDygraphEngine(OneBatchAtATime):
         ``final_block``'s output, before ``final_pool``), float32, from one pass through its layers in order."""
         paddle = self._paddle
         network = self._network
-        with paddle.no_grad():
+        with self._lock, paddle.no_grad():
             x = paddle.to_tensor(np.ascontiguousarray(batch, dtype=np.float32))
             feature_map = None
             for name, layer in network.features.named_children():

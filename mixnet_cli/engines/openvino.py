@@ -187,6 +187,11 @@ def build_with_feature_map(spec: ModelSpec, weights: "VerifiedWeights", choice: 
     from ..base import cache, files
     from .conversion import ensure_converted, onnx_bytes, onnx_runtime_logits, openvino_dir, reference_logits
 
+    # The reference first: a first conversion of these weights makes OpenVINO's directory afresh.
+    try:
+        reference = reference_logits(spec, ensure_converted(spec, weights.path, weights.record.sha256, "onnx"))
+    except CacheError:
+        reference = onnx_runtime_logits(spec, onnx_bytes(spec, weights.path))
     model = onnx_bytes(spec, weights.path, feature_map=True)
     scratch = None
     try:
@@ -197,10 +202,6 @@ def build_with_feature_map(spec: ModelSpec, weights: "VerifiedWeights", choice: 
         scratch = tempfile.TemporaryDirectory(prefix="mixnet-openvino-")
         path = Path(scratch.name) / "feature_map.onnx"
         path.write_bytes(model)
-    try:
-        reference = reference_logits(spec, ensure_converted(spec, weights.path, weights.record.sha256, "onnx"))
-    except CacheError:
-        reference = onnx_runtime_logits(spec, onnx_bytes(spec, weights.path))
     try:
         engine = OpenVinoEngine(path, choice.device, threads, None)
         engine.detail += ", with the feature map output"
