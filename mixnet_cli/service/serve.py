@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from .batching import DynamicBatcher
+from .maps import OPENAPI_PARAMETERS, OPENAPI_PATH, CamRequest, cam_request, classify_with_maps
 from ..base.errors import ImageError, ImageTooLargeError, MixnetError, Overloaded, UsageError
 
 if TYPE_CHECKING:
@@ -200,29 +200,6 @@ class Metrics:
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
-
-# The page GET / serves, a file of this package, with its script and style inline.
-PAGE_FILE = "page.html"
-
-
-@functools.lru_cache(maxsize=1)
-def page() -> tuple[bytes, dict[str, str]]:
-    """The page and its headers. Its policy lets the browser run the page's own script and style only (named by
-    their hashes: no injected script or inline event handler would run) and talk to this service only."""
-    import base64
-    import hashlib
-    import re
-    from importlib import resources
-
-    html = resources.files(__package__).joinpath(PAGE_FILE).read_bytes()
-
-    def hashes(tag: bytes) -> str:
-        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(body).digest()).decode()}'"
-                        for body in re.findall(rb"<" + tag + rb">(.*?)</" + tag + rb">", html, re.S))
-
-    policy = (f"default-src 'none'; script-src {hashes(b'script')}; style-src {hashes(b'style')}; "
-              "img-src blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-    return html, {"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 _ENDPOINTS = ("/v1/classify", "/healthz", "/readyz", "/metrics", "/openapi.json", "/")
 
@@ -388,7 +365,7 @@ class Service:
             batcher.release(held)
 
     async def classify(self, model_name: str, topk: int, images: list[tuple[str, Callable[[], bytes]]],
-                       cam: "CamRequest | None" = None) -> list["ClassificationResult"]:
+                       cam: CamRequest | None = None) -> list["ClassificationResult"]:
         """Classify named images (each a loader of its encoded bytes, run in a decode thread) with one model,
         room for them held with :meth:`admitted`. An image that cannot be read gets its error in its place.
         ``cam``: each with its class activation map, from the classifier's map engine, outside the batcher."""
@@ -397,7 +374,10 @@ class Service:
         model = self.models[model_name]
         loop = asyncio.get_running_loop()
         if cam is not None:
-            return await self._classify_with_maps(model.classifier, model_name, topk, images, cam)
+            try:
+                return await classify_with_maps(model.classifier, model_name, topk, images, cam, self.decoders)
+            except UsageError as exc:
+                raise RequestError(400, type(exc).__name__, str(exc)) from None
 
         def prepare(name: str, load: Callable[[], bytes]) -> Any:
             return model.classifier.preprocess(load(), name)
@@ -411,53 +391,6 @@ class Service:
                 return ClassificationResult(input=name, model=model_name, error=exc)
 
         return list(await asyncio.gather(*(one(name, load) for name, load in images)))
-
-    async def _classify_with_maps(self, classifier: "Classifier", model_name: str, topk: int,
-                                  images: list[tuple[str, Callable[[], bytes]]], cam: "CamRequest"
-                                  ) -> list["ClassificationResult"]:
-        """Each image decoded and run through the classifier's map engine (made on the first such request) in a
-        decode thread: the maps are an occasional request, so they take no part in the batcher, and a service
-        never asked for one never builds that engine. An engine that cannot give maps is a 400."""
-        from ..classifier import ClassificationResult
-
-        loop = asyncio.get_running_loop()
-
-        def run(name: str, load: Callable[[], bytes]) -> ClassificationResult:
-            try:
-                return classifier.classify(load(), topk=topk, name=name, cam=True, cam_class=cam.class_id)
-            except ImageError as exc:
-                return ClassificationResult(input=name, model=model_name, error=exc)
-
-        try:
-            return list(await asyncio.gather(*(loop.run_in_executor(self.decoders, run, name, load)
-                                               for name, load in images)))
-        except UsageError as exc:
-            raise RequestError(400, type(exc).__name__, str(exc)) from None
-
-
-@dataclass(frozen=True)
-class CamRequest:
-    """``?cam=1``: the class activation map of each image's top-1 class, or (``cam_class=ID``) of class ``class_id``."""
-
-    class_id: int | None = None
-
-
-def cam_request(query: Any, num_classes: int) -> CamRequest | None:
-    """The maps a request asks for (None: none); :class:`RequestError` (400) for a bad ``cam`` or ``cam_class``."""
-    raw, raw_class = query.get("cam"), query.get("cam_class")
-    if raw in (None, "", "0", "false") and raw_class in (None, ""):
-        return None
-    if raw not in (None, "", "1", "true"):
-        raise RequestError(400, "UsageError", f"cam must be 1 or 0, got {raw!r}")
-    if raw_class in (None, ""):
-        return CamRequest()
-    try:
-        class_id = _whole_number(raw_class, "cam_class", 0)
-        if not 0 <= class_id < num_classes:
-            raise UsageError(f"cam_class must be a class of the model, 0 to {num_classes - 1}, got {class_id}")
-    except UsageError as exc:
-        raise RequestError(400, type(exc).__name__, str(exc)) from None
-    return CamRequest(class_id)
 
 
 def _served_specs(options: ServeOptions) -> dict[str, "ModelSpec"]:
@@ -565,7 +498,10 @@ def create_app(service: Service) -> Any:
                 raise RequestError(503, "NotReady", "the models are still loading; try again shortly (see /readyz)",
                                    {"Retry-After": "1"})
             request.state.model = name
-            request.state.cam = cam_request(request.query_params, service.specs[name].num_classes)
+            try:
+                request.state.cam = cam_request(request.query_params, service.specs[name].num_classes)
+            except UsageError as exc:
+                raise RequestError(400, type(exc).__name__, str(exc)) from None
             try:
                 return await asyncio.wait_for(answer(request, name, topk, url, deadline), deadline)
             except asyncio.TimeoutError:
@@ -614,6 +550,8 @@ def create_app(service: Service) -> Any:
 
     async def home(request: Any) -> Any:
         """The service's own page (one static file, no data in it): photos in, top-5 bars and heat maps out."""
+        from .maps import page
+
         html, headers = page()
         return Response(html, media_type="text/html; charset=utf-8", headers=headers)
 
@@ -744,12 +682,7 @@ def openapi_document(service: Service) -> dict[str, Any]:
                      "description": "a shorter deadline than the service's own"},
                     {"name": "url", "in": "query", "schema": {"type": "string"},
                      "description": "an http(s) image URL to fetch instead of a body (only with --allow-urls)"},
-                    {"name": "cam", "in": "query", "schema": {"type": "integer", "enum": [0, 1]},
-                     "description": "1: each answer also has `cam`, the class activation map of its top-1 class "
-                                    "(7x7 `grid` over the crop the network saw, `crop` in photo pixels)"},
-                    {"name": "cam_class", "in": "query",
-                     "schema": {"type": "integer", "minimum": 0, "maximum": classes - 1},
-                     "description": "the map of this class instead of the top-1 (implies cam=1)"},
+                    *OPENAPI_PARAMETERS,
                 ],
                 "requestBody": {"content": {
                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
@@ -768,8 +701,7 @@ def openapi_document(service: Service) -> dict[str, Any]:
                     "504": {"description": "not answered within the deadline", **json_error},
                 },
             }},
-            "/": {"get": {"summary": "A page to try the service in a browser: photos in, top-5 and heat maps out",
-                          "responses": {"200": {"description": "the page", "content": {"text/html": {}}}}}},
+            "/": OPENAPI_PATH,
             "/healthz": {"get": {"summary": "The process answers", "responses": {"200": {"description": "alive"}}}},
             "/readyz": {"get": {"summary": "Every model is loaded", "responses": {
                 "200": {"description": "ready"}, "503": {"description": "still loading"}}}},
