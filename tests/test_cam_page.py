@@ -153,6 +153,13 @@ def test_the_page_in_a_browser(service: ServerProcess, photo: Path, tmp_path: Pa
             page.wait_for_selector(f".cam-class[data-class-id='{chosen}']", timeout=60_000)
             page.wait_for_selector(".result[data-state=done]", timeout=60_000)
             assert "chosen" in (page.query_selector_all(".prediction")[2].get_attribute("class") or "")
+            # A file that is not an image gets the service's message, as text, in its own card.
+            broken = tmp_path / "notes.png"
+            broken.write_bytes(b"<b>not an image</b>")
+            page.set_input_files("#files", str(broken))
+            page.wait_for_selector(".result[data-state=error]", timeout=60_000)
+            message = page.query_selector(".result[data-state=error] .status").text_content()
+            assert message.startswith("notes.png: not an image")
             screenshot = tmp_path / "page.png"
             page.screenshot(path=str(screenshot), full_page=True)
             with Image.open(screenshot) as image:
