@@ -5,11 +5,13 @@
     result = classifier.classify("cat.jpg")
     result.predictions[0].label      # 'tabby, tabby cat'
     result.to_dict()                 # the JSON object the CLI prints
+    classifier.classify("cat.jpg", cam=True).cam   # where it looked: 7x7 class activation map of the top-1 class
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,8 +26,8 @@ from .images.postprocess import softmax
 from .base.errors import ImageError, MixnetError, UsageError
 from .images.inputs import InputItem, fetch_image_url, is_url
 from .images.labels import imagenet_labels, read_label_file
-from .base.manifest import ModelSpec, resolve_model
-from .images.preprocess import ImageInput, load_and_transform, require_opencv
+from .base.manifest import ModelSpec, Preprocessing, resolve_model
+from .images.preprocess import ImageInput, load_photo_and_transform, require_opencv
 from .weights.store import VerifiedWeights, custom_weights, ensure_weights
 
 _log = logging.getLogger(__name__)
@@ -44,7 +46,14 @@ class Prediction:
 @dataclass(frozen=True)
 class ClassificationResult:
     """The answer for one input: its predictions, or the error that stopped it (never both). ``features``: the
-    pooled ``1536`` float32 features the classifier read, for a classifier made with ``features=True``."""
+    pooled ``1536`` float32 features the classifier read, for a classifier made with ``features=True``.
+
+    ``cam`` (when asked for: ``classify(..., cam=True)``): the class activation map of class ``cam_class``
+    (``cam_label``), a ``7 x 7`` float32 grid over the network's input crop, row 0 at the top:
+    ``cam[y, x] = sum_k W[k, c] * F[k, y, x]`` over the final ``1536 x 7 x 7`` feature map ``F`` and the
+    classifier's weight ``W`` (``[in, out]``), so that ``cam.mean() + bias[c]`` is the class's logit. ``photo``
+    is then the decoded ``H x W x 3`` uint8 RGB photo, for :meth:`cam_at_photo_size` and :meth:`cam_overlay`.
+    """
 
     input: str
     model: str
@@ -54,6 +63,12 @@ class ClassificationResult:
     # The network the model is (MixNet_S...): the model's own name unless it is a fine-tune (``model`` is then the
     # weights' name, my_flowers-3fa2c1d).
     architecture: str | None = None
+    cam: np.ndarray | None = field(default=None, compare=False, repr=False)
+    cam_class: int | None = None
+    cam_label: str | None = None
+    photo: np.ndarray | None = field(default=None, compare=False, repr=False)
+    preprocessing: Preprocessing | None = field(default=None, compare=False, repr=False)
+    cam_file: str | None = None  # where its picture was written (``mixnet classify --cam``)
 
     @property
     def ok(self) -> bool:
@@ -75,7 +90,43 @@ class ClassificationResult:
         }
         if self.features is not None:
             row["features"] = [float(value) for value in self.features]
+        if self.cam is not None:
+            row["cam"] = {"class_id": self.cam_class, "label": self.cam_label,
+                          "grid": [[float(value) for value in line] for line in self.cam]}
+            if self.photo is not None and self.preprocessing is not None:
+                from .images.preprocess import crop_region
+
+                height, width = self.photo.shape[:2]
+                # Where the grid lies on the photo, for drawing it there (the service's page does).
+                row["cam"]["photo_size"] = [width, height]
+                row["cam"]["crop"] = [float(edge) for edge in crop_region(width, height, self.preprocessing)]
+            if self.cam_file is not None:
+                row["cam"]["file"] = self.cam_file
         return row
+
+    def _with_cam(self) -> tuple[np.ndarray, np.ndarray, Preprocessing]:
+        if self.cam is None or self.photo is None or self.preprocessing is None:
+            raise UsageError(f"{self.input}: no class activation map; classify with cam=True")
+        return self.cam, self.photo, self.preprocessing
+
+    def cam_at_photo_size(self) -> np.ndarray:
+        """:attr:`cam` over the photo: float32 ``H x W`` (the decoded photo's size), placed on the crop the network
+        saw through the same resize and crop as the preprocessing, smoothly interpolated between the cells'
+        centres; NaN outside the crop. Raises :class:`UsageError` for a result without a map."""
+        from .images.heatmap import map_at_photo_size
+
+        cam, photo, pre = self._with_cam()
+        return map_at_photo_size(cam, photo.shape[1], photo.shape[0], pre)
+
+    def cam_overlay(self) -> np.ndarray:
+        """The picture of :attr:`cam`: the photo with the map over the crop (normalised to its own range, inferno
+        colours), the rest of the photo dimmed; ``H x W x 3`` uint8 RGB, shrunk to
+        :data:`~mixnet_cli.images.heatmap.MAX_OVERLAY_SIDE` on the long side. Raises :class:`UsageError` for a
+        result without a map."""
+        from .images.heatmap import overlay
+
+        cam, photo, pre = self._with_cam()
+        return overlay(photo, cam, pre)
 
 
 
@@ -111,6 +162,10 @@ class Classifier:
     For timing other arithmetic (``mixnet benchmark``): ``precision`` ``tf32``, ``bf16`` or ``fp16`` (engines
     that offer it: ``torch``) and ``compile`` (``torch.compile``). Only fp32, the default, is held to the
     reference; the others answer close to it, not within 1e-4.
+
+    Class activation maps (``classify(..., cam=True)``) come from an engine whose forward pass also gives the final
+    feature map (the same kind of engine, except Paddle Inference), made on first use; ``cam=True`` here makes it at once (an engine named in
+    ``engine`` that cannot give the map is then a :class:`UsageError` now, not at the first image).
     """
 
     def __init__(
@@ -128,6 +183,7 @@ class Classifier:
         features: bool = False,
         precision: str = "fp32",
         compile: bool = False,
+        cam: bool = False,
     ) -> None:
         # OpenCV decodes and resizes every image: one that cannot load (opencv-python without the system's
         # libGL.so.1) is named now, with its fix, not blamed on each image after the model was loaded.
@@ -161,9 +217,48 @@ class Classifier:
         if threads is None:
             threads = settings.cpu_threads()
         self.features = features
+        self._threads = threads
+        self._cam_engine: Engine | None = None
+        self._cam_columns: tuple[np.ndarray, np.ndarray] | None = None
+        self._cam_lock = threading.Lock()
+        if cam:  # first: an engine that cannot give the maps is refused before any conversion
+            self._make_cam_engine(choice)
         self.engine, self.engine_choice = create_engine(self.spec, self.weights, choice, threads=threads,
                                                         features=features)
         self.device_choice: DeviceChoice = self.engine_choice.device_choice
+
+    def cam_engine(self) -> Engine:
+        """The engine whose forward pass gives the logits and the final feature map (``run_with_feature_map``),
+        made once: this classifier's engine on the graph (or network) with that output, when it can give it (ONNX
+        Runtime, OpenVINO, torch, dygraph), else ONNX Runtime on the CPU. Raises :class:`UsageError` when the engine the user named cannot give the map."""
+        return self._make_cam_engine(self.engine_choice)
+
+    def _make_cam_engine(self, choice: EngineChoice) -> Engine:
+        with self._cam_lock:
+            if self._cam_engine is None:
+                from .network.architecture import architecture_for
+                from .weights.pdparams import read_state_dict
+
+                engine, _ = create_engine(self.spec, self.weights, choice, threads=self._threads, feature_map=True)
+                architecture = architecture_for(self.spec)
+                state = read_state_dict(self.weights.path)
+                self._cam_columns = (np.asarray(state[architecture.classifier_weight], dtype=np.float32),
+                                     np.asarray(state[architecture.classifier_bias], dtype=np.float32))
+                self._cam_engine = engine
+            return self._cam_engine
+
+    @property
+    def classifier_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """The classifier's weight (float32 ``1536 x classes``, PaddleClas's ``[in, out]`` layout) and bias
+        (float32 ``classes``), as the weights file holds them; read with the class activation maps' engine."""
+        self.cam_engine()
+        assert self._cam_columns is not None
+        return self._cam_columns
+
+    def _check_cam_class(self, cam_class: int | None) -> None:
+        if cam_class is not None and not 0 <= cam_class < self.spec.num_classes:
+            raise UsageError(f"class {cam_class} for the activation map: {self.spec.name} has classes 0 to "
+                             f"{self.spec.num_classes - 1}")
 
     def __repr__(self) -> str:
         return (f"Classifier(model={self.spec.display_name!r}, engine={self.engine.name!r}, "
@@ -186,11 +281,15 @@ class Classifier:
         http(s) URL (downloaded with ``MIXNET_TIMEOUT``, ``MIXNET_RETRIES`` and ``MIXNET_URL_DEADLINE``), an
         :class:`~mixnet_cli.images.inputs.InputItem`; or encoded bytes, a PIL image, an HxWx3 RGB (HxW grey, HxWx4 RGBA)
         uint8 array. Raises :class:`~mixnet_cli.base.errors.ImageError` for anything wrong with it."""
+        return self._photo_and_input(image, name)[1]
+
+    def _photo_and_input(self, image: ImageInput | InputItem, name: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """The decoded photo (``H x W x 3`` uint8 RGB) and the network input made from it (:meth:`preprocess`)."""
         if isinstance(image, InputItem):
             image = image.load()
         elif is_url(image):
             image = fetch_image_url(image)  # type: ignore[arg-type]
-        return load_and_transform(image, self.spec.preprocessing, name)
+        return load_photo_and_transform(image, self.spec.preprocessing, name)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.engine.run(batch)
@@ -211,9 +310,13 @@ class Classifier:
         return ClassificationResult(input=name, model=self.spec.display_name, predictions=predictions,
                                     features=features, architecture=self.spec.name)
 
-    def _results(self, engine: Engine, names: list[str], arrays: list[np.ndarray],
-                 topk: int) -> list[ClassificationResult]:
+    def _results(self, engine: Engine, names: list[str], arrays: list[np.ndarray], topk: int,
+                 photos: list[np.ndarray] | None = None, cam_class: int | None = None) -> list[ClassificationResult]:
+        """The results of one batch; with ``photos`` (``engine`` is :meth:`cam_engine`), each with its class
+        activation map: of ``cam_class``, or of its top-1 class."""
         batch = np.stack(arrays)
+        if photos is not None:
+            return self._cam_results(engine, names, batch, topk, photos, cam_class)
         if self.features:
             logits, features = engine.run_with_features(batch)  # type: ignore[attr-defined]
         else:
@@ -221,18 +324,43 @@ class Classifier:
         return [self.result(name, row, topk, features=None if features is None else features[index])
                 for index, (name, row) in enumerate(zip(names, softmax(logits)))]
 
-    def engine_for(self, count: int, batch_size: int) -> Engine:
+    def _cam_results(self, engine: Engine, names: list[str], batch: np.ndarray, topk: int,
+                     photos: list[np.ndarray], cam_class: int | None) -> list[ClassificationResult]:
+        logits, feature_maps = engine.run_with_feature_map(batch)  # type: ignore[attr-defined]
+        weight, _ = self.classifier_weights
+        results = []
+        for index, (name, probabilities) in enumerate(zip(names, softmax(logits))):
+            base = self.result(name, probabilities, topk, features=feature_maps[index].mean(axis=(1, 2))
+                               if self.features else None)
+            chosen = int(np.argmax(logits[index])) if cam_class is None else cam_class
+            # sum_k W[k, c] F[k, y, x], accumulated in float64 so that the map's mean plus the bias is the logit to
+            # float32 precision whatever the order of the sum
+            cam = np.tensordot(weight[:, chosen].astype(np.float64), feature_maps[index].astype(np.float64), axes=1)
+            results.append(ClassificationResult(
+                input=base.input, model=base.model, predictions=base.predictions, features=base.features,
+                cam=cam.astype(np.float32), cam_class=chosen, cam_label=self.labels[chosen], photo=photos[index],
+                preprocessing=self.spec.preprocessing))
+        return results
+
+    def engine_for(self, count: int, batch_size: int, *, cam: bool = False) -> Engine:
         """The engine a job of ``count`` images runs on: more than :data:`BULK_AFTER_IMAGES` take the engine's
         throughput mode (ONNX Runtime's one-thread sessions side by side, OpenVINO's streams; the paddle engines
-        are the same in both)."""
-        return self.engine.throughput(batch_size) if count > BULK_AFTER_IMAGES else self.engine
+        are the same in both). ``cam``: the class activation maps' engine (:meth:`cam_engine`) instead."""
+        engine = self.cam_engine() if cam else self.engine
+        return engine.throughput(batch_size) if count > BULK_AFTER_IMAGES else engine
 
-    def classify(self, image: ImageInput | InputItem, *, topk: int | None = None,
-                 name: str | None = None) -> ClassificationResult:
+    def classify(self, image: ImageInput | InputItem, *, topk: int | None = None, name: str | None = None,
+                 cam: bool = False, cam_class: int | None = None) -> ClassificationResult:
         """Classify one image (any input :meth:`preprocess` takes, URLs included); an unreadable image raises its
-        :class:`~mixnet_cli.base.errors.ImageError`."""
+        :class:`~mixnet_cli.base.errors.ImageError`. ``cam`` (or a ``cam_class``): also the class activation
+        map of the top-1 class (or of ``cam_class``), computed in the same forward pass
+        (:class:`ClassificationResult`); a class outside the model's raises :class:`UsageError`."""
         label = name or _input_name(image)
         topk = check_topk(topk, len(self.labels))
+        self._check_cam_class(cam_class)
+        if cam or cam_class is not None:
+            photo, array = self._photo_and_input(image, label)
+            return self._results(self.cam_engine(), [label], [array], topk, [photo], cam_class)[0]
         return self._results(self.engine, [label], [self.preprocess(image, label)], topk)[0]
 
     def classify_many(
@@ -242,6 +370,8 @@ class Classifier:
         topk: int | None = None,
         batch_size: int = 4,
         workers: int = 2,
+        cam: bool = False,
+        cam_class: int | None = None,
     ) -> Iterator[ClassificationResult]:
         """Classify images in input order, in batches, decoding ahead in threads while the engine runs.
 
@@ -249,15 +379,21 @@ class Classifier:
         result with ``error`` set and the rest go on; results are yielded in input order as soon as their batch
         is done. The engine's throughput mode (:meth:`~mixnet_cli.engines.choice.Engine.throughput`) runs jobs of more
         than :data:`BULK_AFTER_IMAGES` images (from the start when ``images`` has a length, else from there on),
-        with as many batches in flight as it runs at once.
+        with as many batches in flight as it runs at once. ``cam``, ``cam_class``: each result also carries its class
+        activation map and its decoded photo, as with :meth:`classify` (the photos of the batches in flight are
+        held in memory).
         """
         topk = check_topk(topk, len(self.labels))
+        self._check_cam_class(cam_class)
+        cam = cam or cam_class is not None
+        first = self.cam_engine() if cam else self.engine
         if batch_size < 1:
             raise UsageError(f"batch size must be at least 1, got {batch_size}")
         if workers < 1:
             raise UsageError(f"decode workers must be at least 1, got {workers}")
 
-        def prepare(item: ImageInput | tuple[str, ImageInput] | InputItem) -> tuple[str, np.ndarray | MixnetError]:
+        def prepare(item: ImageInput | tuple[str, ImageInput] | InputItem
+                    ) -> tuple[str, tuple[np.ndarray | None, np.ndarray] | MixnetError]:
             image: ImageInput | InputItem = item  # type: ignore[assignment]
             if isinstance(item, InputItem):
                 name = item.name
@@ -265,7 +401,8 @@ class Classifier:
                 name, image = item if isinstance(item, tuple) else (_input_name(item), item)
             try:
                 # A URL is fetched here, in a decode thread, while the engine runs.
-                return name, self.preprocess(item if isinstance(item, InputItem) else image, name)
+                photo, array = self._photo_and_input(item if isinstance(item, InputItem) else image, name)
+                return name, (photo if cam else None, array)  # a photo nobody draws is not kept
             except MixnetError as exc:
                 return name, exc
             except Exception as exc:  # noqa: BLE001 - whatever one input raises is that input's error, never the run's
@@ -273,8 +410,8 @@ class Classifier:
                 return name, ImageError(f"{name}: cannot read ({type(exc).__name__}: {text}); check the input")
 
         # A job known to be large starts in bulk mode; others switch once they prove large.
-        engine = self.engine_for(len(images), batch_size) if isinstance(images, Sized) else self.engine
-        bulk = engine is not self.engine
+        engine = self.engine_for(len(images), batch_size, cam=cam) if isinstance(images, Sized) else first
+        bulk = engine is not first
         # In input order: a batch being classified, or the result of an image that failed to decode.
         outputs: deque[Future[list[ClassificationResult]] | ClassificationResult] = deque()
         batches_in_flight = 0
@@ -282,22 +419,24 @@ class Classifier:
         decoders = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mixnet-decode")
         # The engine is driven from its own threads, so that this one keeps the decoders fed meanwhile.
         # One more than the engine can run at once (OpenVINO makes at most one stream per thread).
-        runners = ThreadPoolExecutor(max_workers=(self.engine.threads or 1) + 1, thread_name_prefix="mixnet-infer")
+        runners = ThreadPoolExecutor(max_workers=(first.threads or 1) + 1, thread_name_prefix="mixnet-infer")
         try:
-            decoding: deque[Future[tuple[str, np.ndarray | MixnetError]]] = deque()
+            decoding: deque[Future[tuple[str, tuple[np.ndarray | None, np.ndarray] | MixnetError]]] = deque()
             iterator = iter(images)
             exhausted = False
             names: list[str] = []
             arrays: list[np.ndarray] = []
+            photos: list[np.ndarray] = []  # with cam only: the decoded photos, for drawing the maps
 
             def submit_batch() -> None:
-                nonlocal names, arrays, batches_in_flight, submitted, engine, bulk
+                nonlocal names, arrays, photos, batches_in_flight, submitted, engine, bulk
                 if not bulk and submitted >= BULK_AFTER_IMAGES:  # an input without a length has proved large
-                    engine, bulk = self.engine_for(submitted + 1, batch_size), True
-                outputs.append(runners.submit(self._results, engine, names, arrays, topk))
+                    engine, bulk = self.engine_for(submitted + 1, batch_size, cam=cam), True
+                outputs.append(runners.submit(self._results, engine, names, arrays, topk,
+                                              photos if cam else None, cam_class))
                 batches_in_flight += 1
                 submitted += len(names)
-                names, arrays = [], []
+                names, arrays, photos = [], [], []
 
             while True:
                 # Enough decodes ahead to fill every batch in flight and the next, never the whole input.
@@ -316,7 +455,9 @@ class Classifier:
                                                              architecture=self.spec.name))
                     else:
                         names.append(name)
-                        arrays.append(prepared)
+                        arrays.append(prepared[1])
+                        if prepared[0] is not None:
+                            photos.append(prepared[0])
                         if len(arrays) == batch_size:
                             submit_batch()
                 elif arrays:

@@ -104,6 +104,9 @@ def classification_tables(rows: Iterable[dict[str, Any]], stream: TextIO) -> int
                 align="rrrl",
             )
             stream.write(header + "\n" + "\n".join("  " + line for line in table.splitlines()) + "\n")
+            cam = row.get("cam")
+            if cam and cam.get("file"):
+                stream.write(f"  map of class {cam['class_id']} ({cam['label']}): {cam['file']}\n")
         stream.flush()
         count += 1
     return count

@@ -229,3 +229,61 @@ def make_fine_tuned_weights(calibrated: Path, path: Path) -> Path:
     state["output.weight"] = np.ascontiguousarray(state["output.weight"][:, columns])
     state["output.bias"] = np.ascontiguousarray(state["output.bias"][columns])
     return save_pdparams(state, path)
+
+
+# Weights whose classifier sees coloured squares: class 0 is a flat background, class i a square of SQUARE_COLOURS[i-1].
+SQUARE_BACKGROUND = (90, 140, 90)
+SQUARE_COLOURS = {"red square": (230, 40, 40), "blue square": (40, 60, 220), "yellow square": (235, 215, 40)}
+
+
+def square_photo(width: int, height: int, box: tuple[int, int, int, int] | None,
+                 colour: tuple[int, int, int] = SQUARE_COLOURS["red square"]) -> np.ndarray:
+    """A ``height x width x 3`` uint8 photo: the flat background, with a square of ``colour`` at ``box``
+    (``left, top, right, bottom``) when given."""
+    photo = np.empty((height, width, 3), dtype=np.uint8)
+    photo[:] = SQUARE_BACKGROUND
+    if box is not None:
+        left, top, right, bottom = box
+        photo[top:bottom, left:right] = colour
+    return photo
+
+
+def random_square(rng: np.random.Generator, width: int, height: int, side: int,
+                  reach_in_crop: int = 112) -> tuple[int, int, int, int]:
+    """A square inside the centre crop of the models' preprocessing, at most ``reach_in_crop`` crop pixels from its
+    centre."""
+    reach = int(reach_in_crop * min(width, height) / 256)
+    left = int(rng.integers(width // 2 - reach, width // 2 + reach - side))
+    top = int(rng.integers(height // 2 - reach, height // 2 + reach - side))
+    return left, top, left + side, top + side
+
+
+def make_square_weights(calibrated: Path, path: Path, colours: tuple[str, ...] = ("red square",),
+                        per_class: int = 12) -> Path:
+    """The calibrated MixNet_S at ``calibrated`` with a classifier of ``1 + len(colours)`` classes (0: the flat
+    background; then a square of each colour on it), fitted by ridge regression, one class against the rest, on the
+    pooled features of generated photos of each (squares of 40 to 70 pixels anywhere in the crop)."""
+    from mixnet_cli import Classifier
+    from mixnet_cli.weights.pdparams import read_state_dict
+
+    extractor = Classifier(weights=calibrated, features=True)
+    rng = np.random.default_rng(5)
+    features, classes = [], []
+    for index in range((1 + len(colours)) * per_class):
+        kind = index % (1 + len(colours))
+        box = random_square(rng, 320, 240, int(rng.integers(40, 70))) if kind else None
+        photo = square_photo(320, 240, box, SQUARE_COLOURS[colours[kind - 1]] if kind else SQUARE_BACKGROUND)
+        features.append(extractor.classify(photo).features)
+        classes.append(kind)
+    x = np.asarray(features, dtype=np.float64)
+    targets = np.where(np.arange(1 + len(colours))[None, :] == np.asarray(classes)[:, None], 1.0, -1.0)
+    mean = x.mean(axis=0)
+    centred = x - mean
+    ridge = 0.1 * np.trace(centred.T @ centred) / x.shape[1]
+    directions = np.linalg.solve(centred.T @ centred + ridge * np.eye(x.shape[1]),
+                                 centred.T @ (targets - targets.mean(axis=0)))
+    gain = 4.0 / np.abs(centred @ directions).mean()
+    state = read_state_dict(calibrated)
+    state["output.weight"] = (directions * gain).astype(np.float32)
+    state["output.bias"] = (-(mean @ directions) * gain).astype(np.float32)
+    return save_pdparams(state, path)

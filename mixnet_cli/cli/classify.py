@@ -50,6 +50,11 @@ from .common import (
 @click.option("--embed-npy", type=click.Path(dir_okay=False, writable=True, path_type=Path), metavar="FILE.npy",
               help="Write every image's features to FILE.npy: float32, one row per input in order, NaN rows for "
               "inputs that failed.")
+@click.option("--cam", "cam_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Also draw where the network looked: DIR/<name>.cam.png per image, the photo with the top-1 "
+              "class's activation map over the part the network saw (the rest dimmed); the JSON names each file.")
+@click.option("--cam-class", type=click.IntRange(0), metavar="ID",
+              help="Draw the map of class ID instead of each image's top-1 class (with --cam).")
 @click.option(
     "--files-from",
     metavar="FILE",
@@ -86,6 +91,8 @@ def classify(
     output: str | None,
     embed: bool,
     embed_npy: Path | None,
+    cam_dir: Path | None,
+    cam_class: int | None,
     files_from: str | None,
     recursive: bool,
     device: str | None,
@@ -110,6 +117,7 @@ def classify(
       mixnet classify photos/ --jsonl | jq -r '.predictions[0].label'
       find . -name '*.jpg' | mixnet classify --files-from - --csv
       mixnet classify cat.jpg --server http://127.0.0.1:8080 --json
+      mixnet classify photos/ --cam cams/ --cam-class 281 --json
 
     A failed image gets an error in its place (in JSON, an "error" object), the others are still classified,
     and the exit code is 1.
@@ -141,6 +149,13 @@ def classify(
         raise UsageError("--server classifies with the service's own models (to use your own weights there, start "
                          "it with `mixnet serve --weights FILE --labels FILE`): --weights, --labels, --embed and "
                          "--embed-npy work only without --server")
+    if cam_dir is not None and len(model_names) > 1:
+        raise UsageError("--cam writes one picture per image, so it takes one model: give one --model")
+    if cam_class is not None and cam_dir is None:
+        raise UsageError("--cam-class chooses the class of the maps --cam draws: add --cam DIR")
+    if server is not None and cam_dir is not None:
+        raise UsageError("--cam draws here, from this machine's model: leave out --server (the service gives the "
+                         "maps with ?cam=1)")
     if embed and fmt not in ("json", "jsonl"):
         raise UsageError("--embed puts the features in the JSON objects: add --json or --jsonl, or use --embed-npy FILE")
     device_name, engine_name = device_and_engine(device, engine)
@@ -172,7 +187,7 @@ def classify(
     def load(model: str | None) -> Classifier:
         return Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None, offline=offline,
                           progress=None if not quiet else False, threads=threads, weights=weights, labels=labels,
-                          features=embed or embed_npy is not None)
+                          features=embed or embed_npy is not None, cam=cam_dir is not None)
 
     # Each input's object and its features (None: not asked for), model after model: one model is loaded at a
     # time, and its results stream out as they come. The first is loaded now, so that what stops a run (an
@@ -185,7 +200,8 @@ def classify(
             ensure_weights(resolve_model(later or "MixNet_S"), mirrors=mirrors or None, offline=offline,
                            progress=None if not quiet else False)
     results = _results_of_each_model(model_names, items, server=server, topk=topk, batch_size=batch_size,
-                                     verbose=verbose and not quiet, load=load,
+                                     verbose=verbose and not quiet, load=load, cam_dir=cam_dir,
+                                     cam_class=cam_class,
                                      loaded=[load(model_names[0])] if server is None else [])
     failures = 0
     features: list[Any] = []
@@ -230,10 +246,12 @@ _WEIGHTS_HOW = {"cached": "found in the cache", "downloaded": "downloaded now",
 
 def _results_of_each_model(model_names: list[str | None], items: list[Any], *, server: str | None, topk: int | None,
                            batch_size: int, verbose: bool, load: Callable[[str | None], Any],
-                           loaded: list[Any]) -> Iterator[tuple[dict[str, Any], Any]]:
+                           loaded: list[Any], cam_dir: Path | None = None,
+                           cam_class: int | None = None) -> Iterator[tuple[dict[str, Any], Any]]:
     """Every input's object and features for each model in turn, through the service at ``server`` or a
     :class:`~mixnet_cli.classifier.Classifier`: ``loaded`` holds the first model's, already made, ``load`` makes
-    the others (one at a time: the next is loaded when the previous one's results are out)."""
+    the others (one at a time: the next is loaded when the previous one's results are out). ``cam_dir``:
+    each image's activation map picture is written there (:func:`_draw_maps`)."""
     for model in model_names:
         if server is not None:
             from ..service.remote import classify_remote
@@ -247,7 +265,7 @@ def _results_of_each_model(model_names: list[str | None], items: list[Any], *, s
         classifier = loaded.pop() if loaded else load(model)
         if verbose:
             weights = classifier.weights
-            engine = classifier.engine_for(len(items), batch_size)
+            engine = classifier.engine_for(len(items), batch_size, cam=cam_dir is not None)
             click.echo(
                 f"model {classifier.model_name}"
                 + (f" ({classifier.architecture})" if classifier.architecture != classifier.model_name else "")
@@ -258,9 +276,37 @@ def _results_of_each_model(model_names: list[str | None], items: list[Any], *, s
                 f"{len(items)} image(s)",
                 err=True,
             )
-        yield from ((result.to_dict(), result.features)
-                    for result in classifier.classify_many(items, topk=topk, batch_size=batch_size))
+        classified = classifier.classify_many(items, topk=topk, batch_size=batch_size, cam=cam_dir is not None,
+                                              cam_class=cam_class)
+        if cam_dir is not None:
+            classified = _draw_maps(classified, items, cam_dir)
+        yield from ((result.to_dict(), result.features) for result in classified)
         del classifier  # its engine's memory goes before the next model loads
+
+
+def _draw_maps(results: Iterator[Any], items: list[Any], directory: Path) -> Iterator[Any]:
+    """Write each classified image's activation map picture as its result arrives (a failed image gets none), and
+    name the file in the result's ``cam`` object."""
+    from dataclasses import replace
+
+    from ..base.files import write_bytes
+    from ..images.heatmap import overlay_paths, png_bytes
+
+    paths = overlay_paths([item.name for item in items], directory)
+    try:
+        directory.expanduser().mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MixnetError(f"--cam {directory}: cannot create the directory ({exc.strerror or exc}); choose another "
+                          "one") from None
+    for result, path in zip(results, paths):
+        if result.ok:
+            try:
+                write_bytes(path.expanduser(), png_bytes(result.cam_overlay()))
+            except OSError as exc:
+                raise MixnetError(f"--cam {directory}: cannot write {path.name} ({exc.strerror or exc}); choose "
+                                  "another directory") from None
+            result = replace(result, cam_file=str(path))
+        yield result
 
 
 def _write_features(path: Path, rows: list[Any]) -> None:

@@ -192,15 +192,17 @@ def _fallback(choice: EngineChoice, exc: MixnetError) -> EngineChoice | None:
 def create_engine(
     spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, *, threads: int | None = None,
     features: bool = False,
+    feature_map: bool = False,
 ) -> tuple[Engine, EngineChoice]:
     """The engine ``choice`` names, on its device, for these verified weights; returns it with the final choice.
 
     An engine picked by ``auto`` that cannot start (a failed conversion or check, a GPU it cannot drive) gives
     way, with a warning on stderr, to the next that can; one the user asked for raises instead. ``features``:
-    an engine whose ``run_with_features`` also returns the pooled features (ONNX Runtime, or torch).
+    an engine whose ``run_with_features`` also returns the pooled features (ONNX Runtime, or torch);
+    ``feature_map``: one whose ``run_with_feature_map`` also returns the final feature map (the same two).
     """
-    if features:
-        return _features_engine(spec, weights, choice, threads)
+    if features or feature_map:
+        return _extra_output_engine(spec, weights, choice, threads, "feature map" if feature_map else "features")
     try:
         require_engine(choice.engine)
         return ENGINES[choice.engine].load().build(spec, weights, choice, threads), choice
@@ -212,22 +214,34 @@ def create_engine(
         return create_engine(spec, weights, fallback, threads=threads)
 
 
-def _features_engine(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice,
-                     threads: int | None) -> tuple[Engine, EngineChoice]:
-    """The engine that also returns pooled features: the torch engine when it is the choice (on its device, a GPU
-    included), else ONNX Runtime on mixnet's graph with its second output, on ``choice``'s device when that is
-    ONNX Runtime's, else the CPU."""
-    if choice.engine == "torch":
-        require_engine("torch")
-        return ENGINES["torch"].load().build_with_features(spec, weights, choice, threads), choice
-    if choice.engine != "onnxruntime" and not choice.engine_auto:
-        raise UsageError(f"features come from ONNX Runtime or torch; leave out --engine {choice.engine} (or use "
-                         "onnxruntime or torch)")
+# What an engine can give besides the logits, from the same forward pass: the engine modules that have the builder
+# (``build_with_features``, ``build_with_feature_map``) give it; the others (Paddle Inference's saved programs; the
+# features also not OpenVINO's and dygraph's) do not, and ONNX Runtime gives it for them when ``auto`` chose them.
+_EXTRA_OUTPUTS = {"features": ("build_with_features", "features"),
+                  "feature map": ("build_with_feature_map", "class activation maps (the final feature map)")}
+
+
+def _extra_output_engine(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice,
+                         threads: int | None, output: str) -> tuple[Engine, EngineChoice]:
+    """The engine that also returns ``output`` (``features``: the pooled features; ``feature map``: the final
+    feature map): the chosen engine itself when it can give it (on its device), else, when ``auto`` chose it,
+    ONNX Runtime on mixnet's graph with that extra output, on the CPU. An engine the user named that cannot give
+    it is a :class:`UsageError` naming those that can."""
+    builder, what = _EXTRA_OUTPUTS[output]
+    if not choice.engine_auto:
+        require_engine(choice.engine)  # a named engine that is not installed says what to install
+    module = ENGINES[choice.engine].load() if ENGINES[choice.engine].missing() is None else None
+    if module is not None and hasattr(module, builder):
+        return getattr(module, builder)(spec, weights, choice, threads), choice
+    if not choice.engine_auto:
+        able = [name for name, info in ENGINES.items()
+                if info.missing() is None and hasattr(info.load(), builder)]
+        named = ", ".join(able[:-1]) + " or " + able[-1] if len(able) > 1 else "".join(able) or "onnxruntime"
+        raise UsageError(f"--engine {choice.engine} gives no {what}; use --engine {named} (or leave --engine out)")
     require_engine("onnxruntime")
-    device = choice.device if choice.engine == "onnxruntime" else "cpu"
-    engine = ENGINES["onnxruntime"].load().build_with_features(spec, weights, device, threads)
-    return engine, replace(choice, engine="onnxruntime", device=device,
-                           engine_reason="features come from ONNX Runtime")
+    # ONNX Runtime's device: the CPU (a GPU chosen for another engine may not be one ONNX Runtime can drive).
+    fallback = replace(choice, engine="onnxruntime", device="cpu", engine_reason=f"{what} from ONNX Runtime")
+    return getattr(ENGINES["onnxruntime"].load(), builder)(spec, weights, fallback, threads), fallback
 
 
 @dataclass(frozen=True)

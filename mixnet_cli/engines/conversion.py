@@ -440,7 +440,7 @@ def check_engine(engine: Any, spec: ModelSpec, reference_logits: Any, *, whole_b
     return check
 
 
-def _onnx_model(spec: ModelSpec, weights_path: Path, *, features: bool = False) -> Any:
+def _onnx_model(spec: ModelSpec, weights_path: Path, *, features: bool = False, feature_map: bool = False) -> Any:
     from ..network.architecture import architecture_for
     from ..network.onnx_graph import build_onnx
     from ..weights.pdparams import read_state_dict
@@ -448,14 +448,15 @@ def _onnx_model(spec: ModelSpec, weights_path: Path, *, features: bool = False) 
     architecture = architecture_for(spec)
     state = read_state_dict(weights_path)
     architecture.check_state_dict(state)
-    return build_onnx(architecture, state, spec.preprocessing.crop_size, check=False, features=features)
+    return build_onnx(architecture, state, spec.preprocessing.crop_size, check=False, features=features,
+                      feature_map=feature_map)
 
 
-def onnx_bytes(spec: ModelSpec, weights_path: Path, *, features: bool = False) -> bytes:
+def onnx_bytes(spec: ModelSpec, weights_path: Path, *, features: bool = False, feature_map: bool = False) -> bytes:
     """The ONNX model of these (verified) weights, serialised, built in memory: for a cache that cannot be
-    written, and (``features``) the model that also outputs the pooled features. Raises :class:`WeightsError`
-    when the file does not hold ``spec``'s parameters."""
-    return bytes(_onnx_model(spec, weights_path, features=features).SerializeToString())
+    written, and (``features``, ``feature_map``) the models that also output the pooled features or the final
+    feature map. Raises :class:`WeightsError` when the file does not hold ``spec``'s parameters."""
+    return bytes(_onnx_model(spec, weights_path, features=features, feature_map=feature_map).SerializeToString())
 
 
 def convert_onnx(spec: ModelSpec, weights_path: Path, out: Path, *, openvino_copy: Path | None = None) -> dict[str, Any]:

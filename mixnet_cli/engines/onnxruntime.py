@@ -121,8 +121,11 @@ class OnnxRuntimeEngine:
             mode = f"{self.threads} thread(s), latency mode"
         self.detail = f"{active[0]}, {mode}" + (f", {note}" if note else "")
         self._input = self._session.get_inputs()[0].name
+        from ..network.onnx_graph import FEATURE_MAP_NAME, FEATURES_NAME
+
         self._outputs = [output.name for output in self._session.get_outputs()]
-        self.has_features = len(self._outputs) > 1
+        self.has_features = FEATURES_NAME in self._outputs
+        self.has_feature_map = FEATURE_MAP_NAME in self._outputs
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         (logits,) = self._session.run(self._outputs[:1], {self._input: np.ascontiguousarray(batch, dtype=np.float32)})
@@ -133,9 +136,22 @@ class OnnxRuntimeEngine:
         model built with features (:func:`mixnet_cli.engines.conversion.onnx_bytes`)."""
         if not self.has_features:
             raise EngineError("this model has no features output; build it with features=True")
-        logits, features = self._session.run(self._outputs[:2],
+        from ..network.onnx_graph import FEATURES_NAME
+
+        logits, features = self._session.run([self._outputs[0], FEATURES_NAME],
                                              {self._input: np.ascontiguousarray(batch, dtype=np.float32)})
         return np.asarray(logits, dtype=np.float32), np.asarray(features, dtype=np.float32)
+
+    def run_with_feature_map(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (``N x classes``) and the final feature map (``N x 1536 x 7 x 7``), float32, from one forward
+        pass; for a model built with the feature map (:func:`build_with_feature_map`)."""
+        if not self.has_feature_map:
+            raise EngineError("this model has no feature map output; build it with feature_map=True")
+        from ..network.onnx_graph import FEATURE_MAP_NAME
+
+        logits, feature_map = self._session.run([self._outputs[0], FEATURE_MAP_NAME],
+                                                {self._input: np.ascontiguousarray(batch, dtype=np.float32)})
+        return np.asarray(logits, dtype=np.float32), np.asarray(feature_map, dtype=np.float32)
 
     def throughput(self, batch_size: int = 1) -> "OnnxRuntimeEngine":
         """This engine for bulk work (made once): on the CPU with more than one thread, a one-thread session that
@@ -163,10 +179,22 @@ def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, thr
     return OnnxRuntimeEngine(converted.file(".onnx"), choice.device, threads)
 
 
-def build_with_features(spec: ModelSpec, weights: "VerifiedWeights", device: str, threads: int | None) -> Engine:
+def build_with_features(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice,
+                        threads: int | None) -> Engine:
     """ONNX Runtime on the graph with a second output, the pooled features (``run_with_features``), built in
     memory from the verified weights (well under a second; not cached)."""
     from .conversion import onnx_bytes
 
-    return OnnxRuntimeEngine(onnx_bytes(spec, weights.path, features=True), device, threads,
+    return OnnxRuntimeEngine(onnx_bytes(spec, weights.path, features=True), choice.device, threads,
                              note="with the features output")
+
+
+def build_with_feature_map(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice,
+                           threads: int | None) -> Engine:
+    """ONNX Runtime on the graph with the final feature map as a second output (``run_with_feature_map``, for
+    class activation maps), built in memory from the verified weights like the features one (well under a
+    second; not cached)."""
+    from .conversion import onnx_bytes
+
+    return OnnxRuntimeEngine(onnx_bytes(spec, weights.path, feature_map=True), choice.device, threads,
+                             note="with the feature map output")

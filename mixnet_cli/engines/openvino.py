@@ -80,6 +80,7 @@ class OpenVinoEngine:
         self._uses: dict[int, int] = {}  # how often a size without its own model came
         self._compile_lock = threading.Lock()
         self._sibling: OpenVinoEngine | None = None
+        self._scratch: Any = None  # a temporary directory holding the model file, when the cache could not
         self.parallel = 1
         # A model that does not load fails here; one image is the common case, and a sibling warms up the batch
         # size in use (which also tells how many streams OpenVINO made).
@@ -155,6 +156,62 @@ class OpenVinoEngine:
             return np.array(logits[:count], dtype=np.float32)  # a copy: the request reuses its output buffer
         finally:
             idle.put(request)
+
+
+    def run_with_feature_map(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (``N x classes``) and the final feature map (``N x 1536 x 7 x 7``), float32, from one forward
+        pass; for an engine on the graph with the feature map output (:func:`build_with_feature_map`)."""
+        data = np.ascontiguousarray(batch, dtype=np.float32)
+        count = len(data)
+        size, idle = self._request_for(count)
+        if size > count:
+            data = np.concatenate([data, np.zeros((size - count,) + data.shape[1:], dtype=np.float32)])
+        request = idle.get()
+        try:
+            outputs = request.infer([data])
+            if len(outputs) < 2:
+                raise EngineError("this model has no feature map output; build it with build_with_feature_map")
+            return (np.array(outputs[0][:count], dtype=np.float32), np.array(outputs[1][:count], dtype=np.float32))
+        finally:
+            idle.put(request)
+
+
+def build_with_feature_map(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice,
+                           threads: int | None) -> Engine:
+    """OpenVINO on the graph with the final feature map as a second output (``run_with_feature_map``), written
+    from the verified weights beside OpenVINO's other files of them (OpenVINO reads models from files; a cache
+    that cannot be written gets a temporary file, kept as long as the engine), compiled with a dynamic batch, and
+    held to the reference logits at each start. Raises :class:`EngineFailed` when OpenVINO fails."""
+    import tempfile
+
+    from ..base import cache, files
+    from .conversion import ensure_converted, onnx_bytes, onnx_runtime_logits, openvino_dir, reference_logits
+
+    # The reference first: a first conversion of these weights makes OpenVINO's directory afresh.
+    try:
+        reference = reference_logits(spec, ensure_converted(spec, weights.path, weights.record.sha256, "onnx"))
+    except CacheError:
+        reference = onnx_runtime_logits(spec, onnx_bytes(spec, weights.path))
+    model = onnx_bytes(spec, weights.path, feature_map=True)
+    scratch = None
+    try:
+        path = cache.ensure_dir(openvino_dir(weights.record.sha256)) / "feature_map.onnx"
+        if not path.is_file() or path.read_bytes() != model:
+            files.write_bytes(path, model)
+    except (CacheError, OSError):  # a read-only cache
+        scratch = tempfile.TemporaryDirectory(prefix="mixnet-openvino-")
+        path = Path(scratch.name) / "feature_map.onnx"
+        path.write_bytes(model)
+    try:
+        engine = OpenVinoEngine(path, choice.device, threads, None)
+        engine.detail += ", with the feature map output"
+        check(engine, spec, reference, None, engine.version)
+    except DeviceError:
+        raise
+    except EngineError as exc:
+        raise EngineFailed(str(exc)) from None
+    engine._scratch = scratch  # its throughput sibling compiles the same file
+    return engine
 
 
 def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, threads: int | None) -> Engine:

@@ -113,7 +113,8 @@ class TorchEngine(OneBatchAtATime):
     name = "torch"
 
     def __init__(self, network: Any, device: str = "cpu", threads: int | None = None, *, precision: str = "fp32",
-                 cuda_graphs: bool | None = None, compile: bool = False, features: bool = False) -> None:
+                 cuda_graphs: bool | None = None, compile: bool = False, features: bool = False,
+                 feature_map: bool = False) -> None:
         torch = _torch()
         if precision not in PRECISIONS:
             raise EngineError(f"unknown precision '{precision}': use {', '.join(PRECISIONS)}")
@@ -134,11 +135,16 @@ class TorchEngine(OneBatchAtATime):
         # Channels-last: cuDNN's and oneDNN's depthwise and tensor-core kernels take NHWC without a transpose.
         self._format = torch.channels_last
         self._network = network.to(device=self._device, dtype=self._dtype, memory_format=self._format).eval()
-        # What one pass computes: the logits, or (``features``) the logits and the pooled features, as a tuple.
+        # What one pass computes: the logits, or (``features``, ``feature_map``) the logits and the pooled features
+        # or the final feature map, as a tuple.
+        if features and feature_map:
+            raise EngineError("a torch engine gives the features or the feature map, not both")
         self.has_features = features
-        self._forward = self._network.forward_with_features if features else self._network
+        self.has_feature_map = feature_map
+        self._forward = (self._network.forward_with_features if features else
+                         self._network.forward_with_feature_map if feature_map else self._network)
         if compile:
-            if features:
+            if features or feature_map:
                 raise EngineError("the torch engine compiles the network for benchmark only, not with features")
             self._forward = _compiled(torch, self._network, on_gpu)
         # CUDA graphs by default on a GPU; not on top of torch.compile, whose GPU mode captures its own.
@@ -231,6 +237,14 @@ class TorchEngine(OneBatchAtATime):
         logits, features = self._outputs(batch)
         return logits, features
 
+    def run_with_feature_map(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (``N x classes``) and the final feature map (``N x 1536 x 7 x 7``), float32, from one forward
+        pass; for an engine made with ``feature_map=True``."""
+        if not self.has_feature_map:
+            raise EngineError("this engine was made without the feature map; build it with feature_map=True")
+        logits, feature_map = self._outputs(batch)
+        return logits, feature_map
+
 
 def _compiled(torch: Any, network: Any, on_gpu: bool) -> Any:
     """``torch.compile`` of the network, its caches under mixnet's cache (Inductor and Triton write to /tmp and
@@ -263,8 +277,14 @@ def build_with_features(spec: ModelSpec, weights: "VerifiedWeights", choice: Eng
     return build(spec, weights, choice, threads, features=True)
 
 
+def build_with_feature_map(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice,
+                           threads: int | None) -> Engine:
+    """As :func:`build`, with ``run_with_feature_map`` (logits and the final feature map from one pass)."""
+    return build(spec, weights, choice, threads, feature_map=True)
+
+
 def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, threads: int | None, *,
-          features: bool = False) -> Engine:
+          features: bool = False, feature_map: bool = False) -> Engine:
     """PyTorch on the network built from these weights (a fifth of a second; nothing cached), in
     ``choice.precision``, compiled when ``choice.compiled``; in fp32 held to the reference logits (ONNX Runtime's on the CPU, on mixnet's graph) at each start. Raises
     :class:`~mixnet_cli.engines.base.EngineFailed` when torch itself cannot run it, :class:`DeviceError` when
@@ -274,7 +294,7 @@ def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, thr
 
     try:
         engine = TorchEngine(network_for(spec, weights.path), choice.device, threads, precision=choice.precision,
-                             compile=choice.compiled, features=features)
+                             compile=choice.compiled, features=features, feature_map=feature_map)
         if choice.precision == "fp32":
             try:
                 converted = ensure_converted(spec, weights.path, weights.record.sha256, "onnx")

@@ -294,6 +294,22 @@ def resized_size(width: int, height: int, pre: Preprocessing) -> tuple[int, int]
     return int(round(width * percent)), int(round(height * percent))
 
 
+def crop_offsets(resized_width: int, resized_height: int, pre: Preprocessing) -> tuple[int, int]:
+    """PaddleClas's CropImage: the centre crop's ``(left, top)`` in the resized image, in pixels."""
+    return (resized_width - pre.crop_size) // 2, (resized_height - pre.crop_size) // 2
+
+
+def crop_region(width: int, height: int, pre: Preprocessing) -> tuple[float, float, float, float]:
+    """The part of a ``width x height`` photo that the network sees, as ``(left, top, right, bottom)`` in the
+    photo's pixel coordinates (pixel edges; floats): the crop of :func:`transform` taken back through its resize.
+    cv2's resize maps pixel edges proportionally (pixel centres at ``(x + 0.5) * scale - 0.5``), so edge ``e`` of
+    the resized image is edge ``e * width / resized_width`` of the photo."""
+    new_w, new_h = resized_size(width, height, pre)
+    left, top = crop_offsets(new_w, new_h, pre)
+    scale_x, scale_y = width / new_w, height / new_h
+    return (left * scale_x, top * scale_y, (left + pre.crop_size) * scale_x, (top + pre.crop_size) * scale_y)
+
+
 def transform(rgb: np.ndarray, pre: Preprocessing, name: str = "<image>") -> np.ndarray:
     """PaddleClas's ResizeImage(resize_short) + CropImage + NormalizeImage + ToCHW on an HxWx3 RGB uint8 array:
     a 3xSxS float32 array (S = ``pre.crop_size``). Raises :class:`ImageTooLargeError` when the resized image
@@ -307,8 +323,7 @@ def transform(rgb: np.ndarray, pre: Preprocessing, name: str = "<image>") -> np.
             f"{new_w}x{new_h} pixels; crop it to a less extreme aspect ratio first"
         )
     resized = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    top = (new_h - pre.crop_size) // 2
-    left = (new_w - pre.crop_size) // 2
+    left, top = crop_offsets(new_w, new_h, pre)
     crop = resized[top:top + pre.crop_size, left:left + pre.crop_size, :]
     # PaddleClas's (x * scale - mean) / std in float32, the same operations in the same order, so the same bits;
     # done after the move to CHW, where each channel is one contiguous run, which is twice as fast in numpy as
@@ -323,10 +338,17 @@ def transform(rgb: np.ndarray, pre: Preprocessing, name: str = "<image>") -> np.
 def load_and_transform(source: ImageInput, pre: Preprocessing, name: str | None = None) -> np.ndarray:
     """decode() then transform(): one image to a 3xSxS float32 array. Whatever goes wrong with this input is
     raised as an :class:`~mixnet_cli.base.errors.ImageError` naming it."""
+    return load_photo_and_transform(source, pre, name)[1]
+
+
+def load_photo_and_transform(source: ImageInput, pre: Preprocessing,
+                             name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """As :func:`load_and_transform`, also returning the decoded photo (``H x W x 3`` uint8 RGB) that the
+    network input was made from: ``(photo, input)``."""
     label = name if name is not None else (str(source) if isinstance(source, (str, Path)) else "<image>")
     rgb = decode(source, label)
     try:
-        return transform(rgb, pre, label)
+        return rgb, transform(rgb, pre, label)
     except (ImageError, LibraryError):
         raise
     except MemoryError:

@@ -25,6 +25,9 @@ INPUT_NAME = "x"
 OUTPUT_NAME = "logits"
 # The pooled features the classifier reads (N x 1536): a second output, only in models built with features=True.
 FEATURES_NAME = "features"
+# The final feature map (N x 1536 x 7 x 7, after the last 1x1 convolution, batch norm and ReLU, before the pool):
+# another output, only in models built with feature_map=True, for class activation maps.
+FEATURE_MAP_NAME = "feature_map"
 BATCH_DIM = "N"
 # Opset 13 runs on every ONNX Runtime since 1.6 and every OpenVINO release since 2021, and has every operator
 # this graph needs.
@@ -198,13 +201,16 @@ def _squeeze_excite(graph: _Graph, x: str, se: SqueezeExcite) -> str:
 
 
 def build_onnx(architecture: Architecture, state: dict[str, np.ndarray], size: int = 224,
-               form: GraphForm = DEFAULT_FORM, *, check: bool = True, features: bool = False) -> "onnx.ModelProto":
+               form: GraphForm = DEFAULT_FORM, *, check: bool = True, features: bool = False,
+               feature_map: bool = False) -> "onnx.ModelProto":
     """The ONNX model of ``architecture`` with the parameters in ``state`` (checked names and shapes, any float
     dtype; computed in float32), for ``size x size`` inputs and any batch size. ``check`` runs ONNX's model
     checker on it (a twentieth of a second; the conversion skips it, since an engine runs the model and the
     tests check every form). ``features`` adds a second output, ``features``: the pooled ``N x 1536`` float32
-    vector the classifier reads (paddleclas's ``features`` block, flattened). Raises ``KeyError`` for a parameter
-    ``state`` lacks (callers check the state dict first)."""
+    vector the classifier reads (paddleclas's ``features`` block, flattened). ``feature_map`` adds the output
+    ``feature_map``: the ``N x 1536 x 7 x 7`` float32 map those features are the spatial mean of (the class
+    activation maps' input), from the same pass. Raises ``KeyError`` for a parameter ``state`` lacks (callers
+    check the state dict first)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -217,6 +223,7 @@ def build_onnx(architecture: Architecture, state: dict[str, np.ndarray], size: i
         if unit.residual:
             x = graph.node("Add", [x, identity], f"{unit.prefix}.residual")
     x = _conv_bn(graph, x, architecture.final, form)
+    final_map = x
     x = graph.node("AveragePool", [x], "features.final_pool", kernel_shape=[POOL_SIZE, POOL_SIZE], strides=[1, 1])
     x = graph.node("Flatten", [x], "flatten", axis=1)
     weight = graph.constant(architecture.classifier_weight, graph.param(architecture.classifier_weight))
@@ -229,6 +236,10 @@ def build_onnx(architecture: Architecture, state: dict[str, np.ndarray], size: i
         graph.nodes.append(helper.make_node("Identity", [x], [FEATURES_NAME], name="features"))
         outputs.append(helper.make_tensor_value_info(FEATURES_NAME, TensorProto.FLOAT,
                                                      [BATCH_DIM, architecture.final.out_channels]))
+    if feature_map:
+        graph.nodes.append(helper.make_node("Identity", [final_map], [FEATURE_MAP_NAME], name="feature_map"))
+        outputs.append(helper.make_tensor_value_info(FEATURE_MAP_NAME, TensorProto.FLOAT,
+                                                     [BATCH_DIM, architecture.final.out_channels, POOL_SIZE, POOL_SIZE]))
     model = helper.make_model(
         helper.make_graph(graph.nodes, architecture.name, inputs, outputs, graph.initializers),
         opset_imports=[helper.make_opsetid("", OPSET)],

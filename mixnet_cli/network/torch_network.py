@@ -106,7 +106,7 @@ class UnitModule(nn.Module):
 
 class MixNet(nn.Module):
     """The whole network; ``forward`` gives logits, ``features`` the pooled ``N x 1536`` vector before the
-    classifier."""
+    classifier, ``forward_with_feature_map`` the logits and the final feature map."""
 
     def __init__(self, architecture: Architecture, state: dict[str, np.ndarray]) -> None:
         super().__init__()
@@ -124,7 +124,11 @@ class MixNet(nn.Module):
             self.classifier.bias.copy_(_tensor(state[architecture.classifier_bias]))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(functional.avg_pool2d(self.body(x), POOL_SIZE, stride=1), 1)
+        return self._pool(self.body(x))
+
+    @staticmethod
+    def _pool(feature_map: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(functional.avg_pool2d(feature_map, POOL_SIZE, stride=1), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -133,6 +137,12 @@ class MixNet(nn.Module):
         """Logits and the pooled features they were computed from, from one pass."""
         features = self.features(x)
         return self.classifier(features), features
+
+    def forward_with_feature_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the final ``N x 1536 x 7 x 7`` feature map they were pooled from (after the last 1x1
+        convolution, batch norm and ReLU), from one pass: the input of class activation maps."""
+        feature_map = self.body(x)
+        return self.classifier(self._pool(feature_map)), feature_map
 
 
 def build_network(architecture: Architecture, state: dict[str, Any]) -> MixNet:

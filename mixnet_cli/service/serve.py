@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from .batching import DynamicBatcher
+from .maps import OPENAPI_PARAMETERS, OPENAPI_PATH, CamRequest, cam_request, classify_with_maps
 from ..base.errors import ImageError, ImageTooLargeError, MixnetError, Overloaded, UsageError
 
 if TYPE_CHECKING:
@@ -199,7 +200,7 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-_ENDPOINTS = ("/v1/classify", "/healthz", "/readyz", "/metrics", "/openapi.json")
+_ENDPOINTS = ("/v1/classify", "/healthz", "/readyz", "/metrics", "/openapi.json", "/")
 
 
 class Service:
@@ -363,15 +364,21 @@ class Service:
             batcher.release(held)
 
     async def classify(self, model_name: str, topk: int, images: list[tuple[str, Callable[[], bytes]]],
-                       rows: bool = False) -> list[Any]:
+                       rows: bool = False, cam: CamRequest | None = None) -> list[Any]:
         """Classify named images (each a loader of its encoded bytes, run in a decode thread) with one model,
         room for them held with :meth:`admitted`: a :class:`ClassificationResult` each (with ``rows``, each
         image's row of probabilities instead, ``classes`` float64: the v2 protocol's output). An image that cannot
-        be read gets its error in its place."""
+        be read gets its error in its place. ``cam``: each with its class activation map, from the classifier's map
+        engine, outside the batcher."""
         from ..classifier import ClassificationResult
 
         model = self.models[model_name]
         loop = asyncio.get_running_loop()
+        if cam is not None:
+            try:
+                return await classify_with_maps(model.classifier, model_name, topk, images, cam, self.decoders)
+            except UsageError as exc:
+                raise RequestError(400, type(exc).__name__, str(exc)) from None
 
         def prepare(name: str, load: Callable[[], bytes]) -> Any:
             return model.classifier.preprocess(load(), name)
@@ -496,6 +503,10 @@ def create_app(service: Service) -> Any:
                                    {"Retry-After": "1"})
             request.state.model = name
             try:
+                request.state.cam = cam_request(request.query_params, service.specs[name].num_classes)
+            except UsageError as exc:
+                raise RequestError(400, type(exc).__name__, str(exc)) from None
+            try:
                 return await asyncio.wait_for(answer(request, name, topk, url, deadline), deadline)
             except asyncio.TimeoutError:
                 raise RequestError(504, "DeadlineExceeded",
@@ -535,11 +546,18 @@ def create_app(service: Service) -> Any:
                                "(curl --data-binary @cat.jpg) or as multipart 'image' fields")
         request.state.images = len(images)
         hold(len(images))
-        results = await service.classify(name, topk, images)
+        results = await service.classify(name, topk, images, cam=request.state.cam)
         failed = [result.error for result in results if result.error is not None]
         status = image_error_status(failed[0]) if failed else 200
         rows = [result.to_dict() for result in results]
         return JSONResponse(rows if multipart else rows[0], status_code=status)
+
+    async def home(request: Any) -> Any:
+        """The service's own page (one static file, no data in it): photos in, top-5 bars and heat maps out."""
+        from .maps import page
+
+        html, headers = page()
+        return Response(html, media_type="text/html; charset=utf-8", headers=headers)
 
     async def healthz(request: Any) -> Any:
         return JSONResponse({"status": "ok"})
@@ -569,6 +587,7 @@ def create_app(service: Service) -> Any:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/", home, methods=["GET"]),
         # The Open Inference Protocol v2, on the same models, batchers and limits.
         *oip_routes(service, image_status=image_error_status, read_body=lambda request: _read_body(
             request.stream(), service.options.max_body_bytes, request.headers.get("content-length"))),
@@ -672,6 +691,7 @@ def openapi_document(service: Service) -> dict[str, Any]:
                      "description": "a shorter deadline than the service's own"},
                     {"name": "url", "in": "query", "schema": {"type": "string"},
                      "description": "an http(s) image URL to fetch instead of a body (only with --allow-urls)"},
+                    *OPENAPI_PARAMETERS,
                 ],
                 "requestBody": {"content": {
                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
@@ -690,6 +710,7 @@ def openapi_document(service: Service) -> dict[str, Any]:
                     "504": {"description": "not answered within the deadline", **json_error},
                 },
             }},
+            "/": OPENAPI_PATH,
             "/healthz": {"get": {"summary": "The process answers", "responses": {"200": {"description": "alive"}}}},
             "/readyz": {"get": {"summary": "Every model is loaded", "responses": {
                 "200": {"description": "ready"}, "503": {"description": "still loading"}}}},
