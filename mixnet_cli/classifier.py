@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, Sized
 
@@ -26,50 +25,7 @@ from .images.labels import imagenet_labels, read_label_file
 from .base.manifest import ModelSpec, resolve_model
 from .images.preprocess import ImageInput, load_and_transform
 from .weights.store import VerifiedWeights, custom_weights, ensure_weights
-
-
-@dataclass(frozen=True)
-class Prediction:
-    class_id: int
-    label: str
-    score: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"class_id": self.class_id, "label": self.label, "score": self.score}
-
-
-@dataclass(frozen=True)
-class ClassificationResult:
-    """The answer for one input: its predictions, or the error that stopped it (never both). ``features``: the
-    pooled ``1536`` float32 features the classifier read, for a classifier made with ``features=True``."""
-
-    input: str
-    model: str
-    predictions: tuple[Prediction, ...] = ()
-    error: MixnetError | None = field(default=None, compare=False)
-    features: np.ndarray | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def to_dict(self) -> dict[str, Any]:
-        if self.error is not None:
-            return {
-                "input": self.input,
-                "model": self.model,
-                "error": {"type": type(self.error).__name__, "message": str(self.error)},
-            }
-        row: dict[str, Any] = {
-            "input": self.input,
-            "model": self.model,
-            "predictions": [p.to_dict() for p in self.predictions],
-        }
-        if self.features is not None:
-            row["features"] = [float(value) for value in self.features]
-        return row
-
-
+from .results import ClassificationResult, Prediction  # noqa: F401 (this module's API, as before)
 
 
 # Below this many images a job is small: the latency-mode engine that classified the first ones finishes it.

@@ -225,6 +225,8 @@ def device_and_engine(device: str | None, engine: str | None) -> tuple[str, str]
 
 def _checked_mirrors(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
     """--mirror is checked as it is parsed, so a bad one is a usage error even when the weights are cached."""
+    if not value:
+        return value  # without importing the weights layer (numpy), which `classify --server` never needs
     from ..weights.store import check_mirrors
 
     try:
