@@ -212,7 +212,8 @@ from mixnet_cli.base.locks import file_lock
 held = file_lock(Path({str(lock)!r}))
 held.acquire()
 from mixnet_cli.cli import main
-main(["classify", {str(tmp_path / "missing.jpg")!r}, "--json", "-o", {str(out)!r}], prog_name="mixnet")
+sys.argv = ["mixnet", "classify", {str(tmp_path / "missing.jpg")!r}, "--json", "-o", {str(out)!r}]
+main(prog_name="mixnet")  # as the program runs it: the arguments from sys.argv
 """
     done = _program(code)
     assert done.returncode == 1, done.stderr
@@ -222,8 +223,12 @@ main(["classify", {str(tmp_path / "missing.jpg")!r}, "--json", "-o", {str(out)!r
     rows = json.loads(out.read_text())  # complete, under its final name
     assert rows[0]["error"]["type"] == "ImageNotFoundError"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]
-    version = _program("from mixnet_cli.cli import main\nmain(['--version'])")
+    version = _program("import sys\nfrom mixnet_cli.cli import main\nsys.argv = ['mixnet', '--version']\nmain()")
     assert version.returncode == 0 and version.stdout.startswith("mixnet ")
+    # Called with arguments (a program embedding the command line), it ends as click does: SystemExit, teardown.
+    embedded = _program(code.replace('sys.argv = ["mixnet", ', 'main([').replace(
+        ']\nmain(prog_name="mixnet")', '])'))
+    assert embedded.returncode == 1 and "interpreter teardown ran" in embedded.stderr
 
 
 def test_the_program_runs_numpy_with_one_blas_thread_unless_the_user_chose():
@@ -239,7 +244,8 @@ def report():
 
 atexit.register(report)
 from mixnet_cli.cli import main
-main(["--version"])
+sys.argv = ["mixnet", "--version"]
+main()
 """
     environment = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

@@ -74,14 +74,16 @@ def exit_without_teardown(code: Any) -> NoReturn:
 
 class _OneLineErrors(click.Group):
     """click shows a usage error as a usage block, a hint and the error; here it is one line, like every error.
-    Run as a program (``mixnet``, ``python -m mixnet_cli``: ``__call__``), it ends without the interpreter's
-    teardown (:func:`exit_without_teardown`); ``main()`` itself, as tests and embedding programs call it, does
-    not."""
+    Run as the program (``mixnet``, ``python -m mixnet_cli``: called with no arguments, so they come from
+    ``sys.argv``), it ends without the interpreter's teardown (:func:`exit_without_teardown`); called with
+    arguments or ``standalone_mode=False``, as tests and programs embedding it do, it behaves as click's."""
 
-    def __call__(self, *args: Any, **kwargs: Any) -> NoReturn:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs.get("args") is not None or kwargs.get("standalone_mode") is False:
+            return self.main(*args, **kwargs)
         quiet_blas_threads(os.environ)
         try:
-            self.main(*args, **kwargs)
+            self.main(**kwargs)
             code: Any = 0
         except SystemExit as exc:
             code = exc.code
