@@ -91,7 +91,7 @@ def test_the_client_prints_byte_for_byte_what_a_local_run_prints(output, service
     assert local.exit_code == remote.exit_code == 1  # the file that is no image, the missing one
     assert remote.stdout == local.stdout
     assert remote.stderr == local.stderr
-    assert 'a "quoted" näme.jpg' in local.stdout
+    assert "quoted" in local.stdout and "näme" in local.stdout  # as each format quotes it
 
 
 def test_the_client_process_imports_no_numpy_image_library_engine_or_requests(service_url, inputs, tmp_path):
