@@ -31,7 +31,6 @@ rename; a failed one leaves nothing behind. This module runs no engine of mixnet
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -626,6 +625,8 @@ _CONVERTERS = {"paddle": convert_paddle, "paddle-legacy": convert_paddle_legacy}
 
 
 def _child_main(argv: Sequence[str]) -> int:
+    import argparse  # only in the child process: the cached path does not pay for it
+
     parser = argparse.ArgumentParser(prog="python -m mixnet_cli.engines.conversion", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--weights", required=True, type=Path)
