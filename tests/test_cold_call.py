@@ -173,12 +173,16 @@ def test_onnx_runtime_keeps_its_optimised_graph_and_gives_bit_identical_logits(r
     assert not [p for p in model.parent.iterdir() if p.name.startswith(".")]  # nothing half-written left
     second = OnnxRuntimeEngine(model, "cpu", 2, model_sha256=model_sha256)
     assert second.optimised_cached and "optimised graph from the cache" in second.detail
+    optimised = folder / f"{model.stem}.ort"
+    settle(optimised)  # hashed once more, then its stat vouches for it
+    assert OnnxRuntimeEngine(model, "cpu", 2, model_sha256=model_sha256).optimised_cached
+    assert cache.read_directory_record(folder)["files"][optimised.name]["stat"]["mtime_ns"] == \
+        optimised.stat().st_mtime_ns
     for engine in (first, second, second.throughput()):
         assert np.array_equal(engine.run(batch), plain)
         assert np.array_equal(engine.run(batch[:1]), plain[:1])
 
     # A damaged copy is not loaded: the graph is optimised again and the copy replaced.
-    optimised = folder / f"{model.stem}.ort"
     data = bytearray(optimised.read_bytes())
     data[len(data) // 2] ^= 0xFF
     optimised.write_bytes(bytes(data))
@@ -269,3 +273,22 @@ def test_quiet_blas_threads_sets_only_what_the_user_left_unset():
     unset: dict[str, str] = {"OPENBLAS_NUM_THREADS": " "}
     quiet_blas_threads(unset)
     assert unset == {"OPENBLAS_NUM_THREADS": "1"}  # OMP_NUM_THREADS is the engines' and stays unset
+
+
+def test_a_cached_classify_hashes_nothing_once_the_files_have_settled(random_weights_dir, isolated_home,
+                                                                        test_images, count_hashes):
+    photo = str(test_images["rgb_jpeg"])
+    assert run("download", "S", "--from", str(random_weights_dir / FILE)).exit_code == 0
+    first = run("classify", photo, "--json", "--engine", "onnxruntime")  # converts, keeps the optimised graph
+    assert first.exit_code == 0, first.output
+    kept = [p for folder in ("weights", "onnx") for p in (isolated_home / folder).rglob("*")
+            if p.suffix in (".pdparams", ".onnx", ".ort")]  # (openvino/ holds OpenVINO's own copy)
+    assert sorted(p.suffix for p in kept) == [".onnx", ".ort", ".pdparams"]
+    for path in kept:
+        settle(path)
+    count_hashes.clear()
+    assert run("classify", photo, "--json", "--engine", "onnxruntime").stdout == first.stdout
+    assert sorted(p.suffix for p in count_hashes) == [".onnx", ".ort", ".pdparams"]  # their stat changed
+    count_hashes.clear()
+    assert run("classify", photo, "--json", "--engine", "onnxruntime").stdout == first.stdout
+    assert count_hashes == []

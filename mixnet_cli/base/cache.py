@@ -383,6 +383,12 @@ def check_directory(directory: Path, record: dict[str, Any] | None, *, full: boo
     return DirectoryCheck(None, new_stamps)
 
 
+def restamped(record: dict[str, Any], new_stamps: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """``record`` with the stats of :attr:`DirectoryCheck.new_stamps` in its files' entries (to write back)."""
+    return {**record, "files": {name: {**entry, "stat": new_stamps.get(name, entry.get("stat"))}
+                                for name, entry in record["files"].items()}}
+
+
 def directory_problem(directory: Path, record: dict[str, Any] | None) -> str | None:
     """Why the files of ``directory`` do not match its record's ``files`` (name -> size and sha256), or None;
     every file hashed in full (what ``mixnet cache list`` shows)."""

@@ -171,10 +171,7 @@ def _restamp(directory: Path, record: dict[str, Any], new_stamps: dict[str, dict
     try:
         if _read_record(directory) != record:
             return  # converted again meanwhile
-        updated = dict(record)
-        updated["files"] = {name: {**entry, "stat": new_stamps.get(name, entry.get("stat"))}
-                            for name, entry in record["files"].items()}
-        files.write_text(directory / RECORD_NAME, json.dumps(updated, indent=2) + "\n")
+        files.write_text(directory / RECORD_NAME, json.dumps(cache.restamped(record, new_stamps), indent=2) + "\n")
     except OSError:
         pass
     finally:

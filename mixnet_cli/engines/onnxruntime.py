@@ -105,8 +105,17 @@ def cached_optimised(onnx_model: Path, onnx_sha256: str, onnxruntime_version: st
     if record is None or (record.get("record_version"), record.get("onnx_sha256"), record.get("onnxruntime")) != (
             OPTIMISED_RECORD_VERSION, onnx_sha256, onnxruntime_version):
         return None
-    if cache.check_directory(directory, record, full=settings.verify_mode() == "always").problem is not None:
+    check = cache.check_directory(directory, record, full=settings.verify_mode() == "always")
+    if check.problem is not None:
         return None  # replaced by the next session made from the ONNX model
+    if check.new_stamps:
+        # Best effort: a process replacing the folder meanwhile at worst leaves it without its file, which the
+        # next run finds and replaces.
+        try:
+            files.write_text(directory / cache.DIRECTORY_RECORD,
+                             json.dumps(cache.restamped(record, check.new_stamps), indent=2) + "\n")
+        except OSError:
+            pass
     return directory / f"{onnx_model.stem}.ort"
 
 
