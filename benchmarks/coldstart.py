@@ -95,6 +95,19 @@ def warm_service(mixnet: str, env: dict[str, str], models: list[str]) -> Iterato
         process.wait(timeout=60)
 
 
+def timed_run(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system, the child's) of one run of ``command``; CPU time moves less
+    than wall time when other processes share the machine."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    elapsed = time.perf_counter() - start
+    error = process.stderr.read() if process.stderr else b""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {error.decode(errors='replace')[-2000:]}")
+    return elapsed, usage.ru_utime + usage.ru_stime
+
+
 def compare_with_baseline(args: object, mixnet: str, image: str, env: dict[str, str], scratch: Path) -> dict:
     """The one-image calls of this checkout and of ``args.baseline``, interleaved: medians and ratios."""
     old_root = extract_revision(args.baseline, scratch / "baseline")
@@ -109,19 +122,26 @@ def compare_with_baseline(args: object, mixnet: str, image: str, env: dict[str, 
         for command in commands.values():  # bytecode, disk cache, the cache's stat records
             for variant_env in variants.values():
                 for _ in range(2):
-                    run_process(command, variant_env)
+                    timed_run(command, variant_env)
         wall: dict[str, dict[str, list[float]]] = {name: {"before": [], "after": []} for name in commands}
+        cpu: dict[str, dict[str, list[float]]] = {name: {"before": [], "after": []} for name in commands}
         for index in range(args.rounds):
             log(f"cold start against {args.baseline}: round {index + 1}/{args.rounds}")
             for name, command in commands.items():
                 order = ("before", "after") if index % 2 == 0 else ("after", "before")
                 for variant in order:
-                    wall[name][variant].append(run_process(command, variants[variant])[0])
+                    seconds, cpu_seconds = timed_run(command, variants[variant])
+                    wall[name][variant].append(seconds)
+                    cpu[name][variant].append(cpu_seconds)
     rows = {}
-    for name, samples in wall.items():
-        before, after = summary(samples["before"]), summary(samples["after"])
-        rows[name] = {"before_s": before, "after_s": after, "ratio": after["median"] / before["median"]}
-        log(f"{name}: {before['median']:.3f} s -> {after['median']:.3f} s ({rows[name]['ratio']:.2f}x)")
+    for name in commands:
+        before, after = summary(wall[name]["before"]), summary(wall[name]["after"])
+        cpu_before, cpu_after = summary(cpu[name]["before"]), summary(cpu[name]["after"])
+        rows[name] = {"before_s": before, "after_s": after, "ratio": after["median"] / before["median"],
+                      "cpu_before_s": cpu_before, "cpu_after_s": cpu_after,
+                      "cpu_ratio": cpu_after["median"] / cpu_before["median"]}
+        log(f"{name}: {before['median']:.3f} s -> {after['median']:.3f} s ({rows[name]['ratio']:.2f}x); CPU "
+            f"{cpu_before['median']:.3f} s -> {cpu_after['median']:.3f} s ({rows[name]['cpu_ratio']:.2f}x)")
     return {"baseline": args.baseline, "rounds": args.rounds, "commands": rows}
 
 
