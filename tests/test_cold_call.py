@@ -163,8 +163,16 @@ def test_onnx_runtime_keeps_its_optimised_graph_and_gives_bit_identical_logits(r
     plain = OnnxRuntimeEngine(model, "cpu", 2).run(batch)  # optimised in memory, as without the cache
     assert not list(model.parent.glob("onnxruntime-*"))
 
+    # What a process killed while saving left: an old one is removed, a recent one (maybe still being written) not.
+    name = f"onnxruntime-{onnxruntime.__version__}-{cpu_key()}"
+    old, recent = model.parent / f".{name}.old.incomplete", model.parent / f".{name}.recent.incomplete"
+    old.mkdir()
+    recent.mkdir()
+    os.utime(old, (0, 0))
     first = OnnxRuntimeEngine(model, "cpu", 2, model_sha256=model_sha256)
     assert not first.optimised_cached
+    assert not old.exists() and recent.exists()
+    recent.rmdir()
     [folder] = model.parent.glob("onnxruntime-*")
     assert folder.name == f"onnxruntime-{onnxruntime.__version__}-{cpu_key()}"  # per version and CPU kind
     record = cache.read_directory_record(folder)

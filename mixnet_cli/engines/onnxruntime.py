@@ -10,6 +10,7 @@ import platform
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +76,7 @@ def resolve_device(name: str, requested: str) -> DeviceChoice:
 # checked like every converted model (sizes, sha256, the stat that spares the hash) and made from the ONNX model
 # whose sha256 its record names.
 OPTIMISED_RECORD_VERSION = 1
+_LEFTOVER_AGE_S = 3600.0
 
 
 def cpu_key() -> str:
@@ -129,6 +131,13 @@ class _OptimisedWriter:
         self.onnx_sha256 = onnx_sha256
         self.version = onnxruntime_version
         self.name = f"{onnx_model.stem}.ort"
+        for leftover in onnx_model.parent.glob(f".{self.final.name}.*.incomplete"):
+            # Of a process killed while saving (saving takes well under a second; an hour is far past it).
+            try:
+                if time.time() - leftover.stat().st_mtime > _LEFTOVER_AGE_S:
+                    shutil.rmtree(leftover, ignore_errors=True)
+            except OSError:
+                pass
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".incomplete", dir=onnx_model.parent))
 
     def finish(self) -> None:
