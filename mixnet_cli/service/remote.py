@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import threading
 import time
 from collections import deque
@@ -167,7 +166,7 @@ def _field_name(value: str) -> str:
 
 def multipart_body(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
     """A ``multipart/form-data`` body of one ``image`` field per (name, bytes), and its content type."""
-    boundary = secrets.token_hex(16)
+    boundary = os.urandom(16).hex()  # (not the secrets module: it imports hashlib and OpenSSL for nothing here)
     parts = []
     for name, data in files:
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{_field_name(name)}"'
