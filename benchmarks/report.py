@@ -127,7 +127,22 @@ def cold_section(data: dict[str, Any]) -> tuple[list[str], float, float, float, 
     if not _measured(ratio):
         lines += ["", f"`{IMPORT_PADDLE}` was not measured: paddle is not installed in the environment that ran the "
                   "benchmarks (the core install), so the cold start is not compared with it."]
+    if data.get("baseline"):
+        lines += ["", *baseline_lines(data["baseline"], data.get("machine", {}).get("cpu", "?"))]
     return lines, ratio, help_s, rss, first_use
+
+
+def baseline_lines(compared: dict[str, Any], cpu: str) -> list[str]:
+    """The one-image calls of this code against an earlier revision's (coldstart.py --baseline), interleaved."""
+    lines = [f"Against revision `{compared['baseline']}` (coldstart.py `--baseline`; {compared['rounds']} rounds, the "
+             f"two interleaved, medians; {cpu}):", "",
+             "| command | before (wall) | after (wall) | after / before | CPU before | CPU after | CPU after / before |",
+             "|---|---|---|---|---|---|---|"]
+    for name, row in compared["commands"].items():
+        lines.append(f"| `{name}` | {row['before_s']['median']:.3f} s | {row['after_s']['median']:.3f} s | "
+                     f"**{row['ratio']:.2f}x** | {row['cpu_before_s']['median']:.3f} s | "
+                     f"{row['cpu_after_s']['median']:.3f} s | {row['cpu_ratio']:.2f}x |")
+    return lines
 
 
 def bulk_section(data: dict[str, Any]) -> tuple[list[str], float, float]:

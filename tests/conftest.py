@@ -12,7 +12,7 @@ import pytest
 
 MIXNET_VARIABLES = (
     "MIXNET_HOME", "MIXNET_MIRROR", "MIXNET_OFFLINE", "MIXNET_DEVICE", "MIXNET_ENGINE", "MIXNET_DEBUG", "MIXNET_TIMEOUT",
-    "MIXNET_RETRIES", "MIXNET_BACKOFF", "MIXNET_BACKOFF_MAX", "MIXNET_URL_DEADLINE",
+    "MIXNET_RETRIES", "MIXNET_BACKOFF", "MIXNET_BACKOFF_MAX", "MIXNET_URL_DEADLINE", "MIXNET_VERIFY",
     # Read as the default thread count; `import paddle` (in the reference tests) sets it to 1 for the process.
     "OMP_NUM_THREADS",
 )

@@ -334,9 +334,9 @@ def test_decompression_bomb_and_huge_files_are_errors(tmp_path, random_mirror, m
     assert rows[0]["error"]["type"] == "ImageTooLargeError" and "decompression bomb" in rows[0]["error"]["message"]
     assert "predictions" in rows[1]
 
-    import mixnet_cli.images.preprocess
+    import mixnet_cli.images.encoded
 
-    monkeypatch.setattr(mixnet_cli.images.preprocess, "MAX_IMAGE_BYTES", good.stat().st_size - 1)
+    monkeypatch.setattr(mixnet_cli.images.encoded, "MAX_IMAGE_BYTES", good.stat().st_size - 1)
     rows = json.loads(_invoke("classify", str(good), "--json").stdout)
     assert rows[0]["error"]["type"] == "ImageTooLargeError" and "limit" in rows[0]["error"]["message"]
 

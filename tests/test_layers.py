@@ -74,7 +74,7 @@ def test_every_module_has_a_layer_folder_or_is_the_api() -> None:
     graph = _graph()
     top_level = sorted(name for name in graph if _layer(name) == "api")
     assert top_level == ["mixnet_cli", "mixnet_cli.classifier", "mixnet_cli.distributed", "mixnet_cli.doctor",
-                         "mixnet_cli.evaluate", "mixnet_cli.export", "mixnet_cli.output"]
+                         "mixnet_cli.evaluate", "mixnet_cli.export", "mixnet_cli.output", "mixnet_cli.results"]
     for folder in LAYERS:
         if folder not in ("api", "cli"):
             init = PACKAGE / folder / "__init__.py"

@@ -165,6 +165,9 @@ class WeightsRecord:
     size: int
     source: str
     fetched_at: str
+    # The file's stat when it was last hashed (files.stat_stamp): while it still matches, using the file skips
+    # the hash (MIXNET_VERIFY=always hashes every time). None in records of older versions: hashed, then stamped.
+    stat: dict[str, int] | None = None
 
 
 def read_record(spec: ModelSpec) -> WeightsRecord | None:
@@ -177,8 +180,9 @@ def read_record(spec: ModelSpec) -> WeightsRecord | None:
             size=int(raw["size"]),
             source=str(raw["source"]),
             fetched_at=str(raw["fetched_at"]),
+            stat=raw.get("stat") if isinstance(raw.get("stat"), dict) else None,
         )
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
@@ -340,24 +344,58 @@ def read_directory_record(directory: Path, name: str = DIRECTORY_RECORD) -> dict
     return raw if isinstance(raw, dict) else None
 
 
-def directory_problem(directory: Path, record: dict[str, Any] | None) -> str | None:
-    """Why the files of ``directory`` do not match its record's ``files`` (name -> size and sha256), or None."""
+def file_entry(path: Path) -> dict[str, Any]:
+    """A record's entry for the file at ``path``: its size, sha256 and stat (stamped before the hash, so that a
+    change during the hash shows as a changed stat). Raises ``OSError``."""
+    stamp = files.stat_stamp(path)
+    return {"size": stamp["size"], "sha256": sha256_of(path), "stat": stamp}
+
+
+@dataclass(frozen=True)
+class DirectoryCheck:
+    """What checking a folder's files against its record found: ``problem`` (None: they match) and, for files
+    hashed because their stat no longer vouched for them, their new stamps (name -> :func:`files.stat_stamp`)."""
+
+    problem: str | None
+    new_stamps: dict[str, dict[str, int]]
+
+
+def check_directory(directory: Path, record: dict[str, Any] | None, *, full: bool = True) -> DirectoryCheck:
+    """Check the files of ``directory`` against its record's ``files`` (name -> size, sha256 and stat). ``full``
+    hashes every file; otherwise a file whose stat still matches the one recorded is taken as checked
+    (:func:`files.stamp_vouches`)."""
     if record is None:
-        return "has no readable record"
+        return DirectoryCheck("has no readable record", {})
     listed = record.get("files")
     if not isinstance(listed, dict) or not listed:
-        return "has a record that lists no files"
+        return DirectoryCheck("has a record that lists no files", {})
+    new_stamps = {}
     for name, expected in listed.items():
         path = directory / name
         if Path(name).name != name or not isinstance(expected, dict):
-            return "has a malformed record"
+            return DirectoryCheck("has a malformed record", {})
+        if not full and files.stamp_vouches(path, expected.get("stat")) and expected["stat"]["size"] == expected.get("size"):
+            continue
         try:
-            size = path.stat().st_size
+            stamp = files.stat_stamp(path)
         except OSError:
-            return f"is missing {name}"
-        if size != expected.get("size") or sha256_of(path) != expected.get("sha256"):
-            return f"has a corrupt {name} (its sha256 does not match the record)"
-    return None
+            return DirectoryCheck(f"is missing {name}", {})
+        if stamp["size"] != expected.get("size") or sha256_of(path) != expected.get("sha256"):
+            return DirectoryCheck(f"has a corrupt {name} (its sha256 does not match the record)", {})
+        new_stamps[name] = stamp
+    return DirectoryCheck(None, new_stamps)
+
+
+def restamped(record: dict[str, Any], new_stamps: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """``record`` with the stats of :attr:`DirectoryCheck.new_stamps` in its files' entries (to write back)."""
+    return {**record, "files": {name: {**entry, "stat": new_stamps.get(name, entry.get("stat"))}
+                                for name, entry in record["files"].items()}}
+
+
+def directory_problem(directory: Path, record: dict[str, Any] | None) -> str | None:
+    """Why the files of ``directory`` do not match its record's ``files`` (name -> size and sha256), or None;
+    every file hashed in full (what ``mixnet cache list`` shows)."""
+    return check_directory(directory, record).problem
 
 
 def _is_sha256(name: str) -> bool:

@@ -13,6 +13,7 @@ import hashlib
 import os
 import secrets
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -68,6 +69,41 @@ def file_sha256(path: Path) -> str:
         while chunk := handle.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# A stamp vouches for a file only when it was taken this long after the file's last change: file systems keep
+# modification times in ticks (a few milliseconds on ext4, a second on some, two on FAT), so a write in the same
+# tick as the one stamped would leave the time unchanged; a stamp taken later than any tick cannot miss a write
+# that follows it. A file stamped sooner (just written) is hashed once more on its next use, then stamped again.
+_SETTLED_NS = 2_000_000_000
+
+
+def stat_stamp(path: Path) -> dict[str, int]:
+    """What identifies the file at ``path`` without reading it, taken just before it is hashed: ``size`` (bytes),
+    ``mtime_ns``, ``inode``, and ``taken_ns`` (when, in ns since the epoch). Kept beside the file's sha256 in its
+    record, so that later uses can skip the hash while the file is provably unchanged (:func:`stamp_vouches`).
+    Raises ``OSError``."""
+    taken_ns = time.time_ns()
+    status = os.stat(path)
+    return {"size": status.st_size, "mtime_ns": status.st_mtime_ns, "inode": status.st_ino, "taken_ns": taken_ns}
+
+
+def stamp_vouches(path: Path, recorded: Any) -> bool:
+    """Whether the file at ``path`` is, by its size, modification time and inode, the one whose hash was checked
+    when ``recorded`` (a :func:`stat_stamp`, or anything else read from a record) was taken; False for a stamp
+    taken within two seconds of the file's last change (see ``_SETTLED_NS``), a missing file or a malformed stamp.
+
+    What it cannot see: a change in place that keeps the size and sets the modification time back (``touch -d``,
+    ``os.utime``), which only a full hash finds (``MIXNET_VERIFY=always``)."""
+    if not isinstance(recorded, dict):
+        return False
+    try:
+        size, mtime_ns, inode, taken_ns = (int(recorded[key]) for key in ("size", "mtime_ns", "inode", "taken_ns"))
+        status = os.stat(path)
+    except (KeyError, TypeError, ValueError, OSError):
+        return False
+    same = (status.st_size, status.st_mtime_ns, status.st_ino) == (size, mtime_ns, inode)
+    return same and taken_ns - mtime_ns >= _SETTLED_NS
 
 
 def copy_hashing(source: Path, destination: Path) -> tuple[int, str]:

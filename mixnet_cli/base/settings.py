@@ -57,6 +57,22 @@ def debug() -> bool:
     return _flag("MIXNET_DEBUG")
 
 
+VERIFY_MODES = ("changed", "always")
+
+
+def verify_mode() -> str:
+    """When a cached weights file or converted model is hashed in full again (``MIXNET_VERIFY``): ``changed``
+    (default) when its size, modification time or inode differ from those recorded when it was last hashed;
+    ``always`` on every use."""
+    raw = os.environ.get("MIXNET_VERIFY", "").strip().lower()
+    if not raw:
+        return "changed"
+    if raw not in VERIFY_MODES:
+        raise UsageError(f"environment variable MIXNET_VERIFY={os.environ['MIXNET_VERIFY']!r} must be one of "
+                         f"{', '.join(VERIFY_MODES)}")
+    return raw
+
+
 def choose(flag: str | None, variable: str, check: Callable[[str], str], default: str) -> str:
     """The precedence of every setting: the flag, else the environment variable ``variable``, else ``default``;
     ``check`` normalises the value or raises :class:`UsageError` (one from the variable says so)."""

@@ -122,8 +122,9 @@ def classify(
     A failed image gets an error in its place (in JSON, an "error" object), the others are still classified,
     and the exit code is 1.
     """
-    from ..classifier import ClassificationResult, Classifier
+    # Only what --server needs here: the local route's modules (numpy, OpenCV, the engines) load below.
     from ..images.inputs import expand_inputs, read_list_file
+    from ..results import ClassificationResult
     from ..base.manifest import resolve_model
     from ..output import write_classifications
 
@@ -158,7 +159,11 @@ def classify(
                          "maps with ?cam=1)")
     if embed and fmt not in ("json", "jsonl"):
         raise UsageError("--embed puts the features in the JSON objects: add --json or --jsonl, or use --embed-npy FILE")
-    device_name, engine_name = device_and_engine(device, engine)
+    device_name = engine_name = "auto"
+    if server is None or device or engine:
+        # With --server the service's own device and engine run: names given are still checked, but the
+        # environment's defaults are not read (nor the engines' table, which imports numpy).
+        device_name, engine_name = device_and_engine(device, engine)
     check_output_path(output)
     if embed_npy is not None:
         check_output_path(str(embed_npy), "--embed-npy")
@@ -184,7 +189,9 @@ def classify(
                        err=True)
         sys.exit(1)
 
-    def load(model: str | None) -> Classifier:
+    def load(model: str | None) -> Any:
+        from ..classifier import Classifier
+
         return Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None, offline=offline,
                           progress=None if not quiet else False, threads=threads, weights=weights, labels=labels,
                           features=embed or embed_npy is not None, cam=cam_dir is not None)

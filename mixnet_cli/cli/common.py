@@ -277,6 +277,8 @@ def device_and_engine(device: str | None, engine: str | None) -> tuple[str, str]
 
 def _checked_mirrors(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
     """--mirror is checked as it is parsed, so a bad one is a usage error even when the weights are cached."""
+    if not value:
+        return value  # without importing the weights layer (numpy), which `classify --server` never needs
     from ..weights.store import check_mirrors
 
     try:
@@ -288,10 +290,12 @@ def _checked_mirrors(ctx: click.Context, param: click.Parameter, value: tuple[st
 def checked_server(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """--server is checked as it is parsed: requests would refuse a URL without http(s):// only at the first
     request, with an exception that does not name the option."""
+    if value is None:
+        return None  # a local run: the client's module is not even imported
     from ..service.remote import check_server_url
 
     try:
-        return None if value is None else check_server_url(value)
+        return check_server_url(value)
     except UsageError as exc:
         raise click.UsageError(str(exc), ctx=ctx) from None
 

@@ -31,7 +31,6 @@ rename; a failed one leaves nothing behind. This module runs no engine of mixnet
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -126,25 +125,57 @@ def _read_record(directory: Path, name: str = RECORD_NAME) -> dict[str, Any] | N
     return cache.read_directory_record(directory, name)
 
 
-def _problem(record: dict[str, Any] | None, fmt: str, spec: ModelSpec, weights_sha256: str, directory: Path) -> str | None:
-    """Why the converted model in ``directory`` cannot be used (None when it can)."""
-    if record is not None and (record.get("record_version"), record.get("format"), record.get("model"),
-                               record.get("weights_sha256")) != (RECORD_VERSION, fmt, spec.name, weights_sha256):
+def _record_problem(record: dict[str, Any], fmt: str, spec: ModelSpec, weights_sha256: str) -> str | None:
+    if (record.get("record_version"), record.get("format"), record.get("model"),
+            record.get("weights_sha256")) != (RECORD_VERSION, fmt, spec.name, weights_sha256):
         return "has a record for other weights or another format"
+    return None
+
+
+def _problem(record: dict[str, Any] | None, fmt: str, spec: ModelSpec, weights_sha256: str, directory: Path) -> str | None:
+    """Why the converted model in ``directory`` cannot be used (None when it can), every file hashed."""
+    if record is not None and (problem := _record_problem(record, fmt, spec, weights_sha256)) is not None:
+        return problem
     return cache.directory_problem(directory, record)
 
 
 def cached_model(spec: ModelSpec, weights_sha256: str, fmt: str) -> ConvertedModel | None:
     """The verified converted model of these weights for ``fmt``, or None if there is none (or it fails its
-    record)."""
+    record). Its files are hashed when their stat differs from the one recorded when they were last hashed
+    (every time with ``MIXNET_VERIFY=always``)."""
     directory = converted_dir(fmt, weights_sha256)
     if not directory.is_dir():
         return None
     record = _read_record(directory)
-    if _problem(record, fmt, spec, weights_sha256, directory) is not None:
+    if record is None or _record_problem(record, fmt, spec, weights_sha256) is not None:
         return None
-    assert record is not None
+    check = cache.check_directory(directory, record, full=settings.verify_mode() == "always")
+    if check.problem is not None:
+        return None
+    if check.new_stamps:
+        _restamp(directory, record, check.new_stamps)
     return ConvertedModel(fmt, directory, {name: directory / name for name in record["files"]}, record)
+
+
+def _restamp(directory: Path, record: dict[str, Any], new_stamps: dict[str, dict[str, int]]) -> None:
+    """Keep the stats of files just hashed and found intact in ``directory``'s record, so that the next use skips
+    the hash. Best effort, under the conversion's lock and only when it is free (a process converting the same
+    weights may be replacing the directory): a read-only or busy cache hashes again next time."""
+    from ..base.locks import file_lock
+
+    lock = file_lock(directory.parent / f".{directory.name}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Exception:  # noqa: BLE001 (filelock.Timeout, OSError: someone else holds it, or a read-only cache)
+        return
+    try:
+        if _read_record(directory) != record:
+            return  # converted again meanwhile
+        files.write_text(directory / RECORD_NAME, json.dumps(cache.restamped(record, new_stamps), indent=2) + "\n")
+    except OSError:
+        pass
+    finally:
+        lock.release()
 
 
 def ensure_converted(spec: ModelSpec, weights_path: Path, weights_sha256: str, fmt: str) -> ConvertedModel:
@@ -205,11 +236,7 @@ def ensure_converted(spec: ModelSpec, weights_path: Path, weights_sha256: str, f
             else:
                 report = _convert_in_child(spec, weights_path, fmt, tmp)
                 (tmp / _REPORT_NAME).unlink(missing_ok=True)
-            file_entries = {
-                path.name: {"size": path.stat().st_size, "sha256": cache.sha256_of(path)}
-                for path in sorted(tmp.iterdir())
-                if path.is_file()
-            }
+            file_entries = {path.name: cache.file_entry(path) for path in sorted(tmp.iterdir()) if path.is_file()}
             record = {
                 "record_version": RECORD_VERSION,
                 "format": fmt,
@@ -598,6 +625,8 @@ _CONVERTERS = {"paddle": convert_paddle, "paddle-legacy": convert_paddle_legacy}
 
 
 def _child_main(argv: Sequence[str]) -> int:
+    import argparse  # only in the child process: the cached path does not pay for it
+
     parser = argparse.ArgumentParser(prog="python -m mixnet_cli.engines.conversion", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--weights", required=True, type=Path)

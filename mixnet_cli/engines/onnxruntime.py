@@ -3,13 +3,20 @@ quickest to start and, on the machines measured, the fastest: BENCHMARKS.md); CU
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
+import platform
+import shutil
+import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..base import cache, files, settings
 from ..base.errors import CacheError, DeviceError, EngineError
 from ..base.manifest import ModelSpec
 from .base import DeviceChoice, Engine, gpu_index, physical_cores
@@ -60,6 +67,96 @@ def resolve_device(name: str, requested: str) -> DeviceChoice:
     return DeviceChoice(f"gpu:{gpu_index(name)}", "asked for this GPU")
 
 
+# ONNX Runtime optimises a graph each time a session is made from it (fusing, and on the CPU rewriting the
+# convolutions into its blocked NCHWc layout): 13-25 ms of a cold one-image call. The optimised graph, saved once
+# in ONNX Runtime's own format (ORT), loads without that work and gives bit-identical logits. It may hold kernels
+# for this CPU's instruction sets (ONNX Runtime's documentation says to run such a graph only where it was made),
+# so it is kept per ONNX Runtime version and per CPU features:
+#     onnx/<weights sha256>/onnxruntime-<version>-<cpu key>/<model>.ort   and its record.json
+# checked like every converted model (sizes, sha256, the stat that spares the hash) and made from the ONNX model
+# whose sha256 its record names.
+OPTIMISED_RECORD_VERSION = 1
+_LEFTOVER_AGE_S = 3600.0
+
+
+def cpu_key() -> str:
+    """12 hex digits naming this machine's CPU kind for ONNX Runtime's kernels: a hash of the architecture and
+    the CPU's feature flags (``/proc/cpuinfo`` on Linux; the processor's name elsewhere)."""
+    described = platform.machine() + " " + platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith(("flags", "Features")):  # x86, ARM
+                    described += " " + " ".join(sorted(line.split(":", 1)[1].split()))
+                    break
+    except OSError:
+        pass
+    return hashlib.sha256(described.encode()).hexdigest()[:12]
+
+
+def optimised_dir(onnx_model: Path, onnxruntime_version: str) -> Path:
+    """Where the optimised graph of ``onnx_model`` (in its converted folder) is kept for this ONNX Runtime and CPU."""
+    return onnx_model.parent / f"onnxruntime-{onnxruntime_version}-{cpu_key()}"
+
+
+def cached_optimised(onnx_model: Path, onnx_sha256: str, onnxruntime_version: str) -> Path | None:
+    """The optimised graph (``.ort``) of the ONNX model with this sha256, when cached for this ONNX Runtime and CPU
+    and intact; else None."""
+    directory = optimised_dir(onnx_model, onnxruntime_version)
+    record = cache.read_directory_record(directory)
+    if record is None or (record.get("record_version"), record.get("onnx_sha256"), record.get("onnxruntime")) != (
+            OPTIMISED_RECORD_VERSION, onnx_sha256, onnxruntime_version):
+        return None
+    check = cache.check_directory(directory, record, full=settings.verify_mode() == "always")
+    if check.problem is not None:
+        return None  # replaced by the next session made from the ONNX model
+    if check.new_stamps:
+        # Best effort: a process replacing the folder meanwhile at worst leaves it without its file, which the
+        # next run finds and replaces.
+        try:
+            files.write_text(directory / cache.DIRECTORY_RECORD,
+                             json.dumps(cache.restamped(record, check.new_stamps), indent=2) + "\n")
+        except OSError:
+            pass
+    return directory / f"{onnx_model.stem}.ort"
+
+
+class _OptimisedWriter:
+    """Where a session made from the ONNX model saves its optimised graph (a folder beside the final one), and
+    moving it into place once the session exists. Best effort: a cache that cannot take it costs only the time
+    to optimise the graph again next run."""
+
+    def __init__(self, onnx_model: Path, onnx_sha256: str, onnxruntime_version: str) -> None:
+        self.final = optimised_dir(onnx_model, onnxruntime_version)
+        self.onnx_sha256 = onnx_sha256
+        self.version = onnxruntime_version
+        self.name = f"{onnx_model.stem}.ort"
+        for leftover in onnx_model.parent.glob(f".{self.final.name}.*.incomplete"):
+            # Of a process killed while saving (saving takes well under a second; an hour is far past it).
+            try:
+                if time.time() - leftover.stat().st_mtime > _LEFTOVER_AGE_S:
+                    shutil.rmtree(leftover, ignore_errors=True)
+            except OSError:
+                pass
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".incomplete", dir=onnx_model.parent))
+
+    def finish(self) -> None:
+        try:
+            written = self.tmp / self.name
+            if written.is_file():
+                record = {"record_version": OPTIMISED_RECORD_VERSION, "onnx_sha256": self.onnx_sha256,
+                          "onnxruntime": self.version, "cpu_key": cpu_key(),
+                          "files": {self.name: cache.file_entry(written)}}
+                files.write_text(self.tmp / cache.DIRECTORY_RECORD, json.dumps(record, indent=2) + "\n")
+                if self.final.exists():  # a damaged one (checked before this session was made)
+                    shutil.rmtree(self.final, ignore_errors=True)
+                files.adopt_directory(self.tmp, self.final)  # fails if another process put its copy first: fine
+        except OSError:
+            pass
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 class OnnxRuntimeEngine:
     """ONNX Runtime on mixnet's ONNX graph (a file, or the serialised model); ``run`` is safe from several threads.
 
@@ -73,13 +170,16 @@ class OnnxRuntimeEngine:
     name = "onnxruntime"
 
     def __init__(self, model: Path | bytes, device: str = "cpu", threads: int | None = None, *,
-                 bulk: bool = False, note: str = "") -> None:
+                 bulk: bool = False, note: str = "", model_sha256: str | None = None) -> None:
+        """``model_sha256``: the checked sha256 of the ``model`` file, for a model in mixnet's cache: then the
+        optimised graph is kept beside it and loaded instead on the CPU (see ``OPTIMISED_RECORD_VERSION``)."""
         from ..base.third_party import import_quietly
 
         onnxruntime = import_quietly("onnxruntime")
         self.device = device
         self.threads = (threads or physical_cores()) if device == "cpu" else None
         self._model = model
+        self._model_sha256 = model_sha256
         self._bulk = bulk
         self._note = note
         self._sibling: OnnxRuntimeEngine | None = None
@@ -102,11 +202,27 @@ class OnnxRuntimeEngine:
         else:
             providers = [("CUDAExecutionProvider", {"device_id": gpu_index(device)}), "CPUExecutionProvider"]
         source = model if isinstance(model, bytes) else str(model)
+        writer = None
+        if isinstance(model, Path) and model_sha256 and device == "cpu":
+            optimised = cached_optimised(model, model_sha256, onnxruntime.__version__)
+            if optimised is not None:
+                source = str(optimised)
+            else:
+                try:
+                    writer = _OptimisedWriter(model, model_sha256, onnxruntime.__version__)
+                    options.optimized_model_filepath = str(writer.tmp / writer.name)
+                    options.add_session_config_entry("session.save_model_format", "ORT")
+                except OSError:
+                    writer = None  # a read-only cache: optimised in memory, as before
         try:
             self._session = onnxruntime.InferenceSession(source, options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for bad files and devices
             where = "the model" if isinstance(model, bytes) else str(model)
             raise EngineError(f"onnxruntime cannot load {where} on {device} ({str(exc).splitlines()[0][:200]})") from None
+        finally:
+            if writer is not None:
+                writer.finish()
+        self.optimised_cached = source != str(model) and not isinstance(model, bytes)
         active = self._session.get_providers()
         if device != "cpu" and (not active or active[0] != "CUDAExecutionProvider"):
             raise DeviceError(
@@ -119,6 +235,8 @@ class OnnxRuntimeEngine:
             mode = f"{self.parallel} batches at once, 1 thread each"
         else:
             mode = f"{self.threads} thread(s), latency mode"
+        if self.optimised_cached:
+            mode += ", optimised graph from the cache"
         self.detail = f"{active[0]}, {mode}" + (f", {note}" if note else "")
         self._input = self._session.get_inputs()[0].name
         from ..network.onnx_graph import FEATURE_MAP_NAME, FEATURES_NAME
@@ -161,7 +279,7 @@ class OnnxRuntimeEngine:
         with self._sibling_lock:
             if self._sibling is None:
                 self._sibling = OnnxRuntimeEngine(self._model, self.device, self.threads, bulk=True,
-                                                  note=self._note)
+                                                  note=self._note, model_sha256=self._model_sha256)
         return self._sibling
 
 
@@ -176,7 +294,8 @@ def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, thr
     except CacheError:
         return OnnxRuntimeEngine(onnx_bytes(spec, weights.path), choice.device, threads,
                                  note="network built in memory (the cache is read-only)")
-    return OnnxRuntimeEngine(converted.file(".onnx"), choice.device, threads)
+    model = converted.file(".onnx")
+    return OnnxRuntimeEngine(model, choice.device, threads, model_sha256=converted.record["files"][model.name]["sha256"])
 
 
 def build_with_features(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice,

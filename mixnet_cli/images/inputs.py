@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator, Union
 
-from .preprocess import IMAGE_SUFFIXES, MAX_IMAGE_BYTES
+from .encoded import IMAGE_SUFFIXES, MAX_IMAGE_BYTES
 from ..base.errors import ImageError, ImageNotFoundError, ImageTooLargeError, ImageUnreadableError, NotAnImageError, UsageError
 
 _GLOB_CHARS = frozenset("*?[")

@@ -18,7 +18,6 @@ so only cv2 itself gives PaddleClas's pixels exactly.
 from __future__ import annotations
 
 import io
-import stat
 import warnings
 from pathlib import Path
 from typing import Any, Union
@@ -28,46 +27,24 @@ from PIL import ExifTags, Image, ImageOps
 
 from ..base.errors import (
     ImageError,
-    ImageNotFoundError,
     ImageTooLargeError,
-    ImageUnreadableError,
     LibraryError,
     NotAnImageError,
     TruncatedImageError,
 )
 from ..base.manifest import Preprocessing
 from ..base.third_party import native_stderr_silenced
+# Re-exported: what was checked before decoding is read from one place (the module imports no decoder, for
+# `classify --server`, which sends the files as they are).
+from .encoded import IMAGE_SUFFIXES, MAX_IMAGE_BYTES, read_image_bytes  # noqa: F401
 
 ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
 
 # Pillow warns from 89 megapixels and refuses (DecompressionBombError) beyond twice that; the same limit here, for
 # the decoded image and for the resized one (an extreme strip, 1,000,000 x 1, would become 256,000,000 x 256).
 MAX_PIXELS = 2 * 89_478_485
-# Bigger than any photo a classifier needs; a guard against filling memory from a URL or a mistaken path.
-MAX_IMAGE_BYTES = 256 * 1024 * 1024
 # EXIF orientations that turn or mirror the image (1 is upright).
 _TURNED = frozenset(range(2, 9))
-
-# The file name extensions of every format the decoder reads, lower case: what a directory listing picks up.
-# OpenCV's (imgcodecs: JPEG, PNG, BMP, WebP, AVIF, TIFF, the PNM family, PFM, Sun raster, JPEG 2000, GIF) and
-# Pillow's still images (MPO, APNG, ICO, TGA, PSD, QOI, SGI, PCX, DDS, XBM, XPM...). Pillow formats that are not
-# pictures (.h5, .grib, .mpg: stubs it can only identify) or need outside tools (.eps, .wmf) are left out.
-# tests/test_decode.py writes a file for each extension it can and checks that it is listed and read.
-IMAGE_SUFFIXES = frozenset({
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo",
-    ".png", ".apng",
-    ".bmp", ".dib",
-    ".gif",
-    ".webp",
-    ".avif", ".avifs",
-    ".tif", ".tiff",
-    ".pbm", ".pgm", ".ppm", ".pnm", ".pxm", ".pfm",
-    ".sr", ".ras",
-    ".jp2", ".j2k", ".j2c", ".jpc", ".jpf", ".jpx",
-    ".ico", ".cur", ".icns",
-    ".tga", ".psd", ".qoi", ".sgi", ".pcx", ".dds", ".xbm", ".xpm",
-})
-
 
 def _cv2() -> Any:
     from ..base.third_party import import_cv2
@@ -79,41 +56,6 @@ def require_opencv() -> None:
     """Load OpenCV now. Raises :class:`~mixnet_cli.base.errors.LibraryError` naming the missing system library
     and the fix when it is installed but cannot load (``opencv-python`` without ``libGL.so.1``)."""
     _cv2()
-
-
-def read_image_bytes(source: str | Path | bytes, name: str) -> bytes:
-    """The encoded file, whole, with the checks that need no decoder (what ``classify --server`` sends).
-    Raises the input's :class:`ImageError`: missing, a directory, empty, over :data:`MAX_IMAGE_BYTES`."""
-    if isinstance(source, bytes):
-        if not source:
-            raise NotAnImageError(f"{name}: empty data; pass an image file")
-        if len(source) > MAX_IMAGE_BYTES:
-            raise ImageTooLargeError(f"{name}: {len(source)} bytes is over the {MAX_IMAGE_BYTES}-byte limit for images")
-        return source
-    path = Path(source)
-    try:
-        if path.is_dir():
-            raise NotAnImageError(f"{name}: is a directory; pass image files")
-        if not stat.S_ISREG(path.stat().st_mode):
-            # A FIFO would block the open until a writer comes; a device would be read up to the size limit.
-            raise NotAnImageError(f"{name}: not a regular file (a pipe, socket or device); pass image files")
-        with path.open("rb") as stream:
-            data = stream.read(MAX_IMAGE_BYTES + 1)
-    except FileNotFoundError:
-        if path.is_symlink():
-            raise ImageNotFoundError(f"{name}: broken symbolic link; fix or remove the link") from None
-        raise ImageNotFoundError(f"{name}: no such file; check the path") from None
-    except PermissionError:
-        raise ImageUnreadableError(f"{name}: permission denied; check the file's permissions") from None
-    except IsADirectoryError:
-        raise NotAnImageError(f"{name}: is a directory; pass image files") from None
-    except OSError as exc:
-        raise ImageUnreadableError(f"{name}: cannot read ({exc.strerror or exc}); check the file") from None
-    if not data:
-        raise NotAnImageError(f"{name}: empty file (0 bytes); pass an image file")
-    if len(data) > MAX_IMAGE_BYTES:
-        raise ImageTooLargeError(f"{name}: more than {MAX_IMAGE_BYTES} bytes, over the limit for images")
-    return data
 
 
 def _too_large(name: str, width: int, height: int) -> ImageTooLargeError:

@@ -4,14 +4,23 @@ Inputs are expanded and read here, as for a local run (files, directories, globs
 not by the service), and sent as multipart ``image`` fields named by their input, a batch per request, a few
 requests in flight; the service answers with the objects a local run prints, so the output is the same. An input
 that cannot be read here gets its error in its place, as locally.
+
+A thin client: the standard library's ``http.client`` (one kept-alive connection per sending thread), no numpy,
+no image library, no engine and no requests (whose import alone took longer than a warm service's answer), so a
+one-image call costs little more than the Python start. Proxies come from the usual variables (``http_proxy``,
+``https_proxy``, ``no_proxy``), as they did with requests.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Iterator
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
 from ..base.errors import ImageError, ServiceError, UsageError
 from ..images.inputs import InputItem
@@ -21,6 +30,7 @@ REQUESTS_IN_FLIGHT = 4
 # A full queue (503) is asked again after its Retry-After, this many times, before the run fails.
 OVERLOAD_RETRIES = 5
 _STATUSES_WITH_RESULTS = (200, 413, 422)
+CONNECT_TIMEOUT = 10.0
 
 
 def check_server_url(server: str) -> str:
@@ -30,26 +40,25 @@ def check_server_url(server: str) -> str:
     return check_http_url(server, "--server", "http://127.0.0.1:8080")
 
 
-def classify_remote(server: str, items: Iterable[InputItem], *, model: str, topk: int, batch_size: int = 4,
+def classify_remote(server: str, items: Iterable[InputItem], *, model: str, topk: int | None, batch_size: int = 4,
                     timeout: float = 60.0) -> Iterator[dict[str, Any]]:
     """The result objects (``ClassificationResult.to_dict()``) of ``items``, in input order, classified by the
     service at ``server`` (``http://host:port``). Raises :class:`ServiceError` when it cannot be reached or
     refuses a request, :class:`~mixnet_cli.base.errors.UsageError` for a bad model or top-k (its 400)."""
-    import requests
-
     if batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
     from ..base.manifest import resolve_model
 
     model_name = resolve_model(model).name  # a bad name fails here, before any request
     check_server_url(server)
-    endpoint = server.rstrip("/") + "/v1/classify"
-    sessions: list[Any] = []
-    local = threading.local()  # a requests session per sending thread (sessions are not meant to be shared)
+    service = _Service(server, timeout)
+    query = urlencode({"model": model_name, **({"topk": topk} if topk is not None else {})})
+    local = threading.local()  # a connection per sending thread
+    clients: list[_Client] = []
 
     def read(item: InputItem) -> tuple[str, bytes] | dict[str, Any]:
-        from ..classifier import ClassificationResult
-        from ..images.preprocess import read_image_bytes
+        from ..images.encoded import read_image_bytes
+        from ..results import ClassificationResult
 
         try:
             return item.name, read_image_bytes(item.load(), item.name)
@@ -57,14 +66,13 @@ def classify_remote(server: str, items: Iterable[InputItem], *, model: str, topk
             return ClassificationResult(input=item.name, model=model_name, error=exc).to_dict()
 
     def send(batch: list[InputItem]) -> list[dict[str, Any]]:
-        if not hasattr(local, "session"):
-            local.session = requests.Session()
-            sessions.append(local.session)
+        if not hasattr(local, "client"):
+            local.client = _Client(service)
+            clients.append(local.client)
         prepared = [read(item) for item in batch]
-        files = [("image", (entry[0], entry[1], "application/octet-stream")) for entry in prepared
-                 if isinstance(entry, tuple)]
-        answers = iter(_post(local.session, endpoint, files, model_name, topk, timeout) if files else [])
-        return [entry if isinstance(entry, dict) else next(answers) for entry in prepared]
+        files = [entry for entry in prepared if isinstance(entry, tuple)]
+        answers = iter(local.client.classify(query, files) if files else [])
+        return [entry if isinstance(entry, dict) else _named(next(answers), entry[0]) for entry in prepared]
 
     pool = ThreadPoolExecutor(max_workers=REQUESTS_IN_FLIGHT, thread_name_prefix="mixnet-remote")
     in_flight: deque[Future[list[dict[str, Any]]]] = deque()
@@ -83,42 +91,155 @@ def classify_remote(server: str, items: Iterable[InputItem], *, model: str, topk
             yield from in_flight.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        for session in sessions:
-            session.close()
+        for client in clients:
+            client.close()
 
 
-def _post(session: Any, endpoint: str, files: list[Any], model: str, topk: int, timeout: float) -> list[dict[str, Any]]:
-    import time
+def _named(row: Any, name: str) -> Any:
+    """The service's row for the input ``name``, under that exact name: multipart file names travel escaped
+    (``"`` as ``%22``) and the service reads them as they came, so its echo of a name is not always the name."""
+    if isinstance(row, dict) and "input" in row:
+        row["input"] = name  # the key keeps its place: the row prints as a local run's
+    return row
 
-    import requests
 
-    reset = False
-    for attempt in range(OVERLOAD_RETRIES + 1):
-        try:
-            response = session.post(endpoint, params={"model": model, "topk": topk}, files=files,
-                                     timeout=(10.0, timeout))
-        except requests.ConnectionError:
-            if not reset:
-                # A kept-alive connection the service closed just as this request went out: classifying is
-                # safe to repeat, once, on a new connection.
-                reset = True
+class _Service:
+    """Where requests go: the service's ``/v1/classify`` and, when the environment names one for it, the proxy."""
+
+    def __init__(self, server: str, timeout: float) -> None:
+        parts = urlsplit(server.strip())
+        self.https = parts.scheme.lower() == "https"
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if self.https else 80)
+        self.path = parts.path.rstrip("/") + "/v1/classify"
+        self.endpoint = server.rstrip("/") + "/v1/classify"
+        self.timeout = timeout
+        self.proxy = _proxy_for(parts.scheme.lower(), self.host)
+
+    def connect(self) -> Any:
+        import http.client
+
+        kind = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        if self.proxy is None:
+            connection = kind(self.host, self.port, timeout=CONNECT_TIMEOUT)
+        else:
+            proxy_host, proxy_port, proxy_headers = self.proxy
+            connection = kind(proxy_host, proxy_port, timeout=CONNECT_TIMEOUT)
+            if self.https:
+                connection.set_tunnel(self.host, self.port, headers=proxy_headers)
+        connection.connect()
+        connection.sock.settimeout(self.timeout)  # connecting may take 10 s, an answer up to the timeout
+        return connection
+
+    def target(self, query: str) -> str:
+        """The request target: the path, or (through a plain-HTTP proxy) the whole URL."""
+        path = f"{quote(self.path)}?{query}"
+        if self.proxy is not None and not self.https:
+            return f"http://{self.host}:{self.port}{path}"
+        return path
+
+
+def _proxy_for(scheme: str, host: str) -> tuple[str, int, dict[str, str]] | None:
+    """The proxy (host, port, its authorisation header) the environment names for ``scheme`` and ``host``, or None."""
+    if not any(name.lower() in ("http_proxy", "https_proxy", "all_proxy") for name in os.environ):
+        return None  # the usual case, without importing urllib.request
+    import base64
+    import urllib.request
+
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(host):
+        return None
+    parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    headers = {}
+    if parts.username is not None:
+        secret = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        headers["Proxy-Authorization"] = "Basic " + base64.b64encode(secret).decode("ascii")
+    return parts.hostname or "", parts.port or 80, headers
+
+
+def _field_name(value: str) -> str:
+    # As browsers, curl and requests (urllib3 2) write a multipart file name: UTF-8, with CR, LF and '"'
+    # percent-encoded (the WHATWG HTML standard), so the service reads back the name a local run prints.
+    return value.translate({10: "%0A", 13: "%0D", 34: "%22"})
+
+
+def multipart_body(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    """A ``multipart/form-data`` body of one ``image`` field per (name, bytes), and its content type."""
+    boundary = os.urandom(16).hex()  # (not the secrets module: it imports hashlib and OpenSSL for nothing here)
+    parts = []
+    for name, data in files:
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{_field_name(name)}"'
+                     f"\r\nContent-Type: application/octet-stream\r\n\r\n".encode("utf-8"))
+        parts.append(data)
+        parts.append(b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode("ascii"))
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+class _Client:
+    """One kept-alive connection to the service, for one sending thread."""
+
+    def __init__(self, service: _Service) -> None:
+        self.service = service
+        self.connection: Any = None
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+    def _exchange(self, target: str, body: bytes, content_type: str) -> tuple[int, dict[str, str], bytes]:
+        if self.connection is None:
+            self.connection = self.service.connect()
+        self.connection.request("POST", target, body=body, headers={"Content-Type": content_type,
+                                                                    "Accept": "application/json"})
+        response = self.connection.getresponse()
+        data = response.read()
+        headers = {name.lower(): value for name, value in response.getheaders()}
+        if response.will_close:
+            self.close()
+        return response.status, headers, data
+
+    def classify(self, query: str, files: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+        import http.client
+
+        service = self.service
+        body, content_type = multipart_body(files)
+        target = service.target(query)
+        reused = self.connection is not None
+        for attempt in range(OVERLOAD_RETRIES + 1):
+            try:
+                status, headers, data = self._exchange(target, body, content_type)
+            except TimeoutError:
+                self.close()
+                raise ServiceError(f"{service.endpoint} did not answer within {service.timeout:g} s; try again") \
+                    from None
+            except (http.client.HTTPException, OSError):
+                self.close()
+                if reused:
+                    # A kept-alive connection the service closed just as this request went out: classifying is
+                    # safe to repeat, once, on a new connection.
+                    reused = False
+                    continue
+                raise ServiceError(f"cannot reach the service at {service.endpoint}; is `mixnet serve` running "
+                                   "there?") from None
+            if status == 503 and attempt < OVERLOAD_RETRIES:
+                try:
+                    wait = float(headers.get("retry-after", "1") or 1)
+                except ValueError:
+                    wait = 1.0
+                time.sleep(min(wait, 10.0))
                 continue
-            raise ServiceError(f"cannot reach the service at {endpoint}; is `mixnet serve` running there?") from None
-        except requests.Timeout:
-            raise ServiceError(f"{endpoint} did not answer within {timeout:g} s; try again") from None
-        if response.status_code == 503 and attempt < OVERLOAD_RETRIES:
-            time.sleep(min(float(response.headers.get("Retry-After", "1") or 1), 10.0))
-            continue
-        break
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if response.status_code in _STATUSES_WITH_RESULTS and isinstance(body, list):
-        return body
-    message = body["error"]["message"] if isinstance(body, dict) and isinstance(body.get("error"), dict) else \
-        f"HTTP {response.status_code}"
-    if response.status_code == 400:
-        raise UsageError(message)
-    raise ServiceError(f"the service at {endpoint} answered {response.status_code}: {message}")
-
+            break
+        try:
+            answer = json.loads(data)
+        except ValueError:
+            answer = None
+        if status in _STATUSES_WITH_RESULTS and isinstance(answer, list):
+            return answer
+        message = answer["error"]["message"] if isinstance(answer, dict) and isinstance(answer.get("error"), dict) \
+            else f"HTTP {status}"
+        if status == 400:
+            raise UsageError(message)
+        raise ServiceError(f"the service at {service.endpoint} answered {status}: {message}")

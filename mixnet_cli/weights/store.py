@@ -129,7 +129,9 @@ def check_file(
 
 def _install(spec: ModelSpec, tmp: Path, source: str, size: int, sha256: str) -> VerifiedWeights:
     target = cache.weights_path(spec)
-    record = cache.WeightsRecord(model=spec.name, sha256=sha256, size=size, source=source, fetched_at=cache.now_iso())
+    # The stat is taken before the rename, which keeps it: the file hashed is the file stamped.
+    record = cache.WeightsRecord(model=spec.name, sha256=sha256, size=size, source=source, fetched_at=cache.now_iso(),
+                                 stat=files.stat_stamp(tmp))
     # The weights go in first, then the record: a file without a record is re-verified before use,
     # a record without its file is ignored, so a crash between the two never yields an unverified file.
     os.replace(tmp, target)
@@ -318,15 +320,25 @@ def install_from_file(spec: ModelSpec, source: Path | str, *, sha256: str | None
 def cached_weights(spec: ModelSpec) -> VerifiedWeights | None:
     """The cached file if present and still matching its record; None if not cached.
 
-    A file whose content no longer matches its record is corrupt: :class:`WeightsError` says how to fetch it
-    again. A file with no record (placed by hand, or a crash before the record was written) is verified in
-    full and then adopted. Partial downloads (``.part``) are never looked at.
+    The file is hashed when its size, modification time or inode differ from those recorded when it was last
+    hashed (every time with ``MIXNET_VERIFY=always``), and its new stat is recorded when it still matches. A file
+    whose content no longer matches its record is corrupt: :class:`WeightsError` says how to fetch it again. A
+    file with no record (placed by hand, or a crash before the record was written) is verified in full and then
+    adopted. Partial downloads (``.part``) are never looked at.
     """
     path = cache.weights_path(spec)
     if not path.is_file():
         return None
     record = cache.read_record(spec)
-    size = path.stat().st_size
+    if (record is not None and settings.verify_mode() != "always" and files.stamp_vouches(path, record.stat)
+            and record.stat is not None and record.stat["size"] == record.size
+            and (not spec.sha256 or record.sha256 == spec.sha256)):
+        return VerifiedWeights(spec=spec, path=path, record=record)
+    try:
+        stamp = files.stat_stamp(path)  # before the hash: a change while hashing shows as a changed stat next time
+    except OSError:
+        return None
+    size = stamp["size"]
     sha256 = cache.sha256_of(path)
     if record is None:
         try:
@@ -336,7 +348,7 @@ def cached_weights(spec: ModelSpec) -> VerifiedWeights | None:
                 f"{path} {exc}; delete it or {_download_hint(spec)}"
             ) from None
         record = cache.WeightsRecord(
-            model=spec.name, sha256=sha256, size=size, source=f"file:{path}", fetched_at=cache.now_iso()
+            model=spec.name, sha256=sha256, size=size, source=f"file:{path}", fetched_at=cache.now_iso(), stat=stamp
         )
         try:
             cache.write_record(spec, record)
@@ -348,7 +360,22 @@ def cached_weights(spec: ModelSpec) -> VerifiedWeights | None:
             f"cached weights {path} are corrupt (sha256 {sha256[:12]}..., expected {record.sha256[:12]}...); "
             f"{_download_hint(spec)}"
         )
+    _restamp(spec, record, stamp)
     return VerifiedWeights(spec=spec, path=path, record=record)
+
+
+def _restamp(spec: ModelSpec, record: cache.WeightsRecord, stamp: dict[str, int]) -> None:
+    """Keep the stat of a file just hashed and found intact, so that the next use skips the hash. Best effort,
+    under the file's lock and only when it is free (a download may be replacing the file): a read-only or busy
+    cache hashes again next time."""
+    if record.stat == stamp:
+        return
+    try:
+        with cache.model_lock(spec, wait=False):
+            if cache.read_record(spec) == record:  # not replaced meanwhile
+                cache.write_record(spec, replace(record, stat=stamp))
+    except (MixnetError, OSError):
+        pass
 
 
 def _check_pinned(found: VerifiedWeights, pinned: str | None) -> None:
