@@ -135,6 +135,7 @@ def test_decoders_own_warnings_stay_off_stderr(quiet, tmp_path, random_mirror):
         assert result.stderr == ""
     else:
         # mixnet's own lines only: the one-time notice of the conversion, and the errors
-        errors = [line for line in result.stderr.splitlines() if not line.startswith("mixnet: converting ")]
+        errors = [line for line in result.stderr.splitlines()
+                  if not line.startswith(("mixnet: converting ", "mixnet: downloading "))]
         assert [line for line in errors if not line.startswith("Error: ")] == [], result.stderr
         assert len(errors) == 4  # cut.png, notes.jpg, header.bmp, "3 of 4 image(s) failed"

@@ -274,7 +274,9 @@ The file describes itself: onnx.load("{dir}/{name}.onnx").metadata_props holds m
 @click.option("--format", "fmt", type=click.Choice(["onnx", "paddle", "paddle-legacy"]), default="onnx",
               show_default=True,
               help="onnx: an ONNX model that carries its labels and preprocessing in its metadata; paddle: a Paddle 3 "
-                   "inference model (inference.json + inference.pdiparams); paddle-legacy: the format PaddleClas's "
+                   "inference model (inference.json + inference.pdiparams), for Paddle Inference 3 clients that do not "
+                   "call enable_memory_optim() (paddle 3.3.1 fails on it then; PaddleClas's tools do call it); "
+                   "paddle-legacy: the format PaddleClas's "
                    "tools, Paddle Lite's opt and Paddle Inference < 3 read (inference.pdmodel + inference.pdiparams, "
                    "softmax output).")
 @click.option("--with-softmax", is_flag=True,

@@ -258,7 +258,7 @@ def _requested_outputs(outputs: Any, binary_default: bool, num_classes: int) -> 
             raise ProtocolError(400, f"classification must be a whole number of classes, got {classification!r}")
         if classification:
             try:
-                check_topk(classification, num_classes)
+                check_topk(classification, num_classes, clamp=False)
             except UsageError as exc:
                 raise ProtocolError(400, f"classification: {exc}") from None
         requested.append(RequestedOutput(binary=binary, classification=classification))
