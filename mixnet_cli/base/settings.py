@@ -115,6 +115,12 @@ def cpu_threads() -> int | None:
     return int(value)
 
 
+def serve_token() -> str | None:
+    """The token ``mixnet serve`` requires and ``classify --server`` sends when no ``--token-file`` is given
+    (``MIXNET_SERVE_TOKEN``; unset or blank: none)."""
+    return os.environ.get("MIXNET_SERVE_TOKEN", "").strip() or None
+
+
 def url_deadline() -> float:
     """Seconds an image URL may take from the first connection to the last byte, retries included
     (``MIXNET_URL_DEADLINE``, default 60): past it, that input fails and the run goes on."""

@@ -66,6 +66,8 @@ from .common import (
 @click.option("--server", metavar="URL", callback=checked_server,
               help="Classify through a running `mixnet serve` at URL (http://127.0.0.1:8080) instead of loading the "
               "model here; the output is the same (the service's own --device, --engine and weights apply).")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="With --server: the service's token, the file's first line (default: MIXNET_SERVE_TOKEN).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but the results (no progress, no per-image errors on stderr).")
 @click.option("-v", "--verbose", is_flag=True, help="Say on stderr which model, weights, device and engine ran.")
 @user_errors
@@ -88,6 +90,7 @@ def classify(
     mirrors: tuple[str, ...],
     offline: bool | None,
     server: str | None,
+    token_file: Path | None,
     quiet: bool,
     verbose: bool,
 ) -> None:
@@ -126,6 +129,8 @@ def classify(
         raise UsageError("--server classifies with the service's own models (to use your own weights there, start "
                          "it with `mixnet serve --weights FILE --labels FILE`): --weights, --labels, --embed and "
                          "--embed-npy work only without --server")
+    if token_file is not None and server is None:
+        raise UsageError("--token-file is the token of a service: use it with --server URL")
     if embed and fmt not in ("json", "jsonl"):
         raise UsageError("--embed puts the features in the JSON objects: add --json or --jsonl, or use --embed-npy FILE")
     device_name, engine_name = device_and_engine(device, engine)
@@ -156,12 +161,13 @@ def classify(
     results: Iterator[tuple[dict[str, Any], Any]]  # each input's object and its features (None: not asked for)
     if server is not None:
         from ..service.remote import classify_remote
+        from ..service.serve import load_token
 
         if verbose and not quiet:
             click.echo(f"model {model or 'MixNet_S'}, through the service at {server}, {len(items)} image(s)",
                        err=True)
         results = ((row, None) for row in classify_remote(server, items, model=model or "MixNet_S", topk=topk,
-                                                          batch_size=batch_size))
+                                                          batch_size=batch_size, token=load_token(token_file)))
     else:
         classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None,
                                 offline=offline, progress=None if not quiet else False, threads=threads,

@@ -30,11 +30,31 @@ def check_server_url(server: str) -> str:
     return check_http_url(server, "--server", "http://127.0.0.1:8080")
 
 
+def service_limits(server: str, token: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
+    """What the service at ``server`` takes (its ``GET /v1/limits``: ``max_images_per_request``,
+    ``max_body_bytes``...); empty for a service too old to say. Raises :class:`ServiceError` when it cannot be
+    reached or refuses the token."""
+    import requests
+
+    endpoint = server.rstrip("/") + "/v1/limits"
+    try:
+        response = requests.get(endpoint, headers=_auth(token), timeout=timeout)
+    except requests.RequestException:
+        raise ServiceError(f"cannot reach the service at {endpoint}; is `mixnet serve` running there?") from None
+    if response.status_code == 200:
+        return dict(response.json())
+    if response.status_code == 404:
+        return {}
+    raise ServiceError(f"the service at {endpoint} answered {response.status_code}: {_message(response)}")
+
+
 def classify_remote(server: str, items: Iterable[InputItem], *, model: str, topk: int, batch_size: int = 4,
-                    timeout: float = 60.0) -> Iterator[dict[str, Any]]:
+                    timeout: float = 60.0, token: str | None = None) -> Iterator[dict[str, Any]]:
     """The result objects (``ClassificationResult.to_dict()``) of ``items``, in input order, classified by the
-    service at ``server`` (``http://host:port``). Raises :class:`ServiceError` when it cannot be reached or
-    refuses a request, :class:`~mixnet_cli.base.errors.UsageError` for a bad model or top-k (its 400)."""
+    service at ``server`` (``http://host:port``), sent with ``Authorization: Bearer token`` when given. Requests
+    hold at most ``batch_size`` images, and no more images or bytes than the service's ``/v1/limits`` allow.
+    Raises :class:`ServiceError` when it cannot be reached or refuses a request (a wrong token included),
+    :class:`~mixnet_cli.base.errors.UsageError` for a bad model or top-k (its 400)."""
     import requests
 
     if batch_size < 1:
@@ -44,6 +64,10 @@ def classify_remote(server: str, items: Iterable[InputItem], *, model: str, topk
     model_name = resolve_model(model).name  # a bad name fails here, before any request
     check_server_url(server)
     endpoint = server.rstrip("/") + "/v1/classify"
+    limits = service_limits(server, token)
+    batch_size = max(1, min(batch_size, int(limits.get("max_images_per_request") or batch_size)))
+    # Room for the multipart headers of each part: a few hundred bytes each.
+    max_bytes = int(limits.get("max_body_bytes") or 0) or None
     sessions: list[Any] = []
     local = threading.local()  # a requests session per sending thread (sessions are not meant to be shared)
 
@@ -63,7 +87,10 @@ def classify_remote(server: str, items: Iterable[InputItem], *, model: str, topk
         prepared = [read(item) for item in batch]
         files = [("image", (entry[0], entry[1], "application/octet-stream")) for entry in prepared
                  if isinstance(entry, tuple)]
-        answers = iter(_post(local.session, endpoint, files, model_name, topk, timeout) if files else [])
+        rows: list[dict[str, Any]] = []
+        for part in _within_bytes(files, max_bytes):
+            rows.extend(_post(local.session, endpoint, part, model_name, topk, timeout, token))
+        answers = iter(rows)
         return [entry if isinstance(entry, dict) else next(answers) for entry in prepared]
 
     pool = ThreadPoolExecutor(max_workers=REQUESTS_IN_FLIGHT, thread_name_prefix="mixnet-remote")
@@ -87,7 +114,38 @@ def classify_remote(server: str, items: Iterable[InputItem], *, model: str, topk
             session.close()
 
 
-def _post(session: Any, endpoint: str, files: list[Any], model: str, topk: int, timeout: float) -> list[dict[str, Any]]:
+def _auth(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _message(response: Any) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return str(body["error"].get("message"))
+    return f"HTTP {response.status_code}"
+
+
+def _within_bytes(files: list[Any], max_bytes: int | None) -> Iterator[list[Any]]:
+    """``files`` in consecutive groups whose bodies fit ``max_bytes`` (a file alone over it goes alone: the
+    service answers its 413 in its place)."""
+    group: list[Any] = []
+    size = 0
+    for entry in files:
+        cost = len(entry[1][1]) + 512  # a part's own headers and delimiter
+        if group and max_bytes is not None and size + cost > max_bytes:
+            yield group
+            group, size = [], 0
+        group.append(entry)
+        size += cost
+    if group:
+        yield group
+
+
+def _post(session: Any, endpoint: str, files: list[Any], model: str, topk: int, timeout: float,
+          token: str | None = None) -> list[dict[str, Any]]:
     import time
 
     import requests
@@ -96,7 +154,7 @@ def _post(session: Any, endpoint: str, files: list[Any], model: str, topk: int, 
     for attempt in range(OVERLOAD_RETRIES + 1):
         try:
             response = session.post(endpoint, params={"model": model, "topk": topk}, files=files,
-                                     timeout=(10.0, timeout))
+                                     headers=_auth(token), timeout=(10.0, timeout))
         except requests.ConnectionError:
             if not reset:
                 # A kept-alive connection the service closed just as this request went out: classifying is
@@ -120,5 +178,8 @@ def _post(session: Any, endpoint: str, files: list[Any], model: str, topk: int, 
         f"HTTP {response.status_code}"
     if response.status_code == 400:
         raise UsageError(message)
+    if response.status_code == 401:
+        raise ServiceError(f"the service at {endpoint} needs its token: give --token-file FILE or set "
+                           "MIXNET_SERVE_TOKEN")
     raise ServiceError(f"the service at {endpoint} answered {response.status_code}: {message}")
 

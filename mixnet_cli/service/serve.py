@@ -64,8 +64,6 @@ DEFAULT_GRACEFUL_TIMEOUT_S = 20.0
 # Requests in flight at SIGTERM are answered (504 at worst) this long before the graceful timeout ends, so that
 # none is cut off without an answer.
 _DRAIN_MARGIN_S = 2.0
-# URL fetches at once (their own threads, apart from decoding): each mostly waits on the network.
-URL_FETCHERS = 8
 # Multipart fields besides the images (none are read; a few are tolerated, as curl or a browser may add them).
 MAX_OTHER_FIELDS = 16
 # Paths answered without a token: probes must work for a load balancer or kubelet that holds no secret.
@@ -92,6 +90,24 @@ def serve_missing() -> str | None:
     if not missing:
         return None
     return f"mixnet serve needs the [serve] extra ({', '.join(missing)} missing): {SERVE_EXTRA}"
+
+
+def load_token(token_file: Path | None) -> str | None:
+    """The service token: the first line of ``token_file`` (surrounding spaces dropped), else
+    ``MIXNET_SERVE_TOKEN``, else None. Raises :class:`UsageError` for a file that cannot be read or is empty."""
+    from ..base import settings
+
+    if token_file is None:
+        return settings.serve_token()
+    try:
+        lines = token_file.read_text(encoding="utf-8").strip().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--token-file {token_file}: cannot read it ({getattr(exc, 'strerror', None) or exc}); "
+                         "give a readable text file holding the token") from None
+    token = lines[0].strip() if lines else ""
+    if not token:
+        raise UsageError(f"--token-file {token_file}: the file is empty; put the token on its first line")
+    return token
 
 
 @dataclass(frozen=True)
@@ -265,8 +281,6 @@ class Service:
         self._on_load_failure = on_load_failure
         workers = options.workers or physical_cores()
         self.decoders = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mixnet-decode")
-        # URL fetches wait on other servers: a pool of their own, so that a slow URL never holds a decode thread.
-        self.fetchers = ThreadPoolExecutor(max_workers=URL_FETCHERS, thread_name_prefix="mixnet-url")
         self.guard = ConnectionGuard(header_timeout_s=options.header_timeout_s)
         self.guard.on_close = self.metrics.connections_closed.labels  # type: ignore[assignment]
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's, once it runs
@@ -416,8 +430,6 @@ class Service:
         for model in self.models.values():
             await model.batcher.close()
         self.decoders.shutdown(wait=True, cancel_futures=True)
-        # A fetch ends at its own deadline (its socket is closed there): nothing to wait for.
-        self.fetchers.shutdown(wait=False, cancel_futures=True)
         if self._inference is not None:
             self._inference.shutdown(wait=True, cancel_futures=True)
 
@@ -488,13 +500,13 @@ class Service:
             batcher.release(held)
 
     async def fetch(self, url: str, deadline_s: float) -> bytes:
-        """An image URL's bytes, fetched in the URL pool within ``deadline_s`` and the body limit, from a public
-        address unless ``allow_private_urls``. Raises :class:`~mixnet_cli.base.errors.ImageError` (the image's
+        """An image URL's bytes, fetched in async I/O (no decode thread waits on it) within ``deadline_s`` and the
+        body limit, from a public address unless ``allow_private_urls``. Raises :class:`~mixnet_cli.base.errors.ImageError` (the image's
         422 or 413), or :class:`RequestError` (400) for an address the service does not fetch from."""
         from .url_fetch import ForbiddenAddress, fetch_image
 
         try:
-            return await fetch_image(url, self.fetchers, deadline_s=deadline_s,
+            return await fetch_image(url, deadline_s=deadline_s,
                                      max_bytes=self.options.max_body_bytes,
                                      allow_private=self.options.allow_private_urls)
         except ForbiddenAddress as exc:
