@@ -61,7 +61,7 @@ class PixelBudget:
     async def hold(self, pixels: int) -> AsyncIterator[None]:
         """Hold ``pixels`` (at most the whole budget) while the block runs."""
         pixels = min(max(1, pixels), self.total)
-        if self.used + pixels <= self.total and not self._waiting:
+        if self.used + pixels <= self.total:
             self.used += pixels
         else:
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()

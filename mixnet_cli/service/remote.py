@@ -45,6 +45,9 @@ def service_limits(server: str, token: str | None = None, timeout: float = 10.0)
         return dict(response.json())
     if response.status_code == 404:
         return {}
+    if response.status_code == 401:
+        raise ServiceError(f"the service at {server} needs its token: give --token-file FILE or set "
+                           "MIXNET_SERVE_TOKEN")
     raise ServiceError(f"the service at {endpoint} answered {response.status_code}: {_message(response)}")
 
 

@@ -282,7 +282,7 @@ class Service:
         workers = options.workers or physical_cores()
         self.decoders = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mixnet-decode")
         self.guard = ConnectionGuard(header_timeout_s=options.header_timeout_s)
-        self.guard.on_close = self.metrics.connections_closed.labels  # type: ignore[assignment]
+        self.guard.on_close = lambda reason: self.metrics.connections_closed.labels(reason).inc()
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's, once it runs
         self.draining = False
         self._drained: asyncio.Future[None] | None = None
