@@ -431,7 +431,7 @@ def test_the_pixel_budget_decodes_huge_images_a_few_at_a_time():
     assert events.index("+huge2") > events.index("-huge1") and events.index("+huge3") > events.index("-huge2")
 
 
-def test_images_past_their_deadline_are_dropped_before_inference():
+def test_images_past_their_deadline_are_images_before_inference():
     from mixnet_cli.service.batching import DynamicBatcher
 
     ran: list[int] = []
@@ -461,20 +461,34 @@ def test_images_past_their_deadline_are_dropped_before_inference():
 
 
 @needs_serve
-def test_a_client_that_hangs_up_is_499_with_no_warning(guarded):
+def test_a_client_that_hangs_up_is_499_with_no_warning(guarded, tmp_path):
+    import io
+
+    from PIL import Image
+
     before = _metric(_metrics(guarded), "mixnet_http_requests_total", endpoint="/v1/classify", status="499")
-    lines_before = len(guarded.stderr().splitlines())
-    with socket.create_connection(("127.0.0.1", guarded.port)) as sock:
-        sock.sendall(f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
-                     "Content-Length: 50000\r\n\r\n".encode() + b"\xff\xd8" * 1000)
+    images_before = _metric(_metrics(guarded), "mixnet_images_total", model="MixNet_S")
+    lines_before = len(guarded.log.read_text(encoding="utf-8").splitlines())
+    head = f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+    with socket.create_connection(("127.0.0.1", guarded.port)) as sock:  # gone in the middle of its body
+        sock.sendall(f"{head}Content-Length: 50000\r\n\r\n".encode() + b"\xff\xd8" * 1000)
         time.sleep(0.3)
-    deadline = time.monotonic() + 5
-    while _metric(_metrics(guarded), "mixnet_http_requests_total", endpoint="/v1/classify", status="499") == before:
-        assert time.monotonic() < deadline, "the hang-up was never counted as 499"
+    # Gone while its image decodes (a 36-megapixel PNG: a few hundred ms): the image never reaches the engine.
+    png = io.BytesIO()
+    Image.new("RGB", (6000, 6000), (90, 120, 150)).save(png, format="PNG")
+    with socket.create_connection(("127.0.0.1", guarded.port)) as sock:
+        sock.sendall(f"{head}Content-Length: {len(png.getvalue())}\r\n\r\n".encode() + png.getvalue())
+        time.sleep(0.05)
+    deadline = time.monotonic() + 10
+    while _metric(_metrics(guarded), "mixnet_http_requests_total", endpoint="/v1/classify",
+                  status="499") < before + 2:
+        assert time.monotonic() < deadline, "the hang-ups were never counted as 499"
         time.sleep(0.1)
+    time.sleep(1.0)  # the decode ends; had the image been queued, it would be classified by now
+    assert _metric(_metrics(guarded), "mixnet_images_total", model="MixNet_S") == images_before
     after = _metrics(guarded)
     assert _metric(after, "mixnet_http_requests_total", endpoint="/v1/classify", status="500") == 0
-    new_lines = guarded.stderr().splitlines()[lines_before:]
+    new_lines = guarded.log.read_text(encoding="utf-8").splitlines()[lines_before:]
     assert all(line.startswith("{") for line in new_lines), new_lines  # access log lines only: no warning
 
 

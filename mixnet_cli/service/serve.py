@@ -966,19 +966,26 @@ def openapi_document(service: Service) -> dict[str, Any]:
                 }},
                 "responses": {
                     "200": {"description": "every image classified", **results},
-                    "400": {"description": "a bad parameter or a model not served", **json_error},
+                    "400": {"description": "a bad parameter, an unknown one, a model not served, or a URL the "
+                                           "service does not fetch", **json_error},
+                    "401": {"description": "a token is required and was not sent", **json_error},
                     "405": {"description": "a method other than POST", **json_error},
-                    "413": {"description": "body over the size limit, or an image over the pixel limit",
+                    "413": {"description": "body over the size limit, more images or parts than a request may "
+                                           "hold (see /v1/limits), or an image over the pixel limit",
                             **json_error},
                     "422": {"description": "an image that cannot be read (the body holds every image's object)",
                             **results},
-                    "503": {"description": "not ready, or the queue is full (see Retry-After)", **json_error},
+                    "503": {"description": "not ready, the queue is full, or shutting down (see Retry-After)",
+                            **json_error},
                     "504": {"description": "not answered within the deadline", **json_error},
                 },
             }},
             "/healthz": {"get": {"summary": "The process answers", "responses": {"200": {"description": "alive"}}}},
             "/readyz": {"get": {"summary": "Every model is loaded", "responses": {
-                "200": {"description": "ready"}, "503": {"description": "still loading"}}}},
+                "200": {"description": "ready"}, "503": {"description": "still loading, or shutting down"}}}},
+            "/v1/limits": {"get": {"summary": "What a request may hold: images, body bytes, pixels, deadline",
+                                   "responses": {"200": {"description": "limits", "content": {
+                                       "application/json": {"schema": {"type": "object"}}}}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics (text format)", "responses": {
                 "200": {"description": "metrics", "content": {"text/plain": {}}}}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}},
