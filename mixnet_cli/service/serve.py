@@ -6,11 +6,19 @@ as the raw body, or several as multipart ``image`` fields, and answers with the 
 prints (one object, or a list in request order). Each image is decoded in a thread of its own pool while the
 engine runs, and waits for its forward pass in its model's :class:`~mixnet_cli.service.batching.DynamicBatcher`.
 
-Limits, each answered at once: a full queue (503 with ``Retry-After``), a body over the size limit (413), an
-image over the pixel limit of ``classify`` (413), a request not answered within its deadline (504), a bad
-parameter or a model not served (400, with the CLI's one-line message), bytes that are not an image (422).
-The service never reads a local path: images arrive as bytes, or, only with ``allow_urls``, from http(s) URLs
-fetched with the deadline and size cap of ``classify``.
+Limits, each answered at once: a full queue or a shutdown (the one overload answer: JSON 503 with
+``Retry-After``), a body over the size limit or more images than a request may ever hold (413), an image over
+the pixel limit of ``classify`` (413), a request not answered within its deadline (504), a bad or unknown
+parameter or a model not served (400, with the CLI's one-line message), bytes that are not an image (422), a
+missing token (401). Every request passes :class:`ServiceGate` (token, shutdown, metrics, access log), whatever
+module its route comes from. Connections are limited below HTTP (``connections.py``: header timeout, minimum
+body rate), and only images count against the service's capacity. The service never reads a local path: images
+arrive as bytes, or, only with ``allow_urls``, from http(s) URLs on public addresses (``url_fetch.py``).
+
+For another protocol's endpoints on the same models (routes passed to :func:`create_app`): the token and the
+metrics come with :class:`ServiceGate`; admission is :meth:`Service.admitted`, deadlines and the shutdown
+:meth:`Service.within`, decoding and batching :meth:`Service.classify` (or :meth:`Service.preprocess` and the
+model's batcher), bodies :func:`read_body`, refusals :class:`RequestError` rendered by :func:`error_response`.
 
 Your own fine-tuned MixNet (``weights``, with ``labels``) is served alone, named as ``classify`` names it (its
 architecture: ``MixNet_S``...), with its own classes: ``topk`` and the answers' labels follow them.
@@ -750,8 +758,8 @@ def create_app(service: Service, routes: Any = ()) -> Any:
         if url is not None:
             from ..base import settings
 
-            within = min(deadline, settings.url_deadline())
-            images = [(url, lambda: service.fetch(url, within))]
+            fetch_deadline = min(deadline, settings.url_deadline())
+            images = [(url, lambda: service.fetch(url, fetch_deadline))]
         elif multipart:
             parts = await asyncio.get_running_loop().run_in_executor(
                 None, multipart_images, body, content_type, service.options.max_queue)
