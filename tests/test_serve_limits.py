@@ -496,8 +496,9 @@ def test_a_client_that_hangs_up_is_499_with_no_warning(guarded, tmp_path):
 def test_sigterm_closes_keep_alive_connections_answers_in_flight_and_exits_0(guarded, photos):
     """Runs last: it stops the module's server."""
     body = photos[0].read_bytes()
-    idle = requests.Session()  # a keep-alive connection, idle at SIGTERM
-    assert idle.get(guarded.url + "/healthz", timeout=10).status_code == 200
+    idle = socket.create_connection(("127.0.0.1", guarded.port))  # a keep-alive connection, idle at SIGTERM
+    idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert idle.recv(65536).startswith(b"HTTP/1.1 200")
     # A request in flight at SIGTERM: its body is half sent.
     in_flight = socket.create_connection(("127.0.0.1", guarded.port))
     in_flight.sendall(f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
@@ -505,7 +506,13 @@ def test_sigterm_closes_keep_alive_connections_answers_in_flight_and_exits_0(gua
     time.sleep(0.3)
     stopped = time.monotonic()
     guarded.process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    # Before the request in flight ends: the idle connection is closed, and no new one is taken.
+    assert _closed_within(idle, 1.0), "an idle keep-alive connection is closed at SIGTERM (not by --keep-alive 2)"
+    with pytest.raises(OSError):
+        with socket.create_connection(("127.0.0.1", guarded.port), timeout=2) as late:
+            late.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            if not late.recv(65536):
+                raise ConnectionResetError("closed without an answer")
     in_flight.sendall(body[100:])
     answer = b""
     in_flight.settimeout(15)
@@ -518,8 +525,6 @@ def test_sigterm_closes_keep_alive_connections_answers_in_flight_and_exits_0(gua
     assert head.startswith(b"http/1.1 200") and b"connection: close" in head, answer[:300]
     assert guarded.process.wait(timeout=15) == 0, guarded.stderr()
     assert time.monotonic() - stopped < 8
-    with pytest.raises(requests.ConnectionError):
-        idle.get(guarded.url + "/healthz", timeout=5)
 
 
 def _complete(answer: bytes) -> bool:
@@ -528,3 +533,34 @@ def _complete(answer: bytes) -> bool:
         if line.lower().startswith(b"content-length:"):
             return len(rest) >= int(line.split(b":")[1])
     return False
+
+
+def test_the_header_reader_sizes_jpegs_and_pngs_as_pillow_does(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from mixnet_cli.images.preprocess import header_pixels, jpeg_size
+
+    rgb = Image.new("RGB", (640, 480), (10, 200, 30))
+    thumbnail = io.BytesIO()
+    Image.new("RGB", (160, 120)).save(thumbnail, format="JPEG")
+    for options in ({}, {"progressive": True}, {"exif": Image.Exif(), "icc_profile": b"\0" * 70000},
+                    {"quality": 10, "subsampling": 0}):
+        out = io.BytesIO()
+        rgb.save(out, format="JPEG", **options)
+        data = out.getvalue()
+        assert jpeg_size(data) == (640, 480), options
+    # A frame header inside an APP1 segment (a thumbnail) is skipped: the image's own is the one read.
+    main = io.BytesIO()
+    rgb.save(main, format="JPEG")
+    app1 = b"Exif\0\0" + thumbnail.getvalue()
+    data = main.getvalue()[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + main.getvalue()[2:]
+    assert jpeg_size(data) == (640, 480)
+    png = io.BytesIO()
+    rgb.save(png, format="PNG")
+    assert header_pixels(png.getvalue()) == 640 * 480
+    webp = io.BytesIO()
+    rgb.save(webp, format="WEBP")
+    assert header_pixels(webp.getvalue()) is None and header_pixels(webp.getvalue(), other_formats=True) == 640 * 480
+    assert jpeg_size(b"\xff\xd8" + b"\xff" * 200_000) is None and jpeg_size(b"GIF89a") is None

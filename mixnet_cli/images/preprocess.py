@@ -134,14 +134,25 @@ def _open_header(data: bytes, name: str) -> Image.Image | None:
     return image
 
 
-def header_pixels(data: bytes) -> int | None:
-    """Width x height that a PNG's or a JPEG's header claims, read without a decoder in microseconds (a JPEG's
-    segments are skipped by their lengths, fill bytes at C speed); None for another format or a header that does
-    not parse. For budgeting memory before a decode, not for refusing: the decoder checks again."""
+def header_pixels(data: bytes, *, other_formats: bool = False) -> int | None:
+    """Width x height that an image's header claims, for budgeting memory before a decode (the decoder checks
+    the limit again). PNG and JPEG are read without a decoder in microseconds (a JPEG's segments are skipped by
+    their lengths, fill bytes at C speed); other formats only with ``other_formats``, by Pillow's header reader
+    (milliseconds: run it off the event loop). None for a header that does not parse."""
     if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
         return int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
-    size = jpeg_size(data)
-    return None if size is None else size[0] * size[1]
+    if data[:2] == b"\xff\xd8":
+        size = jpeg_size(data)
+        return None if size is None else size[0] * size[1]
+    if not other_formats:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            width, height = Image.open(io.BytesIO(data)).size
+    except Exception:  # noqa: BLE001 (not a format Pillow knows: the decoder says what it is)
+        return None
+    return width * height
 
 
 # Start-of-frame markers (baseline, progressive, lossless, arithmetic...), which carry the image's size; C4, C8
@@ -159,9 +170,11 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
         if data[position] != 0xFF:
             return None
         # Any number of FF fill bytes may precede a marker: skipped in one C call, not byte by byte.
-        marker_at = position + (end - position - len(data[position:position + 65536].lstrip(b"\xff")))
-        if marker_at - position == 65536:
+        window = data[position:position + 65536]
+        fill = len(window) - len(window.lstrip(b"\xff"))
+        if fill == 65536:
             return None  # a run of fill bytes no encoder writes: not worth reading further
+        marker_at = position + fill
         if marker_at >= end:
             return None
         marker = data[marker_at]

@@ -42,6 +42,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
@@ -529,10 +530,15 @@ class Service:
         if self._pixels is None:
             self._pixels = PixelBudget(MAX_PIXELS)
         classifier = self.models[model_name].classifier
-        # A header this cheap reader does not know: a quarter of the budget (at most four such decodes at once).
-        pixels = header_pixels(data) or MAX_PIXELS // 4
+        loop = asyncio.get_running_loop()
+        pixels = header_pixels(data)  # PNG and JPEG, here at once
+        if pixels is None:  # another format: Pillow's header reader, in a decode thread
+            pixels = await loop.run_in_executor(self.decoders, partial(header_pixels, data, other_formats=True))
+        # No size known (damaged, or a format only OpenCV reads): small files are cheap, others take a big share.
+        if pixels is None:
+            pixels = MAX_PIXELS // 4 if len(data) > 1024 * 1024 else 1
         async with self._pixels.hold(pixels):
-            return await asyncio.get_running_loop().run_in_executor(self.decoders, classifier.preprocess, data, name)
+            return await loop.run_in_executor(self.decoders, classifier.preprocess, data, name)
 
     async def classify(self, model_name: str, topk: int, images: list[tuple[str, Callable[[], Awaitable[bytes]]]],
                        deadline: float | None = None) -> list["ClassificationResult"]:
