@@ -132,7 +132,8 @@ def flood(url: str, photo: bytes, clients: int = 400) -> dict[str, Any]:
     refused = [a for a in answers if a[0] == 503]
     metrics = requests.get(url + "/metrics", timeout=30).text
     counted = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                  if line.startswith("mixnet_http_requests_total{") and 'status="503"' in line)
+                  if line.startswith("mixnet_http_requests_total{") and 'status="503"' in line
+                  and 'endpoint="/v1/classify"' in line)
     return {"answered_200": sum(1 for a in answers if a[0] == 200), "refused_503": len(refused),
             "refused_json_retry_after": sum(1 for a in refused if a[1]), "refusals_counted_in_metrics": counted,
             "refusal_max_s": round(max((a[2] for a in refused), default=0.0), 3),

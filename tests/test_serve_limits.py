@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
-import os
 import selectors
 import signal
 import socket
