@@ -3,10 +3,12 @@ of fill bytes, a 10,000-part form. Each case against the service of one or more 
 the code before a change and after), in one run, on the same machine:
 
     python benchmarks/serve_attacks.py --home /tmp/mixnet-attacks --root /path/before --root /path/after
+    python benchmarks/serve_attacks.py --home /tmp/mixnet-attacks --root ... --root ... --throughput
 
 Each root's service runs from that tree (PYTHONPATH) with the default options (MixNet_S, random calibrated
 weights: the answers do not matter here). The attacking clients are threads and sockets of this process.
-Prints a markdown table; writes JSON to --out when given.
+With --throughput, instead: every root's service at once, 100 photos at 1, 4, 16 and 64 clients, sent to each
+in turn, 3 rounds. Prints JSON; writes it to --out when given.
 """
 
 from __future__ import annotations
@@ -203,16 +205,63 @@ def run_root(root: Path, home: Path, photo: bytes, pycache: Path) -> dict[str, A
     return results
 
 
+def throughput(roots: list[Path], home: Path, photos: list[bytes], pycache: Path, rounds: int = 3,
+               levels: tuple[int, ...] = (1, 4, 16, 64)) -> dict[str, Any]:
+    """Every root's service running at once, the same photos sent to each in turn (the order swapped every
+    round), so that the machine's load, which drifts, weighs on all alike: images/s per round, and the median."""
+    import statistics
+
+    import requests
+
+    services = {}
+    for root in roots:
+        env = clean_env(home, pycache)
+        env["PYTHONPATH"] = str(root)
+        services[str(root)] = Service(env, "MixNet_S")
+    rates: dict[str, dict[int, list[float]]] = {root: {level: [] for level in levels} for root in services}
+    try:
+        for index in range(rounds):
+            for level in levels:
+                for root in (list(services) if index % 2 == 0 else list(reversed(services))):
+                    url = services[root].url
+                    local = threading.local()
+
+                    def post(body: bytes) -> int:
+                        session = getattr(local, "session", None) or requests.Session()
+                        local.session = session
+                        return session.post(url + "/v1/classify", data=body, timeout=120).status_code
+
+                    started = time.perf_counter()
+                    with ThreadPoolExecutor(max_workers=level) as pool:
+                        statuses = list(pool.map(post, photos))
+                    rates[root][level].append(len(photos) / (time.perf_counter() - started))
+                    if set(statuses) != {200}:
+                        log(f"{root}, {level} clients: statuses {sorted(set(statuses))}")
+    finally:
+        for service in services.values():
+            service.stop()
+    return {root: {str(level): {"median": round(statistics.median(values), 1),
+                                "rounds": [round(v, 1) for v in values]} for level, values in by_level.items()}
+            for root, by_level in rates.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", type=Path, required=True)
     parser.add_argument("--root", type=Path, action="append", required=True)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--throughput", action="store_true",
+                        help="instead of the attacks: images/s of every root's service side by side, interleaved")
     options = parser.parse_args()
     prepare_home(options.home, ("MixNet_S",))
-    photo = sample_images(1)[0].read_bytes()
-    results = {"machine": machine(), "runs": [run_root(root, options.home, photo, options.home / "pycache")
-                                             for root in options.root]}
+    if options.throughput:
+        photos = [path.read_bytes() for path in sample_images(100)]
+        results = {"machine": machine(), "throughput": throughput(options.root, options.home, photos,
+                                                                  options.home / "pycache")}
+    else:
+        photo = sample_images(1)[0].read_bytes()
+        results = {"machine": machine(), "runs": [run_root(root, options.home, photo, options.home / "pycache")
+                                                 for root in options.root]}
     if options.out:
         options.out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
