@@ -252,12 +252,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--throughput", action="store_true",
                         help="instead of the attacks: images/s of every root's service side by side, interleaved")
+    parser.add_argument("--clients", type=int, action="append", help="with --throughput (default 1, 4, 16, 64)")
+    parser.add_argument("--rounds", type=int, default=3, help="with --throughput (default 3)")
     options = parser.parse_args()
     prepare_home(options.home, ("MixNet_S",))
     if options.throughput:
         photos = [path.read_bytes() for path in sample_images(100)]
-        results = {"machine": machine(), "throughput": throughput(options.root, options.home, photos,
-                                                                  options.home / "pycache")}
+        results = {"machine": machine(), "throughput": throughput(
+            options.root, options.home, photos, options.home / "pycache", rounds=options.rounds,
+            levels=tuple(options.clients or (1, 4, 16, 64)))}
     else:
         photo = sample_images(1)[0].read_bytes()
         results = {"machine": machine(), "runs": [run_root(root, options.home, photo, options.home / "pycache")
