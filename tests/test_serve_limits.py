@@ -563,3 +563,26 @@ def test_the_header_reader_sizes_jpegs_and_pngs_as_pillow_does(tmp_path):
     rgb.save(webp, format="WEBP")
     assert header_pixels(webp.getvalue()) is None and header_pixels(webp.getvalue(), other_formats=True) == 640 * 480
     assert jpeg_size(b"\xff\xd8" + b"\xff" * 200_000) is None and jpeg_size(b"GIF89a") is None
+
+
+@needs_serve
+def test_public_metrics_and_the_token_check_in_process(tmp_path, monkeypatch):
+    from mixnet_cli.service.serve import ServeOptions, Service, load_token
+
+    monkeypatch.setenv("MIXNET_SERVE_TOKEN", " from-the-environment ")
+    assert load_token(None) == "from-the-environment"
+    token_file = tmp_path / "token"
+    token_file.write_text("from-the-file\nignored\n")
+    assert load_token(token_file) == "from-the-file"  # the flag wins over the variable
+    assert "from-the-file" not in repr(ServeOptions(token="from-the-file"))
+    for public_metrics in (False, True):
+        service = Service(ServeOptions(token="t0ken", public_metrics=public_metrics))
+        try:
+            assert service.is_public("/metrics") is public_metrics
+            assert service.is_public("/healthz") and service.is_public("/v2/health/ready")
+            assert not service.is_public("/v1/classify") and not service.is_public("/openapi.json")
+            assert service.authorized({"authorization": "Bearer t0ken"})
+            assert service.authorized({"authorization": "bearer t0ken"})
+            assert not service.authorized({"authorization": "Bearer t0ke"}) and not service.authorized({})
+        finally:
+            service.decoders.shutdown()
