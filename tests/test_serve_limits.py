@@ -491,6 +491,55 @@ def test_a_client_that_hangs_up_is_499_with_no_warning(guarded, tmp_path):
     assert all(line.startswith("{") for line in new_lines), new_lines  # access log lines only: no warning
 
 
+def _huge_png(width: int, height: int) -> bytes:
+    """A valid RGB PNG of black pixels: a few hundred KB that decode to width*height*3 bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    compressor = zlib.compressobj(9)
+    row = b"\0" * (1 + width * 3)
+    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+def _memory_mb(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@needs_serve
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's peak memory from /proc")
+def test_huge_images_are_decoded_one_at_a_time_while_photos_pass(guarded, photos):
+    """Two 169-megapixel PNGs at once (507 MB of pixels each): decoded one after the other, so the service's
+    peak memory grows by about one of them, and a photo sent meanwhile is answered at once."""
+    png = _huge_png(13000, 13000)
+    pid = guarded.process.pid
+    before = _memory_mb(pid, "VmRSS")
+    assert _memory_mb(pid, "VmHWM") < before + 300, "an earlier test already took the peak this one measures"
+    photo = photos[2].read_bytes()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        huge = [pool.submit(_post, guarded, data=png) for _ in range(2)]
+        time.sleep(1.0)  # both are in: one decoding, one waiting for the pixel budget
+        latencies = []
+        while not all(future.done() for future in huge):
+            started = time.monotonic()
+            assert _post(guarded, data=photo).status_code == 200
+            latencies.append(time.monotonic() - started)
+            time.sleep(0.2)
+        statuses = [future.result().status_code for future in huge]
+    assert statuses == [200, 200], statuses
+    assert latencies and max(latencies) < 5, latencies
+    # One 169 MP decode holds its RGB pixels (507 MB) and OpenCV's working copies; two at once held 1.9 GB.
+    assert _memory_mb(pid, "VmHWM") - before < 1200
+
+
 @needs_serve
 def test_sigterm_closes_keep_alive_connections_answers_in_flight_and_exits_0(guarded, photos):
     """Runs last: it stops the module's server."""
