@@ -190,10 +190,10 @@ def service(service_home: Path, mirror: GatedMirror, tmp_path_factory: pytest.Te
 def tiny_service(service: Any, service_home: Path, mirror: GatedMirror, tmp_path_factory: pytest.TempPathFactory
                  ) -> Iterator[ServerProcess]:
     """A queue of 2 images and batches that wait 1.5 s for more: requests stay in flight long enough to watch.
-    It also fetches image URLs (--allow-urls)."""
+    It also fetches image URLs (--allow-urls), from 127.0.0.1 too (--allow-private-urls)."""
     server = ServerProcess(service_home, mirror.url, tmp_path_factory.mktemp("serve-logs") / "tiny.log",
                            "--model", "S", "--max-batch-size", "4", "--max-wait-ms", "1500", "--max-queue", "2",
-                           "--no-access-log", "--allow-urls")
+                           "--no-access-log", "--allow-urls", "--allow-private-urls")
     try:
         server.wait_for("/readyz", 200)
         yield server
@@ -338,7 +338,7 @@ def test_a_path_or_method_the_service_lacks_answers_the_json_error_object(servic
     missing = server.get("/v1/predict")  # (under /v2, the Open Inference Protocol's own error: tests/test_oip.py)
     assert missing.status_code == 404 and missing.json() == {"error": {"type": "NotFound", "message": (
         "no endpoint /v1/predict; this service answers POST /v1/classify and GET /healthz, /readyz, /metrics, "
-        "/openapi.json")}}
+        "/openapi.json, /v1/limits")}}
 
 
 @needs_serve
@@ -430,7 +430,7 @@ def test_image_urls_are_fetched_only_when_allowed(tiny_service, service, photos,
     host = file_server(photos[0].parent)
     url = f"{host.url}/{photos[0].name}"
     fetched = tiny_service.post("?" + requests.compat.urlencode({"url": url, "topk": 3}))
-    assert fetched.status_code == 200
+    assert fetched.status_code == 200, fetched.text
     assert fetched.json() == {**main_server.post("?topk=3", data=photos[0].read_bytes()).json(), "input": url}
     missing = tiny_service.post("?" + requests.compat.urlencode({"url": f"{host.url}/missing.jpg"}))
     assert missing.status_code == 422 and missing.json()["error"]["type"] == "ImageDownloadError"

@@ -131,6 +131,12 @@ def cpu_threads() -> int | None:
     return int(value)
 
 
+def serve_token() -> str | None:
+    """The token ``mixnet serve`` requires and ``classify --server`` sends when no ``--token-file`` is given
+    (``MIXNET_SERVE_TOKEN``; unset or blank: none)."""
+    return os.environ.get("MIXNET_SERVE_TOKEN", "").strip() or None
+
+
 def url_deadline() -> float:
     """Seconds an image URL may take from the first connection to the last byte, retries included
     (``MIXNET_URL_DEADLINE``, default 60): past it, that input fails and the run goes on."""
@@ -154,3 +160,20 @@ def download_backoff() -> float:
 def download_backoff_max() -> float:
     """The longest single wait between retries, also for a server's ``Retry-After`` (``MIXNET_BACKOFF_MAX``, default 30)."""
     return _number("MIXNET_BACKOFF_MAX", 30.0, 0.0)
+
+
+def load_token(token_file: Path | None) -> str | None:
+    """The token of ``mixnet serve`` (and of ``classify --server``): the first line of ``token_file`` (surrounding
+    spaces dropped), else
+    ``MIXNET_SERVE_TOKEN``, else None. Raises :class:`UsageError` for a file that cannot be read or is empty."""
+    if token_file is None:
+        return serve_token()
+    try:
+        lines = token_file.read_text(encoding="utf-8").strip().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--token-file {token_file}: cannot read it ({getattr(exc, 'strerror', None) or exc}); "
+                         "give a readable text file holding the token") from None
+    token = lines[0].strip() if lines else ""
+    if not token:
+        raise UsageError(f"--token-file {token_file}: the file is empty; put the token on its first line")
+    return token

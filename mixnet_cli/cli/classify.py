@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator
 import click
 
 from ..base.errors import MixnetError, UsageError
+from ..base.settings import load_token
 from .common import (
     CONTEXT_SETTINGS,
     check_output_path,
@@ -76,6 +77,8 @@ from .common import (
 @click.option("--server", metavar="URL", callback=checked_server,
               help="Classify through a running `mixnet serve` at URL (http://127.0.0.1:8080) instead of loading the "
               "model here; the output is the same (the service's own --device, --engine and weights apply).")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="With --server: the service's token, the file's first line (default: MIXNET_SERVE_TOKEN).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but the results (no progress, no per-image errors on stderr).")
 @click.option("-v", "--verbose", is_flag=True,
               help="Say on stderr which model, weights (and whether they were downloaded now, resumed or found in "
@@ -102,6 +105,7 @@ def classify(
     mirrors: tuple[str, ...],
     offline: bool | None,
     server: str | None,
+    token_file: Path | None,
     quiet: bool,
     verbose: bool,
 ) -> None:
@@ -157,6 +161,8 @@ def classify(
     if server is not None and cam_dir is not None:
         raise UsageError("--cam draws here, from this machine's model: leave out --server (the service gives the "
                          "maps with ?cam=1)")
+    if token_file is not None and server is None:
+        raise UsageError("--token-file is the token of a service: use it with --server URL")
     if embed and fmt not in ("json", "jsonl"):
         raise UsageError("--embed puts the features in the JSON objects: add --json or --jsonl, or use --embed-npy FILE")
     device_name = engine_name = "auto"
@@ -208,7 +214,7 @@ def classify(
                            progress=None if not quiet else False)
     results = _results_of_each_model(model_names, items, server=server, topk=topk, batch_size=batch_size,
                                      verbose=verbose and not quiet, load=load, cam_dir=cam_dir,
-                                     cam_class=cam_class,
+                                     cam_class=cam_class, token=load_token(token_file) if server else None,
                                      loaded=[load(model_names[0])] if server is None else [])
     failures = 0
     features: list[Any] = []
@@ -253,8 +259,8 @@ _WEIGHTS_HOW = {"cached": "found in the cache", "downloaded": "downloaded now",
 
 def _results_of_each_model(model_names: list[str | None], items: list[Any], *, server: str | None, topk: int | None,
                            batch_size: int, verbose: bool, load: Callable[[str | None], Any],
-                           loaded: list[Any], cam_dir: Path | None = None,
-                           cam_class: int | None = None) -> Iterator[tuple[dict[str, Any], Any]]:
+                           loaded: list[Any], cam_dir: Path | None = None, cam_class: int | None = None,
+                           token: str | None = None) -> Iterator[tuple[dict[str, Any], Any]]:
     """Every input's object and features for each model in turn, through the service at ``server`` or a
     :class:`~mixnet_cli.classifier.Classifier`: ``loaded`` holds the first model's, already made, ``load`` makes
     the others (one at a time: the next is loaded when the previous one's results are out). ``cam_dir``:
@@ -267,7 +273,7 @@ def _results_of_each_model(model_names: list[str | None], items: list[Any], *, s
                 click.echo(f"model {model or 'MixNet_S'}, through the service at {server}, {len(items)} image(s)",
                            err=True)
             yield from ((row, None) for row in classify_remote(server, items, model=model or "MixNet_S", topk=topk,
-                                                               batch_size=batch_size))
+                                                               batch_size=batch_size, token=token))
             continue
         classifier = loaded.pop() if loaded else load(model)
         if verbose:

@@ -45,7 +45,20 @@ from .common import (
 @click.option("--max-body-mb", default=None, type=click.FloatRange(0.001, 4096),
               help="Largest request body in MB (2^20 bytes); larger ones are answered 413 (default 32).")
 @click.option("--allow-urls", is_flag=True,
-              help="Let requests name an image URL (?url=...) that the service fetches; off by default.")
+              help="Let requests name an image URL (?url=...) that the service fetches; off by default. Only public "
+              "addresses are fetched (checked after DNS and at every redirect).")
+@click.option("--allow-private-urls", is_flag=True,
+              help="With --allow-urls, also fetch from loopback, private and link-local addresses (an intranet).")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Require 'Authorization: Bearer <token>' on every request but /healthz and /readyz; the token is "
+              "the file's first line (default: MIXNET_SERVE_TOKEN; neither: no token).")
+@click.option("--public-metrics", is_flag=True, help="Answer /metrics without the token.")
+@click.option("--header-timeout", default=5.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="Seconds a connection has to send a request's complete headers; then it is closed.")
+@click.option("--keep-alive", default=5.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="Seconds an idle connection is kept open between requests.")
+@click.option("--graceful-timeout", default=20.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="Seconds from SIGTERM to exit: requests in flight are answered within it.")
 @click.option("--workers", type=click.IntRange(1, 1024), help="Threads decoding images (default: the physical cores).")
 @click.option("--threads", type=click.IntRange(1, 1024), help="CPU threads per forward pass (default: the physical cores).")
 @device_option
@@ -67,6 +80,12 @@ def serve(
     deadline: float | None,
     max_body_mb: float | None,
     allow_urls: bool,
+    allow_private_urls: bool,
+    token_file: Path | None,
+    public_metrics: bool,
+    header_timeout: float,
+    keep_alive: float,
+    graceful_timeout: float,
     workers: int | None,
     threads: int | None,
     device: str | None,
@@ -86,8 +105,9 @@ def serve(
       mixnet serve --weights best_model.pdparams --labels flowers_label_list.txt
 
     Answers are the objects `mixnet classify --json` prints. Endpoints: POST /v1/classify, GET /healthz,
-    /readyz (503 until the models are loaded), /metrics (Prometheus), /openapi.json. SIGTERM or Ctrl-C stops
-    accepting, finishes the requests in flight and exits 0.
+    /readyz (503 until the models are loaded, and from SIGTERM), /metrics (Prometheus), /v1/limits,
+    /openapi.json. SIGTERM or Ctrl-C stops accepting, answers the requests in flight within --graceful-timeout
+    and exits 0.
     """
     from ..service import serve as service
 
@@ -107,6 +127,8 @@ def serve(
         max_body_bytes=int(max_body_mb * 1024 * 1024) if max_body_mb else defaults.max_body_bytes,
         allow_urls=allow_urls, workers=workers, threads=threads, device=device_name, engine=engine_name,
         mirrors=mirrors or None, offline=offline, log_format=log_format, access_log=not no_access_log,
+        allow_private_urls=allow_private_urls, token=service.load_token(token_file), public_metrics=public_metrics,
+        header_timeout_s=header_timeout, keep_alive_s=keep_alive, graceful_timeout_s=graceful_timeout,
     )
     show_messages()
     service.run(options)

@@ -84,6 +84,68 @@ def _open_header(data: bytes, name: str) -> Image.Image | None:
     return image
 
 
+def header_pixels(data: bytes, *, other_formats: bool = False) -> int | None:
+    """Width x height that an image's header claims, for budgeting memory before a decode (the decoder checks
+    the limit again). PNG and JPEG are read without a decoder in microseconds (a JPEG's segments are skipped by
+    their lengths, fill bytes at C speed); other formats only with ``other_formats``, by Pillow's header reader
+    (milliseconds: run it off the event loop). None for a header that does not parse."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
+    if data[:2] == b"\xff\xd8":
+        size = jpeg_size(data)
+        return None if size is None else size[0] * size[1]
+    if not other_formats:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            width, height = Image.open(io.BytesIO(data)).size
+    except Exception:  # noqa: BLE001 (not a format Pillow knows: the decoder says what it is)
+        return None
+    return width * height
+
+
+# Start-of-frame markers (baseline, progressive, lossless, arithmetic...), which carry the image's size; C4, C8
+# and CC are other segments that share the range.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's first frame header, found by walking its segments (so an EXIF thumbnail's
+    header inside APP1 is skipped); None when ``data`` is not a JPEG or ends before a frame header."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    position, end = 2, len(data)
+    while position < end:
+        if data[position] != 0xFF:
+            return None
+        # Any number of FF fill bytes may precede a marker: skipped in one C call, not byte by byte.
+        window = data[position:position + 65536]
+        fill = len(window) - len(window.lstrip(b"\xff"))
+        if fill == 65536:
+            return None  # a run of fill bytes no encoder writes: not worth reading further
+        marker_at = position + fill
+        if marker_at >= end:
+            return None
+        marker = data[marker_at]
+        if marker in (0xD9, 0xDA):  # end of image, or a scan before any frame header
+            return None
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            position = marker_at + 1
+            continue
+        if marker_at + 3 > end:
+            return None
+        length = int.from_bytes(data[marker_at + 1:marker_at + 3], "big")
+        if marker in _JPEG_SOF:
+            if length < 7 or marker_at + 8 > end:
+                return None
+            height = int.from_bytes(data[marker_at + 4:marker_at + 6], "big")
+            width = int.from_bytes(data[marker_at + 6:marker_at + 8], "big")
+            return width, height
+        position = marker_at + 1 + length
+    return None
+
+
 def _check_jpeg_complete(data: bytes, header: Image.Image, name: str) -> None:
     # OpenCV 4.6's libjpeg fills the missing end of a truncated JPEG with grey and returns an image. A whole file
     # ends with the end-of-image marker (FF D9 cannot occur inside the compressed data, where FF is escaped), and
@@ -104,6 +166,8 @@ def _check_jpeg_complete(data: bytes, header: Image.Image, name: str) -> None:
 
 
 def _decode_bytes(data: bytes, name: str) -> np.ndarray:
+    if data[:3] == b"\xff\xd8\xff":
+        return _decode_jpeg(data, name)
     header = _open_header(data, name)
     cv2 = _cv2()
     try:
@@ -124,6 +188,30 @@ def _decode_bytes(data: bytes, name: str) -> np.ndarray:
         raise TruncatedImageError(f"{name}: {header.format} file is truncated or damaged (OpenCV cannot decode it); "
                                   "re-download or re-export it")
     return _pillow_pixels(header, name)
+
+
+def _decode_jpeg(data: bytes, name: str) -> np.ndarray:
+    # OpenCV first, with the pixel limit read from the frame header by jpeg_size: Pillow's header reader scans
+    # for markers byte by byte, seconds for a file of millions of fill bytes that libjpeg refuses at once.
+    size = jpeg_size(data)
+    if size is not None and size[0] * size[1] > MAX_PIXELS:
+        raise _too_large(name, *size)
+    cv2 = _cv2()
+    try:
+        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:
+        bgr = None
+    if bgr is None or not bgr.size:
+        if size is None:
+            raise NotAnImageError(
+                f"{name}: not an image file OpenCV or Pillow can read (JPEG, PNG, WebP, BMP, GIF, TIFF...)")
+        raise TruncatedImageError(f"{name}: JPEG file is truncated or damaged (OpenCV cannot decode it); "
+                                  "re-download or re-export it")
+    if data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        header = _open_header(data, name)  # only for a file without its end marker: Pillow says if it is cut
+        if header is not None:
+            _check_jpeg_complete(data, header, name)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 # Formats whose every valid file OpenCV decodes, in every version mixnet supports.

@@ -16,11 +16,13 @@ request path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import time
 from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 import numpy as np
 
@@ -41,7 +43,50 @@ def batch_ladder(max_batch_size: int) -> list[int]:
 class _Waiting:
     array: np.ndarray
     future: "asyncio.Future[np.ndarray]"
+    deadline: float = math.inf  # the loop's clock: past it, nobody waits for the answer
     queued_at: float = field(default_factory=time.perf_counter)
+
+
+class PixelBudget:
+    """Pixels decoded at once, bounded: :meth:`hold` waits (on the event loop, holding no thread) until an
+    image's pixels fit beside those being decoded. A smaller image may pass a larger one that does not fit yet,
+    so small photos keep flowing while huge ones are decoded a few at a time. Create it on the event loop."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self._waiting: deque[tuple[int, "asyncio.Future[None]"]] = deque()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, pixels: int) -> AsyncIterator[None]:
+        """Hold ``pixels`` (at most the whole budget) while the block runs."""
+        pixels = min(max(1, pixels), self.total)
+        if self.used + pixels <= self.total:
+            self.used += pixels
+        else:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiting.append((pixels, future))
+            try:
+                await future
+            except asyncio.CancelledError:
+                if future.done() and not future.cancelled():
+                    self._give_back(pixels)  # granted just as the request gave up
+                raise
+        try:
+            yield
+        finally:
+            self._give_back(pixels)
+
+    def _give_back(self, pixels: int) -> None:
+        self.used -= pixels
+        for entry in list(self._waiting):
+            size, future = entry
+            if future.done():
+                self._waiting.remove(entry)
+            elif self.used + size <= self.total:
+                self.used += size
+                self._waiting.remove(entry)
+                future.set_result(None)
 
 
 class DynamicBatcher:
@@ -50,7 +95,8 @@ class DynamicBatcher:
 
     ``max_queue`` bounds the images admitted and not yet answered (decoding, waiting or in a batch);
     ``parallel`` is how many batches may run at once (an engine's ``parallel``); ``on_batch(size, seconds)`` is
-    called after each batch (for metrics). Create it on the event loop that will call :meth:`submit`.
+    called after each batch, ``on_drop()`` for each image dropped past its deadline (for metrics). Create it on
+    the event loop that will call :meth:`submit`.
     """
 
     def __init__(
@@ -63,6 +109,7 @@ class DynamicBatcher:
         max_queue: int = 64,
         parallel: int = 1,
         on_batch: Callable[[int, float], None] | None = None,
+        on_drop: Callable[[], None] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or parallel < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size, max_queue and parallel must be at least 1, max_wait_s at least 0")
@@ -73,6 +120,7 @@ class DynamicBatcher:
         self.max_queue = max_queue
         self.ladder = batch_ladder(max_batch_size)
         self._on_batch = on_batch
+        self._on_drop = on_drop
         self._pending = 0  # admitted, not yet released
         self._waiting: deque[_Waiting] = deque()
         self._arrived = asyncio.Event()
@@ -80,6 +128,8 @@ class DynamicBatcher:
         self._running: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
+        self.batch_seconds = 0.0  # how long the last forward pass took
+        self.dropped = 0  # images dropped before their forward pass, past their deadline
 
     @property
     def depth(self) -> int:
@@ -102,11 +152,12 @@ class DynamicBatcher:
     def release(self, count: int) -> None:
         self._pending = max(0, self._pending - count)
 
-    async def submit(self, array: np.ndarray) -> np.ndarray:
-        """This image's row of ``run_batch``'s output, once its batch has run. Cancelling the caller (a deadline)
-        takes the image out of a batch that has not started."""
+    async def submit(self, array: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """This image's row of ``run_batch``'s output, once its batch has run. Cancelling the caller (a deadline,
+        a client gone) takes the image out of a batch that has not started. With ``deadline`` (the loop's clock),
+        an image whose batch would end past it is dropped before its forward pass: :class:`asyncio.TimeoutError`."""
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Waiting(array, future))
+        self._waiting.append(_Waiting(array, future, math.inf if deadline is None else deadline))
         self._arrived.set()
         return await future
 
@@ -127,7 +178,16 @@ class DynamicBatcher:
                 item.future.set_exception(Overloaded("the service is shutting down"))
 
     def _live_waiting(self) -> int:
-        while self._waiting and self._waiting[0].future.done():  # cancelled: its request gave up
+        # An image whose request gave up (cancelled) or whose answer would come after its deadline (a batch takes
+        # about as long as the last one did) costs no forward pass.
+        too_late = asyncio.get_running_loop().time() + self.batch_seconds
+        for item in self._waiting:
+            if not item.future.done() and item.deadline < too_late:
+                item.future.set_exception(asyncio.TimeoutError())
+                self.dropped += 1
+                if self._on_drop is not None:
+                    self._on_drop()
+        while self._waiting and self._waiting[0].future.done():
             self._waiting.popleft()
         return sum(1 for item in self._waiting if not item.future.done())
 
@@ -183,5 +243,6 @@ class DynamicBatcher:
                     item.future.set_result(row)
         finally:
             self._slots.release()
+            self.batch_seconds = time.perf_counter() - started
             if self._on_batch is not None:
-                self._on_batch(len(batch), time.perf_counter() - started)
+                self._on_batch(len(batch), self.batch_seconds)

@@ -40,18 +40,56 @@ def check_server_url(server: str) -> str:
     return check_http_url(server, "--server", "http://127.0.0.1:8080")
 
 
+def service_limits(server: str, token: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
+    """What the service at ``server`` takes (its ``GET /v1/limits``: ``max_images_per_request``,
+    ``max_body_bytes``...); empty for a service too old to say. Raises :class:`ServiceError` when it cannot be
+    reached or refuses the token."""
+    check_server_url(server)
+    client = _Client(_Service(server, timeout, token))
+    try:
+        status, _, data = client.request("GET", client.service.target("", "/v1/limits"))
+    except (OSError, TimeoutError) + _http_errors():
+        raise ServiceError(f"cannot reach the service at {server.rstrip('/')}/v1/limits; is `mixnet serve` running "
+                           "there?") from None
+    finally:
+        client.close()
+    if status == 200:
+        try:
+            return dict(json.loads(data))
+        except (ValueError, TypeError):
+            raise ServiceError(f"the service at {server} answered /v1/limits with something that is not its JSON; "
+                               "is it `mixnet serve`?") from None
+    if status == 404:
+        return {}
+    if status == 401:
+        raise ServiceError(f"the service at {server} needs its token: give --token-file FILE or set "
+                           "MIXNET_SERVE_TOKEN")
+    raise ServiceError(f"the service at {server.rstrip('/')}/v1/limits answered {status}: {_message(status, data)}")
+
+
+def _http_errors() -> tuple[type[BaseException], ...]:
+    import http.client
+
+    return (http.client.HTTPException,)
+
+
 def classify_remote(server: str, items: Iterable[InputItem], *, model: str, topk: int | None, batch_size: int = 4,
-                    timeout: float = 60.0) -> Iterator[dict[str, Any]]:
+                    timeout: float = 60.0, token: str | None = None) -> Iterator[dict[str, Any]]:
     """The result objects (``ClassificationResult.to_dict()``) of ``items``, in input order, classified by the
-    service at ``server`` (``http://host:port``). Raises :class:`ServiceError` when it cannot be reached or
-    refuses a request, :class:`~mixnet_cli.base.errors.UsageError` for a bad model or top-k (its 400)."""
+    service at ``server`` (``http://host:port``), sent with ``Authorization: Bearer token`` when given. Requests
+    hold at most ``batch_size`` images, and no more images or bytes than the service's ``/v1/limits`` allow.
+    Raises :class:`ServiceError` when it cannot be reached or refuses a request (a wrong token included),
+    :class:`~mixnet_cli.base.errors.UsageError` for a bad model or top-k (its 400)."""
     if batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
     from ..base.manifest import resolve_model
 
     model_name = resolve_model(model).name  # a bad name fails here, before any request
     check_server_url(server)
-    service = _Service(server, timeout)
+    service = _Service(server, timeout, token)
+    limits = service_limits(server, token)
+    batch_size = max(1, min(batch_size, int(limits.get("max_images_per_request") or batch_size)))
+    max_bytes = int(limits.get("max_body_bytes") or 0) or None
     query = urlencode({"model": model_name, **({"topk": topk} if topk is not None else {})})
     local = threading.local()  # a connection per sending thread
     clients: list[_Client] = []
@@ -71,7 +109,10 @@ def classify_remote(server: str, items: Iterable[InputItem], *, model: str, topk
             clients.append(local.client)
         prepared = [read(item) for item in batch]
         files = [entry for entry in prepared if isinstance(entry, tuple)]
-        answers = iter(local.client.classify(query, files) if files else [])
+        rows: list[dict[str, Any]] = []
+        for part in _within_bytes(files, max_bytes):
+            rows.extend(local.client.classify(query, part))
+        answers = iter(rows)
         return [entry if isinstance(entry, dict) else _named(next(answers), entry[0]) for entry in prepared]
 
     pool = ThreadPoolExecutor(max_workers=REQUESTS_IN_FLIGHT, thread_name_prefix="mixnet-remote")
@@ -106,7 +147,7 @@ def _named(row: Any, name: str) -> Any:
 class _Service:
     """Where requests go: the service's ``/v1/classify`` and, when the environment names one for it, the proxy."""
 
-    def __init__(self, server: str, timeout: float) -> None:
+    def __init__(self, server: str, timeout: float, token: str | None = None) -> None:
         parts = urlsplit(server.strip())
         self.https = parts.scheme.lower() == "https"
         self.host = parts.hostname or ""
@@ -114,6 +155,7 @@ class _Service:
         self.path = parts.path.rstrip("/") + "/v1/classify"
         self.endpoint = server.rstrip("/") + "/v1/classify"
         self.timeout = timeout
+        self.token = token
         self.proxy = _proxy_for(parts.scheme.lower(), self.host)
 
     def connect(self) -> Any:
@@ -131,9 +173,12 @@ class _Service:
         connection.sock.settimeout(self.timeout)  # connecting may take 10 s, an answer up to the timeout
         return connection
 
-    def target(self, query: str) -> str:
-        """The request target: the path, or (through a plain-HTTP proxy) the whole URL."""
-        path = f"{quote(self.path)}?{query}"
+    def target(self, query: str, path: str | None = None) -> str:
+        """The request target: the path (``/v1/classify`` unless given, below the server's own), or (through a
+        plain-HTTP proxy) the whole URL."""
+        path = quote(self.path if path is None else self.path[:-len("/v1/classify")] + path)
+        if query:
+            path = f"{path}?{query}"
         if self.proxy is not None and not self.https:
             return f"http://{self.host}:{self.port}{path}"
         return path
@@ -189,11 +234,17 @@ class _Client:
             self.connection.close()
             self.connection = None
 
-    def _exchange(self, target: str, body: bytes, content_type: str) -> tuple[int, dict[str, str], bytes]:
+    def request(self, method: str, target: str, body: bytes | None = None,
+                content_type: str | None = None) -> tuple[int, dict[str, str], bytes]:
+        """One request on the kept-alive connection: status, headers (lower-case names) and body."""
         if self.connection is None:
             self.connection = self.service.connect()
-        self.connection.request("POST", target, body=body, headers={"Content-Type": content_type,
-                                                                    "Accept": "application/json"})
+        headers = {"Accept": "application/json"}
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        if self.service.token:
+            headers["Authorization"] = f"Bearer {self.service.token}"
+        self.connection.request(method, target, body=body, headers=headers)
         response = self.connection.getresponse()
         data = response.read()
         headers = {name.lower(): value for name, value in response.getheaders()}
@@ -210,7 +261,7 @@ class _Client:
         reused = self.connection is not None
         for attempt in range(OVERLOAD_RETRIES + 1):
             try:
-                status, headers, data = self._exchange(target, body, content_type)
+                status, headers, data = self.request("POST", target, body, content_type)
             except TimeoutError:
                 self.close()
                 raise ServiceError(f"{service.endpoint} did not answer within {service.timeout:g} s; try again") \
@@ -238,8 +289,37 @@ class _Client:
             answer = None
         if status in _STATUSES_WITH_RESULTS and isinstance(answer, list):
             return answer
-        message = answer["error"]["message"] if isinstance(answer, dict) and isinstance(answer.get("error"), dict) \
-            else f"HTTP {status}"
+        message = _message(status, data)
+        if status == 401:
+            raise ServiceError(f"the service at {service.endpoint} needs its token: give --token-file FILE or set "
+                               "MIXNET_SERVE_TOKEN")
         if status == 400:
             raise UsageError(message)
         raise ServiceError(f"the service at {service.endpoint} answered {status}: {message}")
+
+
+def _message(status: int, data: bytes) -> str:
+    """The service's one-line message in an error answer, or the bare status."""
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        answer = None
+    if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
+        return str(answer["error"].get("message"))
+    return f"HTTP {status}"
+
+
+def _within_bytes(files: list[tuple[str, bytes]], max_bytes: int | None) -> Iterator[list[tuple[str, bytes]]]:
+    """``files`` in consecutive groups whose multipart bodies fit ``max_bytes`` (a file alone over it goes alone:
+    the service answers its 413 in its place)."""
+    group: list[tuple[str, bytes]] = []
+    size = 0
+    for entry in files:
+        cost = len(entry[1]) + 512  # a part's own headers and delimiter
+        if group and max_bytes is not None and size + cost > max_bytes:
+            yield group
+            group, size = [], 0
+        group.append(entry)
+        size += cost
+    if group:
+        yield group

@@ -6,11 +6,19 @@ as the raw body, or several as multipart ``image`` fields, and answers with the 
 prints (one object, or a list in request order). Each image is decoded in a thread of its own pool while the
 engine runs, and waits for its forward pass in its model's :class:`~mixnet_cli.service.batching.DynamicBatcher`.
 
-Limits, each answered at once: a full queue (503 with ``Retry-After``), a body over the size limit (413), an
-image over the pixel limit of ``classify`` (413), a request not answered within its deadline (504), a bad
-parameter or a model not served (400, with the CLI's one-line message), bytes that are not an image (422).
-The service never reads a local path: images arrive as bytes, or, only with ``allow_urls``, from http(s) URLs
-fetched with the deadline and size cap of ``classify``.
+Limits, each answered at once: a full queue or a shutdown (the one overload answer: JSON 503 with
+``Retry-After``), a body over the size limit or more images than a request may ever hold (413), an image over
+the pixel limit of ``classify`` (413), a request not answered within its deadline (504), a bad or unknown
+parameter or a model not served (400, with the CLI's one-line message), bytes that are not an image (422), a
+missing token (401). Every request passes :class:`ServiceGate` (token, shutdown, metrics, access log), whatever
+module its route comes from. Connections are limited below HTTP (``connections.py``: header timeout, minimum
+body rate), and only images count against the service's capacity. The service never reads a local path: images
+arrive as bytes, or, only with ``allow_urls``, from http(s) URLs on public addresses (``url_fetch.py``).
+
+For another protocol's endpoints on the same models (routes passed to :func:`create_app`): the token and the
+metrics come with :class:`ServiceGate`; admission is :meth:`Service.admitted`, deadlines and the shutdown
+:meth:`Service.within`, decoding and batching :meth:`Service.classify` (or :meth:`Service.preprocess` and the
+model's batcher), bodies :func:`read_body`, refusals :class:`RequestError` rendered by :func:`error_response`.
 
 Your own fine-tuned MixNet (``weights``, with ``labels``) is served alone, named as ``classify`` names it (its
 architecture: ``MixNet_S``...), with its own classes: ``topk`` and the answers' labels follow them.
@@ -23,21 +31,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
+import inspect
 import math
+import re
 import signal
 import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from .batching import DynamicBatcher
+from .connections import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S, ConnectionGuard
 from .maps import OPENAPI_PARAMETERS, OPENAPI_PATH, CamRequest, cam_request, classify_with_maps
 from ..base.errors import ImageError, ImageTooLargeError, MixnetError, Overloaded, UsageError
+from ..base.settings import load_token  # noqa: F401 (read where the CLI and the service both reach it)
 
 if TYPE_CHECKING:
     import socket
@@ -55,6 +69,19 @@ DEFAULT_MAX_WAIT_MS = 2.0
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_DEADLINE_S = 30.0
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+# Kubernetes waits 30 s (terminationGracePeriodSeconds) before it kills; 20 s leaves room for the models to be
+# released and the process to exit.
+DEFAULT_GRACEFUL_TIMEOUT_S = 20.0
+# Requests in flight at SIGTERM are answered (504 at worst) this long before the graceful timeout ends, so that
+# none is cut off without an answer.
+_DRAIN_MARGIN_S = 2.0
+# Multipart fields besides the images (none are read; a few are tolerated, as curl or a browser may add them).
+MAX_OTHER_FIELDS = 16
+# Paths answered without a token: probes must work for a load balancer or kubelet that holds no secret.
+# "/": the page holds no data and asks for the token itself when the service answers it 401.
+PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+# The query parameters each endpoint takes; any other is a 400 naming it.
+QUERY_PARAMETERS = {"/v1/classify": ("model", "topk", "deadline_ms", "url", "cam", "cam_class")}
 # Latency buckets (seconds) from a warm single image (~10 ms) to the default deadline.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _IMAGES_PER_S_WINDOW = 10.0
@@ -87,7 +114,11 @@ class ServeOptions:
     ``max_wait_ms`` is how long a batch waits for more images after its first; ``max_queue`` bounds the images
     admitted per model and not yet answered; ``deadline_s`` bounds each request (a request may ask for less with
     ``deadline_ms``); ``workers`` is the number of decode threads, ``threads`` the CPU threads of a forward pass
-    (both default to the physical cores).
+    (both default to the physical cores). ``allow_private_urls`` lets URLs reach loopback, private and other
+    non-public addresses. ``token``: every request but the health probes (and ``/metrics`` with
+    ``public_metrics``) must carry ``Authorization: Bearer <token>``. ``header_timeout_s`` bounds the time to a
+    request's complete headers, ``keep_alive_s`` an idle connection between requests, ``graceful_timeout_s``
+    the shutdown after SIGTERM.
     """
 
     models: tuple[str, ...] = ()
@@ -109,6 +140,12 @@ class ServeOptions:
     offline: bool | None = None
     log_format: str = "text"
     access_log: bool = True
+    allow_private_urls: bool = False
+    token: str | None = field(default=None, repr=False)  # never in a repr, a log line or an error message
+    public_metrics: bool = False
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    keep_alive_s: float = DEFAULT_KEEP_ALIVE_S
+    graceful_timeout_s: float = DEFAULT_GRACEFUL_TIMEOUT_S
 
     def check(self) -> None:
         """Raise :class:`UsageError` for a value no service can run with."""
@@ -125,6 +162,12 @@ class ServeOptions:
             raise UsageError("--deadline and --max-body-mb must be above 0")
         if not 0 <= self.port <= 65535:
             raise UsageError(f"--port must be between 0 and 65535, got {self.port}")
+        for name, value in (("--header-timeout", self.header_timeout_s), ("--keep-alive", self.keep_alive_s),
+                            ("--graceful-timeout", self.graceful_timeout_s)):
+            if not (value > 0 and math.isfinite(value)):
+                raise UsageError(f"{name} must be above 0 seconds, got {value}")
+        if self.token is not None and not self.token:
+            raise UsageError("the token is empty; put a secret in the --token-file or MIXNET_SERVE_TOKEN")
         if self.log_format not in ("text", "json"):
             raise UsageError(f"--log-format must be text or json, got {self.log_format!r}")
 
@@ -192,7 +235,13 @@ class Metrics:
         images_per_s = Gauge("mixnet_images_per_second", f"Images classified per second over the last "
                              f"{_IMAGES_PER_S_WINDOW:g} s", registry=self.registry)
         images_per_s.set_function(self.throughput.per_second)
-        self.ready = Gauge("mixnet_ready", "1 once every model is loaded", registry=self.registry)
+        self.ready = Gauge("mixnet_ready", "1 once every model is loaded (0 again from SIGTERM)",
+                           registry=self.registry)
+        self.dropped = Counter("mixnet_images_dropped", "Images dropped before their forward pass because their "
+                               "answer would come past the request's deadline, by model", ["model"],
+                               registry=self.registry)
+        self.connections_closed = Counter("mixnet_connections_closed", "Connections closed by the service's own "
+                                          "limits, by reason", ["reason"], registry=self.registry)
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -200,7 +249,7 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-_ENDPOINTS = ("/v1/classify", "/healthz", "/readyz", "/metrics", "/openapi.json", "/")
+_ENDPOINTS = ("/v1/classify", "/v1/limits", "/healthz", "/readyz", "/metrics", "/openapi.json", "/")
 
 
 class Service:
@@ -226,8 +275,84 @@ class Service:
         self._on_load_failure = on_load_failure
         workers = options.workers or physical_cores()
         self.decoders = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mixnet-decode")
+        self.guard = ConnectionGuard(header_timeout_s=options.header_timeout_s)
+        self.guard.on_close = lambda reason: self.metrics.connections_closed.labels(reason).inc()
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's, once it runs
+        self.draining = False
+        self._drained: asyncio.Future[None] | None = None
+        self._drain_end = math.inf
+        self._pixels: Any = None  # a PixelBudget, made on the event loop
         self._inference: ThreadPoolExecutor | None = None
         self._loader: threading.Thread | None = None
+
+    # -- what any endpoint module uses (auth, admission, limits, deadlines) --------------------------------------
+
+    def authorized(self, headers: Any) -> bool:
+        """Whether a request's headers carry the service's token (``Authorization: Bearer <token>``); always true
+        when the service has none. The comparison takes the same time however much of the token matches."""
+        token = self.options.token
+        if token is None:
+            return True
+        scheme, _, given = (headers.get("authorization") or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+    def is_public(self, path: str) -> bool:
+        """Whether ``path`` is answered without the token: the health probes, and /metrics with --public-metrics."""
+        return path in PUBLIC_PATHS or (path == "/metrics" and self.options.public_metrics)
+
+    def limits(self) -> dict[str, Any]:
+        """What a client must stay within (``GET /v1/limits``): images per request, body bytes, pixels per image,
+        the deadline (seconds), and the models."""
+        from ..images.preprocess import MAX_PIXELS
+
+        return {"max_images_per_request": self.options.max_queue, "max_body_bytes": self.options.max_body_bytes,
+                "max_pixels_per_image": MAX_PIXELS, "deadline_s": self.options.deadline_s,
+                "max_batch_size": self.options.max_batch_size, "models": self.model_names,
+                "urls": "public" if self.options.allow_urls and not self.options.allow_private_urls else
+                        "any" if self.options.allow_urls else "off"}
+
+    def check_query(self, path: str, query: Any) -> None:
+        """:class:`RequestError` (400) naming the query parameters ``path`` does not take."""
+        known = QUERY_PARAMETERS.get(path, ())
+        unknown = sorted({key for key in query.keys() if key not in known})
+        if unknown:
+            takes = f"it takes {', '.join(known)}" if known else "it takes none"
+            raise RequestError(400, "UsageError", f"unknown query parameter{'s' if len(unknown) > 1 else ''} "
+                               f"{', '.join(unknown)} on {path}; {takes}")
+
+    def drain(self) -> None:
+        """SIGTERM: refuse new requests from now on, turn /readyz 503, and cut the deadlines of the requests in
+        flight to end before the graceful timeout. Call it on the event loop."""
+        self.draining = True
+        self.guard.drain()
+        self.metrics.ready.set(0)
+        if self.loop is not None:
+            self._drain_end = self.loop.time() + max(0.5, self.options.graceful_timeout_s - _DRAIN_MARGIN_S)
+            if self._drained is not None and not self._drained.done():
+                self._drained.set_result(None)
+
+    async def within(self, work: Awaitable[Any], deadline_s: float) -> Any:
+        """``work``'s result, or :class:`asyncio.TimeoutError` once ``deadline_s`` has passed or, after SIGTERM,
+        when the graceful timeout is about to end (``work`` is then cancelled)."""
+        loop = asyncio.get_running_loop()
+        if self._drained is None:
+            self._drained = loop.create_future()
+        end = loop.time() + deadline_s
+        task = asyncio.ensure_future(work)
+        try:
+            while not task.done():
+                left = min(end, self._drain_end) - loop.time()
+                if left <= 0:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    raise asyncio.TimeoutError
+                waits = [task] if self._drained.done() else [task, self._drained]
+                await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        return task.result()
 
     # -- life cycle ---------------------------------------------------------------------------------------------
 
@@ -281,7 +406,7 @@ class Service:
             batcher = DynamicBatcher(classifier.probabilities, self._inference,
                                      max_batch_size=options.max_batch_size, max_wait_s=options.max_wait_ms / 1000.0,
                                      max_queue=options.max_queue, parallel=classifier.engine.parallel,
-                                     on_batch=on_batch)
+                                     on_batch=on_batch, on_drop=self.metrics.dropped.labels(name).inc)
             batcher.start()
             self.metrics.queue_depth.labels(name).set_function(lambda batcher=batcher: batcher.depth)
             self.models[name] = _LoadedModel(classifier, batcher)
@@ -354,6 +479,11 @@ class Service:
 
         def hold(count: int) -> None:
             nonlocal held
+            if count > batcher.max_queue:
+                # Never admissible, however long the client waits: not a 503 to retry.
+                raise RequestError(413, "TooManyImages",
+                                   f"{count} images in one request; this service takes at most {batcher.max_queue} "
+                                   "per request (see /v1/limits); send them in smaller requests")
             if count > held:
                 batcher.admit(count - held)
                 held = count
@@ -363,36 +493,87 @@ class Service:
         finally:
             batcher.release(held)
 
-    async def classify(self, model_name: str, topk: int, images: list[tuple[str, Callable[[], bytes]]],
-                       rows: bool = False, cam: CamRequest | None = None) -> list[Any]:
-        """Classify named images (each a loader of its encoded bytes, run in a decode thread) with one model,
-        room for them held with :meth:`admitted`: a :class:`ClassificationResult` each (with ``rows``, each
-        image's row of probabilities instead, ``classes`` float64: the v2 protocol's output). An image that cannot
-        be read gets its error in its place. ``cam``: each with its class activation map, from the classifier's map
-        engine, outside the batcher."""
+    async def fetch(self, url: str, deadline_s: float) -> bytes:
+        """An image URL's bytes, fetched in async I/O (no decode thread waits on it) within ``deadline_s`` and the
+        body limit, from a public address unless ``allow_private_urls``. Raises :class:`~mixnet_cli.base.errors.ImageError` (the image's
+        422 or 413), or :class:`RequestError` (400) for an address the service does not fetch from."""
+        from .url_fetch import ForbiddenAddress, fetch_image
+
+        try:
+            return await fetch_image(url, deadline_s=deadline_s,
+                                     max_bytes=self.options.max_body_bytes,
+                                     allow_private=self.options.allow_private_urls)
+        except ForbiddenAddress as exc:
+            raise RequestError(400, "ForbiddenURL", str(exc)) from None
+
+    async def preprocess(self, model_name: str, name: str, data: bytes) -> Any:
+        """One image's network input (``3 x S x S`` float32), decoded in the decode pool within the shared pixel
+        budget: huge images are decoded a few at a time, small ones pass beside them."""
+        from .batching import PixelBudget
+        from ..images.preprocess import MAX_PIXELS, header_pixels
+
+        if self._pixels is None:
+            self._pixels = PixelBudget(MAX_PIXELS)
+        classifier = self.models[model_name].classifier
+        loop = asyncio.get_running_loop()
+        pixels = header_pixels(data)  # PNG and JPEG, here at once
+        if pixels is None:  # another format: Pillow's header reader, in a decode thread
+            pixels = await loop.run_in_executor(self.decoders, partial(header_pixels, data, other_formats=True))
+        # No size known (damaged, or a format only OpenCV reads): small files are cheap, others take a big share.
+        if pixels is None:
+            pixels = MAX_PIXELS // 4 if len(data) > 1024 * 1024 else 1
+        async with self._pixels.hold(pixels):
+            return await loop.run_in_executor(self.decoders, classifier.preprocess, data, name)
+
+    async def classify(self, model_name: str, topk: int, images: list[tuple[str, Callable[[], Any]]],
+                       deadline: float | None = None, rows: bool = False,
+                       cam: CamRequest | None = None) -> list[Any]:
+        """Classify named images with one model, room for them held with :meth:`admitted`: a
+        :class:`ClassificationResult` each (with ``rows``, each image's row of probabilities instead, ``classes``
+        float64: the v2 protocol's output). Each loader gives the image's encoded bytes, or an awaitable of them
+        (a URL being fetched). An image that cannot be read gets its error in its place. ``deadline`` (the loop's
+        clock) lets the batcher drop an image whose answer would come too late, before its forward pass. ``cam``:
+        each with its class activation map, from the classifier's map engine, outside the batcher."""
         from ..classifier import ClassificationResult
 
         model = self.models[model_name]
-        loop = asyncio.get_running_loop()
+
+        async def read(load: Callable[[], Any]) -> bytes:
+            data = load()
+            return await data if inspect.isawaitable(data) else data
+
         if cam is not None:
+            async def settled(load: Callable[[], Any]) -> Callable[[], bytes]:
+                # The maps run in decode threads on bytes at hand: fetch first, keeping an image's error for it.
+                try:
+                    data = await read(load)
+                except ImageError as exc:
+                    def failed(exc: ImageError = exc) -> bytes:
+                        raise exc
+                    return failed
+                return lambda: data
+
+            ready = [(name, await settled(load)) for name, load in images]
             try:
-                return await classify_with_maps(model.classifier, model_name, topk, images, cam, self.decoders)
+                return await classify_with_maps(model.classifier, model_name, topk, ready, cam, self.decoders)
             except UsageError as exc:
                 raise RequestError(400, type(exc).__name__, str(exc)) from None
 
-        def prepare(name: str, load: Callable[[], bytes]) -> Any:
-            return model.classifier.preprocess(load(), name)
-
-        async def one(name: str, load: Callable[[], bytes]) -> Any:
+        async def one(name: str, load: Callable[[], Any]) -> Any:
             try:
-                array = await loop.run_in_executor(self.decoders, prepare, name, load)
-                row = await model.batcher.submit(array)
+                array = await self.preprocess(model_name, name, await read(load))
+                row = await model.batcher.submit(array, deadline=deadline)
                 return row if rows else model.classifier.result(name, row, topk)
             except ImageError as exc:
                 return ClassificationResult(input=name, model=model.classifier.model_name, error=exc,
                                             architecture=model.classifier.architecture)
 
-        return list(await asyncio.gather(*(one(name, load) for name, load in images)))
+        tasks = [asyncio.ensure_future(one(name, load)) for name, load in images]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:  # one image past its deadline ends the request: the others need no more work
+                task.cancel()
 
 
 def _served_specs(options: ServeOptions) -> dict[str, "ModelSpec"]:
@@ -423,55 +604,116 @@ def _whole_number(raw: str | None, name: str, default: int) -> int:
         raise UsageError(f"{name} must be a whole number, got {raw!r}") from None
 
 
-async def _read_body(receive_stream: Any, limit: int, declared: str | None) -> bytes:
-    """The request body, refused with 413 as soon as it is known to pass ``limit`` bytes (declared or read)."""
+class ClientGone(Exception):
+    """The client hung up before its answer: counted as 499 (nginx's "client closed request"), no work left."""
+
+
+async def read_body(receive: Callable[[], Awaitable[dict[str, Any]]], limit: int, declared: str | None) -> bytes:
+    """The request body, refused with 413 as soon as it is known to pass ``limit`` bytes (declared or read);
+    :class:`ClientGone` when the client hangs up before its end."""
     too_large = RequestError(413, "RequestTooLarge",
                              f"the request body is over the service's limit of {limit} bytes; send smaller or "
-                             "fewer images per request")
+                             "fewer images per request (see /v1/limits)")
     if declared and declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks: list[bytes] = []
     size = 0
-    async for chunk in receive_stream:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise too_large
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
-async def _form_images(request: Any, body: bytes) -> list[tuple[str, bytes]]:
-    """The ``image`` fields of a multipart body, in order, as (file name, bytes)."""
-    from starlette.requests import Request
+async def client_gone(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+    """Return when the client hangs up (call it once the body is read; until then it would take body chunks)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
-    sent = False
 
-    async def replay() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            return {"type": "http.request", "body": b"", "more_body": False}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
+def multipart_images(body: bytes, content_type: str, max_images: int) -> list[tuple[str, bytes]]:
+    """The ``image`` parts of a multipart body, in order, as (file name, bytes). Blocking (run it in a thread):
+    the parts are counted first, at C speed, so a body of thousands of parts is refused (413, naming the limit)
+    before any is parsed. Raises :class:`RequestError`."""
     try:
-        form = await Request(request.scope, replay).form(max_files=10_000, max_fields=10_000)
+        from python_multipart.multipart import MultipartParser, parse_options_header
+    except ImportError:  # python-multipart before 0.0.13
+        from multipart.multipart import MultipartParser, parse_options_header  # type: ignore[no-redef]
+
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise RequestError(400, "UsageError", "the multipart body has no boundary in its Content-Type; send files "
+                           "as -F image=@cat.jpg")
+    # n parts have n delimiters and one closing delimiter; the boundary cannot occur inside a part (RFC 2046).
+    parts = body.count(b"--" + boundary) - 1
+    if parts > max_images + MAX_OTHER_FIELDS:
+        raise RequestError(413, "TooManyParts", f"{parts} parts in the multipart body; this service takes at most "
+                           f"{max_images} images per request (see /v1/limits); send them in smaller requests")
+    found: list[tuple[dict[bytes, bytes], list[bytes]]] = []
+    header = [b"", b""]
+
+    def on_part_begin() -> None:
+        found.append(({}, []))
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header[0] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header[1] += data[start:end]
+
+    def on_header_end() -> None:
+        found[-1][0][header[0].strip().lower()] = header[1].strip()
+        header[0] = header[1] = b""
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        found[-1][1].append(data[start:end])
+
+    parser = MultipartParser(boundary, {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
+                                        "on_header_value": on_header_value, "on_header_end": on_header_end,
+                                        "on_part_data": on_part_data})
+    try:
+        parser.write(body)
+        parser.finalize()
     except Exception as exc:  # noqa: BLE001 (python-multipart's errors vary by version)
         raise RequestError(400, "UsageError", f"cannot parse the multipart body ({exc})") from None
     images = []
-    for index, (key, value) in enumerate(form.multi_items()):
-        if key != "image":
+    for index, (headers, data) in enumerate(found):
+        _, disposition = parse_options_header(headers.get(b"content-disposition", b""))
+        if disposition.get(b"name") != b"image":
             continue
-        if isinstance(value, str):
+        if b"filename" not in disposition:
             raise RequestError(400, "UsageError", "the 'image' field must be a file upload (curl -F image=@cat.jpg)")
-        images.append((value.filename or f"image{index}", await value.read()))
-    await form.close()
+        filename = disposition[b"filename"].decode("utf-8", errors="replace")
+        images.append((filename or f"image{index}", b"".join(data)))
     if not images:
         raise RequestError(400, "UsageError", "no 'image' field in the form; send files as -F image=@cat.jpg")
     return images
 
 
-def create_app(service: Service) -> Any:
-    """The Starlette application of ``service``: routes, access log and metrics."""
+def error_response(exc: RequestError, path: str = "") -> Any:
+    """The JSON answer of a refusal: ``{"error": {"type", "message"}}`` (``{"error": message}`` under /v2/, the
+    Open Inference Protocol's form), with the error's headers."""
+    from starlette.responses import JSONResponse
+
+    body: Any = {"error": str(exc)} if path.startswith("/v2/") else exc.body()
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+
+def overloaded(message: str, retry_after: int = 1) -> RequestError:
+    """The one overload refusal: 503, JSON, with ``Retry-After``."""
+    return RequestError(503, "Overloaded", message, {"Retry-After": str(retry_after)})
+
+
+def create_app(service: Service, routes: Any = ()) -> Any:
+    """The ASGI application of ``service``: its routes (and ``routes`` added beside them, e.g. another protocol's
+    endpoints on the same models), all behind :class:`ServiceGate` (token, shutdown, metrics, access log)."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.responses import JSONResponse, Response
@@ -480,23 +722,25 @@ def create_app(service: Service) -> Any:
     from .oip import routes as oip_routes
 
     def error(exc: RequestError) -> Any:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return error_response(exc)
 
     async def routing_error(request: Any, exc: Any) -> Any:
         """Starlette's router answers a path it lacks (404) or a method a route does not take (405) in plain
         text: here they get the error object every other refusal has, saying what the service does answer."""
         path = request.url.path
         if exc.status_code == 404:
-            return error(RequestError(404, "NotFound", f"no endpoint {path}; this service answers POST /v1/classify "
-                                      "and GET /healthz, /readyz, /metrics, /openapi.json", exc.headers))
+            return error_response(RequestError(
+                404, "NotFound", f"no endpoint {path}; this service answers POST /v1/classify and GET /healthz, "
+                "/readyz, /metrics, /openapi.json, /v1/limits", exc.headers), path)
         if exc.status_code == 405:
             allowed = (exc.headers or {}).get("Allow", "")
-            return error(RequestError(405, "MethodNotAllowed", f"{request.method} is not allowed on {path}; use "
-                                      f"{allowed or 'another method'}", exc.headers))
-        return error(RequestError(exc.status_code, "HTTPError", str(exc.detail), exc.headers))
+            return error_response(RequestError(405, "MethodNotAllowed", f"{request.method} is not allowed on "
+                                  f"{path}; use {allowed or 'another method'}", exc.headers), path)
+        return error_response(RequestError(exc.status_code, "HTTPError", str(exc.detail), exc.headers), path)
 
     async def classify(request: Any) -> Any:
         try:
+            service.check_query("/v1/classify", request.query_params)
             name, topk, deadline, url = service.parameters(request.query_params)
             if not service.ready:
                 raise RequestError(503, "NotReady", "the models are still loading; try again shortly (see /readyz)",
@@ -507,46 +751,63 @@ def create_app(service: Service) -> Any:
             except UsageError as exc:
                 raise RequestError(400, type(exc).__name__, str(exc)) from None
             try:
-                return await asyncio.wait_for(answer(request, name, topk, url, deadline), deadline)
+                return await service.within(answer(request, name, topk, url, deadline), deadline)
             except asyncio.TimeoutError:
                 raise RequestError(504, "DeadlineExceeded",
                                    f"no answer within the deadline of {deadline:g} s; try again, or send fewer or "
                                    "smaller images") from None
         except RequestError as exc:
             return error(exc)
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it: it is there for the metrics and the access log
         except Overloaded as exc:
-            return error(RequestError(503, "Overloaded", str(exc), {"Retry-After": str(exc.retry_after)}))
+            return error(overloaded(str(exc), exc.retry_after))
         except Exception as exc:  # noqa: BLE001 (an engine failure, or a bug: one JSON line, not a traceback page)
             _log.error("%s: %s", type(exc).__name__, exc)
             return error(RequestError(500, type(exc).__name__, str(exc) if isinstance(exc, MixnetError) else
                                       f"unexpected {type(exc).__name__}: {exc} (a bug; please report it)"))
 
     async def answer(request: Any, name: str, topk: int, url: str | None, deadline: float) -> Any:
+        ends = asyncio.get_running_loop().time() + deadline
         with service.admitted(name) as hold:
-            return await answer_admitted(request, name, topk, url, deadline, hold)
+            return await answer_admitted(request, name, topk, url, deadline, ends, hold)
 
-    async def answer_admitted(request: Any, name: str, topk: int, url: str | None, deadline: float,
+    async def answer_admitted(request: Any, name: str, topk: int, url: str | None, deadline: float, ends: float,
                               hold: Callable[[int], None]) -> Any:
-        multipart = request.headers.get("content-type", "").startswith("multipart/form-data")
-        body = await _read_body(request.stream(), service.options.max_body_bytes, request.headers.get("content-length"))
-        images: list[tuple[str, Callable[[], bytes]]]
+        content_type = request.headers.get("content-type", "")
+        multipart = content_type.startswith("multipart/form-data")
+        body = await read_body(request.receive, service.options.max_body_bytes, request.headers.get("content-length"))
+        images: list[tuple[str, Callable[[], Awaitable[bytes]]]]
         if url is not None:
             from ..base import settings
-            from ..images.inputs import fetch_image_url
 
-            # classify's fetcher (the weights' HTTP layer: timeouts, size cap), within the request's deadline too.
-            within = min(deadline, settings.url_deadline())
-            images = [(url, lambda: fetch_image_url(url, deadline_s=within))]
+            fetch_deadline = min(deadline, settings.url_deadline())
+            images = [(url, lambda: service.fetch(url, fetch_deadline))]
         elif multipart:
-            images = [(filename, (lambda data=data: data)) for filename, data in await _form_images(request, body)]
+            parts = await asyncio.get_running_loop().run_in_executor(
+                None, multipart_images, body, content_type, service.options.max_queue)
+            del body  # the parts hold their bytes; the body's copy can go now
+            images = [(filename, _bytes_loader(data)) for filename, data in parts]
         elif body:
-            images = [("-", lambda: body)]
+            images = [("-", _bytes_loader(body))]
         else:
             raise RequestError(400, "UsageError", "empty request: send an image as the body "
                                "(curl --data-binary @cat.jpg) or as multipart 'image' fields")
         request.state.images = len(images)
         hold(len(images))
-        results = await service.classify(name, topk, images, cam=request.state.cam)
+        # The body is read: from here the only message left is the client hanging up, which ends the work.
+        work = asyncio.ensure_future(service.classify(name, topk, images, deadline=ends,
+                                                    cam=request.state.cam))
+        gone = asyncio.ensure_future(client_gone(request.receive))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+        if not work.done() or work.cancelled():
+            raise ClientGone
+        results = work.result()
         failed = [result.error for result in results if result.error is not None]
         status = image_error_status(failed[0]) if failed else 200
         rows = [result.to_dict() for result in results]
@@ -563,10 +824,19 @@ def create_app(service: Service) -> Any:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Any) -> Any:
+        if service.draining:
+            return JSONResponse({"status": "stopping", "models": service.model_names}, status_code=503)
         if service.ready:
             return JSONResponse({"status": "ready", "models": service.model_names})
         return JSONResponse({"status": "loading", "models": service.model_names}, status_code=503,
                             headers={"Retry-After": "1"})
+
+    async def limits(request: Any) -> Any:
+        try:
+            service.check_query("/v1/limits", request.query_params)
+        except RequestError as exc:
+            return error(exc)
+        return JSONResponse(service.limits())
 
     async def metrics(request: Any) -> Any:
         content, media_type = service.metrics.render()
@@ -577,27 +847,39 @@ def create_app(service: Service) -> Any:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> Any:
+        service.loop = asyncio.get_running_loop()
         service.start_loading()
         yield
         await service.close()
 
     app = Starlette(routes=[
         Route("/v1/classify", classify, methods=["POST"]),
+        Route("/v1/limits", limits, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/", home, methods=["GET"]),
         # The Open Inference Protocol v2, on the same models, batchers and limits.
-        *oip_routes(service, image_status=image_error_status, read_body=lambda request: _read_body(
-            request.stream(), service.options.max_body_bytes, request.headers.get("content-length"))),
+        *oip_routes(service, image_status=image_error_status, read_body=lambda request: read_body(
+            request.receive, service.options.max_body_bytes, request.headers.get("content-length"))),
+        *routes,
     ], lifespan=lifespan, exception_handlers={HTTPException: routing_error})
-    return _Observed(app, service)
+    return ServiceGate(app, service)
 
 
-class _Observed:
-    """ASGI middleware: every HTTP request is counted and timed in the metrics and, when asked, logged (one line
-    on stderr, text or JSON)."""
+def _bytes_loader(data: bytes) -> Callable[[], Awaitable[bytes]]:
+    async def load() -> bytes:
+        return data
+
+    return load
+
+
+class ServiceGate:
+    """ASGI middleware in front of every endpoint, of whatever module: the token (401 without it, except on
+    :data:`PUBLIC_PATHS`), the shutdown (from SIGTERM a new request is 503 and every answer closes its
+    connection), and every HTTP request counted and timed in the metrics and, when asked, logged (one line on
+    stderr, text or JSON; credentials in a URL blotted out)."""
 
     def __init__(self, app: Any, service: Service) -> None:
         self.app = app
@@ -611,42 +893,73 @@ class _Observed:
         started = time.perf_counter()
         status = 500
         scope.setdefault("state", {})
+        service = self.service
+        path = scope.get("path", "")
 
         async def observe(message: dict[str, Any]) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                if service.draining:
+                    # h11 closes the connection after an answer that says so: no next request on it.
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
         try:
-            await self.app(scope, receive, observe)
+            refusal = self.refusal(scope, path)
+            if refusal is not None:
+                await error_response(refusal, path)(scope, receive, observe)
+            else:
+                await self.app(scope, receive, observe)
         finally:
             elapsed = time.perf_counter() - started
-            path = scope.get("path", "")
             # A route may name its endpoint itself (the v2 ones: a template, not the model's name in the path).
-            endpoint = scope["state"].get("endpoint") or (path if path in _ENDPOINTS else "other")
-            metrics = self.service.metrics
+            endpoint = scope["state"].get("endpoint") or (
+                path if path in _ENDPOINTS else "/v2" if path.startswith("/v2/") else "other")
+            metrics = service.metrics
             metrics.requests.labels(endpoint, str(status)).inc()
             metrics.latency.labels(endpoint).observe(elapsed)
-            if self.service.options.access_log:
+            if service.options.access_log:
                 self._log(scope, path, status, elapsed)
+
+    def refusal(self, scope: dict[str, Any], path: str) -> RequestError | None:
+        """Why this request is refused before any endpoint sees it (None: it is not)."""
+        from starlette.datastructures import Headers
+
+        service = self.service
+        if not service.is_public(path) and not service.authorized(Headers(scope=scope)):
+            return RequestError(401, "Unauthorized", "this service needs a token: send the header "
+                                "'Authorization: Bearer <token>' with the token it was started with",
+                                {"WWW-Authenticate": "Bearer"})
+        if service.draining and path not in PUBLIC_PATHS:
+            return overloaded("the service is shutting down; send the request to another instance")
+        return None
 
     def _log(self, scope: dict[str, Any], path: str, status: int, elapsed: float) -> None:
         client = scope.get("client") or ("-", 0)
         state = scope.get("state", {})
+        query = redact_credentials(scope.get("query_string", b"").decode("latin-1"))
         if self.service.options.log_format == "json":
             now = time.time()
             entry = {
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z",
                 "client": client[0], "method": scope.get("method"), "path": path,
-                "query": scope.get("query_string", b"").decode("latin-1"), "status": status,
+                "query": query, "status": status,
                 "duration_ms": round(elapsed * 1000, 3), "model": state.get("model"), "images": state.get("images"),
             }
             access_log.info(json.dumps(entry))
         else:
-            query = scope.get("query_string", b"").decode("latin-1")
             access_log.info('%s "%s %s%s" %d %.1f ms', client[0], scope.get("method"), path,
                             f"?{query}" if query else "", status, elapsed * 1000)
+
+
+# user:password@ after http(s)://, plain or percent-encoded (as a URL in a query string is).
+_URL_CREDENTIALS = re.compile(r"(?i)(https?(?::|%3A)(?:/|%2F){2})[^/?#&@]*?(?:@|%40)")
+
+
+def redact_credentials(text: str) -> str:
+    """``text`` with the user and password of every http(s) URL in it replaced by ``***``."""
+    return _URL_CREDENTIALS.sub(r"\1***@", text)
 
 
 def openapi_document(service: Service) -> dict[str, Any]:
@@ -700,20 +1013,27 @@ def openapi_document(service: Service) -> dict[str, Any]:
                 }},
                 "responses": {
                     "200": {"description": "every image classified", **results},
-                    "400": {"description": "a bad parameter or a model not served", **json_error},
+                    "400": {"description": "a bad parameter, an unknown one, a model not served, or a URL the "
+                                           "service does not fetch", **json_error},
+                    "401": {"description": "a token is required and was not sent", **json_error},
                     "405": {"description": "a method other than POST", **json_error},
-                    "413": {"description": "body over the size limit, or an image over the pixel limit",
+                    "413": {"description": "body over the size limit, more images or parts than a request may "
+                                           "hold (see /v1/limits), or an image over the pixel limit",
                             **json_error},
                     "422": {"description": "an image that cannot be read (the body holds every image's object)",
                             **results},
-                    "503": {"description": "not ready, or the queue is full (see Retry-After)", **json_error},
+                    "503": {"description": "not ready, the queue is full, or shutting down (see Retry-After)",
+                            **json_error},
                     "504": {"description": "not answered within the deadline", **json_error},
                 },
             }},
             "/": OPENAPI_PATH,
             "/healthz": {"get": {"summary": "The process answers", "responses": {"200": {"description": "alive"}}}},
             "/readyz": {"get": {"summary": "Every model is loaded", "responses": {
-                "200": {"description": "ready"}, "503": {"description": "still loading"}}}},
+                "200": {"description": "ready"}, "503": {"description": "still loading, or shutting down"}}}},
+            "/v1/limits": {"get": {"summary": "What a request may hold: images, body bytes, pixels, deadline",
+                                   "responses": {"200": {"description": "limits", "content": {
+                                       "application/json": {"schema": {"type": "object"}}}}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics (text format)", "responses": {
                 "200": {"description": "metrics", "content": {"text/plain": {}}}}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}},
@@ -754,14 +1074,28 @@ def run(options: ServeOptions) -> None:
     except BaseException:
         listener.close()  # your own weights or labels refused: nothing was served
         raise
+    from .connections import guarded_protocol
+
     config = uvicorn.Config(create_app(service), host=host, port=port, log_level="warning",
                             access_log=False, lifespan="on", server_header=False,
-                            # Connections beyond what the queues admit, plus room for probes and metrics, are
-                            # answered 503 by uvicorn at once: a flood of uploads cannot fill memory with bodies.
-                            limit_concurrency=options.max_queue * len(service.model_names) + 32,
-                            # In-flight requests end within their deadline; then the server stops anyway.
-                            timeout_graceful_shutdown=int(math.ceil(options.deadline_s)) + 5)
-    server = uvicorn.Server(config)
+                            # h11 with the header, body and connection limits uvicorn lacks (connections.py).
+                            http=guarded_protocol(service.guard),
+                            # No limit_concurrency: it counts connections, so idle ones would get every request a
+                            # plain-text 503. Admission is by images in each model's queue, before a body is read.
+                            timeout_keep_alive=max(1, int(math.ceil(options.keep_alive_s))),
+                            timeout_graceful_shutdown=int(math.ceil(options.graceful_timeout_s)))
+
+    class Server(uvicorn.Server):  # type: ignore[misc]
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            if service.loop is not None:
+                # From the signal handler to the loop: /readyz 503 and no new request from its next turn.
+                service.loop.call_soon_threadsafe(service.drain)
+
+    server = Server(config)
+    if options.token is None and not _loopback(host):
+        _log.warning("listening on %s without a token: anyone who can reach it can use it (--token-file or "
+                     "MIXNET_SERVE_TOKEN)", service.url)
     _log.info("listening on %s (/readyz answers 200 once the models are loaded)", service.url)
     # uvicorn handles SIGTERM and SIGINT itself (stop accepting, finish requests in flight), then raises the
     # signal again for the handler that was there before: a no-op one, so that a clean stop exits 0.
@@ -810,6 +1144,17 @@ def listen(host: str, port: int) -> "socket.socket":
         raise MixnetError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port or "
                           "--host") from None
     return listener
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _url(host: str, port: int) -> str:

@@ -1,0 +1,146 @@
+"""Connection-level limits of ``mixnet serve``: what uvicorn's HTTP protocol leaves to a proxy in front.
+
+uvicorn's h11 protocol never times out a request whose headers are unfinished (its keep-alive timer runs only
+between requests and is cancelled by the first byte of the next one), never times out a slow body, and its
+``limit_concurrency`` counts open connections, so a few hundred sockets that drip a header byte now and then get
+every other client a plain-text 503. :class:`ConnectionGuard` fixes these where they arise, in a small subclass of
+uvicorn's ``H11Protocol`` (:func:`guarded_protocol`) that reads h11's own state machine: ``their_state`` is
+``IDLE`` until a request's headers are complete, ``SEND_BODY`` while its body arrives. A timer per connection
+closes it when the headers are not complete within ``header_timeout_s`` of the connection or of the request's
+first byte, or when the body arrives slower than ``min_body_rate`` bytes/s after a grace period. An asyncio-level
+guard (wrapping the transport) would have to parse HTTP a second time to know where the headers end; the
+subclass overrides four methods of the protocol and no parsing.
+
+Admission is not counted here: requests are admitted by image count in each model's queue (the batcher), so an
+idle or slow connection never takes a request's place. The only connection count is ``max_connections``, a
+ceiling on file descriptors, far above what the timeouts let slow clients hold.
+
+The guard also drains: once :meth:`ConnectionGuard.drain` is called (SIGTERM), a connection accepted afterwards
+is closed at once, so none escapes uvicorn's shutdown (which asks only the connections open at that moment to
+close).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_HEADER_TIMEOUT_S = 5.0
+DEFAULT_KEEP_ALIVE_S = 5.0
+# A body may start slowly (the client reads its file), then must average this rate: 1 KiB/s is far below any
+# real upload (a 32 MB body at 1 KiB/s would take 9 hours; the deadline ends it first) and far above a drip.
+DEFAULT_MIN_BODY_RATE = 1024.0
+DEFAULT_BODY_GRACE_S = 5.0
+DEFAULT_MAX_CONNECTIONS = 4096
+_CHECK_EVERY_S = 1.0
+
+
+@dataclass
+class ConnectionGuard:
+    """The limits every connection of one server shares."""
+
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    min_body_rate: float = DEFAULT_MIN_BODY_RATE
+    body_grace_s: float = DEFAULT_BODY_GRACE_S
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    draining: bool = False
+    on_close: Callable[[str], None] | None = None  # told each reason a connection is closed for (metrics)
+
+    def count(self, reason: str) -> None:
+        if self.on_close is not None:
+            self.on_close(reason)
+
+    def drain(self) -> None:
+        """From now on, close each new connection at once (the service is shutting down)."""
+        self.draining = True
+
+
+def guarded_protocol(guard: ConnectionGuard) -> type:
+    """A subclass of uvicorn's ``H11Protocol`` that enforces ``guard`` (pass it as ``uvicorn.Config(http=...)``)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):  # type: ignore[misc]
+        _guard_timer: asyncio.TimerHandle | None = None
+        _waiting_since = 0.0
+        _body_since = 0.0
+        _body_bytes = 0
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            reason = ("draining" if guard.draining else
+                      "too_many_connections" if len(self.connections) > guard.max_connections else None)
+            if reason is not None:
+                guard.count(reason)
+                transport.abort()
+                return
+            self._waiting_since = self.loop.time()
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            state = self.conn.their_state
+            if state is h11.IDLE and self._guard_timer is None:
+                # The first byte of a request after a response: its headers have header_timeout_s from now.
+                self._waiting_since = self.loop.time()
+                self._arm()
+            elif state is h11.SEND_BODY:
+                self._body_bytes += len(data)
+            super().data_received(data)
+            if self.conn.their_state is h11.SEND_BODY and state is h11.IDLE:
+                # Headers complete in this chunk: the body's clock starts (the part of the chunk past the
+                # headers is not counted, which only makes the check kinder).
+                self._body_since = self.loop.time()
+                self._body_bytes = 0
+            elif self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
+                self._disarm()  # the whole request is in; the response is the application's business
+
+        def on_response_complete(self) -> None:
+            self._disarm()
+            super().on_response_complete()  # arms uvicorn's keep-alive timer for the idle time that follows
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._guard_timer = self.loop.call_later(_CHECK_EVERY_S, self._check)
+
+        def _disarm(self) -> None:
+            if self._guard_timer is not None:
+                self._guard_timer.cancel()
+                self._guard_timer = None
+
+        def _check(self) -> None:
+            self._guard_timer = None
+            if self.transport.is_closing():
+                return
+            now = self.loop.time()
+            state = self.conn.their_state
+            if state is h11.IDLE and now - self._waiting_since >= guard.header_timeout_s:
+                self._close("header_timeout")
+                return
+            if state is h11.SEND_BODY and self.flow.read_paused:
+                # The application has not read what came (uvicorn stopped reading): not the client's slowness.
+                self._body_since, self._body_bytes = now, 0
+            elif state is h11.SEND_BODY:
+                elapsed = now - self._body_since
+                if elapsed > guard.body_grace_s and self._body_bytes < guard.min_body_rate * elapsed:
+                    self._close("slow_body")
+                    return
+            elif state is not h11.IDLE:
+                return
+            self._guard_timer = self.loop.call_later(_CHECK_EVERY_S, self._check)
+
+        def _close(self, reason: str) -> None:
+            guard.count(reason)
+            _log.debug("closing a connection from %s: %s", self.client, reason)
+            # No response: the request is incomplete, and a slow client is not owed the bytes. The application
+            # (if a request is in flight) sees the client gone and stops its work.
+            self.transport.abort()
+
+    return GuardedH11Protocol
