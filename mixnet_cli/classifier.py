@@ -100,9 +100,16 @@ class Classifier:
     names (PaddleClas's ``<id> <name>`` per line, or one name per line: :func:`~mixnet_cli.images.labels.read_label_file`).
     Without ``labels``, 1000 classes are ImageNet's and other counts are named by their class id.
 
-    For timing other arithmetic (``mixnet benchmark``): ``precision`` ``tf32``, ``bf16`` or ``fp16`` (engines
-    that offer it: ``torch``) and ``compile`` (``torch.compile``). Only fp32, the default, is held to the
-    reference; the others answer close to it, not within 1e-4.
+    ``precision="bf16"`` (opt-in) runs OpenVINO in bf16 on a CPU with bf16 arithmetic (avx512_bf16 or AMX;
+    elsewhere :class:`~mixnet_cli.base.errors.DeviceError`): about 1.6-1.8x fp32's throughput, answers close to
+    fp32's but not within its 1e-4 (README, "Precision"). For timing other arithmetic (``mixnet benchmark``):
+    ``tf32``, ``bf16`` or ``fp16`` on the ``torch`` engine, and ``compile`` (``torch.compile``). Only fp32, the
+    default, is held to the reference.
+
+    ``images``: how many images this classifier will see, when known. ``auto`` then weighs start-up: a few
+    images in a fresh process take the engine quickest to start, a bulk job the one fastest at batch 8
+    (:func:`~mixnet_cli.engines.choice.choose_engine`). Left out (a service, a notebook): the engine fastest at
+    batch 1 to 8.
     """
 
     def __init__(
@@ -120,10 +127,14 @@ class Classifier:
         features: bool = False,
         precision: str = "fp32",
         compile: bool = False,
+        images: int | None = None,
     ) -> None:
         named = resolve_model(model) if model is not None else None
+        if threads is None:
+            threads = settings.cpu_threads()
         # Engine and device first: a missing GPU or engine is reported before any download.
-        choice = choose_engine(engine, device, precision, compile)
+        choice = choose_engine(engine, device, precision, compile, model=named.name if named else None,
+                               images=images, threads=threads)
         self.weights: VerifiedWeights
         names: tuple[str, ...] | None = None
         if weights is not None:
@@ -147,8 +158,6 @@ class Classifier:
             self.labels = tuple(str(class_id) for class_id in range(self.spec.num_classes))
         self.engine: Engine
         self.engine_choice: EngineChoice
-        if threads is None:
-            threads = settings.cpu_threads()
         self.features = features
         self.engine, self.engine_choice = create_engine(self.spec, self.weights, choice, threads=threads,
                                                         features=features)

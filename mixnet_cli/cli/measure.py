@@ -30,21 +30,44 @@ from .common import (
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
+@click.option("--measure", is_flag=True,
+              help="First time the installed CPU engines on MixNet S, M and L (batch 1 and 8, about 5 s per model) "
+                   "and keep the figures in the cache: `auto` then picks by them on this machine, until the CPU "
+                   "or the engines' versions change.")
+@threads_option
 @output_options
 @user_errors
-def doctor(fmt: str) -> None:
+def doctor(measure: bool, threads: int | None, fmt: str) -> None:
     """Check this setup and print what a bug report needs.
 
-    Versions, whether paddle has CUDA and which GPUs it sees, the device `auto` picks and why, the cache
-    directory and whether it is writable, offline and mirror settings, and whether the weights URLs answer
-    (skipped when offline). Exits 1 when a check fails.
+    Versions, whether paddle has CUDA and which GPUs it sees, the device and engine `auto` picks and why (per
+    model and kind of job), the cache directory and whether it is writable, offline and mirror settings, and
+    whether the weights URLs answer (skipped when offline). Exits 1 when a check fails.
 
     \b
       mixnet doctor
+      mixnet doctor --measure
       mixnet doctor --json
     """
     from ..doctor import run_checks
     from ..output import write_rows
+
+    if measure:
+        from ..base import settings
+        from ..engines.base import physical_cores
+        from ..engines.speed import measure_engine_speeds, record_path
+
+        count = threads or settings.cpu_threads() or physical_cores()
+        click.echo(f"timing the installed CPU engines ({count} thread(s))...", err=True)
+        try:
+            record = measure_engine_speeds(("MixNet_S", "MixNet_M", "MixNet_L"), count)
+        except OSError as exc:
+            raise UsageError(f"cannot write {record_path()} ({exc}); set MIXNET_HOME to a writable directory") \
+                from None
+        for model, figures in record["models"].items():
+            click.echo(f"{model}: " + ", ".join(f"{engine} {ms['1']:.1f} ms at batch 1, {ms['8']:.1f} ms at batch 8"
+                                                 for engine, ms in figures.items()), err=True)
+        click.echo(f"kept in {record_path()} ({record['seconds']} s)", err=True)
 
     failed = 0
 
