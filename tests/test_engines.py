@@ -555,3 +555,45 @@ def test_the_conversion_check_holds_engines_to_the_tests_bounds():
     with pytest.raises(EngineError, match=r"its probabilities differ by up to 0\.00011 \(allowed 0\.0001\)$"):
         compare_probabilities(softmax(_with_probability_moved(two_classes, 1.1 * PROBABILITY_TOLERANCE)),
                               two_classes)
+
+
+# --- opt-in bf16 ------------------------------------------------------------------------------------------------------
+
+def test_bf16_is_refused_on_a_cpu_without_bf16_arithmetic(home_copy, pictures, monkeypatch, tmp_path):
+    (tmp_path / "val" / "n01440764").mkdir(parents=True)
+    shutil.copy(pictures[0], tmp_path / "val" / "n01440764")
+    _cpu_with(monkeypatch, "avx2", "fma", "avx512f")  # AVX-512 without avx512_bf16: bf16 would be emulated
+    with pytest.raises(DeviceError, match="needs a CPU with bf16 arithmetic"):
+        choose_engine("auto", "cpu", "bf16")
+    with pytest.raises(DeviceError, match="needs a CPU with bf16 arithmetic"):
+        Classifier(MODEL, engine="openvino", precision="bf16")
+    for command in (["classify", str(pictures[0])], ["serve"], ["eval", str(tmp_path / "val")]):
+        done = CliRunner().invoke(main, command + ["--precision", "bf16"])
+        assert done.exit_code == 1, (command, done.output)
+        assert done.stderr.startswith("Error: --precision bf16 needs a CPU with bf16 arithmetic (avx512_bf16 or AMX)")
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.output
+    remote = CliRunner().invoke(main, ["classify", str(pictures[0]), "--precision", "bf16",
+                                       "--server", "http://127.0.0.1:9"])
+    assert remote.exit_code == 2 and "the service's own precision" in remote.stderr
+    # fp32 stays the default everywhere, and OpenVINO computes it in f32 (not its bf16 default on such CPUs).
+    assert choose_engine("auto", "cpu").precision == "fp32"
+    _cpu_with(monkeypatch, "avx2", "fma", "avx512f", "avx512_bf16")
+    assert Classifier(MODEL, engine="openvino").engine.detail.startswith("OpenVINO ")
+    assert ", f32, " in Classifier(MODEL, engine="openvino").engine.detail
+
+
+@pytest.mark.skipif(not ({"avx512_bf16", "amx_bf16"} & set(open("/proc/cpuinfo").read().split())),
+                    reason="bf16 runs only on a CPU with bf16 arithmetic (avx512_bf16 or AMX)")
+def test_bf16_runs_openvino_in_bf16_and_says_so(home_copy, pictures):
+    fp32 = Classifier(MODEL, device="cpu", engine="openvino", threads=2)
+    bf16 = Classifier(MODEL, device="cpu", precision="bf16", threads=2)
+    assert bf16.engine.name == "openvino" and "bf16 (opt-in; top-1 as fp32's" in bf16.engine.detail
+    batch = np.stack([fp32.preprocess(picture) for picture in pictures])
+    expected, got = fp32.engine.run(batch), bf16.engine.run(batch)
+    assert got.shape == expected.shape and np.all(np.isfinite(got))
+    # Really bf16: its logits move by far more than f32 kernels ever do (the 1e-4 of the fp32 check).
+    assert np.abs(got - expected).max() > 1e-3 * np.abs(expected).max()
+    assert bf16.engine.throughput(4).run(batch).shape == expected.shape  # its bulk mode computes in bf16 too
+    result = CliRunner().invoke(main, ["classify", str(pictures[0]), "--precision", "bf16", "--json", "-v"])
+    assert result.exit_code == 0, result.output
+    assert "engine openvino (OpenVINO" in result.stderr and "bf16 (opt-in;" in result.stderr

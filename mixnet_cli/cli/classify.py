@@ -18,6 +18,7 @@ from .common import (
     device_and_engine,
     device_option,
     engine_option,
+    precision_option,
     interrupt_ends_at_once,
     model_names_help,
     network_options,
@@ -58,6 +59,7 @@ from .common import (
 )
 @device_option
 @engine_option
+@precision_option
 # 4: the fastest batch for OpenVINO on the CPU, and the one that keeps decoding and inference overlapped on 2 cores
 # (BENCHMARKS.md); smaller last batches run padded on the same model.
 @click.option("-b", "--batch-size", default=4, show_default=True, type=click.IntRange(1, 1024), help="Images per forward pass.")
@@ -83,6 +85,7 @@ def classify(
     recursive: bool,
     device: str | None,
     engine: str | None,
+    precision: str,
     batch_size: int,
     threads: int | None,
     mirrors: tuple[str, ...],
@@ -126,6 +129,9 @@ def classify(
         raise UsageError("--server classifies with the service's own models (to use your own weights there, start "
                          "it with `mixnet serve --weights FILE --labels FILE`): --weights, --labels, --embed and "
                          "--embed-npy work only without --server")
+    if server is not None and precision.lower() != "fp32":
+        raise UsageError("--server classifies in the service's own precision (start it with `mixnet serve "
+                         "--precision bf16`): leave out --precision with --server")
     if embed and fmt not in ("json", "jsonl"):
         raise UsageError("--embed puts the features in the JSON objects: add --json or --jsonl, or use --embed-npy FILE")
     device_name, engine_name = device_and_engine(device, engine)
@@ -166,7 +172,7 @@ def classify(
         classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None,
                                 offline=offline, progress=None if not quiet else False, threads=threads,
                                 weights=weights, labels=labels, features=embed or embed_npy is not None,
-                                images=len(items))
+                                images=len(items), precision=precision.lower())
         results = ((result.to_dict(), result.features)
                    for result in classifier.classify_many(items, topk=topk, batch_size=batch_size))
     if verbose and not quiet and server is None:

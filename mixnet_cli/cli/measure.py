@@ -18,6 +18,7 @@ from .common import (
     device_and_engine,
     device_option,
     engine_option,
+    precision_option,
     interrupt_ends_at_once,
     model_names_help,
     network_options,
@@ -96,6 +97,7 @@ def doctor(measure: bool, threads: int | None, fmt: str) -> None:
                 jsonl_help="One JSON line per misclassified image; summary on stderr.")
 @device_option
 @engine_option
+@precision_option
 @click.option("-b", "--batch-size", default=4, show_default=True, type=click.IntRange(1, 1024), help="Images per forward pass.")
 @threads_option
 @network_options
@@ -112,6 +114,7 @@ def evaluate_command(
     fmt: str,
     device: str | None,
     engine: str | None,
+    precision: str,
     batch_size: int,
     threads: int | None,
     mirrors: tuple[str, ...],
@@ -149,7 +152,8 @@ def evaluate_command(
     click.get_current_context().with_resource(interrupt_ends_at_once())
     show_messages(quiet)
     classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None, offline=offline,
-                            threads=threads, weights=weights, labels=labels)
+                            threads=threads, weights=weights, labels=labels, precision=precision.lower(),
+                            images=len(samples))
     class_names = classifier.labels
     outside = next((s for s in samples if s.class_id >= len(class_names)), None)
     if outside is not None:
