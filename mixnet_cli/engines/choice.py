@@ -80,11 +80,13 @@ def choose_engine(engine: str = "auto", device: str = "auto", precision: str = "
     ``precision`` (``fp32``, the only one held to the reference, unless ``benchmark`` asks for another) and, with
     ``compiled`` (``benchmark --compile``), compiles the network.
 
-    The engines' ranks in :mod:`mixnet_cli.engines` order them: on the CPU ONNX Runtime, then OpenVINO, then
-    Paddle Inference; on a GPU PyTorch with CUDA, then ONNX Runtime with onnxruntime-gpu, then Paddle Inference
-    with a CUDA build of paddle. Nothing here imports paddle or torch unless an engine of theirs is asked for or
+    On the CPU :func:`_cpu_order` orders them: by this machine's measurement (:mod:`mixnet_cli.engines.speed`) or
+    the table's rule, weighing ``model``, ``images`` (how many the job has, when known: a few favour the engine
+    quickest to start) and ``threads``; then Paddle Inference and torch. On a GPU PyTorch with CUDA, then ONNX
+    Runtime with onnxruntime-gpu, then Paddle Inference with a CUDA build of paddle. Nothing here imports paddle or torch unless an engine of theirs is asked for or
     could drive the GPU. A GPU asked for that no installed engine can drive is an error naming what to install,
     never a silent fallback; ``auto`` on a machine without one says why in its device reason (``-v``).
+    ``bf16`` on the CPU needs bf16 arithmetic (:func:`refuse_emulated_bf16`).
     Raises :class:`UsageError` for unknown names, :class:`EngineError` and :class:`DeviceError`.
     """
     engine_name = check_engine_name(engine)

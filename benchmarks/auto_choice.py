@@ -1,0 +1,74 @@
+"""``auto`` on this CPU: its engine against the fastest same-answer engine, per model and batch size.
+
+For each model, the engine ``auto`` picks for a service or the API (no image count), for a bulk job and for a
+few images, and every installed fp32 CPU engine (all held to the same 1e-4 answers), timed at batch 1, 4 and 8 in
+interleaved rounds (engines in a new random order each round, the fastest of 3 back-to-back runs per sample),
+medians. The ratio is ``auto``'s time over the fastest engine's at that batch size (goal: <= 1.05x).
+
+    python benchmarks/auto_choice.py --home /tmp/mixnet-bench --out auto.json [--rounds 9] [--models MixNet_S]
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from _common import MODELS, arguments, fastest_ms, log, machine, prepare_home, write_json
+
+BATCH_SIZES = (1, 4, 8)
+ENGINES = ("onnxruntime", "openvino")
+
+
+def measure(models: list[str], rounds: int, threads: int) -> dict[str, Any]:
+    from mixnet_cli import Classifier
+    from mixnet_cli.engines.choice import START_UP_BOUND_IMAGES, choose_engine
+
+    results: dict[str, Any] = {}
+    for model in models:
+        engines = {name: Classifier(model, device="cpu", engine=name, threads=threads).engine for name in ENGINES}
+        picks = {job: choose_engine("auto", "cpu", model=model, images=images, threads=threads)
+                 for job, images in (("service", None), ("bulk", START_UP_BOUND_IMAGES + 1), ("few", 1))}
+        samples: dict[str, dict[int, list[float]]] = {name: {b: [] for b in BATCH_SIZES} for name in engines}
+        for size in BATCH_SIZES:
+            batch = np.random.default_rng(size).uniform(-2.1, 2.6, (size, 3, 224, 224)).astype(np.float32)
+            for engine in engines.values():
+                engine.run(batch)
+            for _ in range(rounds):
+                for name in random.sample(list(engines), len(engines)):
+                    samples[name][size].append(fastest_ms(lambda: engines[name].run(batch), 3))
+        medians = {name: {b: statistics.median(v) for b, v in by.items()} for name, by in samples.items()}
+        fastest = {b: min(medians[name][b] for name in engines) for b in BATCH_SIZES}
+        results[model] = {
+            "median_ms": {name: {str(b): ms for b, ms in by.items()} for name, by in medians.items()},
+            "auto": {job: {"engine": pick.engine, "reason": pick.engine_reason} for job, pick in picks.items()},
+            "service_vs_fastest": {str(b): medians[picks["service"].engine][b] / fastest[b] for b in BATCH_SIZES},
+            "bulk_vs_fastest": {str(b): medians[picks["bulk"].engine][b] / fastest[b] for b in BATCH_SIZES},
+        }
+        log(f"{model}: {results[model]['median_ms']}; auto (service) {picks['service'].engine}: "
+            f"{results[model]['service_vs_fastest']}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = arguments(__doc__, rounds=9)
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    from mixnet_cli.engines.base import physical_cores
+
+    prepare_home(args.home, args.models, formats=list(ENGINES))
+    os.environ["MIXNET_HOME"] = str(args.home)
+    about = machine()
+    results = measure(args.models, args.rounds, args.threads or physical_cores())
+    write_json(args.out, {"machine": about, "machine_after": machine(), "rounds": args.rounds, "models": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
