@@ -25,6 +25,21 @@ BATCH_SIZES = (1, 4, 8)
 ENGINES = ("onnxruntime", "openvino")
 
 
+def compute_floor_gflops(seconds: float = 3.0) -> float:
+    """This machine's f32 arithmetic rate on all its cores: the fastest of repeated 1024 x 1024 float32 matrix
+    products (numpy's BLAS), in GFLOP/s (2 flops per multiply-add)."""
+    import time
+
+    a = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
+    best = 0.0
+    stop = time.perf_counter() + seconds
+    while time.perf_counter() < stop:
+        start = time.perf_counter()
+        a @ a
+        best = max(best, 2 * 1024 ** 3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
 def measure(models: list[str], rounds: int, threads: int) -> dict[str, Any]:
     from mixnet_cli import Classifier
     from mixnet_cli.engines.choice import START_UP_BOUND_IMAGES, choose_engine
@@ -44,7 +59,15 @@ def measure(models: list[str], rounds: int, threads: int) -> dict[str, Any]:
                     samples[name][size].append(fastest_ms(lambda: engines[name].run(batch), 3))
         medians = {name: {b: statistics.median(v) for b, v in by.items()} for name, by in samples.items()}
         fastest = {b: min(medians[name][b] for name in engines) for b in BATCH_SIZES}
+        from mixnet_cli.network.architecture import architecture_of
+
+        gflop = 2 * architecture_of(model).flops() / 1e9  # multiply-adds of the convolutions and the classifier
+        floor = compute_floor_gflops()
+        floor_ms = 1000 * gflop / floor
         results[model] = {
+            "compute_floor": {"gflop_per_image": gflop, "gflops_measured": floor, "ms_per_image": floor_ms,
+                              "best_fp32_batch8_ms_per_image_vs_floor": fastest[8] / 8 / floor_ms,
+                              "best_fp32_batch1_vs_floor": fastest[1] / floor_ms},
             "median_ms": {name: {str(b): ms for b, ms in by.items()} for name, by in medians.items()},
             "auto": {job: {"engine": pick.engine, "reason": pick.engine_reason} for job, pick in picks.items()},
             "service_vs_fastest": {str(b): medians[picks["service"].engine][b] / fastest[b] for b in BATCH_SIZES},

@@ -114,15 +114,14 @@ def _engines(model: str, directory: Path, threads: int, engines: Sequence[str]) 
 
     path = directory / f"{model}.onnx"
     path.write_bytes(build_onnx(architecture_of(model), _probe_state(model), check=False).SerializeToString())
+    from . import ENGINES
+
+    # Through the table, as every engine is loaded (the engines' modules import the choice, which reads this one).
     built: dict[str, Any] = {}
     if "onnxruntime" in engines:
-        from .onnxruntime import OnnxRuntimeEngine
-
-        built["onnxruntime"] = OnnxRuntimeEngine(path, "cpu", threads)
+        built["onnxruntime"] = ENGINES["onnxruntime"].load().OnnxRuntimeEngine(path, "cpu", threads)
     if "openvino" in engines:
-        from .openvino import OpenVinoEngine
-
-        built["openvino"] = OpenVinoEngine(path, "cpu", threads, directory)
+        built["openvino"] = ENGINES["openvino"].load().OpenVinoEngine(path, "cpu", threads, directory)
     return built
 
 
