@@ -1,7 +1,7 @@
 """``auto`` on this CPU: its engine against the fastest same-answer engine, per model and batch size.
 
-For each model, the engine ``auto`` picks for a service or the API (no image count), for a bulk job and for a
-few images, and every installed fp32 CPU engine (all held to the same 1e-4 answers), timed at batch 1, 4 and 8 in
+For each model, the engine ``auto`` picks (one per CPU and model, whatever the job) and every installed fp32 CPU
+engine (all held to the same 1e-4 answers), timed at batch 1, 4 and 8 in
 interleaved rounds (engines in a new random order each round, the fastest of 3 back-to-back runs per sample),
 medians. The ratio is ``auto``'s time over the fastest engine's at that batch size (goal: <= 1.05x).
 
@@ -42,13 +42,12 @@ def compute_floor_gflops(seconds: float = 3.0) -> float:
 
 def measure(models: list[str], rounds: int, threads: int) -> dict[str, Any]:
     from mixnet_cli import Classifier
-    from mixnet_cli.engines.choice import START_UP_BOUND_IMAGES, choose_engine
+    from mixnet_cli.engines.choice import choose_engine
 
     results: dict[str, Any] = {}
     for model in models:
         engines = {name: Classifier(model, device="cpu", engine=name, threads=threads).engine for name in ENGINES}
-        picks = {job: choose_engine("auto", "cpu", model=model, images=images, threads=threads)
-                 for job, images in (("service", None), ("bulk", START_UP_BOUND_IMAGES + 1), ("few", 1))}
+        pick = choose_engine("auto", "cpu", model=model, threads=threads)
         samples: dict[str, dict[int, list[float]]] = {name: {b: [] for b in BATCH_SIZES} for name in engines}
         for size in BATCH_SIZES:
             batch = np.random.default_rng(size).uniform(-2.1, 2.6, (size, 3, 224, 224)).astype(np.float32)
@@ -69,12 +68,11 @@ def measure(models: list[str], rounds: int, threads: int) -> dict[str, Any]:
                               "best_fp32_batch8_ms_per_image_vs_floor": fastest[8] / 8 / floor_ms,
                               "best_fp32_batch1_vs_floor": fastest[1] / floor_ms},
             "median_ms": {name: {str(b): ms for b, ms in by.items()} for name, by in medians.items()},
-            "auto": {job: {"engine": pick.engine, "reason": pick.engine_reason} for job, pick in picks.items()},
-            "service_vs_fastest": {str(b): medians[picks["service"].engine][b] / fastest[b] for b in BATCH_SIZES},
-            "bulk_vs_fastest": {str(b): medians[picks["bulk"].engine][b] / fastest[b] for b in BATCH_SIZES},
+            "auto": {"engine": pick.engine, "reason": pick.engine_reason},
+            "auto_vs_fastest": {str(b): medians[pick.engine][b] / fastest[b] for b in BATCH_SIZES},
         }
-        log(f"{model}: {results[model]['median_ms']}; auto (service) {picks['service'].engine}: "
-            f"{results[model]['service_vs_fastest']}")
+        log(f"{model}: {results[model]['median_ms']}; auto {pick.engine}: {results[model]['auto_vs_fastest']}; "
+            f"floor {results[model]['compute_floor']}")
     return results
 
 

@@ -105,11 +105,6 @@ class Classifier:
     fp32's but not within its 1e-4 (README, "Precision"). For timing other arithmetic (``mixnet benchmark``):
     ``tf32``, ``bf16`` or ``fp16`` on the ``torch`` engine, and ``compile`` (``torch.compile``). Only fp32, the
     default, is held to the reference.
-
-    ``images``: how many images this classifier will see, when known. ``auto`` then weighs start-up: a few
-    images in a fresh process take the engine quickest to start, a bulk job the one fastest at batch 8
-    (:func:`~mixnet_cli.engines.choice.choose_engine`). Left out (a service, a notebook): the engine fastest at
-    batch 1 to 8.
     """
 
     def __init__(
@@ -127,14 +122,13 @@ class Classifier:
         features: bool = False,
         precision: str = "fp32",
         compile: bool = False,
-        images: int | None = None,
     ) -> None:
         named = resolve_model(model) if model is not None else None
         if threads is None:
             threads = settings.cpu_threads()
         # Engine and device first: a missing GPU or engine is reported before any download.
         choice = choose_engine(engine, device, precision, compile, model=named.name if named else None,
-                               images=images, threads=threads)
+                               threads=threads)
         self.weights: VerifiedWeights
         names: tuple[str, ...] | None = None
         if weights is not None:

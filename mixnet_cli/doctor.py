@@ -104,7 +104,7 @@ def _torch() -> Iterator[Check]:
 
 def _engine() -> Iterator[Check]:
     from .engines.base import physical_cores
-    from .engines.choice import START_UP_BOUND_IMAGES, choose_engine, native_bf16
+    from .engines.choice import choose_engine, native_bf16
     from .engines.speed import machine_key, measured_speeds, record_path
 
     for variable, value in (("MIXNET_DEVICE", settings.device()), ("MIXNET_ENGINE", settings.engine())):
@@ -116,15 +116,11 @@ def _engine() -> Iterator[Check]:
     yield Check("device auto picks", f"{choice.device} ({choice.device_reason})", "ok")
     key = machine_key(threads)
     yield Check("CPU", f"{key['cpu']}, {threads} thread(s), {' '.join(key['flags']) or 'flags unknown'}", "info")
-    # Per model and kind of job: what auto would run, and why (a measurement of this machine, or the rule).
+    # Per model: what auto runs, and why (this machine's measurement, or the rule).
     for model in ("MixNet_S", "MixNet_M", "MixNet_L"):
-        for job, images in (("a service or the API", None), (f"a few images (<= {START_UP_BOUND_IMAGES})", 1),
-                            ("a bulk job", START_UP_BOUND_IMAGES + 1)):
-            if model != "MixNet_S" and images == 1:
-                continue  # start-up decides, whatever the model
-            picked = choose_engine(engine, device, model=model, images=images, threads=threads)
-            yield Check(f"engine auto picks: {model}, {job}",
-                        f"{picked.engine} on {picked.device} ({picked.engine_reason})", "ok")
+        picked = choose_engine(engine, device, model=model, threads=threads)
+        yield Check("engine auto picks" if model == "MixNet_S" else f"engine auto picks for {model}",
+                    f"{picked.engine} on {picked.device} ({picked.engine_reason})", "ok")
     speeds, why_not = measured_speeds("MixNet_S", threads)
     yield Check("engine speed measured here", str(record_path()) if speeds else why_not, "ok" if speeds else "info",
                 "" if speeds else "mixnet doctor --measure times the installed CPU engines (about 5 s per model)")

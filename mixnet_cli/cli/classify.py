@@ -172,7 +172,7 @@ def classify(
         classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None,
                                 offline=offline, progress=None if not quiet else False, threads=threads,
                                 weights=weights, labels=labels, features=embed or embed_npy is not None,
-                                images=len(items), precision=precision.lower())
+                                precision=precision.lower())
         results = ((result.to_dict(), result.features)
                    for result in classifier.classify_many(items, topk=topk, batch_size=batch_size))
     if verbose and not quiet and server is None:

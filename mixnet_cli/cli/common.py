@@ -177,7 +177,7 @@ def engine_option(func: F) -> F:
         metavar="|".join(engine_names()),
         help="What runs the network: auto picks the fastest installed for the device (on the CPU: this machine's "
         "measurement when `mixnet doctor --measure` made one, else OpenVINO on AVX-512 CPUs and ONNX Runtime "
-        "elsewhere, and ONNX Runtime, the quickest to start, for a few images; `mixnet doctor` says which and why); "
+        "elsewhere; `mixnet doctor` says which and why); "
         + "; ".join(f"{info.name}: {info.summary} [{info.devices}]" for info in ENGINES.values())
         + " (default auto; MIXNET_ENGINE).",
     )(func)

@@ -42,7 +42,7 @@ def doctor(measure: bool, threads: int | None, fmt: str) -> None:
     """Check this setup and print what a bug report needs.
 
     Versions, whether paddle has CUDA and which GPUs it sees, the device and engine `auto` picks and why (per
-    model and kind of job), the cache directory and whether it is writable, offline and mirror settings, and
+    model), the cache directory and whether it is writable, offline and mirror settings, and
     whether the weights URLs answer (skipped when offline). Exits 1 when a check fails.
 
     \b
@@ -152,8 +152,7 @@ def evaluate_command(
     click.get_current_context().with_resource(interrupt_ends_at_once())
     show_messages(quiet)
     classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None, offline=offline,
-                            threads=threads, weights=weights, labels=labels, precision=precision.lower(),
-                            images=len(samples))
+                            threads=threads, weights=weights, labels=labels, precision=precision.lower())
     class_names = classifier.labels
     outside = next((s for s in samples if s.class_id >= len(class_names)), None)
     if outside is not None:

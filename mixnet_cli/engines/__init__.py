@@ -104,8 +104,8 @@ def ranked(device: str, precision: str = "fp32", compiled: bool = False) -> list
 # ONNX Runtime first in the table on the CPU: it starts in a fifth of OpenVINO's first compile and about 70 ms
 # sooner in a cold `mixnet classify`, and ran the forward pass and bulk jobs as fast or faster on the AVX2 CPUs
 # measured (BENCHMARKS.md). On AVX-512 CPUs OpenVINO's f32 kernels are faster at every batch size, so there
-# ``auto`` puts OpenVINO first for all but a few images (engines/choice.py), or follows this machine's own
-# measurement (`mixnet doctor --measure`, engines/speed.py).
+# ``auto`` puts OpenVINO first (engines/choice.py), unless this machine's own measurement says otherwise
+# (`mixnet doctor --measure`, engines/speed.py).
 register(EngineInfo(
     "onnxruntime", ("ort", "onnx"), "cpu, gpu (with onnxruntime-gpu)",
     "ONNX Runtime on mixnet's ONNX graph, f32: the quickest to start, and the fastest on AVX2 CPUs "

@@ -41,10 +41,9 @@ class EngineChoice:
     engine_auto: bool = False
     precision: str = "fp32"  # the arithmetic (engines' ``precisions``); only fp32 is held to the reference
     compiled: bool = False  # compile the network where the engine can (torch.compile; for benchmark)
-    # What ``auto`` weighed on the CPU (a fallback orders the engines the same way): the model's name, how many
-    # images the job has when known (a few: start-up counts), the threads of a forward pass (None: the cores).
+    # What ``auto`` weighed on the CPU (a fallback orders the engines the same way): the model's name and the
+    # threads of a forward pass (None: the cores).
     model: str | None = None
-    images: int | None = None
     threads: int | None = None
 
     @property
@@ -74,15 +73,14 @@ def require_engine(name: str) -> None:
 
 
 def choose_engine(engine: str = "auto", device: str = "auto", precision: str = "fp32",
-                  compiled: bool = False, *, model: str | None = None, images: int | None = None,
+                  compiled: bool = False, *, model: str | None = None,
                   threads: int | None = None) -> EngineChoice:
     """Settle engine and device together: ``auto`` is the fastest engine installed for the device that offers
     ``precision`` (``fp32``, the only one held to the reference, unless ``benchmark`` asks for another) and, with
     ``compiled`` (``benchmark --compile``), compiles the network.
 
     On the CPU :func:`_cpu_order` orders them: by this machine's measurement (:mod:`mixnet_cli.engines.speed`) or
-    the table's rule, weighing ``model``, ``images`` (how many the job has, when known: a few favour the engine
-    quickest to start) and ``threads``; then Paddle Inference and torch. On a GPU PyTorch with CUDA, then ONNX
+    the table's rule, for ``model`` (default MixNet_S) and ``threads``; then Paddle Inference and torch. On a GPU PyTorch with CUDA, then ONNX
     Runtime with onnxruntime-gpu, then Paddle Inference with a CUDA build of paddle. Nothing here imports paddle or torch unless an engine of theirs is asked for or
     could drive the GPU. A GPU asked for that no installed engine can drive is an error naming what to install,
     never a silent fallback; ``auto`` on a machine without one says why in its device reason (``-v``).
@@ -96,7 +94,7 @@ def choose_engine(engine: str = "auto", device: str = "auto", precision: str = "
             info.compiles for info in ENGINES.values())):
         compilers = " or ".join(info.name for info in ENGINES.values() if info.compiles)
         raise UsageError(f"--compile needs an engine that compiles the network: --engine {compilers}")
-    workload = {"model": model, "images": images, "threads": threads}
+    workload = {"model": model, "threads": threads}
     choice = _choose(engine_name, device_name, device, precision, compiled, workload)
     if precision == "tf32" and choice.device == "cpu":
         raise UsageError("--precision tf32 is a GPU's (tensor cores); on the CPU use fp32, bf16 or fp16")
@@ -165,34 +163,26 @@ def check_precision(requested: str, engine: str = "auto") -> str:
     return name
 
 
-# A job of at most this many images in a fresh process (a `mixnet classify` of a few photos) is bound by start-up,
-# not by the forward pass: there ``auto`` takes the engine quickest to start, the table's first (ONNX Runtime).
-# OpenVINO starts about 70 ms later in a cold `mixnet classify` (0.42 s against 0.35 s on an AVX-512 EPYC) and
-# saves 1-3 ms per image at batch 1 there, so it pays for its start from a few dozen images on (BENCHMARKS.md).
-START_UP_BOUND_IMAGES = 32
-
-
-def _cpu_order(precision: str, compiled: bool, model: str | None, images: int | None,
+def _cpu_order(precision: str, compiled: bool, model: str | None,
                threads: int | None) -> tuple[list[EngineInfo], str]:
     """The CPU engines ``auto`` tries, first choice first, and why the first leads.
 
     For fp32 (every engine held to the same answers) the order comes from this machine's measurement when there is
     one for these engine versions, CPU and threads (:mod:`mixnet_cli.engines.speed`): the lowest geometric mean
-    of batch 1 and 8 times, or of batch 8 alone for a bulk job (``images`` above :data:`START_UP_BOUND_IMAGES`).
-    Without one, the rule: an engine whose ``cpu_fast_with`` flags this CPU has leads (OpenVINO on AVX-512), else
-    the table's ranks. A job of a few ``images`` in a fresh process takes the engine quickest to start."""
+    of the batch 1 and batch 8 times. Without one, the rule: an engine whose ``cpu_fast_with`` flags this CPU has
+    leads (OpenVINO on AVX-512), else the table's ranks.
+
+    One engine per CPU and model, whatever the job: a few images, a bulk job and ``mixnet serve`` then give the
+    same answers (a faster start for a few images would be ONNX Runtime's on AVX-512 CPUs, about 70 ms, at the
+    price of answers that differ in the seventh digit between a local run and the service; BENCHMARKS.md)."""
     candidates = ranked("cpu", precision, compiled)
     table = "fastest installed engine for the CPU"
     if precision != "fp32" or compiled or not candidates:
         return candidates, table
-    if images is not None and images <= START_UP_BOUND_IMAGES:
-        return candidates, (f"{images} image(s) in a fresh process: the engine quickest to start (a faster "
-                            "forward pass pays for a slower start only over more images)")
     installed = [info for info in candidates if info.missing() is None]
     from .base import cpu_flags, physical_cores
     from .speed import measured_speeds
 
-    bulk = images is not None and images > START_UP_BOUND_IMAGES
     speeds, missing = measured_speeds(model or "MixNet_S", threads or physical_cores())
     timed = [info for info in installed if speeds and {1, 8} <= set(speeds.get(info.name, {}))]
     if speeds and len(timed) > 1:
@@ -200,13 +190,13 @@ def _cpu_order(precision: str, compiled: bool, model: str | None, images: int | 
 
         def score(info: EngineInfo) -> float:
             figures = speeds[info.name]  # type: ignore[index]
-            return figures[8] if bulk else (figures[1] * figures[8]) ** 0.5
+            return (figures[1] * figures[8]) ** 0.5
 
         best = min(timed, key=score)
         figures = ", ".join(f"{info.name} {speeds[info.name][1]:.1f}/{speeds[info.name][8]:.1f} ms"
                             for info in sorted(timed, key=score))
         why = (f"fastest here by this machine's measurement of {model or 'MixNet_S'} "
-               f"({'batch 8' if bulk else 'batch 1 and 8'}: {figures} at batch 1/8; engine-speed.json)")
+               f"({figures} at batch 1/8; engine-speed.json)")
         return [best] + [info for info in candidates if info is not best], why
     flags = cpu_flags()
     for info in installed:
@@ -218,10 +208,10 @@ def _cpu_order(precision: str, compiled: bool, model: str | None, images: int | 
 
 
 def _cpu_auto(device_reason: str, after: str | None = None, precision: str = "fp32",
-              compiled: bool = False, model: str | None = None, images: int | None = None,
+              compiled: bool = False, model: str | None = None,
               threads: int | None = None) -> EngineChoice:
     """The fastest engine installed for the CPU (after ``after``, the one that failed, when given)."""
-    candidates, first_reason = _cpu_order(precision, compiled, model, images, threads)
+    candidates, first_reason = _cpu_order(precision, compiled, model, threads)
     if after is not None:
         names = [info.name for info in candidates]
         candidates = candidates[names.index(after) + 1:] if after in names else []
@@ -233,7 +223,7 @@ def _cpu_auto(device_reason: str, after: str | None = None, precision: str = "fp
             if precision != "fp32" or compiled:
                 why += " that offers " + " and ".join([precision] + (["compiling"] if compiled else []))
             return EngineChoice(info.name, "cpu", why, device_reason, engine_auto=True, precision=precision,
-                                compiled=compiled, model=model, images=images, threads=threads)
+                                compiled=compiled, model=model, threads=threads)
     if precision != "fp32" or compiled:
         installs = "; ".join(info.install for info in candidates) or "no engine offers it"
         raise EngineError(f"no engine installed here runs {precision}{' compiled' if compiled else ''}: {installs}")
@@ -246,7 +236,7 @@ def resolve_device(requested: str = "auto", engine: str = "auto") -> DeviceChoic
 
 
 def _workload(choice: EngineChoice) -> dict[str, Any]:
-    return {"model": choice.model, "images": choice.images, "threads": choice.threads}
+    return {"model": choice.model, "threads": choice.threads}
 
 
 def _fallback(choice: EngineChoice, exc: MixnetError) -> EngineChoice | None:

@@ -1,5 +1,5 @@
-"""The ``openvino`` engine: OpenVINO on mixnet's ONNX graph, on the CPU, in f32 (``auto``'s choice on AVX-512 CPUs
-beyond a few images: BENCHMARKS.md), or in bf16 where asked for and the CPU has bf16 arithmetic."""
+"""The ``openvino`` engine: OpenVINO on mixnet's ONNX graph, on the CPU, in f32 (``auto``'s choice on AVX-512 CPUs:
+BENCHMARKS.md), or in bf16 where asked for and the CPU has bf16 arithmetic."""
 
 from __future__ import annotations
 
