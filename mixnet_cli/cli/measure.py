@@ -202,7 +202,8 @@ def evaluate_command(
 @threads_option
 @click.option("--precision", "precisions", multiple=True, metavar="fp32|tf32|bf16|fp16",
               help="Arithmetic to time; repeat for several (default fp32). Other than fp32 needs an engine that "
-              "offers it (torch); each row then says how far its answers are from the same engine's fp32.")
+              "offers it (openvino: bf16; torch); each row then says how far its answers are from the same "
+              "engine's fp32.")
 @click.option("--compile", "compiled", is_flag=True,
               help="Also time the network compiled (torch.compile; torch engine): each precision twice.")
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
