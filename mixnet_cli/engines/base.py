@@ -3,6 +3,7 @@ check that holds an engine to the reference logits before its answers are truste
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,7 @@ def cpu_model() -> str:
     return platform.machine()
 
 
+@functools.lru_cache(maxsize=1)
 def _cpuinfo() -> str:
     try:
         return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")

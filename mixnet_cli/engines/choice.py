@@ -80,9 +80,9 @@ def choose_engine(engine: str = "auto", device: str = "auto", precision: str = "
     ``compiled`` (``benchmark --compile``), compiles the network.
 
     On the CPU :func:`_cpu_order` orders them: by this machine's measurement (:mod:`mixnet_cli.engines.speed`) or
-    the table's rule, for ``model`` (default MixNet_S) and ``threads``; then Paddle Inference and torch. On a GPU PyTorch with CUDA, then ONNX
-    Runtime with onnxruntime-gpu, then Paddle Inference with a CUDA build of paddle. Nothing here imports paddle or torch unless an engine of theirs is asked for or
-    could drive the GPU. A GPU asked for that no installed engine can drive is an error naming what to install,
+    the table's rule, for ``model`` (default MixNet_S) and ``threads``; then Paddle Inference and torch. On a GPU
+    PyTorch with CUDA, then ONNX Runtime with onnxruntime-gpu, then Paddle Inference with a CUDA build of paddle.
+    Nothing here imports paddle or torch unless an engine of theirs is asked for or could drive the GPU. A GPU asked for that no installed engine can drive is an error naming what to install,
     never a silent fallback; ``auto`` on a machine without one says why in its device reason (``-v``).
     ``bf16`` on the CPU needs bf16 arithmetic (:func:`refuse_emulated_bf16`).
     Raises :class:`UsageError` for unknown names, :class:`EngineError` and :class:`DeviceError`.
@@ -185,12 +185,11 @@ def _cpu_order(precision: str, compiled: bool, model: str | None,
 
     speeds, missing = measured_speeds(model or "MixNet_S", threads or physical_cores())
     timed = [info for info in installed if speeds and {1, 8} <= set(speeds.get(info.name, {}))]
-    if speeds and len(timed) > 1:
-        assert speeds is not None
+    if speeds is not None and len(timed) > 1:
+        measured = speeds
 
         def score(info: EngineInfo) -> float:
-            figures = speeds[info.name]  # type: ignore[index]
-            return (figures[1] * figures[8]) ** 0.5
+            return (measured[info.name][1] * measured[info.name][8]) ** 0.5
 
         best = min(timed, key=score)
         figures = ", ".join(f"{info.name} {speeds[info.name][1]:.1f}/{speeds[info.name][8]:.1f} ms"
@@ -204,7 +203,7 @@ def _cpu_order(precision: str, compiled: bool, model: str | None,
             rest = [other for other in candidates if other is not info]
             return [info] + rest, (f"rule for CPUs with {' and '.join(info.cpu_fast_with)}: {info.name} runs MixNet "
                                    f"fastest there ({info.cpu_fast_note}); {missing}")
-    return candidates, f"{table} (rule: no AVX-512; {missing})"
+    return candidates, f"{table} (the table's order for this CPU; {missing})"
 
 
 def _cpu_auto(device_reason: str, after: str | None = None, precision: str = "fp32",
