@@ -101,7 +101,7 @@ class Classifier:
     Without ``labels``, 1000 classes are ImageNet's and other counts are named by their class id.
 
     ``precision="bf16"`` (opt-in) runs OpenVINO in bf16 on a CPU with bf16 arithmetic (avx512_bf16 or AMX;
-    elsewhere :class:`~mixnet_cli.base.errors.DeviceError`): 1.35-1.75x fp32's throughput at batch 8, answers
+    elsewhere :class:`~mixnet_cli.base.errors.DeviceError`): 1.45-1.75x fp32's throughput at batch 8, answers
     close to fp32's but not within its 1e-4 (README, "Precision"). For timing other arithmetic (``mixnet benchmark``):
     ``tf32``, ``bf16`` or ``fp16`` on the ``torch`` engine, and ``compile`` (``torch.compile``). Only fp32, the
     default, is held to the reference.

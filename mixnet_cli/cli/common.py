@@ -202,7 +202,7 @@ def precision_option(func: F) -> F:
         "--precision", type=click.Choice(["fp32", "bf16"], case_sensitive=False), default="fp32", show_default=True,
         help="Arithmetic of the forward pass. fp32: every engine gives the reference answers (within 1e-4). bf16 "
         "(opt-in): OpenVINO in bf16 on a CPU with bf16 arithmetic (avx512_bf16 or AMX; refused elsewhere), "
-        "1.35-1.75x fp32's throughput at batch 8, answers close to fp32's but not the same (README, Precision).",
+        "1.45-1.75x fp32's throughput at batch 8, answers close to fp32's but not the same (README, Precision).",
     )(func)
 
 
