@@ -582,6 +582,10 @@ def test_bf16_is_refused_on_a_cpu_without_bf16_arithmetic(home_copy, pictures, m
         assert done.exit_code == 1, (command, done.output)
         assert done.stderr.startswith("Error: --precision bf16 needs a CPU with bf16 arithmetic (avx512_bf16 or AMX)")
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.output
+    _cpu_with(monkeypatch, "avx2", "avx512f", "avx512_bf16")
+    embed = CliRunner().invoke(main, ["classify", str(pictures[0]), "--precision", "bf16", "--json", "--embed"])
+    assert embed.exit_code == 2 and "features come from ONNX Runtime in fp32" in embed.stderr
+    _cpu_with(monkeypatch, "avx2", "fma", "avx512f")
     remote = CliRunner().invoke(main, ["classify", str(pictures[0]), "--precision", "bf16",
                                        "--server", "http://127.0.0.1:9"])
     assert remote.exit_code == 2 and "the service's own precision" in remote.stderr

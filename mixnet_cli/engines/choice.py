@@ -293,6 +293,9 @@ def _features_engine(spec: ModelSpec, weights: "VerifiedWeights", choice: Engine
     if choice.engine != "onnxruntime" and not choice.engine_auto:
         raise UsageError(f"features come from ONNX Runtime or torch; leave out --engine {choice.engine} (or use "
                          "onnxruntime or torch)")
+    if choice.precision != "fp32":
+        raise UsageError(f"features come from ONNX Runtime in fp32: leave out --precision {choice.precision} with "
+                         "--embed or --embed-npy")
     require_engine("onnxruntime")
     device = choice.device if choice.engine == "onnxruntime" else "cpu"
     engine = ENGINES["onnxruntime"].load().build_with_features(spec, weights, device, threads)
