@@ -51,7 +51,13 @@ def main(argv: list[str] | None = None) -> int:
             (["bulk.py", "--home", str(home), "--out", str(results / "bulk.json"), "--rounds", bulk_rounds], None),
             (["graph_forms.py", "--json", str(results / "graph_forms.json"), *(["--quick"] if args.quick else [])],
              results / "graph_forms.md"),
+            # auto's engine against the fastest same-answer engine, and the compute floor (BENCHMARKS.md, "auto")
+            (["auto_choice.py", "--home", str(home), "--out", str(results / "auto_choice.json"), "--rounds",
+              forward_rounds, "--models", *models], None),
         ]
+        if _native_bf16():  # opt-in bf16 against fp32 (BENCHMARKS.md, "bf16"): on a CPU with bf16 arithmetic
+            steps.append((["bf16.py", "--home", str(Path(scratch) / "bf16-home"), "--out", str(results / "bf16.json"),
+                           "--rounds", cold_rounds, "--models", *models], None))
         if _serve_installed():  # the [serve] extra: `mixnet serve` against the command line
             steps.append((["serve.py", "--home", str(home), "--out", str(results / "serve.json"),
                            *([] if args.quick else ["--sweep"])], None))
@@ -68,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep is None:
             shutil.rmtree(results, ignore_errors=True)
     return 0
+
+
+def _native_bf16() -> bool:
+    sys.path.insert(0, str(HERE.parent))
+    from mixnet_cli.engines.choice import native_bf16
+
+    return native_bf16() is not None
 
 
 if __name__ == "__main__":

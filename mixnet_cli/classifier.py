@@ -64,9 +64,11 @@ class Classifier:
     names (PaddleClas's ``<id> <name>`` per line, or one name per line: :func:`~mixnet_cli.images.labels.read_label_file`).
     Without ``labels``, 1000 classes are ImageNet's and other counts are named by their class id.
 
-    For timing other arithmetic (``mixnet benchmark``): ``precision`` ``tf32``, ``bf16`` or ``fp16`` (engines
-    that offer it: ``torch``) and ``compile`` (``torch.compile``). Only fp32, the default, is held to the
-    reference; the others answer close to it, not within 1e-4.
+    ``precision="bf16"`` (opt-in) runs OpenVINO in bf16 on a CPU with bf16 arithmetic (avx512_bf16 or AMX;
+    elsewhere :class:`~mixnet_cli.base.errors.DeviceError`): 1.45-1.75x fp32's throughput at batch 8, answers
+    close to fp32's but not within its 1e-4 (README, "Precision"). For timing other arithmetic (``mixnet benchmark``):
+    ``tf32``, ``bf16`` or ``fp16`` on the ``torch`` engine, and ``compile`` (``torch.compile``). Only fp32, the
+    default, is held to the reference.
 
     Class activation maps (``classify(..., cam=True)``) come from an engine whose forward pass also gives the final
     feature map (the same kind of engine, except Paddle Inference), made on first use; ``cam=True`` here makes it at once (an engine named in
@@ -94,8 +96,11 @@ class Classifier:
         # libGL.so.1) is named now, with its fix, not blamed on each image after the model was loaded.
         require_opencv()
         named = resolve_model(model) if model is not None else None
+        if threads is None:
+            threads = settings.cpu_threads()
         # Engine and device first: a missing GPU or engine is reported before any download.
-        choice = choose_engine(engine, device, precision, compile)
+        choice = choose_engine(engine, device, precision, compile, model=named.name if named else None,
+                               threads=threads)
         self.weights: VerifiedWeights
         names: tuple[str, ...] | None = None
         if weights is not None:
@@ -119,8 +124,6 @@ class Classifier:
             self.labels = tuple(str(class_id) for class_id in range(self.spec.num_classes))
         self.engine: Engine
         self.engine_choice: EngineChoice
-        if threads is None:
-            threads = settings.cpu_threads()
         self.features = features
         self._threads = threads
         self._cam_engine: Engine | None = None

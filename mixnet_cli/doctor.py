@@ -121,14 +121,30 @@ def _torch() -> Iterator[Check]:
 
 
 def _engine() -> Iterator[Check]:
-    from .engines.choice import choose_engine
+    from .engines.base import physical_cores
+    from .engines.choice import choose_engine, native_bf16
+    from .engines.speed import machine_key, measured_speeds, record_path
 
     for variable, value in (("MIXNET_DEVICE", settings.device()), ("MIXNET_ENGINE", settings.engine())):
         if value:
             yield Check(variable, value, "info")
-    choice = choose_engine(settings.engine() or "auto", settings.device() or "auto")
+    engine, device = settings.engine() or "auto", settings.device() or "auto"
+    threads = settings.cpu_threads() or physical_cores()
+    choice = choose_engine(engine, device, threads=threads)
     yield Check("device auto picks", f"{choice.device} ({choice.device_reason})", "ok")
-    yield Check("engine auto picks", f"{choice.engine} on {choice.device} ({choice.engine_reason})", "ok")
+    key = machine_key(threads)
+    yield Check("CPU", f"{key['cpu']}, {threads} thread(s), {' '.join(key['flags']) or 'flags unknown'}", "info")
+    # Per model: what auto runs, and why (this machine's measurement, or the rule).
+    for model in ("MixNet_S", "MixNet_M", "MixNet_L"):
+        picked = choose_engine(engine, device, model=model, threads=threads)
+        yield Check("engine auto picks" if model == "MixNet_S" else f"engine auto picks for {model}",
+                    f"{picked.engine} on {picked.device} ({picked.engine_reason})", "ok")
+    speeds, why_not = measured_speeds("MixNet_S", threads)
+    yield Check("engine speed measured here", str(record_path()) if speeds else why_not, "ok" if speeds else "info",
+                "" if speeds else "mixnet doctor --measure times the installed CPU engines (about 5 s per model)")
+    flag = native_bf16()
+    yield Check("--precision bf16", f"available (OpenVINO, {flag})" if flag else
+                "not on this CPU (no avx512_bf16 or AMX: bf16 would be emulated)", "info")
 
 
 def _paddleclas() -> Iterator[Check]:

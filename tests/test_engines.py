@@ -151,14 +151,81 @@ def test_onnxruntime_bulk_mode_runs_one_thread_batches_side_by_side(converted_ho
     assert single.throughput() is single and single.parallel == 1
 
 
-def test_auto_is_onnxruntime_on_the_cpu_and_verbose_says_which_engine_ran(home_copy, pictures):
-    assert choose_engine("auto", "cpu").engine == "onnxruntime"
+def test_auto_on_the_cpu_and_verbose_says_which_engine_ran_and_why(home_copy, pictures):
+    expected = choose_engine("auto", "cpu", model=MODEL)
     result = CliRunner().invoke(main, ["classify", str(pictures[0]), "--json", "-v"])
     assert result.exit_code == 0, result.output
-    assert "engine onnxruntime (CPUExecutionProvider" in result.stderr
+    assert f"engine {expected.engine} (" in result.stderr and expected.engine_reason in result.stderr
     assert "converting" not in result.stderr
     assert len(json.loads(result.stdout)[0]["predictions"]) == 5
     assert "latency mode" in result.stderr
+
+
+def test_onnxruntime_leaves_nothing_of_openvino_in_the_cache(isolated_home, answer_weights, pictures):
+    _home_with_weights(isolated_home, answer_weights)
+    done = CliRunner().invoke(main, ["classify", str(pictures[0]), "--json", "--engine", "onnxruntime"])
+    assert done.exit_code == 0, done.output
+    assert (isolated_home / "onnx").is_dir() and not (isolated_home / "openvino").exists()
+
+
+def _cpu_with(monkeypatch, *flags: str) -> None:
+    """Make this CPU look like one with ``flags`` to ``auto``'s rule (the rule reads engines.base.cpu_flags)."""
+    from mixnet_cli.engines import base
+
+    monkeypatch.setattr(base, "cpu_flags", lambda: frozenset(flags))
+
+
+def test_without_a_measurement_auto_follows_the_cpu_rule(home_copy, monkeypatch):
+    _cpu_with(monkeypatch, "avx2", "fma", "avx512f")
+    avx512 = choose_engine("auto", "cpu", model="MixNet_L")
+    assert avx512.engine == "openvino" and "avx512f" in avx512.engine_reason
+    assert "not measured on this machine (mixnet doctor --measure)" in avx512.engine_reason
+    _cpu_with(monkeypatch, "avx2", "fma")
+    assert choose_engine("auto", "cpu").engine == "onnxruntime"
+
+
+def test_an_openvino_that_auto_picked_and_cannot_start_gives_way_to_onnxruntime(home_copy, monkeypatch):
+    _cpu_with(monkeypatch, "avx2", "avx512f")
+    shutil.rmtree(home_copy / "onnx")
+    (home_copy / "onnx").write_text("a file where the converted models would go")
+    classifier = Classifier(MODEL, threads=2)
+    assert classifier.engine.name == "onnxruntime" and "built in memory" in classifier.engine.detail
+    assert "openvino failed" in classifier.engine_choice.engine_reason
+
+
+def test_auto_follows_this_machines_measurement_until_the_engines_change(isolated_home, monkeypatch):
+    from mixnet_cli.engines import speed
+
+    record = speed.measure_engine_speeds(["MixNet_S"], 2, rounds=1)
+    figures = record["models"]["MixNet_S"]
+    assert set(figures) == {"onnxruntime", "openvino"}
+    assert all(ms > 0 for by_batch in figures.values() for ms in by_batch.values())
+    assert record["machine"] == speed.machine_key(2) and "fastest of 1" in record["how"]
+    # The probe builds its own network in a temporary folder: the cache holds the record and nothing else.
+    assert sorted(p.name for p in isolated_home.iterdir()) == ["engine-speed.json"]
+
+    def kept(onnxruntime: tuple[float, float], openvino: tuple[float, float], machine: dict) -> None:
+        record["machine"] = machine
+        record["models"]["MixNet_S"] = {"onnxruntime": {"1": onnxruntime[0], "8": onnxruntime[1]},
+                                        "openvino": {"1": openvino[0], "8": openvino[1]}}
+        speed.record_path().write_text(json.dumps(record))
+
+    _cpu_with(monkeypatch, "avx2", "avx512f")  # the rule alone would take OpenVINO
+    kept((5.0, 40.0), (6.0, 50.0), speed.machine_key(2))
+    measured = choose_engine("auto", "cpu", model="MixNet_S", threads=2)
+    assert measured.engine == "onnxruntime" and "this machine's measurement" in measured.engine_reason
+    # Faster at batch 1, slower at batch 8: the lower geometric mean of the two decides.
+    kept((9.0, 40.0), (5.0, 44.0), speed.machine_key(2))
+    assert choose_engine("auto", "cpu", model="MixNet_S", threads=2).engine == "openvino"
+    kept((9.0, 40.0), (8.0, 60.0), speed.machine_key(2))
+    assert choose_engine("auto", "cpu", model="MixNet_S", threads=2).engine == "onnxruntime"
+    # Another version of an engine, or another thread count: the measurement no longer holds.
+    other = dict(speed.machine_key(2), versions={"onnxruntime": "0.1", "openvino": "0.1"})
+    kept((5.0, 40.0), (6.0, 50.0), other)
+    stale = choose_engine("auto", "cpu", model="MixNet_S", threads=2)
+    assert stale.engine == "openvino" and "another CPU, thread count or engine versions" in stale.engine_reason
+    kept((5.0, 40.0), (6.0, 50.0), speed.machine_key(2))
+    assert choose_engine("auto", "cpu", model="MixNet_S", threads=1).engine == "openvino"
 
 
 def test_a_large_job_runs_in_bulk_mode_with_the_same_answers(home_copy, pictures, tmp_path):
@@ -170,7 +237,8 @@ def test_a_large_job_runs_in_bulk_mode_with_the_same_answers(home_copy, pictures
         shutil.copy(pictures[index % len(pictures)], folder / f"{index:03d}.png")
     result = CliRunner().invoke(main, ["classify", str(folder), "--jsonl", "-v"])
     assert result.exit_code == 0, result.output
-    assert "batches at once" in result.stderr  # -v names the mode that ran
+    # -v names the bulk mode that ran: ONNX Runtime's sessions side by side, or OpenVINO's streams.
+    assert "batches at once" in result.stderr or "streams" in result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [Path(row["input"]).name for row in rows] == sorted(p.name for p in folder.iterdir())
     single = CliRunner().invoke(main, ["classify", *(str(p) for p in pictures), "--jsonl"])
@@ -223,7 +291,7 @@ def test_cached_path_imports_no_paddle(engine, home_copy, pictures):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stderr
-    assert "engine onnxruntime (" in done.stderr
+    assert f"engine {choose_engine(engine, 'cpu').engine} (" in done.stderr
     assert json.loads(done.stdout)[0]["input"] == str(pictures[1])
 
 
@@ -238,7 +306,8 @@ def test_first_use_converts_once_installs_nothing_and_reconverts_a_corrupt_model
     _home_with_weights(isolated_home, answer_weights)
     before = _pip_freeze()
     runner = CliRunner()
-    first = runner.invoke(main, ["classify", str(pictures[0]), "--json"])
+    ort = ["--engine", "onnxruntime"]  # the reference engine (auto may pick OpenVINO, which is checked below)
+    first = runner.invoke(main, ["classify", str(pictures[0]), "--json", *ort])
     assert first.exit_code == 0, first.output
     assert "converting MixNet_S to ONNX (once)..." in first.stderr
     assert _pip_freeze() == before, "the conversion changed the installed packages"
@@ -265,7 +334,7 @@ def test_first_use_converts_once_installs_nothing_and_reconverts_a_corrupt_model
     assert json.loads(marker.read_text())["check"]["max_abs_probability_diff"] <= PROBABILITY_TOLERANCE
     assert not list((isolated_home / "onnx").glob("*.incomplete"))
 
-    second = runner.invoke(main, ["classify", str(pictures[0]), "--json"])
+    second = runner.invoke(main, ["classify", str(pictures[0]), "--json", *ort])
     assert second.exit_code == 0 and "converting" not in second.stderr
     assert second.stdout == first.stdout
 
@@ -273,7 +342,7 @@ def test_first_use_converts_once_installs_nothing_and_reconverts_a_corrupt_model
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the weights
     model.write_bytes(bytes(data))
-    third = runner.invoke(main, ["classify", str(pictures[0]), "--json"])
+    third = runner.invoke(main, ["classify", str(pictures[0]), "--json", *ort])
     assert third.exit_code == 0, third.output
     assert "corrupt MixNet_S.onnx" in third.stderr and "converting again" in third.stderr
     assert third.stdout == first.stdout
@@ -344,14 +413,23 @@ def test_a_model_made_by_an_older_version_is_replaced(home_copy, pictures):
     assert after.stdout == before.stdout
 
 
-def test_a_cache_that_cannot_take_the_model_runs_it_from_memory_unless_openvino_is_asked_for(home_copy, pictures):
+def test_a_cache_that_cannot_take_the_model_runs_it_from_memory_unless_openvino_is_asked_for(home_copy, pictures,
+                                                                                          monkeypatch):
     shutil.rmtree(home_copy / "onnx")
     (home_copy / "onnx").write_text("a file where the converted models would go")
     runner = CliRunner()
+    _cpu_with(monkeypatch, "avx2", "fma")  # auto's rule picks ONNX Runtime
     auto = runner.invoke(main, ["classify", str(pictures[0]), "--json", "-v"])
     assert auto.exit_code == 0, auto.output
     assert "engine onnxruntime (" in auto.stderr and "built in memory" in auto.stderr
     assert "Warning: " not in auto.stderr  # nothing failed: ONNX Runtime needs no file
+    _cpu_with(monkeypatch, "avx2", "fma", "avx512f")  # auto's rule picks OpenVINO, which needs the cache
+    fallback = runner.invoke(main, ["classify", str(pictures[0]), "--json", "-v"])
+    assert fallback.exit_code == 0, fallback.output
+    assert "engine onnxruntime (" in fallback.stderr and "built in memory" in fallback.stderr
+    [warning] = [line for line in fallback.stderr.splitlines() if line.startswith("Warning: ")]
+    assert "cannot create the cache directory" in warning and warning.endswith("using onnxruntime on cpu instead")
+    assert fallback.stdout == auto.stdout
     bulk = Classifier(MODEL, engine="onnxruntime", threads=2).engine.throughput()
     assert "built in memory" in bulk.detail
     explicit = runner.invoke(main, ["classify", str(pictures[0]), "--json", "--engine", "openvino"])
@@ -370,7 +448,9 @@ def test_benchmark_reports_latency_rows(home_copy):
     rows = json.loads(result.stdout)
     assert [(r["model"], r["batch_size"]) for r in rows] == [("MixNet_S", 1), ("MixNet_S", 2)]
     for row in rows:
-        assert row["engine"] == "onnxruntime" and row["device"] == "cpu" and row["threads"] == 1
+        # auto's engine for this CPU (engines/choice.py: ONNX Runtime, or OpenVINO on AVX-512)
+        assert row["engine"] == choose_engine("auto", "cpu", threads=1).engine
+        assert row["device"] == "cpu" and row["threads"] == 1
         assert 0 < row["min_ms"] <= row["p10_ms"] <= row["median_ms"] <= row["p90_ms"] <= row["max_ms"]
         assert row["repeats"] == 3 and row["images_per_s"] > 0
     assert [r["paddleclas_v100_trt_ms"] for r in rows] == [SPEC.metrics.v100_trt_fp32_latency_ms["bs1"], None]
@@ -487,3 +567,49 @@ def test_the_conversion_check_holds_engines_to_the_tests_bounds():
     with pytest.raises(EngineError, match=r"its probabilities differ by up to 0\.00011 \(allowed 0\.0001\)$"):
         compare_probabilities(softmax(_with_probability_moved(two_classes, 1.1 * PROBABILITY_TOLERANCE)),
                               two_classes)
+
+
+# --- opt-in bf16 ------------------------------------------------------------------------------------------------------
+
+def test_bf16_is_refused_on_a_cpu_without_bf16_arithmetic(home_copy, pictures, monkeypatch, tmp_path):
+    (tmp_path / "val" / "n01440764").mkdir(parents=True)
+    shutil.copy(pictures[0], tmp_path / "val" / "n01440764")
+    _cpu_with(monkeypatch, "avx2", "fma", "avx512f")  # AVX-512 without avx512_bf16: bf16 would be emulated
+    with pytest.raises(DeviceError, match="needs a CPU with bf16 arithmetic"):
+        choose_engine("auto", "cpu", "bf16")
+    with pytest.raises(DeviceError, match="needs a CPU with bf16 arithmetic"):
+        Classifier(MODEL, engine="openvino", precision="bf16")
+    for command in (["classify", str(pictures[0])], ["serve"], ["eval", str(tmp_path / "val")]):
+        done = CliRunner().invoke(main, command + ["--precision", "bf16"])
+        assert done.exit_code == 1, (command, done.output)
+        assert done.stderr.startswith("Error: --precision bf16 needs a CPU with bf16 arithmetic (avx512_bf16 or AMX)")
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.output
+    _cpu_with(monkeypatch, "avx2", "avx512f", "avx512_bf16")
+    embed = CliRunner().invoke(main, ["classify", str(pictures[0]), "--precision", "bf16", "--json", "--embed"])
+    assert embed.exit_code == 2 and "features come in fp32 only: leave out --precision bf16 with --embed" in embed.stderr
+    _cpu_with(monkeypatch, "avx2", "fma", "avx512f")
+    remote = CliRunner().invoke(main, ["classify", str(pictures[0]), "--precision", "bf16",
+                                       "--server", "http://127.0.0.1:9"])
+    assert remote.exit_code == 2 and "the service's own precision" in remote.stderr
+    # fp32 stays the default everywhere, and OpenVINO computes it in f32 (not its bf16 default on such CPUs).
+    assert choose_engine("auto", "cpu").precision == "fp32"
+    _cpu_with(monkeypatch, "avx2", "fma", "avx512f", "avx512_bf16")
+    assert Classifier(MODEL, engine="openvino").engine.detail.startswith("OpenVINO ")
+    assert ", f32, " in Classifier(MODEL, engine="openvino").engine.detail
+
+
+@pytest.mark.skipif(not ({"avx512_bf16", "amx_bf16"} & set(open("/proc/cpuinfo").read().split())),
+                    reason="bf16 runs only on a CPU with bf16 arithmetic (avx512_bf16 or AMX)")
+def test_bf16_runs_openvino_in_bf16_and_says_so(home_copy, pictures):
+    fp32 = Classifier(MODEL, device="cpu", engine="openvino", threads=2)
+    bf16 = Classifier(MODEL, device="cpu", precision="bf16", threads=2)
+    assert bf16.engine.name == "openvino" and "bf16 (opt-in; top-1 as fp32's" in bf16.engine.detail
+    batch = np.stack([fp32.preprocess(picture) for picture in pictures])
+    expected, got = fp32.engine.run(batch), bf16.engine.run(batch)
+    assert got.shape == expected.shape and np.all(np.isfinite(got))
+    # Really bf16: its logits move by far more than f32 kernels ever do (the 1e-4 of the fp32 check).
+    assert np.abs(got - expected).max() > 1e-3 * np.abs(expected).max()
+    assert bf16.engine.throughput(4).run(batch).shape == expected.shape  # its bulk mode computes in bf16 too
+    result = CliRunner().invoke(main, ["classify", str(pictures[0]), "--precision", "bf16", "--json", "-v"])
+    assert result.exit_code == 0, result.output
+    assert "engine openvino (OpenVINO" in result.stderr and "bf16 (opt-in;" in result.stderr

@@ -73,9 +73,13 @@ def test_a_registered_engine_runs_from_the_cli_and_the_api(counting_engine, cali
     assert unknown.exit_code == 2 and "counting" in unknown.stderr
 
 
-def test_auto_gives_way_to_the_next_engine_when_its_first_choice_fails(calibrated_mirror, tmp_path):
+def test_auto_gives_way_to_the_next_engine_when_its_first_choice_fails(calibrated_mirror, tmp_path, monkeypatch):
     """An engine ranked first on the CPU that fails to start (here: this module's, refusing to build) hands over to
     the next in the table, with one warning; asked for by name, its failure is the error."""
+    from mixnet_cli.engines import base
+
+    # A CPU without AVX-512, where auto follows the table's ranks (on AVX-512 its rule puts OpenVINO first).
+    monkeypatch.setattr(base, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     info = register(EngineInfo("refusing", (), "cpu", "an engine that never starts (an example)",
                                "nothing to install", (), __name__ + "_refusing", cpu_rank=-1))
     import sys
@@ -124,6 +128,7 @@ def test_help_and_readme_describe_auto_as_the_table_ranks_the_engines():
     assert cpu.startswith("onnxruntime, openvino") and gpu.startswith("torch")
     text = " ".join(CliRunner().invoke(main, ["classify", "--help"]).output.split())
     assert f"on the CPU {cpu}; on a GPU {gpu}" in text
+    assert "else OpenVINO first on AVX-512 CPUs" in text  # the CPU rule, before the table's order
     assert "a GPU when a CUDA build of torch, onnxruntime-gpu or paddlepaddle-gpu is installed" in text
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     engine_row = next(line for line in readme.splitlines() if line.startswith("| `--engine auto"))

@@ -127,7 +127,7 @@ def test_benchmark_times_each_precision_with_its_agreement(calibrated_mirror) ->
 
 
 def test_a_precision_the_engine_lacks_is_a_usage_error() -> None:
-    with pytest.raises(UsageError, match="bf16 needs --engine torch"):
+    with pytest.raises(UsageError, match="bf16 needs --engine openvino or torch"):
         choose_engine("onnxruntime", "cpu", "bf16")
     with pytest.raises(UsageError, match="unknown precision 'fp8'"):
         choose_engine("auto", "cpu", "fp8")

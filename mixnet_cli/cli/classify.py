@@ -19,6 +19,7 @@ from .common import (
     device_and_engine,
     device_option,
     engine_option,
+    precision_option,
     interrupt_ends_at_once,
     model_names_help,
     network_options,
@@ -69,6 +70,7 @@ from .common import (
 )
 @device_option
 @engine_option
+@precision_option
 # 4: the fastest batch for OpenVINO on the CPU, and the one that keeps decoding and inference overlapped on 2 cores
 # (BENCHMARKS.md); smaller last batches run padded on the same model.
 @click.option("-b", "--batch-size", default=4, show_default=True, type=click.IntRange(1, 1024), help="Images per forward pass.")
@@ -100,6 +102,7 @@ def classify(
     recursive: bool,
     device: str | None,
     engine: str | None,
+    precision: str,
     batch_size: int,
     threads: int | None,
     mirrors: tuple[str, ...],
@@ -163,6 +166,9 @@ def classify(
                          "maps with ?cam=1)")
     if token_file is not None and server is None:
         raise UsageError("--token-file is the token of a service: use it with --server URL")
+    if server is not None and precision.lower() != "fp32":
+        raise UsageError("--server classifies in the service's own precision (start it with `mixnet serve "
+                         "--precision bf16`): leave out --precision with --server")
     if embed and fmt not in ("json", "jsonl"):
         raise UsageError("--embed puts the features in the JSON objects: add --json or --jsonl, or use --embed-npy FILE")
     device_name = engine_name = "auto"
@@ -200,7 +206,8 @@ def classify(
 
         return Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None, offline=offline,
                           progress=None if not quiet else False, threads=threads, weights=weights, labels=labels,
-                          features=embed or embed_npy is not None, cam=cam_dir is not None)
+                          features=embed or embed_npy is not None, cam=cam_dir is not None,
+                          precision=precision.lower())
 
     # Each input's object and its features (None: not asked for), model after model: one model is loaded at a
     # time, and its results stream out as they come. The first is loaded now, so that what stops a run (an

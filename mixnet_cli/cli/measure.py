@@ -18,6 +18,7 @@ from .common import (
     device_and_engine,
     device_option,
     engine_option,
+    precision_option,
     interrupt_ends_at_once,
     model_names_help,
     network_options,
@@ -30,23 +31,46 @@ from .common import (
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
+@click.option("--measure", is_flag=True,
+              help="First time the installed CPU engines on MixNet S, M and L (batch 1 and 8, about 5 s per model) "
+                   "and keep the figures in the cache: `auto` then picks by them on this machine, until the CPU "
+                   "or the engines' versions change.")
+@threads_option
 @output_options
 @user_errors
-def doctor(fmt: str) -> None:
+def doctor(measure: bool, threads: int | None, fmt: str) -> None:
     """Check this setup and print what a bug report needs.
 
-    Versions, whether paddle has CUDA and which GPUs it sees, the device `auto` picks and why, the cache
-    directory and whether it is writable, offline and mirror settings, and whether the weights URLs answer
-    (skipped when offline). Exits 1 when a check fails.
+    Versions, whether paddle has CUDA and which GPUs it sees, the device and engine `auto` picks and why (per
+    model), the cache directory and whether it is writable, offline and mirror settings, and
+    whether the weights URLs answer (skipped when offline). Exits 1 when a check fails.
 
     \b
       mixnet doctor
+      mixnet doctor --measure
       mixnet doctor --json
 
     The table fits the terminal's width (80 columns when stdout is not a terminal); a hint is on a line of its own.
     """
     from ..doctor import run_checks
     from ..output import checks_table, write_rows
+
+    if measure:
+        from ..base import settings
+        from ..engines.base import physical_cores
+        from ..engines.speed import measure_engine_speeds, record_path
+
+        count = threads or settings.cpu_threads() or physical_cores()
+        click.echo(f"timing the installed CPU engines ({count} thread(s))...", err=True)
+        try:
+            record = measure_engine_speeds(("MixNet_S", "MixNet_M", "MixNet_L"), count)
+        except OSError as exc:
+            raise UsageError(f"cannot write {record_path()} ({exc}); set MIXNET_HOME to a writable directory") \
+                from None
+        for model, figures in record["models"].items():
+            click.echo(f"{model}: " + ", ".join(f"{engine} {ms['1']:.1f} ms at batch 1, {ms['8']:.1f} ms at batch 8"
+                                                 for engine, ms in figures.items()), err=True)
+        click.echo(f"kept in {record_path()} ({record['seconds']} s)", err=True)
 
     failed = 0
 
@@ -82,6 +106,7 @@ def doctor(fmt: str) -> None:
                 jsonl_help="One JSON line per misclassified image; summary on stderr.")
 @device_option
 @engine_option
+@precision_option
 @click.option("-b", "--batch-size", default=4, show_default=True, type=click.IntRange(1, 1024), help="Images per forward pass.")
 @threads_option
 @network_options
@@ -98,6 +123,7 @@ def evaluate_command(
     fmt: str,
     device: str | None,
     engine: str | None,
+    precision: str,
     batch_size: int,
     threads: int | None,
     mirrors: tuple[str, ...],
@@ -135,7 +161,7 @@ def evaluate_command(
     click.get_current_context().with_resource(interrupt_ends_at_once())
     show_messages(quiet)
     classifier = Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None, offline=offline,
-                            threads=threads, weights=weights, labels=labels)
+                            threads=threads, weights=weights, labels=labels, precision=precision.lower())
     class_names = classifier.labels
     outside = next((s for s in samples if s.class_id >= len(class_names)), None)
     if outside is not None:
@@ -185,7 +211,8 @@ def evaluate_command(
 @threads_option
 @click.option("--precision", "precisions", multiple=True, metavar="fp32|tf32|bf16|fp16",
               help="Arithmetic to time; repeat for several (default fp32). Other than fp32 needs an engine that "
-              "offers it (torch); each row then says how far its answers are from the same engine's fp32.")
+              "offers it (openvino: bf16; torch); each row then says how far its answers are from the same "
+              "engine's fp32.")
 @click.option("--compile", "compiled", is_flag=True,
               help="Also time the network compiled (torch.compile; torch engine): each precision twice.")
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",

@@ -13,6 +13,7 @@ from .common import (
     device_and_engine,
     device_option,
     engine_option,
+    precision_option,
     network_options,
     show_messages,
     specs_for,
@@ -63,6 +64,7 @@ from .common import (
 @click.option("--threads", type=click.IntRange(1, 1024), help="CPU threads per forward pass (default: the physical cores).")
 @device_option
 @engine_option
+@precision_option
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="Access log on stderr: a line per request, as text or as a JSON object.")
 @click.option("--no-access-log", is_flag=True, help="No line per request.")
@@ -90,6 +92,7 @@ def serve(
     threads: int | None,
     device: str | None,
     engine: str | None,
+    precision: str,
     log_format: str,
     no_access_log: bool,
     mirrors: tuple[str, ...],
@@ -117,6 +120,10 @@ def serve(
     # None named: MixNet_S, or with --weights the architecture read from the file (ServeOptions).
     names = [spec.name for spec in specs_for(models)] if models else []
     device_name, engine_name = device_and_engine(device, engine)
+    if precision.lower() != "fp32":  # refused now (a CPU without bf16), not once the service is up
+        from ..engines.choice import choose_engine
+
+        choose_engine(engine_name, device_name, precision.lower())
     defaults = service.ServeOptions()
     options = service.ServeOptions(
         models=tuple(names), weights=weights, labels=labels, host=host, port=port,
@@ -126,7 +133,8 @@ def serve(
         deadline_s=deadline or defaults.deadline_s,
         max_body_bytes=int(max_body_mb * 1024 * 1024) if max_body_mb else defaults.max_body_bytes,
         allow_urls=allow_urls, workers=workers, threads=threads, device=device_name, engine=engine_name,
-        mirrors=mirrors or None, offline=offline, log_format=log_format, access_log=not no_access_log,
+        precision=precision.lower(), mirrors=mirrors or None, offline=offline, log_format=log_format,
+        access_log=not no_access_log,
         allow_private_urls=allow_private_urls, token=service.load_token(token_file), public_metrics=public_metrics,
         header_timeout_s=header_timeout, keep_alive_s=keep_alive, graceful_timeout_s=graceful_timeout,
     )

@@ -29,7 +29,8 @@ class EngineInfo:
     it needs.
     ``cpu_rank`` and ``gpu_rank`` order it for ``auto`` (lower first; None: ``auto`` never picks it there).
     ``precisions`` are the arithmetic it offers (``--precision``; fp32 first, the only one held to the reference);
-    ``compiles``: it can compile the network for ``benchmark --compile``.
+    ``compiles``: it can compile the network for ``benchmark --compile``. ``cpu_fast_with``: CPU flags on which
+    ``auto`` ranks it first for fp32 when this machine's engines were not measured (``cpu_fast_note`` says why).
     ``module`` implements it: ``resolve_device(name, requested) -> DeviceChoice``, ``build(spec, weights,
     choice, threads) -> Engine`` and, with a ``gpu_rank``, ``gpu_problem() -> str | None`` (why it cannot drive
     a GPU here, None when it may; cheap: no heavy import).
@@ -46,6 +47,10 @@ class EngineInfo:
     gpu_rank: int | None = None
     precisions: tuple[str, ...] = ("fp32",)
     compiles: bool = False  # benchmark --compile: it can compile the network (torch.compile)
+    # ``auto``'s rule for fp32 on the CPU when this machine has no measurement (engines/speed.py): on a CPU with
+    # all these flags this engine leads, for the reason ``cpu_fast_note`` gives (measured figures).
+    cpu_fast_with: tuple[str, ...] = ()
+    cpu_fast_note: str = ""
     extra: str | None = None
 
     def install_line(self) -> str:
@@ -108,17 +113,23 @@ def ranked(device: str, precision: str = "fp32", compiled: bool = False) -> list
                    and (info.compiles or not compiled)), key=lambda i: getattr(i, key))
 
 
-# ONNX Runtime first on the CPU: it starts in a fifth of OpenVINO's first compile and ran the forward pass and
-# bulk jobs as fast or faster on the machines measured (BENCHMARKS.md); OpenVINO is the fallback and a choice.
+# ONNX Runtime first in the table on the CPU: it starts in a fifth of OpenVINO's first compile and 70-100 ms
+# sooner in a cold `mixnet classify`, and ran the forward pass and bulk jobs as fast or faster on the AVX2 CPUs
+# measured (BENCHMARKS.md). On AVX-512 CPUs OpenVINO's f32 kernels are faster at every batch size, so there
+# ``auto`` puts OpenVINO first (engines/choice.py), unless this machine's own measurement says otherwise
+# (`mixnet doctor --measure`, engines/speed.py).
 register(EngineInfo(
     "onnxruntime", ("ort", "onnx"), "cpu, gpu (with onnxruntime-gpu)",
-    "ONNX Runtime on mixnet's ONNX graph, f32: the quickest to start and the fastest on the CPU "
+    "ONNX Runtime on mixnet's ONNX graph, f32: the quickest to start, and the fastest on AVX2 CPUs "
     "(BENCHMARKS.md); CUDA with onnxruntime-gpu",
     "pip install onnxruntime", ("onnxruntime",), "mixnet_cli.engines.onnxruntime", cpu_rank=0, gpu_rank=1))
 register(EngineInfo(
     "openvino", ("ov",), "cpu",
-    "OpenVINO on the same graph, f32, on the CPU (its compiled form cached after the first run)",
-    "pip install openvino", ("openvino", "onnxruntime"), "mixnet_cli.engines.openvino", cpu_rank=1))
+    "OpenVINO on the same graph, on the CPU (its compiled form cached after the first run): f32, the fastest on "
+    "AVX-512 CPUs; bf16 (opt-in) on CPUs with bf16 arithmetic",
+    "pip install openvino", ("openvino", "onnxruntime"), "mixnet_cli.engines.openvino", cpu_rank=1,
+    precisions=("fp32", "bf16"), cpu_fast_with=("avx512f",),
+    cpu_fast_note="0.67-0.85x ONNX Runtime's time at batch 1, 4 and 8 on an AVX-512 EPYC, BENCHMARKS.md"))
 register(EngineInfo(
     "paddle", ("paddle-inference",), "cpu, gpu (with paddlepaddle-gpu)",
     "Paddle Inference on a paddle.jit.save model of paddleclas's network (oneDNN on the CPU; CUDA, TensorRT)",

@@ -3,6 +3,7 @@ check that holds an engine to the reference logits before its answers are truste
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,41 @@ def physical_cores() -> int:
             return max(1, len(cpus))
         cores.add(siblings.strip())
     return max(1, len(cores))
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (``avx2``, ``avx512f``, ``avx512_bf16``, ``amx_bf16``...);
+    empty where /proc/cpuinfo cannot be read (then nothing is assumed about the CPU)."""
+    for line in _cpuinfo().splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``AMD EPYC 9R14``...), or the machine type where /proc/cpuinfo cannot be read."""
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.machine()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+# The CPU flags that decide how the engines' kernels compute (and so which engine is fastest, and whether bf16 is
+# native): a change in any of them is another CPU for the engine-speed record.
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+               "amx_int8", "avx_vnni")
+# bf16 arithmetic in hardware: without one of these, OpenVINO would emulate bf16 (slower than f32, so refused).
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def gpu_index(device: str) -> int:

@@ -14,11 +14,11 @@ import re
 import statistics
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import ENGINES, canonical_name, engine_names, ranked
+from . import ENGINES, EngineInfo, canonical_name, engine_names, ranked
 from .base import DeviceChoice, Engine, EngineFailed
 from ..base.errors import DeviceError, EngineError, MixnetError, UsageError
 from ..base.manifest import ModelSpec
@@ -41,6 +41,10 @@ class EngineChoice:
     engine_auto: bool = False
     precision: str = "fp32"  # the arithmetic (engines' ``precisions``); only fp32 is held to the reference
     compiled: bool = False  # compile the network where the engine can (torch.compile; for benchmark)
+    # What ``auto`` weighed on the CPU (a fallback orders the engines the same way): the model's name and the
+    # threads of a forward pass (None: the cores).
+    model: str | None = None
+    threads: int | None = None
 
     @property
     def device_choice(self) -> DeviceChoice:
@@ -73,16 +77,18 @@ def require_engine(name: str) -> None:
 
 
 def choose_engine(engine: str = "auto", device: str = "auto", precision: str = "fp32",
-                  compiled: bool = False) -> EngineChoice:
+                  compiled: bool = False, *, model: str | None = None,
+                  threads: int | None = None) -> EngineChoice:
     """Settle engine and device together: ``auto`` is the fastest engine installed for the device that offers
     ``precision`` (``fp32``, the only one held to the reference, unless ``benchmark`` asks for another) and, with
     ``compiled`` (``benchmark --compile``), compiles the network.
 
-    The engines' ranks in :mod:`mixnet_cli.engines` order them: on the CPU ONNX Runtime, then OpenVINO, then
-    Paddle Inference; on a GPU PyTorch with CUDA, then ONNX Runtime with onnxruntime-gpu, then Paddle Inference
-    with a CUDA build of paddle. Nothing here imports paddle or torch unless an engine of theirs is asked for or
-    could drive the GPU. A GPU asked for that no installed engine can drive is an error naming what to install,
+    On the CPU :func:`_cpu_order` orders them: by this machine's measurement (:mod:`mixnet_cli.engines.speed`) or
+    the table's rule, for ``model`` (default MixNet_S) and ``threads``; then Paddle Inference and torch. On a GPU
+    PyTorch with CUDA, then ONNX Runtime with onnxruntime-gpu, then Paddle Inference with a CUDA build of paddle.
+    Nothing here imports paddle or torch unless an engine of theirs is asked for or could drive the GPU. A GPU asked for that no installed engine can drive is an error naming what to install,
     never a silent fallback; ``auto`` on a machine without one says why in its device reason (``-v``).
+    ``bf16`` on the CPU needs bf16 arithmetic (:func:`refuse_emulated_bf16`).
     Raises :class:`UsageError` for unknown names, :class:`EngineError` and :class:`DeviceError`.
     """
     engine_name = check_engine_name(engine)
@@ -92,20 +98,40 @@ def choose_engine(engine: str = "auto", device: str = "auto", precision: str = "
             info.compiles for info in ENGINES.values())):
         compilers = " or ".join(info.name for info in ENGINES.values() if info.compiles)
         raise UsageError(f"--compile needs an engine that compiles the network: --engine {compilers}")
-    choice = _choose(engine_name, device_name, device, precision, compiled)
+    workload = {"model": model, "threads": threads}
+    choice = _choose(engine_name, device_name, device, precision, compiled, workload)
     if precision == "tf32" and choice.device == "cpu":
         raise UsageError("--precision tf32 is a GPU's (tensor cores); on the CPU use fp32, bf16 or fp16")
+    if precision == "bf16" and choice.device == "cpu" and (choice.engine == "openvino" or choice.engine_auto):
+        refuse_emulated_bf16()
     return choice
 
 
-def _choose(engine_name: str, device_name: str, device: str, precision: str, compiled: bool) -> EngineChoice:
+def native_bf16() -> str | None:
+    """The CPU flag that gives this CPU bf16 arithmetic (``avx512_bf16``, ``amx_bf16``), or None."""
+    from .base import NATIVE_BF16_FLAGS, cpu_flags
+
+    flags = cpu_flags()
+    return next((flag for flag in NATIVE_BF16_FLAGS if flag in flags), None)
+
+
+def refuse_emulated_bf16() -> None:
+    """Raise :class:`DeviceError` on a CPU without bf16 arithmetic: emulated bf16 is slower than fp32 and less
+    exact, so it is never run (the torch engine's bf16, asked for by name, is ``benchmark``'s own)."""
+    if native_bf16() is None:
+        raise DeviceError("--precision bf16 needs a CPU with bf16 arithmetic (avx512_bf16 or AMX), and this one has "
+                          "neither (mixnet does not emulate it, which is slower than fp32): use --precision fp32")
+
+
+def _choose(engine_name: str, device_name: str, device: str, precision: str, compiled: bool,
+            workload: dict[str, Any]) -> EngineChoice:
     if engine_name != "auto":
         require_engine(engine_name)
         chosen = ENGINES[engine_name].load().resolve_device(device_name, device)
         return EngineChoice(engine_name, chosen.device, f"asked for {engine_name}", chosen.reason,
                             precision=precision, compiled=compiled)
     if device_name == "cpu":
-        return _cpu_auto("asked for the CPU", precision=precision, compiled=compiled)
+        return _cpu_auto("asked for the CPU", precision=precision, compiled=compiled, **workload)
     problems = []
     for info in ranked("gpu", precision, compiled):
         missing = info.missing()
@@ -124,7 +150,7 @@ def _choose(engine_name: str, device_name: str, device: str, precision: str, com
             "install a CUDA build of torch (pytorch.org), or onnxruntime-gpu (pip uninstall onnxruntime && pip "
             "install onnxruntime-gpu), or paddlepaddle-gpu with paddleclas; or use --device cpu"
         )
-    return _cpu_auto("no GPU engine: " + "; ".join(problems), precision=precision, compiled=compiled)
+    return _cpu_auto("no GPU engine: " + "; ".join(problems), precision=precision, compiled=compiled, **workload)
 
 
 def check_precision(requested: str, engine: str = "auto") -> str:
@@ -141,22 +167,66 @@ def check_precision(requested: str, engine: str = "auto") -> str:
     return name
 
 
-def _cpu_auto(device_reason: str, after: str | None = None, precision: str = "fp32",
-              compiled: bool = False) -> EngineChoice:
-    """The fastest engine installed for the CPU (after ``after``, the one that failed, when given)."""
+def _cpu_order(precision: str, compiled: bool, model: str | None,
+               threads: int | None) -> tuple[list[EngineInfo], str]:
+    """The CPU engines ``auto`` tries, first choice first, and why the first leads.
+
+    For fp32 (every engine held to the same answers) the order comes from this machine's measurement when there is
+    one for these engine versions, CPU and threads (:mod:`mixnet_cli.engines.speed`): the lowest geometric mean
+    of the batch 1 and batch 8 times. Without one, the rule: an engine whose ``cpu_fast_with`` flags this CPU has
+    leads (OpenVINO on AVX-512), else the table's ranks.
+
+    One engine per CPU and model, whatever the job: a few images, a bulk job and ``mixnet serve`` then give the
+    same answers (a faster start for a few images would be ONNX Runtime's on AVX-512 CPUs, 70-100 ms, at the
+    price of answers that differ in the seventh digit between a local run and the service; BENCHMARKS.md)."""
     candidates = ranked("cpu", precision, compiled)
+    table = "fastest installed engine for the CPU"
+    if precision != "fp32" or compiled or not candidates:
+        return candidates, table
+    installed = [info for info in candidates if info.missing() is None]
+    from .base import cpu_flags, physical_cores
+    from .speed import measured_speeds
+
+    speeds, missing = measured_speeds(model or "MixNet_S", threads or physical_cores())
+    timed = [info for info in installed if speeds and {1, 8} <= set(speeds.get(info.name, {}))]
+    if speeds is not None and len(timed) > 1:
+        measured = speeds
+
+        def score(info: EngineInfo) -> float:
+            return (measured[info.name][1] * measured[info.name][8]) ** 0.5
+
+        best = min(timed, key=score)
+        figures = ", ".join(f"{info.name} {speeds[info.name][1]:.1f}/{speeds[info.name][8]:.1f} ms"
+                            for info in sorted(timed, key=score))
+        why = (f"fastest here by this machine's measurement of {model or 'MixNet_S'} "
+               f"({figures} at batch 1/8; engine-speed.json)")
+        return [best] + [info for info in candidates if info is not best], why
+    flags = cpu_flags()
+    for info in installed:
+        if info.cpu_fast_with and set(info.cpu_fast_with) <= flags:
+            rest = [other for other in candidates if other is not info]
+            return [info] + rest, (f"rule for CPUs with {' and '.join(info.cpu_fast_with)}: {info.name} runs MixNet "
+                                   f"fastest there ({info.cpu_fast_note}); {missing}")
+    return candidates, f"{table} (the table's order for this CPU; {missing})"
+
+
+def _cpu_auto(device_reason: str, after: str | None = None, precision: str = "fp32",
+              compiled: bool = False, model: str | None = None,
+              threads: int | None = None) -> EngineChoice:
+    """The fastest engine installed for the CPU (after ``after``, the one that failed, when given)."""
+    candidates, first_reason = _cpu_order(precision, compiled, model, threads)
     if after is not None:
         names = [info.name for info in candidates]
         candidates = candidates[names.index(after) + 1:] if after in names else []
     for position, info in enumerate(candidates):
         if info.missing() is None:
-            why = "fastest installed engine for the CPU" if position == 0 and after is None else \
+            why = first_reason if position == 0 and after is None else \
                 f"the next fastest engine for the CPU ({', '.join(i.name for i in candidates[:position]) or after} " \
                 "not available)"
             if precision != "fp32" or compiled:
                 why += " that offers " + " and ".join([precision] + (["compiling"] if compiled else []))
             return EngineChoice(info.name, "cpu", why, device_reason, engine_auto=True, precision=precision,
-                                compiled=compiled)
+                                compiled=compiled, model=model, threads=threads)
     if precision != "fp32" or compiled:
         installs = "; ".join(info.install_line() for info in candidates) or "no engine offers it"
         raise EngineError(f"no engine installed here runs {precision}{' compiled' if compiled else ''}: {installs}")
@@ -168,18 +238,22 @@ def resolve_device(requested: str = "auto", engine: str = "auto") -> DeviceChoic
     return choose_engine(engine, requested).device_choice
 
 
+def _workload(choice: EngineChoice) -> dict[str, Any]:
+    return {"model": choice.model, "threads": choice.threads}
+
+
 def _fallback(choice: EngineChoice, exc: MixnetError) -> EngineChoice | None:
     """What ``auto`` tries after ``choice`` failed with ``exc`` (None: nothing better left, raise it)."""
     if not choice.engine_auto:
         return None
     if choice.device != "cpu" and isinstance(exc, DeviceError):
         cpu = _cpu_auto(f"{choice.engine} could not use the GPU: {exc}", precision=choice.precision,
-                        compiled=choice.compiled)
+                        compiled=choice.compiled, **_workload(choice))
         return replace(cpu, engine_reason=f"{cpu.engine_reason}; {choice.engine} could not use the GPU")
     if isinstance(exc, EngineFailed):  # the engine failed, not the model: the next engine may run it
         try:
             following = _cpu_auto(choice.device_reason, after=choice.engine, precision=choice.precision,
-                                  compiled=choice.compiled)
+                                  compiled=choice.compiled, **_workload(choice))
         except EngineError:
             return None
         return replace(following, engine_reason=f"{choice.engine} failed: {exc}")
@@ -228,6 +302,9 @@ def _extra_output_engine(spec: ModelSpec, weights: "VerifiedWeights", choice: En
     ONNX Runtime on mixnet's graph with that extra output, on the CPU. An engine the user named that cannot give
     it is a :class:`UsageError` naming those that can."""
     builder, what = _EXTRA_OUTPUTS[output]
+    if choice.precision != "fp32":
+        asked = "--embed or --embed-npy" if output == "features" else "--cam"
+        raise UsageError(f"{what} come in fp32 only: leave out --precision {choice.precision} with {asked}")
     if not choice.engine_auto:
         require_engine(choice.engine)  # a named engine that is not installed says what to install
     module = ENGINES[choice.engine].load() if ENGINES[choice.engine].missing() is None else None

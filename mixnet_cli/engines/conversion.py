@@ -178,8 +178,12 @@ def _restamp(directory: Path, record: dict[str, Any], new_stamps: dict[str, dict
         lock.release()
 
 
-def ensure_converted(spec: ModelSpec, weights_path: Path, weights_sha256: str, fmt: str) -> ConvertedModel:
+def ensure_converted(spec: ModelSpec, weights_path: Path, weights_sha256: str, fmt: str, *,
+                     openvino_copy: bool = False) -> ConvertedModel:
     """The cached model of these weights for ``fmt``, converting them first (once) when there is none.
+
+    ``openvino_copy`` (the OpenVINO engine, about to run): a conversion to ONNX also writes OpenVINO's batch-1
+    copy from the model in memory; no other engine leaves anything of OpenVINO's in the cache.
 
     Says on stderr when it converts, and when a cached model failed its record and is made again. Raises
     :class:`EngineError` when the conversion or its check fails (or ``fmt`` needs the ``[paddle]`` extra and it
@@ -228,7 +232,8 @@ def ensure_converted(spec: ModelSpec, weights_path: Path, weights_sha256: str, f
         try:
             if fmt == "onnx":
                 try:
-                    report = convert_onnx(spec, weights_path, tmp, openvino_copy=openvino_dir(weights_sha256))
+                    report = convert_onnx(spec, weights_path, tmp, openvino_copy=openvino_dir(weights_sha256)
+                                          if openvino_copy else None)
                 except MixnetError as exc:
                     if isinstance(exc, EngineError):
                         raise

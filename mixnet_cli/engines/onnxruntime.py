@@ -1,5 +1,5 @@
-"""The ``onnxruntime`` engine: ONNX Runtime on mixnet's ONNX graph, ``auto``'s first choice on the CPU (the
-quickest to start and, on the machines measured, the fastest: BENCHMARKS.md); CUDA with onnxruntime-gpu."""
+"""The ``onnxruntime`` engine: ONNX Runtime on mixnet's ONNX graph, on the CPU the quickest to start and the
+fastest on AVX2 CPUs (``auto``'s choice there) (BENCHMARKS.md); CUDA with onnxruntime-gpu."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The ``openvino`` engine: OpenVINO on mixnet's ONNX graph, on the CPU, in f32 (``auto``'s second choice there:
-BENCHMARKS.md)."""
+"""The ``openvino`` engine: OpenVINO on mixnet's ONNX graph, on the CPU, in f32 (``auto``'s choice on AVX-512 CPUs:
+BENCHMARKS.md), or in bf16 where asked for and the CPU has bf16 arithmetic."""
 
 from __future__ import annotations
 
@@ -31,11 +31,19 @@ def resolve_device(name: str, requested: str) -> DeviceChoice:
     return DeviceChoice("cpu", "asked for the CPU" if name == "cpu" else "the openvino engine runs on the CPU")
 
 
+# --precision -> OpenVINO's inference precision hint.
+_INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+# What bf16 does to the answers, against fp32 (benchmarks/bf16.py: MixNet_S/M/L with weights whose logits look
+# trained, 200 ImageNet photos, an AVX-512 EPYC with avx512_bf16): said by -v and in README.
+BF16_AGREEMENT = "top-1 as fp32's on 97-98.5% of photos, top-5 set on 65-70%, probabilities within 0.04-0.17"
+
+
 class OpenVinoEngine:
-    """OpenVINO on mixnet's ONNX graph, on the CPU, computing in f32.
+    """OpenVINO on mixnet's ONNX graph, on the CPU, computing in f32 (or, opt-in, bf16).
 
     f32 is asked for explicitly: on CPUs with bf16 units OpenVINO would otherwise compute in bf16, whose
-    answers differ from paddle's in the third digit. Each batch size runs a model whose batch dimension is
+    answers differ from paddle's in the third digit. ``precision="bf16"`` asks for bf16 through the same hint
+    (on CPUs with bf16 arithmetic only: :func:`mixnet_cli.engines.choice.refuse_emulated_bf16`). Each batch size runs a model whose batch dimension is
     fixed (about 20% faster than a dynamic one at batch 1), made once per size from the checked model and kept
     with OpenVINO's compiled form in ``cache_dir``; the first two batches of a size that has no model yet run
     padded on a larger one (a last, partial batch), later ones get their own. Without ``cache_dir`` (a read-only
@@ -50,7 +58,8 @@ class OpenVinoEngine:
     name = "openvino"
 
     def __init__(self, model: Path, device: str = "cpu", threads: int | None = None,
-                 cache_dir: Path | None = None, *, bulk: bool = False, warm_size: int = 1, core: Any = None) -> None:
+                 cache_dir: Path | None = None, *, bulk: bool = False, warm_size: int = 1, core: Any = None,
+                 precision: str = "fp32") -> None:
         if device != "cpu":
             raise DeviceError(f"the openvino engine runs on the CPU only, not on {device}; use --device cpu")
         from ..base.third_party import import_quietly
@@ -62,6 +71,9 @@ class OpenVinoEngine:
         self._model = model
         self._cache_dir = cache_dir
         self._bulk = bulk
+        if precision not in _INFERENCE_PRECISION:
+            raise EngineError(f"the openvino engine computes in {' or '.join(_INFERENCE_PRECISION)}, not {precision}")
+        self.precision = precision
         if core is None:
             core = openvino.Core()
             if cache_dir is not None:
@@ -71,7 +83,7 @@ class OpenVinoEngine:
             # THROUGHPUT lets OpenVINO split the threads into streams (one per core on small machines).
             "PERFORMANCE_HINT": "THROUGHPUT" if bulk else "LATENCY",
             "INFERENCE_NUM_THREADS": self.threads,
-            "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_PRECISION_HINT": _INFERENCE_PRECISION[precision],
         }
         if not bulk:
             self._config["NUM_STREAMS"] = 1
@@ -86,7 +98,8 @@ class OpenVinoEngine:
         # size in use (which also tells how many streams OpenVINO made).
         self._request_for(warm_size)
         mode = f"{self.parallel} streams" if bulk else "latency mode"
-        self.detail = f"OpenVINO {self.version} CPU, f32, {self.threads} thread(s), {mode}"
+        arithmetic = "f32" if precision == "fp32" else f"bf16 (opt-in; {BF16_AGREEMENT})"
+        self.detail = f"OpenVINO {self.version} CPU, {arithmetic}, {self.threads} thread(s), {mode}"
 
     def throughput(self, batch_size: int = 1) -> "OpenVinoEngine":
         """This engine in OpenVINO's throughput mode: ``run`` may be called from ``parallel`` threads at once.
@@ -98,7 +111,7 @@ class OpenVinoEngine:
         with self._compile_lock:
             if self._sibling is None:
                 self._sibling = OpenVinoEngine(self._model, self.device, self.threads, self._cache_dir, bulk=True,
-                                               warm_size=batch_size, core=self._core)
+                                               warm_size=batch_size, core=self._core, precision=self.precision)
         return self._sibling
 
     def _compile(self, path: Path) -> queue.SimpleQueue[Any]:
@@ -222,7 +235,7 @@ def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, thr
     from .conversion import engine_checked, ensure_converted, openvino_dir, reference_logits
 
     try:
-        converted = ensure_converted(spec, weights.path, weights.record.sha256, "onnx")
+        converted = ensure_converted(spec, weights.path, weights.record.sha256, "onnx", openvino_copy=True)
     except CacheError as exc:
         if not choice.engine_auto:
             raise
@@ -234,6 +247,11 @@ def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, thr
         directory = None  # a read-only cache: compile every time
     try:
         version = openvino_version()
+        if choice.precision != "fp32":
+            # bf16 cannot pass the fp32 check (answers move by up to ~0.1 in probability); it is opt-in, and -v
+            # and README give its measured agreement with fp32.
+            return OpenVinoEngine(converted.file(".onnx"), choice.device, threads, directory,
+                                  precision=choice.precision)
         if directory is not None and engine_checked(directory, "openvino", version):
             return OpenVinoEngine(converted.file(".onnx"), choice.device, threads, directory)
         # OpenVINO computes differently from ONNX Runtime, whose logits are the reference: it passes the check

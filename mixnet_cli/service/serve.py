@@ -136,6 +136,7 @@ class ServeOptions:
     threads: int | None = None
     device: str = "auto"
     engine: str = "auto"
+    precision: str = "fp32"  # or bf16 (opt-in: OpenVINO on a CPU with bf16 arithmetic)
     mirrors: tuple[str, ...] | None = None
     offline: bool | None = None
     log_format: str = "text"
@@ -378,6 +379,7 @@ class Service:
         options = self.options
         _log.info("loading %s%s...", name, f" (your weights {options.weights})" if options.weights else "")
         classifier = Classifier(name, device=options.device, engine=options.engine, threads=options.threads,
+                                precision=options.precision,
                                 mirrors=list(options.mirrors) if options.mirrors else None, offline=options.offline,
                                 progress=False, weights=options.weights, labels=options.labels)
         # Every batch size the batcher runs, once: OpenVINO compiles a model per size (cached on disk), which
