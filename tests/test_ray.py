@@ -663,9 +663,13 @@ def test_a_streamed_manifest_gives_the_same_rows_and_a_job_failing_the_same_way_
                                    "--weights", str(weights), "--labels", str(labels)],
                          env=_environment(seeded_home), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert run.returncode == 1, run.stderr  # the corrupt files
+    import hashlib
+
+    # Your own weights are named by their file: stem and the start of its sha256 (the architecture stays MixNet_S).
+    model = f"my-weights-{hashlib.sha256(weights.read_bytes()).hexdigest()[:7]}"
     expected = {}
     for name in files:
-        row = dict(local_results[name])
+        row = {**local_results[name], "model": model}
         if "predictions" in row:
             row["predictions"] = [{**p, "label": f"thing {p['class_id']}"} for p in row["predictions"]]
         expected[name] = row
