@@ -53,6 +53,9 @@ class OpenVinoEngine:
     one image. :meth:`throughput` gives its sibling for bulk work, which splits the threads into OpenVINO
     streams that each run a batch of their own: no stream waits for another's threads, so a stream keeps
     computing while the image decoders take a core (BENCHMARKS.md). Both compile the same cached blob.
+
+    ``background=True`` (a model this OpenVINO compiled and checked before) loads the model for ``warm_size`` in
+    a thread; the first batch waits for it, and compiles again itself (raising :class:`EngineError`) if it failed.
     """
 
     name = "openvino"
@@ -97,8 +100,8 @@ class OpenVinoEngine:
         self._warming: threading.Thread | None = None
         if background:
             # A model this OpenVINO already compiled and passed the check with (build): loading it from the
-            # cache is about 75 ms of one core with the GIL released, so it runs beside what the caller does
-            # next (decoding the image, on a 2-core machine the other core) and the first batch waits for it.
+            # cache takes 65-100 ms of one core with the GIL released, so it runs beside what the caller does
+            # next (the classifier imports OpenCV, the CLI decodes the image) and the first batch waits for it.
             # Should it fail after all, the first batch compiles again and raises that error.
             self._warming = threading.Thread(target=self._warm_up, args=(warm_size,), name="openvino-compile")
             self._warming.start()
