@@ -13,6 +13,7 @@ the [serve] extra); it reports each median and the ratio this checkout / REV. ``
 
     python benchmarks/coldstart.py --home /tmp/mixnet-bench --out coldstart.json [--rounds 9]
     python benchmarks/coldstart.py --home /tmp/mixnet-bench --out cold.json --baseline 6d11263 --compare-only
+    python benchmarks/coldstart.py ... --baseline 6d11263 --also f347d41 --compare-only   (three variants)
 """
 
 from __future__ import annotations
@@ -130,12 +131,17 @@ def compare_with_baseline(args: object, mixnet: str, image: str, env: dict[str, 
     """The one-image calls of this checkout and of ``args.baseline``, interleaved: medians and ratios."""
     old_root = extract_revision(args.baseline, scratch / "baseline")
     variants = {"before": {**env, "PYTHONPATH": str(old_root)}, "after": {**env, "PYTHONPATH": str(ROOT)}}
+    for revision in args.also:  # more revisions, each a variant of its own (ratios to the baseline too)
+        variants[revision] = {**env, "PYTHONPATH": str(extract_revision(revision, scratch / f"also-{revision}"))}
     with warm_service(mixnet, variants["after"], args.compare_models) as server:
         commands: dict[str, list[str]] = {"mixnet --help": [mixnet, "--help"],
                                           "the libraries' floor (S)": [sys.executable, "-c", FLOOR.format(
                                               home=str(args.home), image=image)]}
         for model in args.compare_models:
             commands[f"mixnet classify one.jpg --model {model}"] = [mixnet, "classify", image, "--model", model]
+            # The default engine is the CPU's (OpenVINO on AVX-512): ONNX Runtime's start, for the same call.
+            commands[f"mixnet classify one.jpg --model {model} --engine onnxruntime"] = [
+                mixnet, "classify", image, "--model", model, "--engine", "onnxruntime"]
         if server is not None:
             commands["mixnet classify one.jpg --server URL (warm local service)"] = [
                 mixnet, "classify", image, "--server", server]
@@ -143,12 +149,12 @@ def compare_with_baseline(args: object, mixnet: str, image: str, env: dict[str, 
             for variant_env in variants.values():
                 for _ in range(2):
                     timed_run(command, variant_env)
-        wall: dict[str, dict[str, list[float]]] = {name: {"before": [], "after": []} for name in commands}
-        cpu: dict[str, dict[str, list[float]]] = {name: {"before": [], "after": []} for name in commands}
+        wall: dict[str, dict[str, list[float]]] = {name: {v: [] for v in variants} for name in commands}
+        cpu: dict[str, dict[str, list[float]]] = {name: {v: [] for v in variants} for name in commands}
         for index in range(args.rounds):
             log(f"cold start against {args.baseline}: round {index + 1}/{args.rounds}")
             for name, command in commands.items():
-                order = ("before", "after") if index % 2 == 0 else ("after", "before")
+                order = list(variants) if index % 2 == 0 else list(reversed(list(variants)))
                 for variant in order:
                     seconds, cpu_seconds = timed_run(command, variants[variant])
                     wall[name][variant].append(seconds)
@@ -160,15 +166,22 @@ def compare_with_baseline(args: object, mixnet: str, image: str, env: dict[str, 
         rows[name] = {"before_s": before, "after_s": after, "ratio": after["median"] / before["median"],
                       "cpu_before_s": cpu_before, "cpu_after_s": cpu_after,
                       "cpu_ratio": cpu_after["median"] / cpu_before["median"]}
+        for revision in args.also:
+            also = summary(wall[name][revision])
+            rows[name][revision] = {"s": also, "ratio_to_baseline": also["median"] / before["median"],
+                                    "cpu_s": summary(cpu[name][revision])}
+            log(f"  {revision}: {also['median']:.3f} s ({also['median'] / before['median']:.2f}x the baseline)")
         log(f"{name}: {before['median']:.3f} s -> {after['median']:.3f} s ({rows[name]['ratio']:.2f}x); CPU "
             f"{cpu_before['median']:.3f} s -> {cpu_after['median']:.3f} s ({rows[name]['cpu_ratio']:.2f}x)")
-    return {"baseline": args.baseline, "rounds": args.rounds, "commands": rows}
+    return {"baseline": args.baseline, "also": args.also, "rounds": args.rounds, "commands": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = arguments(__doc__, rounds=9)
     parser.add_argument("--model", default="MixNet_S")
     parser.add_argument("--baseline", metavar="REV", help="also time the code of this git revision, interleaved")
+    parser.add_argument("--also", nargs="*", default=[], metavar="REV",
+                        help="with --baseline: more revisions timed in the same rounds")
     parser.add_argument("--compare-models", nargs="+", default=["MixNet_S", "MixNet_L"])
     parser.add_argument("--compare-only", action="store_true", help="with --baseline: only the comparison")
     args = parser.parse_args(argv)

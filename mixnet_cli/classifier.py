@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Sequence, Sized
 
 import numpy as np
 
-from .base import settings
+from .base import cache, settings
 from .engines.choice import DeviceChoice, Engine, EngineChoice, choose_engine, create_engine
 from .images.postprocess import softmax
 from .base.errors import ImageError, MixnetError, UsageError
@@ -92,10 +92,14 @@ class Classifier:
         compile: bool = False,
         cam: bool = False,
     ) -> None:
-        # OpenCV decodes and resizes every image: one that cannot load (opencv-python without the system's
-        # libGL.so.1) is named now, with its fix, not blamed on each image after the model was loaded.
-        require_opencv()
         named = resolve_model(model) if model is not None else None
+        # OpenCV decodes and resizes every image: one that cannot load (opencv-python without the system's
+        # libGL.so.1) is named by this constructor, with its fix, never blamed on each image. Before a download;
+        # with the weights at hand, once the engine is made: OpenVINO then loads its compiled model in a thread
+        # (engines/openvino.py) while OpenCV loads.
+        opencv_after_engine = weights is not None or cache.weights_path(named or resolve_model("MixNet_S")).is_file()
+        if not opencv_after_engine:
+            require_opencv()
         if threads is None:
             threads = settings.cpu_threads()
         # Engine and device first: a missing GPU or engine is reported before any download.
@@ -122,8 +126,6 @@ class Classifier:
             self.labels = imagenet_labels()
         else:
             self.labels = tuple(str(class_id) for class_id in range(self.spec.num_classes))
-        self.engine: Engine
-        self.engine_choice: EngineChoice
         self.features = features
         self._threads = threads
         self._cam_engine: Engine | None = None
@@ -131,9 +133,13 @@ class Classifier:
         self._cam_lock = threading.Lock()
         if cam:  # first: an engine that cannot give the maps is refused before any conversion
             self._make_cam_engine(choice)
+        self.engine: Engine
+        self.engine_choice: EngineChoice
         self.engine, self.engine_choice = create_engine(self.spec, self.weights, choice, threads=threads,
                                                         features=features)
         self.device_choice: DeviceChoice = self.engine_choice.device_choice
+        if opencv_after_engine:
+            require_opencv()
 
     def cam_engine(self) -> Engine:
         """The engine whose forward pass gives the logits and the final feature map (``run_with_feature_map``),

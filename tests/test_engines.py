@@ -613,3 +613,45 @@ def test_bf16_runs_openvino_in_bf16_and_says_so(home_copy, pictures):
     result = CliRunner().invoke(main, ["classify", str(pictures[0]), "--precision", "bf16", "--json", "-v"])
     assert result.exit_code == 0, result.output
     assert "engine openvino (OpenVINO" in result.stderr and "bf16 (opt-in;" in result.stderr
+
+
+def test_a_checked_openvino_loads_beside_the_caller_and_its_first_batch_waits_or_compiles_again(home_copy,
+                                                                                                 monkeypatch):
+    """An OpenVINO already checked at this version loads its compiled model in a thread while the caller goes on
+    (a cold one-image call decodes meanwhile); the first batch waits for it, gives the reference's answers, and
+    when that load failed compiles again itself (and raises OpenVINO's error when that fails too)."""
+    from mixnet_cli.engines.conversion import validation_batch
+    from mixnet_cli.engines.openvino import OpenVinoEngine
+
+    batch = validation_batch(SPEC.preprocessing.crop_size, count=2)
+    expected = Classifier(MODEL, device="cpu", engine="onnxruntime").logits(batch)
+    classifier = Classifier(MODEL, device="cpu", engine="openvino")
+    assert classifier.engine._warming is not None  # loading in its own thread
+    got = np.concatenate([classifier.logits(batch[i:i + 1]) for i in range(2)])
+    assert classifier.engine._warming is None
+    assert compare_logits(got, expected.astype(np.float64))["max_abs_probability_diff"] <= PROBABILITY_TOLERANCE
+
+    real_compile = OpenVinoEngine._compile
+    threads: list[str] = []
+
+    def fails_in_the_loading_thread(self, path):  # type: ignore[no-untyped-def]
+        import threading
+
+        threads.append(threading.current_thread().name)
+        if threading.current_thread().name == "openvino-compile":
+            raise EngineError(f"OpenVINO cannot load {path} (a failure made by the test)")
+        return real_compile(self, path)
+
+    monkeypatch.setattr(OpenVinoEngine, "_compile", fails_in_the_loading_thread)
+    recovered = Classifier(MODEL, device="cpu", engine="openvino")
+    again = np.concatenate([recovered.logits(batch[i:i + 1]) for i in range(2)])
+    assert threads[0] == "openvino-compile" and "MainThread" in threads
+    assert np.abs(again - got).max() <= 1e-5 * np.abs(got).max()
+
+    def always_fails(self, path):  # type: ignore[no-untyped-def]
+        raise EngineError(f"OpenVINO cannot load {path} (a failure made by the test)")
+
+    monkeypatch.setattr(OpenVinoEngine, "_compile", always_fails)
+    broken = Classifier(MODEL, device="cpu", engine="openvino")
+    with pytest.raises(EngineError, match="a failure made by the test"):
+        broken.logits(batch[:1])

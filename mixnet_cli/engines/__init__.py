@@ -113,8 +113,8 @@ def ranked(device: str, precision: str = "fp32", compiled: bool = False) -> list
                    and (info.compiles or not compiled)), key=lambda i: getattr(i, key))
 
 
-# ONNX Runtime first in the table on the CPU: it starts in a fifth of OpenVINO's first compile and 70-100 ms
-# sooner in a cold `mixnet classify`, and ran the forward pass and bulk jobs as fast or faster on the AVX2 CPUs
+# ONNX Runtime first in the table on the CPU: it starts in a fifth of OpenVINO's first compile and 25-45 ms
+# sooner in a cold `mixnet classify` (AVX-512 EPYC), and ran the forward pass and bulk jobs as fast or faster on the AVX2 CPUs
 # measured (BENCHMARKS.md). On AVX-512 CPUs OpenVINO's f32 kernels are faster at every batch size, so there
 # ``auto`` puts OpenVINO first (engines/choice.py), unless this machine's own measurement says otherwise
 # (`mixnet doctor --measure`, engines/speed.py).

@@ -177,7 +177,7 @@ def _cpu_order(precision: str, compiled: bool, model: str | None,
     leads (OpenVINO on AVX-512), else the table's ranks.
 
     One engine per CPU and model, whatever the job: a few images, a bulk job and ``mixnet serve`` then give the
-    same answers (a faster start for a few images would be ONNX Runtime's on AVX-512 CPUs, 70-100 ms, at the
+    same answers (a faster start for a few images would be ONNX Runtime's on AVX-512 CPUs, 25-45 ms, at the
     price of answers that differ in the seventh digit between a local run and the service; BENCHMARKS.md)."""
     candidates = ranked("cpu", precision, compiled)
     table = "fastest installed engine for the CPU"

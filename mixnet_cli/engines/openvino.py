@@ -53,13 +53,16 @@ class OpenVinoEngine:
     one image. :meth:`throughput` gives its sibling for bulk work, which splits the threads into OpenVINO
     streams that each run a batch of their own: no stream waits for another's threads, so a stream keeps
     computing while the image decoders take a core (BENCHMARKS.md). Both compile the same cached blob.
+
+    ``background=True`` (a model this OpenVINO compiled and checked before) loads the model for ``warm_size`` in
+    a thread; the first batch waits for it, and compiles again itself (raising :class:`EngineError`) if it failed.
     """
 
     name = "openvino"
 
     def __init__(self, model: Path, device: str = "cpu", threads: int | None = None,
                  cache_dir: Path | None = None, *, bulk: bool = False, warm_size: int = 1, core: Any = None,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", background: bool = False) -> None:
         if device != "cpu":
             raise DeviceError(f"the openvino engine runs on the CPU only, not on {device}; use --device cpu")
         from ..base.third_party import import_quietly
@@ -94,9 +97,18 @@ class OpenVinoEngine:
         self._sibling: OpenVinoEngine | None = None
         self._scratch: Any = None  # a temporary directory holding the model file, when the cache could not
         self.parallel = 1
-        # A model that does not load fails here; one image is the common case, and a sibling warms up the batch
-        # size in use (which also tells how many streams OpenVINO made).
-        self._request_for(warm_size)
+        self._warming: threading.Thread | None = None
+        if background:
+            # A model this OpenVINO already compiled and passed the check with (build): loading it from the
+            # cache takes 65-100 ms of one core with the GIL released, so it runs beside what the caller does
+            # next (the classifier imports OpenCV, the CLI decodes the image) and the first batch waits for it.
+            # Should it fail after all, the first batch compiles again and raises that error.
+            self._warming = threading.Thread(target=self._warm_up, args=(warm_size,), name="openvino-compile")
+            self._warming.start()
+        else:
+            # A model that does not load fails here; one image is the common case, and a sibling warms up the
+            # batch size in use (which also tells how many streams OpenVINO made).
+            self._request_for(warm_size)
         mode = f"{self.parallel} streams" if bulk else "latency mode"
         arithmetic = "f32" if precision == "fp32" else f"bf16 (opt-in; {BF16_AGREEMENT})"
         self.detail = f"OpenVINO {self.version} CPU, {arithmetic}, {self.threads} thread(s), {mode}"
@@ -126,6 +138,12 @@ class OpenVinoEngine:
         self.parallel = max(self.parallel, streams)
         return idle
 
+    def _warm_up(self, size: int) -> None:
+        try:
+            self._request_for(size)
+        except Exception:  # noqa: BLE001 - the first batch compiles again, in the caller's thread, and raises
+            pass
+
     def _dynamic(self) -> tuple[int, queue.SimpleQueue[Any]]:
         if 0 not in self._idle:
             self._idle[0] = self._compile(self._model)
@@ -133,6 +151,10 @@ class OpenVinoEngine:
 
     def _request_for(self, size: int) -> tuple[int, queue.SimpleQueue[Any]]:
         """The batch size to run ``size`` images at (larger: padded) and the idle requests of its model."""
+        warming = self._warming
+        if warming is not None and warming is not threading.current_thread():
+            warming.join()  # its model (or its failure, met again below) first
+            self._warming = None
         with self._compile_lock:
             if self._cache_dir is None:
                 return self._dynamic()
@@ -253,7 +275,8 @@ def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, thr
             return OpenVinoEngine(converted.file(".onnx"), choice.device, threads, directory,
                                   precision=choice.precision)
         if directory is not None and engine_checked(directory, "openvino", version):
-            return OpenVinoEngine(converted.file(".onnx"), choice.device, threads, directory)
+            # Compiled and checked before by this OpenVINO: its cached form loads while the caller goes on.
+            return OpenVinoEngine(converted.file(".onnx"), choice.device, threads, directory, background=True)
         # OpenVINO computes differently from ONNX Runtime, whose logits are the reference: it passes the check
         # once per OpenVINO version before its answers are trusted (one image at a time: its batch size is fixed
         # per compiled model). The reference (ONNX Runtime, on a first run) is computed in a thread while
