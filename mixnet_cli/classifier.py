@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import deque
@@ -244,10 +245,10 @@ class Classifier:
             # sum_k W[k, c] F[k, y, x], accumulated in float64 so that the map's mean plus the bias is the logit to
             # float32 precision whatever the order of the sum
             cam = np.tensordot(weight[:, chosen].astype(np.float64), feature_maps[index].astype(np.float64), axes=1)
-            results.append(ClassificationResult(
-                input=base.input, model=base.model, predictions=base.predictions, features=base.features,
-                cam=cam.astype(np.float32), cam_class=chosen, cam_label=self.labels[chosen], photo=photos[index],
-                preprocessing=self.spec.preprocessing))
+            # replace(), not a new result: the map comes on top of everything result() says (the architecture too)
+            results.append(dataclasses.replace(
+                base, cam=cam.astype(np.float32), cam_class=chosen, cam_label=self.labels[chosen],
+                photo=photos[index], preprocessing=self.spec.preprocessing))
         return results
 
     def engine_for(self, count: int, batch_size: int, *, cam: bool = False) -> Engine:

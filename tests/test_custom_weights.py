@@ -274,3 +274,21 @@ def test_two_fine_tunes_are_told_apart_everywhere_and_keep_their_architecture(fi
     summary = CliRunner().invoke(main, ["eval", "--list", str(listing), "--weights", str(other), "--json"])
     assert summary.exit_code == 0, summary.output
     assert (json.loads(summary.stdout)["model"], json.loads(summary.stdout)["architecture"]) == (names[1], "MixNet_S")
+
+
+def test_maps_of_a_fine_tune_keep_its_architecture(fine_tuned, photos, isolated_home, tmp_path):
+    """--cam (JSON, CSV, table) and classify(cam=True / cam_class=...) name the architecture as a run without."""
+    import csv
+    import io
+
+    image, weights = str(photos[0]), str(fine_tuned)
+    code, [row], _ = _classify(image, "--weights", weights, "--cam", str(tmp_path / "maps"))
+    assert code == 0 and row["model"].startswith("flowers_mixnet_s-") and row["architecture"] == "MixNet_S"
+    rows = list(csv.DictReader(io.StringIO(CliRunner().invoke(
+        main, ["classify", image, "--weights", weights, "--cam", str(tmp_path / "maps"), "--csv"]).stdout)))
+    assert {row["architecture"] for row in rows} == {"MixNet_S"}
+    table = CliRunner().invoke(main, ["classify", image, "--weights", weights, "--cam", str(tmp_path / "maps")])
+    assert table.stdout.startswith(f"{image}  ({row['model']}, MixNet_S)\n")
+    classifier = Classifier(weights=fine_tuned)
+    for result in (classifier.classify(photos[0], cam=True), classifier.classify(photos[0], cam_class=2)):
+        assert result.cam is not None and result.to_dict()["architecture"] == "MixNet_S"
