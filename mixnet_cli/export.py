@@ -63,8 +63,12 @@ def check_output_directory(out_dir: Path) -> None:
                              "model into (it is created if needed)")
         raise UsageError(f"-o {out_dir}: {nearest} is {_kind(nearest)}, not a directory, so nothing can be "
                          "created under it; choose another -o")
-    if not os.access(nearest, os.W_OK | os.X_OK):
-        raise UsageError(f"-o {out_dir}: {nearest} is not writable; choose a writable directory with -o")
+    # A directory made and removed there: finds what permissions alone do not (/proc, a read-only mount, root)
+    try:
+        tempfile.TemporaryDirectory(dir=nearest, prefix=".mixnet-probe-").cleanup()
+    except OSError as exc:
+        raise UsageError(f"-o {out_dir}: {nearest} is not writable ({exc.strerror or exc}); choose a writable "
+                         "directory with -o") from None
 
 
 def _check_targets(out_dir: Path, names: list[str]) -> None:

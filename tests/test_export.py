@@ -222,7 +222,8 @@ def test_a_directory_where_an_exported_file_goes_stops_the_export_before_any_fil
 @pytest.mark.parametrize("output, blocking, says", [
     (os.devnull, os.devnull, "is a character device, not a directory; give a directory"),
     ("{tmp}/a-file/sub", "{tmp}/a-file", "is a file, not a directory, so nothing can be created under it; choose another -o"),
-], ids=["a device", "a file as a parent"])
+    ("/proc/e", "/proc", "is not writable"),  # even for root, whom os.access calls it writable
+], ids=["a device", "a file as a parent", "a folder nothing can be made in"])
 def test_an_output_that_can_never_be_a_directory_is_a_usage_error_before_any_download(output, blocking, says, tmp_path,
                                                                                      random_mirror):
     (tmp_path / "a-file").write_text("x")
