@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from .engines.conversion import FORMATS, RECORD_NAME, ConvertedModel, check_engine, ensure_converted, reference_logits
 from .base.errors import CacheError, UsageError
+from .base.files import check_output_directory, kind_of_file
 from .base.manifest import ModelSpec
 
 
@@ -39,38 +40,6 @@ def _engine_for(fmt: str, directory: Path, spec: ModelSpec) -> Any:
     return PaddleInferenceEngine(program, directory / "inference.pdiparams", "cpu")
 
 
-def _kind(path: Path) -> str:
-    """What is at ``path``, in words, for a message saying it is in the way."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return "a broken symbolic link"
-    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISREG, "a file"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")]
-    return next((words for test, words in kinds if test(mode)), "not a file")
-
-
-def check_output_directory(out_dir: Path) -> None:
-    """Raise :class:`UsageError` when ``out_dir`` can never hold an export: it is not a directory, the nearest of
-    its parents that exists is not one (nothing can be created under it), or that directory is not writable.
-    Called before the weights are fetched or anything converted, so a bad ``-o`` costs nothing."""
-    nearest = Path(os.path.abspath(out_dir))
-    while not os.path.lexists(nearest) and nearest != nearest.parent:
-        nearest = nearest.parent
-    if not nearest.is_dir():
-        if nearest == Path(os.path.abspath(out_dir)):
-            raise UsageError(f"-o {out_dir} is {_kind(nearest)}, not a directory; give a directory to write the "
-                             "model into (it is created if needed)")
-        raise UsageError(f"-o {out_dir}: {nearest} is {_kind(nearest)}, not a directory, so nothing can be "
-                         "created under it; choose another -o")
-    # A directory made and removed there: finds what permissions alone do not (/proc, a read-only mount, root)
-    try:
-        tempfile.TemporaryDirectory(dir=nearest, prefix=".mixnet-probe-").cleanup()
-    except OSError as exc:
-        raise UsageError(f"-o {out_dir}: {nearest} is not writable ({exc.strerror or exc}); choose a writable "
-                         "directory with -o") from None
-
-
 def _check_targets(out_dir: Path, names: list[str]) -> None:
     """Every file of the export can take its name: what is there already is a file (or a link) that a rename
     replaces. Checked for all of them before the first rename, so an export is written whole or not at all."""
@@ -81,7 +50,7 @@ def _check_targets(out_dir: Path, names: list[str]) -> None:
         except FileNotFoundError:
             continue
         if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
-            raise UsageError(f"-o {out_dir}: {target} is {_kind(target)}, where the export writes its {name}; "
+            raise UsageError(f"-o {out_dir}: {target} is {kind_of_file(target)}, where the export writes its {name}; "
                              "move it away or choose another -o")
 
 
