@@ -27,11 +27,17 @@ def deployable_files(converted: ConvertedModel) -> list[str]:
     return sorted(name for name in converted.files if name != RECORD_NAME and not name.startswith("checked-"))
 
 
+def onnx_file_name(spec: ModelSpec) -> str:
+    """The exported ONNX model's file name: the model's (``MixNet_S.onnx``, a fine-tune's
+    ``my_flowers-3fa2c1d.onnx``), so that a fine-tune exported beside the released model does not replace it."""
+    return f"{spec.display_name}.onnx"
+
+
 def _engine_for(fmt: str, directory: Path, spec: ModelSpec) -> Any:
     if fmt == "onnx":
         from .engines.onnxruntime import OnnxRuntimeEngine
 
-        return OnnxRuntimeEngine(directory / f"{spec.name}.onnx", "cpu")
+        return OnnxRuntimeEngine(directory / onnx_file_name(spec), "cpu")
     from .engines.paddle_inference import PaddleInferenceEngine
 
     program = directory / "inference.json"
@@ -135,20 +141,22 @@ def export_to_directory(spec: ModelSpec, weights_path: Path, weights_sha256: str
         raise UsageError(f"--with-softmax is for --format onnx ({fmt} " + (
             "outputs probabilities already)" if FORMATS[fmt].outputs == "probabilities" else "outputs logits)"))
     converted = ensure_converted(spec, weights_path, weights_sha256, fmt)
-    names = deployable_files(converted)
+    cached = deployable_files(converted)
+    # the cache names the graph after the architecture; the export after the model
+    names = [onnx_file_name(spec) if fmt == "onnx" and name == f"{spec.name}.onnx" else name for name in cached]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".mixnet-export-", dir=out_dir))
     except OSError as exc:
         raise _write_error(out_dir, exc) from None
     try:
-        for name in names:
-            shutil.copyfile(converted.directory / name, staging / name)
+        for source, name in zip(cached, names):
+            shutil.copyfile(converted.directory / source, staging / name)
         outputs = FORMATS[fmt].outputs
         if fmt == "onnx":
             outputs = "probabilities" if with_softmax else "logits"
             classes = list(labels) if labels is not None else [str(i) for i in range(spec.num_classes)]
-            _describe_onnx(staging / f"{spec.name}.onnx", onnx_metadata(spec, classes, output=outputs),
+            _describe_onnx(staging / onnx_file_name(spec), onnx_metadata(spec, classes, output=outputs),
                            with_softmax=with_softmax)
         check = check_engine(_engine_for(fmt, staging, spec), spec, reference_logits(spec, converted),
                              outputs=outputs)

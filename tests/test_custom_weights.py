@@ -112,7 +112,9 @@ def test_own_weights_export_with_their_class_count(fine_tuned, tmp_path, isolate
     result = CliRunner().invoke(main, ["export", "--weights", str(fine_tuned), "--format", "onnx", "-o",
                                        str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    session = onnxruntime.InferenceSession(str(tmp_path / "out" / "MixNet_S.onnx"), providers=["CPUExecutionProvider"])
+    [model] = (tmp_path / "out").glob("*.onnx")
+    assert model.name.startswith("flowers_mixnet_s-")  # named after the weights, not MixNet_S.onnx
+    session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     logits = session.run(None, {"x": np.zeros((2, 3, 224, 224), np.float32)})[0]
     assert logits.shape == (2, 7) and "N x 7" in result.stderr
 
@@ -264,7 +266,9 @@ def test_two_fine_tunes_are_told_apart_everywhere_and_keep_their_architecture(fi
     exported = CliRunner().invoke(main, ["export", "--weights", str(other), "--labels", str(label_files["plain"]),
                                          "-o", str(tmp_path / "deploy")])
     assert exported.exit_code == 0, exported.output
-    metadata = {entry.key: entry.value for entry in onnx.load(str(tmp_path / "deploy" / "MixNet_S.onnx")).metadata_props}
+    # named after the model, so it never replaces the released model's MixNet_S.onnx; the usage lines say so
+    assert exported.stdout == f"{tmp_path / 'deploy' / names[1]}.onnx\n" and f"{names[1]}.onnx" in exported.stderr
+    metadata = {entry.key: entry.value for entry in onnx.load(str(tmp_path / "deploy" / f"{names[1]}.onnx")).metadata_props}
     assert (metadata["model_name"], metadata["architecture"]) == (names[1], "MixNet_S")
     assert json.loads(metadata["labels"]) == NAMES and metadata["num_classes"] == "7"
 

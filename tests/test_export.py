@@ -200,16 +200,19 @@ def test_export_to_a_file_path_is_a_clear_error(tmp_path, random_mirror):
 
 
 @pytest.mark.parametrize("fmt, blocked", [
-    ("onnx", "MixNet_S.onnx"),
+    ("onnx", "{weights}.onnx"),  # named after the weights' model
     pytest.param("paddle-legacy", "inference.pdmodel", marks=pytest.mark.paddle),
 ])
 def test_a_directory_where_an_exported_file_goes_stops_the_export_before_any_file_is_written(
         fmt, blocked, tmp_path, random_weights_dir):
+    import hashlib
+
+    weights = random_weights_dir / "MixNet_S_pretrained.pdparams"
+    blocked = blocked.format(weights=f"{weights.stem}-{hashlib.sha256(weights.read_bytes()).hexdigest()[:7]}")
     out = tmp_path / "out"
     (out / blocked).mkdir(parents=True)
     (out / blocked / "keep.txt").write_text("mine")
-    result = CliRunner().invoke(main, ["export", "--weights", str(random_weights_dir / "MixNet_S_pretrained.pdparams"),
-                                       "--format", fmt, "-o", str(out)])
+    result = CliRunner().invoke(main, ["export", "--weights", str(weights), "--format", fmt, "-o", str(out)])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("Error: ") and "Traceback" not in result.stderr

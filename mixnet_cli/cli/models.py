@@ -283,7 +283,8 @@ The file describes itself: onnx.load("{dir}/{name}.onnx").metadata_props holds m
               help="ONNX only: end the model in a softmax, so that it outputs probabilities (for tools that print "
               "its output as scores, such as PaddleClas's ONNX mode) instead of logits.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Directory to write the model into (created if needed).")
+              help="Directory to write the model into (created if needed); the ONNX file is named after the model: "
+              "MixNet_S.onnx, or your weights' name for --weights (best_model-7b1843a.onnx).")
 @network_options
 @user_errors
 def export_command(model: str | None, weights: Path | None, labels: Path | None, fmt: str, with_softmax: bool,
@@ -337,7 +338,7 @@ def export_command(model: str | None, weights: Path | None, labels: Path | None,
         err=True,
     )
     click.echo(
-        _EXPORT_USAGE[fmt].format(dir=out_dir, name=spec.name, lite_name=spec.name.lower(), size=pre.crop_size, resize=pre.resize_short,
+        _EXPORT_USAGE[fmt].format(dir=out_dir, name=spec.display_name, lite_name=spec.name.lower(), size=pre.crop_size, resize=pre.resize_short,
                                   mean=list(pre.mean), std=list(pre.std), classes=spec.num_classes,
                                   output="probabilities" if with_softmax else "logits",
                                   output_words=f"probabilities N x {spec.num_classes} (a softmax last)" if with_softmax
