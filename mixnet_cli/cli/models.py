@@ -220,9 +220,13 @@ def cache_clear(yes: bool) -> None:
     if not plan:
         click.echo(f"Nothing to delete in {cache_root()}.", err=True)
         return
-    counts = [f"{plan.weights_files} weights file(s)"] + ([f"{len(plan.locks)} lock file(s)"] if plan.locks else [])
+    # A model's files are its weights, their record and any partial download: counted by model, not as weights.
+    counts = [f"the weights of {len(plan.weights)} model(s) ({plan.weights_files} file(s), records included)"] \
+        if plan.weights else []
+    counts += [f"{len(plan.locks)} lock file(s)"] if plan.locks else []
     counts.append(f"{len(plan.folders)} converted-model folder(s)")
-    question = f"Delete {', '.join(counts[:-1])} and {counts[-1]}, {plan.size / 1e6:.1f} MB, from {cache_root()}?"
+    listed = f"{', '.join(counts[:-1])} and {counts[-1]}" if len(counts) > 1 else counts[0]
+    question = f"Delete {listed}, {plan.size / 1e6:.1f} MB, from {cache_root()}?"
     try:
         confirmed = yes or click.confirm(question, default=False, err=True)
     except click.Abort:
