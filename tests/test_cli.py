@@ -80,6 +80,20 @@ def test_version_and_help():
         assert result.exit_code == 0 and "Usage: mixnet" in result.stdout
 
 
+def test_every_help_fits_an_80_column_terminal():
+    import click
+
+    def commands(command: click.Command, path: list[str]):
+        yield path
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from commands(sub, [*path, name])
+
+    for path in commands(main, []):
+        shown = CliRunner().invoke(main, [*path, "--help"], terminal_width=80).output
+        wide = [line for line in shown.splitlines() if len(line) > 80]
+        assert not wide, f"mixnet {' '.join(path)} --help: {wide}"
+
+
 def test_every_command_is_documented_in_readme():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     for name, command in main.commands.items():

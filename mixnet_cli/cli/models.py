@@ -153,7 +153,8 @@ def cache_list(fmt: str) -> None:
 
     \b
       mixnet cache list
-      mixnet cache list --json | jq -r '.[] | select(.status == "verified") | .path'
+      mixnet cache list --json |
+          jq -r '.[] | select(.status == "verified") | .path'
 
     Status: verified (matches the record written when it was checked), unverified (no record: checked in full
     on first use), corrupt (changed since: `mixnet download MODEL --force`), partial (an interrupted download;
