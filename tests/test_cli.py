@@ -250,6 +250,8 @@ def test_models_lists_the_seed_table(isolated_home):
     assert not any(row["cached"] for row in rows)
     table = _invoke("models").stdout
     assert "78.60" in table and "579.017" in table
+    # CSV writes booleans as JSON does (every command's CSV comes from one writer)
+    assert {row["cached"] for row in csv.DictReader(io.StringIO(_invoke("models", "--csv").stdout))} == {"false"}
 
 
 def test_installed_executable_classifies(tmp_path, random_mirror):
