@@ -1,6 +1,7 @@
 """The answer for one image, as every route gives it (the local classifier, the service, ``classify --server``,
-Ray): its predictions or its error, and the JSON object printed for it. Imports neither numpy nor an engine, so
-that the thin client (``classify --server``) builds the same rows without them."""
+Ray): its predictions or its error, and the JSON object printed for it; and the top-k check every route applies.
+Imports neither numpy nor an engine, so that the thin client (``classify --server``) builds the same rows and
+clamps -k as a local run does without them."""
 
 from __future__ import annotations
 
