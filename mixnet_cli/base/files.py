@@ -4,7 +4,8 @@ file; and one way to hash a file.
 Temporary names are unique per process, thread and call (``.<name>.<pid>.<thread>.<random>.tmp``), so threads of
 one process (the OpenVINO engine's runners, a future service) never write into each other's files. A failed
 write removes its temporary file and leaves the target as it was. (After pooch's ``utils.temporary_file`` and
-``hashes.file_hash``, and huggingface_hub's download-to-temporary-then-move.)
+``hashes.file_hash``, and huggingface_hub's download-to-temporary-then-move.) Also the check, before any work,
+that an output directory can be written (``export -o``, ``classify --cam``).
 """
 
 from __future__ import annotations
