@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,9 +29,8 @@ from .base.manifest import ModelSpec, resolve_model
 from .images.preprocess import ImageInput, load_photo_and_transform, require_opencv
 from .weights.store import VerifiedWeights, custom_weights, ensure_weights
 
-_log = logging.getLogger(__name__)
-
-from .results import ClassificationResult, Prediction  # noqa: F401 (this module's API, as before)
+# Part of this module's API, as before; they live in results.py for the thin client, which imports no numpy.
+from .results import DEFAULT_TOPK, ClassificationResult, Prediction, check_topk  # noqa: F401
 
 
 
@@ -250,10 +249,10 @@ class Classifier:
             # sum_k W[k, c] F[k, y, x], accumulated in float64 so that the map's mean plus the bias is the logit to
             # float32 precision whatever the order of the sum
             cam = np.tensordot(weight[:, chosen].astype(np.float64), feature_maps[index].astype(np.float64), axes=1)
-            results.append(ClassificationResult(
-                input=base.input, model=base.model, predictions=base.predictions, features=base.features,
-                cam=cam.astype(np.float32), cam_class=chosen, cam_label=self.labels[chosen], photo=photos[index],
-                preprocessing=self.spec.preprocessing))
+            # replace(), not a new result: the map comes on top of everything result() says (the architecture too)
+            results.append(dataclasses.replace(
+                base, cam=cam.astype(np.float32), cam_class=chosen, cam_label=self.labels[chosen],
+                photo=photos[index], preprocessing=self.spec.preprocessing))
         return results
 
     def engine_for(self, count: int, batch_size: int, *, cam: bool = False) -> Engine:
@@ -394,21 +393,3 @@ class Classifier:
             # A consumer that stops early (or an interrupt) leaves no decode running behind it.
             decoders.shutdown(wait=True, cancel_futures=True)
             runners.shutdown(wait=True, cancel_futures=True)
-
-
-DEFAULT_TOPK = 5
-
-
-def check_topk(topk: int | None, num_classes: int, *, clamp: bool = True) -> int:
-    """``topk``, checked: :class:`UsageError` when it is below 1; above ``num_classes``, every class, with a
-    notice (as timm and transformers do; ``clamp=False`` makes it a :class:`UsageError` too, for the service,
-    which answers a request that asks for more with a 400). None is the default: 5, or every class of a model
-    with fewer."""
-    if topk is None:
-        return min(DEFAULT_TOPK, num_classes)
-    if clamp and topk > num_classes:
-        _log.info(f"top-k {topk} is more than the model's {num_classes} classes: giving all {num_classes}")
-        return num_classes
-    if not 1 <= topk <= num_classes:
-        raise UsageError(f"top-k must be between 1 and {num_classes} (the model's classes), got {topk}")
-    return topk

@@ -702,7 +702,8 @@ class MixnetPredictor:
             return next(iter(self.classifier.classify_many([item], topk=self.topk, batch_size=1, workers=1)))
         except Exception as exc:  # noqa: BLE001 (never raise for one image: its row carries the error)
             error = MixnetError(f"{item.name}: unexpected {type(exc).__name__}: {exc}")
-            return ClassificationResult(input=item.name, model=self.classifier.model_name, error=error)
+            return ClassificationResult(input=item.name, model=self.classifier.model_name, error=error,
+                                        architecture=self.classifier.architecture)
 
 
 # --- the cluster ---------------------------------------------------------------------------------------------------

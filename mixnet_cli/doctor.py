@@ -77,8 +77,12 @@ def _engines() -> Iterator[Check]:
 
     for info in ENGINES.values():
         missing = info.missing()
-        yield Check(f"engine {info.name}", "ready" if missing is None else f"needs {missing}",
-                    "ok" if missing is None else "info", "" if missing is None else info.install_line())
+        if missing is None:
+            yield Check(f"engine {info.name}", "ready", "ok")
+            continue
+        # missing() is "<what>: <what to do>": the value says what, the hint what to do, each once
+        what, _, fix = missing.partition(": ")
+        yield Check(f"engine {info.name}", f"needs {what}", "info", fix or info.install_line())
 
 
 def _guarded(name: str, probe: Callable[[], Iterator[Check]]) -> Iterator[Check]:

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from .engines.conversion import FORMATS, RECORD_NAME, ConvertedModel, check_engine, ensure_converted, reference_logits
 from .base.errors import CacheError, UsageError
+from .base.files import check_output_directory, kind_of_file
 from .base.manifest import ModelSpec
 
 
@@ -26,45 +27,23 @@ def deployable_files(converted: ConvertedModel) -> list[str]:
     return sorted(name for name in converted.files if name != RECORD_NAME and not name.startswith("checked-"))
 
 
+def onnx_file_name(spec: ModelSpec) -> str:
+    """The exported ONNX model's file name: the model's (``MixNet_S.onnx``, a fine-tune's
+    ``my_flowers-3fa2c1d.onnx``), so that a fine-tune exported beside the released model does not replace it."""
+    return f"{spec.display_name}.onnx"
+
+
 def _engine_for(fmt: str, directory: Path, spec: ModelSpec) -> Any:
     if fmt == "onnx":
         from .engines.onnxruntime import OnnxRuntimeEngine
 
-        return OnnxRuntimeEngine(directory / f"{spec.name}.onnx", "cpu")
+        return OnnxRuntimeEngine(directory / onnx_file_name(spec), "cpu")
     from .engines.paddle_inference import PaddleInferenceEngine
 
     program = directory / "inference.json"
     if not program.is_file():
         program = directory / "inference.pdmodel"
     return PaddleInferenceEngine(program, directory / "inference.pdiparams", "cpu")
-
-
-def _kind(path: Path) -> str:
-    """What is at ``path``, in words, for a message saying it is in the way."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return "a broken symbolic link"
-    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISREG, "a file"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")]
-    return next((words for test, words in kinds if test(mode)), "not a file")
-
-
-def check_output_directory(out_dir: Path) -> None:
-    """Raise :class:`UsageError` when ``out_dir`` can never hold an export: it is not a directory, the nearest of
-    its parents that exists is not one (nothing can be created under it), or that directory is not writable.
-    Called before the weights are fetched or anything converted, so a bad ``-o`` costs nothing."""
-    nearest = Path(os.path.abspath(out_dir))
-    while not os.path.lexists(nearest) and nearest != nearest.parent:
-        nearest = nearest.parent
-    if not nearest.is_dir():
-        if nearest == Path(os.path.abspath(out_dir)):
-            raise UsageError(f"-o {out_dir} is {_kind(nearest)}, not a directory; give a directory to write the "
-                             "model into (it is created if needed)")
-        raise UsageError(f"-o {out_dir}: {nearest} is {_kind(nearest)}, not a directory, so nothing can be "
-                         "created under it; choose another -o")
-    if not os.access(nearest, os.W_OK | os.X_OK):
-        raise UsageError(f"-o {out_dir}: {nearest} is not writable; choose a writable directory with -o")
 
 
 def _check_targets(out_dir: Path, names: list[str]) -> None:
@@ -77,7 +56,7 @@ def _check_targets(out_dir: Path, names: list[str]) -> None:
         except FileNotFoundError:
             continue
         if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
-            raise UsageError(f"-o {out_dir}: {target} is {_kind(target)}, where the export writes its {name}; "
+            raise UsageError(f"-o {out_dir}: {target} is {kind_of_file(target)}, where the export writes its {name}; "
                              "move it away or choose another -o")
 
 
@@ -162,20 +141,22 @@ def export_to_directory(spec: ModelSpec, weights_path: Path, weights_sha256: str
         raise UsageError(f"--with-softmax is for --format onnx ({fmt} " + (
             "outputs probabilities already)" if FORMATS[fmt].outputs == "probabilities" else "outputs logits)"))
     converted = ensure_converted(spec, weights_path, weights_sha256, fmt)
-    names = deployable_files(converted)
+    cached = deployable_files(converted)
+    # the cache names the graph after the architecture; the export after the model
+    names = [onnx_file_name(spec) if fmt == "onnx" and name == f"{spec.name}.onnx" else name for name in cached]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".mixnet-export-", dir=out_dir))
     except OSError as exc:
         raise _write_error(out_dir, exc) from None
     try:
-        for name in names:
-            shutil.copyfile(converted.directory / name, staging / name)
+        for source, name in zip(cached, names):
+            shutil.copyfile(converted.directory / source, staging / name)
         outputs = FORMATS[fmt].outputs
         if fmt == "onnx":
             outputs = "probabilities" if with_softmax else "logits"
             classes = list(labels) if labels is not None else [str(i) for i in range(spec.num_classes)]
-            _describe_onnx(staging / f"{spec.name}.onnx", onnx_metadata(spec, classes, output=outputs),
+            _describe_onnx(staging / onnx_file_name(spec), onnx_metadata(spec, classes, output=outputs),
                            with_softmax=with_softmax)
         check = check_engine(_engine_for(fmt, staging, spec), spec, reference_logits(spec, converted),
                              outputs=outputs)

@@ -118,10 +118,19 @@ def write_csv(rows: Iterable[dict[str, Any]], columns: Sequence[str], stream: Te
     writer.writerow(columns)
     count = 0
     for row in rows:
-        writer.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
+        writer.writerow([_csv_cell(row.get(c)) for c in columns])
         stream.flush()
         count += 1
     return count
+
+
+def _csv_cell(value: Any) -> Any:
+    """A CSV cell: a missing value empty, booleans as JSON writes them (``true``/``false``, not Python's ``True``)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
 
 
 def _classification_csv_rows(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:

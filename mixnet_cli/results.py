@@ -1,9 +1,11 @@
 """The answer for one image, as every route gives it (the local classifier, the service, ``classify --server``,
-Ray): its predictions or its error, and the JSON object printed for it. Imports neither numpy nor an engine, so
-that the thin client (``classify --server``) builds the same rows without them."""
+Ray): its predictions or its error, and the JSON object printed for it; and the top-k check every route applies.
+Imports neither numpy nor an engine, so that the thin client (``classify --server``) builds the same rows and
+clamps -k as a local run does without them."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +15,8 @@ if TYPE_CHECKING:
     import numpy as np
 
     from .base.manifest import Preprocessing
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -109,3 +113,21 @@ class ClassificationResult:
 
         cam, photo, pre = self._with_cam()
         return overlay(photo, cam, pre)
+
+
+DEFAULT_TOPK = 5
+
+
+def check_topk(topk: int | None, num_classes: int, *, clamp: bool = True) -> int:
+    """``topk``, checked: :class:`UsageError` when it is below 1; above ``num_classes``, every class, with a
+    notice (as timm and transformers do; ``clamp=False`` makes it a :class:`UsageError` too, for the service,
+    which answers a request that asks for more with a 400). None is the default: 5, or every class of a model
+    with fewer."""
+    if topk is None:
+        return min(DEFAULT_TOPK, num_classes)
+    if clamp and topk > num_classes:
+        _log.info(f"top-k {topk} is more than the model's {num_classes} classes: giving all {num_classes}")
+        return num_classes
+    if not 1 <= topk <= num_classes:
+        raise UsageError(f"top-k must be between 1 and {num_classes} (the model's classes), got {topk}")
+    return topk

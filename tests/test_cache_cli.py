@@ -111,7 +111,9 @@ def test_clear_asks_first_and_deletes_only_the_caches_own_files(cached, isolated
 
     yes = run("cache", "clear", input="y\n")
     assert yes.exit_code == 0, yes.output
-    assert "Delete 2 weights file(s) and 0 converted-model folder(s)" in yes.stderr  # weights and record
+    # one model: its weights and record
+    assert "Delete the weights of 1 model(s) (2 file(s), records included) and 0 converted-model folder(s)" \
+        in yes.stderr
     assert names(weights) == {"MixNet_S_pretrained.pdparams.bak"}
     assert all(path.read_text() == "not the cache's" for path in others)
 
@@ -140,7 +142,8 @@ def test_a_lock_file_a_killed_process_left_is_deleted_and_never_counted_as_weigh
     assert [row["path"] for row in json.loads(run("cache", "list", "--json").stdout)] == [str(cached)]
 
     no = run("cache", "clear", input="n\n")
-    assert "Delete 2 weights file(s), 1 lock file(s) and 0 converted-model folder(s)" in no.stderr
+    assert "Delete the weights of 1 model(s) (2 file(s), records included), 1 lock file(s) and 0 converted-model " \
+        "folder(s)" in no.stderr
     assert lock.is_file()
     assert run("cache", "rm", "M").stderr == "MixNet_M: nothing cached\n"
     result = run("cache", "rm", "S")

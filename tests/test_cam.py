@@ -260,6 +260,10 @@ def test_cam_class_and_usage_errors(tmp_path, calibrated_weights, photos):
     a_file.write_text("x")
     blocked = CliRunner().invoke(main, ["classify", str(photos[0]), "--weights", weights, "--cam", str(a_file)])
     assert blocked.exit_code == 2 and "not-a-directory" in blocked.stderr and a_file.read_text() == "x"
+    # nothing can be made there: found before the weights (none cached, offline), as -o is
+    unwritable = CliRunner().invoke(main, ["classify", str(photos[0]), "--offline", "--cam", "/proc/cams"])
+    assert unwritable.exit_code == 2, unwritable.output
+    assert unwritable.stderr.startswith("Error: --cam /proc/cams: /proc is not writable")
     if ENGINES["paddle"].missing() is None:
         refused = CliRunner().invoke(main, ["classify", str(photos[0]), "--weights", weights, "--engine", "paddle",
                                             "--cam", str(tmp_path / "o")])

@@ -79,15 +79,19 @@ def test_cam_in_the_json(service: ServerProcess, labelled: tuple[Path, Path], ph
     answer = service.post("?cam=1", data=photo.read_bytes())
     assert answer.status_code == 200, answer.text
     cam = answer.json()["cam"]
+    assert answer.json()["architecture"] == "MixNet_S" != answer.json()["model"]  # own weights: named by the file
     assert cam["class_id"] == api.cam_class and cam["label"] == HOSTILE_LABEL
     assert np.allclose(np.asarray(cam["grid"], dtype=np.float64), api.cam, rtol=1e-5, atol=1e-5)
     assert cam["photo_size"] == [320, 240]
     assert cam["crop"] == list(crop_region(320, 240, resolve_model("MixNet_S").preprocessing))
     chosen = service.post("?cam_class=5", data=photo.read_bytes()).json()
     assert chosen["cam"]["class_id"] == 5 and chosen["predictions"] == answer.json()["predictions"]
+    assert chosen["architecture"] == "MixNet_S"
     several = service.post("?cam=1", files=[("image", ("a.png", photo.read_bytes())),
-                                            ("image", ("b.png", photo.read_bytes()))])
-    assert [row["cam"]["grid"] for row in several.json()] == [cam["grid"]] * 2
+                                            ("image", ("b.png", photo.read_bytes())),
+                                            ("image", ("c.png", b"not an image"))])
+    assert [row["cam"]["grid"] for row in several.json()[:2]] == [cam["grid"]] * 2
+    assert "error" in several.json()[2] and several.json()[2]["architecture"] == "MixNet_S"
     assert "cam" not in service.post("", data=photo.read_bytes()).json()
     for query, words in [("?cam_class=1000", "0 to 999"), ("?cam=2", "cam must be 1 or 0"), ("?cam_class=x", "")]:
         refused = service.post(query, data=photo.read_bytes())

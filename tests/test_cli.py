@@ -80,6 +80,20 @@ def test_version_and_help():
         assert result.exit_code == 0 and "Usage: mixnet" in result.stdout
 
 
+def test_every_help_fits_an_80_column_terminal():
+    import click
+
+    def commands(command: click.Command, path: list[str]):
+        yield path
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from commands(sub, [*path, name])
+
+    for path in commands(main, []):
+        shown = CliRunner().invoke(main, [*path, "--help"], terminal_width=80).output
+        wide = [line for line in shown.splitlines() if len(line) > 80]
+        assert not wide, f"mixnet {' '.join(path)} --help: {wide}"
+
+
 def test_every_command_is_documented_in_readme():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     for name, command in main.commands.items():
@@ -236,6 +250,8 @@ def test_models_lists_the_seed_table(isolated_home):
     assert not any(row["cached"] for row in rows)
     table = _invoke("models").stdout
     assert "78.60" in table and "579.017" in table
+    # CSV writes booleans as JSON does (every command's CSV comes from one writer)
+    assert {row["cached"] for row in csv.DictReader(io.StringIO(_invoke("models", "--csv").stdout))} == {"false"}
 
 
 def test_installed_executable_classifies(tmp_path, random_mirror):

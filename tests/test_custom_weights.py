@@ -112,7 +112,9 @@ def test_own_weights_export_with_their_class_count(fine_tuned, tmp_path, isolate
     result = CliRunner().invoke(main, ["export", "--weights", str(fine_tuned), "--format", "onnx", "-o",
                                        str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    session = onnxruntime.InferenceSession(str(tmp_path / "out" / "MixNet_S.onnx"), providers=["CPUExecutionProvider"])
+    [model] = (tmp_path / "out").glob("*.onnx")
+    assert model.name.startswith("flowers_mixnet_s-")  # named after the weights, not MixNet_S.onnx
+    session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     logits = session.run(None, {"x": np.zeros((2, 3, 224, 224), np.float32)})[0]
     assert logits.shape == (2, 7) and "N x 7" in result.stderr
 
@@ -264,7 +266,9 @@ def test_two_fine_tunes_are_told_apart_everywhere_and_keep_their_architecture(fi
     exported = CliRunner().invoke(main, ["export", "--weights", str(other), "--labels", str(label_files["plain"]),
                                          "-o", str(tmp_path / "deploy")])
     assert exported.exit_code == 0, exported.output
-    metadata = {entry.key: entry.value for entry in onnx.load(str(tmp_path / "deploy" / "MixNet_S.onnx")).metadata_props}
+    # named after the model, so it never replaces the released model's MixNet_S.onnx; the usage lines say so
+    assert exported.stdout == f"{tmp_path / 'deploy' / names[1]}.onnx\n" and f"{names[1]}.onnx" in exported.stderr
+    metadata = {entry.key: entry.value for entry in onnx.load(str(tmp_path / "deploy" / f"{names[1]}.onnx")).metadata_props}
     assert (metadata["model_name"], metadata["architecture"]) == (names[1], "MixNet_S")
     assert json.loads(metadata["labels"]) == NAMES and metadata["num_classes"] == "7"
 
@@ -274,3 +278,21 @@ def test_two_fine_tunes_are_told_apart_everywhere_and_keep_their_architecture(fi
     summary = CliRunner().invoke(main, ["eval", "--list", str(listing), "--weights", str(other), "--json"])
     assert summary.exit_code == 0, summary.output
     assert (json.loads(summary.stdout)["model"], json.loads(summary.stdout)["architecture"]) == (names[1], "MixNet_S")
+
+
+def test_maps_of_a_fine_tune_keep_its_architecture(fine_tuned, photos, isolated_home, tmp_path):
+    """--cam (JSON, CSV, table) and classify(cam=True / cam_class=...) name the architecture as a run without."""
+    import csv
+    import io
+
+    image, weights = str(photos[0]), str(fine_tuned)
+    code, [row], _ = _classify(image, "--weights", weights, "--cam", str(tmp_path / "maps"))
+    assert code == 0 and row["model"].startswith("flowers_mixnet_s-") and row["architecture"] == "MixNet_S"
+    rows = list(csv.DictReader(io.StringIO(CliRunner().invoke(
+        main, ["classify", image, "--weights", weights, "--cam", str(tmp_path / "maps"), "--csv"]).stdout)))
+    assert {row["architecture"] for row in rows} == {"MixNet_S"}
+    table = CliRunner().invoke(main, ["classify", image, "--weights", weights, "--cam", str(tmp_path / "maps")])
+    assert table.stdout.startswith(f"{image}  ({row['model']}, MixNet_S)\n")
+    classifier = Classifier(weights=fine_tuned)
+    for result in (classifier.classify(photos[0], cam=True), classifier.classify(photos[0], cam_class=2)):
+        assert result.cam is not None and result.to_dict()["architecture"] == "MixNet_S"

@@ -200,16 +200,19 @@ def test_export_to_a_file_path_is_a_clear_error(tmp_path, random_mirror):
 
 
 @pytest.mark.parametrize("fmt, blocked", [
-    ("onnx", "MixNet_S.onnx"),
+    ("onnx", "{weights}.onnx"),  # named after the weights' model
     pytest.param("paddle-legacy", "inference.pdmodel", marks=pytest.mark.paddle),
 ])
 def test_a_directory_where_an_exported_file_goes_stops_the_export_before_any_file_is_written(
         fmt, blocked, tmp_path, random_weights_dir):
+    import hashlib
+
+    weights = random_weights_dir / "MixNet_S_pretrained.pdparams"
+    blocked = blocked.format(weights=f"{weights.stem}-{hashlib.sha256(weights.read_bytes()).hexdigest()[:7]}")
     out = tmp_path / "out"
     (out / blocked).mkdir(parents=True)
     (out / blocked / "keep.txt").write_text("mine")
-    result = CliRunner().invoke(main, ["export", "--weights", str(random_weights_dir / "MixNet_S_pretrained.pdparams"),
-                                       "--format", fmt, "-o", str(out)])
+    result = CliRunner().invoke(main, ["export", "--weights", str(weights), "--format", fmt, "-o", str(out)])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("Error: ") and "Traceback" not in result.stderr
@@ -222,7 +225,8 @@ def test_a_directory_where_an_exported_file_goes_stops_the_export_before_any_fil
 @pytest.mark.parametrize("output, blocking, says", [
     (os.devnull, os.devnull, "is a character device, not a directory; give a directory"),
     ("{tmp}/a-file/sub", "{tmp}/a-file", "is a file, not a directory, so nothing can be created under it; choose another -o"),
-], ids=["a device", "a file as a parent"])
+    ("/proc/e", "/proc", "is not writable"),  # even for root, whom os.access calls it writable
+], ids=["a device", "a file as a parent", "a folder nothing can be made in"])
 def test_an_output_that_can_never_be_a_directory_is_a_usage_error_before_any_download(output, blocking, says, tmp_path,
                                                                                      random_mirror):
     (tmp_path / "a-file").write_text("x")

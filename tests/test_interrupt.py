@@ -1,4 +1,5 @@
-"""Ctrl-C at any moment of a run: "Interrupted." and exit code 130, never click's "Aborted." nor a traceback."""
+"""Ctrl-C at any moment of a run once the command line is loaded: "Interrupted." and exit code 130, never click's
+"Aborted." nor a traceback (a Ctrl-C inside the interpreter's own start-up, before that, is Python's: README)."""
 
 from __future__ import annotations
 

@@ -73,6 +73,18 @@ def test_a_registered_engine_runs_from_the_cli_and_the_api(counting_engine, cali
     assert unknown.exit_code == 2 and "counting" in unknown.stderr
 
 
+def test_doctor_says_what_a_missing_engine_needs_and_its_install_line_once():
+    register(EngineInfo("absent", (), "cpu", "an engine whose library is not installed (an example)",
+                        "pip install no-such-engine-library", ("no_such_engine_library",), __name__))
+    try:
+        doctor = {row["check"]: row for row in json.loads(CliRunner().invoke(
+            main, ["doctor", "--json"], env={"MIXNET_OFFLINE": "1"}).stdout)}
+    finally:
+        del ENGINES["absent"]
+    row = doctor["engine absent"]
+    assert (row["value"], row["hint"]) == ("needs no_such_engine_library", "pip install no-such-engine-library")
+
+
 def test_auto_gives_way_to_the_next_engine_when_its_first_choice_fails(calibrated_mirror, tmp_path, monkeypatch):
     """An engine ranked first on the CPU that fails to start (here: this module's, refusing to build) hands over to
     the next in the table, with one warning; asked for by name, its failure is the error."""

@@ -80,7 +80,8 @@ def inputs(test_images: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
     return folder
 
 
-@pytest.mark.parametrize("output", [[], ["--json"], ["--csv"], ["--jsonl", "-k", "2"]])
+@pytest.mark.parametrize("output", [[], ["--json"], ["--csv"], ["--jsonl", "-k", "2"],
+                                    ["--csv", "-k", "5000"]])  # more than the classes: all, with the notice
 def test_the_client_prints_byte_for_byte_what_a_local_run_prints(output, service_url, client_home, inputs,
                                                                   monkeypatch):
     monkeypatch.setenv("MIXNET_HOME", str(client_home))

@@ -314,6 +314,7 @@ def test_bad_parameters_are_400_with_the_clis_message(service, photos, service_h
     cli = _local("classify", str(photos[0]), "--model", "XL", home=service_home, monkeypatch=monkeypatch)
     assert str(unknown.value) in cli.stderr
     for query, words in [("?model=M", "not served here"), ("?topk=0", "top-k must be between 1 and 1000"),
+                         ("?topk=5000", "top-k must be between 1 and 1000"),
                          ("?topk=three", "topk must be a whole number"), ("?deadline_ms=0", "deadline_ms"),
                          ("?url=https://127.0.0.1:9/cat.jpg", "--allow-urls")]:
         response = server.post(query, data=body)

@@ -4,7 +4,8 @@ file; and one way to hash a file.
 Temporary names are unique per process, thread and call (``.<name>.<pid>.<thread>.<random>.tmp``), so threads of
 one process (the OpenVINO engine's runners, a future service) never write into each other's files. A failed
 write removes its temporary file and leaves the target as it was. (After pooch's ``utils.temporary_file`` and
-``hashes.file_hash``, and huggingface_hub's download-to-temporary-then-move.)
+``hashes.file_hash``, and huggingface_hub's download-to-temporary-then-move.) Also the check, before any work,
+that an output directory can be written (``export -o``, ``classify --cam``).
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import stat
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
+
+from .errors import UsageError
 
 _HASH_CHUNK = 1 << 20
 TEMPORARY_SUFFIX = ".tmp"
@@ -123,3 +128,36 @@ def adopt_directory(finished: Path, target: Path) -> None:
     """Give a directory built under a temporary name (``finished``) its final name ``target``, in one rename:
     readers see all of it or none. ``target`` must not exist. Raises ``OSError``."""
     os.rename(finished, target)
+
+
+def kind_of_file(path: Path) -> str:
+    """What is at ``path``, in words, for a message saying it is in the way."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "a broken symbolic link"
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISREG, "a file"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")]
+    return next((words for test, words in kinds if test(mode)), "not a file")
+
+
+def check_output_directory(out_dir: Path, option: str = "-o", what: str = "the model") -> None:
+    """Raise :class:`UsageError` when ``out_dir`` (given as ``option``, to hold ``what``) can never be written:
+    it is not a directory, the nearest of its parents that exists is not one (nothing can be created under it),
+    or no directory can be made in that one. Called before the weights are fetched or anything converted, so a
+    bad ``-o`` (export) or ``--cam`` (classify) costs nothing."""
+    nearest = Path(os.path.abspath(out_dir))
+    while not os.path.lexists(nearest) and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        if nearest == Path(os.path.abspath(out_dir)):
+            raise UsageError(f"{option} {out_dir} is {kind_of_file(nearest)}, not a directory; give a directory to "
+                             f"write {what} into (it is created if needed)")
+        raise UsageError(f"{option} {out_dir}: {nearest} is {kind_of_file(nearest)}, not a directory, so nothing "
+                         f"can be created under it; choose another {option}")
+    # A directory made and removed there: finds what permissions alone do not (/proc, a read-only mount, root)
+    try:
+        tempfile.TemporaryDirectory(dir=nearest, prefix=".mixnet-probe-").cleanup()
+    except OSError as exc:
+        raise UsageError(f"{option} {out_dir}: {nearest} is not writable ({exc.strerror or exc}); choose a "
+                         f"writable directory with {option}") from None

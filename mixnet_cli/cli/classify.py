@@ -179,6 +179,10 @@ def classify(
     check_output_path(output)
     if embed_npy is not None:
         check_output_path(str(embed_npy), "--embed-npy")
+    if cam_dir is not None:
+        from ..base.files import check_output_directory
+
+        check_output_directory(cam_dir, "--cam", "the pictures")  # as -o: before the weights load
     items = expand_inputs(arguments, recursive=recursive)
     if not items:  # an empty --files-from list (`find` matched nothing): an empty result, not an error
         with open_output(output) as stream:

@@ -114,9 +114,12 @@ def classify_dataset(
 
     \b
       mixnet classify-dataset photos/ -o results/ --model L
-      mixnet classify-dataset s3://bucket/photos/ -o s3://bucket/results/ --address auto --actors 8
-      mixnet classify-dataset --files-from manifest.parquet --files-from-column uri -o results/ --device gpu
-      mixnet classify-dataset photos/ -o results/ --resume      # after a killed run: the rest, each once
+      mixnet classify-dataset s3://bucket/photos/ -o s3://bucket/results/ \\
+          --address auto --actors 8
+      mixnet classify-dataset --files-from manifest.parquet \\
+          --files-from-column uri -o results/ --device gpu
+      # after a killed run: the rest, each once
+      mixnet classify-dataset photos/ -o results/ --resume
 
     A missing or unreadable image is a row with an error; the summary on stderr counts them and the exit code
     is 1. Without --address (or RAY_ADDRESS) Ray runs on this machine alone: for one machine, `mixnet classify`

@@ -133,7 +133,8 @@ def evaluate_command(
     """Measure top-1 and top-5 accuracy on a labelled image set (e.g. ImageNet's validation set).
 
     \b
-      mixnet eval ILSVRC2012/val --model L            # sub-folders named by synset: n01440764/ ...
+      # sub-folders named by synset: n01440764/ ...
+      mixnet eval ILSVRC2012/val --model L
       mixnet eval --list val_list.txt --root ILSVRC2012/ --json
       mixnet eval ILSVRC2012/val --limit 1000 --jsonl > mistakes.jsonl
 

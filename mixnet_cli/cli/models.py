@@ -153,7 +153,8 @@ def cache_list(fmt: str) -> None:
 
     \b
       mixnet cache list
-      mixnet cache list --json | jq -r '.[] | select(.status == "verified") | .path'
+      mixnet cache list --json |
+          jq -r '.[] | select(.status == "verified") | .path'
 
     Status: verified (matches the record written when it was checked), unverified (no record: checked in full
     on first use), corrupt (changed since: `mixnet download MODEL --force`), partial (an interrupted download;
@@ -220,9 +221,13 @@ def cache_clear(yes: bool) -> None:
     if not plan:
         click.echo(f"Nothing to delete in {cache_root()}.", err=True)
         return
-    counts = [f"{plan.weights_files} weights file(s)"] + ([f"{len(plan.locks)} lock file(s)"] if plan.locks else [])
+    # A model's files are its weights, their record and any partial download: counted by model, not as weights.
+    counts = [f"the weights of {len(plan.weights)} model(s) ({plan.weights_files} file(s), records included)"] \
+        if plan.weights else []
+    counts += [f"{len(plan.locks)} lock file(s)"] if plan.locks else []
     counts.append(f"{len(plan.folders)} converted-model folder(s)")
-    question = f"Delete {', '.join(counts[:-1])} and {counts[-1]}, {plan.size / 1e6:.1f} MB, from {cache_root()}?"
+    listed = f"{', '.join(counts[:-1])} and {counts[-1]}" if len(counts) > 1 else counts[0]
+    question = f"Delete {listed}, {plan.size / 1e6:.1f} MB, from {cache_root()}?"
     try:
         confirmed = yes or click.confirm(question, default=False, err=True)
     except click.Abort:
@@ -283,7 +288,8 @@ The file describes itself: onnx.load("{dir}/{name}.onnx").metadata_props holds m
               help="ONNX only: end the model in a softmax, so that it outputs probabilities (for tools that print "
               "its output as scores, such as PaddleClas's ONNX mode) instead of logits.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Directory to write the model into (created if needed).")
+              help="Directory to write the model into (created if needed); the ONNX file is named after the model: "
+              "MixNet_S.onnx, or your weights' name for --weights (best_model-7b1843a.onnx).")
 @network_options
 @user_errors
 def export_command(model: str | None, weights: Path | None, labels: Path | None, fmt: str, with_softmax: bool,
@@ -337,7 +343,7 @@ def export_command(model: str | None, weights: Path | None, labels: Path | None,
         err=True,
     )
     click.echo(
-        _EXPORT_USAGE[fmt].format(dir=out_dir, name=spec.name, lite_name=spec.name.lower(), size=pre.crop_size, resize=pre.resize_short,
+        _EXPORT_USAGE[fmt].format(dir=out_dir, name=spec.display_name, lite_name=spec.name.lower(), size=pre.crop_size, resize=pre.resize_short,
                                   mean=list(pre.mean), std=list(pre.std), classes=spec.num_classes,
                                   output="probabilities" if with_softmax else "logits",
                                   output_words=f"probabilities N x {spec.num_classes} (a softmax last)" if with_softmax

@@ -102,7 +102,8 @@ def serve(
 
     \b
       mixnet serve --model S --model L --port 8080
-      curl --data-binary @cat.jpg 'http://127.0.0.1:8080/v1/classify?model=L&topk=3'
+      curl --data-binary @cat.jpg \\
+          'http://127.0.0.1:8080/v1/classify?model=L&topk=3'
       curl -F image=@cat.jpg -F image=@dog.png http://127.0.0.1:8080/v1/classify
       mixnet classify cat.jpg --server http://127.0.0.1:8080 --json
       mixnet serve --weights best_model.pdparams --labels flowers_label_list.txt

@@ -56,7 +56,8 @@ async def classify_with_maps(classifier: "Classifier", model_name: str, topk: in
         try:
             return classifier.classify(load(), topk=topk, name=name, cam=True, cam_class=cam.class_id)
         except ImageError as exc:
-            return ClassificationResult(input=name, model=model_name, error=exc)
+            return ClassificationResult(input=name, model=model_name, error=exc,
+                                        architecture=classifier.architecture)
 
     return list(await asyncio.gather(*(loop.run_in_executor(threads, run, name, load) for name, load in images)))
 

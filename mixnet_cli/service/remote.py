@@ -79,7 +79,8 @@ def classify_remote(server: str, items: Iterable[InputItem], *, model: str, topk
     service at ``server`` (``http://host:port``), sent with ``Authorization: Bearer token`` when given. Requests
     hold at most ``batch_size`` images, and no more images or bytes than the service's ``/v1/limits`` allow.
     Raises :class:`ServiceError` when it cannot be reached or refuses a request (a wrong token included),
-    :class:`~mixnet_cli.base.errors.UsageError` for a bad model or top-k (its 400)."""
+    :class:`~mixnet_cli.base.errors.UsageError` for a bad model or top-k (its 400). A ``topk`` above the served
+    model's classes (``/v1/limits``'s ``num_classes``) is clamped to them with a notice, as a local run does."""
     if batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
     from ..base.manifest import resolve_model
@@ -90,6 +91,12 @@ def classify_remote(server: str, items: Iterable[InputItem], *, model: str, topk
     limits = service_limits(server, token)
     batch_size = max(1, min(batch_size, int(limits.get("max_images_per_request") or batch_size)))
     max_bytes = int(limits.get("max_body_bytes") or 0) or None
+    served_classes = (limits.get("num_classes") or {}).get(model_name)
+    if topk is not None and served_classes:
+        from ..results import check_topk
+
+        # as a local run: more than the served model's classes is all of them, with the same notice
+        topk = check_topk(topk, int(served_classes))
     query = urlencode({"model": model_name, **({"topk": topk} if topk is not None else {})})
     local = threading.local()  # a connection per sending thread
     clients: list[_Client] = []

@@ -303,12 +303,14 @@ class Service:
 
     def limits(self) -> dict[str, Any]:
         """What a client must stay within (``GET /v1/limits``): images per request, body bytes, pixels per image,
-        the deadline (seconds), and the models."""
+        the deadline (seconds), the models and the classes of each (the largest top-k)."""
         from ..images.preprocess import MAX_PIXELS
 
         return {"max_images_per_request": self.options.max_queue, "max_body_bytes": self.options.max_body_bytes,
                 "max_pixels_per_image": MAX_PIXELS, "deadline_s": self.options.deadline_s,
                 "max_batch_size": self.options.max_batch_size, "models": self.model_names,
+                # the top-k a request may ask for, by model: a client clamps to it as a local run does
+                "num_classes": {name: spec.num_classes for name, spec in self.specs.items()},
                 "urls": "public" if self.options.allow_urls and not self.options.allow_private_urls else
                         "any" if self.options.allow_urls else "off"}
 
