@@ -44,11 +44,13 @@ def service_limits(server: str, token: str | None = None, timeout: float = 10.0)
     """What the service at ``server`` takes (its ``GET /v1/limits``: ``max_images_per_request``,
     ``max_body_bytes``...); empty for a service too old to say. Raises :class:`ServiceError` when it cannot be
     reached or refuses the token."""
+    import http.client
+
     check_server_url(server)
     client = _Client(_Service(server, timeout, token))
     try:
         status, _, data = client.request("GET", client.service.target("", "/v1/limits"))
-    except (OSError, TimeoutError) + _http_errors():
+    except (OSError, http.client.HTTPException):
         raise ServiceError(f"cannot reach the service at {server.rstrip('/')}/v1/limits; is `mixnet serve` running "
                            "there?") from None
     finally:
@@ -62,15 +64,8 @@ def service_limits(server: str, token: str | None = None, timeout: float = 10.0)
     if status == 404:
         return {}
     if status == 401:
-        raise ServiceError(f"the service at {server} needs its token: give --token-file FILE or set "
-                           "MIXNET_SERVE_TOKEN")
+        raise _needs_token(server)
     raise ServiceError(f"the service at {server.rstrip('/')}/v1/limits answered {status}: {_message(status, data)}")
-
-
-def _http_errors() -> tuple[type[BaseException], ...]:
-    import http.client
-
-    return (http.client.HTTPException,)
 
 
 def classify_remote(server: str, items: Iterable[InputItem], *, model: str, topk: int | None, batch_size: int = 4,
@@ -298,8 +293,7 @@ class _Client:
             return answer
         message = _message(status, data)
         if status == 401:
-            raise ServiceError(f"the service at {service.endpoint} needs its token: give --token-file FILE or set "
-                               "MIXNET_SERVE_TOKEN")
+            raise _needs_token(service.endpoint)
         if status == 400:
             raise UsageError(message)
         raise ServiceError(f"the service at {service.endpoint} answered {status}: {message}")
@@ -330,3 +324,7 @@ def _within_bytes(files: list[tuple[str, bytes]], max_bytes: int | None) -> Iter
         size += cost
     if group:
         yield group
+
+
+def _needs_token(where: str) -> ServiceError:
+    return ServiceError(f"the service at {where} needs its token: give --token-file FILE or set MIXNET_SERVE_TOKEN")
