@@ -10,6 +10,8 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,21 @@ if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
 MIXNET = [sys.executable, "-m", "mixnet_cli"]
+# 13 images on local[2] take 5-15 s; a job still running after this has hung (its workers' stacks are printed).
+SPARK_JOB_TIMEOUT_S = 180
+
+
+def _collect_within(spark: Any, frame: Any, seconds: float) -> list[Any]:
+    """``frame.collect()``, or a failure after ``seconds`` with the job cancelled (a hung Python worker would
+    otherwise hold the run until CI cuts it)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        collected = pool.submit(frame.collect)
+        try:
+            return collected.result(timeout=seconds)
+        except FutureTimeout:
+            spark.sparkContext.cancelAllJobs()
+            pytest.fail(f"the Spark job did not finish within {seconds:g} s; the Python workers' stacks are in "
+                        "the captured stderr")
 
 
 def _environment(home: Path) -> dict[str, str]:
@@ -61,11 +78,15 @@ def test_map_in_arrow_gives_the_rows_of_classify(tmp_path, calibrated_server):
     os.environ.update(MIXNET_HOME=str(home), SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable)
     spark = (SparkSession.builder.master("local[2]").appName("mixnet-test")
              .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
-             .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "2")
-             .config("spark.local.dir", str(tmp_path / "spark")).getOrCreate())
+             .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
+             .config("spark.sql.shuffle.partitions", "2").config("spark.local.dir", str(tmp_path / "spark"))
+             # A Python worker that stops answering prints its stack every 30 s (into this test's stderr).
+             .config("spark.python.worker.tracebackDumpIntervalSeconds", "30")
+             .config("spark.python.worker.faulthandler.enabled", "true").getOrCreate())
     try:
         paths = spark.createDataFrame([(name,) for name in sorted(expected)], "path string").repartition(2)
-        rows = paths.mapInArrow(spark_classify_batches("S", offline=True, threads=1), SPARK_SCHEMA).collect()
+        job = paths.mapInArrow(spark_classify_batches("S", offline=True, threads=1), SPARK_SCHEMA)
+        rows = _collect_within(spark, job, SPARK_JOB_TIMEOUT_S)
     finally:
         spark.stop()
         for name, value in saved.items():
