@@ -36,14 +36,16 @@ SPARK_JOB_TIMEOUT_S = 180
 def _collect_within(spark: Any, frame: Any, seconds: float) -> list[Any]:
     """``frame.collect()``, or a failure after ``seconds`` with the job cancelled (a hung Python worker would
     otherwise hold the run until CI cuts it)."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        collected = pool.submit(frame.collect)
-        try:
-            return collected.result(timeout=seconds)
-        except FutureTimeout:
-            spark.sparkContext.cancelAllJobs()
-            pytest.fail(f"the Spark job did not finish within {seconds:g} s; the Python workers' stacks are in "
-                        "the captured stderr")
+    pool = ThreadPoolExecutor(max_workers=1)
+    collected = pool.submit(frame.collect)
+    try:
+        return collected.result(timeout=seconds)
+    except FutureTimeout:
+        spark.sparkContext.cancelAllJobs()
+        pytest.fail(f"the Spark job did not finish within {seconds:g} s; the Python workers' stacks are in "
+                    "the captured stderr")
+    finally:
+        pool.shutdown(wait=False)  # not waiting for a collect that may never return
 
 
 def _environment(home: Path) -> dict[str, str]:
