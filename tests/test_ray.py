@@ -729,21 +729,26 @@ def test_without_an_address_the_command_runs_its_own_loopback_cluster_and_stops_
     # A short path: Ray's Unix sockets live inside it, and socket paths are limited to 107 characters.
     temporary = Path(tempfile.mkdtemp(prefix="mxr", dir="/tmp"))
     environment["TMPDIR"] = str(temporary)
-    process = subprocess.Popen(MIXNET + ["classify-dataset", str(image_set / "b"), "-o", str(out), "--offline"],
-                               env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Its output goes to a file: a pipe nobody reads while the loop below watches would fill and stop the command.
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("w") as err:
+        process = subprocess.Popen(MIXNET + ["classify-dataset", str(image_set / "b"), "-o", str(out), "--offline"],
+                                   env=environment, stdout=subprocess.DEVNULL, stderr=err, text=True)
     seen: dict[int, str] = {}
     addresses: set[str] = set()
+    ends = time.monotonic() + RUN_TIMEOUT_S
     try:
         while process.poll() is None:  # the command's processes: its cluster, its actors
+            assert time.monotonic() < ends, f"still running after {RUN_TIMEOUT_S} s: {stderr.read_text()[-2000:]}"
             tree = _process_tree(process.pid)
             seen.update(tree)
             addresses |= _listening_addresses([process.pid, *tree])
             time.sleep(0.2)
-        process.communicate(timeout=RUN_TIMEOUT_S)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 1  # the truncated PNG
+            process.wait()
+    assert process.returncode == 1, stderr.read_text()  # the truncated PNG
     assert any(command.startswith(ACTOR_TITLE) for command in seen.values()), seen
     assert addresses and addresses <= LOOPBACK, addresses
     expected = {name: row for name, row in local_results.items() if "/b/" in name}
