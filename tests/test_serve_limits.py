@@ -464,34 +464,60 @@ def test_images_past_their_deadline_are_images_before_inference():
     assert ran == [1, 3], "the image whose deadline passed while it waited never reached the engine"
 
 
+V2_INFER = "/v2/models/MixNet_S/infer"
+
+
+def _v2_binary(image: bytes) -> tuple[bytes, int]:
+    """A v2 infer body of one image in the binary-data extension, and the length of its JSON header."""
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": 4 + len(image)}}]}).encode()
+    return header + len(image).to_bytes(4, "little") + image, len(header)
+
+
+def _head(path: str, length: int, header_length: int | None = None) -> bytes:
+    extra = "" if header_length is None else f"Inference-Header-Content-Length: {header_length}\r\n"
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n{extra}"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
 @needs_serve
-def test_a_client_that_hangs_up_is_499_with_no_warning(guarded, tmp_path):
+@pytest.mark.parametrize("endpoint", ["/v1/classify", "/v2/models/{name}/infer"], ids=["v1", "v2"])
+def test_a_client_that_hangs_up_is_499_with_no_warning(guarded, endpoint):
     import io
 
     from PIL import Image
 
-    before = _metric(_metrics(guarded), "mixnet_http_requests_total", endpoint="/v1/classify", status="499")
+    def request(image: bytes) -> tuple[bytes, bytes]:
+        """The head and body of a request of ``image`` to ``endpoint``."""
+        if endpoint == "/v1/classify":
+            return _head(endpoint, len(image)), image
+        body, header_length = _v2_binary(image)
+        return _head(V2_INFER, len(body), header_length), body
+
+    def count(text: str, status: str) -> float:
+        return _metric(text, "mixnet_http_requests_total", endpoint=endpoint, status=status)
+
+    before = count(_metrics(guarded), "499")
     images_before = _metric(_metrics(guarded), "mixnet_images_total", model="MixNet_S")
     lines_before = len(guarded.log.read_text(encoding="utf-8").splitlines())
-    head = f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+    head, body = request(b"\xff\xd8" * 25000)
     with socket.create_connection(("127.0.0.1", guarded.port)) as sock:  # gone in the middle of its body
-        sock.sendall(f"{head}Content-Length: 50000\r\n\r\n".encode() + b"\xff\xd8" * 1000)
+        sock.sendall(head + body[:2000])
         time.sleep(0.3)
     # Gone while its image decodes (a 36-megapixel PNG: a few hundred ms): the image never reaches the engine.
     png = io.BytesIO()
     Image.new("RGB", (6000, 6000), (90, 120, 150)).save(png, format="PNG")
+    head, body = request(png.getvalue())
     with socket.create_connection(("127.0.0.1", guarded.port)) as sock:
-        sock.sendall(f"{head}Content-Length: {len(png.getvalue())}\r\n\r\n".encode() + png.getvalue())
+        sock.sendall(head + body)
         time.sleep(0.05)
     deadline = time.monotonic() + 10
-    while _metric(_metrics(guarded), "mixnet_http_requests_total", endpoint="/v1/classify",
-                  status="499") < before + 2:
+    while count(_metrics(guarded), "499") < before + 2:
         assert time.monotonic() < deadline, "the hang-ups were never counted as 499"
         time.sleep(0.1)
     time.sleep(1.0)  # the decode ends; had the image been queued, it would be classified by now
     assert _metric(_metrics(guarded), "mixnet_images_total", model="MixNet_S") == images_before
-    after = _metrics(guarded)
-    assert _metric(after, "mixnet_http_requests_total", endpoint="/v1/classify", status="500") == 0
+    assert count(_metrics(guarded), "500") == 0
     new_lines = guarded.log.read_text(encoding="utf-8").splitlines()[lines_before:]
     assert all(line.startswith("{") for line in new_lines), new_lines  # access log lines only: no warning
 
