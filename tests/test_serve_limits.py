@@ -42,16 +42,28 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def guarded(calibrated_weights: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def mirror(calibrated_weights: Any) -> Iterator[GatedMirror]:
     if serve_missing() is not None:
         pytest.skip(serve_missing() or "")
     calibrated_weights("MixNet_S")
-    mirror = GatedMirror(calibrated_weights.directory)
-    mirror.open()
+    server = GatedMirror(calibrated_weights.directory)
+    server.open()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The module's servers share one cache: the second finds the model downloaded and converted."""
+    return tmp_path_factory.mktemp("limits-home")
+
+
+@pytest.fixture(scope="module")
+def guarded(mirror: GatedMirror, home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     directory = tmp_path_factory.mktemp("limits")
     token_file = directory / "token"
     token_file.write_text(TOKEN + "\n")
-    server = ServerProcess(directory / "home", mirror.url, directory / "server.log",
+    server = ServerProcess(home, mirror.url, directory / "server.log",
                            "--model", "S", "--max-queue", "4", "--header-timeout", str(HEADER_TIMEOUT_S),
                            "--keep-alive", "2", "--token-file", str(token_file), "--allow-urls",
                            "--log-format", "json", "--graceful-timeout", str(GRACEFUL_TIMEOUT_S))
@@ -60,7 +72,6 @@ def guarded(calibrated_weights: Any, tmp_path_factory: pytest.TempPathFactory) -
         yield server
     finally:
         server.stop()
-        mirror.close()
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -335,6 +346,79 @@ def test_urls_reach_only_public_addresses_and_say_nothing_of_what_listens(guarde
         assert time.monotonic() < deadline, "the request with a password was not logged"
         time.sleep(0.05)
     assert "hunter2" not in guarded.log.read_text(encoding="utf-8") and "hunter2" not in messages[-1]
+
+
+class SlowImages:
+    """A server on 127.0.0.1 whose every answer promises an image and drips it, a byte every 0.2 s, until the
+    client hangs up; ``connections`` counts the clients it has dripped to."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connections = 0
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drip, args=(connection,), daemon=True).start()
+
+    def _drip(self, connection: socket.socket) -> None:
+        with connection:
+            try:
+                connection.recv(65536)
+                self.connections += 1
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n")
+                while not self._stop.is_set():
+                    connection.sendall(b"\xff")
+                    time.sleep(0.2)
+            except OSError:
+                pass  # the fetcher hung up (its deadline)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.listener.close()
+
+
+@needs_serve
+def test_slow_urls_never_delay_uploaded_images(mirror, home, photos, tmp_path):
+    """More dripping URLs than decode threads (one): the uploads beside them are answered at once, as URLs are
+    fetched in async I/O. (The module's server fetches public addresses only: this one also fetches
+    127.0.0.1.)"""
+    slow = SlowImages()
+    server = ServerProcess(home, mirror.url, tmp_path / "intranet.log", "--model", "S", "--workers", "1",
+                           "--allow-urls", "--allow-private-urls", "--no-access-log")
+    try:
+        server.wait_for("/readyz", 200)
+        fetches = 3
+        query = "?" + requests.compat.urlencode({"url": f"{slow.url}/slow.jpg", "deadline_ms": 4000})
+        with ThreadPoolExecutor(max_workers=fetches) as pool:
+            dripping = [pool.submit(server.post, query) for _ in range(fetches)]
+            deadline = time.monotonic() + 10
+            while slow.connections < 1:
+                assert time.monotonic() < deadline, "the service never fetched the slow URL"
+                time.sleep(0.05)
+            time.sleep(0.5)
+            at_once = slow.connections
+            latencies = []
+            for photo in photos[:5]:
+                started = time.monotonic()
+                response = server.post(data=photo.read_bytes())
+                latencies.append(time.monotonic() - started)
+                assert response.status_code == 200, response.text
+            # Tens of ms each; a fetch in the (one) decode thread held them for its 4 s.
+            assert max(latencies) < 2.0, latencies
+            assert not any(future.done() for future in dripping), "the slow URLs ended before the uploads"
+            statuses = [future.result().status_code for future in dripping]
+    finally:
+        server.stop()
+        slow.close()
+    assert at_once == fetches, "the slow URLs are fetched at once, not one after the other"
+    assert set(statuses) <= {422, 504}, statuses
 
 
 def test_a_redirect_to_a_private_address_is_refused_before_it_is_followed(tmp_path):
