@@ -49,7 +49,8 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from .batching import DynamicBatcher
 from .connections import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S, ConnectionGuard
-from .handling import ClientGone, ImageLoader, bytes_loader, client_gone, until_client_gone  # noqa: F401 (here too)
+# ClientGone and client_gone were defined here first: still importable from here.
+from .handling import ClientGone, ImageLoader, bytes_loader, client_gone, until_client_gone  # noqa: F401
 from .maps import OPENAPI_PARAMETERS, OPENAPI_PATH, CamRequest, cam_request, classify_with_maps
 from ..base.errors import ImageError, ImageTooLargeError, MixnetError, Overloaded, UsageError
 from ..base.settings import load_token  # noqa: F401 (read where the CLI and the service both reach it)
@@ -536,9 +537,10 @@ class Service:
         """Classify named images with one model, room for them held with :meth:`admitted`: a
         :class:`ClassificationResult` each (with ``rows``, each image's row of probabilities instead, ``classes``
         float64: the v2 protocol's output). Each loader, awaited, gives the image's encoded bytes (at hand:
-        :func:`~mixnet_cli.service.handling.bytes_loader`; or a URL being fetched). An image that cannot be read gets its error in its place. ``deadline`` (the loop's
-        clock) lets the batcher drop an image whose answer would come too late, before its forward pass. ``cam``:
-        each with its class activation map, from the classifier's map engine, outside the batcher."""
+        :func:`~mixnet_cli.service.handling.bytes_loader`; or a URL being fetched). An image that cannot be read
+        gets its error in its place. ``deadline`` (the loop's clock) lets the batcher drop an image whose answer
+        would come too late, before its forward pass. ``cam``: each with its class activation map, from the
+        classifier's map engine, outside the batcher."""
         from ..classifier import ClassificationResult
 
         model = self.models[model_name]
