@@ -172,7 +172,6 @@ def test_requests_the_protocol_cannot_read_are_refused_with_the_error_object(ser
         ({"inputs": [tensor], "outputs": [{"name": "logits"}]}, 400, "unknown output 'logits'"),
         ({"inputs": [tensor], "outputs": [{"name": "probabilities", "parameters": {"classification": 1001}}]},
          400, "between 1 and 1000"),
-        ({"inputs": [tensor], "parameters": {"timeout": 1}}, 504, "deadline of 1e-06 s"),  # Triton's, in µs
     ]
     for body, status, words in cases:
         response = infer(body)
@@ -192,6 +191,27 @@ def test_requests_the_protocol_cannot_read_are_refused_with_the_error_object(ser
                                             timeout=30), 404)]:
         assert response.status_code == status and set(response.json()) == {"error"}, response.text
     assert infer({"inputs": [tensor], "id": "42"}).json()["id"] == "42"
+
+
+@needs_serve
+def test_an_image_past_tritons_timeout_is_dropped_before_inference(server, photos):
+    """Triton's ``timeout`` (microseconds, from the request's arrival): an image whose answer would come later
+    is dropped from the model's queue before its forward pass, and the request is 504."""
+    url = f"{server.url}/v2/models/{MODEL}/infer"
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [1],
+              "data": [base64.b64encode(photos[0].read_bytes()).decode()]}
+
+    def counts() -> tuple[float, float]:
+        text = server.get("/metrics").text
+        return (_metric(text, "mixnet_images_dropped_total", model=MODEL),
+                _metric(text, "mixnet_images_total", model=MODEL))
+
+    before = counts()
+    late = requests.post(url, json={"inputs": [tensor], "parameters": {"timeout": 1}}, timeout=30)
+    assert late.status_code == 504 and "deadline of 1e-06 s" in late.json()["error"], late.text
+    assert counts() == (before[0] + 1, before[1])  # dropped, never inferred
+    on_time = requests.post(url, json={"inputs": [tensor], "parameters": {"timeout": 30_000_000}}, timeout=30)
+    assert on_time.status_code == 200 and counts() == (before[0] + 1, before[1] + 1)
 
 
 @needs_serve

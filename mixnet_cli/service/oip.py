@@ -27,8 +27,12 @@ What a client meets (the names are the protocol's):
   over a size or pixel limit, as ``/v1`` answers that image), its message naming it (``image[2]: ...``). A request
   the protocol cannot read is 400; a model not served 404; a method a path does not take 405; a body over the
   service's limit 413; a compressed body (``Content-Encoding``) 415; not ready or a full queue 503
-  (``Retry-After``); past the deadline 504. Triton's ``timeout`` request parameter (microseconds) can
-  shorten the service's deadline; other request parameters are free-form in the protocol and ignored.
+  (``Retry-After``); past the deadline 504; a client that hangs up 499 (in the metrics, as ``/v1`` counts it).
+  Triton's ``timeout`` request parameter (microseconds) is, as in Triton, the time the request's images have
+  (from its arrival) to be answered: an image whose answer would come later is dropped from its model's queue
+  before its forward pass, and the request is 504. The service's deadline bounds the whole request, and after
+  SIGTERM ends before the graceful timeout, as ``/v1``'s does. Other request parameters are free-form in the
+  protocol and ignored.
 
 Tokens: every route here needs what the rest of the service needs except :data:`PUBLIC_PATHS`, the health
 endpoints, which probes reach without one.
@@ -41,6 +45,7 @@ import base64
 import binascii
 import json
 import logging
+import math
 import struct
 import contextlib
 from dataclasses import dataclass
@@ -49,6 +54,7 @@ from typing import Any, Awaitable, Callable, Protocol
 import numpy as np
 
 from ..base.errors import MixnetError, Overloaded, UsageError
+from .handling import ClientGone, ImageLoader, bytes_loader, until_client_gone
 
 # What a token must not guard: liveness and readiness probes (Kubernetes, load balancers) carry no credentials.
 PUBLIC_PATHS = ("/v2/health/live", "/v2/health/ready")
@@ -76,8 +82,10 @@ class Host(Protocol):
 
     def admitted(self, model_name: str) -> contextlib.AbstractContextManager[Callable[[int], None]]: ...
 
-    async def classify(self, model_name: str, topk: int, images: list[tuple[str, Callable[[], bytes]]],
-                       rows: bool = False) -> list[Any]: ...
+    async def within(self, work: Awaitable[Any], deadline_s: float) -> Any: ...
+
+    async def classify(self, model_name: str, topk: int, images: list[tuple[str, ImageLoader]],
+                       deadline: float | None = None, rows: bool = False) -> list[Any]: ...
 
 
 class ProtocolError(MixnetError):
@@ -401,6 +409,7 @@ def routes(service: Host, read_body: Callable[[Any], Awaitable[bytes]],
         return health(service.ready)
 
     async def infer(request: Request) -> Any:
+        arrived = asyncio.get_running_loop().time()
         deadline = service.options.deadline_s
         try:
             name = served(request, "/v2/models/{name}/infer")
@@ -411,13 +420,16 @@ def routes(service: Host, read_body: Callable[[Any], Awaitable[bytes]],
                 raise ProtocolError(415, f"Content-Encoding {encoding} is not accepted; send the request "
                                     "uncompressed (images are compressed already)")
             try:
-                return await asyncio.wait_for(answer(request, name), deadline)
+                # /v1/classify's way: the deadline, cut to end before the graceful timeout after SIGTERM.
+                return await service.within(answer(request, name, arrived), deadline)
             except asyncio.TimeoutError:
                 within = min(deadline, getattr(request.state, "timeout_s", deadline))
                 raise ProtocolError(504, f"no answer within the deadline of {within:g} s; try again, or send fewer "
                                     "or smaller images") from None
         except ProtocolError as exc:
             return error(exc)
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it: it is there for the metrics and the access log
         except Overloaded as exc:
             return error(ProtocolError(503, str(exc), {"Retry-After": str(exc.retry_after)}))
         except Exception as exc:  # noqa: BLE001 (an engine failure, or a bug: one JSON line, not a traceback page)
@@ -428,25 +440,26 @@ def routes(service: Host, read_body: Callable[[Any], Awaitable[bytes]],
             return error(ProtocolError(500, str(exc) if isinstance(exc, MixnetError) else
                                        f"unexpected {type(exc).__name__}: {exc} (a bug; please report it)"))
 
-    async def answer(request: Request, name: str) -> Any:
-        started = asyncio.get_running_loop().time()
+    async def answer(request: Request, name: str, arrived: float) -> Any:
         with service.admitted(name) as hold:
-            body = await read_body(request)
+            body = await read_body(request)  # ClientGone if the client hangs up before its end
             classes = service.specs[name].num_classes
             parse: Callable[[], InferRequest] = lambda: parse_infer_request(  # noqa: E731
                 body, request.headers.get(HEADER_LENGTH), classes)
             asked = await asyncio.to_thread(parse) if len(body) > _PARSE_OFF_LOOP_BYTES else parse()
+            del body  # the images hold their bytes
             request.state.images = len(asked.images)
             hold(len(asked.images))
-            images = [(f"image[{index}]", (lambda data=data: data)) for index, data in enumerate(asked.images)]
-            # The path /v1/classify's images take (decode pool, the model's batcher), answering rows.
-            classify = service.classify(name, 0, images, rows=True)
-            if asked.timeout_s is None:
-                results = await classify
-            else:  # Triton's timeout counts from the request's arrival, as the service's deadline does
+            if asked.timeout_s is not None:
                 request.state.timeout_s = asked.timeout_s
-                left = asked.timeout_s - (asyncio.get_running_loop().time() - started)
-                results = await asyncio.wait_for(classify, max(left, 0.0))
+            # Counted from the request's arrival, as the service's deadline is: past it, the batcher drops an
+            # image before its forward pass.
+            ends = arrived + min(service.options.deadline_s, asked.timeout_s or math.inf)
+            images = [(f"image[{index}]", bytes_loader(data)) for index, data in enumerate(asked.images)]
+            # The path /v1/classify's images take (decode pool, the model's batcher), answering rows, until the
+            # client hangs up.
+            results = await until_client_gone(service.classify(name, 0, images, deadline=ends, rows=True),
+                                              request.receive)
             failed = [result.error for result in results if not isinstance(result, np.ndarray)]
             if failed:
                 raise ProtocolError(image_status(failed[0]), f"{failed[0]} (an inference answers every image "

@@ -18,7 +18,8 @@ arrive as bytes, or, only with ``allow_urls``, from http(s) URLs on public addre
 For another protocol's endpoints on the same models (routes passed to :func:`create_app`): the token and the
 metrics come with :class:`ServiceGate`; admission is :meth:`Service.admitted`, deadlines and the shutdown
 :meth:`Service.within`, decoding and batching :meth:`Service.classify` (or :meth:`Service.preprocess` and the
-model's batcher), bodies :func:`read_body`, refusals :class:`RequestError` rendered by :func:`error_response`.
+model's batcher), bodies :func:`read_body`, a client hanging up ``handling.py`` (499), refusals
+:class:`RequestError` rendered by :func:`error_response`.
 
 Your own fine-tuned MixNet (``weights``, with ``labels``) is served alone, named as ``classify`` names it (its
 architecture: ``MixNet_S``...), with its own classes: ``topk`` and the answers' labels follow them.
@@ -34,7 +35,6 @@ import contextlib
 import hmac
 import json
 import logging
-import inspect
 import math
 import re
 import signal
@@ -49,6 +49,8 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from .batching import DynamicBatcher
 from .connections import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S, ConnectionGuard
+# ClientGone and client_gone were defined here first: still importable from here.
+from .handling import ClientGone, ImageLoader, bytes_loader, client_gone, until_client_gone  # noqa: F401
 from .maps import OPENAPI_PARAMETERS, OPENAPI_PATH, CamRequest, cam_request, classify_with_maps
 from ..base.errors import ImageError, ImageTooLargeError, MixnetError, Overloaded, UsageError
 from ..base.settings import load_token  # noqa: F401 (read where the CLI and the service both reach it)
@@ -529,28 +531,25 @@ class Service:
         async with self._pixels.hold(pixels):
             return await loop.run_in_executor(self.decoders, classifier.preprocess, data, name)
 
-    async def classify(self, model_name: str, topk: int, images: list[tuple[str, Callable[[], Any]]],
+    async def classify(self, model_name: str, topk: int, images: list[tuple[str, ImageLoader]],
                        deadline: float | None = None, rows: bool = False,
                        cam: CamRequest | None = None) -> list[Any]:
         """Classify named images with one model, room for them held with :meth:`admitted`: a
         :class:`ClassificationResult` each (with ``rows``, each image's row of probabilities instead, ``classes``
-        float64: the v2 protocol's output). Each loader gives the image's encoded bytes, or an awaitable of them
-        (a URL being fetched). An image that cannot be read gets its error in its place. ``deadline`` (the loop's
-        clock) lets the batcher drop an image whose answer would come too late, before its forward pass. ``cam``:
-        each with its class activation map, from the classifier's map engine, outside the batcher."""
+        float64: the v2 protocol's output). Each loader, awaited, gives the image's encoded bytes (at hand:
+        :func:`~mixnet_cli.service.handling.bytes_loader`; or a URL being fetched). An image that cannot be read
+        gets its error in its place. ``deadline`` (the loop's clock) lets the batcher drop an image whose answer
+        would come too late, before its forward pass. ``cam``: each with its class activation map, from the
+        classifier's map engine, outside the batcher."""
         from ..classifier import ClassificationResult
 
         model = self.models[model_name]
 
-        async def read(load: Callable[[], Any]) -> bytes:
-            data = load()
-            return await data if inspect.isawaitable(data) else data
-
         if cam is not None:
-            async def settled(load: Callable[[], Any]) -> Callable[[], bytes]:
+            async def settled(load: ImageLoader) -> Callable[[], bytes]:
                 # The maps run in decode threads on bytes at hand: fetch first, keeping an image's error for it.
                 try:
-                    data = await read(load)
+                    data = await load()
                 except ImageError as exc:
                     def failed(exc: ImageError = exc) -> bytes:
                         raise exc
@@ -563,9 +562,9 @@ class Service:
             except UsageError as exc:
                 raise RequestError(400, type(exc).__name__, str(exc)) from None
 
-        async def one(name: str, load: Callable[[], Any]) -> Any:
+        async def one(name: str, load: ImageLoader) -> Any:
             try:
-                array = await self.preprocess(model_name, name, await read(load))
+                array = await self.preprocess(model_name, name, await load())
                 row = await model.batcher.submit(array, deadline=deadline)
                 return row if rows else model.classifier.result(name, row, topk)
             except ImageError as exc:
@@ -608,10 +607,6 @@ def _whole_number(raw: str | None, name: str, default: int) -> int:
         raise UsageError(f"{name} must be a whole number, got {raw!r}") from None
 
 
-class ClientGone(Exception):
-    """The client hung up before its answer: counted as 499 (nginx's "client closed request"), no work left."""
-
-
 async def read_body(receive: Callable[[], Awaitable[dict[str, Any]]], limit: int, declared: str | None) -> bytes:
     """The request body, refused with 413 as soon as it is known to pass ``limit`` bytes (declared or read);
     :class:`ClientGone` when the client hangs up before its end."""
@@ -633,12 +628,6 @@ async def read_body(receive: Callable[[], Awaitable[dict[str, Any]]], limit: int
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
-
-
-async def client_gone(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
-    """Return when the client hangs up (call it once the body is read; until then it would take body chunks)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 def multipart_images(body: bytes, content_type: str, max_images: int) -> list[tuple[str, bytes]]:
@@ -781,7 +770,7 @@ def create_app(service: Service, routes: Any = ()) -> Any:
         content_type = request.headers.get("content-type", "")
         multipart = content_type.startswith("multipart/form-data")
         body = await read_body(request.receive, service.options.max_body_bytes, request.headers.get("content-length"))
-        images: list[tuple[str, Callable[[], Awaitable[bytes]]]]
+        images: list[tuple[str, ImageLoader]]
         if url is not None:
             from ..base import settings
 
@@ -791,27 +780,17 @@ def create_app(service: Service, routes: Any = ()) -> Any:
             parts = await asyncio.get_running_loop().run_in_executor(
                 None, multipart_images, body, content_type, service.options.max_queue)
             del body  # the parts hold their bytes; the body's copy can go now
-            images = [(filename, _bytes_loader(data)) for filename, data in parts]
+            images = [(filename, bytes_loader(data)) for filename, data in parts]
         elif body:
-            images = [("-", _bytes_loader(body))]
+            images = [("-", bytes_loader(body))]
         else:
             raise RequestError(400, "UsageError", "empty request: send an image as the body "
                                "(curl --data-binary @cat.jpg) or as multipart 'image' fields")
         request.state.images = len(images)
         hold(len(images))
         # The body is read: from here the only message left is the client hanging up, which ends the work.
-        work = asyncio.ensure_future(service.classify(name, topk, images, deadline=ends,
-                                                    cam=request.state.cam))
-        gone = asyncio.ensure_future(client_gone(request.receive))
-        try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not work.done():
-                work.cancel()
-        if not work.done() or work.cancelled():
-            raise ClientGone
-        results = work.result()
+        results = await until_client_gone(service.classify(name, topk, images, deadline=ends,
+                                                           cam=request.state.cam), request.receive)
         failed = [result.error for result in results if result.error is not None]
         status = image_error_status(failed[0]) if failed else 200
         rows = [result.to_dict() for result in results]
@@ -870,13 +849,6 @@ def create_app(service: Service, routes: Any = ()) -> Any:
         *routes,
     ], lifespan=lifespan, exception_handlers={HTTPException: routing_error})
     return ServiceGate(app, service)
-
-
-def _bytes_loader(data: bytes) -> Callable[[], Awaitable[bytes]]:
-    async def load() -> bytes:
-        return data
-
-    return load
 
 
 class ServiceGate:

@@ -1,0 +1,53 @@
+"""What the endpoint modules of ``mixnet serve`` (``serve.py``'s ``/v1``, ``oip.py``'s v2) share in handling one
+request, written once: the client hanging up, and images handed to :meth:`Service.classify` as loaders.
+
+A client that hangs up gets no answer, so its work is cancelled (its images leave the queue before their forward
+pass) and the request is counted as 499, nginx's "client closed request": no error, no warning. While the body
+is read, ASGI says so with an ``http.disconnect`` message in its place (``serve.read_body`` raises
+:class:`ClientGone`); after it, the only message left is that one, which :func:`until_client_gone` races against
+the work. No third-party import: ``oip.py`` and ``serve.py`` both import this module, never each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable, Callable, TypeVar
+
+T = TypeVar("T")
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+# An image's encoded bytes, when awaited: at hand (an upload) or fetched (a URL).
+ImageLoader = Callable[[], Awaitable[bytes]]
+
+
+class ClientGone(Exception):
+    """The client hung up before its answer: counted as 499 (nginx's "client closed request"), no work left."""
+
+
+async def client_gone(receive: Receive) -> None:
+    """Return when the client hangs up (call it once the body is read; until then it would take body chunks)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_client_gone(work: Awaitable[T], receive: Receive) -> T:
+    """``work``'s result, or :class:`ClientGone` as soon as the client hangs up first (``work`` is then
+    cancelled). Call it once the request's body is read."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(client_gone(receive))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()  # the client left, or this request was cancelled (its deadline): no more work for it
+    if not task.done() or task.cancelled():
+        raise ClientGone
+    return task.result()
+
+
+def bytes_loader(data: bytes) -> ImageLoader:
+    """The loader of an image whose bytes are at hand (an upload, a v2 tensor element)."""
+    async def load() -> bytes:
+        return data
+
+    return load
