@@ -51,8 +51,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
-from .base.errors import EngineError, ImageNotFoundError, ImageTooLargeError, ImageUnreadableError, MixnetError, UsageError
-from .images.inputs import (
+from ..base.errors import EngineError, ImageNotFoundError, ImageTooLargeError, ImageUnreadableError, MixnetError, UsageError
+from ..images.inputs import (
     IMAGE_SUFFIXES,
     InputItem,
     NoImagesError,
@@ -61,7 +61,7 @@ from .images.inputs import (
     fetch_image_url,
     is_url,
 )
-from .images.preprocess import MAX_IMAGE_BYTES
+from ..images.preprocess import MAX_IMAGE_BYTES
 
 if TYPE_CHECKING:
     import numpy
@@ -69,12 +69,12 @@ if TYPE_CHECKING:
     import pyarrow.fs
     import ray.data
 
-    from .classifier import ClassificationResult
+    from ..classifier import ClassificationResult
 
 _log = logging.getLogger(__name__)
 
 def _ray_missing_hint() -> str:
-    from .base.third_party import install_hint
+    from ..base.third_party import install_hint
 
     return f"the Ray route needs the [ray] extra: {install_hint('ray')}"
 
@@ -465,7 +465,7 @@ class InputListing:
 
 def list_inputs(sources: Iterable[str], model_name: str, *, recursive: bool = True) -> InputListing:
     """:func:`iter_inputs` held in memory, for a Ray ``Dataset`` made from it (:func:`classify_dataset`)."""
-    from .classifier import ClassificationResult
+    from ..classifier import ClassificationResult
 
     rows: list[dict[str, Any]] = []
     failures: list[ClassificationResult] = []
@@ -609,7 +609,7 @@ class MixnetPredictor:
         weights: str | None = None,
         labels: str | None = None,
     ) -> None:
-        from .classifier import Classifier
+        from ..classifier import Classifier
 
         threads = threads or _actor_cpus()
         device = actor_device(device, _ray_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -696,7 +696,7 @@ class MixnetPredictor:
             return [self._classify_one(item) for item in items]
 
     def _classify_one(self, item: InputItem) -> "ClassificationResult":
-        from .classifier import ClassificationResult
+        from ..classifier import ClassificationResult
 
         try:
             return next(iter(self.classifier.classify_many([item], topk=self.topk, batch_size=1, workers=1)))
@@ -947,11 +947,11 @@ def classify_dataset(
 def _job_model(model: str | None, weights: str | Path | None) -> Any:
     """The ModelSpec a job classifies with: ``model``'s, or that read from your own ``weights`` (checked here,
     in the driver, before Ray starts). Raises :class:`UsageError` for an unknown model or a missing file."""
-    from .base.manifest import resolve_model
+    from ..base.manifest import resolve_model
 
     if weights is None:
         return resolve_model(model or "MixNet_S")
-    from .weights.store import custom_weights
+    from ..weights.store import custom_weights
 
     return custom_weights(weights, resolve_model(model) if model else None).spec
 
@@ -1031,7 +1031,7 @@ class JobLock:
         if self.local:
             import filelock
 
-            from .base.locks import file_lock
+            from ..base.locks import file_lock
 
             self._lock = file_lock(Path(self.root) / LOCK_NAME)
             try:
@@ -1481,7 +1481,7 @@ def run_job(
         if local_cluster and weights is None:
             # On this machine alone the driver's cache is the actors': get the weights here first, so that weights
             # that cannot be had are one line before Ray starts, not an actor that dies and restarts three times.
-            from .weights.store import ensure_weights
+            from ..weights.store import ensure_weights
 
             ensure_weights(spec, mirrors=mirrors, offline=offline)
         summary = JobSummary(failed_before=state.failed)
@@ -1631,7 +1631,7 @@ def _stream(ray: Any, pool: list[Any], described: Any, directory: ResultsDirecto
 
 
 def _mixnet_version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
