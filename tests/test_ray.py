@@ -775,7 +775,7 @@ def test_an_address_where_nothing_listens_is_one_line_at_once():
     import socket
     import time as clock
 
-    from mixnet_cli.distributed.job import _check_reachable
+    from mixnet_cli.distributed.cluster import _check_reachable
 
     with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there now
         probe.bind(("127.0.0.1", 0))
