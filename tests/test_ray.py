@@ -354,7 +354,7 @@ def test_progress_gives_the_time_left_once_every_input_is_listed():
 
 
 def test_fail_fast_needs_the_same_error_for_every_first_input():
-    from mixnet_cli.distributed import _FailFast
+    from mixnet_cli.distributed.job import _FailFast
 
     def missing(name: str) -> tuple[str, dict[str, str]]:
         return name, {"type": "ImageNotFoundError", "message": f"{name}: no such file; check the path"}
@@ -775,7 +775,7 @@ def test_an_address_where_nothing_listens_is_one_line_at_once():
     import socket
     import time as clock
 
-    from mixnet_cli.distributed import _check_reachable
+    from mixnet_cli.distributed.cluster import _check_reachable
 
     with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there now
         probe.bind(("127.0.0.1", 0))
