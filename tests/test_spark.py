@@ -103,3 +103,30 @@ def test_map_in_arrow_gives_the_rows_of_classify(tmp_path, calibrated_server):
         got[row_dict["input"]] = {key: value for key, value in row_dict.items() if value is not None}
     assert len(rows) == len(got) == len(expected)
     assert got == expected
+
+
+def test_the_tasks_of_one_worker_share_one_predictor(tmp_path, calibrated_server, monkeypatch):
+    """PySpark unpickles the function once per task (cloudpickle, by value): each copy must still find the worker
+    process's one predictor, so the model loads once per worker, not once per partition."""
+    import pyarrow
+    from pyspark import cloudpickle
+
+    import mixnet_cli.distributed.spark as spark_module
+    from mixnet_cli.distributed import spark_classify_batches
+
+    home = tmp_path / "home"
+    subprocess.run(MIXNET + ["download", "S"], env={**_environment(home), "MIXNET_MIRROR": calibrated_server.url},
+                   check=True, capture_output=True, timeout=120)
+    monkeypatch.setenv("MIXNET_HOME", str(home))
+    monkeypatch.setattr(spark_module, "_SPARK_PREDICTORS", {})
+    photo = tmp_path / "photo.png"
+    Image.linear_gradient("L").resize((120, 90)).convert("RGB").save(photo)
+    batch = pyarrow.RecordBatch.from_pydict({"path": [str(photo)]})
+
+    shipped = cloudpickle.dumps(spark_classify_batches("S", offline=True, threads=1))
+    rows = []
+    for _task in range(2):
+        task_function = cloudpickle.loads(shipped)
+        rows += [row for result in task_function(iter([batch])) for row in result.to_pylist()]
+    assert len(spark_module._SPARK_PREDICTORS) == 1
+    assert [row["input"] for row in rows] == [str(photo)] * 2 and rows[0] == rows[1]

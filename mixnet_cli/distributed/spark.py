@@ -1,7 +1,8 @@
 """The Spark route: the function for ``DataFrame.mapInArrow`` that gives the rows ``classify-dataset`` writes.
 
-Spark ships that function to its Python workers by value (cloudpickle), with the globals it names; the cache of
-predictors is this module's, beside the function that reads it."""
+Spark ships that function to its Python workers by value (cloudpickle), with copies of the globals it names, once
+per task: the cache of predictors is reached through :func:`_worker_predictor`, a module-level function, which
+cloudpickle ships by reference, so every task in a worker process finds this module's one cache."""
 
 from __future__ import annotations
 
@@ -17,6 +18,14 @@ if TYPE_CHECKING:
 # One predictor per Python worker process, by its settings: Spark reuses its Python workers between tasks
 # (spark.python.worker.reuse, on by default), so the model loads once per worker, not once per partition.
 _SPARK_PREDICTORS: dict[str, MixnetPredictor] = {}
+
+
+def _worker_predictor(settings: str, model: str | None, predictor_options: dict[str, Any]) -> MixnetPredictor:
+    """This worker process's predictor for ``settings``, made by its first task."""
+    predictor = _SPARK_PREDICTORS.get(settings)
+    if predictor is None:
+        predictor = _SPARK_PREDICTORS[settings] = MixnetPredictor(model, **predictor_options)
+    return predictor
 
 
 def spark_classify_batches(model: str | None = "MixNet_S", **predictor_options: Any
@@ -35,9 +44,7 @@ def spark_classify_batches(model: str | None = "MixNet_S", **predictor_options: 
     settings = json.dumps({"model": model, **predictor_options}, sort_keys=True, default=str)
 
     def classify(batches: Iterator["pyarrow.RecordBatch"]) -> Iterator["pyarrow.RecordBatch"]:
-        predictor = _SPARK_PREDICTORS.get(settings)
-        if predictor is None:
-            predictor = _SPARK_PREDICTORS[settings] = MixnetPredictor(model, **predictor_options)
+        predictor = _worker_predictor(settings, model, predictor_options)
         for batch in batches:
             if batch.num_rows:
                 yield from predictor(batch).to_batches()
