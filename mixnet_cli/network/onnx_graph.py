@@ -43,16 +43,23 @@ class GraphForm:
     ``group_pointwise``: a mixed 1x1 layer as one grouped convolution instead of split, convolutions, concat.
     ``fold_batch_norm``: batch norm folded into the convolution's weights and a bias, instead of a
     BatchNormalization node.
+    ``dense_pointwise_below``: a mixed 1x1 layer whose groups each take fewer input channels than this runs as one
+    ordinary convolution whose weight is block-diagonal (zeros between the groups), instead of grouped or split
+    (0: never).
     """
 
     merge_depthwise: bool = True
     group_pointwise: bool = True
     fold_batch_norm: bool = False
+    dense_pointwise_below: int = 0
 
     @property
     def label(self) -> str:
+        pointwise = "grouped" if self.group_pointwise else "split"
+        if self.dense_pointwise_below:
+            pointwise += f" (dense below {self.dense_pointwise_below} inputs a group)"
         return (f"depthwise {'merged' if self.merge_depthwise else 'split'}, "
-                f"1x1 {'grouped' if self.group_pointwise else 'split'}, "
+                f"1x1 {pointwise}, "
                 f"batch norm {'folded' if self.fold_batch_norm else 'kept'}")
 
 
@@ -110,6 +117,20 @@ def _padded_kernel(weight: np.ndarray, size: int) -> np.ndarray:
     return padded
 
 
+def _block_diagonal(kernels: list[np.ndarray]) -> np.ndarray:
+    """The ``out x in x 1 x 1`` kernel of one convolution that does what ``kernels`` (one per group) do on
+    consecutive slices of the input: each group's kernel on the diagonal, zeros elsewhere."""
+    rows = sum(w.shape[0] for w in kernels)
+    columns = sum(w.shape[1] for w in kernels)
+    dense = np.zeros((rows, columns) + kernels[0].shape[2:], dtype=np.float32)
+    row = column = 0
+    for w in kernels:
+        dense[row:row + w.shape[0], column:column + w.shape[1]] = w
+        row += w.shape[0]
+        column += w.shape[1]
+    return dense
+
+
 @dataclass(frozen=True)
 class ConvPlan:
     """How one :class:`ConvBN` layer runs as convolutions in a :class:`GraphForm`: ``convolutions`` holds
@@ -130,6 +151,8 @@ def conv_plan(layer: ConvBN, kernels: list[np.ndarray], form: GraphForm) -> Conv
     if layer.depthwise and form.merge_depthwise:
         size = max(layer.kernels)
         return ConvPlan([(np.concatenate([_padded_kernel(w, size) for w in kernels]), layer.out_channels, size)], None)
+    if not layer.depthwise and max(layer.in_splits) < form.dense_pointwise_below:
+        return ConvPlan([(_block_diagonal(kernels), 1, 1)], None)
     if not layer.depthwise and form.group_pointwise and equal_splits:
         return ConvPlan([(np.concatenate(kernels), parts, 1)], None)
     return ConvPlan([(w, w.shape[0] if layer.depthwise else 1, k) for w, k in zip(kernels, layer.kernels)],
