@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mixnet_cli.network.architecture import architecture_of
-from mixnet_cli.network.onnx_graph import DEFAULT_FORM, GraphForm, build_onnx
+from mixnet_cli.network.onnx_graph import DEFAULT_FORM, EVERY_GROUP, GraphForm, build_onnx
 from mixnet_cli.images.postprocess import softmax
 
 # Relative to the largest logit. Fully random weights make a chaotic network that amplifies float32 rounding in
@@ -19,7 +19,7 @@ LOGIT_TOLERANCE = 1e-3
 PROBABILITY_TOLERANCE = 1e-4
 ALL_FORMS = [GraphForm(merge, group, fold) for merge in (True, False) for group in (True, False) for fold in (False, True)]
 # Mixed 1x1 layers as dense block-diagonal convolutions: those with narrow groups only, and all of them.
-ALL_FORMS += [GraphForm(dense_pointwise_below=16), GraphForm(merge_depthwise=False, dense_pointwise_below=1 << 30)]
+ALL_FORMS += [GraphForm(dense_pointwise_below=16), GraphForm(merge_depthwise=False, dense_pointwise_below=EVERY_GROUP)]
 
 
 def _run_onnx(model, batch: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
@@ -79,7 +79,7 @@ def test_dense_pointwise_replaces_only_the_narrow_groups() -> None:
     # MixNet_S's first two expansions split 16 and 24 channels in two: fewer than 16 a group.
     assert len(grouped) - len(narrow) == 2 and (2, 16) in grouped and (2, 16) not in narrow
     assert _grouped_pointwise(build_onnx(architecture_of("MixNet_S"), state,
-                                         form=GraphForm(dense_pointwise_below=1 << 30))) == []
+                                         form=GraphForm(dense_pointwise_below=EVERY_GROUP))) == []
 
 
 def test_every_form_computes_the_same_logits() -> None:

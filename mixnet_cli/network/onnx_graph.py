@@ -34,6 +34,10 @@ BATCH_DIM = "N"
 OPSET = 13
 
 
+# ``GraphForm(dense_pointwise_below=EVERY_GROUP)``: every mixed 1x1 layer as one dense convolution.
+EVERY_GROUP = 1 << 30
+
+
 @dataclass(frozen=True)
 class GraphForm:
     """How the graph is written (all forms compute the same network).
@@ -56,8 +60,10 @@ class GraphForm:
     @property
     def label(self) -> str:
         pointwise = "grouped" if self.group_pointwise else "split"
-        if self.dense_pointwise_below:
-            pointwise += f" (dense below {self.dense_pointwise_below} inputs a group)"
+        if self.dense_pointwise_below >= EVERY_GROUP:
+            pointwise = "dense"
+        elif self.dense_pointwise_below:
+            pointwise += f" (dense under {self.dense_pointwise_below} inputs a group)"
         return (f"depthwise {'merged' if self.merge_depthwise else 'split'}, "
                 f"1x1 {pointwise}, "
                 f"batch norm {'folded' if self.fold_batch_norm else 'kept'}")
