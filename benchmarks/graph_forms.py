@@ -3,9 +3,11 @@
 mixnet writes the network's ONNX graph itself (:func:`mixnet_cli.network.onnx_graph.build_onnx`), in one of several
 equivalent forms (:class:`~mixnet_cli.network.onnx_graph.GraphForm`): mixed depthwise convolutions merged into one
 (kernels zero-padded) or split per kernel size; mixed 1x1 convolutions as one grouped convolution or split;
-batch norm folded into the convolutions or kept as BatchNormalization nodes. This script builds, from the same
-random weights (tests/weightgen.py, ``wild=True``), every form for MixNet_S (all 8) and, to keep the run short,
-the 4 forms with grouped 1x1 convolutions for MixNet_M and MixNet_L (``--all-forms`` for all 8 everywhere),
+batch norm folded into the convolutions or kept as BatchNormalization nodes; mixed 1x1 convolutions whose groups
+take fewer than 16 inputs (or all of them, MixNet_S only) as one dense convolution with a block-diagonal kernel.
+This script builds, from the same random weights (tests/weightgen.py, ``wild=True``), every form for MixNet_S (11)
+and, to keep the run short, the 6 forms with grouped 1x1 convolutions for MixNet_M and MixNet_L (``--all-forms``
+for all of them everywhere),
 plus the graph paddle2onnx makes of paddleclas's network with those weights (``paddle.jit.save``, then
 ``paddle2onnx.export(..., opset_version=13, optimize_tool="None")``, in one child process up front; the column
 is skipped, saying why, when paddle, paddleclas or paddle2onnx cannot be imported).
@@ -13,13 +15,21 @@ is skipped, saying why, when paddle, paddleclas or paddle2onnx cannot be importe
 Each graph runs in mixnet's own engines with mixnet's settings (:class:`mixnet_cli.engines.openvino.OpenVinoEngine`: f32,
 LATENCY hint, one stream, a model with a fixed batch size per size; :class:`mixnet_cli.engines.onnxruntime.OnnxRuntimeEngine`:
 intra-op threads = physical cores, sequential, no spinning), at batch sizes 1, 4 and 8, on a fixed random
-input. All variants of a model are timed side by side, interleaved: in each round, for each batch size, every
+input; ``--bf16`` adds OpenVINO computing in bf16 (``--precision bf16``; its answers are not held to the fp32
+bound). All variants of a model are timed side by side, interleaved: in each round, for each batch size, every
 (graph, engine) variant runs 3 times back to back in a shuffled order and the fastest of the 3 is the round's
 sample (a burst of load from another process slows one run, not three). The report gives the median over
 rounds, and its ratio to the paddle2onnx graph's median and to the fastest form's on the same
 engine/model/batch size (the JSON also has the median of the per-round ratios, which pairs samples taken
 within the same round). The summary ranks the forms by the geometric mean of their ratio to the fastest
 form over models and batch sizes, per engine and over both.
+
+The compute floor: the graph's float32 operations per image (2 per multiply-add of every convolution and of the
+classifier, counted from the default form's ONNX graph, zero taps of its merged kernels included) divided by the
+machine's float32 rate on the same threads, measured at the start and at the end of the run as the fastest of
+15 runs of a 2048-square matrix product in numpy (OpenBLAS), ONNX Runtime (MatMul) and OpenVINO (MatMul); the
+floor takes the best of those figures. The report gives each engine's time per image at batch 1 and 8 (the
+default form's and the fastest form's, median and fastest round) as a multiple of that floor.
 
 Every variant's logits on a fixed batch of 4 random inputs are compared with the paddle2onnx graph's in the
 same engine and with paddleclas's dygraph network's (computed in the paddle2onnx child): the largest absolute
@@ -30,6 +40,7 @@ kernel, split or padding moves logits by 1e-1 or more) is flagged DIFFERENT. Wit
 form stands in as the reference.
 
     python benchmarks/graph_forms.py [--json graph_forms.json] [--quick] [--rounds N] [--budget S] [--all-forms]
+                                     [--bf16] [--models MixNet_S ...]
 
 The markdown report goes to stdout, progress to stderr, the raw results (every sample's summary, each
 variant's ratios and logit differences) to ``--json``. Each model gets up to 9 rounds (``--rounds``), fewer
@@ -139,8 +150,12 @@ class Variant:
         return f"{self.engine}: {self.graph}"
 
 
-def forms_for(model: str, all_forms: bool) -> list[Any]:
+def forms_for(model: str, all_forms: bool, candidates: bool = False) -> list[Any]:
     from mixnet_cli.network.onnx_graph import EVERY_GROUP, GraphForm
+
+    if candidates:  # the default form and the leaders of a full run, every model
+        return [GraphForm(), GraphForm(fold_batch_norm=True), GraphForm(dense_pointwise_below=16),
+                GraphForm(dense_pointwise_below=16, fold_batch_norm=True)]
 
     forms = [GraphForm(merge_depthwise=m, group_pointwise=g, fold_batch_norm=f)
              for m, g, f in itertools.product((True, False), repeat=3)]
@@ -289,7 +304,7 @@ def paired_ratio(samples: list[float], reference: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(samples, reference))
 
 
-def measure_model(model: str, plan: Callable[[float, float], int], all_forms: bool, p2o_path: Path | None,
+def measure_model(model: str, plan: Callable[[float, float], int], all_forms: bool | str, p2o_path: Path | None,
                   paddle_logits: np.ndarray | None, state: dict[str, np.ndarray], check: np.ndarray, work: Path,
                   threads: int) -> dict[str, Any]:
     """Build, check and time every variant of ``model``; ``plan(setup_s, round_s)`` says how many rounds."""
@@ -299,7 +314,7 @@ def measure_model(model: str, plan: Callable[[float, float], int], all_forms: bo
     from mixnet_cli.network.onnx_graph import DEFAULT_FORM, build_onnx
 
     architecture = architecture_of(model)
-    forms = forms_for(model, all_forms)
+    forms = forms_for(model, all_forms is True, all_forms == "candidates")
     graphs: dict[str, Path] = {}
     nodes: dict[str, int] = {}
     setup = time.perf_counter()
@@ -542,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", choices=MODELS, help="default: all three (MixNet_S with --quick)")
     parser.add_argument("--quick", action="store_true", help=f"MixNet_S only, {QUICK_ROUNDS} rounds: a smoke test")
     parser.add_argument("--all-forms", action="store_true", help="all forms for M and L too (longer)")
+    parser.add_argument("--candidates", action="store_true",
+                        help="only the default form, batch norm folded, and the two dense-narrow-1x1 forms, every model")
     parser.add_argument("--bf16", action="store_true",
                         help="also time every graph in OpenVINO computing in bf16 (on a CPU with native bf16)")
     args = parser.parse_args(argv)
@@ -572,7 +589,9 @@ def main(argv: list[str] | None = None) -> int:
         if note:
             log(note)
         # Each model's share of the time left: its FLOPs times its number of graphs.
-        cost = {m: architecture_of(m).flops() * (len(forms_for(m, args.all_forms)) + bool(p2o_paths)) for m in models}
+        which: bool | str = "candidates" if args.candidates else args.all_forms
+        cost = {m: architecture_of(m).flops() * (len(forms_for(m, args.all_forms, args.candidates)) + bool(p2o_paths))
+                for m in models}
 
         def planner(model: str) -> Callable[[float, float], int]:
             def plan(setup_s: float, round_s: float) -> int:
@@ -587,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
 
         results = {}
         for model in models:
-            results[model] = measure_model(model, planner(model), args.all_forms, p2o_paths.get(model),
+            results[model] = measure_model(model, planner(model), which, p2o_paths.get(model),
                                            paddle_logits.get(model), states[model], check, work, threads)
     finally:
         shutil.rmtree(work, ignore_errors=True)

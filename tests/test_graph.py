@@ -80,6 +80,10 @@ def test_dense_pointwise_replaces_only_the_narrow_groups() -> None:
     assert len(grouped) - len(narrow) == 2 and (2, 16) in grouped and (2, 16) not in narrow
     assert _grouped_pointwise(build_onnx(architecture_of("MixNet_S"), state,
                                          form=GraphForm(dense_pointwise_below=EVERY_GROUP))) == []
+    # The default form leaves no grouped 1x1 convolution with under 16 inputs a group, in any model.
+    for name in ("MixNet_S", "MixNet_M", "MixNet_L"):
+        default = _grouped_pointwise(build_onnx(architecture_of(name), random_state(name), form=DEFAULT_FORM))
+        assert default and all(inputs // groups >= 16 for groups, inputs in default), name
 
 
 def test_every_form_computes_the_same_logits() -> None:

@@ -6,7 +6,8 @@ The graph takes ``x`` (float32, ``N x 3 x 224 x 224``, normalised pixels) and gi
 
 The same network can be written in several equivalent forms; :class:`GraphForm` chooses. Each form computes the
 same function up to float32 rounding (tests hold all of them to paddleclas's network). The default is the
-fastest form measured on OpenVINO and ONNX Runtime (BENCHMARKS.md, "Graph form").
+fastest form measured on OpenVINO and ONNX Runtime (BENCHMARKS.md, "Graph form" and "Closer to the compute
+floor").
 """
 
 from __future__ import annotations
@@ -69,7 +70,13 @@ class GraphForm:
                 f"batch norm {'folded' if self.fold_batch_norm else 'kept'}")
 
 
-DEFAULT_FORM = GraphForm()
+# Narrow groups as dense convolutions: grouped 1x1 convolutions with under 16 inputs a group fall off both
+# engines' blocked (AVX-512) kernels, and in ONNX Runtime cost a layout conversion on each side; the dense form
+# costs twice their multiply-adds (of the network's smallest layers) and gives the same logits bit for bit (the
+# zeros add exactly). ONNX Runtime 0.84-0.95x the time for MixNet_S and M, OpenVINO unchanged (BENCHMARKS.md,
+# "Closer to the compute floor"); MixNet_L has no such layer. Batch norm stays a node: folding it here was no
+# faster (both engines fold it when they load the model) and rounds differently.
+DEFAULT_FORM = GraphForm(dense_pointwise_below=16)
 
 
 class _Graph:
