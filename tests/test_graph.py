@@ -74,7 +74,7 @@ def test_dense_pointwise_replaces_only_the_narrow_groups() -> None:
     from weightgen import random_state
 
     state = random_state("MixNet_S")
-    grouped = _grouped_pointwise(build_onnx(architecture_of("MixNet_S"), state))
+    grouped = _grouped_pointwise(build_onnx(architecture_of("MixNet_S"), state, form=GraphForm()))
     narrow = _grouped_pointwise(build_onnx(architecture_of("MixNet_S"), state, form=GraphForm(dense_pointwise_below=16)))
     # MixNet_S's first two expansions split 16 and 24 channels in two: fewer than 16 a group.
     assert len(grouped) - len(narrow) == 2 and (2, 16) in grouped and (2, 16) not in narrow
