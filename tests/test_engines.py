@@ -24,6 +24,7 @@ from mixnet_cli.cli import main
 from mixnet_cli.engines.conversion import (
     LOGIT_TOLERANCE,
     PROBABILITY_TOLERANCE,
+    RECORD_VERSION,
     compare_logits,
     compare_probabilities,
 )
@@ -395,12 +396,12 @@ def test_a_failed_conversion_leaves_nothing_behind(isolated_home, tmp_path):
 
 
 def test_a_model_made_by_an_older_version_is_replaced(home_copy, pictures):
-    """Records of version 2 (paddle2onnx's graph) are replaced by mixnet's own graph, with OpenVINO's copies of
-    the old one, and the answers stay the same."""
+    """A record of the version before (the graph in its previous form) is replaced by the current graph, with
+    OpenVINO's copies of the old one, and the answers stay the same."""
     before = CliRunner().invoke(main, ["classify", str(pictures[0]), "--json"])
     [record_path] = (home_copy / "onnx").glob("*/record.json")
     record = json.loads(record_path.read_text())
-    record["record_version"] = 2
+    record["record_version"] = RECORD_VERSION - 1
     record_path.write_text(json.dumps(record))
     [openvino_dir] = (home_copy / "openvino").iterdir()
     stale = openvino_dir / "batch7.onnx"
@@ -409,7 +410,7 @@ def test_a_model_made_by_an_older_version_is_replaced(home_copy, pictures):
     assert after.exit_code == 0, after.output
     assert "made by an older mixnet-cli; replacing it" in after.stderr
     assert not stale.exists()
-    assert json.loads(record_path.read_text())["record_version"] == 3
+    assert json.loads(record_path.read_text())["record_version"] == RECORD_VERSION
     assert after.stdout == before.stdout
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mixnet_cli.network.architecture import architecture_of
-from mixnet_cli.network.onnx_graph import DEFAULT_FORM, GraphForm, build_onnx
+from mixnet_cli.network.onnx_graph import DEFAULT_FORM, EVERY_GROUP, GraphForm, build_onnx
 from mixnet_cli.images.postprocess import softmax
 
 # Relative to the largest logit. Fully random weights make a chaotic network that amplifies float32 rounding in
@@ -18,6 +18,8 @@ from mixnet_cli.images.postprocess import softmax
 LOGIT_TOLERANCE = 1e-3
 PROBABILITY_TOLERANCE = 1e-4
 ALL_FORMS = [GraphForm(merge, group, fold) for merge in (True, False) for group in (True, False) for fold in (False, True)]
+# Mixed 1x1 layers as dense block-diagonal convolutions: those with narrow groups only, and all of them.
+ALL_FORMS += [GraphForm(dense_pointwise_below=16), GraphForm(merge_depthwise=False, dense_pointwise_below=EVERY_GROUP)]
 
 
 def _run_onnx(model, batch: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
@@ -55,6 +57,33 @@ def test_the_graph_has_one_input_and_one_output_of_any_batch_size() -> None:
     assert [d.dim_param or d.dim_value for d in value_in.type.tensor_type.shape.dim] == ["N", 3, 224, 224]
     assert [d.dim_param or d.dim_value for d in value_out.type.tensor_type.shape.dim] == ["N", 1000]
     assert _run_onnx(model, _batch(3)).shape == (3, 1000)
+
+
+def _grouped_pointwise(model) -> list[tuple[int, int]]:  # type: ignore[no-untyped-def]
+    """(groups, input channels) of each grouped 1x1 convolution that is not depthwise."""
+    weights = {tensor.name: tuple(tensor.dims) for tensor in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if node.op_type == "Conv" and group > 1 and weights[node.input[1]][1] > 1:
+            found.append((group, group * weights[node.input[1]][1]))
+    return found
+
+
+def test_dense_pointwise_replaces_only_the_narrow_groups() -> None:
+    from weightgen import random_state
+
+    state = random_state("MixNet_S")
+    grouped = _grouped_pointwise(build_onnx(architecture_of("MixNet_S"), state, form=GraphForm()))
+    narrow = _grouped_pointwise(build_onnx(architecture_of("MixNet_S"), state, form=GraphForm(dense_pointwise_below=16)))
+    # MixNet_S's first two expansions split 16 and 24 channels in two: fewer than 16 a group.
+    assert len(grouped) - len(narrow) == 2 and (2, 16) in grouped and (2, 16) not in narrow
+    assert _grouped_pointwise(build_onnx(architecture_of("MixNet_S"), state,
+                                         form=GraphForm(dense_pointwise_below=EVERY_GROUP))) == []
+    # The default form leaves no grouped 1x1 convolution with under 16 inputs a group, in any model.
+    for name in ("MixNet_S", "MixNet_M", "MixNet_L"):
+        default = _grouped_pointwise(build_onnx(architecture_of(name), random_state(name), form=DEFAULT_FORM))
+        assert default and all(inputs // groups >= 16 for groups, inputs in default), name
 
 
 def test_every_form_computes_the_same_logits() -> None:

@@ -6,7 +6,8 @@ The graph takes ``x`` (float32, ``N x 3 x 224 x 224``, normalised pixels) and gi
 
 The same network can be written in several equivalent forms; :class:`GraphForm` chooses. Each form computes the
 same function up to float32 rounding (tests hold all of them to paddleclas's network). The default is the
-fastest form measured on OpenVINO and ONNX Runtime (BENCHMARKS.md, "Graph form").
+fastest form measured on OpenVINO and ONNX Runtime (BENCHMARKS.md, "Graph form" and "Closer to the compute
+floor").
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ BATCH_DIM = "N"
 OPSET = 13
 
 
+# ``GraphForm(dense_pointwise_below=EVERY_GROUP)``: every mixed 1x1 layer as one dense convolution.
+EVERY_GROUP = 1 << 30
+
+
 @dataclass(frozen=True)
 class GraphForm:
     """How the graph is written (all forms compute the same network).
@@ -43,20 +48,35 @@ class GraphForm:
     ``group_pointwise``: a mixed 1x1 layer as one grouped convolution instead of split, convolutions, concat.
     ``fold_batch_norm``: batch norm folded into the convolution's weights and a bias, instead of a
     BatchNormalization node.
+    ``dense_pointwise_below``: a mixed 1x1 layer whose groups each take fewer input channels than this runs as one
+    ordinary convolution whose weight is block-diagonal (zeros between the groups), instead of grouped or split
+    (0: never).
     """
 
     merge_depthwise: bool = True
     group_pointwise: bool = True
     fold_batch_norm: bool = False
+    dense_pointwise_below: int = 0
 
     @property
     def label(self) -> str:
+        pointwise = "grouped" if self.group_pointwise else "split"
+        if self.dense_pointwise_below >= EVERY_GROUP:
+            pointwise = "dense"
+        elif self.dense_pointwise_below:
+            pointwise += f" (dense under {self.dense_pointwise_below} inputs a group)"
         return (f"depthwise {'merged' if self.merge_depthwise else 'split'}, "
-                f"1x1 {'grouped' if self.group_pointwise else 'split'}, "
+                f"1x1 {pointwise}, "
                 f"batch norm {'folded' if self.fold_batch_norm else 'kept'}")
 
 
-DEFAULT_FORM = GraphForm()
+# Narrow groups as dense convolutions: grouped 1x1 convolutions with under 16 inputs a group fall off both
+# engines' blocked (AVX-512) kernels, and in ONNX Runtime cost a layout conversion on each side; the dense form
+# costs twice their multiply-adds (of the network's smallest layers) and gives the same logits bit for bit (the
+# zeros add exactly). ONNX Runtime 0.84-0.95x the time for MixNet_S and M, OpenVINO unchanged (BENCHMARKS.md,
+# "Closer to the compute floor"); MixNet_L has no such layer. Batch norm stays a node: folding it here was no
+# faster (both engines fold it when they load the model) and rounds differently.
+DEFAULT_FORM = GraphForm(dense_pointwise_below=16)
 
 
 class _Graph:
@@ -110,6 +130,20 @@ def _padded_kernel(weight: np.ndarray, size: int) -> np.ndarray:
     return padded
 
 
+def _block_diagonal(kernels: list[np.ndarray]) -> np.ndarray:
+    """The ``out x in x 1 x 1`` kernel of one convolution that does what ``kernels`` (one per group) do on
+    consecutive slices of the input: each group's kernel on the diagonal, zeros elsewhere."""
+    rows = sum(w.shape[0] for w in kernels)
+    columns = sum(w.shape[1] for w in kernels)
+    dense = np.zeros((rows, columns) + kernels[0].shape[2:], dtype=np.float32)
+    row = column = 0
+    for w in kernels:
+        dense[row:row + w.shape[0], column:column + w.shape[1]] = w
+        row += w.shape[0]
+        column += w.shape[1]
+    return dense
+
+
 @dataclass(frozen=True)
 class ConvPlan:
     """How one :class:`ConvBN` layer runs as convolutions in a :class:`GraphForm`: ``convolutions`` holds
@@ -130,6 +164,8 @@ def conv_plan(layer: ConvBN, kernels: list[np.ndarray], form: GraphForm) -> Conv
     if layer.depthwise and form.merge_depthwise:
         size = max(layer.kernels)
         return ConvPlan([(np.concatenate([_padded_kernel(w, size) for w in kernels]), layer.out_channels, size)], None)
+    if not layer.depthwise and max(layer.in_splits) < form.dense_pointwise_below:
+        return ConvPlan([(_block_diagonal(kernels), 1, 1)], None)
     if not layer.depthwise and form.group_pointwise and equal_splits:
         return ConvPlan([(np.concatenate(kernels), parts, 1)], None)
     return ConvPlan([(w, w.shape[0] if layer.depthwise else 1, k) for w, k in zip(kernels, layer.kernels)],
