@@ -222,11 +222,6 @@ def test_no_images_at_all_is_a_usage_error():
     assert "no images given" in line
 
 
-def test_quiet_and_verbose_together_is_a_usage_error(tmp_path):
-    line = _one_line_error(_invoke("classify", str(_photo(tmp_path / "a.png")), "-q", "-v"), exit_code=2)
-    assert "--quiet" in line and "--verbose" in line
-
-
 def test_asking_for_a_missing_gpu_is_an_error_not_a_fallback(tmp_path, random_mirror):
     if Path("/dev/nvidia0").exists():
         pytest.skip("this machine has a GPU")

@@ -135,8 +135,6 @@ def classify(
     from ..base.manifest import resolve_model
     from ..output import write_classifications
 
-    if quiet and verbose:
-        raise UsageError("-q/--quiet and -v/--verbose ask for opposite things; give one of them")
     if files_from == "-" and "-" in images:
         raise UsageError("stdin can carry either the list of files (--files-from -) or one image (-), not both")
     arguments = list(images) + (read_list_file(files_from) if files_from else [])
