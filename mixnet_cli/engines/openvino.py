@@ -201,7 +201,7 @@ class OpenVinoEngine:
             data = np.concatenate([data, np.zeros((size - count,) + data.shape[1:], dtype=np.float32)])
         request = idle.get()  # blocks while every stream of this model is busy
         try:
-            logits = request.infer([data])[0]
+            logits = _infer(request, data)[0]
             return np.array(logits[:count], dtype=np.float32)  # a copy: the request reuses its output buffer
         finally:
             idle.put(request)
@@ -217,12 +217,32 @@ class OpenVinoEngine:
             data = np.concatenate([data, np.zeros((size - count,) + data.shape[1:], dtype=np.float32)])
         request = idle.get()
         try:
-            outputs = request.infer([data])
+            outputs = _infer(request, data)
             if len(outputs) < 2:
                 raise EngineError("this model has no feature map output; build it with build_with_feature_map")
             return (np.array(outputs[0][:count], dtype=np.float32), np.array(outputs[1][:count], dtype=np.float32))
         finally:
             idle.put(request)
+
+
+# OpenVINO's Python bindings set up their view of numpy (pybind11's numpy API, and statics around it) on the first
+# inference of the process, and two threads doing that at once can deadlock: one holds the set-up and waits for the
+# GIL, the other holds the GIL and waits for the set-up (seen with two streams starting together; the process hangs
+# for good). The first inference of the process runs alone; after it, nothing is left to set up.
+_FIRST_INFERENCE = threading.Lock()
+_bindings_ready = False
+
+
+def _infer(request: Any, data: np.ndarray) -> Any:
+    """``request.infer([data])``, the process's first one alone (see ``_FIRST_INFERENCE``)."""
+    global _bindings_ready
+    if _bindings_ready:
+        return request.infer([data])
+    with _FIRST_INFERENCE:
+        outputs = request.infer([data])
+        outputs[0]  # the output's numpy view: the rest of the bindings' numpy set-up
+        _bindings_ready = True
+        return outputs
 
 
 def build_with_feature_map(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice,
