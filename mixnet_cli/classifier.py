@@ -74,9 +74,9 @@ class Classifier:
     ``engine`` that cannot give the map is then a :class:`UsageError` now, not at the first image).
 
     ``bulk_batch_size``: say so when the first job will be a bulk one (:meth:`classify_many` of more than
-    :data:`BULK_AFTER_IMAGES` images, in batches of this size): the engine prepares its throughput mode for it
-    first (OpenVINO loads that model in the background instead of its one-image model), so the first batch starts
-    sooner. Any job still runs; only what is loaded first changes.
+    :data:`BULK_AFTER_IMAGES` images, in batches of this size): OpenVINO then loads its throughput mode's model
+    for it in the background instead of its one-image model (loaded on first use, if ever), so the first batch
+    starts sooner; the other engines load as without it. Any job still runs; only what is loaded first changes.
     """
 
     def __init__(
