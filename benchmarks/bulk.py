@@ -4,14 +4,23 @@ Forward-only throughput is the default engine on already-preprocessed batches, i
 both of its modes: one batch at a time (latency mode) and its bulk sibling with as many batches in flight as it
 runs at once (``Engine.throughput``); the best is the ceiling. The pipeline is ``Classifier.classify_many`` over the photo files (decode, resize,
 normalise in threads while the engine runs) for a grid of batch sizes and decode workers; the end-to-end
-figure is `mixnet classify DIR --jsonl`, process start and model load included.
+figure is `mixnet classify DIR --jsonl` (a fresh process, its defaults), process start and model load included.
+
+The goal ratio (issue: >= 0.70x) is end to end over forward only: images/s of `mixnet classify DIR --jsonl`, wall
+clock from process start to exit, against the same engine's best forward-only images/s (best mode and batch size
+by median, on batches already in memory), both measured in the same round and paired by round; the median of
+those per-round ratios is reported. ``--baseline DIR`` also times another checkout's `mixnet classify DIR --jsonl`
+(``PYTHONPATH=DIR``) in the same rounds, in a random order with this one's, for before/after figures from one run;
+``--no-grid`` leaves out the ``classify_many`` grid (only the default pipeline is timed).
 
     python benchmarks/bulk.py --home /tmp/mixnet-bench --out bulk.json [--images DIR] [--rounds 5]
+                              [--baseline DIR] [--no-grid]
 """
 
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -32,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = arguments(__doc__, rounds=5)
     parser.add_argument("--images", type=Path, default=SAMPLES)
     parser.add_argument("--model", default="MixNet_S")
+    parser.add_argument("--baseline", type=Path, help="another checkout whose `mixnet classify DIR` is timed beside")
+    parser.add_argument("--no-grid", action="store_true", help="time only the default classify_many pipeline")
     args = parser.parse_args(argv)
     prepare_home(args.home, [args.model])
     os.environ["MIXNET_HOME"] = str(args.home)
@@ -52,10 +63,14 @@ def main(argv: list[str] | None = None) -> int:
             runner.run(np.stack(prepared[:size]))
     mixnet = str(mixnet_executable())
     forward: dict[tuple[str, int], list[float]] = {(mode, size): [] for mode in modes for size in BATCH_SIZES}
-    pipeline: dict[str, list[float]] = {f"batch {b}, {w} worker(s)": [] for b in BATCH_SIZES for w in WORKERS}
-    cli: list[float] = []
     defaults = _defaults()
     default_name = f"batch {defaults['cli_batch_size']}, {defaults['classify_many_workers']} worker(s)"
+    grid = [(b, w) for b in BATCH_SIZES for w in WORKERS]
+    if args.no_grid:
+        grid = [(defaults["cli_batch_size"], defaults["classify_many_workers"])]
+    pipeline: dict[str, list[float]] = {f"batch {b}, {w} worker(s)": [] for b, w in grid}
+    cli: list[float] = []
+    baseline: list[float] = []
     paired: list[float] = []  # per round: the default pipeline / the forward rate at the best batch size
     at_start = machine()
     started = time.time()
@@ -66,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         for path in images:
             os.symlink(path.resolve(), directory / path.name)
         run_process([mixnet, "classify", str(directory), "--jsonl"], env)  # bytecode, disk cache
+        base_env = None
+        if args.baseline is not None:
+            base_env = clean_env(args.home, Path(scratch) / "pycache-baseline")
+            base_env["PYTHONPATH"] = str(args.baseline.resolve())
+            run_process([mixnet, "classify", str(directory), "--jsonl"], base_env)
         for index in range(args.rounds):
             log(f"bulk: round {index + 1}/{args.rounds}")
             for b in BATCH_SIZES:
@@ -73,10 +93,14 @@ def main(argv: list[str] | None = None) -> int:
                 for mode, runner in modes.items():
                     forward[(mode, b)].append(_forward_rate(runner, batch, max(8, 96 // b)))
                 for w in WORKERS:
-                    seconds = _timed(lambda: list(classifier.classify_many(images, batch_size=b, workers=w)))
-                    pipeline[f"batch {b}, {w} worker(s)"].append(len(images) / seconds)
-            seconds, _, _ = run_process([mixnet, "classify", str(directory), "--jsonl"], env)
-            cli.append(len(images) / seconds)
+                    if (b, w) in grid:
+                        seconds = _timed(lambda: list(classifier.classify_many(images, batch_size=b, workers=w)))
+                        pipeline[f"batch {b}, {w} worker(s)"].append(len(images) / seconds)
+            commands = [(cli, env)] + ([(baseline, base_env)] if base_env is not None else [])
+            random.shuffle(commands)  # neither always first after the forward passes
+            for rates, environment in commands:
+                seconds, _, _ = run_process([mixnet, "classify", str(directory), "--jsonl"], environment)
+                rates.append(len(images) / seconds)
 
     forward_summary = {f"{mode}, batch {size}": summary(values) for (mode, size), values in forward.items()}
     best_forward = max(s["median"] for s in forward_summary.values())
@@ -85,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     best = max(forward, key=lambda key: statistics.median(forward[key]))
     if default_name in pipeline:
         paired = [p / f for p, f in zip(pipeline[default_name], forward[best])]
+    # The goal's ratio: end to end over the best forward-only rate, paired by round.
+    cli_paired = [c / f for c, f in zip(cli, forward[best])]
+    baseline_paired = [c / f for c, f in zip(baseline, forward[best])]
     pipeline_summary = {name: summary(values) for name, values in pipeline.items()}
     write_json(args.out, {
         "machine": at_start, "load_average_at_end": list(os.getloadavg()), "rounds": args.rounds, "seconds": time.time() - started, "model": args.model,
@@ -97,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         "cli_images_per_s": summary(cli),
         "defaults": defaults,
         "default_pipeline_to_best_forward_paired": summary(paired) if paired else None,
+        "cli_to_best_forward_paired": summary(cli_paired),
+        "baseline": str(args.baseline) if args.baseline is not None else None,
+        "baseline_cli_images_per_s": summary(baseline) if baseline else None,
+        "baseline_cli_to_best_forward_paired": summary(baseline_paired) if baseline_paired else None,
+        "cli_to_baseline_paired": summary([c / b for c, b in zip(cli, baseline)]) if baseline else None,
     })
     log(f"wrote {args.out}")
     return 0

@@ -656,3 +656,58 @@ def test_a_checked_openvino_loads_beside_the_caller_and_its_first_batch_waits_or
     broken = Classifier(MODEL, device="cpu", engine="openvino")
     with pytest.raises(EngineError, match="a failure made by the test"):
         broken.logits(batch[:1])
+
+
+def test_a_bulk_job_ahead_has_openvino_load_its_throughput_model_first(home_copy):
+    """Told that a bulk job of batches of 4 comes (what `classify DIR` says for more than BULK_AFTER_IMAGES
+    images), a checked OpenVINO loads its throughput mode's model for batch 4 in its thread, not its own one-image
+    model, which loads on the latency mode's first batch; both give the reference's answers."""
+    from mixnet_cli.engines.conversion import validation_batch
+
+    batch = validation_batch(SPEC.preprocessing.crop_size, count=4)
+    expected = Classifier(MODEL, device="cpu", engine="onnxruntime").logits(batch).astype(np.float64)
+    Classifier(MODEL, device="cpu", engine="openvino").logits(batch[:1])  # checked at this version: loads beside
+    classifier = Classifier(MODEL, device="cpu", engine="openvino", bulk_batch_size=4)
+    assert classifier.engine._warming is not None
+    bulk = classifier.engine_for(100, 4)
+    assert bulk is not classifier.engine and bulk is classifier.engine.throughput(4)
+    assert sorted(bulk._idle) == [4] and classifier.engine._idle == {}
+    assert compare_logits(bulk.run(batch), expected)["max_abs_probability_diff"] <= PROBABILITY_TOLERANCE
+    one = classifier.logits(batch[:1])
+    assert sorted(classifier.engine._idle) == [1]
+    assert compare_logits(one, expected[:1])["max_abs_probability_diff"] <= PROBABILITY_TOLERANCE
+    with pytest.raises(UsageError, match="batch size must be at least 1"):
+        Classifier(MODEL, device="cpu", engine="openvino", bulk_batch_size=0)
+
+
+def test_classify_many_decodes_while_the_bulk_engine_loads(home_copy, pictures, monkeypatch):
+    """The decoders start before the bulk engine is asked for (OpenVINO may still be loading its model then), and
+    the results are those of the images in order."""
+    import threading
+
+    from mixnet_cli import classifier as classifier_module
+    from mixnet_cli.classifier import BULK_AFTER_IMAGES
+
+    decoded = threading.Event()
+    real_load = classifier_module.load_photo_and_transform
+
+    def load(*args, **kwargs):  # type: ignore[no-untyped-def]
+        result = real_load(*args, **kwargs)
+        decoded.set()
+        return result
+
+    real_engine_for = Classifier.engine_for
+    decoding_before_engine: list[bool] = []
+
+    def engine_for(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        decoding_before_engine.append(decoded.wait(timeout=10))
+        return real_engine_for(self, *args, **kwargs)
+
+    monkeypatch.setattr(classifier_module, "load_photo_and_transform", load)
+    monkeypatch.setattr(Classifier, "engine_for", engine_for)
+    classifier = Classifier(MODEL, device="cpu", engine="onnxruntime")
+    images = [pictures[index % len(pictures)] for index in range(BULK_AFTER_IMAGES + 1)]
+    results = list(classifier.classify_many(images, batch_size=4))
+    assert decoding_before_engine == [True]
+    assert [result.input for result in results] == [str(path) for path in images]
+    assert all(result.ok for result in results)

@@ -206,12 +206,14 @@ def classify(
         sys.exit(1)
 
     def load(model: str | None) -> Any:
-        from ..classifier import Classifier
+        from ..classifier import BULK_AFTER_IMAGES, Classifier
 
+        # A bulk job (the maps have an engine of their own): its engine mode is the one loaded first.
+        bulk = len(items) > BULK_AFTER_IMAGES and cam_dir is None
         return Classifier(model, device=device_name, engine=engine_name, mirrors=mirrors or None, offline=offline,
                           progress=None if not quiet else False, threads=threads, weights=weights, labels=labels,
                           features=embed or embed_npy is not None, cam=cam_dir is not None,
-                          precision=precision.lower())
+                          precision=precision.lower(), bulk_batch_size=batch_size if bulk else None)
 
     # Each input's object and its features (None: not asked for), model after model: one model is loaded at a
     # time, and its results stream out as they come. The first is loaded now, so that what stops a run (an

@@ -45,6 +45,10 @@ class EngineChoice:
     # threads of a forward pass (None: the cores).
     model: str | None = None
     threads: int | None = None
+    # The job ahead, when the caller knows it is a bulk one: batches of this size in the engine's throughput mode
+    # (``Engine.throughput``). An engine that loads in the background loads that mode first, and its one-image
+    # (latency) mode only if it is used (OpenVINO: one compiled model fewer before the first batch).
+    bulk_batch: int | None = None
 
     @property
     def device_choice(self) -> DeviceChoice:

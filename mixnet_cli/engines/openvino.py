@@ -56,13 +56,15 @@ class OpenVinoEngine:
 
     ``background=True`` (a model this OpenVINO compiled and checked before) loads the model for ``warm_size`` in
     a thread; the first batch waits for it, and compiles again itself (raising :class:`EngineError`) if it failed.
+    With ``bulk_first`` (a batch size), that thread makes :meth:`throughput`'s sibling for that size instead, for a
+    bulk job ahead; this engine's own model then loads on its first batch.
     """
 
     name = "openvino"
 
     def __init__(self, model: Path, device: str = "cpu", threads: int | None = None,
                  cache_dir: Path | None = None, *, bulk: bool = False, warm_size: int = 1, core: Any = None,
-                 precision: str = "fp32", background: bool = False) -> None:
+                 precision: str = "fp32", background: bool = False, bulk_first: int | None = None) -> None:
         if device != "cpu":
             raise DeviceError(f"the openvino engine runs on the CPU only, not on {device}; use --device cpu")
         from ..base.third_party import import_quietly
@@ -103,7 +105,13 @@ class OpenVinoEngine:
             # cache takes 65-100 ms of one core with the GIL released, so it runs beside what the caller does
             # next (the classifier imports OpenCV, the CLI decodes the image) and the first batch waits for it.
             # Should it fail after all, the first batch compiles again and raises that error.
-            self._warming = threading.Thread(target=self._warm_up, args=(warm_size,), name="openvino-compile")
+            if bulk_first is not None and not bulk:
+                # A bulk job ahead (``bulk_first``: its batch size): the sibling in throughput mode is what runs
+                # it; this engine's own model loads on its first batch, if one ever comes.
+                self._warming = threading.Thread(target=self._warm_sibling, args=(bulk_first,),
+                                                 name="openvino-compile")
+            else:
+                self._warming = threading.Thread(target=self._warm_up, args=(warm_size,), name="openvino-compile")
             self._warming.start()
         else:
             # A model that does not load fails here; one image is the common case, and a sibling warms up the
@@ -142,6 +150,12 @@ class OpenVinoEngine:
         try:
             self._request_for(size)
         except Exception:  # noqa: BLE001 - the first batch compiles again, in the caller's thread, and raises
+            pass
+
+    def _warm_sibling(self, batch_size: int) -> None:
+        try:
+            self.throughput(batch_size)
+        except Exception:  # noqa: BLE001 - the caller's own throughput() makes it again, and raises
             pass
 
     def _dynamic(self) -> tuple[int, queue.SimpleQueue[Any]]:
@@ -295,8 +309,10 @@ def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, thr
             return OpenVinoEngine(converted.file(".onnx"), choice.device, threads, directory,
                                   precision=choice.precision)
         if directory is not None and engine_checked(directory, "openvino", version):
-            # Compiled and checked before by this OpenVINO: its cached form loads while the caller goes on.
-            return OpenVinoEngine(converted.file(".onnx"), choice.device, threads, directory, background=True)
+            # Compiled and checked before by this OpenVINO: its cached form loads while the caller goes on (for a
+            # bulk job, the throughput mode's model: the latency mode's would only delay the first batch).
+            return OpenVinoEngine(converted.file(".onnx"), choice.device, threads, directory, background=True,
+                                  bulk_first=choice.bulk_batch)
         # OpenVINO computes differently from ONNX Runtime, whose logits are the reference: it passes the check
         # once per OpenVINO version before its answers are trusted (one image at a time: its batch size is fixed
         # per compiled model). The reference (ONNX Runtime, on a first run) is computed in a thread while
