@@ -848,7 +848,8 @@ def test_a_second_ctrl_c_answers_the_requests_in_flight_503_and_exits_at_once(sm
 def test_sigterm_closes_keep_alive_connections_answers_in_flight_and_exits_0(guarded, photos):
     """Runs last: it stops the module's server. In flight at SIGTERM: a /v1 and a v2 request whose bodies end
     after it (answered), and a v2 request whose body never ends (504 before the graceful timeout ends, rather
-    than cut off without an answer)."""
+    than cut off without an answer); a request pipelined behind one in flight is refused, 503 with
+    Connection: close, rather than dropped."""
     body = photos[0].read_bytes()
     v2_body, header_length = _v2_binary(body)
     idle = socket.create_connection(("127.0.0.1", guarded.port))  # a keep-alive connection, idle at SIGTERM
@@ -857,6 +858,7 @@ def test_sigterm_closes_keep_alive_connections_answers_in_flight_and_exits_0(gua
     # Requests in flight at SIGTERM: their bodies half sent.
     in_flight = {}
     for name, head, data in (("v1", _head("/v1/classify", len(body)), body),
+                             ("pipelined", _head("/v1/classify", len(body)), body),
                              ("v2", _head(V2_INFER, len(v2_body), header_length), v2_body),
                              ("v2 stuck", _head(V2_INFER, len(v2_body), header_length), v2_body)):
         sock = socket.create_connection(("127.0.0.1", guarded.port))
@@ -875,6 +877,17 @@ def test_sigterm_closes_keep_alive_connections_answers_in_flight_and_exits_0(gua
     for name in ("v1", "v2"):
         sock, data = in_flight[name]
         sock.sendall(data[100:])
+    pipelined, _ = in_flight.pop("pipelined")
+    pipelined.sendall(body[100:] + _head("/v1/classify", len(body)) + body)
+    both = b""
+    pipelined.settimeout(15)
+    while chunk := pipelined.recv(65536):
+        both += chunk
+    pipelined.close()
+    first, second = both.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"200") and b"connection: close" not in first.lower(), both
+    assert second.startswith(b"503") and b"connection: close" in second.lower(), both
+    assert json.loads(second.split(b"\r\n\r\n", 1)[1])["error"]["type"] == "Overloaded"
     answers = {name: _read_answer(sock) for name, (sock, _) in in_flight.items()}
     heads = {name: answer.split(b"\r\n\r\n", 1)[0].lower() for name, answer in answers.items()}
     assert all(b"connection: close" in head for head in heads.values()), answers

@@ -24,7 +24,10 @@ A request whose connection the guard closes (a slow body) is marked in its ASGI 
 
 The guard also drains: once :meth:`ConnectionGuard.drain` is called (SIGTERM), a connection accepted afterwards
 is closed at once, so none escapes uvicorn's shutdown (which asks only the connections open at that moment to
-close).
+close). A connection busy with a request at that moment is left to the service's answer, which says
+``Connection: close`` (uvicorn would close it after that answer whatever followed), unless the next request is
+already waiting behind it (pipelined): the scope's ``state`` holds :data:`NEXT_REQUEST_WAITING`, a function that
+says so, and then that request is read and refused (503, ``Connection: close``) rather than dropped unanswered.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ DEFAULT_MAX_CONNECTIONS = 4096
 _CHECK_EVERY_S = 1.0
 # The key in a request's ASGI ``scope["state"]`` that says the guard closed its connection, and why.
 CLOSED_BY_SERVICE = "closed_by_service"
+# The key in a request's ASGI ``scope["state"]`` of a function that says whether the next request on its connection
+# has arrived already (pipelined behind it).
+NEXT_REQUEST_WAITING = "next_request_waiting"
 
 
 @dataclass
@@ -130,6 +136,20 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
                 self._body_bytes = 0
             elif self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
                 self._disarm()  # the whole request is in; the response is the application's business
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.scope is not None:
+                self.scope["state"].setdefault(NEXT_REQUEST_WAITING, self._next_request_waiting)
+
+        def _next_request_waiting(self) -> bool:
+            # Bytes past the end of this request, in h11's buffer: the start of the next one.
+            return self.conn.their_state is h11.DONE and bool(self.conn.trailing_data[0])
+
+        def shutdown(self) -> None:
+            if self.cycle is None or self.cycle.response_complete:
+                super().shutdown()  # idle: closed now
+            # Busy: its answer says Connection: close (the service does), or answers the pipelined request next.
 
         def on_response_complete(self) -> None:
             self._disarm()

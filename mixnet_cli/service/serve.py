@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from .batching import DynamicBatcher
 from .connections import (CLOSED_BY_SERVICE, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S,
-                          DEFAULT_MAX_CONNECTIONS, ConnectionGuard)
+                          DEFAULT_MAX_CONNECTIONS, NEXT_REQUEST_WAITING, ConnectionGuard)
 # ClientGone and client_gone were defined here first: still importable from here.
 from .handling import (DEADLINE_PASSED, BodyBudget, ClientGone, ImageLoader, bytes_loader,  # noqa: F401
                        cancelled_by_deadline, client_gone, until_client_gone)
@@ -945,8 +945,10 @@ class ServiceGate:
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 answered = True
-                if service.draining:
-                    # h11 closes the connection after an answer that says so: no next request on it.
+                waiting = scope["state"].get(NEXT_REQUEST_WAITING)
+                if service.draining and not (waiting is not None and waiting()):
+                    # h11 closes the connection after an answer that says so: no next request on it. One already
+                    # pipelined behind this one is read instead, and refused (503) with this header.
                     message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
