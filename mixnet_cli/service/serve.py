@@ -1141,7 +1141,7 @@ def run(options: ServeOptions) -> None:
                             # h11 with the header, body and connection limits uvicorn lacks (connections.py).
                             http=guarded_protocol(service.guard),
                             # No limit_concurrency: it counts connections, so idle ones would get every request a
-                            # plain-text 503. Admission is by images in each model's queue, before a body is read.
+                            # plain-text 503. Admission is by images in each model's queue, once a body is read.
                             timeout_keep_alive=max(1, int(math.ceil(options.keep_alive_s))),
                             timeout_graceful_shutdown=int(math.ceil(options.graceful_timeout_s)))
 
