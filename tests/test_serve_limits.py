@@ -285,14 +285,18 @@ def test_slow_uploads_take_no_place_in_the_queue(guarded, photos):
     with SlowBodies(guarded.port, 12):
         drip = socket.create_connection(("127.0.0.1", guarded.port))
         drip.sendall(_head("/v1/classify", 100_000))
+        refused = socket.create_connection(("127.0.0.1", guarded.port))  # answered 413 at once, then drips on
+        refused.sendall(_head("/v1/classify", 100 * 1024 * 1024))
         ends = time.monotonic() + 7  # the drip's grace (5 s) and a check (1 s) pass
         while time.monotonic() < ends:
             started = time.monotonic()
             answers.append((_post(guarded, data=body).status_code, time.monotonic() - started))
-            with contextlib.suppress(OSError):
-                drip.send(b"x")
+            for sock in (drip, refused):
+                with contextlib.suppress(OSError):
+                    sock.send(b"x")
             time.sleep(0.2)
         assert _closed_within(drip, 2.0), "a body below the minimum rate is closed"
+        assert _closed_within(refused, 2.0), "also when it was answered before its end"
         during = _metrics(guarded)
     assert len(answers) >= 10 and all(status == 200 and elapsed < 3 for status, elapsed in answers), answers
 

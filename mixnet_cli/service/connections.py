@@ -154,9 +154,16 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
         def on_response_complete(self) -> None:
             self._disarm()
             super().on_response_complete()  # arms uvicorn's keep-alive timer for the idle time that follows
-            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            if self.transport.is_closing():
+                return
+            if self.conn.their_state is h11.IDLE:
                 self._waiting_since = self.loop.time()
                 self._idle()
+            elif self.conn.their_state is h11.SEND_BODY:
+                # Answered before its body ended (413, 503): uvicorn reads the rest and discards it, and each byte
+                # cancels its keep-alive timer, so the minimum rate must still hold, or a drip would keep the
+                # connection forever.
+                self._arm()
 
         def _arm(self) -> None:
             self._disarm()
