@@ -954,6 +954,37 @@ def test_the_header_reader_sizes_jpegs_and_pngs_as_pillow_does(tmp_path):
     assert jpeg_size(b"\xff\xd8" + b"\xff" * 200_000) is None and jpeg_size(b"GIF89a") is None
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="malloc_trim is glibc's (Linux)")
+def test_memory_is_trimmed_after_a_large_body_only_one_trim_at_a_time():
+    from mixnet_cli.service.memory import TRIM_AFTER_BYTES, MemoryTrimmer
+
+    trimmer = MemoryTrimmer()
+    calls = []
+    found = trimmer._trim
+    if found is None:
+        pytest.skip("this C library has no malloc_trim (not glibc)")
+
+    def trim(pad: int) -> int:
+        calls.append(pad)
+        time.sleep(0.05)
+        return found(pad)
+
+    trimmer._trim = trim
+
+    async def scenario() -> None:
+        trimmer.body_read(1000)
+        trimmer.request_ended()
+        assert calls == [], "a small body is not worth a trim"
+        trimmer.body_read(TRIM_AFTER_BYTES)
+        trimmer.request_ended()
+        trimmer.body_read(TRIM_AFTER_BYTES)
+        trimmer.request_ended()  # while the first runs: once it ends, one more
+        await asyncio.sleep(0.3)
+
+    asyncio.run(scenario())
+    assert calls == [0, 0]
+
+
 @needs_serve
 def test_public_metrics_and_the_token_check_in_process(tmp_path, monkeypatch):
     from mixnet_cli.service.serve import ServeOptions, Service, load_token

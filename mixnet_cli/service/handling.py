@@ -78,9 +78,10 @@ class BodyBudget:
     slowly: a slow sender holds only what it has sent (and the minimum body rate closes a drip); filling the
     budget takes sending that many bytes at once. Use it on the event loop."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, on_body: Callable[[int], None] | None = None) -> None:
         self.total = total
         self.used = 0
+        self.on_body = on_body  # told the bytes of each body once read, or refused part-way
 
     def fits(self, size: int) -> bool:
         """Whether ``size`` more bytes fit now."""

@@ -53,6 +53,7 @@ from .connections import (CLOSED_BY_SERVICE, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_K
 # ClientGone and client_gone were defined here first: still importable from here.
 from .handling import (DEADLINE_PASSED, BodyBudget, ClientGone, ImageLoader, bytes_loader,  # noqa: F401
                        cancelled_by_deadline, client_gone, until_client_gone)
+from .memory import MemoryTrimmer
 from .maps import OPENAPI_PARAMETERS, OPENAPI_PATH, CamRequest, cam_request, classify_with_maps
 from ..base.errors import ImageError, ImageTooLargeError, MixnetError, Overloaded, UsageError
 from ..base.settings import load_token  # noqa: F401 (read where the CLI and the service both reach it)
@@ -292,7 +293,8 @@ class Service:
                                      max_connections=options.max_connections)
         self.guard.on_close = lambda reason: self.metrics.connections_closed.labels(reason).inc()
         # Bodies being received: bounded apart from the images' admission (see read_body).
-        self.bodies = BodyBudget(BODY_BUDGET_BODIES * options.max_body_bytes)
+        self.trimmer = MemoryTrimmer()  # large bodies' memory back to the OS once their requests end
+        self.bodies = BodyBudget(BODY_BUDGET_BODIES * options.max_body_bytes, on_body=self.trimmer.body_read)
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's, once it runs
         self.draining = False
         self.forced = False  # a second interrupt: the requests in flight are answered 503 at once
@@ -693,6 +695,8 @@ async def read_body(receive: Callable[[], Awaitable[dict[str, Any]]], limit: int
     finally:
         if budget is not None:
             budget.give_back(size)
+            if budget.on_body is not None:
+                budget.on_body(size)
 
 
 def multipart_images(body: bytes, content_type: str, max_images: int) -> list[tuple[str, bytes]]:
@@ -976,6 +980,7 @@ class ServiceGate:
             # A route may name its endpoint itself (the v2 ones: a template, not the model's name in the path).
             endpoint = scope["state"].get("endpoint") or (
                 path if path in _ENDPOINTS else "/v2" if path.startswith("/v2/") else "other")
+            service.trimmer.request_ended()
             metrics = service.metrics
             metrics.requests.labels(endpoint, str(status)).inc()
             metrics.latency.labels(endpoint).observe(elapsed)
