@@ -9,6 +9,7 @@ the URL fetcher are also tested in process, where their timing can be seen exact
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
 import selectors
@@ -238,6 +239,88 @@ def test_every_overload_refusal_is_the_json_503_counted_and_logged(guarded, phot
     while _log_lines(guarded, 503) - log_before < len(refused) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _log_lines(guarded, 503) - log_before == len(refused)
+
+
+class SlowBodies:
+    """``count`` requests, each declaring a body of ``length`` bytes and sending ``chunk`` bytes every 0.5 s (above
+    the minimum body rate when ``chunk`` >= 512), half to /v1/classify and half to v2 infer, until closed."""
+
+    def __init__(self, port: int, count: int, length: int = 200_000, chunk: int = 2048) -> None:
+        self.port, self.count, self.length, self.chunk = port, count, length, chunk
+        self.socks: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "SlowBodies":
+        for index in range(self.count):
+            sock = socket.create_connection(("127.0.0.1", self.port))
+            sock.sendall(_head("/v1/classify" if index % 2 else V2_INFER, self.length))
+            self.socks.append(sock)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for sock in self.socks:
+            sock.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            for sock in self.socks:
+                try:
+                    sock.send(b"x" * self.chunk)
+                except OSError:
+                    pass
+
+
+@needs_serve
+def test_slow_uploads_take_no_place_in_the_queue(guarded, photos):
+    """Three times --max-queue (4) uploads in progress at 4 KiB/s, above the minimum body rate: they hold no room
+    in the images' queue, so photos from another client are all answered; a body below the minimum rate is closed
+    and counted as the service's doing (408, reason slow_body), not as a client hang-up (499)."""
+    body = photos[3].read_bytes()
+    before = _metrics(guarded)
+    answers = []
+    with SlowBodies(guarded.port, 12):
+        drip = socket.create_connection(("127.0.0.1", guarded.port))
+        drip.sendall(_head("/v1/classify", 100_000))
+        refused = socket.create_connection(("127.0.0.1", guarded.port))  # answered 413 at once, then drips on
+        refused.sendall(_head("/v1/classify", 100 * 1024 * 1024))
+        ends = time.monotonic() + 7  # the drip's grace (5 s) and a check (1 s) pass
+        while time.monotonic() < ends:
+            started = time.monotonic()
+            answers.append((_post(guarded, data=body).status_code, time.monotonic() - started))
+            for sock in (drip, refused):
+                with contextlib.suppress(OSError):
+                    sock.send(b"x")
+            time.sleep(0.2)
+        assert _closed_within(drip, 2.0), "a body below the minimum rate is closed"
+        assert _closed_within(refused, 2.0), "also when it was answered before its end"
+        during = _metrics(guarded)
+    assert len(answers) >= 10 and all(status == 200 and elapsed < 3 for status, elapsed in answers), answers
+
+    def count(text: str, status: str) -> float:
+        return _metric(text, "mixnet_http_requests_total", endpoint="/v1/classify", status=status)
+
+    assert count(during, "408") - count(before, "408") == 1
+    assert count(during, "499") == count(before, "499")
+    assert _metric(during, "mixnet_connections_closed_total", reason="slow_body") > \
+        _metric(before, "mixnet_connections_closed_total", reason="slow_body")
+
+
+@needs_serve
+def test_an_image_cut_off_at_its_deadline_while_decoding_is_counted_as_dropped(guarded):
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (6000, 6000), (90, 120, 150)).save(png, format="PNG")  # a few hundred ms to decode
+    before = _metric(_metrics(guarded), "mixnet_images_dropped_total", model="MixNet_S")
+    response = _post(guarded, "?deadline_ms=100", data=png.getvalue())
+    assert response.status_code == 504, response.text
+    assert _metric(_metrics(guarded), "mixnet_images_dropped_total", model="MixNet_S") == before + 1
 
 
 @needs_serve
@@ -659,11 +742,118 @@ def test_huge_images_are_decoded_one_at_a_time_while_photos_pass(guarded, photos
     assert _memory_mb(pid, "VmHWM") - before < 1200
 
 
+SMALL_CONNECTIONS = 16
+SMALL_BODY_BYTES = int(0.1 * 1024 * 1024)  # --max-body-mb 0.1: bodies in transit may hold 4 of that
+
+
+@pytest.fixture(scope="module")
+def small(mirror: GatedMirror, home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A second server, with a ceiling of 16 connections and a body limit of 0.1 MB, so that the ceiling and the
+    budget of bodies in transit are reached with a few sockets. Its last test interrupts it twice."""
+    server = ServerProcess(home, mirror.url, tmp_path_factory.mktemp("small") / "server.log",
+                           "--model", "S", "--max-connections", str(SMALL_CONNECTIONS), "--max-body-mb", "0.1",
+                           "--header-timeout", "10", "--public-metrics")
+    try:
+        server.wait_for("/readyz", 200)
+        yield server
+    finally:
+        server.stop()
+
+
+@needs_serve
+def test_at_the_connection_ceiling_the_longest_idle_connection_makes_room(small, photos):
+    """The ceiling filled with sockets that sent nothing: /healthz and a photo are answered, each in the place of
+    the connection idle longest. Filled with requests in progress, a newcomer is closed instead."""
+    body = photos[0].read_bytes()
+    idle = [socket.create_connection(("127.0.0.1", small.port)) for _ in range(SMALL_CONNECTIONS)]
+    try:
+        time.sleep(0.3)
+        assert small.get("/healthz").status_code == 200
+        assert _closed_within(idle[0], 1.0), "the oldest made room"
+        idle.append(socket.create_connection(("127.0.0.1", small.port)))  # the ceiling full again
+        time.sleep(0.3)
+        assert small.post(data=body).status_code == 200
+        assert _closed_within(idle[1], 1.0), "the next oldest made room"
+        assert not _closed_within(idle[-1], 0.2)
+        assert _metric(small.get("/metrics").text, "mixnet_connections_closed_total", reason="evicted_idle") >= 2
+    finally:
+        for sock in idle:
+            sock.close()
+    time.sleep(0.3)
+    busy = []
+    try:
+        for _ in range(SMALL_CONNECTIONS):  # each a request whose body is on its way (within its 5 s of grace)
+            sock = socket.create_connection(("127.0.0.1", small.port))
+            sock.sendall(_head("/v1/classify", 1000) + b"x")
+            busy.append(sock)
+        time.sleep(0.3)
+        with pytest.raises(requests.ConnectionError):
+            small.get("/healthz")
+    finally:
+        for sock in busy:
+            sock.close()
+    time.sleep(0.3)
+    assert _metric(small.get("/metrics").text, "mixnet_connections_closed_total", reason="too_many_connections") >= 1
+
+
+@needs_serve
+def test_bodies_in_transit_share_a_budget_refused_with_the_json_503(small, photos):
+    """Four bodies of the largest size, all but their last byte sent, fill the budget (4 x --max-body-mb): a fifth
+    upload is refused at once with the one overload answer; once they end, uploads are taken again."""
+    body = photos[0].read_bytes()
+    holders = []
+    try:
+        for _ in range(4):
+            sock = socket.create_connection(("127.0.0.1", small.port))
+            sock.sendall(_head("/v1/classify", SMALL_BODY_BYTES) + b"x" * (SMALL_BODY_BYTES - 1))
+            holders.append(sock)
+        time.sleep(0.5)
+        refused = small.post(data=body)
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1", refused.text
+        assert refused.json()["error"]["type"] == "Overloaded"
+        assert "request bodies" in refused.json()["error"]["message"]
+    finally:
+        for sock in holders:
+            sock.close()
+    time.sleep(0.3)
+    assert small.post(data=body).status_code == 200
+
+
+@needs_serve
+def test_a_second_ctrl_c_answers_the_requests_in_flight_503_and_exits_at_once(small, photos):
+    """SIGTERM, then Ctrl-C (SIGINT) during the drain: the requests in flight (bodies still arriving) get the JSON
+    503 at once instead of waiting out the graceful timeout (20 s), no traceback is logged, the exit is 0."""
+    body = photos[0].read_bytes()
+    v2_body, header_length = _v2_binary(body)
+    in_flight = []
+    for head, data in ((_head("/v1/classify", len(body)), body), (_head(V2_INFER, len(v2_body), header_length),
+                                                                  v2_body)):
+        sock = socket.create_connection(("127.0.0.1", small.port))
+        sock.sendall(head + data[:100])
+        in_flight.append(sock)
+    time.sleep(0.3)
+    small.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    stopped = time.monotonic()
+    small.process.send_signal(signal.SIGINT)
+    answers = [_read_answer(sock) for sock in in_flight]
+    assert time.monotonic() - stopped < 3, "answered at once, not at the graceful timeout"
+    for answer in answers:
+        head, _, content = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in head.lower(), answer
+        assert b"stopping" in content and b"application/json" in head.lower(), answer
+    assert small.process.wait(timeout=10) == 0
+    assert time.monotonic() - stopped < 5
+    log = small.log.read_text(encoding="utf-8")
+    assert "Traceback" not in log and "Internal Server Error" not in log, log[-3000:]
+
+
 @needs_serve
 def test_sigterm_closes_keep_alive_connections_answers_in_flight_and_exits_0(guarded, photos):
     """Runs last: it stops the module's server. In flight at SIGTERM: a /v1 and a v2 request whose bodies end
     after it (answered), and a v2 request whose body never ends (504 before the graceful timeout ends, rather
-    than cut off without an answer)."""
+    than cut off without an answer); a request pipelined behind one in flight is refused, 503 with
+    Connection: close, rather than dropped."""
     body = photos[0].read_bytes()
     v2_body, header_length = _v2_binary(body)
     idle = socket.create_connection(("127.0.0.1", guarded.port))  # a keep-alive connection, idle at SIGTERM
@@ -672,6 +862,7 @@ def test_sigterm_closes_keep_alive_connections_answers_in_flight_and_exits_0(gua
     # Requests in flight at SIGTERM: their bodies half sent.
     in_flight = {}
     for name, head, data in (("v1", _head("/v1/classify", len(body)), body),
+                             ("pipelined", _head("/v1/classify", len(body)), body),
                              ("v2", _head(V2_INFER, len(v2_body), header_length), v2_body),
                              ("v2 stuck", _head(V2_INFER, len(v2_body), header_length), v2_body)):
         sock = socket.create_connection(("127.0.0.1", guarded.port))
@@ -690,6 +881,17 @@ def test_sigterm_closes_keep_alive_connections_answers_in_flight_and_exits_0(gua
     for name in ("v1", "v2"):
         sock, data = in_flight[name]
         sock.sendall(data[100:])
+    pipelined, _ = in_flight.pop("pipelined")
+    pipelined.sendall(body[100:] + _head("/v1/classify", len(body)) + body)
+    both = b""
+    pipelined.settimeout(15)
+    while chunk := pipelined.recv(65536):
+        both += chunk
+    pipelined.close()
+    first, second = both.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"200") and b"connection: close" not in first.lower(), both
+    assert second.startswith(b"503") and b"connection: close" in second.lower(), both
+    assert json.loads(second.split(b"\r\n\r\n", 1)[1])["error"]["type"] == "Overloaded"
     answers = {name: _read_answer(sock) for name, (sock, _) in in_flight.items()}
     heads = {name: answer.split(b"\r\n\r\n", 1)[0].lower() for name, answer in answers.items()}
     assert all(b"connection: close" in head for head in heads.values()), answers
@@ -750,6 +952,37 @@ def test_the_header_reader_sizes_jpegs_and_pngs_as_pillow_does(tmp_path):
     rgb.save(webp, format="WEBP")
     assert header_pixels(webp.getvalue()) is None and header_pixels(webp.getvalue(), other_formats=True) == 640 * 480
     assert jpeg_size(b"\xff\xd8" + b"\xff" * 200_000) is None and jpeg_size(b"GIF89a") is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="malloc_trim is glibc's (Linux)")
+def test_memory_is_trimmed_after_a_large_body_only_one_trim_at_a_time():
+    from mixnet_cli.service.memory import TRIM_AFTER_BYTES, MemoryTrimmer
+
+    trimmer = MemoryTrimmer()
+    calls = []
+    found = trimmer._trim
+    if found is None:
+        pytest.skip("this C library has no malloc_trim (not glibc)")
+
+    def trim(pad: int) -> int:
+        calls.append(pad)
+        time.sleep(0.05)
+        return found(pad)
+
+    trimmer._trim = trim
+
+    async def scenario() -> None:
+        trimmer.body_read(1000)
+        trimmer.request_ended()
+        assert calls == [], "a small body is not worth a trim"
+        trimmer.body_read(TRIM_AFTER_BYTES)
+        trimmer.request_ended()
+        trimmer.body_read(TRIM_AFTER_BYTES)
+        trimmer.request_ended()  # while the first runs: once it ends, one more
+        await asyncio.sleep(0.3)
+
+    asyncio.run(scenario())
+    assert calls == [0, 0]
 
 
 @needs_serve

@@ -60,6 +60,9 @@ from .common import (
               help="Seconds an idle connection is kept open between requests.")
 @click.option("--graceful-timeout", default=20.0, show_default=True, type=click.FloatRange(0.1, 3600),
               help="Seconds from SIGTERM to exit: requests in flight are answered within it.")
+@click.option("--max-connections", default=4096, show_default=True, type=click.IntRange(1, 1_000_000),
+              help="Connections open at once; at the ceiling, the one idle longest (no request in progress) is "
+              "closed for a newcomer, which is refused only when every connection carries a request.")
 @click.option("--workers", type=click.IntRange(1, 1024), help="Threads decoding images (default: the physical cores).")
 @click.option("--threads", type=click.IntRange(1, 1024), help="CPU threads per forward pass (default: the physical cores).")
 @device_option
@@ -88,6 +91,7 @@ def serve(
     header_timeout: float,
     keep_alive: float,
     graceful_timeout: float,
+    max_connections: int,
     workers: int | None,
     threads: int | None,
     device: str | None,
@@ -111,7 +115,7 @@ def serve(
     Answers are the objects `mixnet classify --json` prints. Endpoints: POST /v1/classify, GET /healthz,
     /readyz (503 until the models are loaded, and from SIGTERM), /metrics (Prometheus), /v1/limits,
     /openapi.json. SIGTERM or Ctrl-C stops accepting, answers the requests in flight within --graceful-timeout
-    and exits 0.
+    and exits 0; a second Ctrl-C answers them 503 and exits at once.
     """
     from ..service import serve as service
 
@@ -138,6 +142,7 @@ def serve(
         access_log=not no_access_log,
         allow_private_urls=allow_private_urls, token=service.load_token(token_file), public_metrics=public_metrics,
         header_timeout_s=header_timeout, keep_alive_s=keep_alive, graceful_timeout_s=graceful_timeout,
+        max_connections=max_connections,
     )
     show_messages()
     service.run(options)

@@ -139,14 +139,18 @@ class DynamicBatcher:
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._form_batches())
 
-    def admit(self, count: int) -> None:
-        """Reserve room for ``count`` images, or raise :class:`Overloaded` when the queue cannot take them.
-        Every admitted image must be given back with :meth:`release`, answered or not."""
+    def check_room(self, count: int) -> None:
+        """Raise :class:`Overloaded` when the queue cannot take ``count`` more images now (reserves nothing)."""
         if self._closing:
             raise Overloaded("the service is shutting down", retry_after=1)
         if self._pending + count > self.max_queue:
             raise Overloaded(f"the queue is full ({self._pending} of {self.max_queue} images waiting); "
                              "try again shortly", retry_after=1)
+
+    def admit(self, count: int) -> None:
+        """Reserve room for ``count`` images, or raise :class:`Overloaded` when the queue cannot take them.
+        Every admitted image must be given back with :meth:`release`, answered or not."""
+        self.check_room(count)
         self._pending += count
 
     def release(self, count: int) -> None:

@@ -13,18 +13,28 @@ subclass overrides four methods of the protocol and no parsing.
 
 Admission is not counted here: requests are admitted by image count in each model's queue (the batcher), so an
 idle or slow connection never takes a request's place. The only connection count is ``max_connections``, a
-ceiling on file descriptors, far above what the timeouts let slow clients hold.
+ceiling on file descriptors. At the ceiling a new connection is not refused while one is idle: the connection
+that has waited longest without complete headers (it never sent a request, sits between requests, or drips its
+headers) is closed to make room, since it has sent nothing the service could answer, while the newcomer may be a
+liveness probe. Only when every connection carries a request in progress is the newcomer closed. Idle ones are
+kept in the order they became idle, so the oldest is found at once, however many there are.
+
+A request whose connection the guard closes (a slow body) is marked in its ASGI scope's ``state``
+(:data:`CLOSED_BY_SERVICE`: the reason), so that the service counts it as its own doing, not as a client hang-up.
 
 The guard also drains: once :meth:`ConnectionGuard.drain` is called (SIGTERM), a connection accepted afterwards
 is closed at once, so none escapes uvicorn's shutdown (which asks only the connections open at that moment to
-close).
+close). A connection busy with a request at that moment is left to the service's answer, which says
+``Connection: close`` (uvicorn would close it after that answer whatever followed), unless the next request is
+already waiting behind it (pipelined): the scope's ``state`` holds :data:`NEXT_REQUEST_WAITING`, a function that
+says so, and then that request is read and refused (503, ``Connection: close``) rather than dropped unanswered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 _log = logging.getLogger(__name__)
@@ -37,6 +47,11 @@ DEFAULT_MIN_BODY_RATE = 1024.0
 DEFAULT_BODY_GRACE_S = 5.0
 DEFAULT_MAX_CONNECTIONS = 4096
 _CHECK_EVERY_S = 1.0
+# The key in a request's ASGI ``scope["state"]`` that says the guard closed its connection, and why.
+CLOSED_BY_SERVICE = "closed_by_service"
+# The key in a request's ASGI ``scope["state"]`` of a function that says whether the next request on its connection
+# has arrived already (pipelined behind it).
+NEXT_REQUEST_WAITING = "next_request_waiting"
 
 
 @dataclass
@@ -49,6 +64,8 @@ class ConnectionGuard:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     draining: bool = False
     on_close: Callable[[str], None] | None = None  # told each reason a connection is closed for (metrics)
+    # Connections waiting for a request's complete headers, oldest first (a dict keeps insertion order).
+    idle: dict[Any, None] = field(default_factory=dict)
 
     def count(self, reason: str) -> None:
         if self.on_close is not None:
@@ -72,17 +89,33 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
 
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            reason = ("draining" if guard.draining else
-                      "too_many_connections" if len(self.connections) > guard.max_connections else None)
-            if reason is not None:
-                guard.count(reason)
-                transport.abort()
+            if guard.draining:
+                self._refuse("draining")
                 return
+            if len(self.connections) > guard.max_connections:
+                if not guard.idle:  # every connection carries a request: the newcomer waits for none of them
+                    self._refuse("too_many_connections")
+                    return
+                oldest = next(iter(guard.idle))
+                oldest._close("evicted_idle")
+                self.connections.discard(oldest)  # its connection_lost comes on a later turn of the loop
             self._waiting_since = self.loop.time()
+            self._idle()
             self._arm()
+
+        def _refuse(self, reason: str) -> None:
+            guard.count(reason)
+            self.connections.discard(self)
+            self.transport.abort()
+
+        def _idle(self) -> None:
+            """From now until its headers are complete, this connection may make room for a newcomer."""
+            guard.idle.pop(self, None)
+            guard.idle[self] = None
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            guard.idle.pop(self, None)
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
@@ -94,6 +127,8 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
             elif state is h11.SEND_BODY:
                 self._body_bytes += len(data)
             super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:
+                guard.idle.pop(self, None)  # a request is in: not a connection to close for a newcomer
             if self.conn.their_state is h11.SEND_BODY and state is h11.IDLE:
                 # Headers complete in this chunk: the body's clock starts (the part of the chunk past the
                 # headers is not counted, which only makes the check kinder).
@@ -102,9 +137,33 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
             elif self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
                 self._disarm()  # the whole request is in; the response is the application's business
 
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.scope is not None:
+                self.scope["state"].setdefault(NEXT_REQUEST_WAITING, self._next_request_waiting)
+
+        def _next_request_waiting(self) -> bool:
+            # Bytes past the end of this request, in h11's buffer: the start of the next one.
+            return self.conn.their_state is h11.DONE and bool(self.conn.trailing_data[0])
+
+        def shutdown(self) -> None:
+            if self.cycle is None or self.cycle.response_complete:
+                super().shutdown()  # idle: closed now
+            # Busy: its answer says Connection: close (the service does), or answers the pipelined request next.
+
         def on_response_complete(self) -> None:
             self._disarm()
             super().on_response_complete()  # arms uvicorn's keep-alive timer for the idle time that follows
+            if self.transport.is_closing():
+                return
+            if self.conn.their_state is h11.IDLE:
+                self._waiting_since = self.loop.time()
+                self._idle()
+            elif self.conn.their_state is h11.SEND_BODY:
+                # Answered before its body ended (413, 503): uvicorn reads the rest and discards it, and each byte
+                # cancels its keep-alive timer, so the minimum rate must still hold, or a drip would keep the
+                # connection forever.
+                self._arm()
 
         def _arm(self) -> None:
             self._disarm()
@@ -138,7 +197,10 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
 
         def _close(self, reason: str) -> None:
             guard.count(reason)
+            guard.idle.pop(self, None)
             _log.debug("closing a connection from %s: %s", self.client, reason)
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.scope["state"][CLOSED_BY_SERVICE] = reason  # the service's doing, not a client hang-up
             # No response: the request is incomplete, and a slow client is not owed the bytes. The application
             # (if a request is in flight) sees the client gone and stops its work.
             self.transport.abort()

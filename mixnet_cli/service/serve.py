@@ -48,9 +48,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from .batching import DynamicBatcher
-from .connections import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S, ConnectionGuard
+from .connections import (CLOSED_BY_SERVICE, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S,
+                          DEFAULT_MAX_CONNECTIONS, NEXT_REQUEST_WAITING, ConnectionGuard)
 # ClientGone and client_gone were defined here first: still importable from here.
-from .handling import ClientGone, ImageLoader, bytes_loader, client_gone, until_client_gone  # noqa: F401
+from .handling import (DEADLINE_PASSED, BodyBudget, ClientGone, ImageLoader, bytes_loader,  # noqa: F401
+                       cancelled_by_deadline, client_gone, until_client_gone)
+from .memory import MemoryTrimmer
 from .maps import OPENAPI_PARAMETERS, OPENAPI_PATH, CamRequest, cam_request, classify_with_maps
 from ..base.errors import ImageError, ImageTooLargeError, MixnetError, Overloaded, UsageError
 from ..base.settings import load_token  # noqa: F401 (read where the CLI and the service both reach it)
@@ -71,12 +74,18 @@ DEFAULT_MAX_WAIT_MS = 2.0
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_DEADLINE_S = 30.0
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+# Bodies being received share this many times --max-body-mb (128 MB by default): a few large uploads at once, and
+# thousands of slow ones (each holds what it has sent), while a flood of large bodies is refused (503) before it
+# fills memory.
+BODY_BUDGET_BODIES = 4
 # Kubernetes waits 30 s (terminationGracePeriodSeconds) before it kills; 20 s leaves room for the models to be
 # released and the process to exit.
 DEFAULT_GRACEFUL_TIMEOUT_S = 20.0
 # Requests in flight at SIGTERM are answered (504 at worst) this long before the graceful timeout ends, so that
 # none is cut off without an answer.
 _DRAIN_MARGIN_S = 2.0
+# After a second interrupt, the requests in flight have this long to be answered 503 before uvicorn stops waiting.
+_FORCED_EXIT_S = 1.0
 # Multipart fields besides the images (none are read; a few are tolerated, as curl or a browser may add them).
 MAX_OTHER_FIELDS = 16
 # Paths answered without a token: probes must work for a load balancer or kubelet that holds no secret.
@@ -120,7 +129,8 @@ class ServeOptions:
     non-public addresses. ``token``: every request but the health probes (and ``/metrics`` with
     ``public_metrics``) must carry ``Authorization: Bearer <token>``. ``header_timeout_s`` bounds the time to a
     request's complete headers, ``keep_alive_s`` an idle connection between requests, ``graceful_timeout_s``
-    the shutdown after SIGTERM.
+    the shutdown after SIGTERM; ``max_connections`` the connections open at once (at the ceiling, the one idle
+    longest is closed for a newcomer).
     """
 
     models: tuple[str, ...] = ()
@@ -149,6 +159,7 @@ class ServeOptions:
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
     keep_alive_s: float = DEFAULT_KEEP_ALIVE_S
     graceful_timeout_s: float = DEFAULT_GRACEFUL_TIMEOUT_S
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     def check(self) -> None:
         """Raise :class:`UsageError` for a value no service can run with."""
@@ -157,8 +168,8 @@ class ServeOptions:
             raise UsageError(f"--weights {self.weights} is served alone: give at most one --model (its architecture, "
                              "S, M or L), or none to read it from the file; serve released models from another "
                              "process")
-        if self.max_batch_size < 1 or self.max_queue < 1:
-            raise UsageError("--max-batch-size and --max-queue must be at least 1")
+        if self.max_batch_size < 1 or self.max_queue < 1 or self.max_connections < 1:
+            raise UsageError("--max-batch-size, --max-queue and --max-connections must be at least 1")
         if self.max_wait_ms < 0 or not math.isfinite(self.max_wait_ms):
             raise UsageError(f"--max-wait-ms must be 0 or more, got {self.max_wait_ms}")
         if self.deadline_s <= 0 or self.max_body_bytes < 1:
@@ -278,11 +289,16 @@ class Service:
         self._on_load_failure = on_load_failure
         workers = options.workers or physical_cores()
         self.decoders = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mixnet-decode")
-        self.guard = ConnectionGuard(header_timeout_s=options.header_timeout_s)
+        self.guard = ConnectionGuard(header_timeout_s=options.header_timeout_s,
+                                     max_connections=options.max_connections)
         self.guard.on_close = lambda reason: self.metrics.connections_closed.labels(reason).inc()
+        # Bodies being received: bounded apart from the images' admission (see read_body).
+        self.trimmer = MemoryTrimmer()  # large bodies' memory back to the OS once their requests end
+        self.bodies = BodyBudget(BODY_BUDGET_BODIES * options.max_body_bytes, on_body=self.trimmer.body_read)
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's, once it runs
         self.draining = False
-        self._drained: asyncio.Future[None] | None = None
+        self.forced = False  # a second interrupt: the requests in flight are answered 503 at once
+        self._end_moved: asyncio.Future[None] | None = None  # resolved when _drain_end moves
         self._drain_end = math.inf
         self._pixels: Any = None  # a PixelBudget, made on the event loop
         self._inference: ThreadPoolExecutor | None = None
@@ -332,28 +348,46 @@ class Service:
         self.guard.drain()
         self.metrics.ready.set(0)
         if self.loop is not None:
-            self._drain_end = self.loop.time() + max(0.5, self.options.graceful_timeout_s - _DRAIN_MARGIN_S)
-            if self._drained is not None and not self._drained.done():
-                self._drained.set_result(None)
+            self._move_drain_end(self.loop.time() + max(0.5, self.options.graceful_timeout_s - _DRAIN_MARGIN_S))
+
+    def force_stop(self) -> None:
+        """A second interrupt during the drain (Ctrl-C twice): every request in flight is answered now with the
+        JSON 503 (its work cancelled), so that the server can exit at once without cutting anyone off without
+        an answer. Call it on the event loop."""
+        if not self.draining:
+            self.drain()
+        self.forced = True
+        if self.loop is not None:
+            self._move_drain_end(self.loop.time())
+
+    def _move_drain_end(self, end: float) -> None:
+        self._drain_end = min(self._drain_end, end)
+        if self._end_moved is not None and not self._end_moved.done():
+            self._end_moved.set_result(None)
+        self._end_moved = None
 
     async def within(self, work: Awaitable[Any], deadline_s: float) -> Any:
         """``work``'s result, or :class:`asyncio.TimeoutError` once ``deadline_s`` has passed or, after SIGTERM,
-        when the graceful timeout is about to end (``work`` is then cancelled)."""
+        when the graceful timeout is about to end (``work`` is then cancelled, with the message
+        :data:`~mixnet_cli.service.handling.DEADLINE_PASSED`); :class:`Overloaded` when a second interrupt stops
+        the service at once (:meth:`force_stop`)."""
         loop = asyncio.get_running_loop()
-        if self._drained is None:
-            self._drained = loop.create_future()
         end = loop.time() + deadline_s
         task = asyncio.ensure_future(work)
         try:
             while not task.done():
                 left = min(end, self._drain_end) - loop.time()
                 if left <= 0:
-                    task.cancel()
+                    task.cancel(DEADLINE_PASSED)
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+                    if self.forced:
+                        raise Overloaded("the service is stopping now (interrupted twice); send the request to "
+                                         "another instance", retry_after=1)
                     raise asyncio.TimeoutError
-                waits = [task] if self._drained.done() else [task, self._drained]
-                await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                if self._end_moved is None:
+                    self._end_moved = loop.create_future()
+                await asyncio.wait([task, self._end_moved], timeout=left, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             task.cancel()
             raise
@@ -426,12 +460,13 @@ class Service:
             self._on_load_failure(exc)
 
     async def close(self) -> None:
-        """After the server has finished its requests: stop the batchers and the threads."""
+        """After the server has finished its requests: stop the batchers and the threads (after a forced stop,
+        without waiting for the decodes and forward passes still running, whose answers nobody waits for)."""
         for model in self.models.values():
             await model.batcher.close()
-        self.decoders.shutdown(wait=True, cancel_futures=True)
+        self.decoders.shutdown(wait=not self.forced, cancel_futures=True)
         if self._inference is not None:
-            self._inference.shutdown(wait=True, cancel_futures=True)
+            self._inference.shutdown(wait=not self.forced, cancel_futures=True)
 
     # -- one request --------------------------------------------------------------------------------------------
 
@@ -475,13 +510,16 @@ class Service:
 
     @contextlib.contextmanager
     def admitted(self, model_name: str) -> Iterator[Callable[[int], None]]:
-        """Room in the model's queue for one request: one image from the start, before its body is read (so a
-        flood is refused before it fills memory), as many as it holds through the function given (call it with
-        the count once known); all of it given back when the request ends, however it ends. Raises
-        :class:`Overloaded` when the queue has no room."""
+        """Room in the model's queue for one request's images, taken through the function given (call it with
+        the count once the body is read and the images are known); all of it given back when the request ends,
+        however it ends. Raises :class:`Overloaded` at once when the queue is full already (before the body is
+        read: a flood is refused without being read), and from the function when the images do not fit.
+
+        A body in transit holds no room in the queue: slow uploads take nobody's place. What bodies cost while
+        they arrive is bounded apart, by :attr:`bodies` (see :func:`read_body`)."""
         batcher = self.models[model_name].batcher
-        batcher.admit(1)
-        held = 1
+        batcher.check_room(1)
+        held = 0
 
         def hold(count: int) -> None:
             nonlocal held
@@ -570,13 +608,24 @@ class Service:
             except ImageError as exc:
                 return ClassificationResult(input=name, model=model.classifier.model_name, error=exc,
                                             architecture=model.classifier.architecture)
+            except asyncio.CancelledError as exc:
+                if cancelled_by_deadline(exc):  # cut off while fetched, decoded or queued: dropped at the deadline
+                    self.metrics.dropped.labels(model_name).inc()
+                raise
 
         tasks = [asyncio.ensure_future(one(name, load)) for name, load in images]
+        why: tuple[Any, ...] = ()
         try:
             return list(await asyncio.gather(*tasks))
+        except asyncio.CancelledError as exc:
+            why = exc.args  # the deadline's message (if it is one), for every image cut off
+            raise
+        except asyncio.TimeoutError:
+            why = (DEADLINE_PASSED,)  # the batcher dropped an image past the deadline: the others go with it
+            raise
         finally:
             for task in tasks:  # one image past its deadline ends the request: the others need no more work
-                task.cancel()
+                task.cancel(*why)
 
 
 def _served_specs(options: ServeOptions) -> dict[str, "ModelSpec"]:
@@ -607,27 +656,47 @@ def _whole_number(raw: str | None, name: str, default: int) -> int:
         raise UsageError(f"{name} must be a whole number, got {raw!r}") from None
 
 
-async def read_body(receive: Callable[[], Awaitable[dict[str, Any]]], limit: int, declared: str | None) -> bytes:
+async def read_body(receive: Callable[[], Awaitable[dict[str, Any]]], limit: int, declared: str | None,
+                    budget: BodyBudget | None = None) -> bytes:
     """The request body, refused with 413 as soon as it is known to pass ``limit`` bytes (declared or read);
-    :class:`ClientGone` when the client hangs up before its end."""
+    :class:`ClientGone` when the client hangs up before its end.
+
+    With ``budget`` (the bytes all bodies being received may hold), the bytes are taken from it as they arrive and
+    given back once the body is in; :class:`Overloaded` (the JSON 503 with ``Retry-After``) when the declared
+    ``Content-Length`` does not fit in what is left at the start, or when the body outgrows the budget."""
     too_large = RequestError(413, "RequestTooLarge",
                              f"the request body is over the service's limit of {limit} bytes; send smaller or "
                              "fewer images per request (see /v1/limits)")
-    if declared and declared.isdigit() and int(declared) > limit:
+    expected = int(declared) if declared and declared.isdigit() else 0
+    if expected > limit:
         raise too_large
+    full = Overloaded("the service is receiving too many request bodies at once; try again shortly",
+                      retry_after=1)
+    if budget is not None and not budget.fits(expected):
+        raise full
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            if size + len(chunk) > limit:
+                raise too_large
+            if budget is not None:
+                if not budget.fits(len(chunk)):
+                    raise full
+                budget.take(len(chunk))
+            size += len(chunk)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+    finally:
+        if budget is not None:
+            budget.give_back(size)
+            if budget.on_body is not None:
+                budget.on_body(size)
 
 
 def multipart_images(body: bytes, content_type: str, max_images: int) -> list[tuple[str, bytes]]:
@@ -769,7 +838,8 @@ def create_app(service: Service, routes: Any = ()) -> Any:
                               hold: Callable[[int], None]) -> Any:
         content_type = request.headers.get("content-type", "")
         multipart = content_type.startswith("multipart/form-data")
-        body = await read_body(request.receive, service.options.max_body_bytes, request.headers.get("content-length"))
+        body = await read_body(request.receive, service.options.max_body_bytes, request.headers.get("content-length"),
+                               service.bodies)
         images: list[tuple[str, ImageLoader]]
         if url is not None:
             from ..base import settings
@@ -845,7 +915,8 @@ def create_app(service: Service, routes: Any = ()) -> Any:
         Route("/", home, methods=["GET"]),
         # The Open Inference Protocol v2, on the same models, batchers and limits.
         *oip_routes(service, image_status=image_error_status, read_body=lambda request: read_body(
-            request.receive, service.options.max_body_bytes, request.headers.get("content-length"))),
+            request.receive, service.options.max_body_bytes, request.headers.get("content-length"),
+            service.bodies)),
         *routes,
     ], lifespan=lifespan, exception_handlers={HTTPException: routing_error})
     return ServiceGate(app, service)
@@ -868,16 +939,20 @@ class ServiceGate:
             return
         started = time.perf_counter()
         status = 500
+        answered = False
         scope.setdefault("state", {})
         service = self.service
         path = scope.get("path", "")
 
         async def observe(message: dict[str, Any]) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                if service.draining:
-                    # h11 closes the connection after an answer that says so: no next request on it.
+                answered = True
+                waiting = scope["state"].get(NEXT_REQUEST_WAITING)
+                if service.draining and not (waiting is not None and waiting()):
+                    # h11 closes the connection after an answer that says so: no next request on it. One already
+                    # pipelined behind this one is read instead, and refused (503) with this header.
                     message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
@@ -887,11 +962,25 @@ class ServiceGate:
                 await error_response(refusal, path)(scope, receive, observe)
             else:
                 await self.app(scope, receive, observe)
+        except asyncio.CancelledError:
+            if not service.draining:
+                raise
+            # The server stops and cancels what is left (its graceful timeout, or a forced exit): the client gets
+            # the JSON 503 rather than uvicorn's plain-text 500, and the log no traceback.
+            if not answered:
+                with contextlib.suppress(Exception):
+                    await error_response(overloaded("the service is stopping; send the request to another "
+                                                    "instance"), path)(scope, receive, observe)
         finally:
+            if scope["state"].get(CLOSED_BY_SERVICE):
+                # The guard closed the connection (a body slower than the minimum rate): not the client's hang-up
+                # (499). Counted as nginx counts a body timeout, 408, and by its reason in connections_closed.
+                status = 408
             elapsed = time.perf_counter() - started
             # A route may name its endpoint itself (the v2 ones: a template, not the model's name in the path).
             endpoint = scope["state"].get("endpoint") or (
                 path if path in _ENDPOINTS else "/v2" if path.startswith("/v2/") else "other")
+            service.trimmer.request_ended()
             metrics = service.metrics
             metrics.requests.labels(endpoint, str(status)).inc()
             metrics.latency.labels(endpoint).observe(elapsed)
@@ -1057,16 +1146,30 @@ def run(options: ServeOptions) -> None:
                             # h11 with the header, body and connection limits uvicorn lacks (connections.py).
                             http=guarded_protocol(service.guard),
                             # No limit_concurrency: it counts connections, so idle ones would get every request a
-                            # plain-text 503. Admission is by images in each model's queue, before a body is read.
+                            # plain-text 503. Admission is by images in each model's queue, once a body is read.
                             timeout_keep_alive=max(1, int(math.ceil(options.keep_alive_s))),
                             timeout_graceful_shutdown=int(math.ceil(options.graceful_timeout_s)))
 
     class Server(uvicorn.Server):  # type: ignore[misc]
         def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.should_exit and sig == signal.SIGINT and service.loop is not None:
+                # Ctrl-C during the drain: stop now, as uvicorn does, but answer every request in flight (the
+                # JSON 503) first rather than let uvicorn cancel them into plain-text 500s and tracebacks. A
+                # second SIGTERM changes nothing: the graceful timeout bounds the drain.
+                service.loop.call_soon_threadsafe(self.force_stop)
+                return
             super().handle_exit(sig, frame)
             if service.loop is not None:
                 # From the signal handler to the loop: /readyz 503 and no new request from its next turn.
                 service.loop.call_soon_threadsafe(service.drain)
+
+        def force_stop(self) -> None:
+            if service.forced:
+                return
+            _log.warning("interrupted again: answering the requests in flight 503 and stopping now")
+            service.force_stop()
+            # The answers are written on the next turns of the loop; then uvicorn stops waiting for anything.
+            service.loop.call_later(_FORCED_EXIT_S, setattr, self, "force_exit", True)
 
     server = Server(config)
     if options.token is None and not _loopback(host):
