@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from ..base.errors import ImageError, UsageError
-from ..base.parsing import ascii_whole_number
+from ..base.parsing import whole_number
 from .handling import ImageLoader
 
 if TYPE_CHECKING:
@@ -37,10 +37,7 @@ def cam_request(query: Any, num_classes: int) -> CamRequest | None:
         raise UsageError(f"cam must be 1 or 0, got {raw!r}")
     if raw_class in (None, ""):
         return CamRequest()
-    class_id = ascii_whole_number(raw_class)
-    if class_id is None or class_id >= num_classes:
-        raise UsageError(f"cam_class must be a class of the model, 0 to {num_classes - 1}, got {raw_class!r}")
-    return CamRequest(class_id)
+    return CamRequest(whole_number(raw_class, "cam_class (a class of the model)", 0, num_classes - 1))
 
 
 async def classify_with_maps(classifier: "Classifier", model_name: str, topk: int,

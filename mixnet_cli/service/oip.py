@@ -55,7 +55,7 @@ import numpy as np
 
 from ..base.errors import MixnetError, Overloaded, UsageError
 from ..base.parsing import ascii_whole_number
-from .handling import ClientGone, ImageLoader, bytes_loader, until_client_gone
+from .handling import ClientGone, ImageLoader, bytes_loader, compressed_body, until_client_gone
 
 # What a token must not guard: liveness and readiness probes (Kubernetes, load balancers) carry no credentials.
 PUBLIC_PATHS = ("/v2/health/live", "/v2/health/ready")
@@ -424,10 +424,9 @@ def routes(service: Host, read_body: Callable[[Any], Awaitable[bytes]],
             name = served(request, "/v2/models/{name}/infer")
             if not service.ready:
                 raise not_ready()
-            encoding = request.headers.get("content-encoding", "identity").strip().lower()
-            if encoding != "identity":
-                raise ProtocolError(415, f"Content-Encoding {encoding} is not accepted; send the request "
-                                    "uncompressed (images are compressed already)")
+            compressed = compressed_body(request.headers)
+            if compressed is not None:
+                raise ProtocolError(415, compressed)
             try:
                 # /v1/classify's way: the deadline, cut to end before the graceful timeout after SIGTERM.
                 return await service.within(answer(request, name, arrived), deadline)

@@ -50,7 +50,8 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 from .batching import DynamicBatcher
 from .connections import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S, ConnectionGuard
 # ClientGone and client_gone were defined here first: still importable from here.
-from .handling import ClientGone, ImageLoader, bytes_loader, client_gone, until_client_gone  # noqa: F401
+from .handling import (ClientGone, ImageLoader, bytes_loader, client_gone, compressed_body,  # noqa: F401
+                       until_client_gone)
 from .maps import OPENAPI_PARAMETERS, OPENAPI_PATH, CamRequest, cam_request, classify_with_maps
 from ..base.errors import ImageError, ImageTooLargeError, MixnetError, Overloaded, UsageError
 from ..base.parsing import ascii_whole_number, whole_number
@@ -729,6 +730,9 @@ def create_app(service: Service, routes: Any = ()) -> Any:
             if not service.ready:
                 raise RequestError(503, "NotReady", "the models are still loading; try again shortly (see /readyz)",
                                    {"Retry-After": "1"})
+            compressed = compressed_body(request.headers)
+            if compressed is not None:
+                raise RequestError(415, "UnsupportedMediaType", compressed)
             request.state.model = name
             try:
                 request.state.cam = cam_request(request.query_params, service.specs[name].num_classes)
@@ -839,6 +843,9 @@ def create_app(service: Service, routes: Any = ()) -> Any:
             request.receive, service.options.max_body_bytes, request.headers.get("content-length"))),
         *routes,
     ], lifespan=lifespan, exception_handlers={HTTPException: routing_error})
+    # Starlette answers /v1/limits/ with a 307 to a Location built from the client's Host header: here a path the
+    # service lacks is its JSON 404, like any other.
+    app.router.redirect_slashes = False
     return ServiceGate(app, service)
 
 
@@ -916,8 +923,14 @@ class ServiceGate:
             }
             access_log.info(json.dumps(entry))
         else:
-            access_log.info('%s "%s %s%s" %d %.1f ms', client[0], scope.get("method"), path,
-                            f"?{query}" if query else "", status, elapsed * 1000)
+            access_log.info('%s "%s %s%s" %d %.1f ms', client[0], scope.get("method"), _printable(path),
+                            f"?{_printable(query)}" if query else "", status, elapsed * 1000)
+
+
+def _printable(text: str) -> str:
+    """``text`` escaped as the JSON log escapes it (control characters, quotes, backslashes, non-ASCII), so that
+    a path with ``%0a`` in it cannot write a second, forged line into the text access log."""
+    return json.dumps(text)[1:-1]
 
 
 # user:password@ after http(s)://, plain or percent-encoded (as a URL in a query string is).

@@ -37,6 +37,8 @@ from ..images.inputs import ImageDownloadError
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _CHUNK = 64 * 1024
+# The dots that separate a host's labels for IDNA (RFC 3490 3.1): the full stop and three look-alikes.
+_LABEL_DOTS = re.compile("[.\u3002\uff0e\uff61]")
 
 
 class ForbiddenAddress(MixnetError, PermissionError):
@@ -73,10 +75,16 @@ def url_target(url: str) -> Target:
     host = parts.hostname
     if ":" not in host:  # a name or an IPv4 address (an IPv6 one was checked by urlsplit)
         try:
+            labels = [label.encode("idna") for label in _LABEL_DOTS.split(host)]
             host = host.encode("idna").decode("ascii")
         except UnicodeError:
             raise BadURL(f"{shown}: the host is not a valid domain name (an empty label, one over 63 characters, or "
                          "characters no domain name has); check the URL") from None
+        if any(not label.isascii() and not encoded.startswith(b"xn--")
+               for label, encoded in zip(_LABEL_DOTS.split(parts.hostname), labels)):
+            # IDNA maps look-alikes (circled or full-width digits and letters) to ASCII ones: a disguise, not a name
+            raise BadURL(f"{shown}: the host has characters that stand for plain ones (circled or full-width digits "
+                         "or letters); write the host in plain characters")
     return Target(parts, host, port or (443 if parts.scheme.lower() == "https" else 80))
 
 
