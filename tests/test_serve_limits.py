@@ -868,7 +868,7 @@ def test_whole_numbers_from_clients_are_ascii_digits_within_their_range():
         whole_number("9" * 400, "deadline_ms", 1, 1000)
     with pytest.raises(UsageError, match="from 1 to 1000"):
         whole_number("1001", "deadline_ms", 1, 1000)
-    assert parse_retry_after("²") is None and parse_retry_after("3") == 3.0
+    assert [parse_retry_after(text) for text in ("²", "-1", "nan", "3")] == [None, None, None, 3.0]
 
 
 def test_urls_that_cannot_be_fetched_as_written_are_refused_before_any_lookup():
