@@ -980,7 +980,8 @@ def openapi_document(service: Service) -> dict[str, Any]:
                      "description": f"default {service.model_names[0]}; S, M, L spellings are accepted"},
                     {"name": "topk", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": classes,
                                                                 "default": min(DEFAULT_TOPK, classes)}},
-                    {"name": "deadline_ms", "in": "query", "schema": {"type": "integer", "minimum": 1},
+                    {"name": "deadline_ms", "in": "query",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_DEADLINE_MS},
                      "description": "a shorter deadline than the service's own"},
                     {"name": "url", "in": "query", "schema": {"type": "string"},
                      "description": "an http(s) image URL to fetch instead of a body (only with --allow-urls)"},
@@ -1000,6 +1001,7 @@ def openapi_document(service: Service) -> dict[str, Any]:
                     "413": {"description": "body over the size limit, more images or parts than a request may "
                                            "hold (see /v1/limits), or an image over the pixel limit",
                             **json_error},
+                    "415": {"description": "a compressed body (Content-Encoding)", **json_error},
                     "422": {"description": "an image that cannot be read (the body holds every image's object)",
                             **results},
                     "503": {"description": "not ready, the queue is full, or shutting down (see Retry-After)",
