@@ -172,6 +172,9 @@ def test_requests_the_protocol_cannot_read_are_refused_with_the_error_object(ser
         ({"inputs": [tensor], "outputs": [{"name": "logits"}]}, 400, "unknown output 'logits'"),
         ({"inputs": [tensor], "outputs": [{"name": "probabilities", "parameters": {"classification": 1001}}]},
          400, "between 1 and 1000"),
+        # A number no float holds, and nesting deeper than the parser recurses: 400s, never a 500.
+        ({"inputs": [tensor], "parameters": {"timeout": 10 ** 400}}, 400, "parameters.timeout must be a whole"),
+        (b'{"inputs":' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested too deeply"),
     ]
     for body, status, words in cases:
         response = infer(body)
@@ -183,6 +186,8 @@ def test_requests_the_protocol_cannot_read_are_refused_with_the_error_object(ser
     truncated = infer(header + (100).to_bytes(4, "little") + b"abcd",
                       headers={"Inference-Header-Content-Length": str(len(header))})
     assert truncated.status_code == 400 and "announces 100 bytes" in truncated.json()["error"]
+    superscript = infer(header + b"abcd", headers={"Inference-Header-Content-Length": "\xb2"})  # "²".isdigit()
+    assert superscript.status_code == 400 and "Inference-Header-Content-Length must" in superscript.json()["error"]
     too_large = infer({"inputs": [{**tensor, "data": [image] * 200, "shape": [200]}]})
     assert too_large.status_code == 413 and "limit" in too_large.json()["error"]
     for response, status in [(requests.get(url, timeout=30), 405), (server.get("/v2/models"), 404),

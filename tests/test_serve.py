@@ -316,6 +316,10 @@ def test_bad_parameters_are_400_with_the_clis_message(service, photos, service_h
     for query, words in [("?model=M", "not served here"), ("?topk=0", "top-k must be between 1 and 1000"),
                          ("?topk=5000", "top-k must be between 1 and 1000"),
                          ("?topk=three", "topk must be a whole number"), ("?deadline_ms=0", "deadline_ms"),
+                         # what int() takes or chokes on: the parameter is named, never a 500
+                         ("?deadline_ms=" + "9" * 400, "deadline_ms must be a whole number from 1"),
+                         ("?deadline_ms=%D9%A3", "deadline_ms"), ("?deadline_ms=1_000", "deadline_ms"),
+                         ("?topk=%C2%B2", "topk must be a whole number"), ("?cam_class=" + "9" * 4301, "cam_class"),
                          ("?url=https://127.0.0.1:9/cat.jpg", "--allow-urls")]:
         response = server.post(query, data=body)
         assert response.status_code == 400, query
@@ -336,6 +340,11 @@ def test_a_path_or_method_the_service_lacks_answers_the_json_error_object(servic
                                     "message": "GET is not allowed on /v1/classify; use POST"}}
     post = requests.post(server.url + "/healthz", timeout=30)
     assert post.status_code == 405 and post.json()["error"]["message"].startswith("POST is not allowed on /healthz")
+    # No redirect to a Location made of the client's Host header for a trailing slash: the JSON 404.
+    for method, path in (("GET", "/v1/limits/"), ("POST", "/v1/classify/")):
+        slash = requests.request(method, server.url + path, headers={"Host": "evil.example"}, allow_redirects=False,
+                                 timeout=30)
+        assert slash.status_code == 404 and slash.json()["error"]["type"] == "NotFound", (path, slash.headers)
     missing = server.get("/v1/predict")  # (under /v2, the Open Inference Protocol's own error: tests/test_oip.py)
     assert missing.status_code == 404 and missing.json() == {"error": {"type": "NotFound", "message": (
         "no endpoint /v1/predict; this service answers POST /v1/classify and GET /healthz, /readyz, /metrics, "

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import http.server
 import json
+import re
 import selectors
 import signal
 import socket
@@ -68,7 +69,8 @@ def guarded(mirror: GatedMirror, home: Path, tmp_path_factory: pytest.TempPathFa
     server = ServerProcess(home, mirror.url, directory / "server.log",
                            "--model", "S", "--max-queue", "4", "--header-timeout", str(HEADER_TIMEOUT_S),
                            "--keep-alive", "2", "--token-file", str(token_file), "--allow-urls",
-                           "--log-format", "json", "--graceful-timeout", str(GRACEFUL_TIMEOUT_S))
+                           "--log-format", "json", "--graceful-timeout", str(GRACEFUL_TIMEOUT_S),
+                           "--workers", "2")  # two decode threads: only the pixel budget keeps huge images apart
     try:
         server.wait_for("/readyz", 200)
         yield server
@@ -349,6 +351,22 @@ def test_unknown_query_parameters_are_400_naming_them(guarded, photos):
     assert "unknown query parameter top_k" in response.json()["error"]["message"]
     assert "model, topk, deadline_ms, url" in response.json()["error"]["message"]
     assert requests.get(guarded.url + "/v1/limits?x=1", headers=AUTH, timeout=10).status_code == 400
+    # What machines poll ignores them: probes and scrapers add cache-busting or scrape parameters.
+    for path in ("/healthz?nocache=1", "/readyz?x=1", "/metrics?format=text", "/v2/health/ready?t=1"):
+        assert requests.get(guarded.url + path, headers=AUTH, timeout=10).status_code == 200, path
+
+
+@needs_serve
+def test_a_compressed_body_is_415_on_v1_as_on_v2(guarded, photos):
+    import gzip
+
+    body = gzip.compress(photos[0].read_bytes())
+    v1 = requests.post(guarded.url + "/v1/classify", data=body, headers={**AUTH, "Content-Encoding": "gzip"},
+                       timeout=30)
+    v2 = requests.post(guarded.url + V2_INFER, data=body, headers={**AUTH, "Content-Encoding": "gzip"}, timeout=30)
+    assert (v1.status_code, v2.status_code) == (415, 415), (v1.text, v2.text)
+    assert v1.json()["error"] == {"type": "UnsupportedMediaType", "message": v2.json()["error"]}
+    assert "Content-Encoding gzip is not accepted" in v2.json()["error"]
 
 
 @needs_serve
@@ -424,6 +442,15 @@ def test_urls_reach_only_public_addresses_and_say_nothing_of_what_listens(guarde
         assert response.status_code == 400, (url, response.text)
         assert response.json()["error"]["type"] == "ForbiddenURL"
         messages.append(response.json()["error"]["message"].replace(url, "URL"))
+    # URLs that cannot be fetched as written (int(), IDNA and urlsplit once raised here): 400 naming the problem,
+    # nothing resolved or contacted.
+    for url, words in ((f"http://[::1:{closed}/x.jpg", "Invalid IPv6 URL"),
+                       (f"http://\u2460\u2461\u2466.0.0.1:{closed}/x.jpg", "plain characters"),
+                       ("http://" + "a" * 64 + ".example/x.jpg", "not a valid domain name"),
+                       ("http://127.0.0.1:99999/x.jpg", "Port out of range")):
+        response = _post(guarded, "?" + requests.compat.urlencode({"url": url}))
+        assert response.status_code == 400, (url, response.text)
+        assert response.json()["error"]["type"] == "BadURL" and words in response.json()["error"]["message"], url
     assert host.requests == []
     # An open port and a closed one get the same answer: no oracle of what listens inside.
     assert messages[0] == messages[1] and "--allow-private-urls" in messages[0]
@@ -849,6 +876,57 @@ def test_a_second_ctrl_c_answers_the_requests_in_flight_503_and_exits_at_once(sm
 
 
 @needs_serve
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's peak memory from /proc")
+def test_huge_images_with_maps_are_decoded_within_the_same_pixel_budget(guarded):
+    """?cam=1 runs outside the batcher, in the decode threads: two 169-megapixel PNGs at once took twice the
+    memory of one (eight: 7.4 GB) until the maps' decodes held the same pixel budget."""
+    png = _huge_png(13000, 13000)
+    pid = guarded.process.pid
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak so far (an earlier test's) is forgotten
+    before = _memory_mb(pid, "VmRSS")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        answers = list(pool.map(lambda _: _post(guarded, "?cam=1", data=png), range(2)))
+    assert [answer.status_code for answer in answers] == [200, 200], [answer.text[:200] for answer in answers]
+    assert all("cam" in answer.json() for answer in answers)
+    assert _memory_mb(pid, "VmHWM") - before < 1200
+
+
+def test_the_pixel_budget_holds_a_decode_until_its_thread_ends_and_never_starts_one_whose_request_is_gone():
+    """A thread cannot be stopped: a request cancelled while its image decodes keeps that image's pixels until the
+    decode ends (else the next huge one would start beside it); one cancelled while it waits never decodes."""
+    from mixnet_cli.service.batching import PixelBudget
+
+    started: list[str] = []
+    release = threading.Event()
+
+    def decode(name: str) -> str:
+        started.append(name)
+        release.wait(10)
+        return name
+
+    async def scenario() -> None:
+        budget = PixelBudget(100)
+        with ThreadPoolExecutor(max_workers=2) as threads:
+            first = asyncio.ensure_future(budget.run(90, threads, decode, "first"))
+            second = asyncio.ensure_future(budget.run(90, threads, decode, "second"))
+            await asyncio.sleep(0.1)
+            first.cancel()  # its request is gone, its decode is not
+            second.cancel()  # gone while waiting for room
+            await asyncio.sleep(0.1)
+            assert budget.used == 90 and started == ["first"]
+            release.set()
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if budget.used == 0:
+                    break
+            assert budget.used == 0 and started == ["first"]
+            assert await budget.run(100, threads, decode, "third") == "third"
+
+    asyncio.run(scenario())
+
+
+@needs_serve
 def test_sigterm_closes_keep_alive_connections_answers_in_flight_and_exits_0(guarded, photos):
     """Runs last: it stops the module's server. In flight at SIGTERM: a /v1 and a v2 request whose bodies end
     after it (answered), and a v2 request whose body never ends (504 before the graceful timeout ends, rather
@@ -1006,3 +1084,68 @@ def test_public_metrics_and_the_token_check_in_process(tmp_path, monkeypatch):
             assert not service.authorized({"authorization": "Bearer t0ke"}) and not service.authorized({})
         finally:
             service.decoders.shutdown()
+
+
+def test_whole_numbers_from_clients_are_ascii_digits_within_their_range():
+    from mixnet_cli.base.errors import UsageError
+    from mixnet_cli.base.http import parse_retry_after
+    from mixnet_cli.base.parsing import ascii_whole_number, whole_number
+
+    assert whole_number("250", "deadline_ms", 1, 1000) == 250 and whole_number(b"7", "n") == 7
+    # int() takes each of these (or fails with ValueError or OverflowError past it): a client's number is not one.
+    for text in ("٣", "1_000", " 7", "+7", "-5", "1e3", "²", "", None, "9" * 400, "9" * 4301, "0x10"):
+        assert ascii_whole_number(text) is None, text
+        with pytest.raises(UsageError, match="deadline_ms must be a whole number from 1 to 1000"):
+            whole_number(text, "deadline_ms", 1, 1000)
+    with pytest.raises(UsageError, match=r"got '99999999999999999999\.\.\.'"):  # a long input is cut short
+        whole_number("9" * 400, "deadline_ms", 1, 1000)
+    with pytest.raises(UsageError, match="from 1 to 1000"):
+        whole_number("1001", "deadline_ms", 1, 1000)
+    assert [parse_retry_after(text) for text in ("²", "-1", "nan", "3")] == [None, None, None, 3.0]
+
+
+def test_urls_that_cannot_be_fetched_as_written_are_refused_before_any_lookup():
+    from mixnet_cli.service.url_fetch import BadURL, url_target
+
+    assert url_target("http://exämple.com:8080/a.jpg").host == "xn--exmple-cua.com"
+    assert (url_target("HTTP://[::1]/").host, url_target("https://a.example/").port) == ("::1", 443)
+    assert url_target("http://127\u30020\u30020\u30021/").host == "127.0.0.1"  # IDNA's dots: then checked as 127.0.0.1
+    for url, words in [("http://[::1", "Invalid IPv6 URL"), ("http://127.0.0.1:99999/", "Port out of range"),
+                       ("http://a" + "a" * 63 + ".com/", "not a valid domain name"), ("http://a..b/", "domain name"),
+                       ("http://\u2460\u2462\u2466.0.0.1/", "plain characters"),  # circled digits: 137.0.0.1
+                       ("http://\uff45xample.com/", "plain characters"), ("ftp://x/", "http(s)"),
+                       ("http://me:pw@[::1/", "***@")]:
+        with pytest.raises(BadURL, match=re.escape(words)):
+            url_target(url)
+    with pytest.raises(BadURL) as refused:
+        url_target("http://me:hunter2@[::1/")
+    assert "hunter2" not in str(refused.value)
+
+
+def test_the_text_access_log_escapes_what_the_client_wrote(caplog):
+    """A path with %0a decodes to a newline: printed as is, it would write a second, forged access line."""
+    from mixnet_cli.service.serve import ServeOptions, Service, create_app
+
+    service = Service(ServeOptions(log_format="text"))
+    app = create_app(service)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    forged = '/x\n127.0.0.1 "GET /admin" 200'  # uvicorn's path of /x%0a127.0.0.1%20%22GET%20/admin%22%20200
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": forged, "raw_path": b"/x%0a", "query_string": b"q=%0d%0a\x1b[31m", "root_path": "",
+             "headers": [(b"host", b"127.0.0.1")], "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 80)}
+    try:
+        with caplog.at_level("INFO", logger="mixnet_cli.access"):
+            asyncio.run(app(scope, receive, send))
+    finally:
+        service.decoders.shutdown()
+    assert sent[0]["status"] == 404
+    [line] = [record.getMessage() for record in caplog.records if record.name == "mixnet_cli.access"]
+    assert "\n" not in line and "\x1b" not in line
+    assert line.startswith('127.0.0.1 "GET /x\\n127.0.0.1 \\"GET /admin\\" 200?q=%0d%0a\\u001b[31m" 404 ')

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from . import settings
 from .errors import DownloadError, UnknownHostError, UsageError
+from .parsing import ascii_whole_number
 
 _CHUNK = 1 << 16
 
@@ -54,8 +55,9 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    seconds = ascii_whole_number(value)
+    if seconds is not None:
+        return float(seconds)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
@@ -186,9 +188,9 @@ def _fetch_bytes_once(url: str, max_bytes: int, end: float, deadline: float) -> 
                              retry_after=parse_retry_after(response.headers.get("Retry-After")))
         if status != 200:
             raise DownloadError(f"{url}: server answered HTTP {status}; check the URL")
-        declared = response.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > max_bytes:
-            raise ResponseTooLarge(f"{url}: {int(declared)} bytes is over the {max_bytes}-byte limit")
+        declared = ascii_whole_number(response.headers.get("Content-Length", ""))
+        if declared is not None and declared > max_bytes:
+            raise ResponseTooLarge(f"{url}: {declared} bytes is over the {max_bytes}-byte limit")
         received: list[bytes] = []
         size = 0
         try:

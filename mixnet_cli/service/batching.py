@@ -22,11 +22,13 @@ import time
 from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
 
 import numpy as np
 
 from ..base.errors import Overloaded
+
+T = TypeVar("T")
 
 
 def batch_ladder(max_batch_size: int) -> list[int]:
@@ -60,22 +62,47 @@ class PixelBudget:
     @contextlib.asynccontextmanager
     async def hold(self, pixels: int) -> AsyncIterator[None]:
         """Hold ``pixels`` (at most the whole budget) while the block runs."""
-        pixels = min(max(1, pixels), self.total)
-        if self.used + pixels <= self.total:
-            self.used += pixels
-        else:
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiting.append((pixels, future))
-            try:
-                await future
-            except asyncio.CancelledError:
-                if future.done() and not future.cancelled():
-                    self._give_back(pixels)  # granted just as the request gave up
-                raise
+        pixels = await self._take(pixels)
         try:
             yield
         finally:
             self._give_back(pixels)
+
+    async def run(self, pixels: int, threads: Executor, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` in one of ``threads``, holding ``pixels`` until it returns. Cancelled while it
+        waits for room, it never starts; cancelled while it runs (its request is gone), the thread cannot be
+        stopped and keeps its memory until it ends, so the pixels stay held until then, not until the
+        cancellation."""
+        pixels = await self._take(pixels)
+        loop = asyncio.get_running_loop()
+        try:
+            job = threads.submit(function, *args)
+        except BaseException:
+            self._give_back(pixels)
+            raise
+
+        def ended(_: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits for room any more
+                loop.call_soon_threadsafe(self._give_back, pixels)
+
+        job.add_done_callback(ended)
+        return await asyncio.wrap_future(job)
+
+    async def _take(self, pixels: int) -> int:
+        """Wait until ``pixels`` (at most the whole budget) fit, take them, and return how many were taken."""
+        pixels = min(max(1, pixels), self.total)
+        if self.used + pixels <= self.total:
+            self.used += pixels
+            return pixels
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((pixels, future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self._give_back(pixels)  # granted just as the request gave up
+            raise
+        return pixels
 
     def _give_back(self, pixels: int) -> None:
         self.used -= pixels

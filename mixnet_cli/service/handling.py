@@ -1,5 +1,6 @@
 """What the endpoint modules of ``mixnet serve`` (``serve.py``'s ``/v1``, ``oip.py``'s v2) share in handling one
-request, written once: the client hanging up, and images handed to :meth:`Service.classify` as loaders.
+request, written once: the client hanging up, a compressed body refused, and images handed to
+:meth:`Service.classify` as loaders.
 
 A client that hangs up gets no answer, so its work is cancelled (its images leave the queue before their forward
 pass) and the request is counted as 499, nginx's "client closed request": no error, no warning. While the body
@@ -56,6 +57,16 @@ async def until_client_gone(work: Awaitable[T], receive: Receive) -> T:
     if not task.done() or task.cancelled():
         raise ClientGone
     return task.result()
+
+
+def compressed_body(headers: Any) -> str | None:
+    """Why a request whose body is compressed (``Content-Encoding`` other than identity) is refused with 415,
+    or None when it is not: the service does not decompress (a small body could unpack to gigabytes)."""
+    encoding = (headers.get("content-encoding") or "identity").strip().lower()
+    if encoding == "identity":
+        return None
+    return (f"Content-Encoding {encoding[:40]} is not accepted; send the request uncompressed (images are "
+            "compressed already)")
 
 
 def bytes_loader(data: bytes) -> ImageLoader:

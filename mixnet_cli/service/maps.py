@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from ..base.errors import ImageError, UsageError
+from ..base.parsing import whole_number
+from .handling import ImageLoader
 
 if TYPE_CHECKING:
     from ..classifier import ClassificationResult, Classifier
@@ -36,30 +37,43 @@ def cam_request(query: Any, num_classes: int) -> CamRequest | None:
         raise UsageError(f"cam must be 1 or 0, got {raw!r}")
     if raw_class in (None, ""):
         return CamRequest()
-    if not (raw_class.isascii() and raw_class.isdigit()) or not 0 <= int(raw_class) < num_classes:
-        raise UsageError(f"cam_class must be a class of the model, 0 to {num_classes - 1}, got {raw_class!r}")
-    return CamRequest(int(raw_class))
+    return CamRequest(whole_number(raw_class, "cam_class (a class of the model)", 0, num_classes - 1))
 
 
 async def classify_with_maps(classifier: "Classifier", model_name: str, topk: int,
-                             images: list[tuple[str, Callable[[], bytes]]], cam: CamRequest,
-                             threads: Executor) -> list["ClassificationResult"]:
-    """Each image decoded and run through the classifier's map engine (made on the first such request) in one of
-    ``threads``: the maps are an occasional request, so they take no part in the batcher, and a service never
-    asked for one never builds that engine. An image that cannot be read gets its error in its place. Raises
-    :class:`UsageError` when the service's engine gives no maps."""
+                             images: list[tuple[str, ImageLoader]], cam: CamRequest,
+                             decode: Callable[..., Awaitable[Any]]) -> list["ClassificationResult"]:
+    """Each image loaded and run through the classifier's map engine (made on the first such request) by
+    ``decode(data, work, *args)``, which runs ``work(*args)`` on the image file ``data`` in a decode thread within
+    the service's pixel budget (:meth:`~mixnet_cli.service.serve.Service.decode`): the maps are an occasional
+    request, so they take no part in the batcher, and a service never asked for one never builds that engine.
+    An image that cannot be read gets its error in its place. When the request ends early (its deadline, a
+    hang-up: this coroutine is cancelled), images not yet started are never decoded. Raises :class:`UsageError`
+    when the service's engine gives no maps."""
     from ..classifier import ClassificationResult
 
-    loop = asyncio.get_running_loop()
+    def failed(name: str, exc: ImageError) -> ClassificationResult:
+        return ClassificationResult(input=name, model=model_name, error=exc, architecture=classifier.architecture)
 
-    def run(name: str, load: Callable[[], bytes]) -> ClassificationResult:
+    def run(name: str, data: bytes) -> ClassificationResult:
         try:
-            return classifier.classify(load(), topk=topk, name=name, cam=True, cam_class=cam.class_id)
+            return classifier.classify(data, topk=topk, name=name, cam=True, cam_class=cam.class_id)
         except ImageError as exc:
-            return ClassificationResult(input=name, model=model_name, error=exc,
-                                        architecture=classifier.architecture)
+            return failed(name, exc)
 
-    return list(await asyncio.gather(*(loop.run_in_executor(threads, run, name, load) for name, load in images)))
+    async def one(name: str, load: ImageLoader) -> ClassificationResult:
+        try:
+            data = await load()  # a URL is fetched here, its error kept for its image
+        except ImageError as exc:
+            return failed(name, exc)
+        return await decode(data, run, name, data)
+
+    tasks = [asyncio.ensure_future(one(name, load)) for name, load in images]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:  # one image failing the request (no maps here) ends the others' work
+            task.cancel()
 
 
 @functools.lru_cache(maxsize=1)

@@ -54,7 +54,8 @@ from typing import Any, Awaitable, Callable, Protocol
 import numpy as np
 
 from ..base.errors import MixnetError, Overloaded, UsageError
-from .handling import ClientGone, ImageLoader, bytes_loader, until_client_gone
+from ..base.parsing import ascii_whole_number
+from .handling import ClientGone, ImageLoader, bytes_loader, compressed_body, until_client_gone
 
 # What a token must not guard: liveness and readiness probes (Kubernetes, load balancers) carry no credentials.
 PUBLIC_PATHS = ("/v2/health/live", "/v2/health/ready")
@@ -66,6 +67,8 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 _PARSE_OFF_LOOP_BYTES = 256 * 1024
 _ENCODE_OFF_LOOP_IMAGES = 8
 _LENGTH_PREFIX = struct.Struct("<I")
+# Triton's timeout is a uint64 of microseconds: the most a request may ask (the service's deadline caps it anyway).
+MAX_TIMEOUT_US = 2 ** 64 - 1
 
 _log = logging.getLogger(__name__)
 
@@ -124,10 +127,10 @@ def parse_infer_request(body: bytes, header_length: str | None, num_classes: int
     wrong with it."""
     binary = memoryview(b"")
     if header_length is not None:
-        if not header_length.strip().isdigit() or not 0 < int(header_length) <= len(body):
+        size = ascii_whole_number(header_length.strip())
+        if size is None or not 0 < size <= len(body):
             raise ProtocolError(400, f"{HEADER_LENGTH} must be the byte length of the JSON at the start of the body "
-                                f"(1 to {len(body)}), got {header_length!r}")
-        size = int(header_length)
+                                f"(1 to {len(body)}), got {header_length[:24]!r}")
         binary = memoryview(body)[size:]
         body = body[:size]
     try:
@@ -135,6 +138,9 @@ def parse_infer_request(body: bytes, header_length: str | None, num_classes: int
     except (UnicodeDecodeError, ValueError) as exc:
         hint = "" if header_length is not None else f" (binary tensors need the {HEADER_LENGTH} header)"
         raise ProtocolError(400, f"the request is not JSON: {exc}{hint}") from None
+    except RecursionError:  # the parser recurses once per nested array or object
+        raise ProtocolError(400, "cannot parse the request: its JSON is nested too deeply; send the protocol's "
+                            "flat 'inputs' list") from None
     if not isinstance(request, dict):
         raise ProtocolError(400, "the request must be a JSON object with 'inputs'")
     parameters = _object(request.get("parameters"), "parameters")
@@ -151,8 +157,11 @@ def parse_infer_request(body: bytes, header_length: str | None, num_classes: int
         raise ProtocolError(400, "parameters.binary_data_output must be true or false")
     outputs = _requested_outputs(request.get("outputs"), binary_default, num_classes)
     timeout = parameters.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 1):
-        raise ProtocolError(400, f"parameters.timeout must be a whole number of microseconds above 0, got {timeout!r}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int)
+                                or not 1 <= timeout <= MAX_TIMEOUT_US):
+        shown = repr(timeout) if not isinstance(timeout, int) or timeout < 10 ** 24 else "a number of over 24 digits"
+        raise ProtocolError(400, f"parameters.timeout must be a whole number of microseconds from 1 to "
+                            f"{MAX_TIMEOUT_US}, got {shown}")
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise ProtocolError(400, "'id' must be a string")
@@ -415,10 +424,9 @@ def routes(service: Host, read_body: Callable[[Any], Awaitable[bytes]],
             name = served(request, "/v2/models/{name}/infer")
             if not service.ready:
                 raise not_ready()
-            encoding = request.headers.get("content-encoding", "identity").strip().lower()
-            if encoding != "identity":
-                raise ProtocolError(415, f"Content-Encoding {encoding} is not accepted; send the request "
-                                    "uncompressed (images are compressed already)")
+            compressed = compressed_body(request.headers)
+            if compressed is not None:
+                raise ProtocolError(415, compressed)
             try:
                 # /v1/classify's way: the deadline, cut to end before the graceful timeout after SIGTERM.
                 return await service.within(answer(request, name, arrived), deadline)

@@ -278,11 +278,10 @@ class _Client:
                 raise ServiceError(f"cannot reach the service at {service.endpoint}; is `mixnet serve` running "
                                    "there?") from None
             if status == 503 and attempt < OVERLOAD_RETRIES:
-                try:
-                    wait = float(headers.get("retry-after", "1") or 1)
-                except ValueError:
-                    wait = 1.0
-                time.sleep(min(wait, 10.0))
+                from ..base.http import parse_retry_after
+
+                wait = parse_retry_after(headers.get("retry-after"))  # seconds or a date; None: unreadable
+                time.sleep(min(1.0 if wait is None else wait, 10.0))
                 continue
             break
         try:

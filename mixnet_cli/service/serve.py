@@ -52,10 +52,11 @@ from .connections import (CLOSED_BY_SERVICE, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_K
                           DEFAULT_MAX_CONNECTIONS, NEXT_REQUEST_WAITING, ConnectionGuard)
 # ClientGone and client_gone were defined here first: still importable from here.
 from .handling import (DEADLINE_PASSED, BodyBudget, ClientGone, ImageLoader, bytes_loader,  # noqa: F401
-                       cancelled_by_deadline, client_gone, until_client_gone)
+                       cancelled_by_deadline, client_gone, compressed_body, until_client_gone)
 from .memory import MemoryTrimmer
 from .maps import OPENAPI_PARAMETERS, OPENAPI_PATH, CamRequest, cam_request, classify_with_maps
 from ..base.errors import ImageError, ImageTooLargeError, MixnetError, Overloaded, UsageError
+from ..base.parsing import ascii_whole_number, whole_number
 from ..base.settings import load_token  # noqa: F401 (read where the CLI and the service both reach it)
 
 if TYPE_CHECKING:
@@ -73,6 +74,8 @@ DEFAULT_MAX_BATCH_SIZE = 4
 DEFAULT_MAX_WAIT_MS = 2.0
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_DEADLINE_S = 30.0
+# The longest deadline_ms a request may name (a day); the service's own deadline caps it anyway.
+MAX_DEADLINE_MS = 86_400_000
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 # Bodies being received share this many times --max-body-mb (128 MB by default): a few large uploads at once, and
 # thousands of slow ones (each holds what it has sent), while a flood of large bodies is refused (503) before it
@@ -487,13 +490,11 @@ class Service:
                                  "(start the service with --model to add it)")
             raw_topk = query.get("topk")
             # Default 5, or every class of a model with fewer, as for classify.
-            topk = check_topk(None if raw_topk in (None, "") else _whole_number(raw_topk, "topk", DEFAULT_TOPK),
+            topk = check_topk(None if raw_topk in (None, "") else whole_number(raw_topk, "topk"),
                               self.specs[name].num_classes, clamp=False)
             deadline = self.options.deadline_s
             if query.get("deadline_ms") is not None:
-                asked = _whole_number(query.get("deadline_ms"), "deadline_ms", 0)
-                if asked < 1:
-                    raise UsageError(f"deadline_ms must be at least 1, got {asked}")
+                asked = whole_number(query.get("deadline_ms"), "deadline_ms", 1, MAX_DEADLINE_MS)
                 deadline = min(deadline, asked / 1000.0)
             url = query.get("url")
             if url is not None:
@@ -504,6 +505,9 @@ class Service:
                                      "(or start it with --allow-urls)")
                 if not is_url(url):
                     raise UsageError(f"url must start with http:// or https://, got {url!r}")
+                from .url_fetch import url_target
+
+                url_target(url)  # a URL that cannot be fetched as written: the same 400 before any admission
         except UsageError as exc:
             raise RequestError(400, type(exc).__name__, str(exc)) from None
         return name, topk, deadline, url
@@ -541,7 +545,7 @@ class Service:
         """An image URL's bytes, fetched in async I/O (no decode thread waits on it) within ``deadline_s`` and the
         body limit, from a public address unless ``allow_private_urls``. Raises :class:`~mixnet_cli.base.errors.ImageError` (the image's
         422 or 413), or :class:`RequestError` (400) for an address the service does not fetch from."""
-        from .url_fetch import ForbiddenAddress, fetch_image
+        from .url_fetch import BadURL, ForbiddenAddress, fetch_image
 
         try:
             return await fetch_image(url, deadline_s=deadline_s,
@@ -549,25 +553,32 @@ class Service:
                                      allow_private=self.options.allow_private_urls)
         except ForbiddenAddress as exc:
             raise RequestError(400, "ForbiddenURL", str(exc)) from None
+        except BadURL as exc:
+            raise RequestError(400, "BadURL", str(exc)) from None
 
     async def preprocess(self, model_name: str, name: str, data: bytes) -> Any:
         """One image's network input (``3 x S x S`` float32), decoded in the decode pool within the shared pixel
-        budget: huge images are decoded a few at a time, small ones pass beside them."""
+        budget (:meth:`decode`)."""
+        return await self.decode(data, self.models[model_name].classifier.preprocess, data, name)
+
+    async def decode(self, data: bytes, work: Callable[..., Any], *args: Any) -> Any:
+        """``work(*args)``, which decodes the image file ``data``, in the decode pool within the shared pixel
+        budget: huge images are decoded a few at a time, small ones pass beside them. Whatever decodes an image
+        in the service (the batcher's inputs, the maps) goes through here. A request that is gone (its deadline,
+        a hang-up) cancels work that has not started; work that has keeps its pixels until it ends."""
         from .batching import PixelBudget
         from ..images.preprocess import MAX_PIXELS, header_pixels
 
         if self._pixels is None:
             self._pixels = PixelBudget(MAX_PIXELS)
-        classifier = self.models[model_name].classifier
-        loop = asyncio.get_running_loop()
         pixels = header_pixels(data)  # PNG and JPEG, here at once
         if pixels is None:  # another format: Pillow's header reader, in a decode thread
-            pixels = await loop.run_in_executor(self.decoders, partial(header_pixels, data, other_formats=True))
+            pixels = await asyncio.get_running_loop().run_in_executor(
+                self.decoders, partial(header_pixels, data, other_formats=True))
         # No size known (damaged, or a format only OpenCV reads): small files are cheap, others take a big share.
         if pixels is None:
             pixels = MAX_PIXELS // 4 if len(data) > 1024 * 1024 else 1
-        async with self._pixels.hold(pixels):
-            return await loop.run_in_executor(self.decoders, classifier.preprocess, data, name)
+        return await self._pixels.run(pixels, self.decoders, work, *args)
 
     async def classify(self, model_name: str, topk: int, images: list[tuple[str, ImageLoader]],
                        deadline: float | None = None, rows: bool = False,
@@ -584,19 +595,8 @@ class Service:
         model = self.models[model_name]
 
         if cam is not None:
-            async def settled(load: ImageLoader) -> Callable[[], bytes]:
-                # The maps run in decode threads on bytes at hand: fetch first, keeping an image's error for it.
-                try:
-                    data = await load()
-                except ImageError as exc:
-                    def failed(exc: ImageError = exc) -> bytes:
-                        raise exc
-                    return failed
-                return lambda: data
-
-            ready = [(name, await settled(load)) for name, load in images]
             try:
-                return await classify_with_maps(model.classifier, model_name, topk, ready, cam, self.decoders)
+                return await classify_with_maps(model.classifier, model_name, topk, images, cam, self.decode)
             except UsageError as exc:
                 raise RequestError(400, type(exc).__name__, str(exc)) from None
 
@@ -647,15 +647,6 @@ def _served_specs(options: ServeOptions) -> dict[str, "ModelSpec"]:
     return {spec.name: spec for spec in specs}
 
 
-def _whole_number(raw: str | None, name: str, default: int) -> int:
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise UsageError(f"{name} must be a whole number, got {raw!r}") from None
-
-
 async def read_body(receive: Callable[[], Awaitable[dict[str, Any]]], limit: int, declared: str | None,
                     budget: BodyBudget | None = None) -> bytes:
     """The request body, refused with 413 as soon as it is known to pass ``limit`` bytes (declared or read);
@@ -667,7 +658,7 @@ async def read_body(receive: Callable[[], Awaitable[dict[str, Any]]], limit: int
     too_large = RequestError(413, "RequestTooLarge",
                              f"the request body is over the service's limit of {limit} bytes; send smaller or "
                              "fewer images per request (see /v1/limits)")
-    expected = int(declared) if declared and declared.isdigit() else 0
+    expected = ascii_whole_number(declared) or 0
     if expected > limit:
         raise too_large
     full = Overloaded("the service is receiving too many request bodies at once; try again shortly",
@@ -807,6 +798,9 @@ def create_app(service: Service, routes: Any = ()) -> Any:
             if not service.ready:
                 raise RequestError(503, "NotReady", "the models are still loading; try again shortly (see /readyz)",
                                    {"Retry-After": "1"})
+            compressed = compressed_body(request.headers)
+            if compressed is not None:
+                raise RequestError(415, "UnsupportedMediaType", compressed)
             request.state.model = name
             try:
                 request.state.cam = cam_request(request.query_params, service.specs[name].num_classes)
@@ -919,6 +913,9 @@ def create_app(service: Service, routes: Any = ()) -> Any:
             service.bodies)),
         *routes,
     ], lifespan=lifespan, exception_handlers={HTTPException: routing_error})
+    # Starlette answers /v1/limits/ with a 307 to a Location built from the client's Host header: here a path the
+    # service lacks is its JSON 404, like any other.
+    app.router.redirect_slashes = False
     return ServiceGate(app, service)
 
 
@@ -1014,8 +1011,14 @@ class ServiceGate:
             }
             access_log.info(json.dumps(entry))
         else:
-            access_log.info('%s "%s %s%s" %d %.1f ms', client[0], scope.get("method"), path,
-                            f"?{query}" if query else "", status, elapsed * 1000)
+            access_log.info('%s "%s %s%s" %d %.1f ms', client[0], scope.get("method"), _printable(path),
+                            f"?{_printable(query)}" if query else "", status, elapsed * 1000)
+
+
+def _printable(text: str) -> str:
+    """``text`` escaped as the JSON log escapes it (control characters, quotes, backslashes, non-ASCII), so that
+    a path with ``%0a`` in it cannot write a second, forged line into the text access log."""
+    return json.dumps(text)[1:-1]
 
 
 # user:password@ after http(s)://, plain or percent-encoded (as a URL in a query string is).
@@ -1065,7 +1068,8 @@ def openapi_document(service: Service) -> dict[str, Any]:
                      "description": f"default {service.model_names[0]}; S, M, L spellings are accepted"},
                     {"name": "topk", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": classes,
                                                                 "default": min(DEFAULT_TOPK, classes)}},
-                    {"name": "deadline_ms", "in": "query", "schema": {"type": "integer", "minimum": 1},
+                    {"name": "deadline_ms", "in": "query",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_DEADLINE_MS},
                      "description": "a shorter deadline than the service's own"},
                     {"name": "url", "in": "query", "schema": {"type": "string"},
                      "description": "an http(s) image URL to fetch instead of a body (only with --allow-urls)"},
@@ -1085,6 +1089,7 @@ def openapi_document(service: Service) -> dict[str, Any]:
                     "413": {"description": "body over the size limit, more images or parts than a request may "
                                            "hold (see /v1/limits), or an image over the pixel limit",
                             **json_error},
+                    "415": {"description": "a compressed body (Content-Encoding)", **json_error},
                     "422": {"description": "an image that cannot be read (the body holds every image's object)",
                             **results},
                     "503": {"description": "not ready, the queue is full, or shutting down (see Retry-After)",

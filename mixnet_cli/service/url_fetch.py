@@ -26,19 +26,66 @@ import base64
 import ipaddress
 import re
 import socket
+from dataclasses import dataclass
 from typing import Callable
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
-from ..base.errors import ImageTooLargeError, MixnetError
+from ..base.errors import ImageTooLargeError, MixnetError, UsageError
+from ..base.parsing import ascii_whole_number
 from ..images.inputs import ImageDownloadError
 
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _CHUNK = 64 * 1024
+# The dots that separate a host's labels for IDNA (RFC 3490 3.1): the full stop and three look-alikes.
+_LABEL_DOTS = re.compile("[.\u3002\uff0e\uff61]")
 
 
 class ForbiddenAddress(MixnetError, PermissionError):
     """A URL whose host is not a public address (or a redirect to one), and private addresses are not allowed."""
+
+
+class BadURL(UsageError):
+    """A URL that cannot be fetched as written: not http(s), no host, a bad port, a malformed IPv6 address, a host
+    name that is not a valid internationalised domain name (a label over 63 characters, digits no resolver
+    reads)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a URL points: its parts, its host as ASCII (IDNA, as the resolver is asked: what is checked is what
+    is resolved) and its port."""
+
+    parts: SplitResult
+    host: str
+    port: int
+
+
+def url_target(url: str) -> Target:
+    """Where ``url`` points; :class:`BadURL` (its message naming the URL, without its password, and what is wrong
+    with it) when it cannot be fetched as written. Nothing is resolved or contacted."""
+    shown = without_credentials(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:  # "Invalid IPv6 URL", "Port out of range 0-65535", a port that is not a number
+        raise BadURL(f"{shown}: not a valid URL ({exc}); check it") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise BadURL(f"{shown}: not an http(s) URL with a host; check it")
+    host = parts.hostname
+    if ":" not in host:  # a name or an IPv4 address (an IPv6 one was checked by urlsplit)
+        try:
+            labels = [label.encode("idna") for label in _LABEL_DOTS.split(host)]
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise BadURL(f"{shown}: the host is not a valid domain name (an empty label, one over 63 characters, or "
+                         "characters no domain name has); check the URL") from None
+        if any(not label.isascii() and not encoded.startswith(b"xn--")
+               for label, encoded in zip(_LABEL_DOTS.split(parts.hostname), labels)):
+            # IDNA maps look-alikes (circled or full-width digits and letters) to ASCII ones: a disguise, not a name
+            raise BadURL(f"{shown}: the host has characters that stand for plain ones (circled or full-width digits "
+                         "or letters); write the host in plain characters")
+    return Target(parts, host, port or (443 if parts.scheme.lower() == "https" else 80))
 
 
 def is_public_address(address: str) -> bool:
@@ -66,7 +113,7 @@ async def fetch_image(url: str, *, deadline_s: float, max_bytes: int, allow_priv
                       allowed: Callable[[str], bool] | None = None) -> bytes:
     """The body of ``url`` (http or https, redirects followed), within ``deadline_s`` seconds and ``max_bytes``.
 
-    Raises :class:`ForbiddenAddress` when the host or a redirect's host resolves to an address that is not
+    Raises :class:`BadURL` when ``url`` cannot be fetched as written, :class:`ForbiddenAddress` when the host or a redirect's host resolves to an address that is not
     public (``allowed``, a predicate on the address, replaces :func:`is_public_address`; ``allow_private``
     turns the check off), :class:`ImageTooLargeError` past ``max_bytes``, :class:`ImageDownloadError` for
     anything else (unreachable, not 200, not HTTP, past the deadline). Messages never hold the URL's password.
@@ -85,18 +132,19 @@ async def _fetch(url: str, max_bytes: int, check: Callable[[str], bool] | None) 
     shown = without_credentials(url)
     current = url
     for _ in range(MAX_REDIRECTS + 1):
-        parts = urlsplit(current)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ImageDownloadError(f"{shown}: redirected to {without_credentials(current)}, not an http(s) URL")
         try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
-            raise ImageDownloadError(f"{shown}: not a valid port in {without_credentials(current)}") from None
-        address = await _resolve(parts.hostname, port, check, shown, current != url)
-        reader, writer = await _connect(address, port, parts.hostname if parts.scheme == "https" else None, shown)
+            where = url_target(current)
+        except BadURL as exc:
+            if current == url:
+                raise
+            raise ImageDownloadError(f"{shown}: redirected to a URL that cannot be fetched ({exc})") from None
+        parts, port = where.parts, where.port
+        address = await _resolve(where.host, port, check, shown, current != url)
+        reader, writer = await _connect(address, port, where.host if parts.scheme.lower() == "https" else None,
+                                        shown)
         try:
             connection = h11.Connection(our_role=h11.CLIENT)
-            host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+            host = where.host if ":" not in where.host else f"[{where.host}]"
             headers = [("Host", host if parts.port is None else f"{host}:{parts.port}"),
                        ("User-Agent", "mixnet-serve"), ("Accept", "image/*"), ("Accept-Encoding", "identity"),
                        ("Connection", "close")]
@@ -162,7 +210,7 @@ async def _response(connection: object, reader: asyncio.StreamReader, max_bytes:
             if event.status_code != 200:
                 raise ImageDownloadError(f"{shown}: server answered HTTP {event.status_code}; check the URL")
             declared = headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > max_bytes:
+            if (ascii_whole_number(declared) or 0) > max_bytes:
                 raise ImageTooLargeError(f"{shown}: {declared} bytes is over the service's limit of {max_bytes}")
         elif isinstance(event, h11.Data):
             size += len(event.data)
