@@ -541,6 +541,25 @@ def test_results_equal_the_local_run_in_one_dataset_that_one_job_owns(cluster, i
         assert metadata["mixnet.weights_sha256"] == weights_sha256
 
 
+def test_a_path_that_is_missing_is_an_error_row_beside_the_others(cluster, image_set, seeded_home, local_results,
+                                                                  tmp_path):
+    """A named file or folder that does not exist fails while the inputs are listed, before any actor: its row
+    has the columns of any failed image's row, and the other inputs are classified."""
+    out = tmp_path / "out"
+    good = image_set / "b" / "img000.png"
+    missing_file, missing_folder = tmp_path / "missing.jpg", tmp_path / "nowhere"
+    result = subprocess.run(MIXNET + ["classify-dataset", str(good), str(missing_file), str(missing_folder), "-o",
+                                      str(out), "--address", cluster.address, "--offline"],
+                            env=_environment(seeded_home), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert result.returncode == 1, result.stderr
+    assert "a bug" not in result.stderr, result.stderr
+    rows = {row["input"]: row for row in _rows(out)}
+    assert rows.pop(str(good)) == local_results[str(good)]
+    assert set(rows) == {str(missing_file), str(missing_folder)}
+    for row in rows.values():
+        assert row["model"] == row["architecture"] == "MixNet_S" and row["error"]["type"] == "ImageNotFoundError", row
+
+
 def test_a_killed_actor_loses_and_duplicates_nothing(cluster, image_set, local_results, tmp_path,
                                                     calibrated_weights_dir, file_server):
     """Two actors on a fresh cache: they download the weights once between them (the cache's file lock), one is

@@ -335,7 +335,7 @@ def run_job(
             _stream(ray, pool, described, directory, state, summary, started, started_at,
                     iter_inputs(sources, files_from=files_from, files_from_column=files_from_column,
                                 recursive=recursive, stdin=stdin),
-                    spec_name=spec.name, topk=topk, rows_per_file=rows_per_file, images_per_task=images_per_task,
+                    model_name=spec.display_name, architecture=spec.name, topk=topk, rows_per_file=rows_per_file, images_per_task=images_per_task,
                     fail_fast=fail_fast, on_error=on_error, on_progress=on_progress,
                     progress_every_s=progress_every_s)
     finally:
@@ -345,8 +345,8 @@ def run_job(
 
 
 def _stream(ray: Any, pool: list[Any], described: Any, directory: ResultsDirectory, state: OutputState,
-            summary: JobSummary, started: float, started_at: str, inputs: Iterator[InputRow], *, spec_name: str,
-            topk: int, rows_per_file: int, images_per_task: int, fail_fast: int,
+            summary: JobSummary, started: float, started_at: str, inputs: Iterator[InputRow], *, model_name: str,
+            architecture: str, topk: int, rows_per_file: int, images_per_task: int, fail_fast: int,
             on_error: Callable[[Mapping[str, Any]], None] | None, on_progress: Callable[[JobProgress], None] | None,
             progress_every_s: float) -> None:
     """The driver's loop of :func:`run_job`: list a batch, drop what is done, hand it to the least busy actor
@@ -421,7 +421,9 @@ def _stream(ray: Any, pool: list[Any], described: Any, directory: ResultsDirecto
                 listed += len(todo)
                 failed = [row for row in todo if row.error is not None]
                 if failed:
-                    take(results_table([{"input": row.input, "key": row.key, "model": spec_name, "predictions": None,
+                    # The rows an actor writes for a failed image, as ClassificationResult names them.
+                    take(results_table([{"input": row.input, "key": row.key, "model": model_name,
+                                         "architecture": architecture, "predictions": None,
                                          "error": {"type": type(row.error).__name__, "message": str(row.error)}}
                                         for row in failed]))
                 work = [row for row in todo if row.error is None]
