@@ -370,7 +370,7 @@ def test_a_compressed_body_is_415_on_v1_as_on_v2(guarded, photos):
 
 
 @needs_serve
-def test_the_token_is_required_except_on_the_probes_and_never_logged(guarded, photos, monkeypatch):
+def test_the_token_is_required_except_on_the_probes_and_never_logged(guarded, photos, monkeypatch, tmp_path):
     body = photos[0].read_bytes()
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
                     {"Authorization": f"Bearer {TOKEN}x"}):
@@ -388,6 +388,11 @@ def test_the_token_is_required_except_on_the_probes_and_never_logged(guarded, ph
     refused = CliRunner().invoke(main, ["classify", str(photos[0]), "--server", guarded.url],
                                  catch_exceptions=False)
     assert refused.exit_code == 1 and "needs its token" in refused.stderr
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text(TOKEN + "x\n")
+    refused = CliRunner().invoke(main, ["classify", str(photos[0]), "--server", guarded.url, "--token-file",
+                                        str(wrong)], catch_exceptions=False)
+    assert refused.exit_code == 1 and "refused the token given" in refused.stderr, refused.stderr
 
 
 def test_a_token_file_goes_to_classify_server_and_serve_warns_without_one_off_loopback(tmp_path, photos):

@@ -134,14 +134,19 @@ def complete_models(ctx: click.Context, param: click.Parameter, incomplete: str)
 FORMAT_BY_EXTENSION = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}
 
 
+def _format_flag(name: str) -> str:
+    """The option that asks for format ``name``: ``--json``, ``--jsonl``, ``--csv``; table has only ``--format``."""
+    return "--format table" if name == "table" else f"--{name}"
+
+
 def output_format(chosen: Sequence[str], output: str | None) -> str:
     """The output format from the format flags given (``--format X``, ``--json``, ``--jsonl``, ``--csv``) and
     ``-o``: the flags when they agree, else the extension of ``-o`` when it is a known one (``.json``, ``.jsonl``,
     ``.csv``), else ``table``. Two different formats asked for are a :class:`UsageError`."""
     wanted = list(dict.fromkeys(chosen))
     if len(wanted) > 1:
-        raise UsageError(f"{' and '.join('--' + name for name in wanted)} ask for different output formats: "
-                         "give one")
+        raise UsageError(f"{' and '.join(_format_flag(name) for name in wanted)} ask for different output "
+                         "formats: give one")
     if wanted:
         return wanted[0]
     if output not in (None, "-"):

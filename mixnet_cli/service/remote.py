@@ -64,7 +64,7 @@ def service_limits(server: str, token: str | None = None, timeout: float = 10.0)
     if status == 404:
         return {}
     if status == 401:
-        raise _needs_token(server)
+        raise _needs_token(server, token)
     raise ServiceError(f"the service at {server.rstrip('/')}/v1/limits answered {status}: {_message(status, data)}")
 
 
@@ -292,7 +292,7 @@ class _Client:
             return answer
         message = _message(status, data)
         if status == 401:
-            raise _needs_token(service.endpoint)
+            raise _needs_token(service.endpoint, service.token)
         if status == 400:
             raise UsageError(message)
         raise ServiceError(f"the service at {service.endpoint} answered {status}: {message}")
@@ -325,5 +325,9 @@ def _within_bytes(files: list[tuple[str, bytes]], max_bytes: int | None) -> Iter
         yield group
 
 
-def _needs_token(where: str) -> ServiceError:
+def _needs_token(where: str, sent: str | None) -> ServiceError:
+    """The 401's message: no token was sent, or the one sent is not the service's."""
+    if sent:
+        return ServiceError(f"the service at {where} refused the token given (--token-file or MIXNET_SERVE_TOKEN); "
+                            "check that it is the one the service was started with")
     return ServiceError(f"the service at {where} needs its token: give --token-file FILE or set MIXNET_SERVE_TOKEN")
