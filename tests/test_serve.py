@@ -486,6 +486,27 @@ def test_sigterm_finishes_the_requests_in_flight_and_exits_0(tiny_service, photo
 
 
 @needs_serve
+@pytest.mark.slow
+def test_sigterm_drains_with_paddle_loaded_too(service, service_home, mirror, photos, tmp_path):
+    """Paddle's core installs its own C handler of SIGTERM when it loads (a stack dump, exit 143): the service
+    puts its own back, so a paddle engine stops as the others do."""
+    from mixnet_cli.base.third_party import paddle_missing
+
+    if paddle_missing() is not None:
+        pytest.skip(paddle_missing() or "")
+    server = ServerProcess(service_home, mirror.url, tmp_path / "paddle.log", "--model", "S", "--engine", "paddle",
+                           "--max-batch-size", "1")
+    try:
+        server.wait_for("/readyz", 200)
+        assert server.post(data=photos[0].read_bytes()).status_code == 200
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0, server.stderr()
+        assert "Termination signal" not in server.stderr() and "stopped" in server.stderr(), server.stderr()
+    finally:
+        server.stop()
+
+
+@needs_serve
 def test_own_weights_are_served_with_their_labels_and_answer_as_local_classify(custom_service, fine_tuned,
                                                                               service_home, photos, monkeypatch):
     from weightgen import FINE_TUNED_CLASSES
