@@ -161,7 +161,9 @@ def measure_engine_speeds(models: Sequence[str], threads: int, *, rounds: int = 
             shutil.rmtree(directory, ignore_errors=True)
         figures[model] = {name: {str(b): round(min(v), 3) for b, v in by_batch.items()}
                           for name, by_batch in samples.items()}
-        _log.info("engine speed of %s: %s", model, figures[model])
+        _log.info("engine speed of %s (ms per forward pass): %s", model, "; ".join(
+            f"{name} " + ", ".join(f"batch {b} {ms:g}" for b, ms in by_batch.items())
+            for name, by_batch in figures[model].items()))
     record = {
         "record_version": RECORD_VERSION,
         "machine": key,
