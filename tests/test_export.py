@@ -268,7 +268,7 @@ def test_where_the_pir_format_is_offered_its_memory_optim_failure_is_said():
     # paddle 3.3.1 fails on the PIR export in any client calling enable_memory_optim() (PaddleClas's tools do).
     text = " ".join(CliRunner().invoke(main, ["export", "--help"]).output.split())
     assert "enable_memory_optim() (paddle 3.3.1 fails on it then; PaddleClas's tools do call it)" in text
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     row = next(line for line in readme.splitlines() if line.startswith("| `paddle` | `inference.json`"))
     assert "enable_memory_optim()" in row and "need `paddle-legacy`" in row
     legacy = next(line for line in readme.splitlines() if line.startswith("| `paddle-legacy` |"))

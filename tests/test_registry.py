@@ -142,7 +142,7 @@ def test_help_and_readme_describe_auto_as_the_table_ranks_the_engines():
     assert f"on the CPU {cpu}; on a GPU {gpu}" in text
     assert "else OpenVINO first on AVX-512 CPUs" in text  # the CPU rule, before the table's order
     assert "a GPU when a CUDA build of torch, onnxruntime-gpu or paddlepaddle-gpu is installed" in text
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     engine_row = next(line for line in readme.splitlines() if line.startswith("| `--engine auto"))
     device_row = next(line for line in readme.splitlines() if line.startswith("| `--device auto"))
     assert f"on the CPU {cpu}; on a GPU {gpu}" in engine_row
