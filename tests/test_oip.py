@@ -174,6 +174,7 @@ def test_requests_the_protocol_cannot_read_are_refused_with_the_error_object(ser
          400, "between 1 and 1000"),
         # A number no float holds, and nesting deeper than the parser recurses: 400s, never a 500.
         ({"inputs": [tensor], "parameters": {"timeout": 10 ** 400}}, 400, "parameters.timeout must be a whole"),
+        (b'{"parameters": {"timeout": ' + b"9" * 5000 + b"}}", 400, "a number in its JSON has too many digits"),
         (b'{"inputs":' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested too deeply"),
     ]
     for body, status, words in cases:

@@ -830,25 +830,83 @@ def test_at_the_connection_ceiling_the_longest_idle_connection_makes_room(small,
 
 @needs_serve
 def test_bodies_in_transit_share_a_budget_refused_with_the_json_503(small, photos):
-    """Four bodies of the largest size, all but their last byte sent, fill the budget (4 x --max-body-mb): a fifth
-    upload is refused at once with the one overload answer; once they end, uploads are taken again."""
+    """Three bodies of the largest size, all but their last byte sent at full speed and then stalled, fill the
+    budget (4 x --max-body-mb) but for its reserve: a fourth is refused at once with the one overload answer, while
+    a photo (a small body) is taken from the reserve. Stalled, their average rate stays far above the minimum, but
+    nothing arrives: the body idle timeout (5 s) closes them (408, slow_body), and large uploads are taken again."""
     body = photos[0].read_bytes()
+    assert len(body) <= SMALL_BODY_BYTES // 4, "the photo is a small body"
+    before = small.get("/metrics").text
     holders = []
     try:
-        for _ in range(4):
+        for _ in range(3):
             sock = socket.create_connection(("127.0.0.1", small.port))
             sock.sendall(_head("/v1/classify", SMALL_BODY_BYTES) + b"x" * (SMALL_BODY_BYTES - 1))
             holders.append(sock)
+        stalled = time.monotonic()
         time.sleep(0.5)
-        refused = small.post(data=body)
+        refused = requests.post(small.url + "/v1/classify", data=b"x" * SMALL_BODY_BYTES, timeout=10)
         assert refused.status_code == 503 and refused.headers["Retry-After"] == "1", refused.text
         assert refused.json()["error"]["type"] == "Overloaded"
         assert "request bodies" in refused.json()["error"]["message"]
+        assert small.post(data=body).status_code == 200, "the reserve takes a photo"
+        for sock in holders:
+            assert _closed_within(sock, max(0.1, stalled + 7.5 - time.monotonic())), "a stalled body is closed"
+        assert time.monotonic() - stalled >= 4.5, "after the body idle timeout, not before"
     finally:
         for sock in holders:
             sock.close()
-    time.sleep(0.3)
-    assert small.post(data=body).status_code == 200
+    after = small.get("/metrics").text
+    assert _metric(after, "mixnet_connections_closed_total", reason="slow_body") - \
+        _metric(before, "mixnet_connections_closed_total", reason="slow_body") == 3
+    assert _metric(after, "mixnet_http_requests_total", endpoint="/v1/classify", status="408") - \
+        _metric(before, "mixnet_http_requests_total", endpoint="/v1/classify", status="408") == 3
+    taken = requests.post(small.url + "/v1/classify", data=b"x" * SMALL_BODY_BYTES, timeout=10)
+    assert taken.status_code == 422, taken.text  # read, and found not to be an image: no longer refused
+
+
+@needs_serve
+def test_an_answer_given_before_the_body_ends_closes_its_connection_after_a_short_linger(small):
+    """The ceiling (16) filled with requests answered at once (405) whose bodies keep coming above the minimum
+    rate: each answer says Connection: close, each connection is closed within the linger (2 s) however long its
+    client goes on sending, and meanwhile a newcomer takes the place of one (it no longer waits for anything).
+    A client that sends its whole body before reading (as curl and requests do) still reads its 413."""
+    before = small.get("/metrics").text
+    socks = []
+    try:
+        for _ in range(SMALL_CONNECTIONS):
+            sock = socket.create_connection(("127.0.0.1", small.port))
+            sock.sendall(b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 33554432\r\n\r\n")
+            socks.append(sock)
+        answered = time.monotonic()
+        heads = []
+        for sock in socks:
+            sock.settimeout(2)
+            heads.append(sock.recv(65536).split(b"\r\n\r\n", 1)[0].lower())
+        assert all(head.startswith(b"http/1.1 405") and b"connection: close" in head for head in heads), heads
+        assert small.get("/healthz").status_code == 200, "a lingering connection makes room at the ceiling"
+        open_socks = list(socks)
+        while open_socks and time.monotonic() - answered < 4:
+            for sock in list(open_socks):
+                try:
+                    sock.send(b"y" * 200)  # 2 KB/s: above the minimum body rate
+                    sock.setblocking(False)
+                    if sock.recv(65536) == b"":
+                        open_socks.remove(sock)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    open_socks.remove(sock)
+            time.sleep(0.1)
+        assert not open_socks and time.monotonic() - answered < 3.5, f"{len(open_socks)} left open"
+    finally:
+        for sock in socks:
+            sock.close()
+    assert _metric(small.get("/metrics").text, "mixnet_connections_closed_total", reason="evicted_idle") > \
+        _metric(before, "mixnet_connections_closed_total", reason="evicted_idle")
+    too_large = requests.post(small.url + "/v1/classify", data=b"x" * (40 * SMALL_BODY_BYTES), timeout=10)
+    assert too_large.status_code == 413 and too_large.headers["connection"] == "close"
+    assert too_large.json()["error"]["type"] == "RequestTooLarge"
 
 
 @needs_serve

@@ -87,16 +87,24 @@ class BodyBudget:
     it all back when its body is in (or it ends). Counting bytes received, not bytes declared, bounds the memory
     the bodies hold without letting a few senders block every upload by declaring large bodies and sending them
     slowly: a slow sender holds only what it has sent (and the minimum body rate closes a drip); filling the
-    budget takes sending that many bytes at once. Use it on the event loop."""
+    budget takes sending that many bytes at once. Use it on the event loop.
 
-    def __init__(self, total: int, on_body: Callable[[int], None] | None = None) -> None:
+    ``reserve`` bytes of the ``total`` are kept for small bodies (``small`` bytes or fewer, declared or read): large
+    bodies sent fast and then stalled (until the body idle timeout closes them) cannot shut out a photo."""
+
+    def __init__(self, total: int, on_body: Callable[[int], None] | None = None, reserve: int = 0,
+                 small: int = 0) -> None:
         self.total = total
+        self.reserve = reserve
+        self.small = small
         self.used = 0
         self.on_body = on_body  # told the bytes of each body once read, or refused part-way
 
-    def fits(self, size: int) -> bool:
-        """Whether ``size`` more bytes fit now."""
-        return self.used + size <= self.total
+    def fits(self, size: int, body_size: int = 0) -> bool:
+        """Whether ``size`` more bytes fit now, for a body of ``body_size`` bytes once they are in (its declared
+        length, or what it has sent with them): one over ``small`` may not take the reserve."""
+        limit = self.total if body_size <= self.small else self.total - self.reserve
+        return self.used + size <= limit
 
     def take(self, size: int) -> None:
         self.used += size

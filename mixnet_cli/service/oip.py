@@ -135,9 +135,12 @@ def parse_infer_request(body: bytes, header_length: str | None, num_classes: int
         body = body[:size]
     try:
         request = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         hint = "" if header_length is not None else f" (binary tensors need the {HEADER_LENGTH} header)"
         raise ProtocolError(400, f"the request is not JSON: {exc}{hint}") from None
+    except ValueError:  # int() refuses an integer of over 4300 digits (sys.get_int_max_str_digits)
+        raise ProtocolError(400, "cannot parse the request: a number in its JSON has too many digits; send "
+                            "numbers of ordinary size") from None
     except RecursionError:  # the parser recurses once per nested array or object
         raise ProtocolError(400, "cannot parse the request: its JSON is nested too deeply; send the protocol's "
                             "flat 'inputs' list") from None

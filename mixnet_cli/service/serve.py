@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from .batching import DynamicBatcher
-from .connections import (CLOSED_BY_SERVICE, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S,
+from .connections import (BODY_UNFINISHED, CLOSED_BY_SERVICE, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S,
                           DEFAULT_MAX_CONNECTIONS, NEXT_REQUEST_WAITING, ConnectionGuard)
 # ClientGone and client_gone were defined here first: still importable from here.
 from .handling import (DEADLINE_PASSED, BodyBudget, ClientGone, ImageLoader, bytes_loader,  # noqa: F401
@@ -297,7 +297,9 @@ class Service:
         self.guard.on_close = lambda reason: self.metrics.connections_closed.labels(reason).inc()
         # Bodies being received: bounded apart from the images' admission (see read_body).
         self.trimmer = MemoryTrimmer()  # large bodies' memory back to the OS once their requests end
-        self.bodies = BodyBudget(BODY_BUDGET_BODIES * options.max_body_bytes, on_body=self.trimmer.body_read)
+        # One body's worth of the budget is kept for bodies of up to a quarter of that (photos).
+        self.bodies = BodyBudget(BODY_BUDGET_BODIES * options.max_body_bytes, on_body=self.trimmer.body_read,
+                                 reserve=options.max_body_bytes, small=options.max_body_bytes // 4)
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's, once it runs
         self.draining = False
         self.forced = False  # a second interrupt: the requests in flight are answered 503 at once
@@ -679,7 +681,7 @@ async def read_body(receive: Callable[[], Awaitable[dict[str, Any]]], limit: int
         raise too_large
     full = Overloaded("the service is receiving too many request bodies at once; try again shortly",
                       retry_after=1)
-    if budget is not None and not budget.fits(expected):
+    if budget is not None and not budget.fits(expected, expected):
         raise full
     chunks: list[bytes] = []
     size = 0
@@ -692,7 +694,7 @@ async def read_body(receive: Callable[[], Awaitable[dict[str, Any]]], limit: int
             if size + len(chunk) > limit:
                 raise too_large
             if budget is not None:
-                if not budget.fits(len(chunk)):
+                if not budget.fits(len(chunk), max(expected, size + len(chunk))):
                     raise full
                 budget.take(len(chunk))
             size += len(chunk)
@@ -963,9 +965,13 @@ class ServiceGate:
                 status = int(message["status"])
                 answered = True
                 waiting = scope["state"].get(NEXT_REQUEST_WAITING)
-                if service.draining and not (waiting is not None and waiting()):
+                unfinished = scope["state"].get(BODY_UNFINISHED)
+                if (service.draining and not (waiting is not None and waiting())) or (
+                        unfinished is not None and unfinished()):
                     # h11 closes the connection after an answer that says so: no next request on it. One already
-                    # pipelined behind this one is read instead, and refused (503) with this header.
+                    # pipelined behind this one is read instead, and refused (503) with this header. An answer
+                    # given before its request's body ended closes too (after a linger: see connections.py),
+                    # rather than read the rest of a body nobody will use, however long it takes.
                     message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
