@@ -124,3 +124,34 @@ def test_an_engine_or_device_named_with_server_is_still_checked(service_url, inp
     result = CliRunner().invoke(main, ["classify", str(inputs / "photo0.jpg"), "--server", service_url,
                                        "--engine", "nope"])
     assert result.exit_code == 2 and "nope" in result.stderr
+
+
+@pytest.mark.parametrize("limits", [b'{"max_images_per_request": "many"}', b'{"max_body_bytes": -1}',
+                                    b'{"num_classes": {"MixNet_S": 1e400}}', b'[1, 2]', b'not json'])
+def test_limits_that_are_not_mixnet_serves_are_one_line(limits, inputs):
+    """A server at --server that answers /v1/limits with numbers `mixnet serve` never writes: one line, exit 1."""
+    import http.server
+    import threading
+
+    class Odd(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(limits)))
+            self.end_headers()
+            self.wfile.write(limits)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Odd)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = CliRunner().invoke(main, ["classify", str(inputs), "--server",
+                                           f"http://127.0.0.1:{server.server_address[1]}"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "is not its JSON; is it `mixnet serve`?" in lines[0], result.stderr

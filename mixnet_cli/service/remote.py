@@ -57,10 +57,13 @@ def service_limits(server: str, token: str | None = None, timeout: float = 10.0)
         client.close()
     if status == 200:
         try:
-            return dict(json.loads(data))
+            limits = dict(json.loads(data))
         except (ValueError, TypeError):
+            limits = None
+        if limits is None or not _limits_make_sense(limits):
             raise ServiceError(f"the service at {server} answered /v1/limits with something that is not its JSON; "
                                "is it `mixnet serve`?") from None
+        return limits
     if status == 404:
         return {}
     if status == 401:
@@ -323,6 +326,17 @@ def _within_bytes(files: list[tuple[str, bytes]], max_bytes: int | None) -> Iter
         size += cost
     if group:
         yield group
+
+
+def _limits_make_sense(limits: dict[str, Any]) -> bool:
+    """Whether the numbers the client uses from ``/v1/limits`` are what `mixnet serve` writes (counts as positive
+    whole numbers), so that an odd server is one line, not an error deep in the client."""
+    def count(value: Any) -> bool:
+        return value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+
+    classes = limits.get("num_classes")
+    return (count(limits.get("max_images_per_request")) and count(limits.get("max_body_bytes"))
+            and (classes is None or (isinstance(classes, dict) and all(map(count, classes.values())))))
 
 
 def _needs_token(where: str, sent: str | None) -> ServiceError:
