@@ -49,3 +49,23 @@ def test_an_early_ctrl_c_is_interrupted_and_130(module, arguments, tmp_path):
     assert process.returncode == 130, process.stderr
     assert process.stderr.strip() == "Interrupted.", process.stderr
     assert process.stdout == ""
+
+
+def test_sigterm_after_paddle_loads_is_the_default_not_paddles_stack_dump(tmp_path):
+    """Paddle's core installs its own C handler of SIGTERM when it loads, which prints a "FatalError: Termination
+    signal" block on stdout (into a JSON lines output): after mixnet's import of paddle, SIGTERM is the process's
+    own again (here the default: the process ends with the signal, stdout untouched)."""
+    from mixnet_cli.base.third_party import paddle_missing
+
+    if paddle_missing() is not None:
+        pytest.skip(paddle_missing() or "")
+    script = ("import os, signal\n"
+              "from mixnet_cli.base.third_party import import_quietly\n"
+              "import_quietly('paddle')\n"
+              "print('loaded', flush=True)\n"
+              "os.kill(os.getpid(), signal.SIGTERM)\n")
+    environment = {**os.environ, "MIXNET_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env=environment)
+    assert result.returncode == -signal.SIGTERM, (result.returncode, result.stdout[-500:])
+    assert result.stdout == "loaded\n", result.stdout[-500:]

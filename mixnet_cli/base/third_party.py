@@ -102,6 +102,25 @@ def _contain_paddle_import(module: str) -> ModuleType:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+        restore_stop_signals()
+
+
+def restore_stop_signals() -> None:
+    """Put the process's own handling of SIGTERM and SIGINT (Python's handlers, or the default) back in front of a
+    C handler a library installed over it.
+
+    Paddle's core installs one for SIGTERM when it loads: it prints a C++ "FatalError: Termination signal" block
+    on stdout (into a JSON lines output) and exits, and in `mixnet serve` it would stop the service instead of
+    draining it. Called after paddle's import; only on the main thread (Python sets handlers nowhere else), so a
+    service that loads its models in a thread calls it again on its event loop."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for number in (signal.SIGTERM, signal.SIGINT):
+        handler = signal.getsignal(number)
+        if handler is not None:  # None: a handler Python did not install, left alone
+            signal.signal(number, handler)
 
 
 def import_quietly(module: str) -> ModuleType:

@@ -57,6 +57,7 @@ from .memory import MemoryTrimmer
 from .maps import OPENAPI_PARAMETERS, OPENAPI_PATH, CamRequest, cam_request, classify_with_maps
 from ..base.errors import ImageError, ImageTooLargeError, MixnetError, Overloaded, UsageError
 from ..base.parsing import ascii_whole_number, whole_number
+from ..base.third_party import restore_stop_signals
 from ..base.settings import load_token  # noqa: F401 (read where the CLI and the service both reach it)
 
 if TYPE_CHECKING:
@@ -437,7 +438,8 @@ class Service:
 
     def _loaded(self, classifiers: list["Classifier"]) -> None:
         options = self.options
-        _reclaim_stop_signals()
+        # Loaded in a thread, paddle's import could not put the stop signals back itself (main thread only).
+        restore_stop_signals()
         self._inference = ThreadPoolExecutor(max_workers=sum(c.engine.parallel for c in classifiers),
                                              thread_name_prefix="mixnet-infer")
         for classifier in classifiers:
@@ -629,21 +631,6 @@ class Service:
         finally:
             for task in tasks:  # one image past its deadline ends the request: the others need no more work
                 task.cancel(*why)
-
-
-def _reclaim_stop_signals() -> None:
-    """Put the process's Python handlers of SIGTERM and SIGINT back in front of any a library installed in C.
-
-    Paddle's core installs its own C handler of SIGTERM when it loads (a C++ stack dump, then exit 143), over the
-    service's, so ``--engine paddle`` or ``dygraph`` would die at a stop instead of draining. Python still holds its
-    own handlers (uvicorn's); setting them again puts them back at the C level. Only on the main thread, where the
-    event loop runs (``_loaded`` is called there)."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for number in (signal.SIGTERM, signal.SIGINT):
-        handler = signal.getsignal(number)
-        if callable(handler):
-            signal.signal(number, handler)
 
 
 def _served_specs(options: ServeOptions) -> dict[str, "ModelSpec"]:
