@@ -617,18 +617,19 @@ def test_the_pixel_budget_decodes_huge_images_a_few_at_a_time():
     events: list[str] = []
     peak = 0
 
-    async def decode(budget: PixelBudget, name: str, pixels: int, seconds: float) -> None:
+    def decoding(budget: PixelBudget, name: str, seconds: float) -> None:  # in a decode thread
         nonlocal peak
-        async with budget.hold(pixels):
-            peak = max(peak, budget.used)
-            events.append(f"+{name}")
-            await asyncio.sleep(seconds)
-            events.append(f"-{name}")
+        peak = max(peak, budget.used)
+        events.append(f"+{name}")
+        time.sleep(seconds)
+        events.append(f"-{name}")
 
     async def scenario() -> None:
         budget = PixelBudget(100)
-        await asyncio.gather(decode(budget, "huge1", 90, 0.2), decode(budget, "huge2", 90, 0.2),
-                             decode(budget, "small", 5, 0.01), decode(budget, "huge3", 500, 0.05))
+        with ThreadPoolExecutor(max_workers=4) as threads:
+            await asyncio.gather(*(budget.run(pixels, threads, decoding, budget, name, seconds)
+                                   for name, pixels, seconds in (("huge1", 90, 0.2), ("huge2", 90, 0.2),
+                                                                 ("small", 5, 0.01), ("huge3", 500, 0.05))))
         assert budget.used == 0
 
     asyncio.run(scenario())

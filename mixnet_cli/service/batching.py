@@ -22,7 +22,7 @@ import time
 from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
@@ -50,7 +50,7 @@ class _Waiting:
 
 
 class PixelBudget:
-    """Pixels decoded at once, bounded: :meth:`hold` waits (on the event loop, holding no thread) until an
+    """Pixels decoded at once, bounded: :meth:`run` waits (on the event loop, holding no thread) until an
     image's pixels fit beside those being decoded. A smaller image may pass a larger one that does not fit yet,
     so small photos keep flowing while huge ones are decoded a few at a time. Create it on the event loop."""
 
@@ -58,15 +58,6 @@ class PixelBudget:
         self.total = total
         self.used = 0
         self._waiting: deque[tuple[int, "asyncio.Future[None]"]] = deque()
-
-    @contextlib.asynccontextmanager
-    async def hold(self, pixels: int) -> AsyncIterator[None]:
-        """Hold ``pixels`` (at most the whole budget) while the block runs."""
-        pixels = await self._take(pixels)
-        try:
-            yield
-        finally:
-            self._give_back(pixels)
 
     async def run(self, pixels: int, threads: Executor, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)`` in one of ``threads``, holding ``pixels`` until it returns. Cancelled while it
