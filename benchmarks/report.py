@@ -456,27 +456,70 @@ def render(results: Path, others: list[Path] | None = None) -> str:
     return "\n".join(out)
 
 
-# Sections written by hand (measured by other means, or not measured yet): kept from the existing report when it is
-# written again, before the install section.
-HAND_WRITTEN = ("## Ray", "## GPU")
+# Sections written by hand (measured by other means: the service's attack passes, Ray, the speed goals of one CPU,
+# the GPU): every ``## `` or ``### `` block of the existing report whose heading the rendered report does not write.
+# Each is kept verbatim after the block it followed before (when the rendered report still has that one), else before
+# the install section, so that writing the report again never loses what a run of run_all.py does not measure.
+_BLOCK = re.compile(r"(?m)^(?=##+ )")
 
 
-def hand_written_sections(existing: str) -> str:
-    """The ``## `` sections of ``existing`` whose headings start with one of :data:`HAND_WRITTEN`, verbatim."""
-    kept = []
-    for section in re.split(r"(?m)^(?=## )", existing):
-        if section.startswith(HAND_WRITTEN):
-            kept.append(section if section.endswith("\n\n") else section.rstrip("\n") + "\n\n")
-    return "".join(kept)
+def _blocks(text: str) -> list[tuple[str, str]]:
+    """``text`` cut before each ``## `` / ``### `` heading: (key, block) pairs. The key is the heading line, under
+    its ``## `` heading for a ``### `` one (``### MixNet_S`` is in several sections); the preamble's key is ""."""
+    blocks = []
+    section = ""
+    for block in _BLOCK.split(text):
+        if not block:
+            continue
+        heading = block.splitlines()[0].strip() if block.startswith("#") else ""
+        if heading.startswith("## "):
+            section = heading
+        key = f"{section} / {heading}" if heading.startswith("### ") else heading
+        blocks.append((key, block if block.endswith("\n\n") else block.rstrip("\n") + "\n\n"))
+    return blocks
+
+
+def hand_written_sections(existing: str, report: str) -> list[tuple[str, str, str]]:
+    """The blocks of ``existing`` that ``report`` does not write: (key of the block before it, its key, block)."""
+    rendered = {heading for heading, _ in _blocks(report)}
+    kept, previous = [], ""
+    for key, block in _blocks(existing):
+        if key and key not in rendered:
+            kept.append((previous, key, block))
+        previous = key
+    return kept
 
 
 def keep_hand_written(report: str, existing: str) -> str:
-    kept = hand_written_sections(existing)
+    """``report`` with the hand-written blocks of ``existing`` put back (see :func:`hand_written_sections`)."""
+    kept = hand_written_sections(existing, report)
     if not kept:
         return report
-    anchor = report.find("## Install: time and size per Python")
-    anchor = anchor if anchor >= 0 else report.find("## What was tried")
-    return report[:anchor] + kept + report[anchor:] if anchor >= 0 else report + "\n" + kept
+    blocks = _blocks(report)
+    keys = {key for key, _ in blocks}
+    after: dict[str, list[tuple[str, str]]] = {}
+    loose = []
+    for previous, key, block in kept:
+        # A run of hand-written blocks follows the rendered block its first one followed.
+        if previous in keys or previous in after:
+            after.setdefault(previous, []).append((key, block))
+            after.setdefault(key, [])
+        else:
+            loose.append(block)
+    out: list[str] = []
+
+    def emit(key: str) -> None:
+        for next_key, block in after.get(key, []):
+            out.append(block)
+            emit(next_key)
+
+    for key, block in blocks:
+        if key in ("## Install: time and size per Python", "## What was tried") and loose:
+            out.extend(loose)
+            loose = []
+        out.append(block)
+        emit(key)
+    return "".join(out + loose)
 
 
 def main(argv: list[str] | None = None) -> int:
