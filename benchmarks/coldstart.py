@@ -130,9 +130,16 @@ def timed_run(command: list[str], env: dict[str, str]) -> tuple[float, float]:
 def compare_with_baseline(args: object, mixnet: str, image: str, env: dict[str, str], scratch: Path) -> dict:
     """The one-image calls of this checkout and of ``args.baseline``, interleaved: medians and ratios."""
     old_root = extract_revision(args.baseline, scratch / "baseline")
-    variants = {"before": {**env, "PYTHONPATH": str(old_root)}, "after": {**env, "PYTHONPATH": str(ROOT)}}
+    roots = {"before": old_root, "after": ROOT}
     for revision in args.also:  # more revisions, each a variant of its own (ratios to the baseline too)
-        variants[revision] = {**env, "PYTHONPATH": str(extract_revision(revision, scratch / f"also-{revision}"))}
+        roots[revision] = extract_revision(revision, scratch / f"also-{revision}")
+    # Each variant its own copy of the cache: code whose converted-model record differs (another RECORD_VERSION)
+    # replaces the other's conversion, and in one shared cache every run would convert again.
+    variants = {}
+    for variant, root in roots.items():
+        home = scratch / f"home-{variant}"
+        shutil.copytree(args.home, home, symlinks=True)
+        variants[variant] = {**env, "PYTHONPATH": str(root), "MIXNET_HOME": str(home)}
     with warm_service(mixnet, variants["after"], args.compare_models) as server:
         commands: dict[str, list[str]] = {"mixnet --help": [mixnet, "--help"],
                                           "the libraries' floor (S)": [sys.executable, "-c", FLOOR.format(

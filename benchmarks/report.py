@@ -507,18 +507,33 @@ def keep_hand_written(report: str, existing: str) -> str:
         else:
             loose.append(block)
     out: list[str] = []
+    # A hand-written "## " section that followed a rendered "### " block waits for the end of the rendered section,
+    # so that it never splits the section's own "### " blocks from it.
+    waiting: list[tuple[str, str]] = []
 
     def emit(key: str) -> None:
         for next_key, block in after.get(key, []):
+            if " / " in key and " / " not in next_key:
+                waiting.append((next_key, block))
+                continue
+            out.append(block)
+            emit(next_key)
+
+    def release() -> None:
+        while waiting:
+            next_key, block = waiting.pop(0)
             out.append(block)
             emit(next_key)
 
     for key, block in blocks:
+        if " / " not in key:
+            release()
         if key in ("## Install: time and size per Python", "## What was tried") and loose:
             out.extend(loose)
             loose = []
         out.append(block)
         emit(key)
+    release()
     return "".join(out + loose)
 
 
