@@ -414,6 +414,29 @@ def test_a_model_made_by_an_older_version_is_replaced(home_copy, pictures):
     assert after.stdout == before.stdout
 
 
+def test_a_model_made_by_a_newer_version_is_left_alone(home_copy, pictures):
+    """Two versions sharing one cache: the older one neither replaces the newer one's model (each would convert
+    again whenever the other ran) nor fails: ONNX Runtime builds the network in memory, with the same answers; an
+    engine that cannot run from memory says why in one line."""
+    asked = ["classify", str(pictures[0]), "--json", "--engine", "onnxruntime"]
+    before = CliRunner().invoke(main, asked)
+    [record_path] = (home_copy / "onnx").glob("*/record.json")
+    record = json.loads(record_path.read_text())
+    record["record_version"] = RECORD_VERSION + 1
+    record_path.write_text(json.dumps(record))
+    untouched = {path: path.read_bytes() for path in record_path.parent.rglob("*") if path.is_file()}
+    after = CliRunner().invoke(main, asked)
+    assert after.exit_code == 0, after.output
+    assert "newer mixnet-cli" in after.stderr and "builds the network in memory" in after.stderr
+    assert after.stdout == before.stdout
+    assert {path: path.read_bytes() for path in record_path.parent.rglob("*") if path.is_file()} == untouched
+    refused = CliRunner().invoke(main, ["classify", str(pictures[0]), "--engine", "openvino"])
+    assert refused.exit_code != 0
+    [line] = refused.stderr.splitlines()  # one line, no notice before it
+    assert "newer mixnet-cli" in line and "MIXNET_HOME" in line and "Traceback" not in refused.stderr
+    assert {path: path.read_bytes() for path in record_path.parent.rglob("*") if path.is_file()} == untouched
+
+
 def test_a_cache_that_cannot_take_the_model_runs_it_from_memory_unless_openvino_is_asked_for(home_copy, pictures,
                                                                                           monkeypatch):
     shutil.rmtree(home_copy / "onnx")

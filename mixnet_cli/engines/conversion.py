@@ -24,8 +24,9 @@ to import, prints to stdout and sets environment variables, and none of that may
 keeps the logits of paddleclas's own network.
 
 Using a cached model reads no paddle at all: the record is checked against the files (sizes and sha256), and
-a mismatch (or a model made by an older mixnet-cli) converts again. A conversion is moved into place in one
-rename; a failed one leaves nothing behind. This module runs no engine of mixnet's: engines
+a mismatch (or a model made by an older mixnet-cli) converts again; a model made by a newer mixnet-cli is left
+alone (:class:`NewerModelInCache`: the engine builds the network in memory, or says so). A conversion is moved into
+place in one rename; a failed one leaves nothing behind. This module runs no engine of mixnet's: engines
 (:mod:`mixnet_cli.engines`) run what it makes.
 """
 
@@ -46,11 +47,17 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..base import cache, files, settings
-from ..base.errors import EngineError, MixnetError
+from ..base.errors import CacheError, EngineError, MixnetError
 from ..base.manifest import ModelSpec, resolve_model
 from ..images.postprocess import softmax
 
 RECORD_NAME = cache.DIRECTORY_RECORD
+
+
+class NewerModelInCache(CacheError):
+    """The cache holds this model as a newer mixnet-cli converted it (a higher ``RECORD_VERSION``): left alone."""
+
+
 # 3: the ONNX model is mixnet's own graph (2 was paddle2onnx's); 4: its narrow grouped 1x1 convolutions are dense
 # (onnx_graph.DEFAULT_FORM). An older record is converted again.
 RECORD_VERSION = 4
@@ -188,7 +195,8 @@ def ensure_converted(spec: ModelSpec, weights_path: Path, weights_sha256: str, f
 
     Says on stderr when it converts, and when a cached model failed its record and is made again. Raises
     :class:`EngineError` when the conversion or its check fails (or ``fmt`` needs the ``[paddle]`` extra and it
-    is missing), :class:`CacheError` when the cache is not writable.
+    is missing), :class:`CacheError` when the cache is not writable or holds this model as a newer mixnet-cli
+    made it (left alone: two versions sharing a cache would otherwise convert again in turn).
     """
     found = cached_model(spec, weights_sha256, fmt)
     if found is not None:
@@ -206,8 +214,8 @@ def ensure_converted(spec: ModelSpec, weights_path: Path, weights_sha256: str, f
         lock = file_lock(root / f".{weights_sha256}.lock")
         lock.acquire()
     except OSError as exc:
-        from ..base.errors import CacheError
-
+        if isinstance(exc, CacheError):
+            raise
         raise CacheError(f"cannot lock {root} ({exc}); set MIXNET_HOME to a writable directory") from None
     try:
         # Another process may have converted while this one waited for the lock.
@@ -216,6 +224,15 @@ def ensure_converted(spec: ModelSpec, weights_path: Path, weights_sha256: str, f
             return found
         if final.exists():
             record = _read_record(final)
+            newer = record.get("record_version") if record is not None else None
+            if isinstance(newer, int) and newer > RECORD_VERSION:
+                # Two versions of mixnet-cli sharing one cache (two environments, one MIXNET_HOME): replacing the
+                # newer one's model would make each convert again every time the other ran. Left as it is; the
+                # engine builds the network in memory for this run, or says this.
+                message = (f"cached {kind.label} model {final} was made by a newer mixnet-cli (record {newer}; "
+                           f"this one writes {RECORD_VERSION}) and is left as it is: upgrade mixnet-cli, or give "
+                           "this one a cache of its own (MIXNET_HOME)")
+                raise NewerModelInCache(message)
             if record is not None and record.get("record_version") != RECORD_VERSION:
                 _say(f"cached {kind.label} model {final} was made by an older mixnet-cli; replacing it")
             else:
@@ -264,8 +281,8 @@ def ensure_converted(spec: ModelSpec, weights_path: Path, weights_sha256: str, f
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     except OSError as exc:
-        from ..base.errors import CacheError
-
+        if isinstance(exc, CacheError):
+            raise
         raise CacheError(
             f"cannot write the {kind.label} model under {root} ({exc.strerror or exc}); "
             "free disk space or set MIXNET_HOME to a writable directory"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import platform
 import shutil
 import tempfile
@@ -286,14 +287,21 @@ class OnnxRuntimeEngine:
 def build(spec: ModelSpec, weights: "VerifiedWeights", choice: EngineChoice, threads: int | None) -> Engine:
     """ONNX Runtime on the cached ONNX model of these weights (converted first when needed). Its logits on the
     test batch are the reference, so there is nothing to check again. A cache that cannot take the model
-    (read-only) gets it built in memory for this run."""
-    from .conversion import ensure_converted, onnx_bytes
+    (read-only), or holds a newer mixnet-cli's conversion of it (left alone), gets it built in memory for this
+    run."""
+    from .conversion import NewerModelInCache, ensure_converted, onnx_bytes
 
     try:
         converted = ensure_converted(spec, weights.path, weights.record.sha256, "onnx")
-    except CacheError:
+    except CacheError as exc:
+        why = "the cache is read-only"
+        if isinstance(exc, NewerModelInCache):
+            why = "a newer mixnet-cli's model is in the cache"
+            logging.getLogger(__name__).info(
+                "a newer mixnet-cli's conversion of %s is in the cache: this run builds the network in memory "
+                "(upgrade mixnet-cli, or give this one a cache of its own: MIXNET_HOME)", spec.name)
         return OnnxRuntimeEngine(onnx_bytes(spec, weights.path), choice.device, threads,
-                                 note="network built in memory (the cache is read-only)")
+                                 note=f"network built in memory ({why})")
     model = converted.file(".onnx")
     return OnnxRuntimeEngine(model, choice.device, threads, model_sha256=converted.record["files"][model.name]["sha256"])
 
