@@ -214,8 +214,6 @@ def ensure_converted(spec: ModelSpec, weights_path: Path, weights_sha256: str, f
         lock = file_lock(root / f".{weights_sha256}.lock")
         lock.acquire()
     except OSError as exc:
-        if isinstance(exc, CacheError):
-            raise
         raise CacheError(f"cannot lock {root} ({exc}); set MIXNET_HOME to a writable directory") from None
     try:
         # Another process may have converted while this one waited for the lock.
@@ -281,7 +279,7 @@ def ensure_converted(spec: ModelSpec, weights_path: Path, weights_sha256: str, f
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     except OSError as exc:
-        if isinstance(exc, CacheError):
+        if isinstance(exc, CacheError):  # a CacheError is an OSError: raised above, with its own words
             raise
         raise CacheError(
             f"cannot write the {kind.label} model under {root} ({exc.strerror or exc}); "
