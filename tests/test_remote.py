@@ -3,6 +3,8 @@ byte what a local run prints, and its process never imports numpy, OpenCV, Pillo
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import socket
@@ -39,16 +41,16 @@ def client_home(calibrated_weights_dir: Path, tmp_path_factory: pytest.TempPathF
     return home
 
 
-@pytest.fixture(scope="module")
-def service_url(client_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A warm `mixnet serve` of MixNet_S on a free port of 127.0.0.1 (offline: the weights are in the cache)."""
+@contextlib.contextmanager
+def _service(home: Path, log: Path, *options: str) -> Iterator[str]:
+    """A warm `mixnet serve` of MixNet_S with ``options`` on a free port of 127.0.0.1 (offline: the weights are in
+    ``home``), stopped after."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIXNET_")}
-    env.update(MIXNET_HOME=str(client_home), MIXNET_OFFLINE="1", PYTHONPATH=str(ROOT))
-    log = tmp_path_factory.mktemp("remote-logs") / "serve.log"
+    env.update(MIXNET_HOME=str(home), MIXNET_OFFLINE="1", PYTHONPATH=str(ROOT))
     with open(log, "wb") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "mixnet_cli", "serve", "--port", str(port)], env=env,
-                                   stdout=subprocess.DEVNULL, stderr=stderr, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen([sys.executable, "-m", "mixnet_cli", "serve", "--port", str(port), *options],
+                                   env=env, stdout=subprocess.DEVNULL, stderr=stderr, stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 240
@@ -66,6 +68,13 @@ def service_url(client_home: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def service_url(client_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A warm `mixnet serve` of MixNet_S on a free port of 127.0.0.1 (offline: the weights are in the cache)."""
+    with _service(client_home, tmp_path_factory.mktemp("remote-logs") / "serve.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +164,29 @@ def test_limits_that_are_not_mixnet_serves_are_one_line(limits, inputs):
     assert result.exit_code == 1, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "is not its JSON; is it `mixnet serve`?" in lines[0], result.stderr
+
+
+def test_an_image_over_the_services_body_limit_is_its_own_error_row(client_home, inputs, tmp_path, monkeypatch):
+    """One image bigger than a request may be (the service's --max-body-mb): that image's error row, naming it and
+    what to do, and the other images answered; before, the whole run failed ("cannot reach the service", or the
+    413 of the batch) and printed nothing."""
+    import numpy as np
+    from PIL import Image
+
+    noise = tmp_path / "noise.png"  # a real image of about 1.5 MB, over a 1 MB limit
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (720, 720, 3), dtype=np.uint8)).save(noise)
+    assert noise.stat().st_size > 1_100_000
+    monkeypatch.setenv("MIXNET_HOME", str(client_home))
+    monkeypatch.setenv("MIXNET_OFFLINE", "1")
+    arguments = ["classify", str(inputs / "photo0.jpg"), str(noise), str(inputs / "photo1.jpg"), "--jsonl"]
+    local = CliRunner().invoke(main, arguments)
+    with _service(client_home, tmp_path / "serve.log", "--max-body-mb", "1") as url:
+        remote = CliRunner().invoke(main, [*arguments, "--server", url])
+    assert remote.exit_code == 1, remote.output  # some images failed
+    rows = [json.loads(line) for line in remote.stdout.splitlines()]
+    assert [row["input"] for row in rows] == [str(inputs / "photo0.jpg"), str(noise), str(inputs / "photo1.jpg")]
+    assert rows[1]["error"]["message"].startswith(f"{noise}: ") and "--max-body-mb" in rows[1]["error"]["message"]
+    expected = [json.loads(line) for line in local.stdout.splitlines()]
+    assert rows[0] == expected[0] and rows[2] == expected[2]
+    [line] = [line for line in remote.stderr.splitlines() if str(noise) in line]
+    assert "classify it locally" in line and "cannot reach" not in remote.stderr

@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Iterator
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
-from ..base.errors import ImageError, ServiceError, UsageError
+from ..base.errors import ImageError, ImageTooLargeError, ServiceError, UsageError
 from ..images.inputs import InputItem
 
 # Requests in flight at once: enough to keep a service's batcher fed while the next batch is read and sent.
@@ -104,7 +104,14 @@ def classify_remote(server: str, items: Iterable[InputItem], *, model: str, topk
         from ..results import ClassificationResult
 
         try:
-            return item.name, read_image_bytes(item.load(), item.name)
+            data = read_image_bytes(item.load(), item.name)
+            if max_bytes is not None and _part_cost(item.name, data) > max_bytes:
+                # Sent, it would only earn the whole batch the service's 413 (or a connection it closes early).
+                raise ImageTooLargeError(
+                    f"{item.name}: {len(data)} bytes is over what the service at {server.rstrip('/')} takes in one "
+                    f"request ({max_bytes} bytes, its --max-body-mb); classify it locally, or on a service with a "
+                    "higher limit")
+            return item.name, data
         except ImageError as exc:  # as a local run reports it, in its place
             return ClassificationResult(input=item.name, model=model_name, error=exc).to_dict()
 
@@ -312,13 +319,18 @@ def _message(status: int, data: bytes) -> str:
     return f"HTTP {status}"
 
 
+def _part_cost(name: str, data: bytes) -> int:
+    """The bytes a file takes in a multipart body: its own, its part's headers and delimiter (name included)."""
+    return len(data) + 512 + 3 * len(name.encode("utf-8"))
+
+
 def _within_bytes(files: list[tuple[str, bytes]], max_bytes: int | None) -> Iterator[list[tuple[str, bytes]]]:
-    """``files`` in consecutive groups whose multipart bodies fit ``max_bytes`` (a file alone over it goes alone:
-    the service answers its 413 in its place)."""
+    """``files`` in consecutive groups whose multipart bodies fit ``max_bytes`` (the caller keeps a file alone over
+    it from being sent: it goes alone should one come)."""
     group: list[tuple[str, bytes]] = []
     size = 0
     for entry in files:
-        cost = len(entry[1]) + 512  # a part's own headers and delimiter
+        cost = _part_cost(*entry)
         if group and max_bytes is not None and size + cost > max_bytes:
             yield group
             group, size = [], 0
