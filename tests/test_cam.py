@@ -250,9 +250,10 @@ def test_cam_class_and_usage_errors(tmp_path, calibrated_weights, photos):
     assert str(tmp_path / "t" / "photo0.cam.png") in table.stdout
     alone = CliRunner().invoke(main, ["classify", str(photos[0]), "--cam-class", "3"])
     assert alone.exit_code == 2 and "--cam DIR" in alone.stderr
-    outside = CliRunner().invoke(main, ["classify", str(photos[0]), "--weights", weights, "--cam", str(tmp_path),
-                                        "--cam-class", "1000"])
+    outside = CliRunner().invoke(main, ["classify", str(photos[0]), "--weights", weights, "--cam",
+                                        str(tmp_path / "never"), "--cam-class", "1000"])
     assert outside.exit_code == 2 and "classes 0 to 999" in outside.stderr
+    assert not (tmp_path / "never").exists()  # refused before any picture: no folder left behind
     remote = CliRunner().invoke(main, ["classify", str(photos[0]), "--server", "http://127.0.0.1:9", "--cam",
                                        str(tmp_path / "r")])
     assert remote.exit_code == 2 and "?cam=1" in remote.stderr

@@ -421,6 +421,18 @@ def test_files_from_skips_comments_and_may_be_empty(tmp_path, random_mirror):
     assert empty.exit_code == 0 and json.loads(empty.stdout) == []
 
 
+def test_a_binary_files_from_list_gives_rows_not_a_bug(tmp_path, random_mirror):
+    """A NUL byte in a listed pattern (a binary file given as the list): that line's error row, as a NUL in a
+    plain path gets, and the photo listed beside it classified (glob raised ValueError: "unexpected ... a bug")."""
+    image = _photo(tmp_path / "a.png")
+    listed = _invoke("classify", "--files-from", "-", "--json", input=f"a\0b/*.jpg\n{image}\n".encode())
+    assert listed.exit_code == 1, listed.output
+    rows = json.loads(listed.stdout)
+    assert "error" in rows[0] and "pattern matches no image files" in rows[0]["error"]["message"]
+    assert rows[1]["input"] == str(image) and "predictions" in rows[1]
+    assert "a bug" not in listed.stderr
+
+
 def test_a_first_run_writes_nothing_outside_the_cache(tmp_path, random_mirror):
     """Download, conversion and every engine's import: the user's home, the working directory and the temporary
     folder stay untouched (ONNX Runtime's telemetry writes a session file into the last as it loads)."""

@@ -312,20 +312,23 @@ def _results_of_each_model(model_names: list[str | None], items: list[Any], *, s
 
 def _draw_maps(results: Iterator[Any], items: list[Any], directory: Path) -> Iterator[Any]:
     """Write each classified image's activation map picture as its result arrives (a failed image gets none), and
-    name the file in the result's ``cam`` object."""
+    name the file in the result's ``cam`` object; ``directory`` is made with the first picture."""
     from dataclasses import replace
 
     from ..base.files import write_bytes
     from ..images.heatmap import overlay_paths, png_bytes
 
     paths = overlay_paths([item.name for item in items], directory)
-    try:
-        directory.expanduser().mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise MixnetError(f"--cam {directory}: cannot create the directory ({exc.strerror or exc}); choose another "
-                          "one") from None
+    made = False
     for result, path in zip(results, paths):
         if result.ok:
+            if not made:  # with the first picture: a run stopped before any (a bad --cam-class) leaves no folder
+                try:
+                    directory.expanduser().mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise MixnetError(f"--cam {directory}: cannot create the directory ({exc.strerror or exc}); "
+                                      "choose another one") from None
+                made = True
             try:
                 write_bytes(path.expanduser(), png_bytes(result.cam_overlay()))
             except OSError as exc:

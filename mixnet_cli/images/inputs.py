@@ -156,7 +156,10 @@ def _expand_one(argument: str, recursive: bool, stdin: BinaryIO | None) -> Itera
             yield _broken_link(image, shown) or InputItem(shown, _path_loader(image))
         return
     if not os.path.lexists(path) and _GLOB_CHARS & set(argument):
-        matches = sorted(glob.glob(argument, recursive=True))
+        try:
+            matches = sorted(glob.glob(argument, recursive=True))
+        except ValueError:  # a NUL byte (a binary file given as a list of inputs): no file can match
+            matches = []
         files = [Path(m) for m in matches if Path(m).suffix.lower() in IMAGE_SUFFIXES
                  and (Path(m).is_file() or (Path(m).is_symlink() and not Path(m).exists()))]
         if not files:
