@@ -573,6 +573,13 @@ def test_from_file_installs_a_copy_and_leaves_the_users_file_alone(tmp_path, iso
     assert bad.read_bytes() == weights_bytes[:-100]
     assert_installed(isolated_home, weights_bytes)
     assert run("download", "S", "--from", str(tmp_path / "nope")).exit_code == 2
+    # a named pipe is there but is no file: said so, not "no such file" (and not read: it would wait for a writer)
+    pipe = tmp_path / "pipe.pdparams"
+    os.mkfifo(pipe)
+    piped = run("download", "S", "--from", str(pipe), "--force")
+    assert piped.exit_code == 2 and "is a named pipe, not a regular file" in piped.stderr
+    assert "no such file" not in piped.stderr
+    assert_installed(isolated_home, weights_bytes)
 
 
 def test_force_downloads_again(server, isolated_home, weights_bytes):

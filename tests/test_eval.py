@@ -133,3 +133,7 @@ def test_eval_names_unreadable_images_and_refuses_an_empty_score(tmp_path, calib
     result = _eval(str(tmp_path / "val"), "--json")
     assert result.exit_code == 1 and result.stdout == ""
     assert "broken.jpg" in result.stderr and "no accuracy to report" in result.stderr.splitlines()[-1]
+    # The same line on stderr in every format: --jsonl's row on stdout does not replace it
+    lines = _eval(str(tmp_path / "val"), "--jsonl")
+    assert lines.exit_code == 1 and "broken.jpg" in lines.stdout
+    assert any(line.startswith("Error: ") and "broken.jpg" in line for line in lines.stderr.splitlines())

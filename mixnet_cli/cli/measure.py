@@ -176,7 +176,7 @@ def evaluate_command(
               disable=quiet or not sys.stderr.isatty()) as bar:
         def on_result(result: Any, sample: Any) -> None:
             bar.update(1)
-            if not result.ok and fmt != "jsonl":
+            if not result.ok:  # in every format (with --jsonl its row is on stdout too, as classify's)
                 bar.write(f"Error: {result.error}", file=sys.stderr)
             if fmt != "jsonl" or (result.ok and result.predictions[0].class_id == sample.class_id):
                 return

@@ -294,6 +294,11 @@ def install_from_file(spec: ModelSpec, source: Path | str, *, sha256: str | None
     if path.is_dir():
         path = path / spec.filename
     if not path.is_file():
+        if os.path.lexists(path):  # a pipe, a device, a broken link: there, but not a file that can be checked
+            from ..base.files import kind_of_file
+
+            raise UsageError(f"{path} is {kind_of_file(path)}, not a regular file; give a copy of {spec.url} saved "
+                             "as a file (or the directory holding it)")
         raise UsageError(f"{path}: no such file; give a copy of {spec.url} (or the directory holding it)")
     cache.ensure_dir(cache.weights_dir())
     with cache.model_lock(spec, on_wait=_WaitNotice(spec)):
