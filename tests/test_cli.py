@@ -462,6 +462,39 @@ def test_glob_patterns_expand_for_shells_that_do_not(tmp_path, random_mirror):
     assert [row["input"] for row in rows] == [str(first), str(second)]
 
 
+def test_a_recursive_glob_follows_no_symlinked_folder(tmp_path, monkeypatch):
+    """As a directory input: `**` does not go into a link back up (glob went round it, one photo dozens of times,
+    a large tree for minutes) nor into a linked folder (its photos twice); hidden folders stay out unless named;
+    a relative pattern's names are as a one-level glob's."""
+    from mixnet_cli.images.inputs import expand_inputs
+
+    tree = tmp_path / "tree"
+    (tree / "a" / "b").mkdir(parents=True)
+    (tree / ".hidden").mkdir()
+    for photo in (tree / "top.png", tree / "a" / "x.png", tree / "a" / "b" / "y.png", tree / ".hidden" / "z.png"):
+        _photo(photo)
+    (tree / "a" / "up").symlink_to("..")
+    (tree / "link").symlink_to("a")
+    expected = [str(tree / "a" / "b" / "y.png"), str(tree / "a" / "x.png"), str(tree / "top.png")]
+    assert [item.name for item in expand_inputs([str(tree / "**" / "*.png")])] == expected
+    assert [item.name for item in expand_inputs([str(tree / "**")])] == expected
+    assert [item.name for item in expand_inputs([str(tree / "**" / ".hidden" / "*.png")])] == [
+        str(tree / ".hidden" / "z.png")]
+    # a linked folder named in the pattern is searched, as a linked folder given as the input is
+    assert [item.name for item in expand_inputs([str(tree / "link" / "**" / "*.png")])] == [
+        str(tree / "link" / "b" / "y.png"), str(tree / "link" / "x.png")]
+    monkeypatch.chdir(tmp_path)
+    assert [item.name for item in expand_inputs(["./tree/**/*.png"])] == [  # as a one-level glob names them
+        "tree/a/b/y.png", "tree/a/x.png", "tree/top.png"]
+    assert [item.name for item in expand_inputs(["./tree/*.png"])] == ["tree/top.png"]
+    # classify-dataset lists a glob the same way (lazily, for millions of files), and a NUL byte matches nothing
+    from mixnet_cli.distributed.listing import iter_inputs
+
+    rows = list(iter_inputs([str(tree / "**" / "*.png"), "a\0b/**/*.png"]))
+    assert sorted(row.input for row in rows[:-1]) == expected
+    assert rows[-1].error is not None and "pattern matches no image files" in str(rows[-1].error)
+
+
 def test_quiet_prints_nothing_but_results(tmp_path, random_mirror):
     good = _photo(tmp_path / "a.png")
     result = _invoke("classify", str(good), str(tmp_path / "missing.png"), "--jsonl", "-q", "-v")

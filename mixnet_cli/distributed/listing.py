@@ -4,7 +4,6 @@ batch at a time; what cannot be listed becomes a failed row."""
 
 from __future__ import annotations
 
-import glob
 import os
 import sys
 from dataclasses import dataclass
@@ -12,7 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Iterator, NamedTuple
 
 from ..base.errors import ImageNotFoundError, ImageUnreadableError, MixnetError, UsageError
-from ..images.inputs import IMAGE_SUFFIXES, NoImagesError, display_name, expand_inputs, is_url
+from ..images.inputs import (IMAGE_SUFFIXES, NoImagesError, display_name, expand_inputs, is_url,
+                             iter_glob)
 from .extra import _filesystem, _import_pyarrow
 from .rows import canonical_key, is_uri
 
@@ -142,7 +142,7 @@ def _walk_local(argument: str, recursive: bool) -> Iterator[InputRow]:
         return
     if not os.path.lexists(path) and _GLOB_CHARS & set(argument):
         found = False
-        for match in glob.iglob(argument, recursive=True):
+        for match in iter_glob(argument):  # classify's rule: ** follows no symlinked folder
             if _is_image_name(os.path.basename(match)) and os.path.isfile(match):
                 found = True
                 yield _local_row(match, match)

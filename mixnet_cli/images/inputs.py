@@ -118,6 +118,35 @@ def directory_images(directory: Path, recursive: bool = True, *,
     return found
 
 
+def iter_glob(pattern: str) -> Iterator[str]:
+    """The paths ``pattern`` matches, lazily and unsorted, named as ``glob.iglob(pattern, recursive=True)`` names
+    them, except that ``**`` does not descend into symbolic links to directories, as a directory input does not:
+    a link back up made glob go round the loop (one photo classified dozens of times, a large tree for minutes)
+    and a linked folder gave its photos twice. That is pathlib's rule for ``**`` (``Path.glob`` on every
+    supported Python); hidden files and folders stay unmatched unless the pattern names one, as in glob. A
+    pattern holding a NUL byte matches nothing."""
+    if "\0" in pattern:
+        return
+    if "**" not in pattern:
+        yield from glob.iglob(pattern)  # no recursion, no loop
+        return
+    segments = pattern.split("/")
+    fixed = 0
+    while fixed < len(segments) - 1 and not (_GLOB_CHARS & set(segments[fixed])):
+        fixed += 1
+    root = "/".join(segments[:fixed]) or ("/" if pattern.startswith("/") else "")
+    rest = segments[fixed:]
+    if rest[-1] == "**":  # glob's "photos/**" is everything below photos; pathlib's, its folders alone
+        rest.append("*")
+    hidden_named = any(segment.startswith(".") for segment in rest)
+    base = Path(root or ".")
+    for match in base.glob("/".join(rest)):
+        below = match.relative_to(base).parts
+        if hidden_named or not any(part.startswith(".") for part in below):
+            relative = "/".join(below)
+            yield relative if not root else root + relative if root.endswith("/") else f"{root}/{relative}"
+
+
 def _expand_one(argument: str, recursive: bool, stdin: BinaryIO | None) -> Iterator[InputItem]:
     if argument == "-":
         source = stdin if stdin is not None else sys.stdin.buffer
@@ -156,10 +185,7 @@ def _expand_one(argument: str, recursive: bool, stdin: BinaryIO | None) -> Itera
             yield _broken_link(image, shown) or InputItem(shown, _path_loader(image))
         return
     if not os.path.lexists(path) and _GLOB_CHARS & set(argument):
-        try:
-            matches = sorted(glob.glob(argument, recursive=True))
-        except ValueError:  # a NUL byte (a binary file given as a list of inputs): no file can match
-            matches = []
+        matches = sorted(iter_glob(argument))
         files = [Path(m) for m in matches if Path(m).suffix.lower() in IMAGE_SUFFIXES
                  and (Path(m).is_file() or (Path(m).is_symlink() and not Path(m).exists()))]
         if not files:
