@@ -42,6 +42,19 @@ def test_list_of_an_empty_cache(isolated_home):
     assert run("cache", "list", "--jsonl").stdout == ""
 
 
+def test_a_cache_directory_that_is_a_file_is_said_not_listed_as_empty(tmp_path, monkeypatch):
+    """MIXNET_HOME naming a file: list, rm and clear say so in one line and fail (list said "Nothing cached")."""
+    home = tmp_path / "home"
+    home.write_text("a file, not the cache")
+    monkeypatch.setenv("MIXNET_HOME", str(home))
+    for command in (["cache", "list"], ["cache", "list", "--json"], ["cache", "rm", "S"], ["cache", "clear", "--yes"]):
+        result = run(*command)
+        assert result.exit_code == 1, (command, result.output)
+        assert result.stdout == "" and result.stderr == (f"Error: the cache directory {home} is a file, not a "
+                                                         "directory; set MIXNET_HOME to a directory\n")
+    assert home.read_text() == "a file, not the cache"
+
+
 def test_list_shows_each_file_with_its_checksum_source_and_status(cached, random_mirror, isolated_home):
     digest = hashlib.sha256(cached.read_bytes()).hexdigest()
     rows = json.loads(run("cache", "list", "--json").stdout)

@@ -50,6 +50,16 @@ def cache_root() -> Path:
     return settings.home()
 
 
+def check_root() -> Path:
+    """The cache directory, when it is one or is not there yet. Raises :class:`CacheError` when something else is
+    (MIXNET_HOME naming a file): listing or clearing it would otherwise report an empty cache."""
+    root = cache_root()
+    if root.exists() and not root.is_dir():
+        raise CacheError(f"the cache directory {root} is {files.kind_of_file(root)}, not a directory; set "
+                         "MIXNET_HOME to a directory")
+    return root
+
+
 def weights_dir() -> Path:
     return cache_root() / "weights"
 
@@ -433,7 +443,9 @@ def converted_items() -> list[CacheItem]:
 
 def inventory() -> list[CacheItem]:
     """Everything the cache holds for people to see: weights files (each checked against its record), partial
-    downloads, and converted models (named by the model of the weights they were made from)."""
+    downloads, and converted models (named by the model of the weights they were made from). Raises
+    :class:`CacheError` when the cache directory is a file (:func:`check_root`)."""
+    check_root()
     rows = list_entries()
     model_of = {row.sha256: (row.model, row.architecture) for row in rows if row.sha256}
     converted = converted_items()
@@ -488,7 +500,8 @@ def _converted_folders_of(hashes: set[str] | None) -> list[Path]:
 def plan_removal(specs: Sequence[ModelSpec]) -> DeletionPlan:
     """Deleting these models: their weights files, records, partial downloads, leftovers, a lock file a killed
     process left, and every folder converted from their weights (those recorded as made for the model, and the
-    current weights')."""
+    current weights'). Raises :class:`CacheError` when the cache directory is a file (:func:`check_root`)."""
+    check_root()
     weights = {spec.name: model_files(spec) for spec in specs}
     names = {spec.name for spec in specs}
     # The model a folder was made for is in its record: no need to hash its files as a listing does.
@@ -509,7 +522,9 @@ def _lock_files(specs: Sequence[ModelSpec]) -> dict[str, Path]:
 
 def plan_clear() -> DeletionPlan:
     """Deleting everything the cache owns: every model's files and lock, every converted folder, the engine
-    homes. Files of other names, and the cache root itself, are never touched."""
+    homes. Files of other names, and the cache root itself, are never touched. Raises :class:`CacheError` when
+    the cache directory is a file (:func:`check_root`)."""
+    check_root()
     specs = list(load_manifest().models.values())
     weights = {spec.name: model_files(spec) for spec in specs} if weights_dir().is_dir() else {}
     locks = _lock_files(specs)
