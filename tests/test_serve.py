@@ -523,7 +523,9 @@ def test_own_weights_are_served_with_their_labels_and_answer_as_local_classify(c
     for photo, row in zip(photos, expected):
         assert len(row["predictions"]) == 5
         assert all(p["label"] == FINE_TUNED_CLASSES[p["class_id"]] for p in row["predictions"])
-        for query in ("", "?model=MixNet_S", "?model=s&topk=5"):  # the default, and selected by name
+        assert row["model"] != "MixNet_S"  # your weights' own name (file stem and sha256's first digits)
+        # the default, selected by the architecture's name, and by the name the answers carry
+        for query in ("", "?model=MixNet_S", "?model=s&topk=5", f"?model={row['model']}"):
             response = server.post(query, data=photo.read_bytes())
             assert response.status_code == 200, response.text
             assert response.json() == {**row, "input": "-"}, query
