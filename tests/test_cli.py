@@ -487,6 +487,7 @@ def test_a_recursive_glob_follows_no_symlinked_folder(tmp_path, monkeypatch):
     assert [item.name for item in expand_inputs(["./tree/**/*.png"])] == [  # as a one-level glob names them
         "tree/a/b/y.png", "tree/a/x.png", "tree/top.png"]
     assert [item.name for item in expand_inputs(["./tree/*.png"])] == ["tree/top.png"]
+    assert [item.name for item in expand_inputs([str(tree / "t**.png")])] == [str(tree / "top.png")]  # glob's *
     # classify-dataset lists a glob the same way (lazily, for millions of files), and a NUL byte matches nothing
     from mixnet_cli.distributed.listing import iter_inputs
 

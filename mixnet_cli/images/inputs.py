@@ -127,10 +127,10 @@ def iter_glob(pattern: str) -> Iterator[str]:
     pattern holding a NUL byte matches nothing."""
     if "\0" in pattern:
         return
-    if "**" not in pattern:
+    segments = pattern.split("/")
+    if "**" not in segments:  # (a "**" inside a segment is glob's "*", and pathlib refuses it before 3.13)
         yield from glob.iglob(pattern)  # no recursion, no loop
         return
-    segments = pattern.split("/")
     fixed = 0
     while fixed < len(segments) - 1 and not (_GLOB_CHARS & set(segments[fixed])):
         fixed += 1
