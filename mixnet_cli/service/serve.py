@@ -486,12 +486,11 @@ class Service:
 
         try:
             requested = query.get("model")
-            if requested and any(requested == loaded.classifier.model_name for loaded in self.models.values()):
-                # Your own weights, by the name their answers carry (my_flowers-3fa2c1d), not only their
-                # architecture's.
-                name = next(arch for arch, loaded in self.models.items()
-                            if loaded.classifier.model_name == requested)
-            else:
+            # Your own weights also by the name their answers carry (my_flowers-3fa2c1d), not only their
+            # architecture's.
+            name = next((arch for arch, loaded in self.models.items()
+                         if requested and loaded.classifier.model_name == requested), None)
+            if name is None:
                 name = resolve_model(requested).name if requested else self.model_names[0]
             if name not in self.model_names and self.options.weights is not None:
                 raise UsageError(f"model {name} is not served here; this service serves your own weights alone, as "
